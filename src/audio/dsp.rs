@@ -1,0 +1,304 @@
+//! Per-track and bus processing: RBJ biquads, a feed-forward compressor and the pan law.
+//!
+//! Filters run in f64 (transposed direct form II) so that low-frequency EQ on high sample rates
+//! stays accurate; the audio itself travels as f32.
+
+use std::f64::consts::PI;
+
+use super::decode::StereoBuffer;
+use super::settings::{CompressorSettings, EqBand, EqType, SettingsError, TrackSettings};
+
+pub fn db_to_gain(db: f64) -> f64 {
+    10f64.powf(db / 20.0)
+}
+
+pub fn gain_to_db(gain: f64) -> f64 {
+    20.0 * gain.log10()
+}
+
+/// Constant-power pan: `(left, right)` gains, each -3 dB at the centre, `cos²+sin² = 1` everywhere.
+pub fn pan_gains(pan: f64) -> (f64, f64) {
+    let angle = (pan.clamp(-1.0, 1.0) + 1.0) * PI / 4.0;
+    (angle.cos(), angle.sin())
+}
+
+/// Which tracks sound, with DAW semantics: when any track is soloed only soloed tracks play, and
+/// mute always wins.
+pub fn audible(tracks: &[TrackSettings]) -> Vec<bool> {
+    let any_solo = tracks.iter().any(|t| t.solo);
+    tracks.iter().map(|t| !t.mute && (!any_solo || t.solo)).collect()
+}
+
+/// Normalised biquad coefficients (a0 = 1).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BiquadCoefficients {
+    pub b0: f64,
+    pub b1: f64,
+    pub b2: f64,
+    pub a1: f64,
+    pub a2: f64,
+}
+
+impl BiquadCoefficients {
+    /// The filters of Robert Bristow-Johnson's "Audio EQ Cookbook".
+    pub fn rbj(band: &EqBand, sample_rate: u32) -> Self {
+        let w0 = 2.0 * PI * band.freq_hz / f64::from(sample_rate);
+        let (sin, cos) = w0.sin_cos();
+        let alpha = sin / (2.0 * band.q);
+        let a = 10f64.powf(band.gain_db / 40.0);
+        let sqrt_a_alpha = 2.0 * a.sqrt() * alpha;
+        let (b0, b1, b2, a0, a1, a2) = match band.kind {
+            EqType::Lowpass => ((1.0 - cos) / 2.0, 1.0 - cos, (1.0 - cos) / 2.0, 1.0 + alpha, -2.0 * cos, 1.0 - alpha),
+            EqType::Highpass => ((1.0 + cos) / 2.0, -(1.0 + cos), (1.0 + cos) / 2.0, 1.0 + alpha, -2.0 * cos, 1.0 - alpha),
+            EqType::Peak => (1.0 + alpha * a, -2.0 * cos, 1.0 - alpha * a, 1.0 + alpha / a, -2.0 * cos, 1.0 - alpha / a),
+            EqType::Lowshelf => (
+                a * ((a + 1.0) - (a - 1.0) * cos + sqrt_a_alpha),
+                2.0 * a * ((a - 1.0) - (a + 1.0) * cos),
+                a * ((a + 1.0) - (a - 1.0) * cos - sqrt_a_alpha),
+                (a + 1.0) + (a - 1.0) * cos + sqrt_a_alpha,
+                -2.0 * ((a - 1.0) + (a + 1.0) * cos),
+                (a + 1.0) + (a - 1.0) * cos - sqrt_a_alpha,
+            ),
+            EqType::Highshelf => (
+                a * ((a + 1.0) + (a - 1.0) * cos + sqrt_a_alpha),
+                -2.0 * a * ((a - 1.0) + (a + 1.0) * cos),
+                a * ((a + 1.0) + (a - 1.0) * cos - sqrt_a_alpha),
+                (a + 1.0) - (a - 1.0) * cos + sqrt_a_alpha,
+                2.0 * ((a - 1.0) - (a + 1.0) * cos),
+                (a + 1.0) - (a - 1.0) * cos - sqrt_a_alpha,
+            ),
+        };
+        Self { b0: b0 / a0, b1: b1 / a0, b2: b2 / a0, a1: a1 / a0, a2: a2 / a0 }
+    }
+
+    /// |H(e^jw)| at `freq_hz`, straight from the transfer function.
+    #[cfg(test)]
+    pub fn magnitude(&self, freq_hz: f64, sample_rate: u32) -> f64 {
+        let w = 2.0 * PI * freq_hz / f64::from(sample_rate);
+        let (z1r, z1i) = (w.cos(), -w.sin());
+        let (z2r, z2i) = ((2.0 * w).cos(), -(2.0 * w).sin());
+        let num = ((self.b0 + self.b1 * z1r + self.b2 * z2r), (self.b1 * z1i + self.b2 * z2i));
+        let den = ((1.0 + self.a1 * z1r + self.a2 * z2r), (self.a1 * z1i + self.a2 * z2i));
+        num.0.hypot(num.1) / den.0.hypot(den.1)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Biquad {
+    c: BiquadCoefficients,
+    s1: f64,
+    s2: f64,
+}
+
+impl Biquad {
+    pub fn new(c: BiquadCoefficients) -> Self {
+        Self { c, s1: 0.0, s2: 0.0 }
+    }
+
+    pub fn process(&mut self, samples: &mut [f32]) {
+        let BiquadCoefficients { b0, b1, b2, a1, a2 } = self.c;
+        let (mut s1, mut s2) = (self.s1, self.s2);
+        for sample in samples {
+            let x = f64::from(*sample);
+            let y = b0 * x + s1;
+            s1 = b1 * x - a1 * y + s2;
+            s2 = b2 * x - a2 * y;
+            *sample = y as f32;
+        }
+        self.s1 = s1;
+        self.s2 = s2;
+    }
+}
+
+/// A stereo EQ chain: the same bands on both channels, each channel with its own state.
+#[derive(Debug, Clone, Default)]
+pub struct Equalizer {
+    left: Vec<Biquad>,
+    right: Vec<Biquad>,
+}
+
+impl Equalizer {
+    /// Builds the chain for this rate; a band at or above Nyquist cannot be realised and is refused.
+    pub fn new(bands: &[EqBand], sample_rate: u32, field: &str) -> Result<Self, SettingsError> {
+        let nyquist = f64::from(sample_rate) / 2.0;
+        let mut filters = Vec::with_capacity(bands.len());
+        for (i, band) in bands.iter().enumerate() {
+            if band.freq_hz >= nyquist * 0.99 {
+                return Err(SettingsError {
+                    field: format!("{field}[{i}].freq_hz"),
+                    reason: format!("{} Hz is at or above Nyquist for {sample_rate} Hz output", band.freq_hz),
+                });
+            }
+            filters.push(Biquad::new(BiquadCoefficients::rbj(band, sample_rate)));
+        }
+        Ok(Self { left: filters.clone(), right: filters })
+    }
+
+    pub fn process(&mut self, left: &mut [f32], right: &mut [f32]) {
+        self.left.iter_mut().for_each(|f| f.process(left));
+        self.right.iter_mut().for_each(|f| f.process(right));
+    }
+}
+
+/// Feed-forward, stereo-linked compressor: peak level in dB, a hard knee, and attack/release
+/// smoothing on the gain reduction.
+#[derive(Debug, Clone)]
+pub struct Compressor {
+    threshold_db: f64,
+    slope: f64,
+    makeup_db: f64,
+    attack: f64,
+    release: f64,
+    reduction_db: f64,
+}
+
+impl Compressor {
+    pub fn new(settings: &CompressorSettings, sample_rate: u32) -> Self {
+        let coefficient = |ms: f64| if ms <= 0.0 { 0.0 } else { (-1.0 / (ms / 1000.0 * f64::from(sample_rate))).exp() };
+        Self {
+            threshold_db: settings.threshold_db,
+            slope: 1.0 - 1.0 / settings.ratio,
+            makeup_db: settings.makeup_db,
+            attack: coefficient(settings.attack_ms),
+            release: coefficient(settings.release_ms),
+            reduction_db: 0.0,
+        }
+    }
+
+    /// The gain reduction a steady level settles at: the static curve.
+    pub fn static_reduction_db(&self, level_db: f64) -> f64 {
+        (level_db - self.threshold_db).max(0.0) * self.slope
+    }
+
+    pub fn process(&mut self, left: &mut [f32], right: &mut [f32]) {
+        for (l, r) in left.iter_mut().zip(right.iter_mut()) {
+            let peak = f64::from(l.abs().max(r.abs())).max(1e-10);
+            let target = self.static_reduction_db(gain_to_db(peak));
+            let coefficient = if target > self.reduction_db { self.attack } else { self.release };
+            self.reduction_db = target + coefficient * (self.reduction_db - target);
+            let gain = db_to_gain(self.makeup_db - self.reduction_db) as f32;
+            *l *= gain;
+            *r *= gain;
+        }
+    }
+}
+
+/// Everything one track does to its audio, in order: gain, EQ, compressor, pan.
+pub struct TrackChain {
+    gain: f32,
+    equalizer: Equalizer,
+    compressor: Option<Compressor>,
+    pan: (f32, f32),
+}
+
+impl TrackChain {
+    pub fn new(track: &TrackSettings, sample_rate: u32, field: &str) -> Result<Self, SettingsError> {
+        let (left, right) = pan_gains(track.pan);
+        Ok(Self {
+            gain: db_to_gain(track.gain_db) as f32,
+            equalizer: Equalizer::new(&track.eq, sample_rate, &format!("{field}.eq"))?,
+            compressor: track.compressor.as_ref().map(|c| Compressor::new(c, sample_rate)),
+            pan: (left as f32, right as f32),
+        })
+    }
+
+    pub fn process(&mut self, chunk: &mut StereoBuffer) {
+        chunk.left.iter_mut().chain(chunk.right.iter_mut()).for_each(|x| *x *= self.gain);
+        self.equalizer.process(&mut chunk.left, &mut chunk.right);
+        if let Some(compressor) = self.compressor.as_mut() {
+            compressor.process(&mut chunk.left, &mut chunk.right);
+        }
+        chunk.left.iter_mut().for_each(|x| *x *= self.pan.0);
+        chunk.right.iter_mut().for_each(|x| *x *= self.pan.1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const RATE: u32 = 48_000;
+
+    fn band(kind: EqType, freq_hz: f64, q: f64, gain_db: f64) -> EqBand {
+        EqBand { kind, freq_hz, q, gain_db }
+    }
+
+    fn sine(freq: f64, frames: usize) -> Vec<f32> {
+        (0..frames).map(|n| (2.0 * PI * freq * n as f64 / f64::from(RATE)).sin() as f32).collect()
+    }
+
+    fn rms(x: &[f32]) -> f64 {
+        (x.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>() / x.len() as f64).sqrt()
+    }
+
+    #[test]
+    fn pan_law_is_constant_power_with_minus_3_db_centre() {
+        let (l, r) = pan_gains(0.0);
+        assert!((gain_to_db(l) + 3.0103).abs() < 1e-3 && (l - r).abs() < 1e-12);
+        assert_eq!(pan_gains(-1.0).1.abs() < 1e-12, true);
+        assert!((pan_gains(1.0).1 - 1.0).abs() < 1e-12);
+        for pan in [-0.9, -0.3, 0.25, 0.7] {
+            let (l, r) = pan_gains(pan);
+            assert!((l * l + r * r - 1.0).abs() < 1e-12);
+        }
+    }
+
+    #[test]
+    fn biquad_responses_match_the_rbj_formulas_at_known_frequencies() {
+        // (band, frequency, expected gain in dB from the cookbook's definitions)
+        let cases = [
+            (band(EqType::Highpass, 1000.0, std::f64::consts::FRAC_1_SQRT_2, 0.0), 1000.0, -3.0103),
+            (band(EqType::Lowpass, 1000.0, std::f64::consts::FRAC_1_SQRT_2, 0.0), 1000.0, -3.0103),
+            (band(EqType::Highpass, 1000.0, std::f64::consts::FRAC_1_SQRT_2, 0.0), 100.0, -40.0),
+            (band(EqType::Peak, 2000.0, 1.0, 6.0), 2000.0, 6.0),
+            (band(EqType::Peak, 2000.0, 1.0, -9.0), 2000.0, -9.0),
+            (band(EqType::Lowshelf, 200.0, std::f64::consts::FRAC_1_SQRT_2, 6.0), 20.0, 6.0),
+            (band(EqType::Lowshelf, 200.0, std::f64::consts::FRAC_1_SQRT_2, 6.0), 200.0, 3.0),
+            (band(EqType::Highshelf, 4000.0, std::f64::consts::FRAC_1_SQRT_2, -6.0), 20_000.0, -6.0),
+            (band(EqType::Highshelf, 4000.0, std::f64::consts::FRAC_1_SQRT_2, -6.0), 4000.0, -3.0),
+        ];
+        for (band, freq, expected_db) in cases {
+            let coefficients = BiquadCoefficients::rbj(&band, RATE);
+            let formula_db = gain_to_db(coefficients.magnitude(freq, RATE));
+            assert!((formula_db - expected_db).abs() < 0.15, "{band:?} at {freq} Hz: formula {formula_db:.3} dB");
+            // The running filter agrees with its transfer function on a steady sine.
+            let mut signal = sine(freq, RATE as usize);
+            Biquad::new(coefficients).process(&mut signal);
+            let measured_db = gain_to_db(rms(&signal[RATE as usize / 2..]) / std::f64::consts::FRAC_1_SQRT_2);
+            assert!((measured_db - formula_db).abs() < 0.05, "{band:?} at {freq} Hz: measured {measured_db:.3}, formula {formula_db:.3}");
+        }
+    }
+
+    #[test]
+    fn eq_refuses_bands_above_nyquist() {
+        let err = Equalizer::new(&[band(EqType::Peak, 30_000.0, 1.0, 3.0)], 44_100, "master.eq").unwrap_err();
+        assert_eq!(err.field, "master.eq[0].freq_hz");
+    }
+
+    #[test]
+    fn compressor_settles_at_its_static_curve() {
+        let settings = CompressorSettings { threshold_db: -20.0, ratio: 4.0, attack_ms: 5.0, release_ms: 50.0, makeup_db: 2.0 };
+        // A square wave has a constant peak level, so the detector sees a steady -6 dBFS.
+        let amplitude = db_to_gain(-6.0) as f32;
+        let square: Vec<f32> = (0..RATE as usize).map(|n| if (n / 100) % 2 == 0 { amplitude } else { -amplitude }).collect();
+        let mut chunk = StereoBuffer { left: square.clone(), right: square };
+        Compressor::new(&settings, RATE).process(&mut chunk.left, &mut chunk.right);
+        let out_db = gain_to_db(f64::from(chunk.left.last().unwrap().abs()));
+        // 14 dB over threshold at 4:1 leaves 3.5 dB over: -16.5 dBFS, plus 2 dB makeup.
+        assert!((out_db - (-14.5)).abs() < 0.01, "settled at {out_db:.3} dBFS");
+        // Below threshold it only applies makeup.
+        let quiet = db_to_gain(-30.0) as f32;
+        let mut chunk = StereoBuffer { left: vec![quiet; 4800], right: vec![quiet; 4800] };
+        Compressor::new(&settings, RATE).process(&mut chunk.left, &mut chunk.right);
+        assert!((gain_to_db(f64::from(chunk.left[4799])) - (-28.0)).abs() < 0.01);
+    }
+
+    #[test]
+    fn solo_and_mute_follow_daw_rules() {
+        let track = |mute, solo| TrackSettings { mute, solo, ..Default::default() };
+        assert_eq!(audible(&[track(false, false), track(true, false)]), [true, false]);
+        assert_eq!(audible(&[track(false, true), track(false, false)]), [true, false]);
+        assert_eq!(audible(&[track(true, true), track(false, true), track(false, false)]), [false, true, false]);
+        assert_eq!(audible(&[track(false, false), track(false, false)]), [true, true]);
+    }
+}

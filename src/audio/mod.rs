@@ -1,0 +1,121 @@
+//! The mix engine: pure DSP over plain buffers and settings. Nothing here knows about HTTP, jobs
+//! or tokio; callers see progress and cancellation through [`MixObserver`].
+//!
+//! A mix walks the [`Stage`]s in order, and streams: `loading_stems` opens and probes every stem,
+//! `aligning_stems` reads only the stems' first seconds, and `processing_tracks` decodes,
+//! resamples and processes one track at a time per core straight into that core's bus, so memory
+//! grows with the length of the mix, not with the number of stems.
+
+mod align;
+mod decode;
+mod dsp;
+mod export;
+mod master;
+mod pipeline;
+mod resample;
+mod settings;
+mod true_peak;
+
+use std::path::PathBuf;
+
+pub use decode::{probe_stem, StemInfo, StereoBuffer, MAX_CHANNELS, MAX_RATE, MIN_RATE};
+pub use master::Loudness;
+pub use pipeline::{mix, MixReport, StemReport};
+pub use settings::{
+    AlignMode, BitDepth, CompressorSettings, EqBand, EqType, MasterSettings, MixSettings, OutputSettings, SettingsError,
+    TrackSettings,
+};
+
+/// A stem to mix: its identity and where its file is.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StemSource {
+    pub id: String,
+    /// The original file name; track settings may be keyed by it.
+    pub name: String,
+    pub path: PathBuf,
+}
+
+/// The engine's stages, in the order a mix walks them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Stage {
+    LoadingStems,
+    AligningStems,
+    ProcessingTracks,
+    Mixing,
+    Mastering,
+    Exporting,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 6] =
+        [Stage::LoadingStems, Stage::AligningStems, Stage::ProcessingTracks, Stage::Mixing, Stage::Mastering, Stage::Exporting];
+
+    /// The share of a whole job's 0-100 progress this stage spans, by its typical cost.
+    pub fn percent_span(self) -> (f64, f64) {
+        match self {
+            Stage::LoadingStems => (2.0, 8.0),
+            Stage::AligningStems => (8.0, 15.0),
+            Stage::ProcessingTracks => (15.0, 70.0),
+            Stage::Mixing => (70.0, 74.0),
+            Stage::Mastering => (74.0, 92.0),
+            Stage::Exporting => (92.0, 99.0),
+        }
+    }
+
+    /// Overall progress (0-100) when `fraction` of this stage is done.
+    pub fn percent(self, fraction: f64) -> f64 {
+        let (start, end) = self.percent_span();
+        start + (end - start) * fraction.clamp(0.0, 1.0)
+    }
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Stage::LoadingStems => "Loading stems",
+            Stage::AligningStems => "Aligning stems",
+            Stage::ProcessingTracks => "Processing tracks",
+            Stage::Mixing => "Mixing",
+            Stage::Mastering => "Mastering",
+            Stage::Exporting => "Exporting",
+        }
+    }
+}
+
+/// What a running mix reports to, and asks whether to stop. Called from worker threads, often:
+/// implementations should be cheap and must not block.
+pub trait MixObserver: Sync {
+    /// `fraction` (0..=1) of `stage` is done. Never decreases within a stage.
+    fn progress(&self, stage: Stage, fraction: f64);
+    fn is_cancelled(&self) -> bool;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AudioError {
+    #[error("there are no stems to mix")]
+    NoStems,
+    #[error("stem \"{stem}\" cannot be opened: {source}")]
+    Open {
+        stem: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("stem \"{stem}\" is not supported audio: {reason}")]
+    Unsupported { stem: String, reason: String },
+    #[error("stem \"{stem}\" failed to decode: {reason}")]
+    Decode { stem: String, reason: String },
+    #[error("invalid settings: {0}")]
+    Settings(#[from] SettingsError),
+    #[error("the mix would last {seconds:.0} s; a WAV file at this rate and bit depth holds at most {max_seconds:.0} s")]
+    TooLong { seconds: f64, max_seconds: f64 },
+    #[error("the mix was canceled")]
+    Canceled,
+    #[error("writing the mix failed: {0}")]
+    Export(#[source] std::io::Error),
+    #[error("internal engine error: {0}")]
+    Internal(String),
+}
+
+impl AudioError {
+    fn unsupported(stem: &str, reason: impl Into<String>) -> Self {
+        AudioError::Unsupported { stem: stem.to_string(), reason: reason.into() }
+    }
+}

@@ -1,0 +1,314 @@
+//! Mix settings as the contract spells them, and the one place they are validated.
+//!
+//! Everything is optional on the wire; `Default` gives the contract's defaults. Values out of range
+//! are rejected with the offending field named, never clamped, so a client learns what it sent wrong.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use super::StemSource;
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct MixSettings {
+    /// Per-track settings keyed by stem id or by the stem's file name.
+    pub tracks: BTreeMap<String, TrackSettings>,
+    pub align: AlignMode,
+    pub master: MasterSettings,
+    pub output: OutputSettings,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrackSettings {
+    pub gain_db: f64,
+    /// -1 (hard left) ..= 1 (hard right), constant-power with -3 dB at the centre.
+    pub pan: f64,
+    pub mute: bool,
+    pub solo: bool,
+    /// Positive delays the track, negative starts it earlier.
+    pub offset_ms: f64,
+    pub eq: Vec<EqBand>,
+    pub compressor: Option<CompressorSettings>,
+}
+
+impl Default for TrackSettings {
+    fn default() -> Self {
+        Self { gain_db: 0.0, pan: 0.0, mute: false, solo: false, offset_ms: 0.0, eq: Vec::new(), compressor: None }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AlignMode {
+    #[default]
+    None,
+    /// Estimate each stem's offset against the first stem by cross-correlation.
+    Auto,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum EqType {
+    Highpass,
+    Lowpass,
+    Lowshelf,
+    Highshelf,
+    Peak,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EqBand {
+    #[serde(rename = "type")]
+    pub kind: EqType,
+    pub freq_hz: f64,
+    #[serde(default = "default_q")]
+    pub q: f64,
+    /// Used by shelves and peaks; ignored by the pass filters.
+    #[serde(default)]
+    pub gain_db: f64,
+}
+
+fn default_q() -> f64 {
+    std::f64::consts::FRAC_1_SQRT_2
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct CompressorSettings {
+    pub threshold_db: f64,
+    pub ratio: f64,
+    pub attack_ms: f64,
+    pub release_ms: f64,
+    pub makeup_db: f64,
+}
+
+impl Default for CompressorSettings {
+    fn default() -> Self {
+        Self { threshold_db: -18.0, ratio: 3.0, attack_ms: 10.0, release_ms: 120.0, makeup_db: 0.0 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct MasterSettings {
+    pub target_lufs: f64,
+    pub true_peak_dbtp: f64,
+    pub eq: Vec<EqBand>,
+    pub compressor: Option<CompressorSettings>,
+}
+
+impl Default for MasterSettings {
+    fn default() -> Self {
+        Self { target_lufs: -14.0, true_peak_dbtp: -1.0, eq: Vec::new(), compressor: None }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct OutputSettings {
+    /// None: the highest stem rate.
+    pub sample_rate: Option<u32>,
+    pub bit_depth: BitDepth,
+}
+
+impl Default for OutputSettings {
+    fn default() -> Self {
+        Self { sample_rate: None, bit_depth: BitDepth::Int24 }
+    }
+}
+
+/// 16-bit output is TPDF-dithered; 32 is IEEE float.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(try_from = "u16", into = "u16")]
+pub enum BitDepth {
+    Int16,
+    #[default]
+    Int24,
+    Float32,
+}
+
+impl BitDepth {
+    pub fn bits(self) -> u16 {
+        match self {
+            BitDepth::Int16 => 16,
+            BitDepth::Int24 => 24,
+            BitDepth::Float32 => 32,
+        }
+    }
+}
+
+impl TryFrom<u16> for BitDepth {
+    type Error = String;
+    fn try_from(bits: u16) -> Result<Self, Self::Error> {
+        match bits {
+            16 => Ok(BitDepth::Int16),
+            24 => Ok(BitDepth::Int24),
+            32 => Ok(BitDepth::Float32),
+            other => Err(format!("bit depth {other} is not one of 16, 24, 32")),
+        }
+    }
+}
+
+impl From<BitDepth> for u16 {
+    fn from(depth: BitDepth) -> u16 {
+        depth.bits()
+    }
+}
+
+/// A setting that cannot be used, with the JSON path of the field at fault.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct SettingsError {
+    pub field: String,
+    pub reason: String,
+}
+
+impl SettingsError {
+    fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self { field: field.into(), reason: reason.into() }
+    }
+}
+
+pub const MIN_OUTPUT_RATE: u32 = 8_000;
+pub const MAX_OUTPUT_RATE: u32 = 384_000;
+
+impl MixSettings {
+    /// Parses settings from JSON, naming the field at fault on failure (`tracks.bass.eq[0].type`).
+    pub fn from_json(bytes: &[u8]) -> Result<Self, SettingsError> {
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Self::default());
+        }
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        serde_path_to_error::deserialize(&mut de).map_err(|err| {
+            let path = err.path().to_string();
+            let field = if path == "." { "body".to_string() } else { path };
+            SettingsError::new(field, err.into_inner().to_string())
+        })
+    }
+
+    /// Checks every value against its allowed range, and every track key against the stems.
+    pub fn validate(&self, stems: &[StemSource]) -> Result<(), SettingsError> {
+        for (key, track) in &self.tracks {
+            if !stems.iter().any(|s| s.id == *key || s.name == *key) {
+                return Err(SettingsError::new(format!("tracks.{key}"), "no stem has this id or file name"));
+            }
+            let at = |field: &str| format!("tracks.{key}.{field}");
+            check_range(track.gain_db, -96.0, 48.0, &at("gain_db"))?;
+            check_range(track.pan, -1.0, 1.0, &at("pan"))?;
+            check_range(track.offset_ms, -600_000.0, 600_000.0, &at("offset_ms"))?;
+            validate_eq(&track.eq, &at("eq"))?;
+            if let Some(comp) = &track.compressor {
+                validate_compressor(comp, &at("compressor"))?;
+            }
+        }
+        check_range(self.master.target_lufs, -70.0, -5.0, "master.target_lufs")?;
+        check_range(self.master.true_peak_dbtp, -20.0, 0.0, "master.true_peak_dbtp")?;
+        validate_eq(&self.master.eq, "master.eq")?;
+        if let Some(comp) = &self.master.compressor {
+            validate_compressor(comp, "master.compressor")?;
+        }
+        if let Some(rate) = self.output.sample_rate {
+            if !(MIN_OUTPUT_RATE..=MAX_OUTPUT_RATE).contains(&rate) {
+                return Err(SettingsError::new(
+                    "output.sample_rate",
+                    format!("must be between {MIN_OUTPUT_RATE} and {MAX_OUTPUT_RATE} Hz"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The settings of the track for this stem: by id first, then by file name.
+    pub fn track_for(&self, stem: &StemSource) -> TrackSettings {
+        self.tracks.get(&stem.id).or_else(|| self.tracks.get(&stem.name)).cloned().unwrap_or_default()
+    }
+}
+
+fn check_range(value: f64, min: f64, max: f64, field: &str) -> Result<(), SettingsError> {
+    if value.is_finite() && (min..=max).contains(&value) {
+        Ok(())
+    } else {
+        Err(SettingsError::new(field, format!("{value} is outside {min}..={max}")))
+    }
+}
+
+fn validate_eq(bands: &[EqBand], field: &str) -> Result<(), SettingsError> {
+    if bands.len() > 32 {
+        return Err(SettingsError::new(field, "at most 32 bands"));
+    }
+    for (i, band) in bands.iter().enumerate() {
+        let at = |name: &str| format!("{field}[{i}].{name}");
+        // The upper bound is checked per mix against Nyquist; here only what no rate allows.
+        check_range(band.freq_hz, 1.0, 192_000.0, &at("freq_hz"))?;
+        check_range(band.q, 0.05, 50.0, &at("q"))?;
+        check_range(band.gain_db, -48.0, 48.0, &at("gain_db"))?;
+    }
+    Ok(())
+}
+
+fn validate_compressor(comp: &CompressorSettings, field: &str) -> Result<(), SettingsError> {
+    let at = |name: &str| format!("{field}.{name}");
+    check_range(comp.threshold_db, -96.0, 0.0, &at("threshold_db"))?;
+    check_range(comp.ratio, 1.0, 100.0, &at("ratio"))?;
+    check_range(comp.attack_ms, 0.0, 1_000.0, &at("attack_ms"))?;
+    check_range(comp.release_ms, 1.0, 10_000.0, &at("release_ms"))?;
+    check_range(comp.makeup_db, -24.0, 48.0, &at("makeup_db"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stems() -> Vec<StemSource> {
+        vec![StemSource { id: "a1".into(), name: "drums.wav".into(), path: "/nonexistent".into() }]
+    }
+
+    #[test]
+    fn empty_body_means_defaults() {
+        let settings = MixSettings::from_json(b"").unwrap();
+        assert_eq!(settings, MixSettings::default());
+        assert_eq!(settings.master.target_lufs, -14.0);
+        assert_eq!(settings.output.bit_depth, BitDepth::Int24);
+        assert_eq!(MixSettings::from_json(b"{}").unwrap(), MixSettings::default());
+    }
+
+    #[test]
+    fn full_contract_example_parses() {
+        let json = br#"{ "tracks": { "drums.wav": { "gain_db": 0, "pan": 0.0, "mute": false, "solo": false,
+            "offset_ms": 0, "eq": [{"type": "highpass", "freq_hz": 80, "q": 0.7}],
+            "compressor": {"threshold_db": -18, "ratio": 3, "attack_ms": 10, "release_ms": 120, "makeup_db": 0} } },
+            "align": "none",
+            "master": { "target_lufs": -14.0, "true_peak_dbtp": -1.0, "eq": [], "compressor": null },
+            "output": { "sample_rate": null, "bit_depth": 24 } }"#;
+        let settings = MixSettings::from_json(json).unwrap();
+        settings.validate(&stems()).unwrap();
+        assert_eq!(settings.tracks["drums.wav"].eq[0].kind, EqType::Highpass);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases: [(&[u8], &str); 8] = [
+            (br#"{"tracks": {"a1": {"pan": 1.5}}}"#, "tracks.a1.pan"),
+            (br#"{"tracks": {"a1": {"eq": [{"type": "notch", "freq_hz": 100}]}}}"#, "tracks.a1.eq[0].type"),
+            (br#"{"tracks": {"a1": {"compressor": {"ratio": 0.5}}}}"#, "tracks.a1.compressor.ratio"),
+            (br#"{"tracks": {"a1": {"eq": [{"type": "peak", "freq_hz": -5}]}}}"#, "tracks.a1.eq[0].freq_hz"),
+            (br#"{"tracks": {"vocals.wav": {}}}"#, "tracks.vocals.wav"),
+            (br#"{"output": {"bit_depth": 20}}"#, "output.bit_depth"),
+            (br#"{"master": {"target_lufs": 3}}"#, "master.target_lufs"),
+            (br#"{"align": "sideways"}"#, "align"),
+        ];
+        for (json, field) in cases {
+            let err = MixSettings::from_json(json).and_then(|s| s.validate(&stems()).map(|_| s)).unwrap_err();
+            assert_eq!(err.field, field, "{}", String::from_utf8_lossy(json));
+        }
+    }
+
+    #[test]
+    fn track_lookup_prefers_id_then_name() {
+        let settings = MixSettings::from_json(br#"{"tracks": {"drums.wav": {"gain_db": -3}}}"#).unwrap();
+        assert_eq!(settings.track_for(&stems()[0]).gain_db, -3.0);
+    }
+}

@@ -1,0 +1,131 @@
+//! The `mixd` command line: `mixd serve` (the default) and `mixd mix` (offline).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Mutex;
+
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use mixd::audio::{self, BitDepth, MixObserver, MixSettings, Stage, StemSource};
+
+#[derive(Parser)]
+#[command(name = "mixd", version, about = "Mixes and masters audio stems, with live job progress")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Mix stems into a mastered WAV, offline, with a progress bar.
+    Mix(MixArgs),
+}
+
+#[derive(Args)]
+struct MixArgs {
+    /// Stem files (WAV, FLAC, MP3, OGG, AAC/M4A, ALAC, AIFF).
+    #[arg(required = true)]
+    stems: Vec<PathBuf>,
+    /// Where to write the mastered WAV.
+    #[arg(short, long)]
+    output: PathBuf,
+    /// Mix settings as JSON (the contract's MixSettings); the flags below override its master/output.
+    #[arg(long)]
+    settings: Option<PathBuf>,
+    #[arg(long, allow_negative_numbers = true)]
+    target_lufs: Option<f64>,
+    #[arg(long, allow_negative_numbers = true)]
+    true_peak: Option<f64>,
+    /// 16 (dithered), 24 or 32 (float).
+    #[arg(long)]
+    bit_depth: Option<u16>,
+    /// Output sample rate; default: the highest stem rate.
+    #[arg(long)]
+    rate: Option<u32>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::Mix(args)) => run_mix(args),
+        None => Err("no command given; try `mixd mix --help`".to_string()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_mix(args: MixArgs) -> Result<(), String> {
+    let mut settings = match &args.settings {
+        Some(path) => {
+            let bytes = std::fs::read(path).map_err(|err| format!("{}: {err}", path.display()))?;
+            MixSettings::from_json(&bytes).map_err(|err| format!("{}: {err}", path.display()))?
+        }
+        None => MixSettings::default(),
+    };
+    if let Some(target) = args.target_lufs {
+        settings.master.target_lufs = target;
+    }
+    if let Some(ceiling) = args.true_peak {
+        settings.master.true_peak_dbtp = ceiling;
+    }
+    if let Some(bits) = args.bit_depth {
+        settings.output.bit_depth = BitDepth::try_from(bits).map_err(|err| format!("--bit-depth: {err}"))?;
+    }
+    if args.rate.is_some() {
+        settings.output.sample_rate = args.rate;
+    }
+    let stems: Vec<StemSource> = args
+        .stems
+        .iter()
+        .map(|path| {
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            StemSource { id: name.clone(), name, path: path.clone() }
+        })
+        .collect();
+
+    let bar = ProgressBar::new(100);
+    bar.set_style(ProgressStyle::with_template("{spinner} {msg:18} [{bar:40}] {pos:>3}% {elapsed}").expect("valid template").progress_chars("=> "));
+    let observer = BarObserver { bar, position: Mutex::new(0) };
+    let report = audio::mix(&stems, &settings, &args.output, &observer).map_err(|err| err.to_string())?;
+    observer.bar.finish_with_message("Complete");
+
+    let value = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
+    println!("{}", args.output.display());
+    println!("  duration        {:.3} s", report.duration_s);
+    println!("  format          {} Hz, {}-bit, {} channels", report.sample_rate, report.bit_depth, report.channels);
+    println!("  integrated      {} LUFS", value(report.loudness.integrated_lufs));
+    println!("  true peak       {} dBTP", value(report.loudness.true_peak_dbtp));
+    println!("  loudness range  {} LU", value(report.loudness.loudness_range_lu));
+    for stem in &report.stems {
+        let state = if stem.audible { "" } else { " (muted)" };
+        println!("  stem {:24} offset {:+.2} ms{state}", stem.name, stem.offset_ms);
+    }
+    Ok(())
+}
+
+struct BarObserver {
+    bar: ProgressBar,
+    position: Mutex<u64>,
+}
+
+impl MixObserver for BarObserver {
+    fn progress(&self, stage: Stage, fraction: f64) {
+        let percent = stage.percent(fraction) as u64;
+        let mut position = self.position.lock().expect("never poisoned");
+        if percent > *position {
+            *position = percent;
+            self.bar.set_position(percent);
+        }
+        self.bar.set_message(stage.label());
+    }
+
+    fn is_cancelled(&self) -> bool {
+        false
+    }
+}
