@@ -8,16 +8,23 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use mixd::audio::{self, BitDepth, MixObserver, MixSettings, Stage, StemSource};
+use mixd::config::Config;
+use mixd::startup::Application;
 
 #[derive(Parser)]
-#[command(name = "mixd", version, about = "Mixes and masters audio stems, with live job progress")]
+#[command(name = "mixd", version, about = "Mixes and masters audio stems, with live job progress", args_conflicts_with_subcommands = true)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
+    /// With no subcommand, mixd serves with these flags.
+    #[command(flatten)]
+    serve: Config,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve the HTTP API, live events and the dashboard (the default).
+    Serve(Config),
     /// Mix stems into a mastered WAV, offline, with a progress bar.
     Mix(MixArgs),
 }
@@ -49,7 +56,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Mix(args)) => run_mix(args),
-        None => Err("no command given; try `mixd mix --help`".to_string()),
+        Some(Command::Serve(config)) => serve(config),
+        None => serve(cli.serve),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -58,6 +66,35 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn serve(config: Config) -> Result<(), String> {
+    mixd::telemetry::init(config.log_format);
+    let runtime = tokio::runtime::Runtime::new().map_err(|err| format!("starting the runtime: {err}"))?;
+    runtime.block_on(async {
+        let app = Application::build(config).await.map_err(|err| format!("{err:#}"))?;
+        let shutdown = app.shutdown_token();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("shutting down");
+            shutdown.cancel();
+        });
+        app.run_until_stopped().await.map_err(|err| format!("server error: {err}"))
+    })
+}
+
+async fn wait_for_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = terminate.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
 }
 
 fn run_mix(args: MixArgs) -> Result<(), String> {

@@ -90,27 +90,27 @@ pub trait MixObserver: Sync {
 
 #[derive(Debug, thiserror::Error)]
 pub enum AudioError {
-    #[error("there are no stems to mix")]
+    #[error("There are no stems to mix")]
     NoStems,
-    #[error("stem \"{stem}\" cannot be opened: {source}")]
+    #[error("Stem \"{stem}\" cannot be opened: {source}")]
     Open {
         stem: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("stem \"{stem}\" is not supported audio: {reason}")]
+    #[error("Stem \"{stem}\" is not supported audio: {reason}")]
     Unsupported { stem: String, reason: String },
-    #[error("stem \"{stem}\" failed to decode: {reason}")]
+    #[error("Stem \"{stem}\" failed to decode: {reason}")]
     Decode { stem: String, reason: String },
-    #[error("invalid settings: {0}")]
+    #[error("Invalid settings: {0}")]
     Settings(#[from] SettingsError),
-    #[error("the mix would last {seconds:.0} s; a WAV file at this rate and bit depth holds at most {max_seconds:.0} s")]
+    #[error("The mix would last {seconds:.0} s; a WAV file at this rate and bit depth holds at most {max_seconds:.0} s")]
     TooLong { seconds: f64, max_seconds: f64 },
-    #[error("the mix was canceled")]
+    #[error("The mix was canceled")]
     Canceled,
-    #[error("writing the mix failed: {0}")]
+    #[error("Writing the mix failed: {0}")]
     Export(#[source] std::io::Error),
-    #[error("internal engine error: {0}")]
+    #[error("Internal engine error: {0}")]
     Internal(String),
 }
 

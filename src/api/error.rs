@@ -1,0 +1,173 @@
+//! The API's one error type, and the envelope every JSON response wears. Each error code string
+//! appears here once, beside its HTTP status.
+
+use axum::extract::multipart::{MultipartError, MultipartRejection};
+use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::jobs::{INVALID_JOB_ID, INVALID_PROJECT_ID, INVALID_STEM_ID};
+
+/// `{ok, data, error, message}`: the legacy envelope, kept for every JSON response.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Envelope<T> {
+    pub ok: bool,
+    pub data: T,
+    /// A stable machine code when `ok` is false.
+    pub error: Option<&'static str>,
+    pub message: String,
+}
+
+/// A successful response: `data` under the envelope, with its status code.
+pub fn respond<T: Serialize>(status: StatusCode, data: T, message: impl Into<String>) -> Response {
+    (status, Json(Envelope { ok: true, data, error: None, message: message.into() })).into_response()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("Invalid project id: use 1-64 letters, digits, '_' or '-', starting with a letter or digit")]
+    InvalidProjectId,
+    #[error("Job not found")]
+    JobNotFound,
+    #[error("Stem not found")]
+    StemNotFound,
+    #[error("Project not found: it has no stems")]
+    ProjectNotFound,
+    #[error("This project has no mix jobs")]
+    NoMixJobs,
+    #[error("This project has no complete mix yet")]
+    NoMixAvailable,
+    #[error("The job has already finished")]
+    JobFinished,
+    #[error("No file was uploaded: send the stems as multipart/form-data file parts")]
+    NoFiles,
+    #[error("Too many files in one upload: at most {0}")]
+    TooManyFiles(usize),
+    #[error("The upload is larger than the {0} MiB limit")]
+    PayloadTooLarge(u64),
+    #[error("{0}")]
+    UnsupportedAudio(String),
+    #[error("The disk is full: the file could not be stored")]
+    InsufficientStorage,
+    #[error("Invalid settings: {0}")]
+    InvalidSettings(String),
+    #[error("Bad request: {0}")]
+    BadRequest(String),
+    #[error("File not found")]
+    MediaNotFound,
+    #[error("No such route")]
+    RouteNotFound,
+    /// Something went wrong that the client cannot fix; the cause is logged, never sent.
+    #[error("Something went wrong on the server")]
+    Internal(String),
+    /// The status routes keep the legacy code for internal failures.
+    #[error("Failed to get job status")]
+    JobStatus(String),
+}
+
+impl ApiError {
+    fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            ApiError::InvalidProjectId => (StatusCode::BAD_REQUEST, "INVALID_PROJECT_ID"),
+            ApiError::JobNotFound => (StatusCode::NOT_FOUND, "JOB_NOT_FOUND"),
+            ApiError::StemNotFound => (StatusCode::NOT_FOUND, "STEM_NOT_FOUND"),
+            ApiError::ProjectNotFound => (StatusCode::NOT_FOUND, "PROJECT_NOT_FOUND"),
+            ApiError::NoMixJobs => (StatusCode::NOT_FOUND, "NO_MIX_JOBS"),
+            ApiError::NoMixAvailable => (StatusCode::NOT_FOUND, "NO_MIX_AVAILABLE"),
+            ApiError::JobFinished => (StatusCode::CONFLICT, "JOB_FINISHED"),
+            ApiError::NoFiles => (StatusCode::BAD_REQUEST, "NO_FILES"),
+            ApiError::TooManyFiles(_) => (StatusCode::BAD_REQUEST, "TOO_MANY_FILES"),
+            ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE"),
+            ApiError::UnsupportedAudio(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "UNSUPPORTED_AUDIO"),
+            ApiError::InsufficientStorage => (StatusCode::INSUFFICIENT_STORAGE, "INSUFFICIENT_STORAGE"),
+            ApiError::InvalidSettings(_) => (StatusCode::UNPROCESSABLE_ENTITY, "INVALID_SETTINGS"),
+            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "BAD_REQUEST"),
+            ApiError::MediaNotFound => (StatusCode::NOT_FOUND, "MEDIA_NOT_FOUND"),
+            ApiError::RouteNotFound => (StatusCode::NOT_FOUND, "NOT_FOUND"),
+            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL"),
+            ApiError::JobStatus(_) => (StatusCode::INTERNAL_SERVER_ERROR, "JOB_STATUS_ERROR"),
+        }
+    }
+
+    pub fn code(&self) -> &'static str {
+        self.status_and_code().1
+    }
+
+    /// On the status routes an internal failure keeps the legacy `JOB_STATUS_ERROR` code.
+    pub fn on_status_route(self) -> Self {
+        match self {
+            ApiError::Internal(cause) => ApiError::JobStatus(cause),
+            other => other,
+        }
+    }
+
+    /// An I/O failure: a full disk is the client's to know about, the rest is internal.
+    pub fn storage(err: std::io::Error) -> Self {
+        if err.raw_os_error() == Some(28) {
+            ApiError::InsufficientStorage
+        } else {
+            ApiError::Internal(err.to_string())
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        if let ApiError::Internal(cause) | ApiError::JobStatus(cause) = &self {
+            tracing::error!(%cause, code, "request failed");
+        }
+        let body = Envelope { ok: false, data: serde_json::Map::new(), error: Some(code), message: self.to_string() };
+        (status, Json(body)).into_response()
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(rejection: PathRejection) -> Self {
+        // Ids are checked in path order, so the first invalid one decides the answer.
+        let text = rejection.body_text();
+        if text.contains(INVALID_PROJECT_ID) {
+            ApiError::InvalidProjectId
+        } else if text.contains(INVALID_JOB_ID) {
+            ApiError::JobNotFound
+        } else if text.contains(INVALID_STEM_ID) {
+            ApiError::StemNotFound
+        } else {
+            ApiError::BadRequest(text)
+        }
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(rejection: QueryRejection) -> Self {
+        if rejection.body_text().contains(INVALID_JOB_ID) {
+            ApiError::JobNotFound
+        } else {
+            ApiError::BadRequest(rejection.body_text())
+        }
+    }
+}
+
+impl From<BytesRejection> for ApiError {
+    fn from(rejection: BytesRejection) -> Self {
+        ApiError::BadRequest(rejection.body_text())
+    }
+}
+
+impl From<MultipartRejection> for ApiError {
+    fn from(_: MultipartRejection) -> Self {
+        ApiError::NoFiles
+    }
+}
+
+/// A multipart stream that broke: too large (axum enforces the body limit while streaming) or cut.
+pub fn multipart_error(err: MultipartError, limit_mb: u64) -> ApiError {
+    if err.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::PayloadTooLarge(limit_mb)
+    } else {
+        ApiError::BadRequest(format!("the upload was interrupted or malformed: {}", err.body_text()))
+    }
+}

@@ -1,0 +1,146 @@
+//! `/media`: finished mixes and stems, straight from the data root, with byte ranges and ETags.
+//!
+//! Every path segment must be a plain name (letters, digits, `_-.`, not starting with a dot), so
+//! nothing outside the root and no temporary file is ever reachable, and directories are never
+//! listed. Multi-range requests get the whole file: answering them costs quadratic time in
+//! tower-http's implementation (tower-http#660) and players never send them.
+
+use std::io::SeekFrom;
+use std::time::UNIX_EPOCH;
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio_util::io::ReaderStream;
+
+use super::error::ApiError;
+use super::AppState;
+
+/// A mixed WAV, a stem, or the legacy newest mix.
+#[utoipa::path(get, path = "/media/{path}", tag = "media",
+    params(("path" = String, Path, description = "e.g. p1/mix_outputs/{job_id}/final_mix.wav, or p1/mix_outputs/final_mix.wav for the newest mix")),
+    responses((status = 200, content_type = "audio/wav"), (status = 206, description = "Partial content"), (status = 304), (status = 404, description = "MEDIA_NOT_FOUND"), (status = 416)))]
+pub async fn serve(State(app): State<AppState>, Path(path): Path<String>, headers: HeaderMap) -> Result<Response, ApiError> {
+    let segments: Vec<&str> = path.split('/').collect();
+    if segments.is_empty() || !segments.iter().all(|s| is_plain_name(s)) {
+        return Err(ApiError::MediaNotFound);
+    }
+    let file_path = segments.iter().fold(app.stems.root().to_path_buf(), |path, segment| path.join(segment));
+    let mut file = tokio::fs::File::open(&file_path).await.map_err(|_| ApiError::MediaNotFound)?;
+    let metadata = file.metadata().await.map_err(|_| ApiError::MediaNotFound)?;
+    if !metadata.is_file() {
+        return Err(ApiError::MediaNotFound);
+    }
+    let length = metadata.len();
+    let modified = metadata.modified().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
+    let etag = format!("\"{length:x}-{modified:x}\"");
+
+    let mut response_headers = HeaderMap::new();
+    response_headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type(&path)));
+    response_headers.insert(header::ETAG, HeaderValue::from_str(&etag).expect("hex is a valid header"));
+    response_headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    // Per-job results never change; the legacy "newest mix" path does.
+    let immutable = segments.len() == 4 && segments[1] == "mix_outputs";
+    let cache = if immutable { "public, max-age=31536000, immutable" } else { "no-cache" };
+    response_headers.insert(header::CACHE_CONTROL, HeaderValue::from_static(cache));
+
+    if headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()).is_some_and(|tags| tags.split(',').any(|t| t.trim() == etag || t.trim() == "*")) {
+        return Ok((StatusCode::NOT_MODIFIED, response_headers).into_response());
+    }
+    let if_range_ok = headers.get(header::IF_RANGE).is_none_or(|v| v.to_str().is_ok_and(|v| v == etag));
+    let range = headers.get(header::RANGE).and_then(|v| v.to_str().ok()).filter(|_| if_range_ok).map(|v| parse_range(v, length));
+
+    let (status, start, count) = match range {
+        None | Some(RangeRequest::Ignored) => (StatusCode::OK, 0, length),
+        Some(RangeRequest::Unsatisfiable) => {
+            response_headers.insert(header::CONTENT_RANGE, HeaderValue::from_str(&format!("bytes */{length}")).expect("digits"));
+            return Ok((StatusCode::RANGE_NOT_SATISFIABLE, response_headers).into_response());
+        }
+        Some(RangeRequest::Bytes(start, end)) => {
+            let value = format!("bytes {start}-{end}/{length}");
+            response_headers.insert(header::CONTENT_RANGE, HeaderValue::from_str(&value).expect("digits"));
+            (StatusCode::PARTIAL_CONTENT, start, end - start + 1)
+        }
+    };
+    response_headers.insert(header::CONTENT_LENGTH, HeaderValue::from(count));
+    file.seek(SeekFrom::Start(start)).await.map_err(|err| ApiError::Internal(err.to_string()))?;
+    let body = Body::from_stream(ReaderStream::with_capacity(file.take(count), 64 * 1024));
+    Ok((status, response_headers, body).into_response())
+}
+
+fn is_plain_name(segment: &str) -> bool {
+    !segment.is_empty()
+        && segment.len() <= 255
+        && !segment.starts_with('.')
+        && segment.chars().all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
+}
+
+fn content_type(path: &str) -> &'static str {
+    match path.rsplit('.').next().unwrap_or_default().to_ascii_lowercase().as_str() {
+        "wav" => "audio/wav",
+        "flac" => "audio/flac",
+        "mp3" => "audio/mpeg",
+        "ogg" => "audio/ogg",
+        "m4a" => "audio/mp4",
+        "aac" => "audio/aac",
+        "aiff" => "audio/aiff",
+        "json" => "application/json",
+        _ => "application/octet-stream",
+    }
+}
+
+#[derive(Debug, PartialEq)]
+enum RangeRequest {
+    /// Inclusive byte range.
+    Bytes(u64, u64),
+    Unsatisfiable,
+    /// Not a single byte range we answer: serve the whole file.
+    Ignored,
+}
+
+fn parse_range(value: &str, length: u64) -> RangeRequest {
+    let Some(spec) = value.trim().strip_prefix("bytes=") else { return RangeRequest::Ignored };
+    if spec.contains(',') {
+        return RangeRequest::Ignored;
+    }
+    let Some((first, last)) = spec.trim().split_once('-') else { return RangeRequest::Ignored };
+    let (first, last) = (first.trim(), last.trim());
+    let range = match (first.parse::<u64>(), last.parse::<u64>()) {
+        (Ok(start), Ok(end)) if start <= end => (start, end.min(length.saturating_sub(1))),
+        (Ok(start), Err(_)) if last.is_empty() => (start, length.saturating_sub(1)),
+        (Err(_), Ok(suffix)) if first.is_empty() && suffix > 0 => (length.saturating_sub(suffix), length.saturating_sub(1)),
+        _ => return RangeRequest::Ignored,
+    };
+    if length == 0 || range.0 >= length {
+        RangeRequest::Unsatisfiable
+    } else {
+        RangeRequest::Bytes(range.0, range.1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_parse_per_rfc_9110() {
+        assert_eq!(parse_range("bytes=0-99", 1000), RangeRequest::Bytes(0, 99));
+        assert_eq!(parse_range("bytes=900-", 1000), RangeRequest::Bytes(900, 999));
+        assert_eq!(parse_range("bytes=-100", 1000), RangeRequest::Bytes(900, 999));
+        assert_eq!(parse_range("bytes=990-2000", 1000), RangeRequest::Bytes(990, 999));
+        assert_eq!(parse_range("bytes=1000-", 1000), RangeRequest::Unsatisfiable);
+        assert_eq!(parse_range("bytes=0-1,5-9", 1000), RangeRequest::Ignored);
+        assert_eq!(parse_range("items=0-1", 1000), RangeRequest::Ignored);
+        assert_eq!(parse_range("bytes=9-1", 1000), RangeRequest::Ignored);
+    }
+
+    #[test]
+    fn only_plain_names_are_reachable() {
+        assert!(is_plain_name("final_mix.wav"));
+        for bad in ["", "..", ".final_mix.x.partial", "a/b", "a\\b", "%2e%2e", "x y"] {
+            assert!(!is_plain_name(bad), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,189 @@
+//! Mix jobs over HTTP: start, status (both the contract's path and the legacy frontend's), the
+//! project's jobs, cancel and the newest complete mix.
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::error::{respond, ApiError, Envelope};
+use super::extract::{ApiPath, ApiQuery, JobPath, ProjectPath};
+use super::AppState;
+use crate::audio::{MixReport, MixSettings};
+use crate::jobs::{JobError, JobId, JobStatus, ProjectId, Submitted};
+
+const STATUS_MESSAGE: &str = "Job status retrieved successfully";
+const MAX_IDEMPOTENCY_KEY: usize = 256;
+
+/// A started job: its status plus where to follow it.
+#[derive(Serialize, ToSchema)]
+pub struct StartedJob {
+    #[serde(flatten)]
+    pub status: JobStatus,
+    pub links: JobLinks,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct JobLinks {
+    pub status: String,
+    pub events: String,
+    pub ws: String,
+}
+
+impl JobLinks {
+    fn new(project: &ProjectId, job_id: JobId) -> Self {
+        let base = format!("/mix/{project}/mix/job/{job_id}");
+        Self { status: format!("{base}/status"), events: format!("{base}/events"), ws: format!("{base}/ws") }
+    }
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct JobList {
+    pub jobs: Vec<JobStatus>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Preview {
+    pub job_id: JobId,
+    pub result_url: String,
+    pub report: Option<MixReport>,
+}
+
+#[derive(Deserialize)]
+pub struct StatusQuery {
+    pub job_id: Option<JobId>,
+}
+
+/// Start a mix of the project's stems. An empty body means the default settings.
+#[utoipa::path(post, path = "/mix/{project_id}/mix/start", tag = "mix",
+    params(("project_id" = String, Path), ("Idempotency-Key" = Option<String>, Header, description = "A repeat returns the first job")),
+    request_body(content = Option<MixSettings>, content_type = "application/json"),
+    responses(
+        (status = 202, body = Envelope<StartedJob>, headers(("Location" = String))),
+        (status = 200, body = Envelope<StartedJob>, description = "The job an earlier request with the same Idempotency-Key started"),
+        (status = 404, description = "PROJECT_NOT_FOUND"),
+        (status = 422, description = "INVALID_SETTINGS naming the field")))]
+pub async fn start(
+    State(app): State<AppState>,
+    ApiPath(ProjectPath { project_id }): ApiPath<ProjectPath>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    let body = body?;
+    let stems = app.stems.sources(&project_id).await.map_err(ApiError::storage)?;
+    if stems.is_empty() {
+        return Err(ApiError::ProjectNotFound);
+    }
+    let settings = MixSettings::from_json(&body).map_err(|err| ApiError::InvalidSettings(err.to_string()))?;
+    settings.validate(&stems).map_err(|err| ApiError::InvalidSettings(err.to_string()))?;
+    let key = match headers.get("idempotency-key") {
+        Some(value) => {
+            let key = value.to_str().map_err(|_| ApiError::BadRequest("Idempotency-Key must be visible ASCII".into()))?;
+            if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY {
+                return Err(ApiError::BadRequest(format!("Idempotency-Key must be 1-{MAX_IDEMPOTENCY_KEY} characters")));
+            }
+            Some(key.to_string())
+        }
+        None => None,
+    };
+
+    let (status, code, message) = match app.jobs.submit(project_id.clone(), settings, stems, key) {
+        Submitted::New(status) => (status, StatusCode::ACCEPTED, "Mix job queued"),
+        Submitted::Existing(status) => (status, StatusCode::OK, "Mix job already started with this Idempotency-Key"),
+    };
+    let links = JobLinks::new(&project_id, status.job_id);
+    let location = HeaderValue::from_str(&links.status).expect("ids are URL-safe");
+    let mut response = respond(code, StartedJob { status, links }, message);
+    response.headers_mut().insert(header::LOCATION, location);
+    Ok(response)
+}
+
+/// A job's status; `Retry-After: 1` while it is not finished.
+#[utoipa::path(get, path = "/mix/{project_id}/mix/job/{job_id}/status", tag = "mix",
+    params(("project_id" = String, Path), ("job_id" = String, Path)),
+    responses((status = 200, body = Envelope<JobStatus>), (status = 404, description = "JOB_NOT_FOUND"), (status = 500, description = "JOB_STATUS_ERROR")))]
+pub async fn job_status(State(app): State<AppState>, ApiPath(JobPath { project_id, job_id }): ApiPath<JobPath>) -> Result<Response, ApiError> {
+    let status = find_job(&app, &project_id, job_id).map_err(ApiError::on_status_route)?;
+    Ok(status_response(status))
+}
+
+/// The legacy frontend's status call: with `job_id`, exactly the job status route; without it,
+/// the project's newest job.
+#[utoipa::path(get, path = "/projects/{project_id}/mix/status", tag = "mix",
+    params(("project_id" = String, Path), ("job_id" = Option<String>, Query)),
+    responses((status = 200, body = Envelope<JobStatus>), (status = 404, description = "JOB_NOT_FOUND or NO_MIX_JOBS")))]
+pub async fn legacy_status(
+    State(app): State<AppState>,
+    ApiPath(ProjectPath { project_id }): ApiPath<ProjectPath>,
+    ApiQuery(query): ApiQuery<StatusQuery>,
+) -> Result<Response, ApiError> {
+    let status = match query.job_id {
+        Some(job_id) => find_job(&app, &project_id, job_id),
+        None => newest_job(&app, &project_id),
+    };
+    Ok(status_response(status.map_err(ApiError::on_status_route)?))
+}
+
+/// The project's newest job.
+#[utoipa::path(get, path = "/mix/{project_id}/mix/status", tag = "mix",
+    params(("project_id" = String, Path)),
+    responses((status = 200, body = Envelope<JobStatus>), (status = 404, description = "NO_MIX_JOBS")))]
+pub async fn project_status(State(app): State<AppState>, ApiPath(ProjectPath { project_id }): ApiPath<ProjectPath>) -> Result<Response, ApiError> {
+    Ok(status_response(newest_job(&app, &project_id).map_err(ApiError::on_status_route)?))
+}
+
+/// The project's jobs, newest first.
+#[utoipa::path(get, path = "/mix/{project_id}/mix/jobs", tag = "mix",
+    params(("project_id" = String, Path)),
+    responses((status = 200, body = Envelope<JobList>)))]
+pub async fn jobs(State(app): State<AppState>, ApiPath(ProjectPath { project_id }): ApiPath<ProjectPath>) -> Response {
+    respond(StatusCode::OK, JobList { jobs: app.jobs.for_project(&project_id) }, "Jobs retrieved successfully")
+}
+
+/// Cancel a queued or running job: it ends in `error` with `CANCELED`.
+#[utoipa::path(delete, path = "/mix/{project_id}/mix/job/{job_id}", tag = "mix",
+    params(("project_id" = String, Path), ("job_id" = String, Path)),
+    responses((status = 200, body = Envelope<JobStatus>), (status = 404, description = "JOB_NOT_FOUND"), (status = 409, description = "JOB_FINISHED")))]
+pub async fn cancel(State(app): State<AppState>, ApiPath(JobPath { project_id, job_id }): ApiPath<JobPath>) -> Result<Response, ApiError> {
+    let status = app.jobs.cancel(&project_id, job_id).map_err(|err| match err {
+        JobError::NotFound => ApiError::JobNotFound,
+        JobError::Finished => ApiError::JobFinished,
+    })?;
+    Ok(respond(StatusCode::OK, status, "Job canceled"))
+}
+
+/// The newest complete mix of the project.
+#[utoipa::path(get, path = "/mix/{project_id}/mix/preview", tag = "mix",
+    params(("project_id" = String, Path)),
+    responses((status = 200, body = Envelope<Preview>), (status = 404, description = "NO_MIX_AVAILABLE")))]
+pub async fn preview(State(app): State<AppState>, ApiPath(ProjectPath { project_id }): ApiPath<ProjectPath>) -> Result<Response, ApiError> {
+    let newest = app
+        .jobs
+        .for_project(&project_id)
+        .into_iter()
+        .filter_map(|status| Some(Preview { job_id: status.job_id, result_url: status.result_url?, report: status.report }))
+        .next()
+        .ok_or(ApiError::NoMixAvailable)?;
+    Ok(respond(StatusCode::OK, newest, "Mix preview retrieved successfully"))
+}
+
+pub(super) fn find_job(app: &AppState, project: &ProjectId, job_id: JobId) -> Result<JobStatus, ApiError> {
+    app.jobs.get(job_id).filter(|status| &status.project_id == project).ok_or(ApiError::JobNotFound)
+}
+
+fn newest_job(app: &AppState, project: &ProjectId) -> Result<JobStatus, ApiError> {
+    app.jobs.for_project(project).into_iter().next().ok_or(ApiError::NoMixJobs)
+}
+
+fn status_response(status: JobStatus) -> Response {
+    let finished = status.state.is_terminal();
+    let response = respond(StatusCode::OK, status, STATUS_MESSAGE);
+    if finished {
+        response
+    } else {
+        ([(header::RETRY_AFTER, "1")], response).into_response()
+    }
+}

@@ -1,0 +1,68 @@
+//! HTTP: routes, the envelope, streams and media. Handlers translate between HTTP and the jobs
+//! layer and nothing else; every error becomes the envelope in `error.rs`.
+
+mod error;
+mod extract;
+mod media;
+mod mix;
+mod openapi;
+mod service;
+mod stems;
+mod streams;
+
+use std::sync::Arc;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{delete, get, post};
+use axum::Router;
+use tokio_util::sync::CancellationToken;
+use tower_http::services::ServeDir;
+use tower_http::trace::TraceLayer;
+
+pub use error::{ApiError, Envelope};
+pub use openapi::ApiDoc;
+
+use crate::config::Config;
+use crate::jobs::{Jobs, StemStore};
+
+#[derive(Clone)]
+pub struct AppState {
+    pub jobs: Jobs,
+    pub stems: StemStore,
+    pub config: Arc<Config>,
+    /// Cancelled when the server shuts down: every open stream ends.
+    pub shutdown: CancellationToken,
+}
+
+/// Every route, served at its own path and under `/api` (the legacy frontend's base URL), with
+/// the dashboard from `static/` for everything else.
+pub fn router(state: AppState) -> Router {
+    let upload_limit = usize::try_from(state.config.max_upload_bytes()).unwrap_or(usize::MAX);
+    let routes: Router<AppState> = Router::new()
+        .route("/projects/{project_id}/stems", post(stems::upload).get(stems::list).layer(DefaultBodyLimit::max(upload_limit)))
+        .route("/projects/{project_id}/stems/{stem_id}", delete(stems::delete))
+        .route("/projects/{project_id}/mix/status", get(mix::legacy_status))
+        .route("/mix/{project_id}/mix/start", post(mix::start))
+        .route("/mix/{project_id}/mix/status", get(mix::project_status))
+        .route("/mix/{project_id}/mix/jobs", get(mix::jobs))
+        .route("/mix/{project_id}/mix/preview", get(mix::preview))
+        .route("/mix/{project_id}/mix/job/{job_id}", delete(mix::cancel))
+        .route("/mix/{project_id}/mix/job/{job_id}/status", get(mix::job_status))
+        .route("/mix/{project_id}/mix/job/{job_id}/events", get(streams::job_sse))
+        .route("/mix/{project_id}/mix/job/{job_id}/ws", get(streams::job_ws))
+        .route("/mix/{project_id}/mix/events", get(streams::project_sse))
+        .route("/mix/{project_id}/mix/ws", get(streams::project_ws))
+        .route("/events", get(streams::global_sse))
+        .route("/ws", get(streams::global_ws))
+        .route("/media/{*path}", get(media::serve))
+        .route("/healthz", get(service::healthz))
+        .route("/metrics", get(service::metrics))
+        .route("/openapi.json", get(service::openapi));
+    let dashboard = ServeDir::new(&state.config.static_dir).not_found_service(get(service::not_found).with_state(state.clone()));
+    Router::new()
+        .merge(routes.clone())
+        .nest("/api", routes)
+        .fallback_service(dashboard)
+        .layer(TraceLayer::new_for_http())
+        .with_state(state)
+}

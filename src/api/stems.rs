@@ -1,0 +1,152 @@
+//! Stem upload, listing and deletion. Uploads stream to disk part by part, are decoded in full
+//! off the runtime, and are kept only if they decode; a refused or interrupted upload leaves
+//! nothing behind.
+
+use std::path::{Path, PathBuf};
+
+use axum::extract::multipart::{Field, MultipartRejection};
+use axum::extract::{Multipart, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::Response;
+use serde::Serialize;
+use tokio::io::AsyncWriteExt;
+use utoipa::ToSchema;
+
+use super::error::{multipart_error, respond, ApiError, Envelope};
+use super::extract::{ApiPath, ProjectPath, StemPath};
+use super::AppState;
+use crate::audio::probe_stem;
+use crate::jobs::{sanitize_file_name, ProjectId, Stem};
+
+#[derive(Serialize, ToSchema)]
+pub struct StemList {
+    pub stems: Vec<Stem>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct DeletedStem {
+    pub stem_id: String,
+}
+
+/// Upload stems as multipart/form-data file parts.
+#[utoipa::path(post, path = "/projects/{project_id}/stems", tag = "stems",
+    params(("project_id" = String, Path)),
+    request_body(content_type = "multipart/form-data", description = "One or more file parts"),
+    responses(
+        (status = 201, body = Envelope<StemList>),
+        (status = 400, description = "NO_FILES, TOO_MANY_FILES or INVALID_PROJECT_ID"),
+        (status = 413, description = "PAYLOAD_TOO_LARGE"),
+        (status = 415, description = "UNSUPPORTED_AUDIO, naming the file and where it fails"),
+        (status = 507, description = "INSUFFICIENT_STORAGE")))]
+pub async fn upload(
+    State(app): State<AppState>,
+    ApiPath(ProjectPath { project_id }): ApiPath<ProjectPath>,
+    headers: HeaderMap,
+    multipart: Result<Multipart, MultipartRejection>,
+) -> Result<Response, ApiError> {
+    let limit = app.config.max_upload_bytes();
+    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > limit) {
+        // Refused before a byte of the body is read.
+        return Err(ApiError::PayloadTooLarge(app.config.max_upload_mb));
+    }
+    let mut multipart = multipart?;
+    let mut stored: Vec<Stem> = Vec::new();
+    let received = async {
+        while let Some(field) = multipart.next_field().await.map_err(|e| multipart_error(e, app.config.max_upload_mb))? {
+            if field.file_name().is_none() {
+                continue;
+            }
+            if stored.len() >= app.config.max_files {
+                return Err(ApiError::TooManyFiles(app.config.max_files));
+            }
+            stored.push(receive_file(&app, &project_id, field).await?);
+        }
+        Ok(())
+    }
+    .await;
+    if let Err(err) = received {
+        // All or nothing: one refused file refuses the request.
+        for stem in &stored {
+            let _ = app.stems.delete(&project_id, stem.stem_id).await;
+        }
+        return Err(err);
+    }
+    if stored.is_empty() {
+        return Err(ApiError::NoFiles);
+    }
+    let message = format!("{} stem(s) uploaded", stored.len());
+    Ok(respond(StatusCode::CREATED, StemList { stems: stored }, message))
+}
+
+async fn receive_file(app: &AppState, project: &ProjectId, mut field: Field<'_>) -> Result<Stem, ApiError> {
+    let name = sanitize_file_name(field.file_name().unwrap_or_default());
+    let path = app.stems.upload_path(project).await.map_err(ApiError::storage)?;
+    // Removes the partial file on every way out but success, a dropped request included.
+    let partial = PartialFile(Some(path.clone()));
+    let mut file = tokio::fs::File::create(&path).await.map_err(ApiError::storage)?;
+    let mut size = 0u64;
+    while let Some(chunk) = field.chunk().await.map_err(|e| multipart_error(e, app.config.max_upload_mb))? {
+        size += chunk.len() as u64;
+        file.write_all(&chunk).await.map_err(ApiError::storage)?;
+    }
+    file.flush().await.map_err(ApiError::storage)?;
+    file.sync_all().await.map_err(ApiError::storage)?;
+    drop(file);
+    if size == 0 {
+        return Err(ApiError::UnsupportedAudio(format!("\"{name}\" is empty")));
+    }
+
+    let (probe_path, probe_name) = (path.clone(), name.clone());
+    let info = tokio::task::spawn_blocking(move || probe_stem(&probe_path, &probe_name))
+        .await
+        .map_err(|err| ApiError::Internal(format!("probe task: {err}")))?
+        .map_err(|err| ApiError::UnsupportedAudio(err.to_string()))?;
+    let stem = app.stems.commit(project, &path, name, info, size).await.map_err(ApiError::storage)?;
+    partial.keep();
+    tracing::info!(stem_id = %stem.stem_id, name = %stem.name, "stem stored");
+    Ok(stem)
+}
+
+struct PartialFile(Option<PathBuf>);
+
+impl PartialFile {
+    fn keep(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for PartialFile {
+    fn drop(&mut self) {
+        if let Some(path) = self.0.take() {
+            remove_quietly(&path);
+        }
+    }
+}
+
+fn remove_quietly(path: &Path) {
+    if let Err(err) = std::fs::remove_file(path) {
+        if err.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(path = %path.display(), %err, "could not remove a partial upload");
+        }
+    }
+}
+
+/// The project's stems, oldest first.
+#[utoipa::path(get, path = "/projects/{project_id}/stems", tag = "stems",
+    params(("project_id" = String, Path)),
+    responses((status = 200, body = Envelope<StemList>), (status = 400, description = "INVALID_PROJECT_ID")))]
+pub async fn list(State(app): State<AppState>, ApiPath(ProjectPath { project_id }): ApiPath<ProjectPath>) -> Result<Response, ApiError> {
+    let stems = app.stems.list(&project_id).await.map_err(ApiError::storage)?;
+    Ok(respond(StatusCode::OK, StemList { stems }, "Stems retrieved successfully"))
+}
+
+#[utoipa::path(delete, path = "/projects/{project_id}/stems/{stem_id}", tag = "stems",
+    params(("project_id" = String, Path), ("stem_id" = String, Path)),
+    responses((status = 200, body = Envelope<DeletedStem>), (status = 404, description = "STEM_NOT_FOUND")))]
+pub async fn delete(State(app): State<AppState>, ApiPath(StemPath { project_id, stem_id }): ApiPath<StemPath>) -> Result<Response, ApiError> {
+    if !app.stems.delete(&project_id, stem_id).await.map_err(ApiError::storage)? {
+        return Err(ApiError::StemNotFound);
+    }
+    Ok(respond(StatusCode::OK, DeletedStem { stem_id: stem_id.to_string() }, "Stem deleted"))
+}

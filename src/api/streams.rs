@@ -1,0 +1,178 @@
+//! Live events over SSE and WebSocket: thin adapters over the subscription core in
+//! `jobs::feed`, at job, project and global scope.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures_util::{Stream, StreamExt};
+use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
+
+use super::error::ApiError;
+use super::extract::{ApiPath, ApiQuery, JobPath, ProjectPath};
+use super::mix::find_job;
+use super::AppState;
+use crate::jobs::{feed, JobStatus, ProjectId, Scope, Transport};
+
+const SSE_RETRY: Duration = Duration::from_millis(2000);
+const SSE_KEEP_ALIVE: Duration = Duration::from_secs(15);
+const WS_PING: Duration = Duration::from_secs(20);
+/// A WebSocket client that cannot take a frame within this long is closed as a slow consumer.
+const WS_SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// Clients only ever send control frames; anything large is abuse.
+const WS_MAX_MESSAGE: usize = 64 * 1024;
+const WS_MAX_WRITE_BUFFER: usize = 1024 * 1024;
+
+#[derive(Deserialize)]
+pub struct ResumeQuery {
+    pub last_event_id: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct WsFrame<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    data: &'a JobStatus,
+}
+
+/// SSE for one job: `id: <seq>`, `event: status`, the JobStatus as data; closes after the
+/// terminal event. A `Last-Event-ID` that is already the terminal seq gets 204.
+#[utoipa::path(get, path = "/mix/{project_id}/mix/job/{job_id}/events", tag = "events",
+    params(("project_id" = String, Path), ("job_id" = String, Path), ("last_event_id" = Option<u64>, Query), ("Last-Event-ID" = Option<u64>, Header)),
+    responses((status = 200, content_type = "text/event-stream", description = "JobStatus events"), (status = 204, description = "Already past the terminal event"), (status = 404, description = "JOB_NOT_FOUND")))]
+pub async fn job_sse(
+    State(app): State<AppState>,
+    ApiPath(JobPath { project_id, job_id }): ApiPath<JobPath>,
+    ApiQuery(query): ApiQuery<ResumeQuery>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let status = find_job(&app, &project_id, job_id)?;
+    let resume_after = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .or(query.last_event_id);
+    if status.state.is_terminal() && resume_after.is_some_and(|seq| seq >= status.seq) {
+        // 204 is what stops an EventSource from reconnecting.
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
+    Ok(sse(&app, Scope::Job(job_id), resume_after))
+}
+
+/// SSE for every job of a project: snapshots of its live jobs, then every change. Stays open.
+#[utoipa::path(get, path = "/mix/{project_id}/mix/events", tag = "events",
+    params(("project_id" = String, Path)),
+    responses((status = 200, content_type = "text/event-stream"), (status = 404, description = "PROJECT_NOT_FOUND")))]
+pub async fn project_sse(State(app): State<AppState>, ApiPath(ProjectPath { project_id }): ApiPath<ProjectPath>) -> Result<Response, ApiError> {
+    ensure_project(&app, &project_id).await?;
+    Ok(sse(&app, Scope::Project(project_id), None))
+}
+
+/// SSE for every job of every project. Stays open.
+#[utoipa::path(get, path = "/events", tag = "events", responses((status = 200, content_type = "text/event-stream")))]
+pub async fn global_sse(State(app): State<AppState>) -> Response {
+    sse(&app, Scope::All, None)
+}
+
+/// WebSocket for one job: `{"type": "status", "data": JobStatus}` text frames; closes with 1000
+/// after the terminal event.
+#[utoipa::path(get, path = "/mix/{project_id}/mix/job/{job_id}/ws", tag = "events",
+    params(("project_id" = String, Path), ("job_id" = String, Path)),
+    responses((status = 101, description = "WebSocket upgrade"), (status = 404, description = "JOB_NOT_FOUND")))]
+pub async fn job_ws(State(app): State<AppState>, ApiPath(JobPath { project_id, job_id }): ApiPath<JobPath>, upgrade: WebSocketUpgrade) -> Result<Response, ApiError> {
+    find_job(&app, &project_id, job_id)?;
+    Ok(ws(&app, Scope::Job(job_id), upgrade))
+}
+
+#[utoipa::path(get, path = "/mix/{project_id}/mix/ws", tag = "events",
+    params(("project_id" = String, Path)),
+    responses((status = 101, description = "WebSocket upgrade"), (status = 404, description = "PROJECT_NOT_FOUND")))]
+pub async fn project_ws(State(app): State<AppState>, ApiPath(ProjectPath { project_id }): ApiPath<ProjectPath>, upgrade: WebSocketUpgrade) -> Result<Response, ApiError> {
+    ensure_project(&app, &project_id).await?;
+    Ok(ws(&app, Scope::Project(project_id), upgrade))
+}
+
+#[utoipa::path(get, path = "/ws", tag = "events", responses((status = 101, description = "WebSocket upgrade")))]
+pub async fn global_ws(State(app): State<AppState>, upgrade: WebSocketUpgrade) -> Response {
+    ws(&app, Scope::All, upgrade)
+}
+
+/// A project exists once it has a stem; one whose stems were deleted still has its jobs.
+async fn ensure_project(app: &AppState, project: &ProjectId) -> Result<(), ApiError> {
+    let has_stems = !app.stems.list(project).await.map_err(ApiError::storage)?.is_empty();
+    if has_stems || !app.jobs.for_project(project).is_empty() {
+        Ok(())
+    } else {
+        Err(ApiError::ProjectNotFound)
+    }
+}
+
+fn sse(app: &AppState, scope: Scope, resume_after: Option<u64>) -> Response {
+    let guard = app.jobs.metrics().subscriber(Transport::Sse);
+    let statuses = feed(&app.jobs, scope, resume_after, app.shutdown.clone());
+    let events = statuses.map(move |status| {
+        let _counted = &guard;
+        Ok::<_, Infallible>(status_event(&status))
+    });
+    let stream = futures_util::stream::once(async { Ok(Event::default().retry(SSE_RETRY)) }).chain(events);
+    let headers = [(header::CACHE_CONTROL, "no-cache"), (header::HeaderName::from_static("x-accel-buffering"), "no")];
+    (headers, Sse::new(stream).keep_alive(KeepAlive::new().interval(SSE_KEEP_ALIVE))).into_response()
+}
+
+fn status_event(status: &JobStatus) -> Event {
+    Event::default().id(status.seq.to_string()).event("status").json_data(status).expect("a JobStatus serialises")
+}
+
+fn ws(app: &AppState, scope: Scope, upgrade: WebSocketUpgrade) -> Response {
+    let statuses = feed(&app.jobs, scope, None, app.shutdown.clone());
+    let guard = app.jobs.metrics().subscriber(Transport::WebSocket);
+    let shutdown = app.shutdown.clone();
+    upgrade
+        .max_message_size(WS_MAX_MESSAGE)
+        .max_frame_size(WS_MAX_MESSAGE)
+        .max_write_buffer_size(WS_MAX_WRITE_BUFFER)
+        .on_upgrade(move |socket| async move {
+            let _counted = guard;
+            pump(socket, statuses, shutdown).await;
+        })
+}
+
+/// Sends every status as a text frame, pings, and closes: 1000 after a job's terminal event,
+/// 1001 when the server shuts down.
+async fn pump(mut socket: WebSocket, statuses: impl Stream<Item = JobStatus>, shutdown: CancellationToken) {
+    let mut statuses = std::pin::pin!(statuses);
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + WS_PING, WS_PING);
+    loop {
+        tokio::select! {
+            next = statuses.next() => {
+                let Some(status) = next else { break };
+                let text = serde_json::to_string(&WsFrame { kind: "status", data: &status }).expect("a JobStatus serialises");
+                match tokio::time::timeout(WS_SEND_TIMEOUT, socket.send(Message::Text(text.into()))).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => return,
+                    Err(_) => {
+                        tracing::info!("closing a WebSocket client that stopped reading");
+                        return;
+                    }
+                }
+            }
+            _ = ping.tick() => {
+                if socket.send(Message::Ping(Default::default())).await.is_err() {
+                    return;
+                }
+            }
+            incoming = socket.recv() => match incoming {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+                Some(Ok(_)) => {}
+            },
+        }
+    }
+    let (code, reason) = if shutdown.is_cancelled() { (1001, "server shutting down") } else { (1000, "job finished") };
+    let close = Message::Close(Some(CloseFrame { code, reason: reason.into() }));
+    let _ = tokio::time::timeout(WS_SEND_TIMEOUT, socket.send(close)).await;
+}

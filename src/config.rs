@@ -1,0 +1,95 @@
+//! The server's configuration: one struct, parsed by clap with environment fallbacks, then
+//! passed down. Nothing else reads the environment.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+
+#[derive(Debug, Clone, Args)]
+pub struct Config {
+    /// Address to listen on; port 0 picks a free one (the bound address is logged).
+    #[arg(long, env = "MIXD_ADDR", default_value = "127.0.0.1:8080")]
+    pub addr: SocketAddr,
+    /// Data root: stems, mix outputs. Served under /media.
+    #[arg(long, env = "MIXD_DATA_DIR", default_value = "media")]
+    pub data_dir: PathBuf,
+    /// Mixes that run at once; default: the number of CPUs.
+    #[arg(long, env = "MIXD_MIX_SLOTS")]
+    pub mix_slots: Option<usize>,
+    /// How long a finished job stays queryable (e.g. 90s, 15m, 24h, 7d).
+    #[arg(long, env = "MIXD_JOB_TTL", default_value = "24h", value_parser = parse_duration)]
+    pub job_ttl: Duration,
+    /// Largest upload request, in MiB.
+    #[arg(long, env = "MIXD_MAX_UPLOAD_MB", default_value_t = 512)]
+    pub max_upload_mb: u64,
+    /// Most files in one upload request.
+    #[arg(long, env = "MIXD_MAX_FILES", default_value_t = 64)]
+    pub max_files: usize,
+    /// The dashboard's files.
+    #[arg(long, env = "MIXD_STATIC_DIR", default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/static"))]
+    pub static_dir: PathBuf,
+    #[arg(long, env = "MIXD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl Config {
+    /// The defaults, as `mixd serve` with no flags and no environment would have them.
+    pub fn with_data_dir(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            addr: "127.0.0.1:8080".parse().expect("valid address"),
+            data_dir: data_dir.into(),
+            mix_slots: None,
+            job_ttl: Duration::from_secs(24 * 3600),
+            max_upload_mb: 512,
+            max_files: 64,
+            static_dir: concat!(env!("CARGO_MANIFEST_DIR"), "/static").into(),
+            log_format: LogFormat::Text,
+        }
+    }
+
+    pub fn mix_slots(&self) -> usize {
+        self.mix_slots.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1)
+    }
+
+    pub fn max_upload_bytes(&self) -> u64 {
+        self.max_upload_mb * 1024 * 1024
+    }
+}
+
+/// `90`, `90s`, `15m`, `24h` or `7d`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (number, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));
+    let value: u64 = number.parse().map_err(|_| format!("{text:?} is not a duration like 90s, 15m, 24h or 7d"))?;
+    let seconds = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(format!("unknown unit {unit:?} in {text:?}: use s, m, h or d")),
+    };
+    Ok(Duration::from_secs(value * seconds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("24h"), Ok(Duration::from_secs(86_400)));
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
+        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86_400)));
+        assert!(parse_duration("1w").is_err());
+        assert!(parse_duration("h").is_err());
+    }
+}

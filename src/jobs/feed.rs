@@ -1,0 +1,137 @@
+//! The one subscription core every stream adapter (SSE and WebSocket, per job, per project and
+//! for all projects) is built on: the current snapshot first, then every later change.
+//!
+//! The broadcast receiver is created before the snapshot is read, so no change can fall between
+//! the two; changes already covered by the snapshot are dropped by comparing `seq`. A subscriber
+//! that lags behind the channel gets fresh snapshots instead of the events it missed (each event
+//! is a full snapshot, so nothing is lost), and never slows a job: the channel never waits.
+
+use std::collections::{HashMap, VecDeque};
+
+use futures_util::Stream;
+use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::broadcast::Receiver;
+use tokio_util::sync::CancellationToken;
+
+use super::manager::Jobs;
+use super::model::{JobId, JobStatus, ProjectId, Timestamp};
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Scope {
+    /// One job, until its terminal event.
+    Job(JobId),
+    /// Every job of a project; stays open.
+    Project(ProjectId),
+    /// Every job; stays open.
+    All,
+}
+
+impl Scope {
+    fn matches(&self, status: &JobStatus) -> bool {
+        match self {
+            Scope::Job(id) => status.job_id == *id,
+            Scope::Project(project) => status.project_id == *project,
+            Scope::All => true,
+        }
+    }
+}
+
+struct Feed {
+    jobs: Jobs,
+    scope: Scope,
+    events: Receiver<JobStatus>,
+    pending: VecDeque<JobStatus>,
+    /// The last seq sent per job; a job leaves once its terminal event is sent.
+    sent: HashMap<JobId, u64>,
+    /// When the newest event this feed received was stamped: a resync also sends jobs that
+    /// finished after it.
+    last_seen: Option<Timestamp>,
+    finished: bool,
+    shutdown: CancellationToken,
+}
+
+/// Snapshot, then changes, for `scope`. With `resume_after` (a per-job `Last-Event-ID`), events
+/// up to that seq are not sent again.
+pub fn feed(jobs: &Jobs, scope: Scope, resume_after: Option<u64>, shutdown: CancellationToken) -> impl Stream<Item = JobStatus> + Send + 'static {
+    let events = jobs.subscribe_events();
+    let mut sent = HashMap::new();
+    if let (Scope::Job(job_id), Some(seq)) = (&scope, resume_after) {
+        sent.insert(*job_id, seq);
+    }
+    let mut feed = Feed { jobs: jobs.clone(), scope, events, pending: VecDeque::new(), sent, last_seen: None, finished: false, shutdown };
+    feed.queue_snapshots(false);
+    if matches!(feed.scope, Scope::Job(_)) && feed.pending.is_empty() && feed.sent.is_empty() {
+        // The job does not exist (any more): nothing will ever come.
+        feed.finished = true;
+    }
+    futures_util::stream::unfold(feed, |mut feed| async move {
+        let status = feed.next().await?;
+        Some((status, feed))
+    })
+}
+
+impl Feed {
+    async fn next(&mut self) -> Option<JobStatus> {
+        loop {
+            if let Some(status) = self.pending.pop_front() {
+                if let Some(status) = self.admit(status) {
+                    return Some(status);
+                }
+                continue;
+            }
+            if self.finished {
+                return None;
+            }
+            tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled() => return None,
+                received = self.events.recv() => match received {
+                    Ok(status) => {
+                        self.last_seen = Some(status.updated_at);
+                        if self.scope.matches(&status) {
+                            self.pending.push_back(status);
+                        }
+                    }
+                    Err(RecvError::Lagged(_)) => {
+                        self.jobs.metrics().count_resync();
+                        self.queue_snapshots(true);
+                    }
+                    Err(RecvError::Closed) => return None,
+                },
+            }
+        }
+    }
+
+    /// Whether `status` is news to this subscriber; records it as sent when it is.
+    fn admit(&mut self, status: JobStatus) -> Option<JobStatus> {
+        if self.sent.get(&status.job_id).is_some_and(|&seq| status.seq <= seq) {
+            return None;
+        }
+        if status.state.is_terminal() {
+            self.sent.remove(&status.job_id);
+            if matches!(self.scope, Scope::Job(_)) {
+                self.finished = true;
+            }
+        } else {
+            self.sent.insert(status.job_id, status.seq);
+        }
+        Some(status)
+    }
+
+    /// Queues the current snapshot of every job in scope this subscriber should know about: live
+    /// jobs, and after a lag also those it was following or that finished while it lagged.
+    fn queue_snapshots(&mut self, resync: bool) {
+        let (scope, sent, last_seen) = (&self.scope, &self.sent, self.last_seen);
+        let snapshots = self.jobs.matching(|status| {
+            scope.matches(status)
+                && match scope {
+                    Scope::Job(_) => true,
+                    _ => {
+                        !status.state.is_terminal()
+                            || (resync && (sent.contains_key(&status.job_id) || last_seen.is_none_or(|t| status.updated_at >= t)))
+                    }
+                }
+        });
+        self.pending.extend(snapshots);
+    }
+}

@@ -1,0 +1,92 @@
+//! Counters the jobs layer and the streams keep for `/metrics`.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Upper bounds (seconds) of the mix duration histogram.
+pub const MIX_DURATION_BUCKETS: [f64; 10] = [1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    Sse,
+    WebSocket,
+}
+
+impl Transport {
+    pub fn label(self) -> &'static str {
+        match self {
+            Transport::Sse => "sse",
+            Transport::WebSocket => "ws",
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    sse_subscribers: AtomicI64,
+    ws_subscribers: AtomicI64,
+    mix_durations: Mutex<Histogram>,
+    resyncs: AtomicU64,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct Histogram {
+    pub buckets: [u64; MIX_DURATION_BUCKETS.len()],
+    pub count: u64,
+    pub sum: f64,
+}
+
+impl Metrics {
+    fn gauge(&self, transport: Transport) -> &AtomicI64 {
+        match transport {
+            Transport::Sse => &self.sse_subscribers,
+            Transport::WebSocket => &self.ws_subscribers,
+        }
+    }
+
+    /// Counts a subscriber for as long as the guard lives.
+    pub fn subscriber(self: &Arc<Self>, transport: Transport) -> SubscriberGuard {
+        self.gauge(transport).fetch_add(1, Ordering::Relaxed);
+        SubscriberGuard { metrics: self.clone(), transport }
+    }
+
+    pub fn subscribers(&self, transport: Transport) -> i64 {
+        self.gauge(transport).load(Ordering::Relaxed)
+    }
+
+    pub fn observe_mix(&self, duration: Duration) {
+        let seconds = duration.as_secs_f64();
+        let mut histogram = self.mix_durations.lock().expect("never poisoned");
+        for (bucket, bound) in histogram.buckets.iter_mut().zip(MIX_DURATION_BUCKETS) {
+            if seconds <= bound {
+                *bucket += 1;
+            }
+        }
+        histogram.count += 1;
+        histogram.sum += seconds;
+    }
+
+    pub fn mix_durations(&self) -> Histogram {
+        self.mix_durations.lock().expect("never poisoned").clone()
+    }
+
+    pub fn count_resync(&self) {
+        self.resyncs.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn resyncs(&self) -> u64 {
+        self.resyncs.load(Ordering::Relaxed)
+    }
+}
+
+pub struct SubscriberGuard {
+    metrics: Arc<Metrics>,
+    transport: Transport,
+}
+
+impl Drop for SubscriberGuard {
+    fn drop(&mut self) {
+        self.metrics.gauge(self.transport).fetch_sub(1, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,17 @@
+//! Job state and events: the validated job model, the store with its mixer slots and expiry, the
+//! stems of each project, and the subscription core the live streams are built on.
+
+mod feed;
+mod manager;
+mod metrics;
+mod model;
+mod stems;
+
+pub use feed::{feed, Scope};
+pub use manager::{result_url, JobError, Jobs, JobsConfig, Submitted};
+pub use metrics::{Metrics, SubscriberGuard, Transport, MIX_DURATION_BUCKETS};
+pub use model::{
+    ErrorCode, JobChange, JobId, JobState, JobStatus, ProjectId, Progress, StemId, Timestamp, INVALID_JOB_ID, INVALID_PROJECT_ID,
+    INVALID_STEM_ID,
+};
+pub use stems::{sanitize_file_name, Stem, StemStore};

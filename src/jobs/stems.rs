@@ -1,0 +1,213 @@
+//! The stems of each project, as files under the data root with a JSON record beside each.
+//!
+//! Layout: `{root}/{project}/stems/{stem_id}.{format}` and `{stem_id}.json`. A record is written
+//! (atomically) only after its audio file is in place, so a listed stem always has its file.
+//! Uploads land in `.upload-*.partial` files first; leftovers from a crash are removed at start.
+
+use std::io;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::model::{ProjectId, StemId, Timestamp};
+use crate::audio::{StemInfo, StemSource};
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Stem {
+    pub stem_id: StemId,
+    /// The original file name, sanitised.
+    pub name: String,
+    pub format: String,
+    pub codec: String,
+    pub sample_rate: u32,
+    pub channels: usize,
+    pub duration_s: f64,
+    pub size_bytes: u64,
+    pub created_at: Timestamp,
+    /// Damaged packets skipped while the file still decoded to its end.
+    #[serde(default)]
+    pub skipped_packets: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct StemStore {
+    root: PathBuf,
+}
+
+const PARTIAL_PREFIXES: [&str; 2] = [".upload-", ".final_mix."];
+
+impl StemStore {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn stems_dir(&self, project: &ProjectId) -> PathBuf {
+        self.root.join(project.as_str()).join("stems")
+    }
+
+    fn audio_path(&self, project: &ProjectId, stem: &Stem) -> PathBuf {
+        self.stems_dir(project).join(format!("{}.{}", stem.stem_id, stem.format))
+    }
+
+    fn record_path(&self, project: &ProjectId, stem_id: StemId) -> PathBuf {
+        self.stems_dir(project).join(format!("{stem_id}.json"))
+    }
+
+    /// A fresh temporary path for an upload into `project`.
+    pub async fn upload_path(&self, project: &ProjectId) -> io::Result<PathBuf> {
+        let dir = self.stems_dir(project);
+        tokio::fs::create_dir_all(&dir).await?;
+        Ok(dir.join(format!(".upload-{}.partial", uuid::Uuid::new_v4())))
+    }
+
+    /// Moves a probed upload into place and records it.
+    pub async fn commit(&self, project: &ProjectId, upload: &Path, name: String, info: StemInfo, size_bytes: u64) -> io::Result<Stem> {
+        let stem = Stem {
+            stem_id: StemId::new(),
+            name,
+            format: info.format.clone(),
+            codec: info.codec.clone(),
+            sample_rate: info.sample_rate,
+            channels: info.channels,
+            duration_s: info.duration_s(),
+            size_bytes,
+            created_at: Timestamp::now(),
+            skipped_packets: info.skipped_packets,
+        };
+        let audio = self.audio_path(project, &stem);
+        tokio::fs::rename(upload, &audio).await?;
+        let record = self.record_path(project, stem.stem_id);
+        let json = serde_json::to_vec_pretty(&stem).expect("a stem serialises");
+        let written = write_atomically(&record, json).await;
+        if let Err(err) = written {
+            let _ = tokio::fs::remove_file(&audio).await;
+            return Err(err);
+        }
+        Ok(stem)
+    }
+
+    /// The project's stems, oldest first. A project that has none does not exist.
+    pub async fn list(&self, project: &ProjectId) -> io::Result<Vec<Stem>> {
+        let mut stems = Vec::new();
+        let mut entries = match tokio::fs::read_dir(self.stems_dir(project)).await {
+            Ok(entries) => entries,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(stems),
+            Err(err) => return Err(err),
+        };
+        while let Some(entry) = entries.next_entry().await? {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "json") {
+                let bytes = tokio::fs::read(&path).await?;
+                match serde_json::from_slice::<Stem>(&bytes) {
+                    Ok(stem) => stems.push(stem),
+                    Err(err) => tracing::warn!(path = %path.display(), %err, "skipping an unreadable stem record"),
+                }
+            }
+        }
+        stems.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.name.cmp(&b.name)));
+        Ok(stems)
+    }
+
+    /// What the engine needs to mix the project's stems.
+    pub async fn sources(&self, project: &ProjectId) -> io::Result<Vec<StemSource>> {
+        Ok(self
+            .list(project)
+            .await?
+            .into_iter()
+            .map(|stem| StemSource { id: stem.stem_id.to_string(), path: self.audio_path(project, &stem), name: stem.name })
+            .collect())
+    }
+
+    /// Removes a stem; false when there was no such stem.
+    pub async fn delete(&self, project: &ProjectId, stem_id: StemId) -> io::Result<bool> {
+        let Some(stem) = self.list(project).await?.into_iter().find(|s| s.stem_id == stem_id) else { return Ok(false) };
+        // The record goes first: a stem without a record is invisible, the reverse would be listed.
+        tokio::fs::remove_file(self.record_path(project, stem_id)).await?;
+        match tokio::fs::remove_file(self.audio_path(project, &stem)).await {
+            Err(err) if err.kind() != io::ErrorKind::NotFound => return Err(err),
+            _ => {}
+        }
+        Ok(true)
+    }
+
+    /// Removes partial files a crash left behind (uploads in progress, unfinished exports).
+    pub fn remove_partials(&self) -> io::Result<usize> {
+        fn walk(dir: &Path, removed: &mut usize, depth: usize) -> io::Result<()> {
+            if depth > 4 {
+                return Ok(());
+            }
+            for entry in std::fs::read_dir(dir)? {
+                let entry = entry?;
+                let name = entry.file_name();
+                let name = name.to_string_lossy();
+                let kind = entry.file_type()?;
+                if kind.is_dir() {
+                    walk(&entry.path(), removed, depth + 1)?;
+                } else if kind.is_file() && name.ends_with(".partial") && PARTIAL_PREFIXES.iter().any(|p| name.starts_with(p)) {
+                    std::fs::remove_file(entry.path())?;
+                    *removed += 1;
+                }
+            }
+            Ok(())
+        }
+        let mut removed = 0;
+        if self.root.exists() {
+            walk(&self.root, &mut removed, 0)?;
+        }
+        Ok(removed)
+    }
+}
+
+/// Writes via a temporary file and a rename, with fsyncs, so readers see all or nothing.
+pub async fn write_atomically(path: &Path, bytes: Vec<u8>) -> io::Result<()> {
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let dir = path.parent().expect("records live in a directory");
+        let mut file = tempfile::Builder::new().prefix(".upload-").suffix(".partial").tempfile_in(dir)?;
+        io::Write::write_all(&mut file, &bytes)?;
+        file.as_file().sync_all()?;
+        file.persist(&path).map_err(|err| err.error)?;
+        std::fs::File::open(dir)?.sync_all()
+    })
+    .await
+    .map_err(io::Error::other)?
+}
+
+/// A file name safe to store and show: the last path component, with anything but letters,
+/// digits, spaces and `._-()` replaced, and no leading dots.
+pub fn sanitize_file_name(raw: &str) -> String {
+    let last = raw.rsplit(['/', '\\']).next().unwrap_or_default();
+    let cleaned: String = last
+        .chars()
+        .map(|c| if c.is_alphanumeric() || " ._-()".contains(c) { c } else { '_' })
+        .collect();
+    let trimmed = cleaned.trim().trim_start_matches('.').trim();
+    let name: String = trimmed.chars().take(128).collect();
+    if name.is_empty() {
+        "stem".to_string()
+    } else {
+        name
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_names_are_sanitised() {
+        assert_eq!(sanitize_file_name("drums.wav"), "drums.wav");
+        assert_eq!(sanitize_file_name("../../etc/passwd"), "passwd");
+        assert_eq!(sanitize_file_name("C:\\Users\\me\\Lead Vox (take 2).wav"), "Lead Vox (take 2).wav");
+        assert_eq!(sanitize_file_name("..hidden"), "hidden");
+        assert_eq!(sanitize_file_name("a\0b<script>.wav"), "a_b_script_.wav");
+        assert_eq!(sanitize_file_name(""), "stem");
+        assert_eq!(sanitize_file_name("/"), "stem");
+        assert_eq!(sanitize_file_name(&"x".repeat(300)).len(), 128);
+    }
+}
