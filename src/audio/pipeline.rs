@@ -244,6 +244,9 @@ fn process_track(track: &Track, rate: u32, bus: &mut StereoBuffer, observer: &dy
 /// growing the bus as needed. Returns the position after the chunk.
 fn add_into(bus: &mut StereoBuffer, chunk: &StereoBuffer, position: i64) -> i64 {
     let skip = (-position).clamp(0, chunk.len() as i64) as usize;
+    if skip == chunk.len() {
+        return position + chunk.len() as i64;
+    }
     let start = (position + skip as i64) as usize;
     let end = start + chunk.len() - skip;
     if bus.len() < end {
@@ -288,6 +291,8 @@ mod tests {
     fn add_into_cuts_negative_positions_and_grows() {
         let mut bus = StereoBuffer { left: vec![1.0; 2], right: vec![1.0; 2] };
         let chunk = StereoBuffer { left: vec![1.0, 2.0, 3.0], right: vec![4.0, 5.0, 6.0] };
+        assert_eq!(add_into(&mut bus, &chunk, -5), -2, "wholly before the start: nothing added");
+        assert_eq!(bus.left, [1.0, 1.0]);
         assert_eq!(add_into(&mut bus, &chunk, -1), 2);
         assert_eq!(bus.left, [3.0, 4.0]);
         assert_eq!(add_into(&mut bus, &chunk, 3), 6);

@@ -1,0 +1,227 @@
+//! The shared test harness: a real mixd on port 0 with its own data directory, real clients,
+//! and audio fixtures made by ffmpeg at test time.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use mixd::config::Config;
+use mixd::startup::Application;
+use serde_json::Value;
+use tempfile::TempDir;
+use tokio_util::sync::CancellationToken;
+
+/// Long enough for any mix in these tests on a loaded 2-core machine; only a broken server waits it out.
+pub const DEADLINE: Duration = Duration::from_secs(120);
+
+/// Polls `condition` until it holds, failing at the deadline.
+pub async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !condition() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+pub struct TestApp {
+    pub address: String,
+    pub client: reqwest::Client,
+    pub data_dir: TempDir,
+    pub fixtures: TempDir,
+    pub shutdown: CancellationToken,
+    pub server: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|_| {}).await
+}
+
+pub async fn spawn_app_with(configure: impl FnOnce(&mut Config)) -> TestApp {
+    let data_dir = tempfile::tempdir().expect("temp dir");
+    let mut config = Config::with_data_dir(data_dir.path());
+    config.addr = "127.0.0.1:0".parse().unwrap();
+    configure(&mut config);
+    let app = Application::build(config).await.expect("the app builds");
+    let address = format!("http://{}", app.local_addr());
+    let shutdown = app.shutdown_token();
+    let server = tokio::spawn(app.run_until_stopped());
+    TestApp { address, client: reqwest::Client::new(), data_dir, fixtures: tempfile::tempdir().unwrap(), shutdown, server }
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.address, path)
+    }
+
+    pub async fn get_json(&self, path: &str) -> (u16, Value) {
+        let response = self.client.get(self.url(path)).send().await.expect("request");
+        let status = response.status().as_u16();
+        (status, response.json().await.expect("a JSON envelope"))
+    }
+
+    /// Uploads files as multipart parts named `file`.
+    pub async fn upload(&self, project: &str, files: &[&Path]) -> (u16, Value) {
+        let mut form = reqwest::multipart::Form::new();
+        for file in files {
+            let bytes = std::fs::read(file).expect("fixture");
+            let name = file.file_name().unwrap().to_string_lossy().into_owned();
+            form = form.part("file", reqwest::multipart::Part::bytes(bytes).file_name(name));
+        }
+        let response = self.client.post(self.url(&format!("/projects/{project}/stems"))).multipart(form).send().await.expect("upload");
+        let status = response.status().as_u16();
+        (status, response.json().await.expect("a JSON envelope"))
+    }
+
+    pub async fn start_mix(&self, project: &str, settings: Option<Value>) -> (u16, Value) {
+        let mut request = self.client.post(self.url(&format!("/mix/{project}/mix/start")));
+        if let Some(settings) = settings {
+            request = request.json(&settings);
+        }
+        let response = request.send().await.expect("start");
+        let status = response.status().as_u16();
+        (status, response.json().await.expect("a JSON envelope"))
+    }
+
+    /// Follows a job's SSE stream to its end and returns every status it carried.
+    pub async fn follow_job(&self, project: &str, job_id: &str) -> Vec<Value> {
+        let mut stream = SseStream::connect(&self.client, &self.url(&format!("/mix/{project}/mix/job/{job_id}/events")), None).await;
+        let mut statuses = Vec::new();
+        while let Some(event) = stream.next_event().await {
+            if event.event.as_deref() == Some("status") {
+                statuses.push(serde_json::from_str(&event.data).expect("JSON data"));
+            }
+        }
+        statuses
+    }
+
+    /// Path of a fixture made by `ffmpeg -f lavfi -i <source> <args> <name>`.
+    pub fn fixture(&self, name: &str, source: &str, args: &[&str]) -> PathBuf {
+        make_audio(self.fixtures.path(), name, source, args)
+    }
+}
+
+pub fn make_audio(dir: &Path, name: &str, source: &str, args: &[&str]) -> PathBuf {
+    let path = dir.join(name);
+    let output = Command::new("ffmpeg")
+        .args(["-nostdin", "-loglevel", "error", "-y", "-f", "lavfi", "-i", source])
+        .args(args)
+        .arg(&path)
+        .output()
+        .expect("ffmpeg runs (scripts/test installs it)");
+    assert!(output.status.success(), "ffmpeg failed for {name}: {}", String::from_utf8_lossy(&output.stderr));
+    path
+}
+
+/// Loudness of a file as ffmpeg's EBU R128 meter measures it: (integrated LUFS, true peak dBTP).
+pub fn ffmpeg_loudness(path: &Path) -> (f64, f64) {
+    let output = Command::new("ffmpeg")
+        .args(["-nostdin", "-hide_banner", "-nostats", "-i"])
+        .arg(path)
+        .args(["-af", "ebur128=peak=true", "-f", "null", "-"])
+        .output()
+        .expect("ffmpeg runs");
+    let text = String::from_utf8_lossy(&output.stderr);
+    let summary = &text[text.rfind("Summary:").expect("an ebur128 summary")..];
+    let value_after = |label: &str| -> f64 {
+        let at = summary.find(label).unwrap_or_else(|| panic!("{label} in {summary}")) + label.len();
+        summary[at..].split_whitespace().next().unwrap().parse().unwrap()
+    };
+    (value_after("I:"), value_after("Peak:"))
+}
+
+/// Every rule of the contract that one status, and the step from the previous one, must keep.
+pub fn assert_contract_step(previous: Option<&Value>, status: &Value) {
+    const ORDER: [&str; 10] =
+        ["queued", "running", "loading_stems", "aligning_stems", "processing_tracks", "mixing", "mastering", "exporting", "complete", "error"];
+    let state = status["state"].as_str().expect("state");
+    let rank = ORDER.iter().position(|s| *s == state).unwrap_or_else(|| panic!("unknown state {state}"));
+    let progress = status["progress"].as_u64().expect("progress");
+    assert!(progress <= 100);
+    assert_eq!(progress == 100, state == "complete", "100 exactly when complete: {status}");
+    assert_eq!(status["error"].is_null(), state != "error", "error iff state error: {status}");
+    assert_eq!(status["error_code"].is_null(), state != "error", "error_code iff state error: {status}");
+    assert_eq!(status["result_url"].is_null(), state != "complete", "result_url iff complete: {status}");
+    assert_eq!(status["queue_position"].is_null(), state != "queued", "queue_position iff queued: {status}");
+    assert_eq!(status["report"].is_null(), state != "complete");
+    for stamp in ["created_at", "updated_at"] {
+        let text = status[stamp].as_str().unwrap();
+        assert!(text.ends_with('Z') && text.len() == 27, "{stamp} {text}");
+    }
+    if let Some(previous) = previous {
+        let before = ORDER.iter().position(|s| *s == previous["state"].as_str().unwrap()).unwrap();
+        assert!(rank >= before || state == "error", "state went back: {previous} -> {status}");
+        assert!(status["seq"].as_u64() > previous["seq"].as_u64(), "seq must rise");
+        assert!(progress >= previous["progress"].as_u64().unwrap(), "progress fell");
+        assert!(status["updated_at"].as_str() >= previous["updated_at"].as_str());
+    }
+}
+
+pub struct SseEvent {
+    pub id: Option<String>,
+    pub event: Option<String>,
+    pub data: String,
+    pub retry: Option<u64>,
+}
+
+/// A minimal EventSource: reads frames from a streaming response.
+pub struct SseStream {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    body: std::pin::Pin<Box<dyn futures_util::Stream<Item = reqwest::Result<axum::body::Bytes>> + Send>>,
+    buffer: String,
+}
+
+impl SseStream {
+    pub async fn connect(client: &reqwest::Client, url: &str, last_event_id: Option<u64>) -> Self {
+        let mut request = client.get(url).header("accept", "text/event-stream");
+        if let Some(id) = last_event_id {
+            request = request.header("last-event-id", id.to_string());
+        }
+        let response = request.send().await.expect("SSE request");
+        Self { status: response.status().as_u16(), headers: response.headers().clone(), body: Box::pin(response.bytes_stream()), buffer: String::new() }
+    }
+
+    /// The next frame with content (keep-alive comments are skipped); None when the server closes.
+    pub async fn next_event(&mut self) -> Option<SseEvent> {
+        loop {
+            if let Some(end) = self.buffer.find("\n\n") {
+                let frame: String = self.buffer.drain(..end + 2).collect();
+                let mut event = SseEvent { id: None, event: None, data: String::new(), retry: None };
+                let mut has_field = false;
+                for line in frame.lines() {
+                    let Some((field, value)) = line.split_once(':') else { continue };
+                    let value = value.strip_prefix(' ').unwrap_or(value);
+                    has_field |= !field.is_empty();
+                    match field {
+                        "id" => event.id = Some(value.to_string()),
+                        "event" => event.event = Some(value.to_string()),
+                        "data" => event.data.push_str(value),
+                        "retry" => event.retry = value.parse().ok(),
+                        _ => {}
+                    }
+                }
+                if has_field {
+                    return Some(event);
+                }
+                continue;
+            }
+            let chunk = tokio::time::timeout(DEADLINE, self.body.next()).await.expect("SSE stalled past the deadline")?;
+            self.buffer.push_str(&String::from_utf8_lossy(&chunk.expect("SSE body")));
+        }
+    }
+}
+
+/// Reads a whole integer or float WAV as interleaved f32, via hound.
+pub fn read_wav(path: &Path) -> (hound::WavSpec, Vec<f32>) {
+    let mut reader = hound::WavReader::open(path).expect("a valid WAV");
+    let spec = reader.spec();
+    let samples = match spec.sample_format {
+        hound::SampleFormat::Float => reader.samples::<f32>().map(|s| s.unwrap()).collect(),
+        hound::SampleFormat::Int => {
+            let scale = 1.0 / (1u64 << (spec.bits_per_sample - 1)) as f32;
+            reader.samples::<i32>().map(|s| s.unwrap() as f32 * scale).collect()
+        }
+    };
+    (spec, samples)
+}
