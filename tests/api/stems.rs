@@ -62,17 +62,65 @@ async fn refused_uploads_leave_nothing_behind_and_name_the_file() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_uploads_are_refused_before_the_body_is_read() {
     let app = spawn_app_small_limit().await;
-    let big = app.fixture("big.wav", "sine=f=440:r=48000:d=8", &["-ac", "2"]); // ~3 MiB
-    let (status, body) = app.upload("p1", &[&big]).await;
-    assert_eq!((status, body["error"].as_str()), (413, Some("PAYLOAD_TOO_LARGE")));
-    // Without a Content-Length the limit holds while streaming.
-    let bytes = std::fs::read(&big).unwrap();
-    let stream = futures_util::stream::iter(bytes.chunks(64 * 1024).map(|c| Ok::<_, std::io::Error>(c.to_vec())).collect::<Vec<_>>());
-    let part = reqwest::multipart::Part::stream(reqwest::Body::wrap_stream(stream)).file_name("big.wav");
-    let response = app.client.post(app.url("/projects/p1/stems")).multipart(reqwest::multipart::Form::new().part("file", part)).send().await.unwrap();
-    assert_eq!(response.status(), 413);
-    assert_eq!(response.json::<Value>().await.unwrap()["error"], "PAYLOAD_TOO_LARGE");
-    assert!(walk(app.data_dir.path()).iter().all(|p| !p.is_file()));
+    let address = app.address.trim_start_matches("http://").to_string();
+    let part_head = "--B\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.wav\"\r\n\r\n";
+    // Declared too large: refused on the headers alone, without sending a byte of body.
+    let head = format!("POST /projects/p1/stems HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=B\r\nContent-Length: 2000000\r\n\r\n");
+    let (status, body) = raw_exchange(&address, head, Vec::new()).await;
+    assert_eq!(status, 413);
+    assert_eq!(body["error"], "PAYLOAD_TOO_LARGE");
+    // Chunked, with no length declared: the limit holds while streaming.
+    let head = "POST /projects/p1/stems HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=B\r\nTransfer-Encoding: chunked\r\n\r\n".to_string();
+    let mut chunks = vec![format!("{:x}\r\n{part_head}\r\n", part_head.len()).into_bytes()];
+    for _ in 0..40 {
+        let data = vec![0u8; 64 * 1024];
+        chunks.push([format!("{:x}\r\n", data.len()).into_bytes(), data, b"\r\n".to_vec()].concat());
+    }
+    let (status, body) = raw_exchange(&address, head, chunks).await;
+    assert_eq!(status, 413);
+    assert_eq!(body["error"], "PAYLOAD_TOO_LARGE");
+    eventually("no partial upload is left", || walk(app.data_dir.path()).iter().all(|p| !p.is_file())).await;
+}
+
+/// Sends a request over a raw connection, writing the body in the background without caring
+/// whether the server reads it (a server may answer early and close), and returns the response.
+async fn raw_exchange(address: &str, head: String, body: Vec<Vec<u8>>) -> (u16, Value) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let socket = tokio::net::TcpStream::connect(address).await.unwrap();
+    let (mut reader, mut writer) = socket.into_split();
+    writer.write_all(head.as_bytes()).await.unwrap();
+    let writing = tokio::spawn(async move {
+        for chunk in body {
+            if writer.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+        let _ = writer.write_all(b"0\r\n\r\n").await;
+        let _ = writer.shutdown().await;
+    });
+    let mut response = Vec::new();
+    let mut buffer = [0u8; 8192];
+    loop {
+        let read = tokio::time::timeout(crate::helpers::DEADLINE, reader.read(&mut buffer)).await.expect("a response");
+        match read {
+            Ok(0) | Err(_) => break,
+            Ok(n) => response.extend_from_slice(&buffer[..n]),
+        }
+        if let Some(parsed) = parse_response(&response) {
+            writing.abort();
+            return parsed;
+        }
+    }
+    writing.abort();
+    parse_response(&response).unwrap_or_else(|| panic!("no complete response: {}", String::from_utf8_lossy(&response)))
+}
+
+fn parse_response(bytes: &[u8]) -> Option<(u16, Value)> {
+    let text = String::from_utf8_lossy(bytes);
+    let (head, body) = text.split_once("\r\n\r\n")?;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    let length: usize = head.lines().find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()))?;
+    (body.len() >= length).then(|| (status, serde_json::from_str(&body[..length]).unwrap()))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
