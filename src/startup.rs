@@ -26,10 +26,11 @@ impl Application {
             tracing::info!(removed, "removed partial files left by an earlier run");
         }
         let shutdown = CancellationToken::new();
-        let jobs = Jobs::new(
+        let jobs = Jobs::open(
             JobsConfig { mix_slots: config.mix_slots(), job_ttl: config.job_ttl, media_root: config.data_dir.clone() },
             shutdown.clone(),
-        );
+        )
+        .context("opening the job database")?;
         let listener = TcpListener::bind(config.addr).await.with_context(|| format!("binding {}", config.addr))?;
         let state = AppState { jobs, stems, config: Arc::new(config), shutdown };
         Ok(Self { listener, state })

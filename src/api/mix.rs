@@ -90,7 +90,8 @@ pub async fn start(
         None => None,
     };
 
-    let (status, code, message) = match app.jobs.submit(project_id.clone(), settings, stems, key) {
+    let submitted = app.jobs.submit(project_id.clone(), settings, stems, key).map_err(|err| ApiError::Internal(err.to_string()))?;
+    let (status, code, message) = match submitted {
         Submitted::New(status) => (status, StatusCode::ACCEPTED, "Mix job queued"),
         Submitted::Existing(status) => (status, StatusCode::OK, "Mix job already started with this Idempotency-Key"),
     };
@@ -151,6 +152,7 @@ pub async fn cancel(State(app): State<AppState>, ApiPath(JobPath { project_id, j
     let status = app.jobs.cancel(&project_id, job_id).map_err(|err| match err {
         JobError::NotFound => ApiError::JobNotFound,
         JobError::Finished => ApiError::JobFinished,
+        JobError::Store(err) => ApiError::Internal(err.to_string()),
     })?;
     Ok(respond(StatusCode::OK, status, "Job canceled"))
 }

@@ -27,7 +27,7 @@ pub use settings::{
 };
 
 /// A stem to mix: its identity and where its file is.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct StemSource {
     pub id: String,
     /// The original file name; track settings may be keyed by it.

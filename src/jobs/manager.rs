@@ -21,27 +21,33 @@ use tokio::sync::{broadcast, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use super::db::{DbError, JobDb, StoredJob};
 use super::metrics::Metrics;
 use super::model::{ErrorCode, JobChange, JobId, JobState, JobStatus, ProjectId, Progress, TransitionError};
 use crate::audio::{self, AudioError, MixObserver, MixReport, MixSettings, Stage, StemSource};
 
 /// Room for bursts of changes; a subscriber that falls further behind is resynchronised.
 const EVENT_BUFFER: usize = 4096;
+/// Runs a job may start without finishing (the process died each time) before it is given up on.
+const MAX_ATTEMPTS: u32 = 3;
 
 #[derive(Debug, Clone)]
 pub struct JobsConfig {
     pub mix_slots: usize,
     pub job_ttl: Duration,
-    /// The media root: outputs go to `{media_root}/{project}/mix_outputs/{job}/final_mix.wav`.
+    /// The media root: outputs go to `{media_root}/{project}/mix_outputs/{job}/final_mix.wav`,
+    /// the job database to `{media_root}/.mixd/`.
     pub media_root: PathBuf,
 }
 
-#[derive(Debug, thiserror::Error, PartialEq)]
+#[derive(Debug, thiserror::Error)]
 pub enum JobError {
     #[error("job not found")]
     NotFound,
     #[error("the job has already finished")]
     Finished,
+    #[error(transparent)]
+    Store(#[from] DbError),
 }
 
 /// A handle on all jobs; cheap to clone.
@@ -58,8 +64,8 @@ struct Inner {
     metrics: Arc<Metrics>,
 }
 
-#[derive(Default)]
 struct State {
+    db: JobDb,
     jobs: HashMap<JobId, JobRecord>,
     waiting: VecDeque<JobId>,
     running: usize,
@@ -72,6 +78,7 @@ struct JobRecord {
     stems: Vec<StemSource>,
     cancel: Arc<AtomicBool>,
     idempotency_key: Option<String>,
+    attempts: u32,
     finished_at: Option<Instant>,
 }
 
@@ -82,14 +89,59 @@ pub enum Submitted {
 }
 
 impl Jobs {
-    /// Starts the expiry task; it ends when `shutdown` is cancelled.
-    pub fn new(config: JobsConfig, shutdown: CancellationToken) -> Self {
+    /// Opens the job database and restores its jobs: finished ones answer as before, unfinished
+    /// ones queue again under the same id. Starts the expiry task, which ends with `shutdown`.
+    pub fn open(config: JobsConfig, shutdown: CancellationToken) -> Result<Self, DbError> {
+        let db = JobDb::open(&config.media_root)?;
+        let stored = db.load_all()?;
+        let state = State { db, jobs: HashMap::new(), waiting: VecDeque::new(), running: 0, idempotency: HashMap::new() };
         let (events, _) = broadcast::channel(EVENT_BUFFER);
         let jobs = Self {
-            inner: Arc::new(Inner { config, state: Mutex::default(), events, expiry: Notify::new(), metrics: Arc::default() }),
+            inner: Arc::new(Inner { config, state: Mutex::new(state), events, expiry: Notify::new(), metrics: Arc::default() }),
         };
+        jobs.restore(stored);
         tokio::spawn(jobs.clone().expire_finished_jobs(shutdown));
-        jobs
+        Ok(jobs)
+    }
+
+    fn restore(&self, stored: Vec<StoredJob>) {
+        let mut state = self.lock();
+        let mut requeued = Vec::new();
+        for job in stored {
+            let job_id = job.status.job_id;
+            let finished_at = job.status.state.is_terminal().then(|| Instant::now() - job.status.updated_at.elapsed());
+            if let Some(key) = &job.idempotency_key {
+                state.idempotency.insert((job.status.project_id.clone(), key.clone()), job_id);
+            }
+            let unfinished = !job.status.state.is_terminal();
+            state.jobs.insert(
+                job_id,
+                JobRecord {
+                    status: job.status,
+                    settings: job.settings,
+                    stems: job.stems,
+                    cancel: Arc::default(),
+                    idempotency_key: job.idempotency_key,
+                    attempts: job.attempts,
+                    finished_at,
+                },
+            );
+            if unfinished {
+                requeued.push((job_id, job.attempts));
+            }
+        }
+        for (job_id, attempts) in requeued {
+            if attempts >= MAX_ATTEMPTS {
+                let message = format!("The server stopped during this mix {attempts} times; it was not run again");
+                self.apply_locked(&mut state, job_id, JobChange::Failed { code: ErrorCode::Interrupted, message });
+            } else {
+                state.waiting.push_back(job_id);
+                let position = state.waiting.len() as u32;
+                self.apply_locked(&mut state, job_id, JobChange::Requeued(position));
+                tracing::info!(%job_id, attempts, "job re-queued after a restart");
+            }
+        }
+        self.schedule(&mut state);
     }
 
     pub fn metrics(&self) -> &Arc<Metrics> {
@@ -106,28 +158,30 @@ impl Jobs {
 
     /// Queues a mix of `stems`. With an idempotency key already used for this project, returns
     /// that job instead.
-    pub fn submit(&self, project: ProjectId, settings: MixSettings, stems: Vec<StemSource>, idempotency_key: Option<String>) -> Submitted {
+    /// The job is in the database before this returns, so a crash right after the 202 loses nothing.
+    pub fn submit(&self, project: ProjectId, settings: MixSettings, stems: Vec<StemSource>, idempotency_key: Option<String>) -> Result<Submitted, JobError> {
         let mut state = self.lock();
         if let Some(key) = &idempotency_key {
             if let Some(existing) = state.idempotency.get(&(project.clone(), key.clone())).and_then(|id| state.jobs.get(id)) {
-                return Submitted::Existing(existing.status.clone());
+                return Ok(Submitted::Existing(existing.status.clone()));
             }
         }
         let job_id = JobId::new();
         let status = JobStatus::queued(job_id, project.clone(), state.waiting.len() as u32 + 1);
+        state.db.insert(&StoredJob { status: status.clone(), settings: settings.clone(), stems: stems.clone(), idempotency_key: idempotency_key.clone(), attempts: 0 })?;
         if let Some(key) = &idempotency_key {
             state.idempotency.insert((project, key.clone()), job_id);
         }
         state.jobs.insert(
             job_id,
-            JobRecord { status: status.clone(), settings, stems, cancel: Arc::default(), idempotency_key, finished_at: None },
+            JobRecord { status: status.clone(), settings, stems, cancel: Arc::default(), idempotency_key, attempts: 0, finished_at: None },
         );
         state.waiting.push_back(job_id);
         let _ = self.inner.events.send(status.clone());
         tracing::info!(%job_id, "job queued");
         self.schedule(&mut state);
         let status = state.jobs[&job_id].status.clone();
-        Submitted::New(status)
+        Ok(Submitted::New(status))
     }
 
     pub fn get(&self, job_id: JobId) -> Option<JobStatus> {
@@ -186,9 +240,15 @@ impl Jobs {
     }
 
     fn apply_locked(&self, state: &mut State, job_id: JobId, change: JobChange) -> Option<JobStatus> {
-        let record = state.jobs.get_mut(&job_id)?;
+        let State { db, jobs, .. } = state;
+        let record = jobs.get_mut(&job_id)?;
         match record.status.apply(change) {
             Ok(next) => {
+                // Written before it is published. A failed write keeps the server answering from
+                // memory; the job then restarts from its last stored state after a crash.
+                if let Err(err) = db.update_status(&next) {
+                    tracing::error!(%job_id, %err, "could not store a job change");
+                }
                 if next.state.is_terminal() {
                     record.finished_at = Some(Instant::now());
                     self.inner.expiry.notify_one();
@@ -212,6 +272,12 @@ impl Jobs {
             let Some(job_id) = state.waiting.pop_front() else { break };
             state.running += 1;
             self.apply_locked(state, job_id, JobChange::Started);
+            let State { db, jobs, .. } = &mut *state;
+            let record = jobs.get_mut(&job_id).expect("waiting jobs are held");
+            record.attempts += 1;
+            if let Err(err) = db.set_attempts(job_id, record.attempts) {
+                tracing::error!(%job_id, %err, "could not store the attempt count");
+            }
             let record = &state.jobs[&job_id];
             let run = JobRun {
                 jobs: self.clone(),
@@ -249,6 +315,10 @@ impl Jobs {
                 let ttl = self.inner.config.job_ttl;
                 let expired: Vec<JobId> = state.jobs.iter().filter(|(_, r)| r.finished_at.is_some_and(|t| t + ttl <= now)).map(|(id, _)| *id).collect();
                 for job_id in expired {
+                    if let Err(err) = state.db.delete(job_id) {
+                        tracing::error!(%job_id, %err, "could not delete an expired job");
+                        continue;
+                    }
                     if let Some(record) = state.jobs.remove(&job_id) {
                         if let Some(key) = record.idempotency_key {
                             state.idempotency.remove(&(record.status.project_id, key));
@@ -392,5 +462,47 @@ impl MixObserver for JobObserver {
 
     fn is_cancelled(&self) -> bool {
         self.cancel.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::jobs::model::Progress;
+
+    fn stored(state_changes: &[JobChange], attempts: u32) -> StoredJob {
+        let mut status = JobStatus::queued(JobId::new(), "p1".parse().unwrap(), 1);
+        for change in state_changes {
+            status = status.apply(change.clone()).unwrap();
+        }
+        StoredJob { status, settings: MixSettings::default(), stems: Vec::new(), idempotency_key: Some("k".into()), attempts }
+    }
+
+    #[tokio::test]
+    async fn a_restart_restores_finished_jobs_and_gives_up_on_crash_loops() {
+        let dir = tempfile::tempdir().unwrap();
+        let failed = stored(&[JobChange::Failed { code: ErrorCode::DecodeFailed, message: "broken".into() }], 1);
+        let progress = JobChange::Progress { state: JobState::Mixing, progress: Progress::running(71.0), message: "Mixing".into() };
+        let crash_looping = stored(&[JobChange::Started, progress], MAX_ATTEMPTS);
+        {
+            let db = JobDb::open(dir.path()).unwrap();
+            db.insert(&failed).unwrap();
+            db.insert(&crash_looping).unwrap();
+        }
+        let config = JobsConfig { mix_slots: 1, job_ttl: Duration::from_secs(3600), media_root: dir.path().to_path_buf() };
+        let jobs = Jobs::open(config, CancellationToken::new()).unwrap();
+
+        assert_eq!(jobs.get(failed.status.job_id), Some(failed.status.clone()), "a finished job answers exactly as before");
+        let given_up = jobs.get(crash_looping.status.job_id).unwrap();
+        assert_eq!((given_up.state, given_up.error_code), (JobState::Error, Some(ErrorCode::Interrupted)));
+        assert_eq!(given_up.seq, crash_looping.status.seq + 1);
+        assert_eq!(given_up.progress.value(), 71);
+        // The Idempotency-Key still finds its job.
+        let again = jobs.submit("p1".parse().unwrap(), MixSettings::default(), Vec::new(), Some("k".into())).unwrap();
+        assert!(matches!(again, Submitted::Existing(status) if status.job_id == failed.status.job_id || status.job_id == crash_looping.status.job_id));
+        // And the change was stored: a second restart sees the same.
+        drop(jobs);
+        let stored_again = JobDb::open(dir.path()).unwrap().load_all().unwrap();
+        assert!(stored_again.iter().any(|j| j.status == given_up));
     }
 }

@@ -1,12 +1,15 @@
-//! Job state and events: the validated job model, the store with its mixer slots and expiry, the
-//! stems of each project, and the subscription core the live streams are built on.
+//! Job state and events: the validated job model, the store with its mixer slots and expiry (kept
+//! in SQLite so jobs survive restarts), the stems of each project, and the subscription core the
+//! live streams are built on.
 
+mod db;
 mod feed;
 mod manager;
 mod metrics;
 mod model;
 mod stems;
 
+pub use db::DbError;
 pub use feed::{feed, Scope};
 pub use manager::{result_url, JobError, Jobs, JobsConfig, Submitted};
 pub use metrics::{Metrics, SubscriberGuard, Transport, MIX_DURATION_BUCKETS};

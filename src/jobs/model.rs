@@ -4,7 +4,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, SecondsFormat, SubsecRound, Utc};
 use serde::{Deserialize, Serialize, Serializer};
 use utoipa::ToSchema;
 use uuid::Uuid;
@@ -205,8 +205,15 @@ impl Progress {
 pub struct Timestamp(DateTime<Utc>);
 
 impl Timestamp {
+    /// Now, to the microsecond: what the wire and the database carry, so a restored status
+    /// equals the one that was stored.
     pub fn now() -> Self {
-        Self(Utc::now())
+        Self(Utc::now().trunc_subsecs(6))
+    }
+
+    /// Time since this moment; zero if it lies in the future (the clock was set back).
+    pub fn elapsed(self) -> std::time::Duration {
+        (Utc::now() - self.0).to_std().unwrap_or_default()
     }
 }
 
@@ -217,7 +224,7 @@ impl Serialize for Timestamp {
 }
 
 /// A job as clients see it: the `data` of status routes and the payload of every pushed event.
-#[derive(Debug, Clone, PartialEq, Serialize, ToSchema)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct JobStatus {
     pub job_id: JobId,
     pub project_id: ProjectId,
@@ -247,6 +254,9 @@ pub enum JobChange {
     QueuePosition(u32),
     /// Got a mixer slot.
     Started,
+    /// Waiting again after a server restart cut its run short: the one move back to `queued`.
+    /// Progress stays where it was (it never falls) until the new run passes it.
+    Requeued(u32),
     /// The engine reports `state` at `progress`.
     Progress { state: JobState, progress: Progress, message: String },
     Completed { result_url: String, report: Box<MixReport> },
@@ -259,8 +269,6 @@ pub enum TransitionError {
     Finished(JobState),
     #[error("{from:?} cannot go back to {to:?}")]
     Backwards { from: JobState, to: JobState },
-    #[error("progress cannot fall from {from} to {to}")]
-    ProgressFalls { from: u8, to: u8 },
     #[error("nothing changed")]
     Unchanged,
 }
@@ -303,6 +311,11 @@ impl JobStatus {
                 next.queue_position = Some(position);
                 next.message = queue_message(position);
             }
+            JobChange::Requeued(position) => {
+                next.state = JobState::Queued;
+                next.queue_position = Some(position);
+                next.message = format!("Re-queued after a server restart (position {position})");
+            }
             JobChange::Started => {
                 next.move_to(JobState::Running, Progress::running(1.0), "Starting the mix".to_string())?;
             }
@@ -310,7 +323,7 @@ impl JobStatus {
                 if state.is_terminal() || state < JobState::Running {
                     return Err(TransitionError::Backwards { from: self.state, to: state });
                 }
-                if state == self.state && progress == self.progress {
+                if state == self.state && progress <= self.progress {
                     return Err(TransitionError::Unchanged);
                 }
                 next.move_to(state, progress, message)?;
@@ -333,15 +346,14 @@ impl JobStatus {
         Ok(next)
     }
 
+    /// Moves forward to `state`. Progress holds at its high-water mark: a re-run after a restart
+    /// reports lower figures until it passes the old run.
     fn move_to(&mut self, state: JobState, progress: Progress, message: String) -> Result<(), TransitionError> {
         if state < self.state {
             return Err(TransitionError::Backwards { from: self.state, to: state });
         }
-        if progress < self.progress {
-            return Err(TransitionError::ProgressFalls { from: self.progress.0, to: progress.0 });
-        }
         self.state = state;
-        self.progress = progress;
+        self.progress = self.progress.max(progress);
         self.message = message;
         self.queue_position = None;
         Ok(())
@@ -391,9 +403,22 @@ mod tests {
         let mixing = loading.apply(progress(JobState::Mixing, 72.0)).unwrap();
         assert!(mixing.updated_at >= loading.updated_at);
         assert_eq!(mixing.apply(progress(JobState::LoadingStems, 80.0)).unwrap_err(), TransitionError::Backwards { from: JobState::Mixing, to: JobState::LoadingStems });
-        assert_eq!(mixing.apply(progress(JobState::Mixing, 50.0)).unwrap_err(), TransitionError::ProgressFalls { from: 72, to: 50 });
+        assert_eq!(mixing.apply(progress(JobState::Mixing, 50.0)).unwrap_err(), TransitionError::Unchanged);
+        // A later stage reporting a lower figure (a re-run after a restart) keeps the high-water mark.
+        let mastering = mixing.apply(progress(JobState::Mastering, 30.0)).unwrap();
+        assert_eq!((mastering.state, mastering.progress.value()), (JobState::Mastering, 72));
         assert_eq!(mixing.apply(progress(JobState::Mixing, 72.0)).unwrap_err(), TransitionError::Unchanged);
         assert_eq!(mixing.apply(JobChange::QueuePosition(1)).unwrap_err(), TransitionError::Backwards { from: JobState::Mixing, to: JobState::Queued });
+    }
+
+    #[test]
+    fn a_requeued_job_waits_again_without_losing_progress_or_seq() {
+        let running = job().apply(JobChange::Started).unwrap().apply(progress(JobState::ProcessingTracks, 40.0)).unwrap();
+        let requeued = running.apply(JobChange::Requeued(1)).unwrap();
+        assert_eq!((requeued.state, requeued.queue_position, requeued.progress.value()), (JobState::Queued, Some(1), 40));
+        assert_eq!(requeued.seq, running.seq + 1);
+        let rerun = requeued.apply(JobChange::Started).unwrap().apply(progress(JobState::LoadingStems, 3.0)).unwrap();
+        assert_eq!((rerun.state, rerun.progress.value()), (JobState::LoadingStems, 40));
     }
 
     #[test]

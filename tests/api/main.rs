@@ -6,5 +6,6 @@ mod errors;
 mod helpers;
 mod jobs;
 mod media;
+mod restart;
 mod stems;
 mod streams;

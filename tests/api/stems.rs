@@ -149,11 +149,15 @@ async fn spawn_app_small_limit() -> crate::helpers::TestApp {
     crate::helpers::spawn_app_with(|config| config.max_upload_mb = 1).await
 }
 
+/// Everything under the data root but the job database.
 pub fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut found = Vec::new();
     if let Ok(entries) = std::fs::read_dir(dir) {
         for entry in entries.flatten() {
             let path = entry.path();
+            if entry.file_name() == ".mixd" {
+                continue;
+            }
             if path.is_dir() {
                 found.extend(walk(&path));
             }

@@ -1,0 +1,129 @@
+//! Crashes: the real binary is killed with SIGKILL mid-mix and started again on the same data.
+
+use std::path::Path;
+use std::process::Stdio;
+
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::helpers::{assert_contract_step, make_audio, SseStream, TestApp, DEADLINE};
+
+struct Server {
+    child: Child,
+    app: TestApp,
+}
+
+/// Starts `mixd serve` on port 0 and learns its address from the JSON log.
+async fn start_server(data_dir: &Path, fixtures: &Path) -> Server {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mixd"))
+        .args(["serve", "--addr", "127.0.0.1:0", "--log-format", "json", "--mix-slots", "1", "--data-dir"])
+        .arg(data_dir)
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("mixd starts");
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let address = tokio::time::timeout(DEADLINE, async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(address) = serde_json::from_str::<Value>(&line).ok().and_then(|l| l["fields"]["address"].as_str().map(String::from)) {
+                return address;
+            }
+        }
+        panic!("mixd exited before listening");
+    })
+    .await
+    .expect("mixd listens");
+    // Keep draining the log so the server never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let app = TestApp {
+        address: format!("http://{address}"),
+        client: reqwest::Client::new(),
+        data_dir: tempfile::tempdir().unwrap(),
+        fixtures: tempfile::tempdir_in(fixtures).unwrap(),
+        shutdown: Default::default(),
+        server: tokio::spawn(async { Ok(()) }),
+    };
+    Server { child, app }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_survive_kill_9_and_resume_under_the_same_id() {
+    let data = tempfile::tempdir().unwrap();
+    let fixtures = tempfile::tempdir().unwrap();
+    let short = make_audio(fixtures.path(), "short.wav", "sine=f=440:r=48000:d=1", &[]);
+    let long: Vec<_> = ["a.wav", "b.wav", "c.wav"]
+        .iter()
+        .enumerate()
+        .map(|(i, name)| make_audio(fixtures.path(), name, &format!("sine=f={}:r=48000:d=40", 110 * (i + 1)), &["-ac", "2"]))
+        .collect();
+
+    let mut first = start_server(data.path(), fixtures.path()).await;
+    let app = &first.app;
+    assert_eq!(app.upload("short", &[&short]).await.0, 201);
+    assert_eq!(app.upload("long", &long.iter().map(|p| p.as_path()).collect::<Vec<_>>()).await.0, 201);
+    let (_, done) = app.start_mix("short", None).await;
+    let done_id = done["data"]["job_id"].as_str().unwrap().to_string();
+    assert_eq!(app.follow_job("short", &done_id).await.last().unwrap()["state"], "complete");
+    let (_, done_before) = app.get_json(&format!("/mix/short/mix/job/{done_id}/status")).await;
+
+    let (_, running) = app.start_mix("long", None).await;
+    let queued: Value = app.client.post(app.url("/mix/long/mix/start")).header("Idempotency-Key", "k1").send().await.unwrap().json().await.unwrap();
+    let running_id = running["data"]["job_id"].as_str().unwrap().to_string();
+    let queued_id = queued["data"]["job_id"].as_str().unwrap().to_string();
+    // Watch the running job until it is deep in its work, then kill the server outright.
+    let mut events = SseStream::connect(&app.client, &app.url(&format!("/mix/long/mix/job/{running_id}/events")), None).await;
+    let last_seen = loop {
+        let event = events.next_event().await.expect("events until the kill");
+        if event.event.as_deref() != Some("status") {
+            continue;
+        }
+        let status: Value = serde_json::from_str(&event.data).unwrap();
+        assert_ne!(status["state"], "complete", "the mix finished before the kill: make it longer");
+        if status["state"] == "processing_tracks" && status["progress"].as_u64() > Some(20) {
+            break status;
+        }
+    };
+    first.child.start_kill().unwrap();
+    first.child.wait().await.unwrap();
+    drop(events);
+    let leftover = data.path().join("long/mix_outputs/.final_mix.crashed.partial");
+    std::fs::create_dir_all(leftover.parent().unwrap()).unwrap();
+    std::fs::write(&leftover, b"half a file").unwrap();
+
+    let second = start_server(data.path(), fixtures.path()).await;
+    let app = &second.app;
+    assert!(!leftover.exists(), "partial files are cleaned at start");
+    let (status, done_after) = app.get_json(&format!("/mix/short/mix/job/{done_id}/status")).await;
+    assert_eq!(status, 200);
+    assert_eq!(done_after["data"], done_before["data"], "a finished job answers exactly as before");
+
+    // The reconnecting client resumes with its Last-Event-ID; seq and progress carry on.
+    let seq = last_seen["seq"].as_u64().unwrap();
+    let mut resumed = SseStream::connect(&app.client, &app.url(&format!("/mix/long/mix/job/{running_id}/events")), Some(seq)).await;
+    assert_eq!(resumed.status, 200);
+    let mut previous = last_seen.clone();
+    let mut states = Vec::new();
+    while let Some(event) = resumed.next_event().await {
+        if event.event.as_deref() != Some("status") {
+            continue;
+        }
+        let status: Value = serde_json::from_str(&event.data).unwrap();
+        assert!(status["seq"].as_u64().unwrap() > previous["seq"].as_u64().unwrap());
+        assert!(status["progress"].as_u64() >= previous["progress"].as_u64(), "progress fell across the restart");
+        states.push(status["state"].as_str().unwrap().to_string());
+        previous = status;
+    }
+    assert_eq!(previous["state"], "complete", "{states:?}");
+    assert_eq!(previous["job_id"], running_id.as_str());
+
+    let queued_statuses = app.follow_job("long", &queued_id).await;
+    for pair in queued_statuses.windows(2) {
+        assert_contract_step(Some(&pair[0]), &pair[1]);
+    }
+    assert_eq!(queued_statuses.last().unwrap()["state"], "complete");
+    // The Idempotency-Key still maps to its job after the restart.
+    let repeat = app.client.post(app.url("/mix/long/mix/start")).header("Idempotency-Key", "k1").send().await.unwrap();
+    assert_eq!(repeat.status(), 200);
+    assert_eq!(repeat.json::<Value>().await.unwrap()["data"]["job_id"], queued_id.as_str());
+}
