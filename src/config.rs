@@ -32,6 +32,12 @@ pub struct Config {
     pub static_dir: PathBuf,
     #[arg(long, env = "MIXD_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// A client must send its request headers within this long.
+    #[arg(long, env = "MIXD_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub header_timeout: Duration,
+    /// On shutdown, how long open requests may take to finish.
+    #[arg(long, env = "MIXD_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -52,6 +58,8 @@ impl Config {
             max_files: 64,
             static_dir: concat!(env!("CARGO_MANIFEST_DIR"), "/static").into(),
             log_format: LogFormat::Text,
+            header_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(10),
         }
     }
 

@@ -1,12 +1,21 @@
 //! Building and running the server: the data root, the job layer, the router and the listener.
 //! Binding happens in `build`, so a caller asking for port 0 learns the real port before serving.
+//!
+//! Connections are served by hyper-util directly rather than `axum::serve`, which sets no
+//! header-read timeout: a client that never finishes its headers would hold a connection (and a
+//! file descriptor) forever.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::api::{router, AppState};
 use crate::config::Config;
@@ -45,9 +54,49 @@ impl Application {
         self.state.shutdown.clone()
     }
 
+    /// Serves until the shutdown token is cancelled, then stops accepting, lets open requests
+    /// finish (streams end at once on the same token) and returns within the grace period.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         let shutdown = self.state.shutdown.clone();
+        let header_timeout = self.state.config.header_timeout;
+        let grace = self.state.config.shutdown_grace;
         tracing::info!(address = %self.local_addr(), data_dir = %self.state.config.data_dir.display(), slots = self.state.config.mix_slots(), "mixd listening");
-        axum::serve(self.listener, router(self.state)).with_graceful_shutdown(shutdown.cancelled_owned()).await
+        let app = router(self.state);
+        let connections = TaskTracker::new();
+        loop {
+            let accepted = tokio::select! {
+                accepted = self.listener.accept() => accepted,
+                _ = shutdown.cancelled() => break,
+            };
+            let (stream, _) = match accepted {
+                Ok(connection) => connection,
+                Err(err) => {
+                    // Out of file descriptors and the like: pass, and keep serving.
+                    tracing::warn!(%err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let service = TowerToHyperService::new(app.clone());
+            let shutdown = shutdown.clone();
+            connections.spawn(async move {
+                let mut builder = auto::Builder::new(TokioExecutor::new());
+                builder.http1().timer(TokioTimer::new()).header_read_timeout(header_timeout);
+                let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                let mut connection = std::pin::pin!(connection);
+                tokio::select! {
+                    _ = connection.as_mut() => {}
+                    _ = shutdown.cancelled() => {
+                        connection.as_mut().graceful_shutdown();
+                        let _ = connection.await;
+                    }
+                }
+            });
+        }
+        connections.close();
+        if tokio::time::timeout(grace, connections.wait()).await.is_err() {
+            tracing::warn!(open = connections.len(), "connections still open after the grace period; stopping anyway");
+        }
+        Ok(())
     }
 }

@@ -1,6 +1,7 @@
 //! Integration tests: each starts the real server on port 0 with its own data directory and talks
 //! to it over real HTTP, SSE and WebSocket. One binary, as zero2prod does, so it links once.
 
+mod abuse;
 mod engine;
 mod errors;
 mod helpers;
