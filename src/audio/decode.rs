@@ -88,6 +88,14 @@ pub fn probe_stem(path: &Path, name: &str) -> Result<StemInfo, AudioError> {
             return Err(AudioError::unsupported(name, "longer than 12 hours"));
         }
     }
+    let cut_ogg = reader.container == Container::Ogg && !ogg_ends_cleanly(path).map_err(|source| AudioError::Open { stem: name.to_string(), source })?;
+    if cut_ogg {
+        let at = frames as f64 / f64::from(reader.info.sample_rate);
+        return Err(AudioError::Decode {
+            stem: name.to_string(),
+            reason: format!("the file is truncated: its Ogg stream has no final page, and decoding stops at {at:.3} s"),
+        });
+    }
     if let Some(declared) = declared {
         if frames + TRUNCATION_TOLERANCE_FRAMES < declared {
             let at = frames as f64 / f64::from(reader.info.sample_rate);
@@ -120,6 +128,7 @@ pub struct StemReader {
     frames_to_skip: u64,
     declared_frames: Option<u64>,
     decoded_frames: u64,
+    container: Container,
     pub info: StemInfo,
 }
 
@@ -205,6 +214,7 @@ impl StemReader {
             frames_to_skip,
             declared_frames,
             decoded_frames: 0,
+            container,
             info,
         })
     }
@@ -292,6 +302,29 @@ impl StemReader {
         let at = self.decoded_frames as f64 / f64::from(self.info.sample_rate);
         AudioError::Decode { stem: self.name.clone(), reason: format!("{} (at {at:.3} s)", describe(err)) }
     }
+}
+
+/// Whether an Ogg file ends with a whole page flagged end-of-stream. Ogg declares no length up
+/// front, so this is how a file cut short is told from a complete one.
+fn ogg_ends_cleanly(path: &Path) -> std::io::Result<bool> {
+    use std::io::{Seek, SeekFrom};
+    const MAX_PAGE: u64 = 27 + 255 + 255 * 255;
+    let mut file = File::open(path)?;
+    let length = file.metadata()?.len();
+    let start = length.saturating_sub(MAX_PAGE);
+    file.seek(SeekFrom::Start(start))?;
+    let mut tail = Vec::with_capacity((length - start) as usize);
+    file.read_to_end(&mut tail)?;
+    let Some(page) = tail.windows(4).rposition(|w| w == b"OggS") else { return Ok(false) };
+    let page = &tail[page..];
+    if page.len() < 27 {
+        return Ok(false);
+    }
+    let end_of_stream = page[5] & 0x04 != 0;
+    let segments = usize::from(page[26]);
+    let Some(table) = page.get(27..27 + segments) else { return Ok(false) };
+    let body: usize = table.iter().map(|&s| usize::from(s)).sum();
+    Ok(end_of_stream && page.len() == 27 + segments + body)
 }
 
 fn first_decoded_channels(format: &mut dyn FormatReader, decoder: &mut dyn Decoder, track_id: u32) -> Option<Channels> {
