@@ -3,6 +3,7 @@
 
 mod abuse;
 mod corpus;
+mod disk_full;
 mod engine;
 mod errors;
 mod helpers;

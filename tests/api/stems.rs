@@ -84,7 +84,7 @@ async fn oversized_uploads_are_refused_before_the_body_is_read() {
 
 /// Sends a request over a raw connection, writing the body in the background without caring
 /// whether the server reads it (a server may answer early and close), and returns the response.
-async fn raw_exchange(address: &str, head: String, body: Vec<Vec<u8>>) -> (u16, Value) {
+pub async fn raw_exchange(address: &str, head: String, body: Vec<Vec<u8>>) -> (u16, Value) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let socket = tokio::net::TcpStream::connect(address).await.unwrap();
     let (mut reader, mut writer) = socket.into_split();
