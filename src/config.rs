@@ -21,6 +21,9 @@ pub struct Config {
     /// How long a finished job stays queryable (e.g. 90s, 15m, 24h, 7d).
     #[arg(long, env = "MIXD_JOB_TTL", default_value = "24h", value_parser = parse_duration)]
     pub job_ttl: Duration,
+    /// How long a mix's output file is kept (never less than the job TTL).
+    #[arg(long, env = "MIXD_OUTPUT_RETENTION", default_value = "30d", value_parser = parse_duration)]
+    pub output_retention: Duration,
     /// Largest upload request, in MiB.
     #[arg(long, env = "MIXD_MAX_UPLOAD_MB", default_value_t = 512)]
     pub max_upload_mb: u64,
@@ -54,6 +57,7 @@ impl Config {
             data_dir: data_dir.into(),
             mix_slots: None,
             job_ttl: Duration::from_secs(24 * 3600),
+            output_retention: Duration::from_secs(30 * 86_400),
             max_upload_mb: 512,
             max_files: 64,
             static_dir: concat!(env!("CARGO_MANIFEST_DIR"), "/static").into(),

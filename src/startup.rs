@@ -36,7 +36,12 @@ impl Application {
         }
         let shutdown = CancellationToken::new();
         let jobs = Jobs::open(
-            JobsConfig { mix_slots: config.mix_slots(), job_ttl: config.job_ttl, media_root: config.data_dir.clone() },
+            JobsConfig {
+                mix_slots: config.mix_slots(),
+                job_ttl: config.job_ttl,
+                output_retention: config.output_retention,
+                media_root: config.data_dir.clone(),
+            },
             shutdown.clone(),
         )
         .context("opening the job database")?;

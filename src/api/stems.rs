@@ -15,7 +15,7 @@ use utoipa::ToSchema;
 use super::error::{multipart_error, respond, ApiError, Envelope};
 use super::extract::{ApiPath, ProjectPath, StemPath};
 use super::AppState;
-use crate::audio::probe_stem;
+use crate::audio::{probe_stem, MAX_PROBE_TIME};
 use crate::jobs::{sanitize_file_name, ProjectId, Stem};
 
 #[derive(Serialize, ToSchema)]
@@ -98,8 +98,12 @@ async fn receive_file(app: &AppState, project: &ProjectId, mut field: Field<'_>)
     }
 
     let (probe_path, probe_name) = (path.clone(), name.clone());
-    let info = tokio::task::spawn_blocking(move || probe_stem(&probe_path, &probe_name))
+    // The probe checks its own clock between packets; this outer deadline covers a decoder stuck
+    // inside one packet, whose thread cannot be stopped but whose request still gets an answer.
+    let probe = tokio::task::spawn_blocking(move || probe_stem(&probe_path, &probe_name));
+    let info = tokio::time::timeout(MAX_PROBE_TIME + std::time::Duration::from_secs(30), probe)
         .await
+        .map_err(|_| ApiError::UnsupportedAudio(format!("Stem \"{name}\" could not be decoded in time; the file looks malformed")))?
         .map_err(|err| ApiError::Internal(format!("probe task: {err}")))?
         .map_err(|err| ApiError::UnsupportedAudio(err.to_string()))?;
     let stem = app.stems.commit(project, &path, name, info, size).await.map_err(ApiError::storage)?;

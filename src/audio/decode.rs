@@ -27,6 +27,9 @@ pub const MAX_CHANNELS: usize = 32;
 pub const MAX_DURATION_S: f64 = 12.0 * 3600.0;
 /// AAC-LC encoders prime the stream with one frame of silence that symphonia does not trim.
 const AAC_PRIMING_FRAMES: u64 = 1024;
+/// A stem that takes longer than this to decode is treated as hostile (symphonia has hung on
+/// crafted input before): even a 12-hour file decodes in well under this.
+pub const MAX_PROBE_TIME: std::time::Duration = std::time::Duration::from_secs(120);
 /// A file is truncated when this many declared frames fail to decode (lossy codecs round their
 /// declared length to whole packets, so a few are tolerated).
 const TRUNCATION_TOLERANCE_FRAMES: u64 = 4096;
@@ -82,8 +85,12 @@ pub fn probe_stem(path: &Path, name: &str) -> Result<StemInfo, AudioError> {
     let declared = reader.declared_frames;
     let mut chunk = StereoBuffer::default();
     let mut frames = 0u64;
+    let started = std::time::Instant::now();
     while reader.next_chunk(&mut chunk)? {
         frames += chunk.len() as u64;
+        if started.elapsed() > MAX_PROBE_TIME {
+            return Err(AudioError::Decode { stem: name.to_string(), reason: "decoding takes far too long; the file looks malformed".into() });
+        }
         if frames as f64 / f64::from(reader.info.sample_rate) > MAX_DURATION_S {
             return Err(AudioError::unsupported(name, "longer than 12 hours"));
         }

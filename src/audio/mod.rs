@@ -18,7 +18,7 @@ mod true_peak;
 
 use std::path::PathBuf;
 
-pub use decode::{probe_stem, StemInfo, StemReader, StereoBuffer, MAX_CHANNELS, MAX_RATE, MIN_RATE};
+pub use decode::{probe_stem, StemInfo, StemReader, StereoBuffer, MAX_CHANNELS, MAX_PROBE_TIME, MAX_RATE, MIN_RATE};
 pub use master::Loudness;
 pub use pipeline::{mix, MixReport, StemReport};
 pub use settings::{

@@ -35,6 +35,8 @@ const MAX_ATTEMPTS: u32 = 3;
 pub struct JobsConfig {
     pub mix_slots: usize,
     pub job_ttl: Duration,
+    /// How long output files are kept; at least `job_ttl`, so a job never points at a deleted file.
+    pub output_retention: Duration,
     /// The media root: outputs go to `{media_root}/{project}/mix_outputs/{job}/final_mix.wav`,
     /// the job database to `{media_root}/.mixd/`.
     pub media_root: PathBuf,
@@ -100,7 +102,8 @@ impl Jobs {
             inner: Arc::new(Inner { config, state: Mutex::new(state), events, expiry: Notify::new(), metrics: Arc::default() }),
         };
         jobs.restore(stored);
-        tokio::spawn(jobs.clone().expire_finished_jobs(shutdown));
+        tokio::spawn(jobs.clone().expire_finished_jobs(shutdown.clone()));
+        tokio::spawn(jobs.clone().remove_old_outputs(shutdown));
         Ok(jobs)
     }
 
@@ -342,9 +345,58 @@ impl Jobs {
         }
     }
 
+    /// Deletes per-job output directories older than the retention, then sleeps until the oldest
+    /// remaining one is due. New outputs are always due later, so nothing needs to wake it early.
+    /// The legacy `mix_outputs/final_mix.wav` is a hard link and outlives its job's directory.
+    async fn remove_old_outputs(self, shutdown: CancellationToken) {
+        let retention = self.inner.config.output_retention.max(self.inner.config.job_ttl);
+        loop {
+            let root = self.inner.config.media_root.clone();
+            let swept = tokio::task::spawn_blocking(move || sweep_outputs(&root, retention)).await;
+            let wait = match swept {
+                Ok(Ok(next_due)) => next_due.unwrap_or(retention),
+                Ok(Err(err)) => {
+                    tracing::warn!(%err, "could not sweep old outputs");
+                    Duration::from_secs(3600)
+                }
+                Err(err) => {
+                    tracing::error!(%err, "output sweep panicked");
+                    Duration::from_secs(3600)
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.cancelled() => return,
+            }
+        }
+    }
+
     fn output_path(&self, project: &ProjectId, job_id: JobId) -> PathBuf {
         self.inner.config.media_root.join(project.as_str()).join("mix_outputs").join(job_id.to_string()).join("final_mix.wav")
     }
+}
+
+/// Removes `{root}/{project}/mix_outputs/{job}/` directories whose file is older than `retention`;
+/// returns how long until the oldest one left is due.
+fn sweep_outputs(root: &std::path::Path, retention: Duration) -> std::io::Result<Option<Duration>> {
+    let mut next_due: Option<Duration> = None;
+    for project in std::fs::read_dir(root)? {
+        let outputs = project?.path().join("mix_outputs");
+        let Ok(jobs) = std::fs::read_dir(&outputs) else { continue };
+        for job in jobs {
+            let dir = job?.path();
+            let Ok(modified) = std::fs::metadata(dir.join("final_mix.wav")).and_then(|m| m.modified()) else { continue };
+            let age = modified.elapsed().unwrap_or_default();
+            if age >= retention {
+                std::fs::remove_dir_all(&dir)?;
+                tracing::info!(dir = %dir.display(), "removed an output past its retention");
+            } else {
+                let due = retention - age;
+                next_due = Some(next_due.map_or(due, |d| d.min(due)));
+            }
+        }
+    }
+    Ok(next_due)
 }
 
 /// The URL a finished job's file is served at.
@@ -489,7 +541,7 @@ mod tests {
             db.insert(&failed).unwrap();
             db.insert(&crash_looping).unwrap();
         }
-        let config = JobsConfig { mix_slots: 1, job_ttl: Duration::from_secs(3600), media_root: dir.path().to_path_buf() };
+        let config = JobsConfig { mix_slots: 1, job_ttl: Duration::from_secs(3600), output_retention: Duration::from_secs(3600), media_root: dir.path().to_path_buf() };
         let jobs = Jobs::open(config, CancellationToken::new()).unwrap();
 
         assert_eq!(jobs.get(failed.status.job_id), Some(failed.status.clone()), "a finished job answers exactly as before");
@@ -504,5 +556,30 @@ mod tests {
         drop(jobs);
         let stored_again = JobDb::open(dir.path()).unwrap().load_all().unwrap();
         assert!(stored_again.iter().any(|j| j.status == given_up));
+    }
+}
+
+#[cfg(test)]
+mod sweep_tests {
+    use super::*;
+
+    #[test]
+    fn outputs_past_retention_are_removed_and_the_next_due_is_reported() {
+        let root = tempfile::tempdir().unwrap();
+        let old = root.path().join("p1/mix_outputs/old");
+        let fresh = root.path().join("p1/mix_outputs/fresh");
+        for dir in [&old, &fresh] {
+            std::fs::create_dir_all(dir).unwrap();
+            std::fs::write(dir.join("final_mix.wav"), b"RIFF").unwrap();
+        }
+        let an_hour_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
+        std::fs::File::options().write(true).open(old.join("final_mix.wav")).unwrap().set_modified(an_hour_ago).unwrap();
+        std::fs::write(root.path().join("p1/mix_outputs/final_mix.wav"), b"legacy").unwrap();
+
+        let next = sweep_outputs(root.path(), Duration::from_secs(1800)).unwrap().unwrap();
+        assert!(!old.exists());
+        assert!(fresh.exists());
+        assert!(root.path().join("p1/mix_outputs/final_mix.wav").exists(), "the legacy newest mix stays");
+        assert!(next > Duration::from_secs(1790) && next <= Duration::from_secs(1800), "{next:?}");
     }
 }

@@ -8,6 +8,7 @@ mod engine;
 mod errors;
 mod helpers;
 mod jobs;
+mod load;
 mod media;
 mod restart;
 mod stems;

@@ -1,51 +1,8 @@
 //! Crashes: the real binary is killed with SIGKILL mid-mix and started again on the same data.
 
-use std::path::Path;
-use std::process::Stdio;
-
 use serde_json::Value;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
 
-use crate::helpers::{assert_contract_step, make_audio, SseStream, TestApp, DEADLINE};
-
-struct Server {
-    child: Child,
-    app: TestApp,
-}
-
-/// Starts `mixd serve` on port 0 and learns its address from the JSON log.
-async fn start_server(data_dir: &Path, fixtures: &Path) -> Server {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mixd"))
-        .args(["serve", "--addr", "127.0.0.1:0", "--log-format", "json", "--mix-slots", "1", "--data-dir"])
-        .arg(data_dir)
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("mixd starts");
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let address = tokio::time::timeout(DEADLINE, async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            if let Some(address) = serde_json::from_str::<Value>(&line).ok().and_then(|l| l["fields"]["address"].as_str().map(String::from)) {
-                return address;
-            }
-        }
-        panic!("mixd exited before listening");
-    })
-    .await
-    .expect("mixd listens");
-    // Keep draining the log so the server never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    let app = TestApp {
-        address: format!("http://{address}"),
-        client: reqwest::Client::new(),
-        data_dir: tempfile::tempdir().unwrap(),
-        fixtures: tempfile::tempdir_in(fixtures).unwrap(),
-        shutdown: Default::default(),
-        server: tokio::spawn(async { Ok(()) }),
-    };
-    Server { child, app }
-}
+use crate::helpers::{assert_contract_step, make_audio, start_server, SseStream};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_survive_kill_9_and_resume_under_the_same_id() {
@@ -58,7 +15,7 @@ async fn jobs_survive_kill_9_and_resume_under_the_same_id() {
         .map(|(i, name)| make_audio(fixtures.path(), name, &format!("sine=f={}:r=48000:d=40", 110 * (i + 1)), &["-ac", "2"]))
         .collect();
 
-    let mut first = start_server(data.path(), fixtures.path()).await;
+    let mut first = start_server(data.path(), fixtures.path(), &["--mix-slots", "1"]).await;
     let app = &first.app;
     assert_eq!(app.upload("short", &[&short]).await.0, 201);
     assert_eq!(app.upload("long", &long.iter().map(|p| p.as_path()).collect::<Vec<_>>()).await.0, 201);
@@ -91,7 +48,7 @@ async fn jobs_survive_kill_9_and_resume_under_the_same_id() {
     std::fs::create_dir_all(leftover.parent().unwrap()).unwrap();
     std::fs::write(&leftover, b"half a file").unwrap();
 
-    let second = start_server(data.path(), fixtures.path()).await;
+    let second = start_server(data.path(), fixtures.path(), &["--mix-slots", "1"]).await;
     let app = &second.app;
     assert!(!leftover.exists(), "partial files are cleaned at start");
     let (status, done_after) = app.get_json(&format!("/mix/short/mix/job/{done_id}/status")).await;
