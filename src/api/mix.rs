@@ -73,12 +73,14 @@ pub async fn start(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = body?;
-    let stems = app.stems.sources(&project_id).await.map_err(ApiError::storage)?;
-    if stems.is_empty() {
-        return Err(ApiError::ProjectNotFound);
-    }
+    let stems = app.stems.list(&project_id).await.map_err(ApiError::storage)?;
+    let Some(highest_rate) = stems.iter().map(|s| s.sample_rate).max() else { return Err(ApiError::ProjectNotFound) };
+    let sources: Vec<_> = stems.iter().map(|stem| app.stems.source(&project_id, stem)).collect();
     let settings = MixSettings::from_json(&body).map_err(|err| ApiError::InvalidSettings(err.to_string()))?;
-    settings.validate(&stems).map_err(|err| ApiError::InvalidSettings(err.to_string()))?;
+    settings
+        .validate(&sources)
+        .and_then(|()| settings.validate_for_rate(settings.output_rate(highest_rate)))
+        .map_err(|err| ApiError::InvalidSettings(err.to_string()))?;
     let key = match headers.get("idempotency-key") {
         Some(value) => {
             let key = value.to_str().map_err(|_| ApiError::BadRequest("Idempotency-Key must be visible ASCII".into()))?;
@@ -90,7 +92,7 @@ pub async fn start(
         None => None,
     };
 
-    let submitted = app.jobs.submit(project_id.clone(), settings, stems, key).map_err(|err| ApiError::Internal(err.to_string()))?;
+    let submitted = app.jobs.submit(project_id.clone(), settings, sources, key).map_err(|err| ApiError::Internal(err.to_string()))?;
     let (status, code, message) = match submitted {
         Submitted::New(status) => (status, StatusCode::ACCEPTED, "Mix job queued"),
         Submitted::Existing(status) => (status, StatusCode::OK, "Mix job already started with this Idempotency-Key"),

@@ -6,7 +6,7 @@
 use std::f64::consts::PI;
 
 use super::decode::StereoBuffer;
-use super::settings::{CompressorSettings, EqBand, EqType, SettingsError, TrackSettings};
+use super::settings::{CompressorSettings, EqBand, EqType, SettingsError, TrackSettings, NYQUIST_MARGIN};
 
 pub fn db_to_gain(db: f64) -> f64 {
     10f64.powf(db / 20.0)
@@ -123,7 +123,7 @@ impl Equalizer {
         let nyquist = f64::from(sample_rate) / 2.0;
         let mut filters = Vec::with_capacity(bands.len());
         for (i, band) in bands.iter().enumerate() {
-            if band.freq_hz >= nyquist * 0.99 {
+            if band.freq_hz >= nyquist * NYQUIST_MARGIN {
                 return Err(SettingsError {
                     field: format!("{field}[{i}].freq_hz"),
                     reason: format!("{} Hz is at or above Nyquist for {sample_rate} Hz output", band.freq_hz),

@@ -172,6 +172,8 @@ impl SettingsError {
     }
 }
 
+/// How close to Nyquist a band may sit: an RBJ biquad degenerates at Nyquist itself.
+pub const NYQUIST_MARGIN: f64 = 0.99;
 pub const MIN_OUTPUT_RATE: u32 = 8_000;
 pub const MAX_OUTPUT_RATE: u32 = 384_000;
 
@@ -216,6 +218,27 @@ impl MixSettings {
                     "output.sample_rate",
                     format!("must be between {MIN_OUTPUT_RATE} and {MAX_OUTPUT_RATE} Hz"),
                 ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The output rate these settings give for stems whose highest rate is `highest_stem_rate`.
+    pub fn output_rate(&self, highest_stem_rate: u32) -> u32 {
+        self.output.sample_rate.unwrap_or(highest_stem_rate)
+    }
+
+    /// Checks what depends on the output rate: every EQ band must lie below its Nyquist frequency.
+    pub fn validate_for_rate(&self, rate: u32) -> Result<(), SettingsError> {
+        let nyquist = f64::from(rate) / 2.0;
+        let bands = self
+            .tracks
+            .iter()
+            .flat_map(|(key, track)| track.eq.iter().enumerate().map(move |(i, band)| (format!("tracks.{key}.eq[{i}].freq_hz"), band)))
+            .chain(self.master.eq.iter().enumerate().map(|(i, band)| (format!("master.eq[{i}].freq_hz"), band)));
+        for (field, band) in bands {
+            if band.freq_hz >= nyquist * NYQUIST_MARGIN {
+                return Err(SettingsError::new(field, format!("{} Hz is at or above Nyquist for {rate} Hz output", band.freq_hz)));
             }
         }
         Ok(())
@@ -304,6 +327,14 @@ mod tests {
             let err = MixSettings::from_json(json).and_then(|s| s.validate(&stems()).map(|_| s)).unwrap_err();
             assert_eq!(err.field, field, "{}", String::from_utf8_lossy(json));
         }
+    }
+
+    #[test]
+    fn eq_bands_must_sit_below_the_output_nyquist() {
+        let settings = MixSettings::from_json(br#"{"tracks": {"a1": {"eq": [{"type": "peak", "freq_hz": 23000, "gain_db": 3}]}}}"#).unwrap();
+        assert_eq!(settings.validate_for_rate(44_100).unwrap_err().field, "tracks.a1.eq[0].freq_hz");
+        settings.validate_for_rate(48_000).unwrap();
+        assert_eq!(settings.output_rate(48_000), 48_000);
     }
 
     #[test]

@@ -113,14 +113,9 @@ impl StemStore {
         Ok(stems)
     }
 
-    /// What the engine needs to mix the project's stems.
-    pub async fn sources(&self, project: &ProjectId) -> io::Result<Vec<StemSource>> {
-        Ok(self
-            .list(project)
-            .await?
-            .into_iter()
-            .map(|stem| StemSource { id: stem.stem_id.to_string(), path: self.audio_path(project, &stem), name: stem.name })
-            .collect())
+    /// What the engine needs to mix this stem.
+    pub fn source(&self, project: &ProjectId, stem: &Stem) -> StemSource {
+        StemSource { id: stem.stem_id.to_string(), path: self.audio_path(project, stem), name: stem.name.clone() }
     }
 
     /// Removes a stem; false when there was no such stem.

@@ -40,6 +40,7 @@ async fn every_error_answers_with_its_code_status_and_envelope() {
         ("/api/mix/p1/mix/start", r#"{"tracks": {"nobody.wav": {}}}"#, 422, "INVALID_SETTINGS"),
         ("/mix/p1/mix/start", r#"{"master": {"compressor": {"ratio": 0.5}}}"#, 422, "INVALID_SETTINGS"),
         ("/mix/p1/mix/start", r#"{"output": {"bit_depth": 12}}"#, 422, "INVALID_SETTINGS"),
+        ("/mix/p1/mix/start", r#"{"master": {"eq": [{"type": "highshelf", "freq_hz": 30000, "gain_db": 2}]}}"#, 422, "INVALID_SETTINGS"),
         ("/mix/p1/mix/start", "{not json", 422, "INVALID_SETTINGS"),
         ("/projects/p1/stems", "", 400, "NO_FILES"),
     ];
