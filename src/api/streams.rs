@@ -26,6 +26,12 @@ const WS_PING: Duration = Duration::from_secs(20);
 const WS_SEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// Clients only ever send control frames; anything large is abuse.
 const WS_MAX_MESSAGE: usize = 64 * 1024;
+/// tungstenite allocates a 128 KiB read buffer per connection by default: most of an idle
+/// subscriber's memory, for a client that only sends control frames.
+const WS_READ_BUFFER: usize = 4 * 1024;
+/// Each status is written as soon as it is sent (no batching), and a client that lets 1 MiB pile
+/// up is a slow consumer and is closed.
+const WS_WRITE_BUFFER: usize = 0;
 const WS_MAX_WRITE_BUFFER: usize = 1024 * 1024;
 
 #[derive(Deserialize)]
@@ -135,6 +141,8 @@ fn ws(app: &AppState, scope: Scope, upgrade: WebSocketUpgrade) -> Response {
     upgrade
         .max_message_size(WS_MAX_MESSAGE)
         .max_frame_size(WS_MAX_MESSAGE)
+        .read_buffer_size(WS_READ_BUFFER)
+        .write_buffer_size(WS_WRITE_BUFFER)
         .max_write_buffer_size(WS_MAX_WRITE_BUFFER)
         .on_upgrade(move |socket| async move {
             let _counted = guard;

@@ -198,6 +198,19 @@ fn bad_files_give_typed_errors_not_panics() {
 }
 
 #[test]
+fn a_decoder_panic_found_by_the_fuzzer_becomes_a_typed_error() {
+    // cargo fuzz found this input: symphonia 0.5.5's AAC decoder indexes past a 64-entry table.
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/fuzz-aac-decoder-panic.bin");
+    match audio::probe_stem(&path, "fuzzed.m4a") {
+        Err(AudioError::Decode { stem, reason }) => {
+            assert_eq!(stem, "fuzzed.m4a");
+            assert!(reason.contains("crashed"), "{reason}");
+        }
+        other => panic!("expected a contained decoder panic, got {other:?}"),
+    }
+}
+
+#[test]
 fn the_offline_command_mixes_with_a_report_and_fails_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let a = make_audio(dir.path(), "a.wav", "sine=f=220:r=44100:d=2", &[]);

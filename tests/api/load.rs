@@ -20,6 +20,7 @@ fn resident_kib(pid: u32) -> u64 {
 #[ignore = "a load test: run on demand"]
 async fn thousands_of_subscribers_all_end_on_the_terminal_event() {
     let per_transport: usize = std::env::var("MIXD_LOAD_SUBSCRIBERS").ok().and_then(|v| v.parse().ok()).unwrap_or(2000);
+    let subscribers = 2 * per_transport;
     let data = tempfile::tempdir().unwrap();
     let fixtures = tempfile::tempdir().unwrap();
     let stems: Vec<_> = (0..4).map(|i| make_audio(fixtures.path(), &format!("s{i}.wav"), &format!("sine=f={}:r=48000:d=60", 100 + 50 * i), &["-ac", "2"])).collect();
@@ -27,8 +28,6 @@ async fn thousands_of_subscribers_all_end_on_the_terminal_event() {
     let pid = server.child.id().unwrap();
     let app = &server.app;
     app.upload("p1", &stems.iter().map(|p| p.as_path()).collect::<Vec<_>>()).await;
-
-    // The same mix with one subscriber, for comparison; durations come from the job's own stamps.
     let duration = |status: &Value| {
         let stamp = |field: &str| chrono::DateTime::parse_from_rfc3339(status[field].as_str().unwrap()).unwrap();
         (stamp("updated_at") - stamp("created_at")).to_std().unwrap()
@@ -36,24 +35,43 @@ async fn thousands_of_subscribers_all_end_on_the_terminal_event() {
     let (_, job) = app.start_mix("p1", None).await;
     let quiet = duration(app.follow_job("p1", job["data"]["job_id"].as_str().unwrap()).await.last().unwrap());
 
+    // 1. Idle subscribers: project streams with no job running, and they never read.
     let idle_before = resident_kib(pid);
+    let ws_project = app.url("/mix/p1/mix/ws").replace("http://", "ws://");
+    let mut idle_sse = Vec::new();
+    let mut idle_ws = Vec::new();
+    for _ in 0..per_transport {
+        idle_sse.push(SseStream::connect(&app.client, &app.url("/mix/p1/mix/events"), None).await);
+        idle_ws.push(tokio_tungstenite::connect_async(ws_project.clone()).await.expect("upgrade").0);
+    }
+    wait_for_subscribers(app, subscribers).await;
+    let idle_after = resident_kib(pid);
+    let per_idle = idle_after.saturating_sub(idle_before) as f64 / subscribers as f64;
+
+    // 2. Delivery: subscribers gather on a job queued behind another, a tenth of them slow.
+    app.start_mix("p1", None).await;
     let (_, job) = app.start_mix("p1", None).await;
     let job_id = job["data"]["job_id"].as_str().unwrap().to_string();
-    let loaded_start = Instant::now();
     let sse_url = app.url(&format!("/mix/p1/mix/job/{job_id}/events"));
     let ws_url = sse_url.replace("http://", "ws://").replace("/events", "/ws");
+    let started = Instant::now();
     let mut tasks = Vec::new();
+    // One fast subscriber keeps every status, to time the run from its own stamps.
+    let witness = std::sync::Arc::new(std::sync::Mutex::new(Vec::<Value>::new()));
     for i in 0..per_transport {
-        // One in ten reads slowly: 50 ms per event.
         let slow = i % 10 == 0;
         let client = app.client.clone();
         let url = sse_url.clone();
+        let witness = (i == 1).then(|| witness.clone());
         tasks.push(tokio::spawn(async move {
             let mut stream = SseStream::connect(&client, &url, None).await;
             let mut last = Value::Null;
             while let Some(event) = stream.next_event().await {
                 if event.event.as_deref() == Some("status") {
                     last = serde_json::from_str(&event.data).unwrap();
+                    if let Some(witness) = &witness {
+                        witness.lock().unwrap().push(last.clone());
+                    }
                 }
                 if slow {
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -76,49 +94,45 @@ async fn thousands_of_subscribers_all_end_on_the_terminal_event() {
             last["state"].as_str().map(String::from)
         }));
     }
-    // Every subscriber is connected (the server counts them) before memory is read.
+    for task in tasks {
+        let state = tokio::time::timeout(DEADLINE, task).await.expect("every subscriber finishes").unwrap();
+        assert_eq!(state.as_deref(), Some("complete"));
+    }
+    let drained = started.elapsed();
+    let seen = witness.lock().unwrap().clone();
+    let stamp = |status: &Value| chrono::DateTime::parse_from_rfc3339(status["updated_at"].as_str().unwrap()).unwrap();
+    let first_running = seen.iter().find(|s| s["state"] != "queued").expect("the witness saw the job start");
+    let loaded_run = (stamp(seen.last().unwrap()) - stamp(first_running)).to_std().unwrap();
+    eprintln!(
+        "{subscribers} job subscribers (1 in 10 slow) all ended on complete; the mix ran {:.2} s with one subscriber and {:.2} s (from its first running status) with {subscribers}; the slowest reader drained {:.2} s after subscribing",
+        quiet.as_secs_f64(),
+        loaded_run.as_secs_f64(),
+        drained.as_secs_f64()
+    );
+    eprintln!("{subscribers} idle subscribers: server RSS {idle_before} KiB -> {idle_after} KiB, {per_idle:.1} KiB each");
+    assert!(per_idle <= 64.0, "memory per idle subscriber is bounded: {per_idle:.1} KiB");
+
+    // 3. Shutdown with thousands of streams open, none of them reading.
+    let stopping = Instant::now();
+    nix_kill_term(pid);
+    let exited = tokio::time::timeout(Duration::from_secs(15), server.child.wait()).await.expect("exits within the grace period").unwrap();
+    eprintln!("SIGTERM with {} open streams: exited ({exited}) in {:.2} s", idle_sse.len() + idle_ws.len(), stopping.elapsed().as_secs_f64());
+    assert!(exited.success());
+}
+
+async fn wait_for_subscribers(app: &crate::helpers::TestApp, total: usize) {
     let deadline = Instant::now() + DEADLINE;
     loop {
         let metrics = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
         let count = |transport: &str| -> usize {
             metrics.lines().find_map(|l| l.strip_prefix(&format!("mixd_subscribers{{transport=\"{transport}\"}} "))).unwrap().parse().unwrap()
         };
-        if count("sse") + count("ws") >= 2 * per_transport {
-            break;
+        if count("sse") + count("ws") >= total {
+            return;
         }
         assert!(Instant::now() < deadline, "subscribers never all connected");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let connected_rss = resident_kib(pid);
-    let mut complete = 0;
-    for task in tasks {
-        let state = tokio::time::timeout(DEADLINE, task).await.expect("every subscriber finishes").unwrap();
-        assert_eq!(state.as_deref(), Some("complete"));
-        complete += 1;
-    }
-    let (_, finished) = app.get_json(&format!("/mix/p1/mix/job/{job_id}/status")).await;
-    let loaded = duration(&finished["data"]);
-    let drained = loaded_start.elapsed();
-    let subscribers = 2 * per_transport;
-    eprintln!(
-        "{subscribers} subscribers all ended on complete ({complete}); server RSS {idle_before} KiB before, {connected_rss} KiB while connected ({:.1} KiB per subscriber); mix took {:.2} s alone, {:.2} s with subscribers (the slowest reader drained after {:.2} s)",
-        (connected_rss.saturating_sub(idle_before)) as f64 / subscribers as f64,
-        quiet.as_secs_f64(),
-        loaded.as_secs_f64(),
-        drained.as_secs_f64()
-    );
-    assert!((connected_rss.saturating_sub(idle_before)) as f64 / subscribers as f64 <= 64.0, "memory per subscriber is bounded");
-
-    // Shutdown with thousands of open streams: prompt.
-    let mut open = Vec::new();
-    for _ in 0..subscribers {
-        open.push(SseStream::connect(&app.client, &app.url("/mix/p1/mix/events"), None).await);
-    }
-    let stopping = Instant::now();
-    nix_kill_term(pid);
-    let exited = tokio::time::timeout(Duration::from_secs(15), server.child.wait()).await.expect("exits within the grace period").unwrap();
-    eprintln!("SIGTERM with {} open streams: exited ({exited}) in {:.2} s", open.len(), stopping.elapsed().as_secs_f64());
-    assert!(exited.success());
 }
 
 fn nix_kill_term(pid: u32) {
