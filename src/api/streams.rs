@@ -10,14 +10,16 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::{Stream, StreamExt};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
 use super::error::ApiError;
 use super::extract::{ApiPath, ApiQuery, JobPath, ProjectPath};
 use super::mix::find_job;
 use super::AppState;
-use crate::jobs::{feed, JobStatus, ProjectId, Scope, Transport};
+use std::sync::Arc;
+
+use crate::jobs::{feed, JobEvent, ProjectId, Scope, Transport};
 
 const SSE_RETRY: Duration = Duration::from_millis(2000);
 const SSE_KEEP_ALIVE: Duration = Duration::from_secs(15);
@@ -37,13 +39,6 @@ const WS_MAX_WRITE_BUFFER: usize = 1024 * 1024;
 #[derive(Deserialize)]
 pub struct ResumeQuery {
     pub last_event_id: Option<u64>,
-}
-
-#[derive(Serialize)]
-struct WsFrame<'a> {
-    #[serde(rename = "type")]
-    kind: &'static str,
-    data: &'a JobStatus,
 }
 
 /// SSE for one job: `id: <seq>`, `event: status`, the JobStatus as data; closes after the
@@ -121,17 +116,13 @@ async fn ensure_project(app: &AppState, project: &ProjectId) -> Result<(), ApiEr
 fn sse(app: &AppState, scope: Scope, resume_after: Option<u64>) -> Response {
     let guard = app.jobs.metrics().subscriber(Transport::Sse);
     let statuses = feed(&app.jobs, scope, resume_after, app.shutdown.clone());
-    let events = statuses.map(move |status| {
+    let events = statuses.map(move |event| {
         let _counted = &guard;
-        Ok::<_, Infallible>(status_event(&status))
+        Ok::<_, Infallible>(Event::default().id(event.status.seq.to_string()).event("status").data(&*event.json))
     });
     let stream = futures_util::stream::once(async { Ok(Event::default().retry(SSE_RETRY)) }).chain(events);
     let headers = [(header::CACHE_CONTROL, "no-cache"), (header::HeaderName::from_static("x-accel-buffering"), "no")];
     (headers, Sse::new(stream).keep_alive(KeepAlive::new().interval(SSE_KEEP_ALIVE))).into_response()
-}
-
-fn status_event(status: &JobStatus) -> Event {
-    Event::default().id(status.seq.to_string()).event("status").json_data(status).expect("a JobStatus serialises")
 }
 
 fn ws(app: &AppState, scope: Scope, upgrade: WebSocketUpgrade) -> Response {
@@ -152,14 +143,14 @@ fn ws(app: &AppState, scope: Scope, upgrade: WebSocketUpgrade) -> Response {
 
 /// Sends every status as a text frame, pings, and closes: 1000 after a job's terminal event,
 /// 1001 when the server shuts down.
-async fn pump(mut socket: WebSocket, statuses: impl Stream<Item = JobStatus>, shutdown: CancellationToken) {
+async fn pump(mut socket: WebSocket, statuses: impl Stream<Item = Arc<JobEvent>>, shutdown: CancellationToken) {
     let mut statuses = std::pin::pin!(statuses);
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + WS_PING, WS_PING);
     loop {
         tokio::select! {
             next = statuses.next() => {
-                let Some(status) = next else { break };
-                let text = serde_json::to_string(&WsFrame { kind: "status", data: &status }).expect("a JobStatus serialises");
+                let Some(event) = next else { break };
+                let text = format!(r#"{{"type":"status","data":{}}}"#, event.json);
                 match tokio::time::timeout(WS_SEND_TIMEOUT, socket.send(Message::Text(text.into()))).await {
                     Ok(Ok(())) => {}
                     Ok(Err(_)) => return,

@@ -7,6 +7,7 @@
 //! is a full snapshot, so nothing is lost), and never slows a job: the channel never waits.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 
 use futures_util::Stream;
 use tokio::sync::broadcast::error::RecvError;
@@ -14,7 +15,7 @@ use tokio::sync::broadcast::Receiver;
 use tokio_util::sync::CancellationToken;
 
 use super::manager::Jobs;
-use super::model::{JobId, JobStatus, ProjectId, Timestamp};
+use super::model::{JobEvent, JobId, JobStatus, ProjectId, Timestamp};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Scope {
@@ -39,8 +40,8 @@ impl Scope {
 struct Feed {
     jobs: Jobs,
     scope: Scope,
-    events: Receiver<JobStatus>,
-    pending: VecDeque<JobStatus>,
+    events: Receiver<Arc<JobEvent>>,
+    pending: VecDeque<Arc<JobEvent>>,
     /// The last seq sent per job; a job leaves once its terminal event is sent.
     sent: HashMap<JobId, u64>,
     /// When the newest event this feed received was stamped: a resync also sends jobs that
@@ -52,7 +53,7 @@ struct Feed {
 
 /// Snapshot, then changes, for `scope`. With `resume_after` (a per-job `Last-Event-ID`), events
 /// up to that seq are not sent again.
-pub fn feed(jobs: &Jobs, scope: Scope, resume_after: Option<u64>, shutdown: CancellationToken) -> impl Stream<Item = JobStatus> + Send + 'static {
+pub fn feed(jobs: &Jobs, scope: Scope, resume_after: Option<u64>, shutdown: CancellationToken) -> impl Stream<Item = Arc<JobEvent>> + Send + 'static {
     let events = jobs.subscribe_events();
     let mut sent = HashMap::new();
     if let (Scope::Job(job_id), Some(seq)) = (&scope, resume_after) {
@@ -71,11 +72,11 @@ pub fn feed(jobs: &Jobs, scope: Scope, resume_after: Option<u64>, shutdown: Canc
 }
 
 impl Feed {
-    async fn next(&mut self) -> Option<JobStatus> {
+    async fn next(&mut self) -> Option<Arc<JobEvent>> {
         loop {
-            if let Some(status) = self.pending.pop_front() {
-                if let Some(status) = self.admit(status) {
-                    return Some(status);
+            if let Some(event) = self.pending.pop_front() {
+                if self.admit(&event.status) {
+                    return Some(event);
                 }
                 continue;
             }
@@ -86,10 +87,10 @@ impl Feed {
                 biased;
                 _ = self.shutdown.cancelled() => return None,
                 received = self.events.recv() => match received {
-                    Ok(status) => {
-                        self.last_seen = Some(status.updated_at);
-                        if self.scope.matches(&status) {
-                            self.pending.push_back(status);
+                    Ok(event) => {
+                        self.last_seen = Some(event.status.updated_at);
+                        if self.scope.matches(&event.status) {
+                            self.pending.push_back(event);
                         }
                     }
                     Err(RecvError::Lagged(_)) => {
@@ -103,9 +104,9 @@ impl Feed {
     }
 
     /// Whether `status` is news to this subscriber; records it as sent when it is.
-    fn admit(&mut self, status: JobStatus) -> Option<JobStatus> {
+    fn admit(&mut self, status: &JobStatus) -> bool {
         if self.sent.get(&status.job_id).is_some_and(|&seq| status.seq <= seq) {
-            return None;
+            return false;
         }
         if status.state.is_terminal() {
             self.sent.remove(&status.job_id);
@@ -115,7 +116,7 @@ impl Feed {
         } else {
             self.sent.insert(status.job_id, status.seq);
         }
-        Some(status)
+        true
     }
 
     /// Queues the current snapshot of every job in scope this subscriber should know about: live
@@ -132,6 +133,6 @@ impl Feed {
                     }
                 }
         });
-        self.pending.extend(snapshots);
+        self.pending.extend(snapshots.into_iter().map(JobEvent::new));
     }
 }

@@ -23,7 +23,7 @@ use tracing::Instrument;
 
 use super::db::{DbError, JobDb, StoredJob};
 use super::metrics::Metrics;
-use super::model::{ErrorCode, JobChange, JobId, JobState, JobStatus, ProjectId, Progress, TransitionError};
+use super::model::{ErrorCode, JobChange, JobEvent, JobId, JobState, JobStatus, ProjectId, Progress, TransitionError};
 use crate::audio::{self, AudioError, MixObserver, MixReport, MixSettings, Stage, StemSource};
 
 /// Room for bursts of changes; a subscriber that falls further behind is resynchronised.
@@ -61,7 +61,7 @@ pub struct Jobs {
 struct Inner {
     config: JobsConfig,
     state: Mutex<State>,
-    events: broadcast::Sender<JobStatus>,
+    events: broadcast::Sender<Arc<JobEvent>>,
     expiry: Notify,
     metrics: Arc<Metrics>,
 }
@@ -151,7 +151,7 @@ impl Jobs {
         &self.inner.metrics
     }
 
-    pub(super) fn subscribe_events(&self) -> broadcast::Receiver<JobStatus> {
+    pub(super) fn subscribe_events(&self) -> broadcast::Receiver<Arc<JobEvent>> {
         self.inner.events.subscribe()
     }
 
@@ -180,7 +180,7 @@ impl Jobs {
             JobRecord { status: status.clone(), settings, stems, cancel: Arc::default(), idempotency_key, attempts: 0, finished_at: None },
         );
         state.waiting.push_back(job_id);
-        let _ = self.inner.events.send(status.clone());
+        let _ = self.inner.events.send(JobEvent::new(status.clone()));
         tracing::info!(%job_id, "job queued");
         self.schedule(&mut state);
         let status = state.jobs[&job_id].status.clone();
@@ -258,7 +258,7 @@ impl Jobs {
                 }
                 record.status = next.clone();
                 // No receivers is fine: nobody is watching.
-                let _ = self.inner.events.send(next.clone());
+                let _ = self.inner.events.send(JobEvent::new(next.clone()));
                 Some(next)
             }
             Err(TransitionError::Unchanged) => None,

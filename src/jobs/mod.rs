@@ -14,7 +14,7 @@ pub use feed::{feed, Scope};
 pub use manager::{result_url, JobError, Jobs, JobsConfig, Submitted};
 pub use metrics::{Metrics, SubscriberGuard, Transport, MIX_DURATION_BUCKETS};
 pub use model::{
-    ErrorCode, JobChange, JobId, JobState, JobStatus, ProjectId, Progress, StemId, Timestamp, INVALID_JOB_ID, INVALID_PROJECT_ID,
+    ErrorCode, JobChange, JobEvent, JobId, JobState, JobStatus, ProjectId, Progress, StemId, Timestamp, INVALID_JOB_ID, INVALID_PROJECT_ID,
     INVALID_STEM_ID,
 };
 pub use stems::{sanitize_file_name, Stem, StemStore};

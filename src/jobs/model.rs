@@ -247,6 +247,20 @@ pub struct JobStatus {
     pub report: Option<MixReport>,
 }
 
+/// A status as it is published: serialised once, however many subscribers send it on.
+#[derive(Debug)]
+pub struct JobEvent {
+    pub status: JobStatus,
+    pub json: Box<str>,
+}
+
+impl JobEvent {
+    pub fn new(status: JobStatus) -> std::sync::Arc<Self> {
+        let json = serde_json::to_string(&status).expect("a JobStatus serialises").into_boxed_str();
+        std::sync::Arc::new(Self { status, json })
+    }
+}
+
 /// One change to a job. Every change goes through [`JobStatus::apply`].
 #[derive(Debug, Clone, PartialEq)]
 pub enum JobChange {
