@@ -1,0 +1,95 @@
+//! The polling status route under wrk at 64 connections: mixd against the legacy stack
+//! (FastAPI/uvicorn, rebuilt in bench/legacy/), in the same run on the same machine.
+//! `cargo bench --bench polling` (needs wrk, python3 with fastapi and uvicorn; figures in
+//! BENCHMARKS.md). Both answer the same question: a finished job's status in the envelope.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const DURATION: &str = "15s";
+
+fn main() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let data = tempfile::tempdir().unwrap();
+    let (mut mixd, address) = start_mixd(data.path());
+    let stem = data.path().join("stem.wav");
+    run("ffmpeg", &["-nostdin", "-loglevel", "error", "-y", "-f", "lavfi", "-i", "sine=f=440:r=48000:d=2", stem.to_str().unwrap()]);
+    run("curl", &["-sf", "-o", "/dev/null", "-F", &format!("file=@{}", stem.display()), &format!("http://{address}/projects/p1/stems")]);
+    let started = capture("curl", &["-sf", "-X", "POST", &format!("http://{address}/mix/p1/mix/start")]);
+    let job_id = started.split("\"job_id\":\"").nth(1).unwrap().split('"').next().unwrap().to_string();
+    let status_url = format!("http://{address}/mix/p1/mix/job/{job_id}/status");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !capture("curl", &["-sf", &status_url]).contains("\"state\":\"complete\"") {
+        assert!(Instant::now() < deadline, "the mix did not complete");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let ours = wrk(&status_url);
+    mixd.kill().unwrap();
+
+    let port = free_port();
+    let mut legacy = Command::new("python3")
+        .args(["-m", "uvicorn", "app:app", "--app-dir"])
+        .arg(root.join("bench/legacy"))
+        .args(["--host", "127.0.0.1", "--port", &port.to_string(), "--log-level", "warning"])
+        .env("LEGACY_JOB_ID", &job_id)
+        .spawn()
+        .expect("python3 -m uvicorn (pip install fastapi uvicorn)");
+    let legacy_url = format!("http://127.0.0.1:{port}/mix/p1/mix/job/{job_id}/status");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !Command::new("curl").args(["-sf", "-o", "/dev/null", &legacy_url]).status().unwrap().success() {
+        assert!(Instant::now() < deadline, "uvicorn did not start");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let theirs = wrk(&legacy_url);
+    legacy.kill().unwrap();
+
+    println!("| server | requests/s | p50 | p99 |");
+    println!("|---|---|---|---|");
+    println!("| mixd | {:.0} | {} | {} |", ours.0, ours.1, ours.2);
+    println!("| legacy FastAPI/uvicorn | {:.0} | {} | {} |", theirs.0, theirs.1, theirs.2);
+    println!("throughput ratio mixd/legacy: {:.1}x (wrk -t2 -c64 -d{DURATION}, same machine, same run)", ours.0 / theirs.0);
+}
+
+fn start_mixd(data: &Path) -> (Child, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mixd"))
+        .args(["serve", "--addr", "127.0.0.1:0", "--log-format", "json", "--data-dir"])
+        .arg(data)
+        .env("RUST_LOG", "warn,mixd::startup=info")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let mut lines = BufReader::new(stderr).lines();
+    let address = loop {
+        let line = lines.next().expect("mixd exited").unwrap();
+        if let Some(at) = line.find("\"address\":\"") {
+            break line[at + 11..].split('"').next().unwrap().to_string();
+        }
+    };
+    std::thread::spawn(move || lines.for_each(drop));
+    (child, address)
+}
+
+/// Requests per second and the p50/p99 latencies wrk reports.
+fn wrk(url: &str) -> (f64, String, String) {
+    let output = capture("wrk", &["-t2", "-c64", &format!("-d{DURATION}"), "--latency", url]);
+    let value = |prefix: &str| output.lines().find_map(|l| l.trim().strip_prefix(prefix).map(|v| v.trim().to_string())).unwrap_or_else(|| panic!("{prefix} in {output}"));
+    assert!(!output.contains("Non-2xx"), "{output}");
+    (value("Requests/sec:").parse().unwrap(), value("50%"), value("99%"))
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn run(program: &str, args: &[&str]) {
+    assert!(Command::new(program).args(args).status().unwrap().success(), "{program} {args:?}");
+}
+
+fn capture(program: &str, args: &[&str]) -> String {
+    let output = Command::new(program).args(args).output().unwrap();
+    assert!(output.status.success(), "{program} {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8(output.stdout).unwrap()
+}
