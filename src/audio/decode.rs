@@ -6,7 +6,7 @@
 //! audio than decodes), absurd rates or channel counts, and panics inside a decoder.
 
 use std::fs::File;
-use std::io::{ErrorKind, Read};
+use std::io::{ErrorKind, Read, Seek, SeekFrom};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 
@@ -14,7 +14,7 @@ use symphonia::core::audio::{Channels, SampleBuffer, SignalSpec};
 use symphonia::core::codecs::{Decoder, DecoderOptions, CODEC_TYPE_AAC, CODEC_TYPE_NULL};
 use symphonia::core::errors::Error as SymphoniaError;
 use symphonia::core::formats::{FormatOptions, FormatReader};
-use symphonia::core::io::MediaSourceStream;
+use symphonia::core::io::{MediaSource, MediaSourceStream};
 use symphonia::core::meta::MetadataOptions;
 use symphonia::core::probe::Hint;
 
@@ -154,7 +154,12 @@ impl StemReader {
         drop(file);
 
         let file = File::open(path).map_err(|source| AudioError::Open { stem: name.to_string(), source })?;
-        let stream = MediaSourceStream::new(Box::new(file), Default::default());
+        let source: Box<dyn MediaSource> = if container == Container::Rf64 {
+            Box::new(Rf64AsRiff::open(file).map_err(|reason| AudioError::unsupported(name, reason))?)
+        } else {
+            Box::new(file)
+        };
+        let stream = MediaSourceStream::new(source, Default::default());
         let mut hint = Hint::new();
         hint.with_extension(container.extension());
         let format_options = FormatOptions { enable_gapless: true, ..Default::default() };
@@ -349,6 +354,92 @@ fn first_decoded_channels(format: &mut dyn FormatReader, decoder: &mut dyn Decod
     None
 }
 
+/// An RF64/BW64 file presented as the RIFF WAV it is underneath, which symphonia 0.5 reads: RF64
+/// moves the sizes that do not fit 32 bits into a `ds64` chunk and writes 0xFFFFFFFF in their
+/// place. The header is copied with the real sizes put back and `ds64` renamed `JUNK` (which WAV
+/// readers skip); the audio data is read from the file untouched. Data over 4 GB cannot be put
+/// back into 32 bits and is refused (it would also exceed the 12-hour stem limit at most rates).
+struct Rf64AsRiff {
+    file: File,
+    header: Vec<u8>,
+    position: u64,
+    length: u64,
+}
+
+impl Rf64AsRiff {
+    const MAX_HEADER: u64 = 1 << 20;
+
+    fn open(mut file: File) -> Result<Self, String> {
+        let length = file.metadata().map_err(|e| e.to_string())?.len();
+        let mut head = Vec::new();
+        (&mut file).take(Self::MAX_HEADER).read_to_end(&mut head).map_err(|e| e.to_string())?;
+        let u32_at = |at: usize| head.get(at..at + 4).map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")));
+        let u64_at = |at: usize| head.get(at..at + 8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
+        if head.get(12..16) != Some(b"ds64") {
+            return Err("an RF64 file without its ds64 chunk".into());
+        }
+        let (Some(riff_size), Some(data_size)) = (u64_at(20), u64_at(28)) else { return Err("a truncated ds64 chunk".into()) };
+        let mut offset = 12usize;
+        let data_header = loop {
+            let (Some(id), Some(size)) = (head.get(offset..offset + 4), u32_at(offset + 4)) else {
+                return Err("no data chunk in the first MiB of the RF64 file".into());
+            };
+            if id == b"data" {
+                break offset;
+            }
+            offset += 8 + size as usize + (size as usize % 2);
+        };
+        let data_size = u32::try_from(data_size).map_err(|_| "RF64 audio data over 4 GB is not supported".to_string())?;
+        let mut header = head[..data_header + 8].to_vec();
+        header[..4].copy_from_slice(b"RIFF");
+        header[4..8].copy_from_slice(&u32::try_from(riff_size).unwrap_or(u32::MAX).to_le_bytes());
+        header[12..16].copy_from_slice(b"JUNK");
+        header[data_header + 4..data_header + 8].copy_from_slice(&data_size.to_le_bytes());
+        file.seek(SeekFrom::Start(0)).map_err(|e| e.to_string())?;
+        Ok(Self { file, header, position: 0, length })
+    }
+}
+
+impl Read for Rf64AsRiff {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let header_len = self.header.len() as u64;
+        let read = if self.position < header_len {
+            let start = self.position as usize;
+            let count = buf.len().min(self.header.len() - start);
+            buf[..count].copy_from_slice(&self.header[start..start + count]);
+            self.file.seek(SeekFrom::Start(self.position + count as u64))?;
+            count
+        } else {
+            self.file.read(buf)?
+        };
+        self.position += read as u64;
+        Ok(read)
+    }
+}
+
+impl Seek for Rf64AsRiff {
+    fn seek(&mut self, to: SeekFrom) -> std::io::Result<u64> {
+        let target = match to {
+            SeekFrom::Start(at) => Some(at),
+            SeekFrom::Current(delta) => self.position.checked_add_signed(delta),
+            SeekFrom::End(delta) => self.length.checked_add_signed(delta),
+        }
+        .ok_or_else(|| std::io::Error::new(ErrorKind::InvalidInput, "seek before the start"))?;
+        self.position = self.file.seek(SeekFrom::Start(target))?;
+        Ok(self.position)
+    }
+}
+
+impl MediaSource for Rf64AsRiff {
+    fn is_seekable(&self) -> bool {
+        true
+    }
+
+    fn byte_len(&self) -> Option<u64> {
+        Some(self.length)
+    }
+}
+
 fn read_up_to(file: &mut File, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut filled = 0;
     while filled < buf.len() {
@@ -387,6 +478,8 @@ fn contain_panic<T>(stem: &str, f: impl FnOnce() -> Result<T, AudioError>) -> Re
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Container {
     Wav,
+    /// RF64/BW64: WAV with 64-bit sizes, read through [`Rf64AsRiff`].
+    Rf64,
     Flac,
     Mp3,
     Ogg,
@@ -398,7 +491,7 @@ enum Container {
 impl Container {
     fn extension(self) -> &'static str {
         match self {
-            Container::Wav => "wav",
+            Container::Wav | Container::Rf64 => "wav",
             Container::Flac => "flac",
             Container::Mp3 => "mp3",
             Container::Ogg => "ogg",
@@ -420,8 +513,8 @@ fn sniff_container(magic: &[u8]) -> Result<Container, String> {
     if starts(b"RIFF") && at(8, b"WAVE") {
         return Ok(Container::Wav);
     }
-    if starts(b"RF64") || starts(b"BW64") {
-        return Err("RF64/BW64 (64-bit) WAV is not supported; export a standard WAV under 4 GB".into());
+    if (starts(b"RF64") || starts(b"BW64")) && at(8, b"WAVE") {
+        return Ok(Container::Rf64);
     }
     if starts(b"RIFX") {
         return Err("big-endian WAV (RIFX) is not supported".into());
@@ -497,7 +590,8 @@ mod tests {
         assert_eq!(sniff_container(b"\0\0\0\x20ftypM4A "), Ok(Container::Mp4));
         assert_eq!(sniff_container(&[0xFF, 0xF1, 0x50]), Ok(Container::Adts));
         assert_eq!(sniff_container(&[0xFF, 0xFB, 0x90]), Ok(Container::Mp3));
-        assert!(sniff_container(b"RF64\xff\xff\xff\xffWAVE").unwrap_err().contains("RF64"));
+        assert_eq!(sniff_container(b"RF64\xff\xff\xff\xffWAVEds64"), Ok(Container::Rf64));
+        assert!(sniff_container(b"RIFX\0\0\0\0WAVE").unwrap_err().contains("big-endian"));
         assert!(sniff_container(b"").unwrap_err().contains("empty"));
         assert!(sniff_container(b"hello, world").unwrap_err().contains("not a recognised"));
         assert!(sniff_container(b"\x89PNG\r\n\x1a\n").is_err());

@@ -56,11 +56,12 @@ fn snr_db(reference: &[f32], test: &[f32]) -> f64 {
 fn every_format_decodes_like_ffmpeg() {
     let dir = tempfile::tempdir().unwrap();
     // (file, ffmpeg encoder arguments, least SNR against ffmpeg's own decode of the same file)
-    let cases: [(&str, &[&str], f64); 11] = [
+    let cases: [(&str, &[&str], f64); 12] = [
         ("s16.wav", &["-c:a", "pcm_s16le"], 120.0),
         ("s24.wav", &["-c:a", "pcm_s24le"], 120.0),
         ("s32.wav", &["-c:a", "pcm_s32le"], 120.0),
         ("f32.wav", &["-c:a", "pcm_f32le"], 120.0),
+        ("rf64.wav", &["-c:a", "pcm_s24le", "-rf64", "always"], 120.0),
         ("u8.wav", &["-c:a", "pcm_u8"], 120.0),
         ("x.flac", &["-c:a", "flac"], 120.0),
         ("x.aiff", &["-c:a", "pcm_s16be"], 120.0),
