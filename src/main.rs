@@ -71,7 +71,8 @@ fn main() -> ExitCode {
 fn serve(config: Config) -> Result<(), String> {
     mixd::telemetry::init(config.log_format);
     let runtime = tokio::runtime::Runtime::new().map_err(|err| format!("starting the runtime: {err}"))?;
-    runtime.block_on(async {
+    let grace = config.shutdown_grace;
+    let served = runtime.block_on(async {
         let app = Application::build(config).await.map_err(|err| format!("{err:#}"))?;
         let shutdown = app.shutdown_token();
         tokio::spawn(async move {
@@ -80,7 +81,11 @@ fn serve(config: Config) -> Result<(), String> {
             shutdown.cancel();
         });
         app.run_until_stopped().await.map_err(|err| format!("server error: {err}"))
-    })
+    });
+    // A mix still running on the blocking pool would hold a plain drop of the runtime until it
+    // ends. Its job is unfinished in the store, so the next start re-queues it: stop waiting.
+    runtime.shutdown_timeout(grace);
+    served
 }
 
 async fn wait_for_signal() {

@@ -84,3 +84,38 @@ async fn jobs_survive_kill_9_and_resume_under_the_same_id() {
     assert_eq!(repeat.status(), 200);
     assert_eq!(repeat.json::<Value>().await.unwrap()["data"]["job_id"], queued_id.as_str());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_does_not_wait_for_a_running_mix_which_resumes_at_the_next_start() {
+    let data = tempfile::tempdir().unwrap();
+    let fixtures = tempfile::tempdir().unwrap();
+    let stem = make_audio(fixtures.path(), "a.wav", "sine=f=220:r=48000:d=20", &["-ac", "2"]);
+    let mut first = start_server(data.path(), fixtures.path(), &["--shutdown-grace", "1s"]).await;
+    let app = &first.app;
+    assert_eq!(app.upload("p1", &[&stem]).await.0, 201);
+    // Ten minutes of mix (the stem starts at 9:40): long enough to be mid-run at the signal.
+    let (_, started) = app.start_mix("p1", Some(serde_json::json!({"tracks": {"a.wav": {"offset_ms": 580000}}}))).await;
+    let job_id = started["data"]["job_id"].as_str().unwrap().to_string();
+    let mut events = SseStream::connect(&app.client, &app.url(&format!("/mix/p1/mix/job/{job_id}/events")), None).await;
+    loop {
+        let event = events.next_event().await.expect("events until the signal");
+        if event.event.as_deref() == Some("status") && event.data.contains("\"state\":\"processing_tracks\"") {
+            break;
+        }
+    }
+    let pid = first.child.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let exited = first.child.wait().await.unwrap();
+    assert!(exited.success(), "{exited}");
+    assert!(events.next_event().await.is_none(), "the stream ended with the server");
+    // Had the process waited for the engine, the engine would have written its file first.
+    let output = data.path().join(format!("p1/mix_outputs/{job_id}/final_mix.wav"));
+    assert!(!output.exists(), "shutdown waited for the running mix");
+
+    let second = start_server(data.path(), fixtures.path(), &[]).await;
+    let (_, status) = second.app.get_json(&format!("/mix/p1/mix/job/{job_id}/status")).await;
+    assert_ne!(status["data"]["state"], "complete");
+    let statuses = second.app.follow_job("p1", &job_id).await;
+    assert_eq!(statuses.last().unwrap()["state"], "complete");
+    assert!(output.is_file());
+}

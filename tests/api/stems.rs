@@ -145,6 +145,16 @@ async fn a_client_that_disconnects_mid_upload_leaves_no_file() {
     assert_eq!(status, 200);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_files_in_one_upload_are_refused() {
+    let app = crate::helpers::spawn_app_with(|config| config.max_files = 2).await;
+    let stem = app.fixture("a.wav", "sine=f=440:r=44100:d=1", &[]);
+    let (status, body) = app.upload("p1", &[&stem, &stem, &stem]).await;
+    assert_eq!((status, body["error"].as_str()), (400, Some("TOO_MANY_FILES")), "{body}");
+    let (_, listed) = app.get_json("/projects/p1/stems").await;
+    assert_eq!(listed["data"]["stems"].as_array().unwrap().len(), 0, "all or nothing");
+}
+
 async fn spawn_app_small_limit() -> crate::helpers::TestApp {
     crate::helpers::spawn_app_with(|config| config.max_upload_mb = 1).await
 }
