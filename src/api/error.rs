@@ -92,10 +92,6 @@ impl ApiError {
         }
     }
 
-    pub fn code(&self) -> &'static str {
-        self.status_and_code().1
-    }
-
     /// On the status routes an internal failure keeps the legacy `JOB_STATUS_ERROR` code.
     pub fn on_status_route(self) -> Self {
         match self {

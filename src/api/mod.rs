@@ -19,9 +19,6 @@ use tokio_util::sync::CancellationToken;
 use tower_http::services::ServeDir;
 use tower_http::trace::TraceLayer;
 
-pub use error::{ApiError, Envelope};
-pub use openapi::ApiDoc;
-
 use crate::config::Config;
 use crate::jobs::{Jobs, StemStore};
 

@@ -18,7 +18,7 @@ mod true_peak;
 
 use std::path::PathBuf;
 
-pub use decode::{probe_stem, StemInfo, StemReader, StereoBuffer, MAX_CHANNELS, MAX_PROBE_TIME, MAX_RATE, MIN_RATE};
+pub use decode::{probe_stem, StemInfo, StemReader, StereoBuffer, MAX_PROBE_TIME};
 pub use master::Loudness;
 pub use pipeline::{mix, MixReport, StemReport};
 pub use settings::{
@@ -47,9 +47,6 @@ pub enum Stage {
 }
 
 impl Stage {
-    pub const ALL: [Stage; 6] =
-        [Stage::LoadingStems, Stage::AligningStems, Stage::ProcessingTracks, Stage::Mixing, Stage::Mastering, Stage::Exporting];
-
     /// The share of a whole job's 0-100 progress this stage spans, by its typical cost.
     pub fn percent_span(self) -> (f64, f64) {
         match self {
