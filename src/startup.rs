@@ -19,7 +19,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::api::{router, AppState};
 use crate::config::Config;
-use crate::jobs::{Jobs, JobsConfig, StemStore};
+use crate::jobs::{Jobs, JobsConfig, StemStore, EVENT_BUFFER};
 
 pub struct Application {
     listener: TcpListener,
@@ -41,6 +41,7 @@ impl Application {
                 job_ttl: config.job_ttl,
                 output_retention: config.output_retention,
                 media_root: config.data_dir.clone(),
+                event_buffer: EVENT_BUFFER,
             },
             shutdown.clone(),
         )

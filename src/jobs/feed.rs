@@ -47,6 +47,11 @@ struct Feed {
     /// When the newest event this feed received was stamped: a resync also sends jobs that
     /// finished after it.
     last_seen: Option<Timestamp>,
+    /// After a resync, the seq each snapshot covered. The channel may still hold older events
+    /// for those jobs (a finished job included, which `sent` no longer tracks); they are stale
+    /// until the backlog retained at the resync has been received.
+    covered: HashMap<JobId, u64>,
+    backlog: usize,
     finished: bool,
     shutdown: CancellationToken,
 }
@@ -59,7 +64,18 @@ pub fn feed(jobs: &Jobs, scope: Scope, resume_after: Option<u64>, shutdown: Canc
     if let (Scope::Job(job_id), Some(seq)) = (&scope, resume_after) {
         sent.insert(*job_id, seq);
     }
-    let mut feed = Feed { jobs: jobs.clone(), scope, events, pending: VecDeque::new(), sent, last_seen: None, finished: false, shutdown };
+    let mut feed = Feed {
+        jobs: jobs.clone(),
+        scope,
+        events,
+        pending: VecDeque::new(),
+        sent,
+        last_seen: None,
+        covered: HashMap::new(),
+        backlog: 0,
+        finished: false,
+        shutdown,
+    };
     feed.queue_snapshots(false);
     if matches!(feed.scope, Scope::Job(_)) && feed.pending.is_empty() && feed.sent.is_empty() {
         // The job does not exist (any more): nothing will ever come.
@@ -88,6 +104,10 @@ impl Feed {
                 _ = self.shutdown.cancelled() => return None,
                 received = self.events.recv() => match received {
                     Ok(event) => {
+                        self.backlog = self.backlog.saturating_sub(1);
+                        if self.backlog == 0 {
+                            self.covered.clear();
+                        }
                         self.last_seen = Some(event.status.updated_at);
                         if self.scope.matches(&event.status) {
                             self.pending.push_back(event);
@@ -105,7 +125,8 @@ impl Feed {
 
     /// Whether `status` is news to this subscriber; records it as sent when it is.
     fn admit(&mut self, status: &JobStatus) -> bool {
-        if self.sent.get(&status.job_id).is_some_and(|&seq| status.seq <= seq) {
+        let stale = |seen: &HashMap<JobId, u64>| seen.get(&status.job_id).is_some_and(|&seq| status.seq <= seq);
+        if stale(&self.sent) || stale(&self.covered) {
             return false;
         }
         if status.state.is_terminal() {
@@ -133,6 +154,53 @@ impl Feed {
                     }
                 }
         });
+        if resync {
+            // Every event still retained was sent before this snapshot was read, so once that
+            // many have been received nothing older than the snapshot can arrive.
+            self.covered = snapshots.iter().map(|status| (status.job_id, status.seq)).collect();
+            self.backlog = self.events.len();
+            if self.backlog == 0 {
+                self.covered.clear();
+            }
+        }
         self.pending.extend(snapshots.into_iter().map(JobEvent::new));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use futures_util::StreamExt;
+
+    use super::*;
+    use crate::audio::MixSettings;
+    use crate::jobs::manager::{JobsConfig, Submitted};
+
+    #[tokio::test]
+    async fn a_lagging_subscriber_never_sees_a_finished_job_go_back() {
+        let dir = tempfile::tempdir().unwrap();
+        // No mixer slots and a 4-event channel: jobs only queue, and five changes make a lag.
+        let config = JobsConfig { mix_slots: 0, job_ttl: Duration::from_secs(3600), output_retention: Duration::from_secs(3600), media_root: dir.path().into(), event_buffer: 4 };
+        let jobs = Jobs::open(config, CancellationToken::new()).unwrap();
+        let project: ProjectId = "p1".parse().unwrap();
+        let mut stream = Box::pin(feed(&jobs, Scope::Project(project.clone()), None, CancellationToken::new()));
+
+        let submit = || match jobs.submit(project.clone(), MixSettings::default(), Vec::new(), None).unwrap() {
+            Submitted::New(status) => status.job_id,
+            Submitted::Existing(_) => unreachable!("no idempotency key"),
+        };
+        let _others = [submit(), submit(), submit()];
+        let last = submit();
+        jobs.cancel(&project, last).unwrap();
+
+        let mut seen: Vec<(JobId, u64, bool)> = Vec::new();
+        while let Ok(Some(event)) = tokio::time::timeout(Duration::from_millis(200), stream.next()).await {
+            seen.push((event.status.job_id, event.status.seq, event.status.state.is_terminal()));
+        }
+        let canceled: Vec<_> = seen.iter().filter(|(id, _, _)| *id == last).collect();
+        assert_eq!(canceled.len(), 1, "the canceled job once, as its terminal snapshot: {seen:?}");
+        assert!(canceled[0].2);
+        assert_eq!(jobs.metrics().resyncs(), 1, "the subscriber did lag");
     }
 }

@@ -27,7 +27,7 @@ use super::model::{ErrorCode, JobChange, JobEvent, JobId, JobState, JobStatus, P
 use crate::audio::{self, AudioError, MixObserver, MixReport, MixSettings, Stage, StemSource};
 
 /// Room for bursts of changes; a subscriber that falls further behind is resynchronised.
-const EVENT_BUFFER: usize = 4096;
+pub const EVENT_BUFFER: usize = 4096;
 /// Runs a job may start without finishing (the process died each time) before it is given up on.
 const MAX_ATTEMPTS: u32 = 3;
 
@@ -37,6 +37,8 @@ pub struct JobsConfig {
     pub job_ttl: Duration,
     /// How long output files are kept; at least `job_ttl`, so a job never points at a deleted file.
     pub output_retention: Duration,
+    /// Changes the broadcast channel holds for a subscriber that falls behind ([`EVENT_BUFFER`]).
+    pub event_buffer: usize,
     /// The media root: outputs go to `{media_root}/{project}/mix_outputs/{job}/final_mix.wav`,
     /// the job database to `{media_root}/.mixd/`.
     pub media_root: PathBuf,
@@ -97,7 +99,7 @@ impl Jobs {
         let db = JobDb::open(&config.media_root)?;
         let stored = db.load_all()?;
         let state = State { db, jobs: HashMap::new(), waiting: VecDeque::new(), running: 0, idempotency: HashMap::new() };
-        let (events, _) = broadcast::channel(EVENT_BUFFER);
+        let (events, _) = broadcast::channel(config.event_buffer);
         let jobs = Self {
             inner: Arc::new(Inner { config, state: Mutex::new(state), events, expiry: Notify::new(), metrics: Arc::default() }),
         };
@@ -541,7 +543,13 @@ mod tests {
             db.insert(&failed).unwrap();
             db.insert(&crash_looping).unwrap();
         }
-        let config = JobsConfig { mix_slots: 1, job_ttl: Duration::from_secs(3600), output_retention: Duration::from_secs(3600), media_root: dir.path().to_path_buf() };
+        let config = JobsConfig {
+            mix_slots: 1,
+            job_ttl: Duration::from_secs(3600),
+            output_retention: Duration::from_secs(3600),
+            media_root: dir.path().to_path_buf(),
+            event_buffer: EVENT_BUFFER,
+        };
         let jobs = Jobs::open(config, CancellationToken::new()).unwrap();
 
         assert_eq!(jobs.get(failed.status.job_id), Some(failed.status.clone()), "a finished job answers exactly as before");

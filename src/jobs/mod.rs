@@ -11,7 +11,7 @@ mod stems;
 
 pub use db::DbError;
 pub use feed::{feed, Scope};
-pub use manager::{result_url, JobError, Jobs, JobsConfig, Submitted};
+pub use manager::{result_url, JobError, Jobs, JobsConfig, Submitted, EVENT_BUFFER};
 pub use metrics::{Metrics, SubscriberGuard, Transport, MIX_DURATION_BUCKETS};
 pub use model::{
     ErrorCode, JobChange, JobEvent, JobId, JobState, JobStatus, ProjectId, Progress, StemId, Timestamp, INVALID_JOB_ID, INVALID_PROJECT_ID,
