@@ -5,7 +5,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use futures_util::StreamExt;
 use mixd::config::Config;
 use mixd::startup::Application;
 use serde_json::Value;
@@ -13,6 +12,8 @@ use tempfile::TempDir;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Child;
 use tokio_util::sync::CancellationToken;
+
+pub use crate::sse::SseStream;
 
 /// Long enough for any mix in these tests on a loaded 2-core machine; only a broken server waits it out.
 pub const DEADLINE: Duration = Duration::from_secs(120);
@@ -156,61 +157,6 @@ pub fn assert_contract_step(previous: Option<&Value>, status: &Value) {
         assert!(status["seq"].as_u64() > previous["seq"].as_u64(), "seq must rise");
         assert!(progress >= previous["progress"].as_u64().unwrap(), "progress fell");
         assert!(status["updated_at"].as_str() >= previous["updated_at"].as_str());
-    }
-}
-
-pub struct SseEvent {
-    pub id: Option<String>,
-    pub event: Option<String>,
-    pub data: String,
-    pub retry: Option<u64>,
-}
-
-/// A minimal EventSource: reads frames from a streaming response.
-pub struct SseStream {
-    pub status: u16,
-    pub headers: reqwest::header::HeaderMap,
-    body: std::pin::Pin<Box<dyn futures_util::Stream<Item = reqwest::Result<axum::body::Bytes>> + Send>>,
-    buffer: String,
-}
-
-impl SseStream {
-    pub async fn connect(client: &reqwest::Client, url: &str, last_event_id: Option<u64>) -> Self {
-        let mut request = client.get(url).header("accept", "text/event-stream");
-        if let Some(id) = last_event_id {
-            request = request.header("last-event-id", id.to_string());
-        }
-        let response = request.send().await.expect("SSE request");
-        Self { status: response.status().as_u16(), headers: response.headers().clone(), body: Box::pin(response.bytes_stream()), buffer: String::new() }
-    }
-
-    /// The next frame with content (keep-alive comments are skipped); None when the server closes.
-    pub async fn next_event(&mut self) -> Option<SseEvent> {
-        loop {
-            if let Some(end) = self.buffer.find("\n\n") {
-                let frame: String = self.buffer.drain(..end + 2).collect();
-                let mut event = SseEvent { id: None, event: None, data: String::new(), retry: None };
-                let mut has_field = false;
-                for line in frame.lines() {
-                    let Some((field, value)) = line.split_once(':') else { continue };
-                    let value = value.strip_prefix(' ').unwrap_or(value);
-                    has_field |= !field.is_empty();
-                    match field {
-                        "id" => event.id = Some(value.to_string()),
-                        "event" => event.event = Some(value.to_string()),
-                        "data" => event.data.push_str(value),
-                        "retry" => event.retry = value.parse().ok(),
-                        _ => {}
-                    }
-                }
-                if has_field {
-                    return Some(event);
-                }
-                continue;
-            }
-            let chunk = tokio::time::timeout(DEADLINE, self.body.next()).await.expect("SSE stalled past the deadline")?;
-            self.buffer.push_str(&String::from_utf8_lossy(&chunk.expect("SSE body")));
-        }
     }
 }
 

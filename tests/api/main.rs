@@ -11,5 +11,6 @@ mod jobs;
 mod load;
 mod media;
 mod restart;
+mod sse;
 mod stems;
 mod streams;
