@@ -8,14 +8,14 @@
 //! terminal event. Server, load client and mix share this machine's cores, as in production a
 //! server shares them with its mixes; the client's own work is inside the measured delay.
 
+mod common;
+// The tests' client; this bench reads its status but not its headers.
+#[allow(dead_code)]
 #[path = "../tests/api/sse.rs"]
 mod sse;
 
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use tokio::sync::Semaphore;
@@ -33,7 +33,7 @@ fn main() {
 
 async fn measure(n: usize) {
     let data = tempfile::tempdir().unwrap();
-    let (mut server, address) = start_mixd(data.path());
+    let (mut server, address) = common::start_mixd(env!("CARGO_BIN_EXE_mixd"), data.path(), &["--mix-slots", "1"]);
     let pid = server.id();
     let base = format!("http://{address}");
     let client = reqwest::Client::new();
@@ -49,7 +49,7 @@ async fn measure(n: usize) {
         assert!(client.post(format!("{base}/projects/p1/stems")).multipart(form).send().await.unwrap().status().is_success());
     }
 
-    let idle_before = resident_kib(pid);
+    let idle_before = common::resident_kib(pid);
     let connecting = Arc::new(Semaphore::new(256));
     let mut subscribers = Vec::with_capacity(n);
     for i in 0..n {
@@ -59,6 +59,7 @@ async fn measure(n: usize) {
                 let permit = connecting.acquire_owned().await.unwrap();
                 let mut stream = sse::SseStream::connect(&client, &format!("{base}/mix/p1/mix/events"), None).await;
                 drop(permit);
+                assert_eq!(stream.status, 200);
                 let mut delays = Vec::new();
                 while let Some(event) = stream.next_event().await {
                     if event.event.as_deref() == Some("status") && record(&event.data, &mut delays) {
@@ -82,8 +83,8 @@ async fn measure(n: usize) {
             }
         }));
     }
-    wait_for_subscribers(&client, &base, n).await;
-    let idle_after = resident_kib(pid);
+    common::wait_for_subscribers(&client, &base, n).await;
+    let idle_after = common::resident_kib(pid);
 
     assert!(client.post(format!("{base}/mix/p1/mix/start")).send().await.unwrap().status().is_success());
     let mut delays: Vec<f64> = Vec::new();
@@ -117,43 +118,4 @@ fn record(json: &str, delays: &mut Vec<f64>) -> bool {
     let stamped = chrono::DateTime::parse_from_rfc3339(field("updated_at")).unwrap();
     delays.push((arrived - stamped.with_timezone(&chrono::Utc)).num_microseconds().unwrap() as f64 / 1000.0);
     matches!(field("state"), "complete" | "error")
-}
-
-async fn wait_for_subscribers(client: &reqwest::Client, base: &str, total: usize) {
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        let metrics = client.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
-        let count = |transport: &str| -> usize {
-            metrics.lines().find_map(|l| l.strip_prefix(&format!("mixd_subscribers{{transport=\"{transport}\"}} "))).unwrap().parse().unwrap()
-        };
-        if count("sse") + count("ws") >= total {
-            return;
-        }
-        assert!(Instant::now() < deadline, "subscribers never all connected");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-fn start_mixd(data: &Path) -> (std::process::Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mixd"))
-        .args(["serve", "--addr", "127.0.0.1:0", "--log-format", "json", "--mix-slots", "1", "--data-dir"])
-        .arg(data)
-        .env("RUST_LOG", "warn,mixd::startup=info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let address = loop {
-        let line = lines.next().expect("mixd exited").unwrap();
-        if let Some(at) = line.find("\"address\":\"") {
-            break line[at + 11..].split('"').next().unwrap().to_string();
-        }
-    };
-    std::thread::spawn(move || lines.for_each(drop));
-    (child, address)
-}
-
-fn resident_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap().trim().trim_end_matches(" kB").trim().parse().unwrap()
 }

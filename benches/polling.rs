@@ -3,9 +3,10 @@
 //! `cargo bench --bench polling` (needs wrk, python3 with fastapi and uvicorn; figures in
 //! BENCHMARKS.md). Both answer the same question: a finished job's status in the envelope.
 
-use std::io::{BufRead, BufReader};
+mod common;
+
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const DURATION: &str = "15s";
@@ -13,7 +14,7 @@ const DURATION: &str = "15s";
 fn main() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let data = tempfile::tempdir().unwrap();
-    let (mut mixd, address) = start_mixd(data.path());
+    let (mut mixd, address) = common::start_mixd(env!("CARGO_BIN_EXE_mixd"), data.path(), &[]);
     let stem = data.path().join("stem.wav");
     run("ffmpeg", &["-nostdin", "-loglevel", "error", "-y", "-f", "lavfi", "-i", "sine=f=440:r=48000:d=2", stem.to_str().unwrap()]);
     run("curl", &["-sf", "-o", "/dev/null", "-F", &format!("file=@{}", stem.display()), &format!("http://{address}/projects/p1/stems")]);
@@ -50,26 +51,6 @@ fn main() {
     println!("| mixd | {:.0} | {} | {} |", ours.0, ours.1, ours.2);
     println!("| legacy FastAPI/uvicorn | {:.0} | {} | {} |", theirs.0, theirs.1, theirs.2);
     println!("throughput ratio mixd/legacy: {:.1}x (wrk -t2 -c64 -d{DURATION}, same machine, same run)", ours.0 / theirs.0);
-}
-
-fn start_mixd(data: &Path) -> (Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_mixd"))
-        .args(["serve", "--addr", "127.0.0.1:0", "--log-format", "json", "--data-dir"])
-        .arg(data)
-        .env("RUST_LOG", "warn,mixd::startup=info")
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let mut lines = BufReader::new(stderr).lines();
-    let address = loop {
-        let line = lines.next().expect("mixd exited").unwrap();
-        if let Some(at) = line.find("\"address\":\"") {
-            break line[at + 11..].split('"').next().unwrap().to_string();
-        }
-    };
-    std::thread::spawn(move || lines.for_each(drop));
-    (child, address)
 }
 
 /// Requests per second and the p50/p99 latencies wrk reports.

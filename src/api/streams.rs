@@ -103,10 +103,10 @@ pub async fn global_ws(State(app): State<AppState>, upgrade: WebSocketUpgrade) -
     ws(&app, Scope::All, upgrade)
 }
 
-/// A project exists once it has a stem; one whose stems were deleted still has its jobs.
+/// A project exists once it has a stem; one whose stems were deleted still has its jobs. Jobs are
+/// asked first: they are in memory, and the stems are records on disk.
 async fn ensure_project(app: &AppState, project: &ProjectId) -> Result<(), ApiError> {
-    let has_stems = !app.stems.list(project).await.map_err(ApiError::storage)?.is_empty();
-    if has_stems || !app.jobs.for_project(project).is_empty() {
+    if app.jobs.has_project(project) || !app.stems.list(project).await.map_err(ApiError::storage)?.is_empty() {
         Ok(())
     } else {
         Err(ApiError::ProjectNotFound)

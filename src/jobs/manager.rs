@@ -200,6 +200,10 @@ impl Jobs {
         jobs
     }
 
+    pub fn has_project(&self, project: &ProjectId) -> bool {
+        self.lock().jobs.values().any(|r| &r.status.project_id == project)
+    }
+
     /// Every job matching `filter`, oldest first.
     pub fn matching(&self, filter: impl Fn(&JobStatus) -> bool) -> Vec<JobStatus> {
         let mut jobs: Vec<JobStatus> = self.lock().jobs.values().map(|r| &r.status).filter(|s| filter(s)).cloned().collect();

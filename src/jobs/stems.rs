@@ -120,7 +120,12 @@ impl StemStore {
 
     /// Removes a stem; false when there was no such stem.
     pub async fn delete(&self, project: &ProjectId, stem_id: StemId) -> io::Result<bool> {
-        let Some(stem) = self.list(project).await?.into_iter().find(|s| s.stem_id == stem_id) else { return Ok(false) };
+        let record = match tokio::fs::read(self.record_path(project, stem_id)).await {
+            Ok(bytes) => bytes,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(err) => return Err(err),
+        };
+        let stem: Stem = serde_json::from_slice(&record).map_err(io::Error::other)?;
         // The record goes first: a stem without a record is invisible, the reverse would be listed.
         tokio::fs::remove_file(self.record_path(project, stem_id)).await?;
         match tokio::fs::remove_file(self.audio_path(project, &stem)).await {

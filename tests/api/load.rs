@@ -9,12 +9,8 @@ use futures_util::StreamExt;
 use serde_json::Value;
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::common;
 use crate::helpers::{make_audio, start_server, SseStream, DEADLINE};
-
-fn resident_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).unwrap().trim().trim_end_matches(" kB").trim().parse().unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a load test: run on demand"]
@@ -36,7 +32,7 @@ async fn thousands_of_subscribers_all_end_on_the_terminal_event() {
     let quiet = duration(app.follow_job("p1", job["data"]["job_id"].as_str().unwrap()).await.last().unwrap());
 
     // 1. Idle subscribers: project streams with no job running, and they never read.
-    let idle_before = resident_kib(pid);
+    let idle_before = common::resident_kib(pid);
     let ws_project = app.url("/mix/p1/mix/ws").replace("http://", "ws://");
     let mut idle_sse = Vec::new();
     let mut idle_ws = Vec::new();
@@ -44,8 +40,8 @@ async fn thousands_of_subscribers_all_end_on_the_terminal_event() {
         idle_sse.push(SseStream::connect(&app.client, &app.url("/mix/p1/mix/events"), None).await);
         idle_ws.push(tokio_tungstenite::connect_async(ws_project.clone()).await.expect("upgrade").0);
     }
-    wait_for_subscribers(app, subscribers).await;
-    let idle_after = resident_kib(pid);
+    common::wait_for_subscribers(&app.client, &app.address, subscribers).await;
+    let idle_after = common::resident_kib(pid);
     let per_idle = idle_after.saturating_sub(idle_before) as f64 / subscribers as f64;
 
     // 2. Delivery: subscribers gather on a job queued behind another, a tenth of them slow.
@@ -118,21 +114,6 @@ async fn thousands_of_subscribers_all_end_on_the_terminal_event() {
     let exited = tokio::time::timeout(Duration::from_secs(15), server.child.wait()).await.expect("exits within the grace period").unwrap();
     eprintln!("SIGTERM with {} open streams: exited ({exited}) in {:.2} s", idle_sse.len() + idle_ws.len(), stopping.elapsed().as_secs_f64());
     assert!(exited.success());
-}
-
-async fn wait_for_subscribers(app: &crate::helpers::TestApp, total: usize) {
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        let metrics = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
-        let count = |transport: &str| -> usize {
-            metrics.lines().find_map(|l| l.strip_prefix(&format!("mixd_subscribers{{transport=\"{transport}\"}} "))).unwrap().parse().unwrap()
-        };
-        if count("sse") + count("ws") >= total {
-            return;
-        }
-        assert!(Instant::now() < deadline, "subscribers never all connected");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 fn nix_kill_term(pid: u32) {

@@ -2,6 +2,8 @@
 //! to it over real HTTP, SSE and WebSocket. One binary, as zero2prod does, so it links once.
 
 mod abuse;
+#[path = "../../benches/common/mod.rs"]
+mod common;
 mod corpus;
 mod disk_full;
 mod engine;
