@@ -83,6 +83,11 @@ impl Application {
                     continue;
                 }
             };
+            // Live events are small writes in quick succession: with Nagle's algorithm on, the
+            // second would wait for the client's delayed ACK (up to 40 ms on Linux).
+            if let Err(err) = stream.set_nodelay(true) {
+                tracing::debug!(%err, "could not disable Nagle's algorithm on a connection");
+            }
             let service = TowerToHyperService::new(app.clone());
             let shutdown = shutdown.clone();
             connections.spawn(async move {
