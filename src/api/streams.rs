@@ -9,7 +9,7 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use futures_util::{Stream, StreamExt};
+use futures_util::{FutureExt, SinkExt, Stream, StreamExt};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
@@ -31,9 +31,11 @@ const WS_MAX_MESSAGE: usize = 64 * 1024;
 /// tungstenite allocates a 128 KiB read buffer per connection by default: most of an idle
 /// subscriber's memory, for a client that only sends control frames.
 const WS_READ_BUFFER: usize = 4 * 1024;
-/// Each status is written as soon as it is sent (no batching), and a client that lets 1 MiB pile
-/// up is a slow consumer and is closed.
-const WS_WRITE_BUFFER: usize = 0;
+/// Frames are gathered up to this size before a write, so a batch of statuses is one system
+/// call; a client that lets 1 MiB pile up is a slow consumer and is closed.
+const WS_WRITE_BUFFER: usize = 16 * 1024;
+/// At most this many waiting statuses are sent together.
+const WS_BATCH: usize = 32;
 const WS_MAX_WRITE_BUFFER: usize = 1024 * 1024;
 
 #[derive(Deserialize)]
@@ -144,14 +146,28 @@ fn ws(app: &AppState, scope: Scope, upgrade: WebSocketUpgrade) -> Response {
 /// Sends every status as a text frame, pings, and closes: 1000 after a job's terminal event,
 /// 1001 when the server shuts down.
 async fn pump(mut socket: WebSocket, statuses: impl Stream<Item = Arc<JobEvent>>, shutdown: CancellationToken) {
-    let mut statuses = std::pin::pin!(statuses);
+    let mut statuses = std::pin::pin!(statuses.fuse());
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + WS_PING, WS_PING);
     loop {
         tokio::select! {
             next = statuses.next() => {
                 let Some(event) = next else { break };
-                let text = format!(r#"{{"type":"status","data":{}}}"#, event.json);
-                match tokio::time::timeout(WS_SEND_TIMEOUT, socket.send(Message::Text(text.into()))).await {
+                // Statuses that are already waiting go out in the same write: when thousands of
+                // subscribers fall behind together, each catches up in one system call.
+                let mut batch = vec![event];
+                while batch.len() < WS_BATCH {
+                    match statuses.next().now_or_never() {
+                        Some(Some(event)) => batch.push(event),
+                        _ => break,
+                    }
+                }
+                let send = async {
+                    for event in batch {
+                        socket.feed(Message::Text(format!(r#"{{"type":"status","data":{}}}"#, event.json).into())).await?;
+                    }
+                    socket.flush().await
+                };
+                match tokio::time::timeout(WS_SEND_TIMEOUT, send).await {
                     Ok(Ok(())) => {}
                     Ok(Err(_)) => return,
                     Err(_) => {
