@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::db::{DbError, JobDb, StoredJob};
+use super::engine::EnginePool;
 use super::metrics::Metrics;
 use super::model::{ErrorCode, JobChange, JobEvent, JobId, JobState, JobStatus, ProjectId, Progress, TransitionError};
 use crate::audio::{self, AudioError, MixObserver, MixReport, MixSettings, Stage, StemSource};
@@ -54,6 +55,15 @@ pub enum JobError {
     Store(#[from] DbError),
 }
 
+/// Why the job layer could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error(transparent)]
+    Store(#[from] DbError),
+    #[error("starting the mix engine's threads: {0}")]
+    Engine(std::io::Error),
+}
+
 /// A handle on all jobs; cheap to clone.
 #[derive(Clone)]
 pub struct Jobs {
@@ -66,6 +76,7 @@ struct Inner {
     events: broadcast::Sender<Arc<JobEvent>>,
     expiry: Notify,
     metrics: Arc<Metrics>,
+    engine: EnginePool,
 }
 
 struct State {
@@ -95,13 +106,14 @@ pub enum Submitted {
 impl Jobs {
     /// Opens the job database and restores its jobs: finished ones answer as before, unfinished
     /// ones queue again under the same id. Starts the expiry task, which ends with `shutdown`.
-    pub fn open(config: JobsConfig, shutdown: CancellationToken) -> Result<Self, DbError> {
+    pub fn open(config: JobsConfig, shutdown: CancellationToken) -> Result<Self, OpenError> {
         let db = JobDb::open(&config.media_root)?;
         let stored = db.load_all()?;
         let state = State { db, jobs: HashMap::new(), waiting: VecDeque::new(), running: 0, idempotency: HashMap::new() };
         let (events, _) = broadcast::channel(config.event_buffer);
+        let engine = EnginePool::new(config.mix_slots).map_err(OpenError::Engine)?;
         let jobs = Self {
-            inner: Arc::new(Inner { config, state: Mutex::new(state), events, expiry: Notify::new(), metrics: Arc::default() }),
+            inner: Arc::new(Inner { config, state: Mutex::new(state), events, expiry: Notify::new(), metrics: Arc::default(), engine }),
         };
         jobs.restore(stored);
         tokio::spawn(jobs.clone().expire_finished_jobs(shutdown.clone()));
@@ -424,11 +436,10 @@ impl JobRun {
     async fn run(self) {
         let started = Instant::now();
         let output = self.jobs.output_path(&self.project, self.job_id);
-        let observer = JobObserver { jobs: self.jobs.clone(), job_id: self.job_id, cancel: self.cancel.clone(), last: Mutex::new((JobState::Running, 0)) };
+        let observer = JobObserver::new(self.jobs.clone(), self.job_id, self.cancel.clone());
         let span = tracing::Span::current();
         let (stems, settings, engine_output) = (self.stems.clone(), self.settings.clone(), output.clone());
-        // The engine is CPU work: it runs on the blocking pool, where a panic stays contained.
-        let outcome = tokio::task::spawn_blocking(move || span.in_scope(|| audio::mix(&stems, &settings, &engine_output, &observer))).await;
+        let outcome = self.jobs.inner.engine.run(move || span.in_scope(|| audio::mix(&stems, &settings, &engine_output, &observer))).await;
 
         let change = match outcome {
             Ok(Ok(report)) if !self.cancel.load(Ordering::Relaxed) => self.complete(&output, report).await,
@@ -440,8 +451,9 @@ impl JobRun {
                 tracing::warn!(error = %err, "mix failed");
                 failure(&err)
             }
-            Err(join_error) => {
-                tracing::error!(error = %join_error, "mix engine panicked");
+            Err(panic) => {
+                let panic = panic.downcast_ref::<&str>().copied().or(panic.downcast_ref::<String>().map(String::as_str)).unwrap_or("no message");
+                tracing::error!(%panic, "mix engine panicked");
                 JobChange::Failed { code: ErrorCode::Internal, message: "The mix engine failed unexpectedly".into() }
             }
         };
@@ -496,12 +508,31 @@ fn failure(err: &AudioError) -> JobChange {
     JobChange::Failed { code, message }
 }
 
-/// Turns the engine's stage reports into job changes, one per stage or whole percent.
+/// Progress within a stage is published at most this often. A progress bar needs no more, and
+/// every change is stored and sent to every subscriber: a short mix would otherwise make a
+/// hundred changes in a second. A new stage is published at once.
+const PROGRESS_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Turns the engine's stage reports into job changes: every new stage, and a rise in whole
+/// percent at most once per [`PROGRESS_INTERVAL`].
 struct JobObserver {
     jobs: Jobs,
     job_id: JobId,
     cancel: Arc<AtomicBool>,
-    last: Mutex<(JobState, u8)>,
+    published: Mutex<Published>,
+}
+
+struct Published {
+    state: JobState,
+    progress: u8,
+    at: std::time::Instant,
+}
+
+impl JobObserver {
+    fn new(jobs: Jobs, job_id: JobId, cancel: Arc<AtomicBool>) -> Self {
+        let published = Published { state: JobState::Running, progress: 0, at: std::time::Instant::now() };
+        Self { jobs, job_id, cancel, published: Mutex::new(published) }
+    }
 }
 
 impl MixObserver for JobObserver {
@@ -509,11 +540,17 @@ impl MixObserver for JobObserver {
         let state = JobState::from(stage);
         let progress = Progress::running(stage.percent(fraction));
         {
-            let mut last = self.last.lock().expect("never poisoned");
-            if (state, progress.value()) <= *last {
+            let mut published = self.published.lock().expect("never poisoned");
+            let now = std::time::Instant::now();
+            let news = if state == published.state {
+                progress.value() > published.progress && now.duration_since(published.at) >= PROGRESS_INTERVAL
+            } else {
+                state > published.state
+            };
+            if !news {
                 return;
             }
-            *last = (state, progress.value());
+            *published = Published { state, progress: progress.value(), at: now };
         }
         self.jobs.apply(self.job_id, JobChange::Progress { state, progress, message: stage.label().to_string() });
     }
@@ -568,6 +605,42 @@ mod tests {
         drop(jobs);
         let stored_again = JobDb::open(dir.path()).unwrap().load_all().unwrap();
         assert!(stored_again.iter().any(|j| j.status == given_up));
+    }
+
+    #[tokio::test]
+    async fn progress_within_a_stage_is_published_at_most_once_per_interval_and_every_stage_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        // No mixer slots: the job is started by hand and the engine never runs.
+        let config = JobsConfig { mix_slots: 0, job_ttl: Duration::from_secs(3600), output_retention: Duration::from_secs(3600), media_root: dir.path().into(), event_buffer: EVENT_BUFFER };
+        let jobs = Jobs::open(config, CancellationToken::new()).unwrap();
+        let Submitted::New(queued) = jobs.submit("p1".parse().unwrap(), MixSettings::default(), Vec::new(), None).unwrap() else { unreachable!() };
+        jobs.apply(queued.job_id, JobChange::Started).unwrap();
+        let mut events = jobs.subscribe_events();
+        let observer = JobObserver::new(jobs.clone(), queued.job_id, Arc::new(AtomicBool::new(false)));
+
+        let started = std::time::Instant::now();
+        for stage in [Stage::LoadingStems, Stage::AligningStems, Stage::ProcessingTracks] {
+            for step in 0..=100 {
+                observer.progress(stage, step as f64 / 100.0);
+            }
+        }
+        let elapsed = started.elapsed();
+        // Once the interval has passed, the next rise is published.
+        observer.published.lock().unwrap().at -= PROGRESS_INTERVAL;
+        observer.progress(Stage::ProcessingTracks, 1.0);
+
+        let mut published = Vec::new();
+        while let Ok(event) = events.try_recv() {
+            published.push((event.status.state, event.status.progress.value()));
+        }
+        let (last, reports) = published.split_last().unwrap();
+        let stages: Vec<_> = reports.iter().map(|(state, _)| *state).collect::<std::collections::BTreeSet<_>>().into_iter().collect();
+        assert_eq!(stages, [JobState::LoadingStems, JobState::AligningStems, JobState::ProcessingTracks], "each stage at once: {published:?}");
+        let rises = reports.len() - stages.len();
+        let allowed = (elapsed.as_secs_f64() / PROGRESS_INTERVAL.as_secs_f64()).floor() as usize;
+        assert!(rises <= allowed, "{rises} rises published in {elapsed:?} from 303 reports");
+        assert_eq!(*last, (JobState::ProcessingTracks, 70));
+        assert!(published.windows(2).all(|pair| pair[0] < pair[1]), "never backwards: {published:?}");
     }
 }
 

@@ -3,6 +3,7 @@
 //! live streams are built on.
 
 mod db;
+mod engine;
 mod feed;
 mod manager;
 mod metrics;
@@ -11,7 +12,7 @@ mod stems;
 
 pub use db::DbError;
 pub use feed::{feed, Scope};
-pub use manager::{result_url, JobError, Jobs, JobsConfig, Submitted, EVENT_BUFFER};
+pub use manager::{result_url, JobError, Jobs, JobsConfig, OpenError, Submitted, EVENT_BUFFER};
 pub use metrics::{Metrics, SubscriberGuard, Transport, MIX_DURATION_BUCKETS};
 pub use model::{
     ErrorCode, JobChange, JobEvent, JobId, JobState, JobStatus, ProjectId, Progress, StemId, Timestamp, INVALID_JOB_ID, INVALID_PROJECT_ID,
