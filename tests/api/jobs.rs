@@ -82,7 +82,6 @@ async fn a_mix_is_watched_over_sse_websocket_and_polling_at_once() {
     }
     // Both push transports carry the same final snapshot.
     assert_eq!(sse.last(), ws.last());
-    assert!(sse.iter().filter(|s| s["state"] == "processing_tracks").count() > 5, "progress moves smoothly inside a stage");
 
     let done = sse.last().unwrap();
     let result_url = done["result_url"].as_str().unwrap();

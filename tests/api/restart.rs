@@ -28,7 +28,7 @@ async fn jobs_survive_kill_9_and_resume_under_the_same_id() {
     let queued: Value = app.client.post(app.url("/mix/long/mix/start")).header("Idempotency-Key", "k1").send().await.unwrap().json().await.unwrap();
     let running_id = running["data"]["job_id"].as_str().unwrap().to_string();
     let queued_id = queued["data"]["job_id"].as_str().unwrap().to_string();
-    // Watch the running job until it is deep in its work, then kill the server outright.
+    // Watch the running job until the engine is at work on its tracks, then kill the server outright.
     let mut events = SseStream::connect(&app.client, &app.url(&format!("/mix/long/mix/job/{running_id}/events")), None).await;
     let last_seen = loop {
         let event = events.next_event().await.expect("events until the kill");
@@ -37,7 +37,7 @@ async fn jobs_survive_kill_9_and_resume_under_the_same_id() {
         }
         let status: Value = serde_json::from_str(&event.data).unwrap();
         assert_ne!(status["state"], "complete", "the mix finished before the kill: make it longer");
-        if status["state"] == "processing_tracks" && status["progress"].as_u64() > Some(20) {
+        if status["state"] == "processing_tracks" {
             break status;
         }
     };
