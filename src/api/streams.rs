@@ -28,9 +28,10 @@ const WS_PING: Duration = Duration::from_secs(20);
 const WS_SEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// Clients only ever send control frames; anything large is abuse.
 const WS_MAX_MESSAGE: usize = 64 * 1024;
-/// tungstenite allocates a 128 KiB read buffer per connection by default: most of an idle
-/// subscriber's memory, for a client that only sends control frames.
-const WS_READ_BUFFER: usize = 4 * 1024;
+/// tungstenite allocates a 128 KiB read buffer per connection by default, and zero-fills all of
+/// it on every read: most of an idle subscriber's memory, for a client that only sends control
+/// frames (at most 131 bytes). Larger messages still arrive: the buffer grows for them.
+const WS_READ_BUFFER: usize = 1024;
 /// Frames are gathered up to this size before a write, so a batch of statuses is one system
 /// call; a client that lets 1 MiB pile up is a slow consumer and is closed.
 const WS_WRITE_BUFFER: usize = 16 * 1024;
