@@ -70,13 +70,15 @@ pub fn master(bus: &mut StereoBuffer, settings: &MasterSettings, rate: u32, obse
 
     // The envelope is exact at sample points; between them a gain change can leave a few
     // hundredths of a dB. One linear trim removes it, since true peak scales with gain.
-    let peak = true_peak(bus);
+    let mut peak = true_peak(bus);
     if peak > ceiling {
         let trim = ceiling / peak;
         bus.left.iter_mut().chain(bus.right.iter_mut()).for_each(|x| *x *= trim);
+        // The interpolation is linear, so the trimmed peak needs no second pass.
+        peak *= trim;
     }
     report(0.9);
-    let loudness = measure(bus, rate, Some(true_peak(bus)))?;
+    let loudness = measure(bus, rate, Some(peak))?;
     report(1.0);
     Ok(loudness)
 }
