@@ -30,10 +30,27 @@ const MANY_JOBS: usize = 10;
 /// Connections opening at once; more overflow the listen backlog.
 const CONNECTING: usize = 256;
 
+/// Every other subscriber is SSE, the rest WebSocket.
+#[derive(Clone, Copy, PartialEq)]
+enum Transport {
+    Sse,
+    WebSocket,
+}
+
+impl Transport {
+    fn of(subscriber: usize) -> Self {
+        if subscriber % 2 == 0 {
+            Transport::Sse
+        } else {
+            Transport::WebSocket
+        }
+    }
+}
+
 fn main() {
     let sizes: Vec<usize> = std::env::var("MIXD_FANOUT_N").unwrap_or_else(|_| "1000,5000,15000".into()).split(',').map(|n| n.trim().parse().unwrap()).collect();
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    println!("| scenario | subscribers | events delivered | p50 delay | p99 delay | max delay | server RSS per idle subscriber | CPU per delivery: server (incl. mix) / client |");
+    println!("| scenario | subscribers | events delivered | p50 delay | p99 delay | max delay | server RSS per idle subscriber: SSE / WebSocket | CPU per delivery: server (incl. mix) / client |");
     println!("|---|---|---|---|---|---|---|---|");
     let seconds: u32 = std::env::var("MIXD_FANOUT_SECONDS").map_or(60, |s| s.parse().unwrap());
     for &n in &sizes {
@@ -59,23 +76,26 @@ async fn measure(n: usize, projects: usize, seconds: u32) {
         }
     }
 
-    let idle_before = common::resident_kib(pid);
+    // SSE subscribers first, then WebSocket ones: their idle costs differ, so each is read alone.
     let connecting = Arc::new(Semaphore::new(CONNECTING));
-    let subscribers: Vec<_> = (0..n)
-        .map(|i| {
+    let mut subscribers = Vec::with_capacity(n);
+    let mut idle_kib = Vec::new();
+    for transport in [Transport::Sse, Transport::WebSocket] {
+        let before = common::resident_kib(pid);
+        let count = (0..n).filter(|i| Transport::of(*i) == transport).count();
+        for i in (0..n).filter(|i| Transport::of(*i) == transport) {
             let (address, connecting) = (address.clone(), connecting.clone());
-            let project = i % projects;
-            tokio::spawn(async move {
-                if i / projects % 2 == 0 {
-                    sse_subscriber(&address, &format!("/mix/p{project}/mix/events"), connecting).await
-                } else {
-                    ws_subscriber(&address, &format!("/mix/p{project}/mix/ws"), connecting).await
+            let project = i / 2 % projects;
+            subscribers.push(tokio::spawn(async move {
+                match transport {
+                    Transport::Sse => sse_subscriber(&address, &format!("/mix/p{project}/mix/events"), connecting).await,
+                    Transport::WebSocket => ws_subscriber(&address, &format!("/mix/p{project}/mix/ws"), connecting).await,
                 }
-            })
-        })
-        .collect();
-    common::wait_for_subscribers(&client, &base, n).await;
-    let idle_after = common::resident_kib(pid);
+            }));
+        }
+        common::wait_for_subscribers(&client, &base, subscribers.len()).await;
+        idle_kib.push(common::resident_kib(pid).saturating_sub(before) as f64 / count as f64);
+    }
 
     let cpu_before = (common::cpu_seconds(pid), common::cpu_seconds(std::process::id()));
     for project in 0..projects {
@@ -90,12 +110,13 @@ async fn measure(n: usize, projects: usize, seconds: u32) {
     let percentile = |p: f64| delays[((delays.len() as f64 - 1.0) * p).round() as usize];
     let scenario = if projects == 1 { "one job".to_string() } else { format!("{projects} jobs") };
     println!(
-        "| {scenario} | {n} | {} | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} KiB | {:.1} / {:.1} µs |",
+        "| {scenario} | {n} | {} | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} / {:.1} KiB | {:.1} / {:.1} µs |",
         delays.len(),
         percentile(0.5),
         percentile(0.99),
         delays.last().unwrap(),
-        idle_after.saturating_sub(idle_before) as f64 / n as f64,
+        idle_kib[0],
+        idle_kib[1],
         cpu.0 * 1e6 / delays.len() as f64,
         cpu.1 * 1e6 / delays.len() as f64,
     );
