@@ -12,7 +12,8 @@ use super::{media, mix, service, stems, streams};
 Every route is also served under the /api prefix. Differences from shared/CONTRACT.md: \
 `report.stems` lists each stem's applied offset; report loudness fields are null for a silent mix; \
 extra codes TOO_MANY_FILES, BAD_REQUEST, MEDIA_NOT_FOUND, NOT_FOUND and job error codes \
-OUTPUT_TOO_LONG, INSUFFICIENT_STORAGE, EXPORT_FAILED and INVALID_SETTINGS (the start route refuses such settings with 422 first)."
+OUTPUT_TOO_LONG, INSUFFICIENT_STORAGE, EXPORT_FAILED and INVALID_SETTINGS (the start route refuses such settings with 422 first); \
+progress within a stage is published at most every 100 ms per job (a new stage at once)."
     ),
     paths(
         stems::upload, stems::list, stems::delete,
