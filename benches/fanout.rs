@@ -1,7 +1,8 @@
 //! Live fan-out: N subscribers, half SSE and half WebSocket, following mixes while they run. For
 //! every event, the delay from the job's `updated_at` to its arrival; and the server's resident
 //! memory per idle subscriber. `cargo bench --bench fanout` (MIXD_FANOUT_N=1000,5000,15000 by
-//! default; figures in BENCHMARKS.md).
+//! default; MIXD_FANOUT_SECONDS=60, the length of the one-job scenario's stems; figures in
+//! BENCHMARKS.md).
 //!
 //! Two scenarios: every subscriber on one project whose one mix runs, and the subscribers spread
 //! over ten projects whose ten mixes start together and queue for the mixer slots. Subscribers
