@@ -4,15 +4,13 @@
 //! want a core. A mix on an otherwise idle machine runs as fast as before.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::Arc;
 
-/// Linux nice value of the engine's threads: 10 gives a runtime thread about nine tenths of a
-/// contended core. Threads the engine starts itself inherit it.
+/// How much nicer than the runtime the engine's threads are: 10 gives a runtime thread about nine
+/// tenths of a contended core. Threads the engine starts itself inherit it.
 const ENGINE_NICE: i32 = 10;
 
-#[derive(Clone)]
 pub(super) struct EnginePool {
-    pool: Arc<rayon::ThreadPool>,
+    pool: rayon::ThreadPool,
 }
 
 impl EnginePool {
@@ -25,7 +23,7 @@ impl EnginePool {
             .start_handler(|_| lower_priority())
             .build()
             .map_err(std::io::Error::other)?;
-        Ok(Self { pool: Arc::new(pool) })
+        Ok(Self { pool })
     }
 
     /// Runs `work` on an engine thread without blocking the runtime. A panic comes back as the
@@ -43,12 +41,36 @@ impl EnginePool {
 
 #[cfg(target_os = "linux")]
 fn lower_priority() {
-    // On Linux, PRIO_PROCESS with a thread id sets the nice value of that one thread.
-    let thread = unsafe { libc::gettid() };
-    if unsafe { libc::setpriority(libc::PRIO_PROCESS, thread as libc::id_t, ENGINE_NICE) } != 0 {
+    // On Linux, PRIO_PROCESS with a thread id is that one thread's nice value. Relative to the
+    // current one, so a server started under `nice` keeps its engine below its runtime too.
+    let thread = unsafe { libc::gettid() } as libc::id_t;
+    let lowered = (unsafe { libc::getpriority(libc::PRIO_PROCESS, thread) } + ENGINE_NICE).min(19);
+    if unsafe { libc::setpriority(libc::PRIO_PROCESS, thread, lowered) } != 0 {
         tracing::warn!(error = %std::io::Error::last_os_error(), "could not lower the engine threads' priority");
     }
 }
 
 #[cfg(not(target_os = "linux"))]
 fn lower_priority() {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn work_runs_below_the_runtime_s_priority_and_a_panic_comes_back_as_an_error() {
+        let engine = EnginePool::new(1).unwrap();
+        #[cfg(target_os = "linux")]
+        {
+            let niceness = || unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) };
+            let runtime_nice = niceness();
+            // The engine's threads, and the threads they start (as the track workers are).
+            let (engine_nice, worker_nice) = engine.run(move || (niceness(), std::thread::spawn(niceness).join().unwrap())).await.unwrap();
+            assert_eq!(engine_nice, (runtime_nice + ENGINE_NICE).min(19));
+            assert_eq!(worker_nice, engine_nice);
+        }
+        let panicked = engine.run(|| -> u32 { panic!("a broken stem") }).await;
+        assert_eq!(panicked.unwrap_err().downcast_ref::<&str>(), Some(&"a broken stem"));
+        assert_eq!(engine.run(|| 42).await.unwrap(), 42, "the pool survives a panic");
+    }
+}
