@@ -144,7 +144,7 @@ async fn sse_subscriber(address: &str, path: &str, connecting: Arc<Semaphore>) -
     let mut received = Vec::with_capacity(4096);
     let mut head_read = false;
     let mut body = Vec::new();
-    let mut delays = Vec::new();
+    let mut followed = Followed::default();
     loop {
         assert!(socket.read_buf(&mut received).await.unwrap() > 0, "the stream ended before its terminal event");
         let arrived = Utc::now();
@@ -161,8 +161,8 @@ async fn sse_subscriber(address: &str, path: &str, connecting: Arc<Semaphore>) -
             let event = std::str::from_utf8(&body[..end]).unwrap();
             if event.lines().any(|line| line == "event: status") {
                 let data = event.lines().find_map(|line| line.strip_prefix("data: ")).expect("a status has data");
-                if record(data, arrived, &mut delays) {
-                    return delays;
+                if followed.record(data, arrived) {
+                    return followed.delays;
                 }
             }
             body.drain(..end + 2);
@@ -195,29 +195,41 @@ async fn ws_subscriber(address: &str, path: &str, connecting: Arc<Semaphore>) ->
     let config = WebSocketConfig::default().read_buffer_size(4096);
     let (mut socket, _) = tokio_tungstenite::connect_async_with_config(format!("ws://{address}{path}"), Some(config), false).await.unwrap();
     drop(permit);
-    let mut delays = Vec::new();
+    let mut followed = Followed::default();
     while let Some(message) = socket.next().await {
         if let Message::Text(text) = message.unwrap() {
             let arrived = Utc::now();
             let data = text.as_str().strip_prefix(r#"{"type":"status","data":"#).expect("a status frame");
-            if record(data, arrived, &mut delays) {
-                return delays;
+            if followed.record(data, arrived) {
+                return followed.delays;
             }
         }
     }
     panic!("the WebSocket closed before its terminal event");
 }
 
-/// Records one status's delivery delay; true when it is the terminal event. Reads only the two
-/// fields it needs: thousands of clients parsing every event in full on the server's own cores
-/// would measure the client, not the server.
-fn record(json: &str, arrived: DateTime<Utc>, delays: &mut Vec<f64>) -> bool {
-    let field = |name: &str| {
-        let key = format!("\"{name}\":\"");
-        let start = json.find(&key).expect("a status field") + key.len();
-        &json[start..start + json[start..].find('"').unwrap()]
-    };
-    let stamped = DateTime::parse_from_rfc3339(field("updated_at")).unwrap();
-    delays.push((arrived - stamped.with_timezone(&Utc)).num_microseconds().unwrap() as f64 / 1000.0);
-    matches!(field("state"), "complete" | "error")
+/// What one subscriber saw of its job: each status's delivery delay, checked to be every status
+/// in order (its project's stream was open before the job existed, so it starts at seq 1).
+#[derive(Default)]
+struct Followed {
+    delays: Vec<f64>,
+}
+
+impl Followed {
+    /// Records one status; true when it is the terminal one. Reads only the fields it needs:
+    /// thousands of clients parsing every event in full on the server's own cores would measure
+    /// the client, not the server.
+    fn record(&mut self, json: &str, arrived: DateTime<Utc>) -> bool {
+        let field = |name: &str, end: char| {
+            let key = format!("\"{name}\":");
+            let start = json.find(&key).expect("a status field") + key.len();
+            let value = json[start..].trim_start_matches('"');
+            &value[..value.find(end).unwrap()]
+        };
+        let seq: usize = field("seq", ',').parse().unwrap();
+        assert_eq!(seq, self.delays.len() + 1, "a status was skipped or repeated");
+        let stamped = DateTime::parse_from_rfc3339(field("updated_at", '"')).unwrap();
+        self.delays.push((arrived - stamped.with_timezone(&Utc)).num_microseconds().unwrap() as f64 / 1000.0);
+        matches!(field("state", '"'), "complete" | "error")
+    }
 }
