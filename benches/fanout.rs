@@ -40,7 +40,7 @@ enum Transport {
 
 impl Transport {
     fn of(subscriber: usize) -> Self {
-        if subscriber % 2 == 0 {
+        if subscriber.is_multiple_of(2) {
             Transport::Sse
         } else {
             Transport::WebSocket

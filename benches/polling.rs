@@ -45,6 +45,7 @@ fn main() {
     }
     let theirs = wrk(&legacy_url);
     legacy.kill().unwrap();
+    let _ = legacy.wait();
 
     println!("| server | requests/s | p50 | p99 |");
     println!("|---|---|---|---|");

@@ -235,7 +235,7 @@ mod tests {
     fn pan_law_is_constant_power_with_minus_3_db_centre() {
         let (l, r) = pan_gains(0.0);
         assert!((gain_to_db(l) + 3.0103).abs() < 1e-3 && (l - r).abs() < 1e-12);
-        assert_eq!(pan_gains(-1.0).1.abs() < 1e-12, true);
+        assert!(pan_gains(-1.0).1.abs() < 1e-12);
         assert!((pan_gains(1.0).1 - 1.0).abs() < 1e-12);
         for pan in [-0.9, -0.3, 0.25, 0.7] {
             let (l, r) = pan_gains(pan);

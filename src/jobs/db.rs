@@ -111,7 +111,7 @@ impl JobDb {
                 Err(err) => tracing::error!(%job_id, %err, "skipping a job record that does not parse"),
             }
         }
-        jobs.sort_by(|a, b| a.status.created_at.cmp(&b.status.created_at));
+        jobs.sort_by_key(|job| job.status.created_at);
         Ok(jobs)
     }
 }

@@ -208,7 +208,7 @@ impl Jobs {
     /// The project's jobs, newest first.
     pub fn for_project(&self, project: &ProjectId) -> Vec<JobStatus> {
         let mut jobs: Vec<JobStatus> = self.lock().jobs.values().filter(|r| &r.status.project_id == project).map(|r| r.status.clone()).collect();
-        jobs.sort_by(|a, b| b.created_at.cmp(&a.created_at));
+        jobs.sort_by_key(|status| std::cmp::Reverse(status.created_at));
         jobs
     }
 
@@ -219,7 +219,7 @@ impl Jobs {
     /// Every job matching `filter`, oldest first.
     pub fn matching(&self, filter: impl Fn(&JobStatus) -> bool) -> Vec<JobStatus> {
         let mut jobs: Vec<JobStatus> = self.lock().jobs.values().map(|r| &r.status).filter(|s| filter(s)).cloned().collect();
-        jobs.sort_by(|a, b| a.created_at.cmp(&b.created_at));
+        jobs.sort_by_key(|status| status.created_at);
         jobs
     }
 

@@ -121,8 +121,8 @@ async fn queued_jobs_publish_their_positions_and_run_in_order() {
         let (status, body) = app.start_mix("p1", None).await;
         assert_eq!(status, 202);
         assert_eq!(body["data"]["queue_position"].as_u64(), expected_position, "{body}");
-        if expected_position.is_some() {
-            assert_eq!(body["data"]["message"], format!("Waiting for mixer slot (position {})", expected_position.unwrap()));
+        if let Some(position) = expected_position {
+            assert_eq!(body["data"]["message"], format!("Waiting for mixer slot (position {position})"));
         }
         ids.push(body["data"]["job_id"].as_str().unwrap().to_string());
     }

@@ -65,7 +65,7 @@ async fn oversized_uploads_are_refused_before_the_body_is_read() {
     let address = app.address.trim_start_matches("http://").to_string();
     let part_head = "--B\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.wav\"\r\n\r\n";
     // Declared too large: refused on the headers alone, without sending a byte of body.
-    let head = format!("POST /projects/p1/stems HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=B\r\nContent-Length: 2000000\r\n\r\n");
+    let head = "POST /projects/p1/stems HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=B\r\nContent-Length: 2000000\r\n\r\n".to_string();
     let (status, body) = raw_exchange(&address, head, Vec::new()).await;
     assert_eq!(status, 413);
     assert_eq!(body["error"], "PAYLOAD_TOO_LARGE");

@@ -49,7 +49,7 @@ async fn unknown_jobs_and_projects_get_the_404_envelope_before_any_upgrade() {
     let unknown = uuid::Uuid::new_v4();
     let cases = [
         (format!("/mix/p1/mix/job/{unknown}/events"), "JOB_NOT_FOUND"),
-        (format!("/mix/p1/mix/job/not-a-uuid/events"), "JOB_NOT_FOUND"),
+        ("/mix/p1/mix/job/not-a-uuid/events".to_string(), "JOB_NOT_FOUND"),
         (format!("/mix/other/mix/job/{job_id}/events"), "JOB_NOT_FOUND"),
         (format!("/mix/p1/mix/job/{unknown}/ws"), "JOB_NOT_FOUND"),
         ("/mix/nobody/mix/events".to_string(), "PROJECT_NOT_FOUND"),
