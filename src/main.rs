@@ -82,8 +82,9 @@ fn serve(config: Config) -> Result<(), String> {
         });
         app.run_until_stopped().await.map_err(|err| format!("server error: {err}"))
     });
-    // A mix still running on the blocking pool would hold a plain drop of the runtime until it
-    // ends. Its job is unfinished in the store, so the next start re-queues it: stop waiting.
+    // Work still on the blocking pool (a stem probe, an output sweep) would hold a plain drop of
+    // the runtime until it ends. Mixes run on the engine's own threads, which nothing waits
+    // for: an unfinished job is re-queued at the next start.
     runtime.shutdown_timeout(grace);
     served
 }
