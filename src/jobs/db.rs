@@ -10,7 +10,7 @@ use std::path::Path;
 
 use rusqlite::{params, Connection};
 
-use super::model::{JobId, JobStatus};
+use super::model::{JobEvent, JobId, JobStatus};
 use crate::audio::{MixSettings, StemSource};
 
 /// Everything needed to answer for a job, and to run it again after a restart.
@@ -73,8 +73,10 @@ impl JobDb {
         Ok(())
     }
 
-    pub fn update_status(&self, status: &JobStatus) -> Result<(), DbError> {
-        self.conn.execute("UPDATE jobs SET status = ?2 WHERE job_id = ?1", params![status.job_id.to_string(), serde_json::to_string(status)?])?;
+    /// Stores a job's new status, as the JSON it was published with: every change comes through
+    /// here, so the statement is prepared once.
+    pub fn update_status(&self, event: &JobEvent) -> Result<(), DbError> {
+        self.conn.prepare_cached("UPDATE jobs SET status = ?2 WHERE job_id = ?1")?.execute(params![event.status.job_id.to_string(), &*event.json])?;
         Ok(())
     }
 

@@ -157,13 +157,13 @@ impl Feed {
         if resync {
             // Every event still retained was sent before this snapshot was read, so once that
             // many have been received nothing older than the snapshot can arrive.
-            self.covered = snapshots.iter().map(|status| (status.job_id, status.seq)).collect();
+            self.covered = snapshots.iter().map(|event| (event.status.job_id, event.status.seq)).collect();
             self.backlog = self.events.len();
             if self.backlog == 0 {
                 self.covered.clear();
             }
         }
-        self.pending.extend(snapshots.into_iter().map(JobEvent::new));
+        self.pending.extend(snapshots);
     }
 }
 

@@ -88,13 +88,21 @@ struct State {
 }
 
 struct JobRecord {
-    status: JobStatus,
+    /// The current status, as it was last published: snapshots and resyncs send this same
+    /// serialisation, however many subscribers ask.
+    published: Arc<JobEvent>,
     settings: MixSettings,
     stems: Vec<StemSource>,
     cancel: Arc<AtomicBool>,
     idempotency_key: Option<String>,
     attempts: u32,
     finished_at: Option<Instant>,
+}
+
+impl JobRecord {
+    fn status(&self) -> &JobStatus {
+        &self.published.status
+    }
 }
 
 /// The outcome of a submit: a new job, or the one an earlier request with the same key started.
@@ -134,7 +142,7 @@ impl Jobs {
             state.jobs.insert(
                 job_id,
                 JobRecord {
-                    status: job.status,
+                    published: JobEvent::new(job.status),
                     settings: job.settings,
                     stems: job.stems,
                     cancel: Arc::default(),
@@ -180,7 +188,7 @@ impl Jobs {
         let mut state = self.lock();
         if let Some(key) = &idempotency_key {
             if let Some(existing) = state.idempotency.get(&(project.clone(), key.clone())).and_then(|id| state.jobs.get(id)) {
-                return Ok(Submitted::Existing(existing.status.clone()));
+                return Ok(Submitted::Existing(existing.status().clone()));
             }
         }
         let job_id = JobId::new();
@@ -189,37 +197,34 @@ impl Jobs {
         if let Some(key) = &idempotency_key {
             state.idempotency.insert((project, key.clone()), job_id);
         }
-        state.jobs.insert(
-            job_id,
-            JobRecord { status: status.clone(), settings, stems, cancel: Arc::default(), idempotency_key, attempts: 0, finished_at: None },
-        );
+        let published = JobEvent::new(status);
+        state.jobs.insert(job_id, JobRecord { published: published.clone(), settings, stems, cancel: Arc::default(), idempotency_key, attempts: 0, finished_at: None });
         state.waiting.push_back(job_id);
-        let _ = self.inner.events.send(JobEvent::new(status.clone()));
+        let _ = self.inner.events.send(published);
         tracing::info!(%job_id, "job queued");
         self.schedule(&mut state);
-        let status = state.jobs[&job_id].status.clone();
-        Ok(Submitted::New(status))
+        Ok(Submitted::New(state.jobs[&job_id].status().clone()))
     }
 
     pub fn get(&self, job_id: JobId) -> Option<JobStatus> {
-        self.lock().jobs.get(&job_id).map(|r| r.status.clone())
+        self.lock().jobs.get(&job_id).map(|r| r.status().clone())
     }
 
     /// The project's jobs, newest first.
     pub fn for_project(&self, project: &ProjectId) -> Vec<JobStatus> {
-        let mut jobs: Vec<JobStatus> = self.lock().jobs.values().filter(|r| &r.status.project_id == project).map(|r| r.status.clone()).collect();
+        let mut jobs: Vec<JobStatus> = self.lock().jobs.values().map(JobRecord::status).filter(|s| &s.project_id == project).cloned().collect();
         jobs.sort_by_key(|status| std::cmp::Reverse(status.created_at));
         jobs
     }
 
     pub fn has_project(&self, project: &ProjectId) -> bool {
-        self.lock().jobs.values().any(|r| &r.status.project_id == project)
+        self.lock().jobs.values().any(|r| &r.status().project_id == project)
     }
 
-    /// Every job matching `filter`, oldest first.
-    pub fn matching(&self, filter: impl Fn(&JobStatus) -> bool) -> Vec<JobStatus> {
-        let mut jobs: Vec<JobStatus> = self.lock().jobs.values().map(|r| &r.status).filter(|s| filter(s)).cloned().collect();
-        jobs.sort_by_key(|status| status.created_at);
+    /// The current status of every job matching `filter`, as published, oldest first.
+    pub(super) fn matching(&self, filter: impl Fn(&JobStatus) -> bool) -> Vec<Arc<JobEvent>> {
+        let mut jobs: Vec<Arc<JobEvent>> = self.lock().jobs.values().filter(|r| filter(r.status())).map(|r| r.published.clone()).collect();
+        jobs.sort_by_key(|event| event.status.created_at);
         jobs
     }
 
@@ -228,7 +233,7 @@ impl Jobs {
         let state = self.lock();
         let mut counts = HashMap::new();
         for record in state.jobs.values() {
-            *counts.entry(record.status.state).or_default() += 1;
+            *counts.entry(record.status().state).or_default() += 1;
         }
         (counts, state.waiting.len())
     }
@@ -237,12 +242,12 @@ impl Jobs {
     /// ends in `error` with `CANCELED` right away; the slot is freed when the engine has stopped.
     pub fn cancel(&self, project: &ProjectId, job_id: JobId) -> Result<JobStatus, JobError> {
         let mut state = self.lock();
-        let record = state.jobs.get(&job_id).filter(|r| &r.status.project_id == project).ok_or(JobError::NotFound)?;
-        if record.status.state.is_terminal() {
+        let record = state.jobs.get(&job_id).filter(|r| &r.status().project_id == project).ok_or(JobError::NotFound)?;
+        if record.status().state.is_terminal() {
             return Err(JobError::Finished);
         }
         record.cancel.store(true, Ordering::Relaxed);
-        let was_queued = record.status.state == JobState::Queued;
+        let was_queued = record.status().state == JobState::Queued;
         let status = self
             .apply_locked(&mut state, job_id, JobChange::Failed { code: ErrorCode::Canceled, message: "The mix was canceled".into() })
             .expect("a job that is not terminal can fail");
@@ -263,21 +268,22 @@ impl Jobs {
     fn apply_locked(&self, state: &mut State, job_id: JobId, change: JobChange) -> Option<JobStatus> {
         let State { db, jobs, .. } = state;
         let record = jobs.get_mut(&job_id)?;
-        match record.status.apply(change) {
+        match record.status().apply(change) {
             Ok(next) => {
+                let event = JobEvent::new(next);
                 // Written before it is published. A failed write keeps the server answering from
                 // memory; the job then restarts from its last stored state after a crash.
-                if let Err(err) = db.update_status(&next) {
+                if let Err(err) = db.update_status(&event) {
                     tracing::error!(%job_id, %err, "could not store a job change");
                 }
-                if next.state.is_terminal() {
+                if event.status.state.is_terminal() {
                     record.finished_at = Some(Instant::now());
                     self.inner.expiry.notify_one();
                 }
-                record.status = next.clone();
+                record.published = event.clone();
                 // No receivers is fine: nobody is watching.
-                let _ = self.inner.events.send(JobEvent::new(next.clone()));
-                Some(next)
+                let _ = self.inner.events.send(event.clone());
+                Some(event.status.clone())
             }
             Err(TransitionError::Unchanged) => None,
             Err(err) => {
@@ -303,7 +309,7 @@ impl Jobs {
             let run = JobRun {
                 jobs: self.clone(),
                 job_id,
-                project: record.status.project_id.clone(),
+                project: record.status().project_id.clone(),
                 settings: record.settings.clone(),
                 stems: record.stems.clone(),
                 cancel: record.cancel.clone(),
@@ -342,7 +348,7 @@ impl Jobs {
                     }
                     if let Some(record) = state.jobs.remove(&job_id) {
                         if let Some(key) = record.idempotency_key {
-                            state.idempotency.remove(&(record.status.project_id, key));
+                            state.idempotency.remove(&(record.published.status.project_id.clone(), key));
                         }
                         tracing::debug!(%job_id, "job expired");
                     }
