@@ -9,7 +9,7 @@ use axum::Json;
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::jobs::{INVALID_JOB_ID, INVALID_PROJECT_ID, INVALID_STEM_ID};
+use crate::jobs::{JobError, INVALID_JOB_ID, INVALID_PROJECT_ID, INVALID_STEM_ID};
 
 /// `{ok, data, error, message}`: the legacy envelope, kept for every JSON response.
 #[derive(Debug, Serialize, ToSchema)]
@@ -102,7 +102,7 @@ impl ApiError {
 
     /// An I/O failure: a full disk is the client's to know about, the rest is internal.
     pub fn storage(err: std::io::Error) -> Self {
-        if err.raw_os_error() == Some(28) {
+        if err.kind() == std::io::ErrorKind::StorageFull {
             ApiError::InsufficientStorage
         } else {
             ApiError::Internal(err.to_string())
@@ -118,6 +118,16 @@ impl IntoResponse for ApiError {
         }
         let body = Envelope { ok: false, data: serde_json::Map::new(), error: Some(code), message: self.to_string() };
         (status, Json(body)).into_response()
+    }
+}
+
+impl From<JobError> for ApiError {
+    fn from(err: JobError) -> Self {
+        match err {
+            JobError::NotFound => ApiError::JobNotFound,
+            JobError::Finished => ApiError::JobFinished,
+            JobError::Store(err) => ApiError::Internal(err.to_string()),
+        }
     }
 }
 

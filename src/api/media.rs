@@ -65,7 +65,7 @@ pub async fn serve(State(app): State<AppState>, Path(path): Path<String>, header
         }
     };
     response_headers.insert(header::CONTENT_LENGTH, HeaderValue::from(count));
-    file.seek(SeekFrom::Start(start)).await.map_err(|err| ApiError::Internal(err.to_string()))?;
+    file.seek(SeekFrom::Start(start)).await.map_err(ApiError::storage)?;
     let body = Body::from_stream(ReaderStream::with_capacity(file.take(count), 64 * 1024));
     Ok((status, response_headers, body).into_response())
 }

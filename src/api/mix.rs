@@ -13,7 +13,7 @@ use super::error::{respond, ApiError, Envelope};
 use super::extract::{ApiPath, ApiQuery, JobPath, ProjectPath};
 use super::AppState;
 use crate::audio::{MixReport, MixSettings};
-use crate::jobs::{JobError, JobId, JobStatus, ProjectId, Submitted};
+use crate::jobs::{JobId, JobStatus, ProjectId, Submitted};
 
 const STATUS_MESSAGE: &str = "Job status retrieved successfully";
 const MAX_IDEMPOTENCY_KEY: usize = 256;
@@ -92,7 +92,7 @@ pub async fn start(
         None => None,
     };
 
-    let submitted = app.jobs.submit(project_id.clone(), settings, sources, key).map_err(|err| ApiError::Internal(err.to_string()))?;
+    let submitted = app.jobs.submit(project_id.clone(), settings, sources, key)?;
     let (status, code, message) = match submitted {
         Submitted::New(status) => (status, StatusCode::ACCEPTED, "Mix job queued"),
         Submitted::Existing(status) => (status, StatusCode::OK, "Mix job already started with this Idempotency-Key"),
@@ -151,11 +151,7 @@ pub async fn jobs(State(app): State<AppState>, ApiPath(ProjectPath { project_id 
     params(("project_id" = String, Path), ("job_id" = String, Path)),
     responses((status = 200, body = Envelope<JobStatus>), (status = 404, description = "JOB_NOT_FOUND"), (status = 409, description = "JOB_FINISHED")))]
 pub async fn cancel(State(app): State<AppState>, ApiPath(JobPath { project_id, job_id }): ApiPath<JobPath>) -> Result<Response, ApiError> {
-    let status = app.jobs.cancel(&project_id, job_id).map_err(|err| match err {
-        JobError::NotFound => ApiError::JobNotFound,
-        JobError::Finished => ApiError::JobFinished,
-        JobError::Store(err) => ApiError::Internal(err.to_string()),
-    })?;
+    let status = app.jobs.cancel(&project_id, job_id)?;
     Ok(respond(StatusCode::OK, status, "Job canceled"))
 }
 

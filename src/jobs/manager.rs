@@ -502,7 +502,7 @@ fn failure(err: &AudioError) -> JobChange {
         AudioError::Settings(_) => ErrorCode::InvalidSettings,
         AudioError::TooLong { .. } => ErrorCode::OutputTooLong,
         AudioError::Canceled => ErrorCode::Canceled,
-        AudioError::Export(io) if io.raw_os_error() == Some(28) => ErrorCode::InsufficientStorage,
+        AudioError::Export(io) if io.kind() == std::io::ErrorKind::StorageFull => ErrorCode::InsufficientStorage,
         AudioError::Export(_) => ErrorCode::ExportFailed,
     };
     let message = match err {
