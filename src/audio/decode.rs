@@ -319,7 +319,6 @@ impl StemReader {
 /// Whether an Ogg file ends with a whole page flagged end-of-stream. Ogg declares no length up
 /// front, so this is how a file cut short is told from a complete one.
 fn ogg_ends_cleanly(path: &Path) -> std::io::Result<bool> {
-    use std::io::{Seek, SeekFrom};
     const MAX_PAGE: u64 = 27 + 255 + 255 * 255;
     let mut file = File::open(path)?;
     let length = file.metadata()?.len();
