@@ -58,7 +58,7 @@ async fn a_full_disk_fails_the_export_or_upload_cleanly_and_the_server_recovers(
     );
     let body = [head.as_bytes(), &big, tail.as_bytes()].concat();
     let address = app.address.trim_start_matches("http://").to_string();
-    let (status, answer) = raw_exchange(&address, request, body.chunks(64 * 1024).map(<[u8]>::to_vec).collect()).await;
+    let (status, answer) = raw_exchange(&address, &request, body.chunks(64 * 1024).map(<[u8]>::to_vec).collect()).await;
     assert_eq!((status, answer["error"].as_str()), (507, Some("INSUFFICIENT_STORAGE")), "{answer}");
     crate::helpers::eventually("the partial upload is removed", || walk(disk.path()).iter().all(|p| !p.to_string_lossy().contains(".partial"))).await;
 

@@ -65,12 +65,12 @@ async fn oversized_uploads_are_refused_before_the_body_is_read() {
     let address = app.address.trim_start_matches("http://").to_string();
     let part_head = "--B\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.wav\"\r\n\r\n";
     // Declared too large: refused on the headers alone, without sending a byte of body.
-    let head = "POST /projects/p1/stems HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=B\r\nContent-Length: 2000000\r\n\r\n".to_string();
+    let head = "POST /projects/p1/stems HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=B\r\nContent-Length: 2000000\r\n\r\n";
     let (status, body) = raw_exchange(&address, head, Vec::new()).await;
     assert_eq!(status, 413);
     assert_eq!(body["error"], "PAYLOAD_TOO_LARGE");
     // Chunked, with no length declared: the limit holds while streaming.
-    let head = "POST /projects/p1/stems HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=B\r\nTransfer-Encoding: chunked\r\n\r\n".to_string();
+    let head = "POST /projects/p1/stems HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=B\r\nTransfer-Encoding: chunked\r\n\r\n";
     let mut chunks = vec![format!("{:x}\r\n{part_head}\r\n", part_head.len()).into_bytes()];
     for _ in 0..40 {
         let data = vec![0u8; 64 * 1024];
@@ -84,7 +84,7 @@ async fn oversized_uploads_are_refused_before_the_body_is_read() {
 
 /// Sends a request over a raw connection, writing the body in the background without caring
 /// whether the server reads it (a server may answer early and close), and returns the response.
-pub async fn raw_exchange(address: &str, head: String, body: Vec<Vec<u8>>) -> (u16, Value) {
+pub async fn raw_exchange(address: &str, head: &str, body: Vec<Vec<u8>>) -> (u16, Value) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let socket = tokio::net::TcpStream::connect(address).await.unwrap();
     let (mut reader, mut writer) = socket.into_split();
