@@ -5,7 +5,6 @@ use std::fmt::Write;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use serde::Serialize;
 use utoipa::{OpenApi, ToSchema};
 
@@ -56,7 +55,9 @@ pub async fn metrics(State(app): State<AppState>) -> Response {
 
 #[utoipa::path(get, path = "/openapi.json", tag = "service", responses((status = 200, content_type = "application/json")))]
 pub async fn openapi() -> Response {
-    Json(super::openapi::ApiDoc::openapi()).into_response()
+    // The document is fixed at build time: generated and serialised once.
+    static DOCUMENT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| super::openapi::ApiDoc::openapi().to_json().expect("the OpenAPI document serialises"));
+    ([(header::CONTENT_TYPE, "application/json")], DOCUMENT.as_str()).into_response()
 }
 
 /// Unknown paths answer with the envelope too.
