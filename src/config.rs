@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, ValueEnum};
+use clap::{Args, FromArgMatches, ValueEnum};
 
 #[derive(Debug, Clone, Args)]
 pub struct Config {
@@ -50,21 +50,14 @@ pub enum LogFormat {
 }
 
 impl Config {
-    /// The defaults, as `mixd serve` with no flags and no environment would have them.
+    /// The defaults, as `mixd serve` with no flags and no environment would have them: read
+    /// from the flags' own declarations, with their environment fallbacks switched off.
     pub fn with_data_dir(data_dir: impl Into<PathBuf>) -> Self {
-        Self {
-            addr: "127.0.0.1:8080".parse().expect("valid address"),
-            data_dir: data_dir.into(),
-            mix_slots: None,
-            job_ttl: Duration::from_secs(24 * 3600),
-            output_retention: Duration::from_secs(30 * 86_400),
-            max_upload_mb: 512,
-            max_files: 64,
-            static_dir: concat!(env!("CARGO_MANIFEST_DIR"), "/static").into(),
-            log_format: LogFormat::Text,
-            header_timeout: Duration::from_secs(10),
-            shutdown_grace: Duration::from_secs(10),
-        }
+        let command = Self::augment_args(clap::Command::new("mixd")).mut_args(|arg| arg.env(None::<&str>));
+        let matches = command.try_get_matches_from(["mixd"]).expect("every flag has a default");
+        let mut config = Self::from_arg_matches(&matches).expect("every flag has a default");
+        config.data_dir = data_dir.into();
+        config
     }
 
     pub fn mix_slots(&self) -> usize {
@@ -94,6 +87,13 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_defaults_are_the_flags_defaults() {
+        let config = Config::with_data_dir("somewhere");
+        assert_eq!(config.data_dir, PathBuf::from("somewhere"));
+        assert_eq!((config.max_files, config.max_upload_mb, config.job_ttl, config.mix_slots), (64, 512, Duration::from_secs(86_400), None));
+    }
 
     #[test]
     fn durations_parse_with_units() {
