@@ -19,7 +19,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::api::{router, AppState};
 use crate::config::Config;
-use crate::jobs::{Jobs, JobsConfig, StemStore, EVENT_BUFFER};
+use crate::jobs::{Jobs, JobsConfig, MediaLayout, StemStore, EVENT_BUFFER};
 
 pub struct Application {
     listener: TcpListener,
@@ -29,8 +29,8 @@ pub struct Application {
 impl Application {
     pub async fn build(config: Config) -> anyhow::Result<Self> {
         std::fs::create_dir_all(&config.data_dir).with_context(|| format!("creating the data root {}", config.data_dir.display()))?;
-        let stems = StemStore::new(&config.data_dir);
-        let removed = stems.remove_partials().context("cleaning partial files")?;
+        let layout = MediaLayout::new(&config.data_dir);
+        let removed = layout.remove_partials().context("cleaning partial files")?;
         if removed > 0 {
             tracing::info!(removed, "removed partial files left by an earlier run");
         }
@@ -40,14 +40,14 @@ impl Application {
                 mix_slots: config.mix_slots(),
                 job_ttl: config.job_ttl,
                 output_retention: config.output_retention,
-                media_root: config.data_dir.clone(),
+                layout: layout.clone(),
                 event_buffer: EVENT_BUFFER,
             },
             shutdown.clone(),
         )
         .context("opening the job database")?;
         let listener = TcpListener::bind(config.addr).await.with_context(|| format!("binding {}", config.addr))?;
-        let state = AppState { jobs, stems, config: Arc::new(config), shutdown };
+        let state = AppState { jobs, stems: StemStore::new(layout.clone()), layout, config: Arc::new(config), shutdown };
         Ok(Self { listener, state })
     }
 

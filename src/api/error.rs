@@ -9,7 +9,7 @@ use axum::Json;
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::jobs::{JobError, INVALID_JOB_ID, INVALID_PROJECT_ID, INVALID_STEM_ID};
+use crate::jobs::{InvalidId, JobError};
 
 /// `{ok, data, error, message}`: the legacy envelope, kept for every JSON response.
 #[derive(Debug, Serialize, ToSchema)]
@@ -131,29 +131,26 @@ impl From<JobError> for ApiError {
     }
 }
 
+impl From<InvalidId> for ApiError {
+    /// A malformed job or stem id answers exactly like an unknown one.
+    fn from(invalid: InvalidId) -> Self {
+        match invalid {
+            InvalidId::Project => ApiError::InvalidProjectId,
+            InvalidId::Job => ApiError::JobNotFound,
+            InvalidId::Stem => ApiError::StemNotFound,
+        }
+    }
+}
+
 impl From<PathRejection> for ApiError {
     fn from(rejection: PathRejection) -> Self {
-        // Ids are checked in path order, so the first invalid one decides the answer.
-        let text = rejection.body_text();
-        if text.contains(INVALID_PROJECT_ID) {
-            ApiError::InvalidProjectId
-        } else if text.contains(INVALID_JOB_ID) {
-            ApiError::JobNotFound
-        } else if text.contains(INVALID_STEM_ID) {
-            ApiError::StemNotFound
-        } else {
-            ApiError::BadRequest(text)
-        }
+        ApiError::BadRequest(rejection.body_text())
     }
 }
 
 impl From<QueryRejection> for ApiError {
     fn from(rejection: QueryRejection) -> Self {
-        if rejection.body_text().contains(INVALID_JOB_ID) {
-            ApiError::JobNotFound
-        } else {
-            ApiError::BadRequest(rejection.body_text())
-        }
+        ApiError::BadRequest(rejection.body_text())
     }
 }
 

@@ -1,7 +1,6 @@
-//! `/media`: finished mixes and stems, straight from the data root, with byte ranges and ETags.
-//!
-//! Every path segment must be a plain name (letters, digits, `_-.`, not starting with a dot), so
-//! nothing outside the root and no temporary file is ever reachable, and directories are never
+//! `/media`: finished mixes and stems, with byte ranges and ETags. Which paths name a file, and
+//! whether it can change, is the layout's to say ([`crate::jobs::MediaLayout::media_file`]): nothing
+//! else under the data root, and nothing outside it, is reachable, and directories are never
 //! listed. Multi-range requests get the whole file: answering them costs quadratic time in
 //! tower-http's implementation (tower-http#660) and players never send them.
 
@@ -23,12 +22,8 @@ use super::AppState;
     params(("path" = String, Path, description = "e.g. p1/mix_outputs/{job_id}/final_mix.wav, or p1/mix_outputs/final_mix.wav for the newest mix")),
     responses((status = 200, content_type = "audio/wav"), (status = 206, description = "Partial content"), (status = 304), (status = 404, description = "MEDIA_NOT_FOUND"), (status = 416)))]
 pub async fn serve(State(app): State<AppState>, Path(path): Path<String>, headers: HeaderMap) -> Result<Response, ApiError> {
-    let segments: Vec<&str> = path.split('/').collect();
-    if segments.is_empty() || !segments.iter().all(|s| is_plain_name(s)) {
-        return Err(ApiError::MediaNotFound);
-    }
-    let file_path = segments.iter().fold(app.stems.root().to_path_buf(), |path, segment| path.join(segment));
-    let mut file = tokio::fs::File::open(&file_path).await.map_err(|_| ApiError::MediaNotFound)?;
+    let media = app.layout.media_file(&path).ok_or(ApiError::MediaNotFound)?;
+    let mut file = tokio::fs::File::open(&media.path).await.map_err(|_| ApiError::MediaNotFound)?;
     let metadata = file.metadata().await.map_err(|_| ApiError::MediaNotFound)?;
     if !metadata.is_file() {
         return Err(ApiError::MediaNotFound);
@@ -41,9 +36,7 @@ pub async fn serve(State(app): State<AppState>, Path(path): Path<String>, header
     response_headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type(&path)));
     response_headers.insert(header::ETAG, HeaderValue::from_str(&etag).expect("hex is a valid header"));
     response_headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    // Per-job results never change; the legacy "newest mix" path does.
-    let immutable = segments.len() == 4 && segments[1] == "mix_outputs";
-    let cache = if immutable { "public, max-age=31536000, immutable" } else { "no-cache" };
+    let cache = if media.immutable { "public, max-age=31536000, immutable" } else { "no-cache" };
     response_headers.insert(header::CACHE_CONTROL, HeaderValue::from_static(cache));
 
     if headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()).is_some_and(|tags| tags.split(',').any(|t| t.trim() == etag || t.trim() == "*")) {
@@ -68,13 +61,6 @@ pub async fn serve(State(app): State<AppState>, Path(path): Path<String>, header
     file.seek(SeekFrom::Start(start)).await.map_err(ApiError::storage)?;
     let body = Body::from_stream(ReaderStream::with_capacity(file.take(count), 64 * 1024));
     Ok((status, response_headers, body).into_response())
-}
-
-fn is_plain_name(segment: &str) -> bool {
-    !segment.is_empty()
-        && segment.len() <= 255
-        && !segment.starts_with('.')
-        && segment.chars().all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
 }
 
 fn content_type(path: &str) -> &'static str {
@@ -134,13 +120,5 @@ mod tests {
         assert_eq!(parse_range("bytes=0-1,5-9", 1000), RangeRequest::Ignored);
         assert_eq!(parse_range("items=0-1", 1000), RangeRequest::Ignored);
         assert_eq!(parse_range("bytes=9-1", 1000), RangeRequest::Ignored);
-    }
-
-    #[test]
-    fn only_plain_names_are_reachable() {
-        assert!(is_plain_name("final_mix.wav"));
-        for bad in ["", "..", ".final_mix.x.partial", "a/b", "a\\b", "%2e%2e", "x y"] {
-            assert!(!is_plain_name(bad), "{bad:?}");
-        }
     }
 }

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::error::{respond, ApiError, Envelope};
-use super::extract::{ApiPath, ApiQuery, JobPath, ProjectPath};
+use super::extract::{ApiQuery, JobPath, ProjectPath};
 use super::AppState;
 use crate::audio::{MixReport, MixSettings};
 use crate::jobs::{JobId, JobStatus, ProjectId, Submitted};
@@ -54,7 +54,8 @@ pub struct Preview {
 
 #[derive(Deserialize)]
 pub struct StatusQuery {
-    pub job_id: Option<JobId>,
+    /// Parsed after the query, so a malformed id answers like an unknown one.
+    pub job_id: Option<String>,
 }
 
 /// Start a mix of the project's stems. An empty body means the default settings.
@@ -68,7 +69,7 @@ pub struct StatusQuery {
         (status = 422, description = "INVALID_SETTINGS naming the field")))]
 pub async fn start(
     State(app): State<AppState>,
-    ApiPath(ProjectPath { project_id }): ApiPath<ProjectPath>,
+    ProjectPath { project_id }: ProjectPath,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -97,7 +98,7 @@ pub async fn start(
         Submitted::New(status) => (status, StatusCode::ACCEPTED, "Mix job queued"),
         Submitted::Existing(status) => (status, StatusCode::OK, "Mix job already started with this Idempotency-Key"),
     };
-    let links = JobLinks::new(&project_id, status.job_id);
+    let links = JobLinks::new(&project_id, status.job_id());
     let location = HeaderValue::from_str(&links.status).expect("ids are URL-safe");
     let mut response = respond(code, StartedJob { status, links }, message);
     response.headers_mut().insert(header::LOCATION, location);
@@ -108,7 +109,7 @@ pub async fn start(
 #[utoipa::path(get, path = "/mix/{project_id}/mix/job/{job_id}/status", tag = "mix",
     params(("project_id" = String, Path), ("job_id" = String, Path)),
     responses((status = 200, body = Envelope<JobStatus>), (status = 404, description = "JOB_NOT_FOUND"), (status = 500, description = "JOB_STATUS_ERROR")))]
-pub async fn job_status(State(app): State<AppState>, ApiPath(JobPath { project_id, job_id }): ApiPath<JobPath>) -> Result<Response, ApiError> {
+pub async fn job_status(State(app): State<AppState>, JobPath { project_id, job_id }: JobPath) -> Result<Response, ApiError> {
     let status = find_job(&app, &project_id, job_id).map_err(ApiError::on_status_route)?;
     Ok(status_response(status))
 }
@@ -120,11 +121,11 @@ pub async fn job_status(State(app): State<AppState>, ApiPath(JobPath { project_i
     responses((status = 200, body = Envelope<JobStatus>), (status = 404, description = "JOB_NOT_FOUND or NO_MIX_JOBS")))]
 pub async fn legacy_status(
     State(app): State<AppState>,
-    ApiPath(ProjectPath { project_id }): ApiPath<ProjectPath>,
+    ProjectPath { project_id }: ProjectPath,
     ApiQuery(query): ApiQuery<StatusQuery>,
 ) -> Result<Response, ApiError> {
     let status = match query.job_id {
-        Some(job_id) => find_job(&app, &project_id, job_id),
+        Some(job_id) => job_id.parse().map_err(ApiError::from).and_then(|job_id| find_job(&app, &project_id, job_id)),
         None => newest_job(&app, &project_id),
     };
     Ok(status_response(status.map_err(ApiError::on_status_route)?))
@@ -134,7 +135,7 @@ pub async fn legacy_status(
 #[utoipa::path(get, path = "/mix/{project_id}/mix/status", tag = "mix",
     params(("project_id" = String, Path)),
     responses((status = 200, body = Envelope<JobStatus>), (status = 404, description = "NO_MIX_JOBS")))]
-pub async fn project_status(State(app): State<AppState>, ApiPath(ProjectPath { project_id }): ApiPath<ProjectPath>) -> Result<Response, ApiError> {
+pub async fn project_status(State(app): State<AppState>, ProjectPath { project_id }: ProjectPath) -> Result<Response, ApiError> {
     Ok(status_response(newest_job(&app, &project_id).map_err(ApiError::on_status_route)?))
 }
 
@@ -142,7 +143,7 @@ pub async fn project_status(State(app): State<AppState>, ApiPath(ProjectPath { p
 #[utoipa::path(get, path = "/mix/{project_id}/mix/jobs", tag = "mix",
     params(("project_id" = String, Path)),
     responses((status = 200, body = Envelope<JobList>)))]
-pub async fn jobs(State(app): State<AppState>, ApiPath(ProjectPath { project_id }): ApiPath<ProjectPath>) -> Response {
+pub async fn jobs(State(app): State<AppState>, ProjectPath { project_id }: ProjectPath) -> Response {
     respond(StatusCode::OK, JobList { jobs: app.jobs.for_project(&project_id) }, "Jobs retrieved successfully")
 }
 
@@ -150,7 +151,7 @@ pub async fn jobs(State(app): State<AppState>, ApiPath(ProjectPath { project_id 
 #[utoipa::path(delete, path = "/mix/{project_id}/mix/job/{job_id}", tag = "mix",
     params(("project_id" = String, Path), ("job_id" = String, Path)),
     responses((status = 200, body = Envelope<JobStatus>), (status = 404, description = "JOB_NOT_FOUND"), (status = 409, description = "JOB_FINISHED")))]
-pub async fn cancel(State(app): State<AppState>, ApiPath(JobPath { project_id, job_id }): ApiPath<JobPath>) -> Result<Response, ApiError> {
+pub async fn cancel(State(app): State<AppState>, JobPath { project_id, job_id }: JobPath) -> Result<Response, ApiError> {
     let status = app.jobs.cancel(&project_id, job_id)?;
     Ok(respond(StatusCode::OK, status, "Job canceled"))
 }
@@ -159,19 +160,18 @@ pub async fn cancel(State(app): State<AppState>, ApiPath(JobPath { project_id, j
 #[utoipa::path(get, path = "/mix/{project_id}/mix/preview", tag = "mix",
     params(("project_id" = String, Path)),
     responses((status = 200, body = Envelope<Preview>), (status = 404, description = "NO_MIX_AVAILABLE")))]
-pub async fn preview(State(app): State<AppState>, ApiPath(ProjectPath { project_id }): ApiPath<ProjectPath>) -> Result<Response, ApiError> {
+pub async fn preview(State(app): State<AppState>, ProjectPath { project_id }: ProjectPath) -> Result<Response, ApiError> {
     let newest = app
         .jobs
         .for_project(&project_id)
         .into_iter()
-        .filter_map(|status| Some(Preview { job_id: status.job_id, result_url: status.result_url?, report: status.report }))
-        .next()
+        .find_map(|status| Some(Preview { job_id: status.job_id(), result_url: status.result_url()?.to_string(), report: status.report().cloned() }))
         .ok_or(ApiError::NoMixAvailable)?;
     Ok(respond(StatusCode::OK, newest, "Mix preview retrieved successfully"))
 }
 
 pub(super) fn find_job(app: &AppState, project: &ProjectId, job_id: JobId) -> Result<JobStatus, ApiError> {
-    app.jobs.get(job_id).filter(|status| &status.project_id == project).ok_or(ApiError::JobNotFound)
+    app.jobs.get(job_id).filter(|status| status.project_id() == project).ok_or(ApiError::JobNotFound)
 }
 
 fn newest_job(app: &AppState, project: &ProjectId) -> Result<JobStatus, ApiError> {
@@ -179,7 +179,7 @@ fn newest_job(app: &AppState, project: &ProjectId) -> Result<JobStatus, ApiError
 }
 
 fn status_response(status: JobStatus) -> Response {
-    let finished = status.state.is_terminal();
+    let finished = status.state().is_terminal();
     let response = respond(StatusCode::OK, status, STATUS_MESSAGE);
     if finished {
         response

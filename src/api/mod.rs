@@ -20,12 +20,13 @@ use tower_http::services::ServeDir;
 use tower_http::trace::TraceLayer;
 
 use crate::config::Config;
-use crate::jobs::{Jobs, StemStore};
+use crate::jobs::{Jobs, MediaLayout, StemStore};
 
 #[derive(Clone)]
 pub struct AppState {
     pub jobs: Jobs,
     pub stems: StemStore,
+    pub layout: MediaLayout,
     pub config: Arc<Config>,
     /// Cancelled when the server shuts down: every open stream ends.
     pub shutdown: CancellationToken,

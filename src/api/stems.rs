@@ -13,7 +13,7 @@ use tokio::io::AsyncWriteExt;
 use utoipa::ToSchema;
 
 use super::error::{multipart_error, respond, ApiError, Envelope};
-use super::extract::{ApiPath, ProjectPath, StemPath};
+use super::extract::{ProjectPath, StemPath};
 use super::AppState;
 use crate::audio::{probe_stem, MAX_PROBE_TIME};
 use crate::jobs::{sanitize_file_name, ProjectId, Stem};
@@ -40,7 +40,7 @@ pub struct DeletedStem {
         (status = 507, description = "INSUFFICIENT_STORAGE")))]
 pub async fn upload(
     State(app): State<AppState>,
-    ApiPath(ProjectPath { project_id }): ApiPath<ProjectPath>,
+    ProjectPath { project_id }: ProjectPath,
     headers: HeaderMap,
     multipart: Result<Multipart, MultipartRejection>,
 ) -> Result<Response, ApiError> {
@@ -140,7 +140,7 @@ fn remove_quietly(path: &Path) {
 #[utoipa::path(get, path = "/projects/{project_id}/stems", tag = "stems",
     params(("project_id" = String, Path)),
     responses((status = 200, body = Envelope<StemList>), (status = 400, description = "INVALID_PROJECT_ID")))]
-pub async fn list(State(app): State<AppState>, ApiPath(ProjectPath { project_id }): ApiPath<ProjectPath>) -> Result<Response, ApiError> {
+pub async fn list(State(app): State<AppState>, ProjectPath { project_id }: ProjectPath) -> Result<Response, ApiError> {
     let stems = app.stems.list(&project_id).await.map_err(ApiError::storage)?;
     Ok(respond(StatusCode::OK, StemList { stems }, "Stems retrieved successfully"))
 }
@@ -148,7 +148,7 @@ pub async fn list(State(app): State<AppState>, ApiPath(ProjectPath { project_id 
 #[utoipa::path(delete, path = "/projects/{project_id}/stems/{stem_id}", tag = "stems",
     params(("project_id" = String, Path), ("stem_id" = String, Path)),
     responses((status = 200, body = Envelope<DeletedStem>), (status = 404, description = "STEM_NOT_FOUND")))]
-pub async fn delete(State(app): State<AppState>, ApiPath(StemPath { project_id, stem_id }): ApiPath<StemPath>) -> Result<Response, ApiError> {
+pub async fn delete(State(app): State<AppState>, StemPath { project_id, stem_id }: StemPath) -> Result<Response, ApiError> {
     if !app.stems.delete(&project_id, stem_id).await.map_err(ApiError::storage)? {
         return Err(ApiError::StemNotFound);
     }

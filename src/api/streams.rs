@@ -14,7 +14,7 @@ use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
 use super::error::ApiError;
-use super::extract::{ApiPath, ApiQuery, JobPath, ProjectPath};
+use super::extract::{ApiQuery, JobPath, ProjectPath};
 use super::mix::find_job;
 use super::AppState;
 use std::sync::Arc;
@@ -51,7 +51,7 @@ pub struct ResumeQuery {
     responses((status = 200, content_type = "text/event-stream", description = "JobStatus events"), (status = 204, description = "Already past the terminal event"), (status = 404, description = "JOB_NOT_FOUND")))]
 pub async fn job_sse(
     State(app): State<AppState>,
-    ApiPath(JobPath { project_id, job_id }): ApiPath<JobPath>,
+    JobPath { project_id, job_id }: JobPath,
     ApiQuery(query): ApiQuery<ResumeQuery>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
@@ -61,7 +61,7 @@ pub async fn job_sse(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok())
         .or(query.last_event_id);
-    if status.state.is_terminal() && resume_after.is_some_and(|seq| seq >= status.seq) {
+    if status.state().is_terminal() && resume_after.is_some_and(|seq| seq >= status.seq()) {
         // 204 is what stops an EventSource from reconnecting.
         return Ok(StatusCode::NO_CONTENT.into_response());
     }
@@ -72,7 +72,7 @@ pub async fn job_sse(
 #[utoipa::path(get, path = "/mix/{project_id}/mix/events", tag = "events",
     params(("project_id" = String, Path)),
     responses((status = 200, content_type = "text/event-stream"), (status = 404, description = "PROJECT_NOT_FOUND")))]
-pub async fn project_sse(State(app): State<AppState>, ApiPath(ProjectPath { project_id }): ApiPath<ProjectPath>) -> Result<Response, ApiError> {
+pub async fn project_sse(State(app): State<AppState>, ProjectPath { project_id }: ProjectPath) -> Result<Response, ApiError> {
     ensure_project(&app, &project_id).await?;
     Ok(sse(&app, Scope::Project(project_id), None))
 }
@@ -88,7 +88,7 @@ pub async fn global_sse(State(app): State<AppState>) -> Response {
 #[utoipa::path(get, path = "/mix/{project_id}/mix/job/{job_id}/ws", tag = "events",
     params(("project_id" = String, Path), ("job_id" = String, Path)),
     responses((status = 101, description = "WebSocket upgrade"), (status = 404, description = "JOB_NOT_FOUND")))]
-pub async fn job_ws(State(app): State<AppState>, ApiPath(JobPath { project_id, job_id }): ApiPath<JobPath>, upgrade: WebSocketUpgrade) -> Result<Response, ApiError> {
+pub async fn job_ws(State(app): State<AppState>, JobPath { project_id, job_id }: JobPath, upgrade: WebSocketUpgrade) -> Result<Response, ApiError> {
     find_job(&app, &project_id, job_id)?;
     Ok(ws(&app, Scope::Job(job_id), upgrade))
 }
@@ -96,7 +96,7 @@ pub async fn job_ws(State(app): State<AppState>, ApiPath(JobPath { project_id, j
 #[utoipa::path(get, path = "/mix/{project_id}/mix/ws", tag = "events",
     params(("project_id" = String, Path)),
     responses((status = 101, description = "WebSocket upgrade"), (status = 404, description = "PROJECT_NOT_FOUND")))]
-pub async fn project_ws(State(app): State<AppState>, ApiPath(ProjectPath { project_id }): ApiPath<ProjectPath>, upgrade: WebSocketUpgrade) -> Result<Response, ApiError> {
+pub async fn project_ws(State(app): State<AppState>, ProjectPath { project_id }: ProjectPath, upgrade: WebSocketUpgrade) -> Result<Response, ApiError> {
     ensure_project(&app, &project_id).await?;
     Ok(ws(&app, Scope::Project(project_id), upgrade))
 }
@@ -121,7 +121,7 @@ fn sse(app: &AppState, scope: Scope, resume_after: Option<u64>) -> Response {
     let statuses = feed(&app.jobs, scope, resume_after, app.shutdown.clone());
     let events = statuses.map(move |event| {
         let _counted = &guard;
-        Ok::<_, Infallible>(Event::default().id(event.status.seq.to_string()).event("status").data(&*event.json))
+        Ok::<_, Infallible>(Event::default().id(event.status.seq().to_string()).event("status").data(&*event.json))
     });
     let stream = futures_util::stream::once(async { Ok(Event::default().retry(SSE_RETRY)) }).chain(events);
     let headers = [(header::CACHE_CONTROL, "no-cache"), (header::HeaderName::from_static("x-accel-buffering"), "no")];

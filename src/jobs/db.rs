@@ -3,8 +3,8 @@
 //!
 //! WAL with `synchronous=NORMAL` makes each commit survive a crash of the process (kill -9
 //! included) without an fsync per progress update; a power cut may lose the last commits, which a
-//! restart then re-runs. The database lives in `.mixd/` under the data root, where `/media`
-//! cannot reach (it serves no name that starts with a dot).
+//! restart then re-runs. The database lives in the layout's database directory, which `/media`
+//! cannot reach.
 
 use std::path::Path;
 
@@ -39,9 +39,8 @@ pub enum DbError {
 }
 
 impl JobDb {
-    pub fn open(data_dir: &Path) -> Result<Self, DbError> {
-        let dir = data_dir.join(".mixd");
-        std::fs::create_dir_all(&dir)?;
+    pub fn open(dir: &Path) -> Result<Self, DbError> {
+        std::fs::create_dir_all(dir)?;
         let conn = Connection::open(dir.join("jobs.sqlite3"))?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
@@ -62,7 +61,7 @@ impl JobDb {
         self.conn.execute(
             "INSERT INTO jobs (job_id, status, settings, stems, idempotency_key, attempts) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             params![
-                job.status.job_id.to_string(),
+                job.status.job_id().to_string(),
                 serde_json::to_string(&job.status)?,
                 serde_json::to_string(&job.settings)?,
                 serde_json::to_string(&job.stems)?,
@@ -76,7 +75,7 @@ impl JobDb {
     /// Stores a job's new status, as the JSON it was published with: every change comes through
     /// here, so the statement is prepared once.
     pub fn update_status(&self, event: &JobEvent) -> Result<(), DbError> {
-        self.conn.prepare_cached("UPDATE jobs SET status = ?2 WHERE job_id = ?1")?.execute(params![event.status.job_id.to_string(), &*event.json])?;
+        self.conn.prepare_cached("UPDATE jobs SET status = ?2 WHERE job_id = ?1")?.execute(params![event.status.job_id().to_string(), &*event.json])?;
         Ok(())
     }
 
@@ -113,7 +112,7 @@ impl JobDb {
                 Err(err) => tracing::error!(%job_id, %err, "skipping a job record that does not parse"),
             }
         }
-        jobs.sort_by_key(|job| job.status.created_at);
+        jobs.sort_by_key(|job| job.status.created_at());
         Ok(jobs)
     }
 }

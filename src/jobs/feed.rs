@@ -30,8 +30,8 @@ pub enum Scope {
 impl Scope {
     fn matches(&self, status: &JobStatus) -> bool {
         match self {
-            Scope::Job(id) => status.job_id == *id,
-            Scope::Project(project) => status.project_id == *project,
+            Scope::Job(id) => status.job_id() == *id,
+            Scope::Project(project) => status.project_id() == project,
             Scope::All => true,
         }
     }
@@ -108,7 +108,7 @@ impl Feed {
                         if self.backlog == 0 {
                             self.covered.clear();
                         }
-                        self.last_seen = Some(event.status.updated_at);
+                        self.last_seen = Some(event.status.updated_at());
                         if self.scope.matches(&event.status) {
                             self.pending.push_back(event);
                         }
@@ -125,17 +125,17 @@ impl Feed {
 
     /// Whether `status` is news to this subscriber; records it as sent when it is.
     fn admit(&mut self, status: &JobStatus) -> bool {
-        let stale = |seen: &HashMap<JobId, u64>| seen.get(&status.job_id).is_some_and(|&seq| status.seq <= seq);
+        let stale = |seen: &HashMap<JobId, u64>| seen.get(&status.job_id()).is_some_and(|&seq| status.seq() <= seq);
         if stale(&self.sent) || stale(&self.covered) {
             return false;
         }
-        if status.state.is_terminal() {
-            self.sent.remove(&status.job_id);
+        if status.state().is_terminal() {
+            self.sent.remove(&status.job_id());
             if matches!(self.scope, Scope::Job(_)) {
                 self.finished = true;
             }
         } else {
-            self.sent.insert(status.job_id, status.seq);
+            self.sent.insert(status.job_id(), status.seq());
         }
         true
     }
@@ -149,15 +149,15 @@ impl Feed {
                 && match scope {
                     Scope::Job(_) => true,
                     _ => {
-                        !status.state.is_terminal()
-                            || (resync && (sent.contains_key(&status.job_id) || last_seen.is_none_or(|t| status.updated_at >= t)))
+                        !status.state().is_terminal()
+                            || (resync && (sent.contains_key(&status.job_id()) || last_seen.is_none_or(|t| status.updated_at() >= t)))
                     }
                 }
         });
         if resync {
             // Every event still retained was sent before this snapshot was read, so once that
             // many have been received nothing older than the snapshot can arrive.
-            self.covered = snapshots.iter().map(|event| (event.status.job_id, event.status.seq)).collect();
+            self.covered = snapshots.iter().map(|event| (event.status.job_id(), event.status.seq())).collect();
             self.backlog = self.events.len();
             if self.backlog == 0 {
                 self.covered.clear();
@@ -175,19 +175,20 @@ mod tests {
 
     use super::*;
     use crate::audio::MixSettings;
+    use crate::jobs::layout::MediaLayout;
     use crate::jobs::manager::{JobsConfig, Submitted};
 
     #[tokio::test]
     async fn a_lagging_subscriber_never_sees_a_finished_job_go_back() {
         let dir = tempfile::tempdir().unwrap();
         // No mixer slots and a 4-event channel: jobs only queue, and five changes make a lag.
-        let config = JobsConfig { mix_slots: 0, job_ttl: Duration::from_secs(3600), output_retention: Duration::from_secs(3600), media_root: dir.path().into(), event_buffer: 4 };
+        let config = JobsConfig { mix_slots: 0, job_ttl: Duration::from_secs(3600), output_retention: Duration::from_secs(3600), layout: MediaLayout::new(dir.path()), event_buffer: 4 };
         let jobs = Jobs::open(config, CancellationToken::new()).unwrap();
         let project: ProjectId = "p1".parse().unwrap();
         let mut stream = Box::pin(feed(&jobs, Scope::Project(project.clone()), None, CancellationToken::new()));
 
         let submit = || match jobs.submit(project.clone(), MixSettings::default(), Vec::new(), None).unwrap() {
-            Submitted::New(status) => status.job_id,
+            Submitted::New(status) => status.job_id(),
             Submitted::Existing(_) => unreachable!("no idempotency key"),
         };
         let _others = [submit(), submit(), submit()];
@@ -196,7 +197,7 @@ mod tests {
 
         let mut seen: Vec<(JobId, u64, bool)> = Vec::new();
         while let Ok(Some(event)) = tokio::time::timeout(Duration::from_millis(200), stream.next()).await {
-            seen.push((event.status.job_id, event.status.seq, event.status.state.is_terminal()));
+            seen.push((event.status.job_id(), event.status.seq(), event.status.state().is_terminal()));
         }
         let canceled: Vec<_> = seen.iter().filter(|(id, _, _)| *id == last).collect();
         assert_eq!(canceled.len(), 1, "the canceled job once, as its terminal snapshot: {seen:?}");

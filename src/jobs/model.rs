@@ -1,5 +1,8 @@
-//! The job domain's types. Bad data is unrepresentable past the edge: ids validate when parsed,
-//! states are an ordered enum, and [`JobStatus::apply`] is the only way a status changes.
+//! The job domain's types. Bad data is unrepresentable past the edge: ids validate when parsed
+//! (with a typed error naming which id was bad), states are an ordered enum, progress is 0..=100,
+//! and a status keeps its fields private so that [`JobStatus::apply`] is the only way it changes.
+//! What a status means in each state (a queue position only while queued, an error only in
+//! `error`, a result only when `complete`) is one [`Phase`] enum, not nullable fields kept in step.
 
 use std::fmt;
 use std::str::FromStr;
@@ -9,7 +12,19 @@ use serde::{Deserialize, Serialize, Serializer};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
-use crate::audio::{MixReport, Stage};
+use crate::audio::{AudioError, MixReport, Stage};
+
+/// Which id failed to parse. A malformed job or stem id answers like an unknown one (404), a
+/// malformed project id with 400: the API maps each variant directly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidId {
+    #[error("invalid project id")]
+    Project,
+    #[error("invalid job id")]
+    Job,
+    #[error("invalid stem id")]
+    Stem,
+}
 
 /// 1-64 chars of `A-Z a-z 0-9 _ -`, first alphanumeric.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, ToSchema)]
@@ -17,30 +32,24 @@ use crate::audio::{MixReport, Stage};
 pub struct ProjectId(String);
 
 impl FromStr for ProjectId {
-    type Err = ();
-    fn from_str(s: &str) -> Result<Self, ()> {
+    type Err = InvalidId;
+    fn from_str(s: &str) -> Result<Self, InvalidId> {
         let valid = (1..=64).contains(&s.len())
             && s.starts_with(|c: char| c.is_ascii_alphanumeric())
             && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
         if valid {
             Ok(Self(s.to_string()))
         } else {
-            Err(())
+            Err(InvalidId::Project)
         }
     }
 }
 
 impl<'de> Deserialize<'de> for ProjectId {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let raw = String::deserialize(deserializer)?;
-        raw.parse().map_err(|()| serde::de::Error::custom(INVALID_PROJECT_ID))
+        String::deserialize(deserializer)?.parse().map_err(serde::de::Error::custom)
     }
 }
-
-/// The messages a failed id parse carries, so the API can tell which id was bad.
-pub const INVALID_PROJECT_ID: &str = "invalid project id";
-pub const INVALID_JOB_ID: &str = "invalid job id";
-pub const INVALID_STEM_ID: &str = "invalid stem id";
 
 impl ProjectId {
     pub fn as_str(&self) -> &str {
@@ -74,19 +83,18 @@ macro_rules! uuid_id {
         }
 
         impl FromStr for $name {
-            type Err = ();
-            fn from_str(s: &str) -> Result<Self, ()> {
+            type Err = InvalidId;
+            fn from_str(s: &str) -> Result<Self, InvalidId> {
                 match Uuid::try_parse(s) {
                     Ok(uuid) if uuid.get_version_num() == 4 => Ok(Self(uuid)),
-                    _ => Err(()),
+                    _ => Err($invalid),
                 }
             }
         }
 
         impl<'de> Deserialize<'de> for $name {
             fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-                let raw = String::deserialize(deserializer)?;
-                raw.parse().map_err(|()| serde::de::Error::custom($invalid))
+                String::deserialize(deserializer)?.parse().map_err(serde::de::Error::custom)
             }
         }
 
@@ -98,8 +106,8 @@ macro_rules! uuid_id {
     };
 }
 
-uuid_id!(JobId, "A mix job's id: a UUID v4.", INVALID_JOB_ID);
-uuid_id!(StemId, "A stem's id: a UUID v4.", INVALID_STEM_ID);
+uuid_id!(JobId, "A mix job's id: a UUID v4.", InvalidId::Job);
+uuid_id!(StemId, "A stem's id: a UUID v4.", InvalidId::Stem);
 
 /// A job's state; the declaration order is the order a job walks them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, ToSchema)]
@@ -181,8 +189,10 @@ pub enum ErrorCode {
     Internal,
 }
 
-/// Progress 0..=100 that only rises.
+/// A job's progress, 0..=100. A value outside that range does not parse; that a job's progress
+/// never falls is [`JobStatus::apply`]'s rule (it keeps the high-water mark).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
+#[serde(try_from = "u8")]
 #[schema(value_type = u8, example = 42)]
 pub struct Progress(u8);
 
@@ -196,6 +206,17 @@ impl Progress {
 
     pub fn value(self) -> u8 {
         self.0
+    }
+}
+
+impl TryFrom<u8> for Progress {
+    type Error = String;
+    fn try_from(percent: u8) -> Result<Self, String> {
+        if percent <= 100 {
+            Ok(Progress(percent))
+        } else {
+            Err(format!("progress {percent} is over 100"))
+        }
     }
 }
 
@@ -223,12 +244,40 @@ impl Serialize for Timestamp {
     }
 }
 
+/// Where a job is, with exactly the data that belongs there.
+#[derive(Debug, Clone, PartialEq)]
+enum Phase {
+    Queued { position: u32 },
+    /// `running` up to `exporting`.
+    Working(JobState),
+    Complete { result_url: String, report: Box<MixReport> },
+    /// The status's `message` is the error.
+    Failed { code: ErrorCode },
+}
+
 /// A job as clients see it: the `data` of status routes and the payload of every pushed event.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+/// Serialised as [`JobStatusFields`].
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(try_from = "JobStatusFields")]
 pub struct JobStatus {
+    job_id: JobId,
+    project_id: ProjectId,
+    phase: Phase,
+    progress: Progress,
+    message: String,
+    seq: u64,
+    created_at: Timestamp,
+    updated_at: Timestamp,
+}
+
+/// A job status on the wire, field by field as the contract lists them.
+#[derive(Serialize, Deserialize, ToSchema)]
+#[schema(title = "JobStatus")]
+pub struct JobStatusFields {
     pub job_id: JobId,
     pub project_id: ProjectId,
     pub state: JobState,
+    #[schema(value_type = u8, minimum = 0, maximum = 100)]
     pub progress: Progress,
     pub message: String,
     /// Non-null exactly when `state == "error"`.
@@ -238,13 +287,91 @@ pub struct JobStatus {
     /// Non-null exactly when `state == "complete"`; the file is fully written there.
     pub result_url: Option<String>,
     /// 1-based while queued, else null.
+    #[schema(minimum = 1)]
     pub queue_position: Option<u32>,
     /// Starts at 1 and rises by 1 on every change of this job; the SSE event id.
+    #[schema(minimum = 1)]
     pub seq: u64,
     pub created_at: Timestamp,
     pub updated_at: Timestamp,
     /// The loudness report, when complete.
     pub report: Option<MixReport>,
+}
+
+impl Serialize for JobStatus {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Fields<'a> {
+            job_id: JobId,
+            project_id: &'a ProjectId,
+            state: JobState,
+            progress: Progress,
+            message: &'a str,
+            error: Option<&'a str>,
+            error_code: Option<ErrorCode>,
+            result_url: Option<&'a str>,
+            queue_position: Option<u32>,
+            seq: u64,
+            created_at: Timestamp,
+            updated_at: Timestamp,
+            report: Option<&'a MixReport>,
+        }
+        Fields {
+            job_id: self.job_id,
+            project_id: &self.project_id,
+            state: self.state(),
+            progress: self.progress,
+            message: &self.message,
+            error: self.error(),
+            error_code: self.error_code(),
+            result_url: self.result_url(),
+            queue_position: self.queue_position(),
+            seq: self.seq,
+            created_at: self.created_at,
+            updated_at: self.updated_at,
+            report: self.report(),
+        }
+        .serialize(serializer)
+    }
+}
+
+impl TryFrom<JobStatusFields> for JobStatus {
+    type Error = String;
+
+    /// Accepts exactly the combinations a status can have; anything else is a corrupt record.
+    fn try_from(fields: JobStatusFields) -> Result<Self, String> {
+        let JobStatusFields { job_id, project_id, state, progress, message, error, error_code, result_url, queue_position, seq, created_at, updated_at, report } =
+            fields;
+        let phase = match (state, queue_position, error_code, error, result_url, report) {
+            (JobState::Queued, Some(position), None, None, None, None) if position >= 1 => Phase::Queued { position },
+            (JobState::Complete, None, None, None, Some(result_url), Some(report)) if progress == Progress::COMPLETE => {
+                Phase::Complete { result_url, report: Box::new(report) }
+            }
+            (JobState::Error, None, Some(code), Some(error), None, None) if error == message => Phase::Failed { code },
+            (state, None, None, None, None, None) if state > JobState::Queued && !state.is_terminal() && progress < Progress::COMPLETE => Phase::Working(state),
+            _ => return Err(format!("job {job_id}: the fields of a {} status do not fit together", state.as_str())),
+        };
+        if seq == 0 {
+            return Err(format!("job {job_id}: seq starts at 1"));
+        }
+        Ok(Self { job_id, project_id, phase, progress, message, seq, created_at, updated_at })
+    }
+}
+
+impl utoipa::PartialSchema for JobStatus {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        <JobStatusFields as utoipa::PartialSchema>::schema()
+    }
+}
+
+impl ToSchema for JobStatus {
+    fn name() -> std::borrow::Cow<'static, str> {
+        "JobStatus".into()
+    }
+
+    fn schemas(schemas: &mut Vec<(String, utoipa::openapi::RefOr<utoipa::openapi::schema::Schema>)>) {
+        <JobStatusFields as ToSchema>::schemas(schemas)
+    }
 }
 
 /// A status as it is published: serialised once, however many subscribers send it on.
@@ -277,6 +404,13 @@ pub enum JobChange {
     Failed { code: ErrorCode, message: String },
 }
 
+impl JobChange {
+    /// The end of a canceled job, worded the way the engine words a mix it stopped.
+    pub fn canceled() -> Self {
+        JobChange::Failed { code: ErrorCode::Canceled, message: AudioError::Canceled.to_string() }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum TransitionError {
     #[error("the job is already {0:?}")]
@@ -293,66 +427,130 @@ impl JobStatus {
         Self {
             job_id,
             project_id,
-            state: JobState::Queued,
+            phase: Phase::Queued { position },
             progress: Progress::default(),
             message: queue_message(position),
-            error: None,
-            error_code: None,
-            result_url: None,
-            queue_position: Some(position),
             seq: 1,
             created_at: now,
             updated_at: now,
-            report: None,
+        }
+    }
+
+    pub fn job_id(&self) -> JobId {
+        self.job_id
+    }
+
+    pub fn project_id(&self) -> &ProjectId {
+        &self.project_id
+    }
+
+    pub fn state(&self) -> JobState {
+        match &self.phase {
+            Phase::Queued { .. } => JobState::Queued,
+            Phase::Working(state) => *state,
+            Phase::Complete { .. } => JobState::Complete,
+            Phase::Failed { .. } => JobState::Error,
+        }
+    }
+
+    pub fn progress(&self) -> Progress {
+        self.progress
+    }
+
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    pub fn created_at(&self) -> Timestamp {
+        self.created_at
+    }
+
+    pub fn updated_at(&self) -> Timestamp {
+        self.updated_at
+    }
+
+    pub fn queue_position(&self) -> Option<u32> {
+        match self.phase {
+            Phase::Queued { position } => Some(position),
+            _ => None,
+        }
+    }
+
+    pub fn error_code(&self) -> Option<ErrorCode> {
+        match self.phase {
+            Phase::Failed { code } => Some(code),
+            _ => None,
+        }
+    }
+
+    pub fn error(&self) -> Option<&str> {
+        self.error_code().map(|_| self.message.as_str())
+    }
+
+    pub fn result_url(&self) -> Option<&str> {
+        match &self.phase {
+            Phase::Complete { result_url, .. } => Some(result_url),
+            _ => None,
+        }
+    }
+
+    pub fn report(&self) -> Option<&MixReport> {
+        match &self.phase {
+            Phase::Complete { report, .. } => Some(report),
+            _ => None,
         }
     }
 
     /// The status after `change`, with `seq` bumped and `updated_at` stamped, or why the change
     /// is not allowed. States only move forward, progress never falls, and a terminal job is final.
     pub fn apply(&self, change: JobChange) -> Result<JobStatus, TransitionError> {
-        if self.state.is_terminal() {
-            return Err(TransitionError::Finished(self.state));
+        let state = self.state();
+        if state.is_terminal() {
+            return Err(TransitionError::Finished(state));
         }
         let mut next = self.clone();
         match change {
             JobChange::QueuePosition(position) => {
-                if self.state != JobState::Queued {
-                    return Err(TransitionError::Backwards { from: self.state, to: JobState::Queued });
+                if state != JobState::Queued {
+                    return Err(TransitionError::Backwards { from: state, to: JobState::Queued });
                 }
-                if self.queue_position == Some(position) {
+                if self.queue_position() == Some(position) {
                     return Err(TransitionError::Unchanged);
                 }
-                next.queue_position = Some(position);
+                next.phase = Phase::Queued { position };
                 next.message = queue_message(position);
             }
             JobChange::Requeued(position) => {
-                next.state = JobState::Queued;
-                next.queue_position = Some(position);
+                next.phase = Phase::Queued { position };
                 next.message = format!("Re-queued after a server restart (position {position})");
             }
             JobChange::Started => {
                 next.move_to(JobState::Running, Progress::running(1.0), "Starting the mix".to_string())?;
             }
-            JobChange::Progress { state, progress, message } => {
-                if state.is_terminal() || state < JobState::Running {
-                    return Err(TransitionError::Backwards { from: self.state, to: state });
+            JobChange::Progress { state: to, progress, message } => {
+                if to.is_terminal() || to < JobState::Running {
+                    return Err(TransitionError::Backwards { from: state, to });
                 }
-                if state == self.state && progress <= self.progress {
+                if to == state && progress <= self.progress {
                     return Err(TransitionError::Unchanged);
                 }
-                next.move_to(state, progress, message)?;
+                next.move_to(to, progress, message)?;
             }
             JobChange::Completed { result_url, report } => {
-                next.move_to(JobState::Complete, Progress::COMPLETE, "Mix complete".to_string())?;
-                next.result_url = Some(result_url);
-                next.report = Some(*report);
+                if state < JobState::Running {
+                    return Err(TransitionError::Backwards { from: state, to: JobState::Complete });
+                }
+                next.phase = Phase::Complete { result_url, report };
+                next.progress = Progress::COMPLETE;
+                next.message = "Mix complete".to_string();
             }
             JobChange::Failed { code, message } => {
-                next.state = JobState::Error;
-                next.queue_position = None;
-                next.message = message.clone();
-                next.error = Some(message);
-                next.error_code = Some(code);
+                next.phase = Phase::Failed { code };
+                next.message = message;
             }
         }
         next.seq = self.seq + 1;
@@ -360,16 +558,15 @@ impl JobStatus {
         Ok(next)
     }
 
-    /// Moves forward to `state`. Progress holds at its high-water mark: a re-run after a restart
-    /// reports lower figures until it passes the old run.
+    /// Moves forward to `state` (running up to exporting). Progress holds at its high-water
+    /// mark: a re-run after a restart reports lower figures until it passes the old run.
     fn move_to(&mut self, state: JobState, progress: Progress, message: String) -> Result<(), TransitionError> {
-        if state < self.state {
-            return Err(TransitionError::Backwards { from: self.state, to: state });
+        if state < self.state() {
+            return Err(TransitionError::Backwards { from: self.state(), to: state });
         }
-        self.state = state;
+        self.phase = Phase::Working(state);
         self.progress = self.progress.max(progress);
         self.message = message;
-        self.queue_position = None;
         Ok(())
     }
 }
@@ -377,7 +574,6 @@ impl JobStatus {
 fn queue_message(position: u32) -> String {
     format!("Waiting for mixer slot (position {position})")
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -408,19 +604,19 @@ mod tests {
     #[test]
     fn a_job_walks_forward_and_seq_counts_every_change() {
         let queued = job();
-        assert_eq!((queued.seq, queued.queue_position, queued.progress.value()), (1, Some(2), 0));
+        assert_eq!((queued.seq(), queued.queue_position(), queued.progress().value()), (1, Some(2), 0));
         let moved = queued.apply(JobChange::QueuePosition(1)).unwrap();
-        assert_eq!((moved.seq, moved.message.as_str()), (2, "Waiting for mixer slot (position 1)"));
+        assert_eq!((moved.seq(), moved.message()), (2, "Waiting for mixer slot (position 1)"));
         let running = moved.apply(JobChange::Started).unwrap();
-        assert_eq!((running.state, running.queue_position, running.seq), (JobState::Running, None, 3));
+        assert_eq!((running.state(), running.queue_position(), running.seq()), (JobState::Running, None, 3));
         let loading = running.apply(progress(JobState::LoadingStems, 5.0)).unwrap();
         let mixing = loading.apply(progress(JobState::Mixing, 72.0)).unwrap();
-        assert!(mixing.updated_at >= loading.updated_at);
+        assert!(mixing.updated_at() >= loading.updated_at());
         assert_eq!(mixing.apply(progress(JobState::LoadingStems, 80.0)).unwrap_err(), TransitionError::Backwards { from: JobState::Mixing, to: JobState::LoadingStems });
         assert_eq!(mixing.apply(progress(JobState::Mixing, 50.0)).unwrap_err(), TransitionError::Unchanged);
         // A later stage reporting a lower figure (a re-run after a restart) keeps the high-water mark.
         let mastering = mixing.apply(progress(JobState::Mastering, 30.0)).unwrap();
-        assert_eq!((mastering.state, mastering.progress.value()), (JobState::Mastering, 72));
+        assert_eq!((mastering.state(), mastering.progress().value()), (JobState::Mastering, 72));
         assert_eq!(mixing.apply(progress(JobState::Mixing, 72.0)).unwrap_err(), TransitionError::Unchanged);
         assert_eq!(mixing.apply(JobChange::QueuePosition(1)).unwrap_err(), TransitionError::Backwards { from: JobState::Mixing, to: JobState::Queued });
     }
@@ -429,10 +625,34 @@ mod tests {
     fn a_requeued_job_waits_again_without_losing_progress_or_seq() {
         let running = job().apply(JobChange::Started).unwrap().apply(progress(JobState::ProcessingTracks, 40.0)).unwrap();
         let requeued = running.apply(JobChange::Requeued(1)).unwrap();
-        assert_eq!((requeued.state, requeued.queue_position, requeued.progress.value()), (JobState::Queued, Some(1), 40));
-        assert_eq!(requeued.seq, running.seq + 1);
+        assert_eq!((requeued.state(), requeued.queue_position(), requeued.progress().value()), (JobState::Queued, Some(1), 40));
+        assert_eq!(requeued.seq(), running.seq() + 1);
         let rerun = requeued.apply(JobChange::Started).unwrap().apply(progress(JobState::LoadingStems, 3.0)).unwrap();
-        assert_eq!((rerun.state, rerun.progress.value()), (JobState::LoadingStems, 40));
+        assert_eq!((rerun.state(), rerun.progress().value()), (JobState::LoadingStems, 40));
+    }
+
+    #[test]
+    fn a_status_parses_back_only_when_its_fields_fit_together() {
+        let queued = job();
+        let json = serde_json::to_value(&queued).unwrap();
+        assert_eq!(serde_json::from_value::<JobStatus>(json.clone()).unwrap(), queued);
+        let broken = [("state", serde_json::json!("error")), ("queue_position", serde_json::json!(null)), ("progress", serde_json::json!(101)), ("seq", serde_json::json!(0))];
+        for (field, value) in broken {
+            let mut bad = json.clone();
+            bad[field] = value;
+            assert!(serde_json::from_value::<JobStatus>(bad).is_err(), "{field} changed alone must not parse");
+        }
+        let failed = queued.apply(JobChange::canceled()).unwrap();
+        let json = serde_json::to_value(&failed).unwrap();
+        assert_eq!((json["error"].as_str(), json["error_code"].as_str(), json["message"].as_str()), (Some("The mix was canceled"), Some("CANCELED"), Some("The mix was canceled")));
+        assert_eq!(serde_json::from_value::<JobStatus>(json).unwrap(), failed);
+    }
+
+    #[test]
+    fn ids_say_which_id_was_bad() {
+        assert_eq!("p 1".parse::<ProjectId>(), Err(InvalidId::Project));
+        assert_eq!("x".parse::<JobId>(), Err(InvalidId::Job));
+        assert_eq!("x".parse::<StemId>(), Err(InvalidId::Stem));
     }
 
     #[test]
@@ -444,8 +664,8 @@ mod tests {
     #[test]
     fn error_fields_are_set_exactly_in_error_and_terminal_is_final() {
         let failed = job().apply(JobChange::Failed { code: ErrorCode::Canceled, message: "Canceled".into() }).unwrap();
-        assert_eq!((failed.state, failed.error_code, failed.error.as_deref()), (JobState::Error, Some(ErrorCode::Canceled), Some("Canceled")));
-        assert_eq!(failed.queue_position, None);
+        assert_eq!((failed.state(), failed.error_code(), failed.error()), (JobState::Error, Some(ErrorCode::Canceled), Some("Canceled")));
+        assert_eq!(failed.queue_position(), None);
         assert_eq!(failed.apply(JobChange::Started).unwrap_err(), TransitionError::Finished(JobState::Error));
         let json = serde_json::to_value(&failed).unwrap();
         assert_eq!(json["error_code"], "CANCELED");

@@ -1,8 +1,8 @@
-//! The stems of each project, as files under the data root with a JSON record beside each.
+//! The stems of each project, as files with a JSON record beside each (where: [`MediaLayout`]).
 //!
-//! Layout: `{root}/{project}/stems/{stem_id}.{format}` and `{stem_id}.json`. A record is written
-//! (atomically) only after its audio file is in place, so a listed stem always has its file.
-//! Uploads land in `.upload-*.partial` files first; leftovers from a crash are removed at start.
+//! A record is written (atomically) only after its audio file is in place, so a listed stem
+//! always has its file. Uploads land in a temporary file first; leftovers from a crash are
+//! removed at start.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use super::layout::MediaLayout;
 use super::model::{ProjectId, StemId, Timestamp};
 use crate::audio::{StemInfo, StemSource};
 
@@ -32,37 +33,26 @@ pub struct Stem {
 
 #[derive(Debug, Clone)]
 pub struct StemStore {
-    root: PathBuf,
+    layout: MediaLayout,
 }
 
-const PARTIAL_PREFIXES: [&str; 2] = [".upload-", ".final_mix."];
-
 impl StemStore {
-    pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into() }
-    }
-
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
-    fn stems_dir(&self, project: &ProjectId) -> PathBuf {
-        self.root.join(project.as_str()).join("stems")
+    pub fn new(layout: MediaLayout) -> Self {
+        Self { layout }
     }
 
     fn audio_path(&self, project: &ProjectId, stem: &Stem) -> PathBuf {
-        self.stems_dir(project).join(format!("{}.{}", stem.stem_id, stem.format))
+        self.layout.stem_audio(project, stem.stem_id, &stem.format)
     }
 
     fn record_path(&self, project: &ProjectId, stem_id: StemId) -> PathBuf {
-        self.stems_dir(project).join(format!("{stem_id}.json"))
+        self.layout.stem_record(project, stem_id)
     }
 
     /// A fresh temporary path for an upload into `project`.
     pub async fn upload_path(&self, project: &ProjectId) -> io::Result<PathBuf> {
-        let dir = self.stems_dir(project);
-        tokio::fs::create_dir_all(&dir).await?;
-        Ok(dir.join(format!(".upload-{}.partial", uuid::Uuid::new_v4())))
+        tokio::fs::create_dir_all(self.layout.stems_dir(project)).await?;
+        Ok(self.layout.upload_temporary(project))
     }
 
     /// Moves a probed upload into place and records it.
@@ -94,14 +84,14 @@ impl StemStore {
     /// The project's stems, oldest first. A project that has none does not exist.
     pub async fn list(&self, project: &ProjectId) -> io::Result<Vec<Stem>> {
         let mut stems = Vec::new();
-        let mut entries = match tokio::fs::read_dir(self.stems_dir(project)).await {
+        let mut entries = match tokio::fs::read_dir(self.layout.stems_dir(project)).await {
             Ok(entries) => entries,
             Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(stems),
             Err(err) => return Err(err),
         };
         while let Some(entry) = entries.next_entry().await? {
             let path = entry.path();
-            if path.extension().is_some_and(|e| e == "json") {
+            if MediaLayout::is_stem_record(&path) {
                 let bytes = tokio::fs::read(&path).await?;
                 match serde_json::from_slice::<Stem>(&bytes) {
                     Ok(stem) => stems.push(stem),
@@ -134,45 +124,25 @@ impl StemStore {
         }
         Ok(true)
     }
-
-    /// Removes partial files a crash left behind (uploads in progress, unfinished exports).
-    pub fn remove_partials(&self) -> io::Result<usize> {
-        fn walk(dir: &Path, removed: &mut usize, depth: usize) -> io::Result<()> {
-            if depth > 4 {
-                return Ok(());
-            }
-            for entry in std::fs::read_dir(dir)? {
-                let entry = entry?;
-                let name = entry.file_name();
-                let name = name.to_string_lossy();
-                let kind = entry.file_type()?;
-                if kind.is_dir() {
-                    walk(&entry.path(), removed, depth + 1)?;
-                } else if kind.is_file() && name.ends_with(".partial") && PARTIAL_PREFIXES.iter().any(|p| name.starts_with(p)) {
-                    std::fs::remove_file(entry.path())?;
-                    *removed += 1;
-                }
-            }
-            Ok(())
-        }
-        let mut removed = 0;
-        if self.root.exists() {
-            walk(&self.root, &mut removed, 0)?;
-        }
-        Ok(removed)
-    }
 }
 
 /// Writes via a temporary file and a rename, with fsyncs, so readers see all or nothing.
-pub async fn write_atomically(path: &Path, bytes: Vec<u8>) -> io::Result<()> {
+async fn write_atomically(path: &Path, bytes: Vec<u8>) -> io::Result<()> {
     let path = path.to_path_buf();
     tokio::task::spawn_blocking(move || {
         let dir = path.parent().expect("records live in a directory");
-        let mut file = tempfile::Builder::new().prefix(".upload-").suffix(".partial").tempfile_in(dir)?;
-        io::Write::write_all(&mut file, &bytes)?;
-        file.as_file().sync_all()?;
-        file.persist(&path).map_err(|err| err.error)?;
-        std::fs::File::open(dir)?.sync_all()
+        let temporary = MediaLayout::record_temporary(&path);
+        let written = (|| {
+            let mut file = std::fs::File::create(&temporary)?;
+            io::Write::write_all(&mut file, &bytes)?;
+            file.sync_all()?;
+            std::fs::rename(&temporary, &path)?;
+            std::fs::File::open(dir)?.sync_all()
+        })();
+        if written.is_err() {
+            let _ = std::fs::remove_file(&temporary);
+        }
+        written
     })
     .await
     .map_err(io::Error::other)?
