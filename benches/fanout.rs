@@ -65,8 +65,8 @@ fn main() {
 /// `n` subscribers over `projects` projects (two stems of `seconds` each), then one mix per project.
 async fn measure(n: usize, projects: usize, seconds: u32) {
     let data = tempfile::tempdir().unwrap();
-    let (mut server, address) = common::start_mixd(env!("CARGO_BIN_EXE_mixd"), data.path(), &[]);
-    let pid = server.id();
+    let server = common::start_mixd(env!("CARGO_BIN_EXE_mixd"), data.path(), &[], "warn");
+    let (pid, address) = (server.pid(), server.address.clone());
     let base = format!("http://{address}");
     let client = reqwest::Client::new();
     let stems: Vec<Vec<u8>> = (0..2).map(|i| sine_wav(&data.path().join(format!("s{i}.wav")), 110 * (i + 1), seconds)).collect();
@@ -121,8 +121,7 @@ async fn measure(n: usize, projects: usize, seconds: u32) {
         cpu.0 * 1e6 / delays.len() as f64,
         cpu.1 * 1e6 / delays.len() as f64,
     );
-    server.kill().unwrap();
-    let _ = server.wait();
+    drop(server);
 }
 
 fn sine_wav(path: &std::path::Path, frequency: u32, seconds: u32) -> Vec<u8> {

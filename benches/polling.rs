@@ -14,7 +14,8 @@ const DURATION: &str = "15s";
 fn main() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let data = tempfile::tempdir().unwrap();
-    let (mut mixd, address) = common::start_mixd(env!("CARGO_BIN_EXE_mixd"), data.path(), &[]);
+    let mixd = common::start_mixd(env!("CARGO_BIN_EXE_mixd"), data.path(), &[], "warn");
+    let address = mixd.address.clone();
     let stem = data.path().join("stem.wav");
     run("ffmpeg", &["-nostdin", "-loglevel", "error", "-y", "-f", "lavfi", "-i", "sine=f=440:r=48000:d=2", stem.to_str().unwrap()]);
     run("curl", &["-sf", "-o", "/dev/null", "-F", &format!("file=@{}", stem.display()), &format!("http://{address}/projects/p1/stems")]);
@@ -27,7 +28,7 @@ fn main() {
         std::thread::sleep(Duration::from_millis(50));
     }
     let ours = wrk(&status_url);
-    mixd.kill().unwrap();
+    drop(mixd);
 
     let port = free_port();
     let mut legacy = Command::new("python3")

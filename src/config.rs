@@ -1,5 +1,6 @@
 //! The server's configuration: one struct, parsed by clap with environment fallbacks, then
-//! passed down. Nothing else reads the environment.
+//! passed down. The one other thing read from the environment is `RUST_LOG`, by the log filter
+//! in `telemetry`, as every tracing-based server does.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -7,25 +7,71 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// Starts `mixd serve` on port 0 with `extra_args`, and learns its address from the JSON log.
-pub fn start_mixd(binary: &str, data: &Path, extra_args: &[&str]) -> (Child, String) {
+/// `mixd serve` as a child process: the one way the benchmarks and the integration tests start
+/// the real binary. It is killed when dropped.
+pub struct Mixd {
+    pub child: Child,
+    /// `host:port`, as the server logged it once bound.
+    pub address: String,
+    /// The log lines after the address line, as they come (JSON, one per line).
+    pub log: std::sync::mpsc::Receiver<String>,
+}
+
+/// Starts `mixd serve` on port 0 with `extra_args` and learns its address from the JSON log.
+/// `log_filter` is its `RUST_LOG`: the address line is logged at `info` by `mixd::startup`.
+pub fn start_mixd(binary: &str, data: &Path, extra_args: &[&str], log_filter: &str) -> Mixd {
     let mut child = Command::new(binary)
         .args(["serve", "--addr", "127.0.0.1:0", "--log-format", "json", "--data-dir"])
         .arg(data)
         .args(extra_args)
-        .env("RUST_LOG", "warn,mixd::startup=info")
+        .env("RUST_LOG", format!("{log_filter},mixd::startup=info"))
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap();
+        .expect("mixd starts");
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let address = loop {
-        let line = lines.next().expect("mixd exited").unwrap();
+        let line = lines.next().expect("mixd exited before listening").unwrap();
         if let Some(at) = line.find("\"address\":\"") {
             break line[at + 11..].split('"').next().unwrap().to_string();
         }
     };
-    std::thread::spawn(move || lines.for_each(drop));
-    (child, address)
+    let (sender, log) = std::sync::mpsc::channel();
+    // Keep draining the log, so the server never blocks on a full pipe, whoever reads it.
+    std::thread::spawn(move || lines.map_while(Result::ok).for_each(|line| drop(sender.send(line))));
+    Mixd { child, address, log }
+}
+
+impl Mixd {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends `signal` (e.g. "TERM", "KILL", "STOP") to the server.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill").arg(format!("-{signal}")).arg(self.pid().to_string()).status().unwrap();
+        assert!(status.success(), "kill -{signal}");
+    }
+
+    /// Waits until the process has exited, or `limit` has passed (None).
+    pub fn wait_for_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+impl Drop for Mixd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// The resident memory of process `pid`, in KiB.

@@ -2,17 +2,16 @@
 //! and audio fixtures made by ffmpeg at test time.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use mixd::config::Config;
 use mixd::startup::Application;
 use serde_json::Value;
 use tempfile::TempDir;
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::Child;
 use tokio_util::sync::CancellationToken;
 
+pub use crate::common::{start_mixd, Mixd};
 pub use crate::sse::SseStream;
 
 /// Long enough for any mix in these tests on a loaded 2-core machine; only a broken server waits it out.
@@ -174,43 +173,30 @@ pub fn read_wav(path: &Path) -> (hound::WavSpec, Vec<f32>) {
     (spec, samples)
 }
 
-/// The real `mixd` binary as a child process, and a client for it.
+/// The real `mixd` binary as a child process (killed when dropped), and a client for it.
 pub struct Server {
-    pub child: Child,
+    pub process: Mixd,
     pub app: TestApp,
 }
 
-/// Starts `mixd serve` on port 0 and learns its address from the JSON log.
+/// Starts `mixd serve` on port 0 over `data_dir`, with `extra_args`, logging at `info`.
 pub async fn start_server(data_dir: &Path, fixtures: &Path, extra_args: &[&str]) -> Server {
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_mixd"))
-        .args(["serve", "--addr", "127.0.0.1:0", "--log-format", "json", "--data-dir"])
-        .arg(data_dir)
-        .args(extra_args)
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("mixd starts");
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let address = tokio::time::timeout(DEADLINE, async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            if let Some(address) = serde_json::from_str::<Value>(&line).ok().and_then(|l| l["fields"]["address"].as_str().map(String::from)) {
-                return address;
-            }
-        }
-        panic!("mixd exited before listening");
-    })
-    .await
-    .expect("mixd listens");
-    // Keep draining the log so the server never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let process = start_mixd(env!("CARGO_BIN_EXE_mixd"), data_dir, extra_args, "info");
     let app = TestApp {
-        address: format!("http://{address}"),
+        address: format!("http://{}", process.address),
         client: reqwest::Client::new(),
         data_dir: tempfile::tempdir().unwrap(),
         fixtures: tempfile::tempdir_in(fixtures).unwrap(),
         shutdown: Default::default(),
         server: tokio::spawn(async { Ok(()) }),
     };
-    Server { child, app }
+    Server { process, app }
 }
 
+impl Server {
+    /// kill -9, and waits until it is gone.
+    pub fn kill(&mut self) {
+        self.process.signal("KILL");
+        self.process.wait_for_exit(DEADLINE).expect("a killed process exits");
+    }
+}

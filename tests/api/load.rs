@@ -21,7 +21,7 @@ async fn thousands_of_subscribers_all_end_on_the_terminal_event() {
     let fixtures = tempfile::tempdir().unwrap();
     let stems: Vec<_> = (0..4).map(|i| make_audio(fixtures.path(), &format!("s{i}.wav"), &format!("sine=f={}:r=48000:d=60", 100 + 50 * i), &["-ac", "2"])).collect();
     let mut server = start_server(data.path(), fixtures.path(), &["--mix-slots", "1"]).await;
-    let pid = server.child.id().unwrap();
+    let pid = server.process.pid();
     let app = &server.app;
     app.upload("p1", &stems.iter().map(|p| p.as_path()).collect::<Vec<_>>()).await;
     let duration = |status: &Value| {
@@ -110,13 +110,8 @@ async fn thousands_of_subscribers_all_end_on_the_terminal_event() {
 
     // 3. Shutdown with thousands of streams open, none of them reading.
     let stopping = Instant::now();
-    nix_kill_term(pid);
-    let exited = tokio::time::timeout(Duration::from_secs(15), server.child.wait()).await.expect("exits within the grace period").unwrap();
+    server.process.signal("TERM");
+    let exited = server.process.wait_for_exit(Duration::from_secs(15)).expect("exits within the grace period");
     eprintln!("SIGTERM with {} open streams: exited ({exited}) in {:.2} s", idle_sse.len() + idle_ws.len(), stopping.elapsed().as_secs_f64());
     assert!(exited.success());
-}
-
-fn nix_kill_term(pid: u32) {
-    let status = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
-    assert!(status.success());
 }

@@ -13,6 +13,7 @@ mod jobs;
 mod load;
 mod media;
 mod restart;
+mod soak;
 mod sse;
 mod stems;
 mod streams;

@@ -2,7 +2,7 @@
 
 use serde_json::Value;
 
-use crate::helpers::{assert_contract_step, make_audio, start_server, SseStream};
+use crate::helpers::{assert_contract_step, make_audio, start_server, SseStream, DEADLINE};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jobs_survive_kill_9_and_resume_under_the_same_id() {
@@ -41,8 +41,7 @@ async fn jobs_survive_kill_9_and_resume_under_the_same_id() {
             break status;
         }
     };
-    first.child.start_kill().unwrap();
-    first.child.wait().await.unwrap();
+    first.kill();
     drop(events);
     let leftover = data.path().join("long/mix_outputs/.final_mix.crashed.partial");
     std::fs::create_dir_all(leftover.parent().unwrap()).unwrap();
@@ -103,9 +102,8 @@ async fn sigterm_does_not_wait_for_a_running_mix_which_resumes_at_the_next_start
             break;
         }
     }
-    let pid = first.child.id().unwrap().to_string();
-    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
-    let exited = first.child.wait().await.unwrap();
+    first.process.signal("TERM");
+    let exited = first.process.wait_for_exit(DEADLINE).expect("mixd exits on SIGTERM");
     assert!(exited.success(), "{exited}");
     assert!(events.next_event().await.is_none(), "the stream ended with the server");
     // Had the process waited for the engine, the engine would have written its file first.
