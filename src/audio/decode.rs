@@ -18,6 +18,7 @@ use symphonia::core::io::{MediaSource, MediaSourceStream};
 use symphonia::core::meta::MetadataOptions;
 use symphonia::core::probe::Hint;
 
+use super::buffer::StereoBuffer;
 use super::{AudioError, StemSource};
 
 pub const MIN_RATE: u32 = 8_000;
@@ -52,28 +53,6 @@ pub struct StemInfo {
 impl StemInfo {
     pub fn duration_s(&self) -> f64 {
         self.frames as f64 / f64::from(self.sample_rate)
-    }
-}
-
-/// Stereo audio in two planes.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct StereoBuffer {
-    pub left: Vec<f32>,
-    pub right: Vec<f32>,
-}
-
-impl StereoBuffer {
-    pub fn len(&self) -> usize {
-        self.left.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.left.is_empty()
-    }
-
-    pub fn clear(&mut self) {
-        self.left.clear();
-        self.right.clear();
     }
 }
 

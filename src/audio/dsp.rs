@@ -5,7 +5,7 @@
 
 use std::f64::consts::PI;
 
-use super::decode::StereoBuffer;
+use super::buffer::StereoBuffer;
 use super::settings::{CompressorSettings, EqBand, EqType, SettingsError, TrackSettings, NYQUIST_MARGIN};
 
 pub fn db_to_gain(db: f64) -> f64 {

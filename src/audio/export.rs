@@ -6,12 +6,11 @@ use std::path::Path;
 
 use hound::{SampleFormat, WavSpec, WavWriter};
 
-use super::decode::StereoBuffer;
+use super::buffer::{StereoBuffer, BLOCK};
 use super::settings::BitDepth;
 use super::{AudioError, MixObserver, Stage};
 
 const WAV_HEADER_BYTES: u64 = 44;
-const BLOCK: usize = 1 << 16;
 
 /// How many stereo frames fit in one WAV file: hound counts the data bytes in a u32.
 pub fn max_frames(depth: BitDepth) -> u64 {

@@ -7,13 +7,12 @@
 use ebur128::{EbuR128, Mode};
 use serde::{Deserialize, Serialize};
 
-use super::decode::StereoBuffer;
+use super::buffer::{StereoBuffer, BLOCK};
 use super::dsp::{db_to_gain, gain_to_db, Compressor, Equalizer};
 use super::settings::MasterSettings;
 use super::true_peak::{frame_peaks, true_peak, Limiter};
 use super::{AudioError, MixObserver, Stage};
 
-const BLOCK: usize = 1 << 16;
 /// Close enough to the target that another pass would not be audible or measurable by a client.
 const LOUDNESS_TOLERANCE_LU: f64 = 0.05;
 const MAX_PASSES: usize = 8;

@@ -7,6 +7,7 @@
 //! grows with the length of the mix, not with the number of stems.
 
 mod align;
+mod buffer;
 mod decode;
 mod dsp;
 mod export;
@@ -18,7 +19,8 @@ mod true_peak;
 
 use std::path::PathBuf;
 
-pub use decode::{probe_stem, StemInfo, StemReader, StereoBuffer, MAX_PROBE_TIME};
+pub use buffer::StereoBuffer;
+pub use decode::{probe_stem, StemInfo, StemReader, MAX_PROBE_TIME};
 pub use master::Loudness;
 pub use pipeline::{mix, MixReport, StemReport};
 pub use settings::{

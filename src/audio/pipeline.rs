@@ -7,7 +7,8 @@ use std::sync::Mutex;
 use serde::{Deserialize, Serialize};
 
 use super::align::estimate_lag;
-use super::decode::{StemReader, StereoBuffer};
+use super::buffer::StereoBuffer;
+use super::decode::StemReader;
 use super::dsp::{audible, TrackChain};
 use super::export::{export_wav, max_frames};
 use super::master::{master, Loudness};

@@ -8,12 +8,11 @@
 
 use rayon::prelude::*;
 
-use super::decode::StereoBuffer;
+use super::buffer::{StereoBuffer, BLOCK};
 
 const HALF_TAPS: usize = 16;
 const TAPS: usize = 2 * HALF_TAPS;
 const OVERSAMPLING: usize = 4;
-const BLOCK: usize = 1 << 16;
 /// Frames interpolated at a time: the tile and its window stay in the L1 cache.
 const TILE: usize = 1024;
 
