@@ -8,7 +8,9 @@
 
 mod align;
 mod buffer;
+mod container;
 mod decode;
+mod downmix;
 mod dsp;
 mod export;
 mod master;
