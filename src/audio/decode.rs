@@ -6,12 +6,12 @@
 //! audio than decodes), absurd rates or channel counts, and panics inside a decoder.
 
 use std::fs::File;
-use std::io::ErrorKind;
+use std::io::{ErrorKind, Seek};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 
 use symphonia::core::audio::{Channels, SampleBuffer, SignalSpec};
-use symphonia::core::codecs::{Decoder, DecoderOptions, CODEC_TYPE_AAC, CODEC_TYPE_NULL};
+use symphonia::core::codecs::{CodecParameters, Decoder, DecoderOptions, CODEC_TYPE_AAC, CODEC_TYPE_NULL};
 use symphonia::core::errors::Error as SymphoniaError;
 use symphonia::core::formats::{FormatOptions, FormatReader};
 use symphonia::core::io::{MediaSource, MediaSourceStream};
@@ -122,56 +122,24 @@ pub struct StemReader {
 
 impl StemReader {
     pub fn open(path: &Path, name: &str) -> Result<Self, AudioError> {
-        contain_panic(name, || Self::open_inner(path, name, None))
+        contain_panic(name, || Self::open_inner(path, name))
     }
 
-    /// `channels` fills in what the container does not declare (symphonia 0.5 reads an MP4's
-    /// channel count only inside the AAC decoder), learned by decoding the first packet.
-    fn open_inner(path: &Path, name: &str, channels: Option<Channels>) -> Result<Self, AudioError> {
-        let mut file = File::open(path).map_err(|source| AudioError::Open { stem: name.to_string(), source })?;
-        let mut magic = [0u8; 16];
-        let magic_len = read_up_to(&mut file, &mut magic).map_err(|source| AudioError::Open { stem: name.to_string(), source })?;
-        let container = sniff_container(&magic[..magic_len]).map_err(|reason| AudioError::unsupported(name, reason))?;
-        drop(file);
-
-        let file = File::open(path).map_err(|source| AudioError::Open { stem: name.to_string(), source })?;
-        let source: Box<dyn MediaSource> = if container == Container::Rf64 {
-            Box::new(Rf64AsRiff::open(file).map_err(|reason| AudioError::unsupported(name, reason))?)
-        } else {
-            Box::new(file)
-        };
-        let stream = MediaSourceStream::new(source, Default::default());
-        let mut hint = Hint::new();
-        hint.with_extension(container.extension());
-        let format_options = FormatOptions { enable_gapless: true, ..Default::default() };
-        let probed = symphonia::default::get_probe()
-            .format(&hint, stream, &format_options, &MetadataOptions::default())
-            .map_err(|err| AudioError::unsupported(name, describe(&err)))?;
-        let format = probed.format;
-        let track = format
-            .tracks()
-            .iter()
-            .find(|t| t.codec_params.codec != CODEC_TYPE_NULL)
-            .ok_or_else(|| AudioError::unsupported(name, "it has no audio track"))?;
-        let mut params = track.codec_params.clone();
-        let track_id = track.id;
-        if params.channels.is_none() {
-            params.channels = channels.or_else(|| params.channel_layout.map(|l| l.into_channels()));
-        }
-
-        let sample_rate = params.sample_rate.ok_or_else(|| AudioError::unsupported(name, "no sample rate"))?;
+    fn open_inner(path: &Path, name: &str) -> Result<Self, AudioError> {
+        let mut opened = OpenedFormat::open(path, name)?;
+        let sample_rate = opened.params.sample_rate.ok_or_else(|| AudioError::unsupported(name, "no sample rate"))?;
         if !(MIN_RATE..=MAX_RATE).contains(&sample_rate) {
             return Err(AudioError::unsupported(name, format!("sample rate {sample_rate} Hz is outside 8-384 kHz")));
         }
-        let mut decoder = symphonia::default::get_codecs()
-            .make(&params, &DecoderOptions::default())
-            .map_err(|err| AudioError::unsupported(name, describe(&err)))?;
-        if params.channels.is_none() {
-            let mut format = format;
-            let learned = first_decoded_channels(format.as_mut(), decoder.as_mut(), track_id)
-                .ok_or_else(|| AudioError::unsupported(name, "no packet decodes, so the channel count is unknown"))?;
-            return Self::open_inner(path, name, Some(learned));
+        if opened.params.channels.is_none() {
+            // symphonia 0.5 reads an MP4's channel count only inside the AAC decoder. Learning it
+            // uses up packets, so the file is opened a second time to decode from its start.
+            let channels = opened.decode_channels(name)?;
+            opened = OpenedFormat::open(path, name)?;
+            opened.params.channels = Some(channels);
         }
+        let OpenedFormat { container, format, track_id, params } = opened;
+        let decoder = make_decoder(&params, name)?;
         let channels = params.channels.map(|c| c.count()).unwrap_or(0);
         if !(1..=MAX_CHANNELS).contains(&channels) {
             return Err(AudioError::unsupported(name, format!("{channels} channels is outside 1-32")));
@@ -297,19 +265,70 @@ impl StemReader {
     }
 }
 
-fn first_decoded_channels(format: &mut dyn FormatReader, decoder: &mut dyn Decoder, track_id: u32) -> Option<Channels> {
-    for _ in 0..64 {
-        let packet = format.next_packet().ok()?;
-        if packet.track_id() != track_id {
-            continue;
+/// A stem's container opened and its audio track found: everything short of a decoder.
+struct OpenedFormat {
+    container: Container,
+    format: Box<dyn FormatReader>,
+    track_id: u32,
+    /// The track's parameters, with the channels taken from its layout when only that is declared.
+    params: CodecParameters,
+}
+
+impl OpenedFormat {
+    fn open(path: &Path, name: &str) -> Result<Self, AudioError> {
+        let open_error = |source| AudioError::Open { stem: name.to_string(), source };
+        let mut file = File::open(path).map_err(open_error)?;
+        let mut magic = [0u8; 16];
+        let magic_len = read_up_to(&mut file, &mut magic).map_err(open_error)?;
+        let container = sniff_container(&magic[..magic_len]).map_err(|reason| AudioError::unsupported(name, reason))?;
+        file.rewind().map_err(open_error)?;
+        let source: Box<dyn MediaSource> = if container == Container::Rf64 {
+            Box::new(Rf64AsRiff::open(file).map_err(|reason| AudioError::unsupported(name, reason))?)
+        } else {
+            Box::new(file)
+        };
+        let stream = MediaSourceStream::new(source, Default::default());
+        let mut hint = Hint::new();
+        hint.with_extension(container.extension());
+        let format_options = FormatOptions { enable_gapless: true, ..Default::default() };
+        let probed = symphonia::default::get_probe()
+            .format(&hint, stream, &format_options, &MetadataOptions::default())
+            .map_err(|err| AudioError::unsupported(name, describe(&err)))?;
+        let format = probed.format;
+        let track = format
+            .tracks()
+            .iter()
+            .find(|t| t.codec_params.codec != CODEC_TYPE_NULL)
+            .ok_or_else(|| AudioError::unsupported(name, "it has no audio track"))?;
+        let mut params = track.codec_params.clone();
+        let track_id = track.id;
+        if params.channels.is_none() {
+            params.channels = params.channel_layout.map(|l| l.into_channels());
         }
-        if let Ok(decoded) = decoder.decode(&packet) {
-            if decoded.frames() > 0 {
-                return Some(decoded.spec().channels);
+        Ok(Self { container, format, track_id, params })
+    }
+
+    /// The channels of the first packet that decodes, for a container that does not declare them.
+    /// It reads packets, so it takes the reader: decoding proper starts on a freshly opened one.
+    fn decode_channels(mut self, name: &str) -> Result<Channels, AudioError> {
+        let mut decoder = make_decoder(&self.params, name)?;
+        for _ in 0..64 {
+            let Ok(packet) = self.format.next_packet() else { break };
+            if packet.track_id() != self.track_id {
+                continue;
+            }
+            if let Ok(decoded) = decoder.decode(&packet) {
+                if decoded.frames() > 0 {
+                    return Ok(decoded.spec().channels);
+                }
             }
         }
+        Err(AudioError::unsupported(name, "no packet decodes, so the channel count is unknown"))
     }
-    None
+}
+
+fn make_decoder(params: &CodecParameters, name: &str) -> Result<Box<dyn Decoder>, AudioError> {
+    symphonia::default::get_codecs().make(params, &DecoderOptions::default()).map_err(|err| AudioError::unsupported(name, describe(&err)))
 }
 
 fn describe(err: &SymphoniaError) -> String {
