@@ -21,7 +21,7 @@ use symphonia::core::probe::Hint;
 use super::buffer::StereoBuffer;
 use super::container::{ogg_ends_cleanly, read_up_to, sniff_container, Container, Rf64AsRiff};
 use super::downmix::downmix_coefficients;
-use super::{AudioError, StemSource};
+use super::{panic_message, AudioError, StemSource};
 
 pub const MIN_RATE: u32 = 8_000;
 pub const MAX_RATE: u32 = 384_000;
@@ -346,11 +346,6 @@ fn describe(err: &SymphoniaError) -> String {
 /// Runs decoder code so that a panic inside symphonia ends as a typed error for this stem.
 fn contain_panic<T>(stem: &str, f: impl FnOnce() -> Result<T, AudioError>) -> Result<T, AudioError> {
     catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|panic| {
-        let what = panic
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "unknown panic".to_string());
-        Err(AudioError::Decode { stem: stem.to_string(), reason: format!("the decoder crashed: {what}") })
+        Err(AudioError::Decode { stem: stem.to_string(), reason: format!("the decoder crashed: {}", panic_message(&*panic)) })
     })
 }

@@ -120,3 +120,27 @@ impl AudioError {
         AudioError::Unsupported { stem: stem.to_string(), reason: reason.into() }
     }
 }
+
+/// What a caught panic said. `panic!` with a literal carries a `&str`, with format arguments a
+/// `String`; anything else has no message to show. Pass the payload itself (`&*boxed`): a
+/// `&Box<dyn Any + Send>` would coerce to an `Any` that is the box.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic with no message".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn panic_messages_come_out_of_either_payload() {
+        let caught = |f: fn()| std::panic::catch_unwind(f).unwrap_err();
+        assert_eq!(panic_message(&*caught(|| panic!("a literal"))), "a literal");
+        assert_eq!(panic_message(&*caught(|| panic!("formatted {}", 42))), "formatted 42");
+        assert_eq!(panic_message(&*caught(|| std::panic::panic_any(7u8))), "a panic with no message");
+    }
+}

@@ -458,7 +458,7 @@ impl JobRun {
                 failure(&err)
             }
             Err(panic) => {
-                let panic = panic.downcast_ref::<&str>().copied().or(panic.downcast_ref::<String>().map(String::as_str)).unwrap_or("no message");
+                let panic = audio::panic_message(&*panic);
                 tracing::error!(%panic, "mix engine panicked");
                 JobChange::Failed { code: ErrorCode::Internal, message: "The mix engine failed unexpectedly".into() }
             }
