@@ -131,6 +131,7 @@ fn run_mix(args: MixArgs) -> Result<(), String> {
             StemSource { id: name.clone(), name, path: path.clone() }
         })
         .collect();
+    let settings = audio::plan(&stems, settings).map_err(|err| err.to_string())?;
 
     let bar = ProgressBar::new(100);
     bar.set_style(ProgressStyle::with_template("{spinner} {msg:18} [{bar:40}] {pos:>3}% {elapsed}").expect("valid template").progress_chars("=> "));

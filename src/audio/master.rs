@@ -27,7 +27,7 @@ pub struct Loudness {
 
 pub fn master(bus: &mut StereoBuffer, settings: &MasterSettings, rate: u32, observer: &dyn MixObserver) -> Result<Loudness, AudioError> {
     let report = |fraction: f64| observer.progress(Stage::Mastering, fraction);
-    let mut equalizer = Equalizer::new(&settings.eq, rate, "master.eq")?;
+    let mut equalizer = Equalizer::new(&settings.eq, rate);
     let mut compressor = settings.master_compressor(rate);
     for_each_block(bus, observer, |left, right| {
         equalizer.process(left, right);

@@ -24,10 +24,10 @@ use std::path::PathBuf;
 pub use buffer::StereoBuffer;
 pub use decode::{probe_stem, StemInfo, StemReader, MAX_PROBE_TIME};
 pub use master::Loudness;
-pub use pipeline::{mix, MixReport, StemReport};
+pub use pipeline::{mix, plan, MixReport, StemReport};
 pub use settings::{
     AlignMode, BitDepth, CompressorSettings, EqBand, EqType, MasterSettings, MixSettings, OutputSettings, SettingsError,
-    TrackSettings,
+    TrackSettings, ValidSettings,
 };
 
 /// A stem to mix: its identity and where its file is.

@@ -13,7 +13,7 @@ use super::dsp::{audible, TrackChain};
 use super::export::{export_wav, max_frames};
 use super::master::{master, Loudness};
 use super::resample::RateConverter;
-use super::settings::{AlignMode, MixSettings, TrackSettings};
+use super::settings::{AlignMode, MixSettings, TrackSettings, ValidSettings};
 use super::{AudioError, MixObserver, Stage, StemSource};
 
 /// How much of each stem's start `align: auto` compares.
@@ -54,14 +54,30 @@ struct Track<'a> {
     audible: bool,
 }
 
-/// Mixes `stems` with `settings` into a stereo WAV at `output`.
-pub fn mix(stems: &[StemSource], settings: &MixSettings, output: &Path, observer: &dyn MixObserver) -> Result<MixReport, AudioError> {
+/// Validates `settings` for a mix of `stems` whose rates are not at hand: opens each stem's header
+/// to learn the highest rate, then validates. For the offline command, and for jobs stored before
+/// their settings were stored validated.
+pub fn plan(stems: &[StemSource], settings: MixSettings) -> Result<ValidSettings, AudioError> {
     if stems.is_empty() {
         return Err(AudioError::NoStems);
     }
-    settings.validate(stems)?;
+    let mut highest_rate = 0;
+    for stem in stems {
+        highest_rate = highest_rate.max(StemReader::source(stem)?.info.sample_rate);
+    }
+    Ok(settings.validate(stems, highest_rate)?)
+}
 
-    let (mut tracks, rate) = load_stems(stems, settings, observer)?;
+/// Mixes `stems` into a stereo WAV at `output`. `settings` were validated for these stems (by
+/// [`MixSettings::validate`] or [`plan`]) and are not checked again.
+pub fn mix(stems: &[StemSource], settings: &ValidSettings, output: &Path, observer: &dyn MixObserver) -> Result<MixReport, AudioError> {
+    if stems.is_empty() {
+        return Err(AudioError::NoStems);
+    }
+    let rate = settings.output_rate();
+    let settings = settings.settings();
+
+    let mut tracks = load_stems(stems, settings, rate, observer)?;
     align_stems(&mut tracks, settings, rate, observer)?;
     let (buses, skipped) = process_tracks(&tracks, rate, observer)?;
     let mut bus = sum_buses(buses, &tracks, rate, observer)?;
@@ -89,8 +105,8 @@ pub fn mix(stems: &[StemSource], settings: &MixSettings, output: &Path, observer
     })
 }
 
-/// Opens and probes every stem, fixes the output rate and checks the mix can be written.
-fn load_stems<'a>(stems: &'a [StemSource], settings: &MixSettings, observer: &dyn MixObserver) -> Result<(Vec<Track<'a>>, u32), AudioError> {
+/// Opens and probes every stem, and checks that the mix at `rate` fits in a WAV file.
+fn load_stems<'a>(stems: &'a [StemSource], settings: &MixSettings, rate: u32, observer: &dyn MixObserver) -> Result<Vec<Track<'a>>, AudioError> {
     observer.progress(Stage::LoadingStems, 0.0);
     let track_settings: Vec<TrackSettings> = stems.iter().map(|s| settings.track_for(s)).collect();
     let audible = audible(&track_settings);
@@ -102,7 +118,6 @@ fn load_stems<'a>(stems: &'a [StemSource], settings: &MixSettings, observer: &dy
         infos.push(StemReader::source(stem)?.info);
         observer.progress(Stage::LoadingStems, (i + 1) as f64 / stems.len() as f64);
     }
-    let rate = settings.output.sample_rate.unwrap_or_else(|| infos.iter().map(|i| i.sample_rate).max().unwrap_or(48_000));
     let tracks: Vec<Track> = stems
         .iter()
         .zip(track_settings)
@@ -117,10 +132,6 @@ fn load_stems<'a>(stems: &'a [StemSource], settings: &MixSettings, observer: &dy
             audible,
         })
         .collect();
-    // Fail now, not after minutes of work, if the chains cannot be built or the file cannot be written.
-    for track in &tracks {
-        TrackChain::new(&track.settings, rate, &format!("tracks.{}", track.stem.name))?;
-    }
     let frames = tracks.iter().map(|t| end_frame(t, rate)).max().unwrap_or(0);
     if frames > max_frames(settings.output.bit_depth) {
         return Err(AudioError::TooLong {
@@ -128,7 +139,7 @@ fn load_stems<'a>(stems: &'a [StemSource], settings: &MixSettings, observer: &dy
             max_seconds: max_frames(settings.output.bit_depth) as f64 / f64::from(rate),
         });
     }
-    Ok((tracks, rate))
+    Ok(tracks)
 }
 
 fn end_frame(track: &Track, rate: u32) -> u64 {
@@ -212,7 +223,7 @@ fn process_tracks(tracks: &[Track], rate: u32, observer: &dyn MixObserver) -> Re
 fn process_track(track: &Track, rate: u32, bus: &mut StereoBuffer, observer: &dyn MixObserver, report: &dyn Fn(u64)) -> Result<u64, AudioError> {
     let mut reader = StemReader::source(track.stem)?;
     let mut converter = RateConverter::new(track.source_rate, rate)?;
-    let mut chain = TrackChain::new(&track.settings, rate, &format!("tracks.{}", track.stem.name))?;
+    let mut chain = TrackChain::new(&track.settings, rate);
     let (mut chunk, mut converted) = (StereoBuffer::default(), StereoBuffer::default());
     let mut position = track.offset_frames;
     let mut reported = 0u64;

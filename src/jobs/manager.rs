@@ -25,7 +25,7 @@ use super::db::{DbError, JobDb, StoredJob};
 use super::engine::EnginePool;
 use super::metrics::Metrics;
 use super::model::{ErrorCode, JobChange, JobEvent, JobId, JobState, JobStatus, ProjectId, Progress, TransitionError};
-use crate::audio::{self, AudioError, MixObserver, MixReport, MixSettings, Stage, StemSource};
+use crate::audio::{self, AudioError, MixObserver, MixReport, Stage, StemSource, ValidSettings};
 
 /// Room for bursts of changes; a subscriber that falls further behind is resynchronised.
 pub const EVENT_BUFFER: usize = 4096;
@@ -91,7 +91,7 @@ struct JobRecord {
     /// The current status, as it was last published: snapshots and resyncs send this same
     /// serialisation, however many subscribers ask.
     published: Arc<JobEvent>,
-    settings: MixSettings,
+    settings: ValidSettings,
     stems: Vec<StemSource>,
     cancel: Arc<AtomicBool>,
     idempotency_key: Option<String>,
@@ -184,7 +184,7 @@ impl Jobs {
     /// Queues a mix of `stems`. With an idempotency key already used for this project, returns
     /// that job instead.
     /// The job is in the database before this returns, so a crash right after the 202 loses nothing.
-    pub fn submit(&self, project: ProjectId, settings: MixSettings, stems: Vec<StemSource>, idempotency_key: Option<String>) -> Result<Submitted, JobError> {
+    pub fn submit(&self, project: ProjectId, settings: ValidSettings, stems: Vec<StemSource>, idempotency_key: Option<String>) -> Result<Submitted, JobError> {
         let mut state = self.lock();
         if let Some(key) = &idempotency_key {
             if let Some(existing) = state.idempotency.get(&(project.clone(), key.clone())).and_then(|id| state.jobs.get(id)) {
@@ -433,7 +433,7 @@ struct JobRun {
     jobs: Jobs,
     job_id: JobId,
     project: ProjectId,
-    settings: MixSettings,
+    settings: ValidSettings,
     stems: Vec<StemSource>,
     cancel: Arc<AtomicBool>,
 }
@@ -569,14 +569,19 @@ impl MixObserver for JobObserver {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::audio::MixSettings;
     use crate::jobs::model::Progress;
+
+    fn default_settings() -> ValidSettings {
+        MixSettings::default().validate(&[], 48_000).unwrap()
+    }
 
     fn stored(state_changes: &[JobChange], attempts: u32) -> StoredJob {
         let mut status = JobStatus::queued(JobId::new(), "p1".parse().unwrap(), 1);
         for change in state_changes {
             status = status.apply(change.clone()).unwrap();
         }
-        StoredJob { status, settings: MixSettings::default(), stems: Vec::new(), idempotency_key: Some("k".into()), attempts }
+        StoredJob { status, settings: default_settings(), stems: Vec::new(), idempotency_key: Some("k".into()), attempts }
     }
 
     #[tokio::test]
@@ -605,7 +610,7 @@ mod tests {
         assert_eq!(given_up.seq, crash_looping.status.seq + 1);
         assert_eq!(given_up.progress.value(), 71);
         // The Idempotency-Key still finds its job.
-        let again = jobs.submit("p1".parse().unwrap(), MixSettings::default(), Vec::new(), Some("k".into())).unwrap();
+        let again = jobs.submit("p1".parse().unwrap(), default_settings(), Vec::new(), Some("k".into())).unwrap();
         assert!(matches!(again, Submitted::Existing(status) if status.job_id == failed.status.job_id || status.job_id == crash_looping.status.job_id));
         // And the change was stored: a second restart sees the same.
         drop(jobs);
@@ -619,7 +624,7 @@ mod tests {
         // No mixer slots: the job is started by hand and the engine never runs.
         let config = JobsConfig { mix_slots: 0, job_ttl: Duration::from_secs(3600), output_retention: Duration::from_secs(3600), media_root: dir.path().into(), event_buffer: EVENT_BUFFER };
         let jobs = Jobs::open(config, CancellationToken::new()).unwrap();
-        let Submitted::New(queued) = jobs.submit("p1".parse().unwrap(), MixSettings::default(), Vec::new(), None).unwrap() else { unreachable!() };
+        let Submitted::New(queued) = jobs.submit("p1".parse().unwrap(), default_settings(), Vec::new(), None).unwrap() else { unreachable!() };
         jobs.apply(queued.job_id, JobChange::Started).unwrap();
         let mut events = jobs.subscribe_events();
         let observer = JobObserver::new(jobs.clone(), queued.job_id, Arc::new(AtomicBool::new(false)));
