@@ -70,7 +70,11 @@ pub fn plan(stems: &[StemSource], settings: MixSettings) -> Result<ValidSettings
 
 /// Mixes `stems` into a stereo WAV at `output`. `settings` were validated for these stems (by
 /// [`MixSettings::validate`] or [`plan`]) and are not checked again.
-pub fn mix(stems: &[StemSource], settings: &ValidSettings, output: &Path, observer: &dyn MixObserver) -> Result<MixReport, AudioError> {
+///
+/// The file is written to `temporary`, a name the caller owns in the same directory as `output`,
+/// then renamed into place: `output` is never seen half-written, and a failed or canceled mix
+/// leaves neither file behind.
+pub fn mix(stems: &[StemSource], settings: &ValidSettings, output: &Path, temporary: &Path, observer: &dyn MixObserver) -> Result<MixReport, AudioError> {
     if stems.is_empty() {
         return Err(AudioError::NoStems);
     }
@@ -83,7 +87,7 @@ pub fn mix(stems: &[StemSource], settings: &ValidSettings, output: &Path, observ
     let mut bus = sum_buses(buses, &tracks, rate, observer)?;
     let loudness = master(&mut bus, &settings.master, rate, observer)?;
     observer.progress(Stage::Exporting, 0.0);
-    export_wav(&bus, rate, settings.output.bit_depth, output, observer)?;
+    export_wav(&bus, rate, settings.output.bit_depth, output, temporary, observer)?;
 
     Ok(MixReport {
         duration_s: bus.len() as f64 / f64::from(rate),

@@ -444,8 +444,9 @@ impl JobRun {
         let output = self.jobs.output_path(&self.project, self.job_id);
         let observer = JobObserver::new(self.jobs.clone(), self.job_id, self.cancel.clone());
         let span = tracing::Span::current();
+        let temporary = output.with_file_name(format!(".final_mix.{}.partial", self.job_id));
         let (stems, settings, engine_output) = (self.stems.clone(), self.settings.clone(), output.clone());
-        let outcome = self.jobs.inner.engine.run(move || span.in_scope(|| audio::mix(&stems, &settings, &engine_output, &observer))).await;
+        let outcome = self.jobs.inner.engine.run(move || span.in_scope(|| audio::mix(&stems, &settings, &engine_output, &temporary, &observer))).await;
 
         let change = match outcome {
             Ok(Ok(report)) if !self.cancel.load(Ordering::Relaxed) => self.complete(&output, report).await,
