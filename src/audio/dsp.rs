@@ -174,11 +174,29 @@ impl Compressor {
     }
 }
 
+/// EQ, then compression: what a track and the master bus both do to their audio.
+pub struct ChannelStrip {
+    equalizer: Equalizer,
+    compressor: Option<Compressor>,
+}
+
+impl ChannelStrip {
+    pub fn new(eq: &[EqBand], compressor: Option<&CompressorSettings>, sample_rate: u32) -> Self {
+        Self { equalizer: Equalizer::new(eq, sample_rate), compressor: compressor.map(|c| Compressor::new(c, sample_rate)) }
+    }
+
+    pub fn process(&mut self, left: &mut [f32], right: &mut [f32]) {
+        self.equalizer.process(left, right);
+        if let Some(compressor) = self.compressor.as_mut() {
+            compressor.process(left, right);
+        }
+    }
+}
+
 /// Everything one track does to its audio, in order: gain, EQ, compressor, pan.
 pub struct TrackChain {
     gain: f32,
-    equalizer: Equalizer,
-    compressor: Option<Compressor>,
+    strip: ChannelStrip,
     pan: (f32, f32),
 }
 
@@ -187,18 +205,14 @@ impl TrackChain {
         let (left, right) = pan_gains(track.pan);
         Self {
             gain: db_to_gain(track.gain_db) as f32,
-            equalizer: Equalizer::new(&track.eq, sample_rate),
-            compressor: track.compressor.as_ref().map(|c| Compressor::new(c, sample_rate)),
+            strip: ChannelStrip::new(&track.eq, track.compressor.as_ref(), sample_rate),
             pan: (left as f32, right as f32),
         }
     }
 
     pub fn process(&mut self, chunk: &mut StereoBuffer) {
         chunk.left.iter_mut().chain(chunk.right.iter_mut()).for_each(|x| *x *= self.gain);
-        self.equalizer.process(&mut chunk.left, &mut chunk.right);
-        if let Some(compressor) = self.compressor.as_mut() {
-            compressor.process(&mut chunk.left, &mut chunk.right);
-        }
+        self.strip.process(&mut chunk.left, &mut chunk.right);
         chunk.left.iter_mut().for_each(|x| *x *= self.pan.0);
         chunk.right.iter_mut().for_each(|x| *x *= self.pan.1);
     }
