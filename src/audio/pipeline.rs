@@ -1,5 +1,6 @@
 //! The whole mix, stage by stage. See the module docs of `audio` for the streaming design.
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -14,7 +15,7 @@ use super::export::{export_wav, max_frames};
 use super::master::{master, Loudness};
 use super::resample::RateConverter;
 use super::settings::{AlignMode, MixSettings, TrackSettings, ValidSettings};
-use super::{AudioError, MixObserver, Stage, StemSource};
+use super::{panic_message, AudioError, MixObserver, Stage, StemSource};
 
 /// How much of each stem's start `align: auto` compares.
 const ALIGN_EXCERPT_S: f64 = 20.0;
@@ -184,8 +185,12 @@ fn excerpt(track: &Track, rate: u32, frames: usize, observer: &dyn MixObserver) 
     Ok(converted.left.iter().zip(&converted.right).take(frames).map(|(l, r)| 0.5 * (l + r)).collect())
 }
 
-/// Decodes, resamples and processes every audible track into one bus per worker thread.
-/// Returns the buses and, per track, the damaged packets its decoder skipped.
+/// Decodes, resamples and processes every audible track into one bus per worker. Returns the
+/// buses and, per track, the damaged packets its decoder skipped.
+///
+/// The workers are tasks on the current rayon pool (the engine's, for a job), one per pool thread
+/// at most, each pulling the next track from a shared index into its own bus: memory grows with
+/// the workers, not the tracks, and however many mixes run, the threads are the pool's.
 fn process_tracks(tracks: &[Track], rate: u32, observer: &dyn MixObserver) -> Result<(Vec<StereoBuffer>, Vec<u64>), AudioError> {
     observer.progress(Stage::ProcessingTracks, 0.0);
     let total_work: u64 = tracks.iter().filter(|t| t.audible).map(|t| t.source_frames.max(1)).sum::<u64>().max(1);
@@ -197,28 +202,30 @@ fn process_tracks(tracks: &[Track], rate: u32, observer: &dyn MixObserver) -> Re
         let done = done.fetch_add(frames, Ordering::Relaxed) + frames;
         observer.progress(Stage::ProcessingTracks, (done as f64 / total_work as f64).min(1.0));
     };
+    let worker = || -> Result<StereoBuffer, AudioError> {
+        let mut bus = StereoBuffer::default();
+        loop {
+            let index = next.fetch_add(1, Ordering::Relaxed);
+            let Some(track) = tracks.get(index) else { return Ok(bus) };
+            if !track.audible {
+                continue;
+            }
+            let skipped_packets = process_track(track, rate, &mut bus, observer, &report)?;
+            skipped.lock().expect("no panics while held")[index] = skipped_packets;
+        }
+    };
 
-    let buses: Vec<Result<StereoBuffer, AudioError>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..workers)
-            .map(|_| {
-                scope.spawn(|| {
-                    let mut bus = StereoBuffer::default();
-                    loop {
-                        let index = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(track) = tracks.get(index) else { return Ok(bus) };
-                        if !track.audible {
-                            continue;
-                        }
-                        let skipped_packets = process_track(track, rate, &mut bus, observer, &report)?;
-                        skipped.lock().expect("no panics while held")[index] = skipped_packets;
-                    }
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|handle| handle.join().unwrap_or_else(|_| Err(AudioError::Internal("a track worker panicked".into()))))
-            .collect()
+    let mut buses: Vec<Result<StereoBuffer, AudioError>> = (0..workers).map(|_| Ok(StereoBuffer::default())).collect();
+    rayon::scope(|scope| {
+        for bus in &mut buses {
+            let worker = &worker;
+            scope.spawn(move |_| {
+                // Caught here, so that a bug in one track fails the mix instead of unwinding
+                // through the pool into the caller.
+                *bus = catch_unwind(AssertUnwindSafe(worker))
+                    .unwrap_or_else(|panic| Err(AudioError::Internal(format!("a track worker panicked: {}", panic_message(&*panic)))));
+            });
+        }
     });
     let buses = buses.into_iter().collect::<Result<Vec<_>, _>>()?;
     Ok((buses, skipped.into_inner().expect("workers are done")))
