@@ -131,11 +131,15 @@ fn run_mix(args: MixArgs) -> Result<(), String> {
             StemSource { id: name.clone(), name, path: path.clone() }
         })
         .collect();
+    let settings = audio::plan(&stems, settings).map_err(|err| err.to_string())?;
+    // A hidden sibling of the output: the mix is renamed over the output only once it is whole.
+    let file_name = args.output.file_name().ok_or_else(|| format!("{}: --output must name a file", args.output.display()))?;
+    let temporary = args.output.with_file_name(format!(".{}.partial", file_name.to_string_lossy()));
 
     let bar = ProgressBar::new(100);
     bar.set_style(ProgressStyle::with_template("{spinner} {msg:18} [{bar:40}] {pos:>3}% {elapsed}").expect("valid template").progress_chars("=> "));
     let observer = BarObserver { bar, position: Mutex::new(0) };
-    let report = audio::mix(&stems, &settings, &args.output, &observer).map_err(|err| err.to_string())?;
+    let report = audio::mix(&stems, &settings, &args.output, &temporary, &observer).map_err(|err| err.to_string())?;
     observer.bar.finish_with_message("Complete");
 
     let value = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));

@@ -77,10 +77,8 @@ pub async fn start(
     let stems = app.stems.list(&project_id).await.map_err(ApiError::storage)?;
     let Some(highest_rate) = stems.iter().map(|s| s.sample_rate).max() else { return Err(ApiError::ProjectNotFound) };
     let sources: Vec<_> = stems.iter().map(|stem| app.stems.source(&project_id, stem)).collect();
-    let settings = MixSettings::from_json(&body).map_err(|err| ApiError::InvalidSettings(err.to_string()))?;
-    settings
-        .validate(&sources)
-        .and_then(|()| settings.validate_for_rate(settings.output_rate(highest_rate)))
+    let settings = MixSettings::from_json(&body)
+        .and_then(|settings| settings.validate(&sources, highest_rate))
         .map_err(|err| ApiError::InvalidSettings(err.to_string()))?;
     let key = match headers.get("idempotency-key") {
         Some(value) => {

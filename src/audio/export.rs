@@ -6,21 +6,23 @@ use std::path::Path;
 
 use hound::{SampleFormat, WavSpec, WavWriter};
 
-use super::decode::StereoBuffer;
+use super::buffer::{StereoBuffer, BLOCK};
 use super::settings::BitDepth;
 use super::{AudioError, MixObserver, Stage};
 
 const WAV_HEADER_BYTES: u64 = 44;
-const BLOCK: usize = 1 << 16;
 
 /// How many stereo frames fit in one WAV file: hound counts the data bytes in a u32.
 pub fn max_frames(depth: BitDepth) -> u64 {
     (u64::from(u32::MAX) - WAV_HEADER_BYTES) / (2 * u64::from(depth.bits() / 8))
 }
 
-/// Writes `bus` to `path` via a temporary file in the same directory, fsynced before the rename
-/// and the directory fsynced after, so a crash leaves either nothing or the complete file.
-pub fn export_wav(bus: &StereoBuffer, rate: u32, depth: BitDepth, path: &Path, observer: &dyn MixObserver) -> Result<(), AudioError> {
+/// Writes `bus` to `path` atomically: to `temporary` first, fsynced, then renamed over `path`,
+/// and the directory fsynced, so a crash leaves either the old file or the complete new one.
+///
+/// The caller names `temporary`, in the same directory as `path`, so that it knows what a crash
+/// can leave behind; an export that fails or is canceled removes it.
+pub fn export_wav(bus: &StereoBuffer, rate: u32, depth: BitDepth, path: &Path, temporary: &Path, observer: &dyn MixObserver) -> Result<(), AudioError> {
     if bus.len() as u64 > max_frames(depth) {
         return Err(AudioError::TooLong {
             seconds: bus.len() as f64 / f64::from(rate),
@@ -32,7 +34,19 @@ pub fn export_wav(bus: &StereoBuffer, rate: u32, depth: BitDepth, path: &Path, o
         _ => Path::new("."),
     };
     std::fs::create_dir_all(dir).map_err(AudioError::Export)?;
-    let mut temporary = tempfile::Builder::new().prefix(".final_mix.").suffix(".partial").tempfile_in(dir).map_err(AudioError::Export)?;
+    let written = write_wav(bus, rate, depth, temporary, observer).and_then(|()| std::fs::rename(temporary, path).map_err(AudioError::Export));
+    if written.is_err() {
+        let _ = std::fs::remove_file(temporary);
+    }
+    written?;
+    File::open(dir).and_then(|d| d.sync_all()).map_err(AudioError::Export)?;
+    observer.progress(Stage::Exporting, 1.0);
+    Ok(())
+}
+
+/// Writes `bus` as a WAV file at `path` and fsyncs it.
+fn write_wav(bus: &StereoBuffer, rate: u32, depth: BitDepth, path: &Path, observer: &dyn MixObserver) -> Result<(), AudioError> {
+    let mut file = File::create(path).map_err(AudioError::Export)?;
     let spec = WavSpec {
         channels: 2,
         sample_rate: rate,
@@ -40,7 +54,7 @@ pub fn export_wav(bus: &StereoBuffer, rate: u32, depth: BitDepth, path: &Path, o
         sample_format: if depth == BitDepth::Float32 { SampleFormat::Float } else { SampleFormat::Int },
     };
     {
-        let mut writer = WavWriter::new(BufWriter::with_capacity(1 << 20, temporary.as_file_mut()), spec).map_err(hound_error)?;
+        let mut writer = WavWriter::new(BufWriter::with_capacity(1 << 20, &mut file), spec).map_err(hound_error)?;
         let mut dither = Tpdf::new(0x6d69_7864);
         for (block, start) in (0..bus.len()).step_by(BLOCK).enumerate() {
             if observer.is_cancelled() {
@@ -60,11 +74,7 @@ pub fn export_wav(bus: &StereoBuffer, rate: u32, depth: BitDepth, path: &Path, o
         }
         writer.finalize().map_err(hound_error)?;
     }
-    temporary.as_file().sync_all().map_err(AudioError::Export)?;
-    temporary.persist(path).map_err(|err| AudioError::Export(err.error))?;
-    File::open(dir).and_then(|d| d.sync_all()).map_err(AudioError::Export)?;
-    observer.progress(Stage::Exporting, 1.0);
-    Ok(())
+    file.sync_all().map_err(AudioError::Export)
 }
 
 /// Rounds to a signed integer of `bits + 1` bits after adding `dither` (in LSBs), saturating.
@@ -105,6 +115,33 @@ fn hound_error(err: hound::Error) -> AudioError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    struct Observer {
+        cancelled: bool,
+    }
+
+    impl MixObserver for Observer {
+        fn progress(&self, _: Stage, _: f64) {}
+        fn is_cancelled(&self) -> bool {
+            self.cancelled
+        }
+    }
+
+    #[test]
+    fn the_file_lands_whole_and_a_canceled_export_leaves_the_old_one_and_no_temporary() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, temporary) = (dir.path().join("mix.wav"), dir.path().join(".mix.wav.partial"));
+        let bus = StereoBuffer { left: vec![0.25; 1000], right: vec![-0.25; 1000] };
+        export_wav(&bus, 48_000, BitDepth::Int24, &path, &temporary, &Observer { cancelled: false }).unwrap();
+        let written = std::fs::read(&path).unwrap();
+        assert_eq!(hound::WavReader::open(&path).unwrap().len(), 2000);
+        assert!(!temporary.exists());
+
+        let canceled = export_wav(&bus, 48_000, BitDepth::Int16, &path, &temporary, &Observer { cancelled: true });
+        assert!(matches!(canceled, Err(AudioError::Canceled)), "{canceled:?}");
+        assert_eq!(std::fs::read(&path).unwrap(), written, "the old file is untouched");
+        assert!(!temporary.exists());
+    }
 
     #[test]
     fn quantize_rounds_and_saturates() {

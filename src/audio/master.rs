@@ -7,13 +7,12 @@
 use ebur128::{EbuR128, Mode};
 use serde::{Deserialize, Serialize};
 
-use super::decode::StereoBuffer;
-use super::dsp::{db_to_gain, gain_to_db, Compressor, Equalizer};
+use super::buffer::{StereoBuffer, BLOCK};
+use super::dsp::{db_to_gain, gain_to_db, ChannelStrip};
 use super::settings::MasterSettings;
 use super::true_peak::{frame_peaks, true_peak, Limiter};
 use super::{AudioError, MixObserver, Stage};
 
-const BLOCK: usize = 1 << 16;
 /// Close enough to the target that another pass would not be audible or measurable by a client.
 const LOUDNESS_TOLERANCE_LU: f64 = 0.05;
 const MAX_PASSES: usize = 8;
@@ -28,14 +27,8 @@ pub struct Loudness {
 
 pub fn master(bus: &mut StereoBuffer, settings: &MasterSettings, rate: u32, observer: &dyn MixObserver) -> Result<Loudness, AudioError> {
     let report = |fraction: f64| observer.progress(Stage::Mastering, fraction);
-    let mut equalizer = Equalizer::new(&settings.eq, rate, "master.eq")?;
-    let mut compressor = settings.master_compressor(rate);
-    for_each_block(bus, observer, |left, right| {
-        equalizer.process(left, right);
-        if let Some(compressor) = compressor.as_mut() {
-            compressor.process(left, right);
-        }
-    })?;
+    let mut strip = ChannelStrip::new(&settings.eq, settings.compressor.as_ref(), rate);
+    for_each_block(bus, observer, |left, right| strip.process(left, right))?;
     report(0.15);
 
     let ceiling = db_to_gain(settings.true_peak_dbtp) as f32;
@@ -81,12 +74,6 @@ pub fn master(bus: &mut StereoBuffer, settings: &MasterSettings, rate: u32, obse
     let loudness = measure(bus, rate, Some(peak))?;
     report(1.0);
     Ok(loudness)
-}
-
-impl MasterSettings {
-    fn master_compressor(&self, rate: u32) -> Option<Compressor> {
-        self.compressor.as_ref().map(|c| Compressor::new(c, rate))
-    }
 }
 
 /// Integrated loudness, range and true peak of a stereo buffer. `own_true_peak` (linear), when

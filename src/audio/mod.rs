@@ -7,7 +7,10 @@
 //! grows with the length of the mix, not with the number of stems.
 
 mod align;
+mod buffer;
+mod container;
 mod decode;
+mod downmix;
 mod dsp;
 mod export;
 mod master;
@@ -18,12 +21,13 @@ mod true_peak;
 
 use std::path::PathBuf;
 
-pub use decode::{probe_stem, StemInfo, StemReader, StereoBuffer, MAX_PROBE_TIME};
+pub use buffer::StereoBuffer;
+pub use decode::{probe_stem, StemInfo, StemReader, MAX_PROBE_TIME};
 pub use master::Loudness;
-pub use pipeline::{mix, MixReport, StemReport};
+pub use pipeline::{mix, plan, MixReport, StemReport};
 pub use settings::{
     AlignMode, BitDepth, CompressorSettings, EqBand, EqType, MasterSettings, MixSettings, OutputSettings, SettingsError,
-    TrackSettings,
+    TrackSettings, ValidSettings,
 };
 
 /// A stem to mix: its identity and where its file is.
@@ -114,5 +118,29 @@ pub enum AudioError {
 impl AudioError {
     fn unsupported(stem: &str, reason: impl Into<String>) -> Self {
         AudioError::Unsupported { stem: stem.to_string(), reason: reason.into() }
+    }
+}
+
+/// What a caught panic said. `panic!` with a literal carries a `&str`, with format arguments a
+/// `String`; anything else has no message to show. Pass the payload itself (`&*boxed`): a
+/// `&Box<dyn Any + Send>` would coerce to an `Any` that is the box.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic with no message".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn panic_messages_come_out_of_either_payload() {
+        let caught = |f: fn()| std::panic::catch_unwind(f).unwrap_err();
+        assert_eq!(panic_message(&*caught(|| panic!("a literal"))), "a literal");
+        assert_eq!(panic_message(&*caught(|| panic!("formatted {}", 42))), "formatted 42");
+        assert_eq!(panic_message(&*caught(|| std::panic::panic_any(7u8))), "a panic with no message");
     }
 }

@@ -1,5 +1,6 @@
 //! The whole mix, stage by stage. See the module docs of `audio` for the streaming design.
 
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -7,13 +8,14 @@ use std::sync::Mutex;
 use serde::{Deserialize, Serialize};
 
 use super::align::estimate_lag;
-use super::decode::{StemReader, StereoBuffer};
+use super::buffer::StereoBuffer;
+use super::decode::StemReader;
 use super::dsp::{audible, TrackChain};
 use super::export::{export_wav, max_frames};
 use super::master::{master, Loudness};
 use super::resample::RateConverter;
-use super::settings::{AlignMode, MixSettings, TrackSettings};
-use super::{AudioError, MixObserver, Stage, StemSource};
+use super::settings::{AlignMode, MixSettings, TrackSettings, ValidSettings};
+use super::{panic_message, AudioError, MixObserver, Stage, StemSource};
 
 /// How much of each stem's start `align: auto` compares.
 const ALIGN_EXCERPT_S: f64 = 20.0;
@@ -53,20 +55,40 @@ struct Track<'a> {
     audible: bool,
 }
 
-/// Mixes `stems` with `settings` into a stereo WAV at `output`.
-pub fn mix(stems: &[StemSource], settings: &MixSettings, output: &Path, observer: &dyn MixObserver) -> Result<MixReport, AudioError> {
+/// Validates `settings` for a mix of `stems` whose rates are not at hand: opens each stem's header
+/// to learn the highest rate, then validates. For the offline command, and for jobs stored before
+/// their settings were stored validated.
+pub fn plan(stems: &[StemSource], settings: MixSettings) -> Result<ValidSettings, AudioError> {
     if stems.is_empty() {
         return Err(AudioError::NoStems);
     }
-    settings.validate(stems)?;
+    let mut highest_rate = 0;
+    for stem in stems {
+        highest_rate = highest_rate.max(StemReader::source(stem)?.info.sample_rate);
+    }
+    Ok(settings.validate(stems, highest_rate)?)
+}
 
-    let (mut tracks, rate) = load_stems(stems, settings, observer)?;
+/// Mixes `stems` into a stereo WAV at `output`. `settings` were validated for these stems (by
+/// [`MixSettings::validate`] or [`plan`]) and are not checked again.
+///
+/// The file is written to `temporary`, a name the caller owns in the same directory as `output`,
+/// then renamed into place: `output` is never seen half-written, and a failed or canceled mix
+/// leaves neither file behind.
+pub fn mix(stems: &[StemSource], settings: &ValidSettings, output: &Path, temporary: &Path, observer: &dyn MixObserver) -> Result<MixReport, AudioError> {
+    if stems.is_empty() {
+        return Err(AudioError::NoStems);
+    }
+    let rate = settings.output_rate();
+    let settings = settings.settings();
+
+    let mut tracks = load_stems(stems, settings, rate, observer)?;
     align_stems(&mut tracks, settings, rate, observer)?;
     let (buses, skipped) = process_tracks(&tracks, rate, observer)?;
     let mut bus = sum_buses(buses, &tracks, rate, observer)?;
     let loudness = master(&mut bus, &settings.master, rate, observer)?;
     observer.progress(Stage::Exporting, 0.0);
-    export_wav(&bus, rate, settings.output.bit_depth, output, observer)?;
+    export_wav(&bus, rate, settings.output.bit_depth, output, temporary, observer)?;
 
     Ok(MixReport {
         duration_s: bus.len() as f64 / f64::from(rate),
@@ -88,8 +110,8 @@ pub fn mix(stems: &[StemSource], settings: &MixSettings, output: &Path, observer
     })
 }
 
-/// Opens and probes every stem, fixes the output rate and checks the mix can be written.
-fn load_stems<'a>(stems: &'a [StemSource], settings: &MixSettings, observer: &dyn MixObserver) -> Result<(Vec<Track<'a>>, u32), AudioError> {
+/// Opens and probes every stem, and checks that the mix at `rate` fits in a WAV file.
+fn load_stems<'a>(stems: &'a [StemSource], settings: &MixSettings, rate: u32, observer: &dyn MixObserver) -> Result<Vec<Track<'a>>, AudioError> {
     observer.progress(Stage::LoadingStems, 0.0);
     let track_settings: Vec<TrackSettings> = stems.iter().map(|s| settings.track_for(s)).collect();
     let audible = audible(&track_settings);
@@ -101,7 +123,6 @@ fn load_stems<'a>(stems: &'a [StemSource], settings: &MixSettings, observer: &dy
         infos.push(StemReader::source(stem)?.info);
         observer.progress(Stage::LoadingStems, (i + 1) as f64 / stems.len() as f64);
     }
-    let rate = settings.output.sample_rate.unwrap_or_else(|| infos.iter().map(|i| i.sample_rate).max().unwrap_or(48_000));
     let tracks: Vec<Track> = stems
         .iter()
         .zip(track_settings)
@@ -116,10 +137,6 @@ fn load_stems<'a>(stems: &'a [StemSource], settings: &MixSettings, observer: &dy
             audible,
         })
         .collect();
-    // Fail now, not after minutes of work, if the chains cannot be built or the file cannot be written.
-    for track in &tracks {
-        TrackChain::new(&track.settings, rate, &format!("tracks.{}", track.stem.name))?;
-    }
     let frames = tracks.iter().map(|t| end_frame(t, rate)).max().unwrap_or(0);
     if frames > max_frames(settings.output.bit_depth) {
         return Err(AudioError::TooLong {
@@ -127,7 +144,7 @@ fn load_stems<'a>(stems: &'a [StemSource], settings: &MixSettings, observer: &dy
             max_seconds: max_frames(settings.output.bit_depth) as f64 / f64::from(rate),
         });
     }
-    Ok((tracks, rate))
+    Ok(tracks)
 }
 
 fn end_frame(track: &Track, rate: u32) -> u64 {
@@ -168,8 +185,12 @@ fn excerpt(track: &Track, rate: u32, frames: usize, observer: &dyn MixObserver) 
     Ok(converted.left.iter().zip(&converted.right).take(frames).map(|(l, r)| 0.5 * (l + r)).collect())
 }
 
-/// Decodes, resamples and processes every audible track into one bus per worker thread.
-/// Returns the buses and, per track, the damaged packets its decoder skipped.
+/// Decodes, resamples and processes every audible track into one bus per worker. Returns the
+/// buses and, per track, the damaged packets its decoder skipped.
+///
+/// The workers are tasks on the current rayon pool (the engine's, for a job), one per pool thread
+/// at most, each pulling the next track from a shared index into its own bus: memory grows with
+/// the workers, not the tracks, and however many mixes run, the threads are the pool's.
 fn process_tracks(tracks: &[Track], rate: u32, observer: &dyn MixObserver) -> Result<(Vec<StereoBuffer>, Vec<u64>), AudioError> {
     observer.progress(Stage::ProcessingTracks, 0.0);
     let total_work: u64 = tracks.iter().filter(|t| t.audible).map(|t| t.source_frames.max(1)).sum::<u64>().max(1);
@@ -181,28 +202,30 @@ fn process_tracks(tracks: &[Track], rate: u32, observer: &dyn MixObserver) -> Re
         let done = done.fetch_add(frames, Ordering::Relaxed) + frames;
         observer.progress(Stage::ProcessingTracks, (done as f64 / total_work as f64).min(1.0));
     };
+    let worker = || -> Result<StereoBuffer, AudioError> {
+        let mut bus = StereoBuffer::default();
+        loop {
+            let index = next.fetch_add(1, Ordering::Relaxed);
+            let Some(track) = tracks.get(index) else { return Ok(bus) };
+            if !track.audible {
+                continue;
+            }
+            let skipped_packets = process_track(track, rate, &mut bus, observer, &report)?;
+            skipped.lock().expect("no panics while held")[index] = skipped_packets;
+        }
+    };
 
-    let buses: Vec<Result<StereoBuffer, AudioError>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..workers)
-            .map(|_| {
-                scope.spawn(|| {
-                    let mut bus = StereoBuffer::default();
-                    loop {
-                        let index = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(track) = tracks.get(index) else { return Ok(bus) };
-                        if !track.audible {
-                            continue;
-                        }
-                        let skipped_packets = process_track(track, rate, &mut bus, observer, &report)?;
-                        skipped.lock().expect("no panics while held")[index] = skipped_packets;
-                    }
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|handle| handle.join().unwrap_or_else(|_| Err(AudioError::Internal("a track worker panicked".into()))))
-            .collect()
+    let mut buses: Vec<Result<StereoBuffer, AudioError>> = (0..workers).map(|_| Ok(StereoBuffer::default())).collect();
+    rayon::scope(|scope| {
+        for bus in &mut buses {
+            let worker = &worker;
+            scope.spawn(move |_| {
+                // Caught here, so that a bug in one track fails the mix instead of unwinding
+                // through the pool into the caller.
+                *bus = catch_unwind(AssertUnwindSafe(worker))
+                    .unwrap_or_else(|panic| Err(AudioError::Internal(format!("a track worker panicked: {}", panic_message(&*panic)))));
+            });
+        }
     });
     let buses = buses.into_iter().collect::<Result<Vec<_>, _>>()?;
     Ok((buses, skipped.into_inner().expect("workers are done")))
@@ -211,7 +234,7 @@ fn process_tracks(tracks: &[Track], rate: u32, observer: &dyn MixObserver) -> Re
 fn process_track(track: &Track, rate: u32, bus: &mut StereoBuffer, observer: &dyn MixObserver, report: &dyn Fn(u64)) -> Result<u64, AudioError> {
     let mut reader = StemReader::source(track.stem)?;
     let mut converter = RateConverter::new(track.source_rate, rate)?;
-    let mut chain = TrackChain::new(&track.settings, rate, &format!("tracks.{}", track.stem.name))?;
+    let mut chain = TrackChain::new(&track.settings, rate);
     let (mut chunk, mut converted) = (StereoBuffer::default(), StereoBuffer::default());
     let mut position = track.offset_frames;
     let mut reported = 0u64;

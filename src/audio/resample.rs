@@ -7,7 +7,7 @@
 
 use rubato::{FftFixedIn, Resampler};
 
-use super::decode::StereoBuffer;
+use super::buffer::StereoBuffer;
 use super::AudioError;
 
 const CHUNK_FRAMES: usize = 2048;

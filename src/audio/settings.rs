@@ -1,4 +1,5 @@
-//! Mix settings as the contract spells them, and the one place they are validated.
+//! Mix settings as the contract spells them, and the one place they are validated and the output
+//! rate is decided: [`MixSettings::validate`], which gives [`ValidSettings`].
 //!
 //! Everything is optional on the wire; `Default` gives the contract's defaults. Values out of range
 //! are rejected with the offending field named, never clamped, so a client learns what it sent wrong.
@@ -173,9 +174,30 @@ impl SettingsError {
 }
 
 /// How close to Nyquist a band may sit: an RBJ biquad degenerates at Nyquist itself.
-pub const NYQUIST_MARGIN: f64 = 0.99;
+const NYQUIST_MARGIN: f64 = 0.99;
 pub const MIN_OUTPUT_RATE: u32 = 8_000;
 pub const MAX_OUTPUT_RATE: u32 = 384_000;
+
+/// Settings that passed [`MixSettings::validate`], with the output rate they were checked for.
+/// Only `validate` makes them, so what holds them (the engine, a queued job) need not check
+/// again. Deserialising trusts its source: the job store, which writes only these.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ValidSettings {
+    settings: MixSettings,
+    output_rate: u32,
+}
+
+impl ValidSettings {
+    pub fn settings(&self) -> &MixSettings {
+        &self.settings
+    }
+
+    /// The rate the mix is made at; every EQ band lies below its Nyquist frequency.
+    pub fn output_rate(&self) -> u32 {
+        self.output_rate
+    }
+}
 
 impl MixSettings {
     /// Parses settings from JSON, naming the field at fault on failure (`tracks.bass.eq[0].type`).
@@ -191,8 +213,11 @@ impl MixSettings {
         })
     }
 
-    /// Checks every value against its allowed range, and every track key against the stems.
-    pub fn validate(&self, stems: &[StemSource]) -> Result<(), SettingsError> {
+    /// Checks these settings once, for the mix of `stems` whose highest rate is
+    /// `highest_stem_rate`: every value against its allowed range, every track key against the
+    /// stems, and every EQ band against the Nyquist frequency of the output rate, which is decided
+    /// here and only here (`output.sample_rate`, or else the highest stem rate).
+    pub fn validate(self, stems: &[StemSource], highest_stem_rate: u32) -> Result<ValidSettings, SettingsError> {
         for (key, track) in &self.tracks {
             if !stems.iter().any(|s| s.id == *key || s.name == *key) {
                 return Err(SettingsError::new(format!("tracks.{key}"), "no stem has this id or file name"));
@@ -220,17 +245,8 @@ impl MixSettings {
                 ));
             }
         }
-        Ok(())
-    }
-
-    /// The output rate these settings give for stems whose highest rate is `highest_stem_rate`.
-    pub fn output_rate(&self, highest_stem_rate: u32) -> u32 {
-        self.output.sample_rate.unwrap_or(highest_stem_rate)
-    }
-
-    /// Checks what depends on the output rate: every EQ band must lie below its Nyquist frequency.
-    pub fn validate_for_rate(&self, rate: u32) -> Result<(), SettingsError> {
-        let nyquist = f64::from(rate) / 2.0;
+        let output_rate = self.output.sample_rate.unwrap_or(highest_stem_rate);
+        let nyquist = f64::from(output_rate) / 2.0;
         let bands = self
             .tracks
             .iter()
@@ -238,10 +254,10 @@ impl MixSettings {
             .chain(self.master.eq.iter().enumerate().map(|(i, band)| (format!("master.eq[{i}].freq_hz"), band)));
         for (field, band) in bands {
             if band.freq_hz >= nyquist * NYQUIST_MARGIN {
-                return Err(SettingsError::new(field, format!("{} Hz is at or above Nyquist for {rate} Hz output", band.freq_hz)));
+                return Err(SettingsError::new(field, format!("{} Hz is at or above Nyquist for {output_rate} Hz output", band.freq_hz)));
             }
         }
-        Ok(())
+        Ok(ValidSettings { settings: self, output_rate })
     }
 
     /// The settings of the track for this stem: by id first, then by file name.
@@ -306,9 +322,8 @@ mod tests {
             "align": "none",
             "master": { "target_lufs": -14.0, "true_peak_dbtp": -1.0, "eq": [], "compressor": null },
             "output": { "sample_rate": null, "bit_depth": 24 } }"#;
-        let settings = MixSettings::from_json(json).unwrap();
-        settings.validate(&stems()).unwrap();
-        assert_eq!(settings.tracks["drums.wav"].eq[0].kind, EqType::Highpass);
+        let settings = MixSettings::from_json(json).unwrap().validate(&stems(), 48_000).unwrap();
+        assert_eq!(settings.settings().tracks["drums.wav"].eq[0].kind, EqType::Highpass);
     }
 
     #[test]
@@ -324,17 +339,37 @@ mod tests {
             (br#"{"align": "sideways"}"#, "align"),
         ];
         for (json, field) in cases {
-            let err = MixSettings::from_json(json).and_then(|s| s.validate(&stems()).map(|_| s)).unwrap_err();
+            let err = MixSettings::from_json(json).and_then(|s| s.validate(&stems(), 48_000)).unwrap_err();
             assert_eq!(err.field, field, "{}", String::from_utf8_lossy(json));
         }
     }
 
     #[test]
-    fn eq_bands_must_sit_below_the_output_nyquist() {
-        let settings = MixSettings::from_json(br#"{"tracks": {"a1": {"eq": [{"type": "peak", "freq_hz": 23000, "gain_db": 3}]}}}"#).unwrap();
-        assert_eq!(settings.validate_for_rate(44_100).unwrap_err().field, "tracks.a1.eq[0].freq_hz");
-        settings.validate_for_rate(48_000).unwrap();
-        assert_eq!(settings.output_rate(48_000), 48_000);
+    fn eq_bands_must_sit_below_the_nyquist_of_the_output_rate_decided_here() {
+        let track = MixSettings::from_json(br#"{"tracks": {"a1": {"eq": [{"type": "peak", "freq_hz": 23000, "gain_db": 3}]}}}"#).unwrap();
+        assert_eq!(track.clone().validate(&stems(), 44_100).unwrap_err().field, "tracks.a1.eq[0].freq_hz");
+        // Without an output rate the mix is made at the highest stem rate.
+        assert_eq!(track.clone().validate(&stems(), 48_000).unwrap().output_rate(), 48_000);
+        // An output rate, when given, wins over the stems'.
+        let mut at_44k = track;
+        at_44k.output.sample_rate = Some(44_100);
+        assert_eq!(at_44k.validate(&stems(), 96_000).unwrap_err().field, "tracks.a1.eq[0].freq_hz");
+        let master = MixSettings::from_json(br#"{"master": {"eq": [{"type": "highshelf", "freq_hz": 30000}]}, "output": {"sample_rate": 96000}}"#).unwrap();
+        assert_eq!(master.clone().validate(&stems(), 44_100).unwrap().output_rate(), 96_000);
+        let mut master_at_stem_rate = master;
+        master_at_stem_rate.output.sample_rate = None;
+        assert_eq!(master_at_stem_rate.validate(&stems(), 44_100).unwrap_err().field, "master.eq[0].freq_hz");
+    }
+
+    #[test]
+    fn valid_settings_serialise_with_their_output_rate() {
+        let settings = MixSettings::from_json(br#"{"master": {"target_lufs": -16}}"#).unwrap();
+        let valid = settings.clone().validate(&stems(), 44_100).unwrap();
+        let json = serde_json::to_value(&valid).unwrap();
+        assert_eq!(json, serde_json::json!({ "settings": serde_json::to_value(&settings).unwrap(), "output_rate": 44_100 }));
+        assert_eq!(serde_json::from_value::<ValidSettings>(json).unwrap(), valid);
+        // Plain settings are not mistaken for validated ones (the job store tells its rows apart so).
+        assert!(serde_json::from_value::<ValidSettings>(serde_json::to_value(&settings).unwrap()).is_err());
     }
 
     #[test]

@@ -6,7 +6,8 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 /// How much nicer than the runtime the engine's threads are: 10 gives a runtime thread about nine
-/// tenths of a contended core. Threads the engine starts itself inherit it.
+/// tenths of a contended core. A mix spawns its parallel work onto this same pool, so all of it
+/// runs at this priority.
 const ENGINE_NICE: i32 = 10;
 
 pub(super) struct EnginePool {
@@ -64,10 +65,34 @@ mod tests {
         {
             let niceness = || unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) };
             let runtime_nice = niceness();
-            // The engine's threads, and the threads they start (as the track workers are).
-            let (engine_nice, worker_nice) = engine.run(move || (niceness(), std::thread::spawn(niceness).join().unwrap())).await.unwrap();
+            // The engine's threads, and the rayon work a mix spawns from them (as the track workers
+            // are): one task per pool thread, held at a barrier until all have started, so every
+            // thread of the pool runs one and none runs outside it.
+            let (engine_nice, spawned) = engine
+                .run(move || {
+                    let threads = rayon::current_num_threads();
+                    let started = std::sync::Barrier::new(threads);
+                    let spawned = std::sync::Mutex::new(Vec::new());
+                    rayon::scope(|scope| {
+                        for _ in 0..threads {
+                            scope.spawn(|_| {
+                                started.wait();
+                                let thread = std::thread::current().name().unwrap_or_default().to_string();
+                                spawned.lock().unwrap().push((thread, niceness()));
+                            });
+                        }
+                    });
+                    (niceness(), spawned.into_inner().unwrap())
+                })
+                .await
+                .unwrap();
             assert_eq!(engine_nice, (runtime_nice + ENGINE_NICE).min(19));
-            assert_eq!(worker_nice, engine_nice);
+            let threads: std::collections::BTreeSet<&str> = spawned.iter().map(|(thread, _)| thread.as_str()).collect();
+            assert_eq!(threads.len(), spawned.len(), "each task on its own thread: {spawned:?}");
+            for (thread, nice) in &spawned {
+                assert!(thread.starts_with("mixd-engine-"), "spawned work ran on {thread:?}, outside the engine's pool");
+                assert_eq!(*nice, engine_nice, "on {thread}");
+            }
         }
         let panicked = engine.run(|| -> u32 { panic!("a broken stem") }).await;
         assert_eq!(panicked.unwrap_err().downcast_ref::<&str>(), Some(&"a broken stem"));

@@ -25,7 +25,7 @@ use super::engine::EnginePool;
 use super::layout::MediaLayout;
 use super::metrics::Metrics;
 use super::model::{ErrorCode, JobChange, JobEvent, JobId, JobState, JobStatus, ProjectId, Progress, TransitionError};
-use crate::audio::{self, AudioError, MixObserver, MixReport, MixSettings, Stage, StemSource};
+use crate::audio::{self, AudioError, MixObserver, MixReport, Stage, StemSource, ValidSettings};
 
 /// Room for bursts of changes; a subscriber that falls further behind is resynchronised.
 pub const EVENT_BUFFER: usize = 4096;
@@ -90,7 +90,7 @@ struct JobRecord {
     /// The current status, as it was last published: snapshots and resyncs send this same
     /// serialisation, however many subscribers ask.
     published: Arc<JobEvent>,
-    settings: MixSettings,
+    settings: ValidSettings,
     stems: Vec<StemSource>,
     cancel: Arc<AtomicBool>,
     idempotency_key: Option<String>,
@@ -183,7 +183,7 @@ impl Jobs {
     /// Queues a mix of `stems`. With an idempotency key already used for this project, returns
     /// that job instead.
     /// The job is in the database before this returns, so a crash right after the 202 loses nothing.
-    pub fn submit(&self, project: ProjectId, settings: MixSettings, stems: Vec<StemSource>, idempotency_key: Option<String>) -> Result<Submitted, JobError> {
+    pub fn submit(&self, project: ProjectId, settings: ValidSettings, stems: Vec<StemSource>, idempotency_key: Option<String>) -> Result<Submitted, JobError> {
         let mut state = self.lock();
         if let Some(key) = &idempotency_key {
             if let Some(existing) = state.idempotency.get(&(project.clone(), key.clone())).and_then(|id| state.jobs.get(id)) {
@@ -400,7 +400,7 @@ struct JobRun {
     jobs: Jobs,
     job_id: JobId,
     project: ProjectId,
-    settings: MixSettings,
+    settings: ValidSettings,
     stems: Vec<StemSource>,
     cancel: Arc<AtomicBool>,
 }
@@ -411,8 +411,9 @@ impl JobRun {
         let output = self.layout().result(&self.project, self.job_id);
         let observer = JobObserver::new(self.jobs.clone(), self.job_id, self.cancel.clone());
         let span = tracing::Span::current();
+        let temporary = self.layout().result_temporary(&self.project, self.job_id);
         let (stems, settings, engine_output) = (self.stems.clone(), self.settings.clone(), output.clone());
-        let outcome = self.jobs.inner.engine.run(move || span.in_scope(|| audio::mix(&stems, &settings, &engine_output, &observer))).await;
+        let outcome = self.jobs.inner.engine.run(move || span.in_scope(|| audio::mix(&stems, &settings, &engine_output, &temporary, &observer))).await;
 
         let change = match outcome {
             Ok(Ok(report)) if !self.cancel.load(Ordering::Relaxed) => self.complete(&output, report).await,
@@ -425,7 +426,7 @@ impl JobRun {
                 failure(&err)
             }
             Err(panic) => {
-                let panic = panic.downcast_ref::<&str>().copied().or(panic.downcast_ref::<String>().map(String::as_str)).unwrap_or("no message");
+                let panic = audio::panic_message(&*panic);
                 tracing::error!(%panic, "mix engine panicked");
                 JobChange::Failed { code: ErrorCode::Internal, message: "The mix engine failed unexpectedly".into() }
             }
@@ -541,14 +542,19 @@ impl MixObserver for JobObserver {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::audio::MixSettings;
     use crate::jobs::model::Progress;
+
+    fn default_settings() -> ValidSettings {
+        MixSettings::default().validate(&[], 48_000).unwrap()
+    }
 
     fn stored(state_changes: &[JobChange], attempts: u32, key: &str) -> StoredJob {
         let mut status = JobStatus::queued(JobId::new(), "p1".parse().unwrap(), 1);
         for change in state_changes {
             status = status.apply(change.clone()).unwrap();
         }
-        StoredJob { status, settings: MixSettings::default(), stems: Vec::new(), idempotency_key: Some(key.into()), attempts }
+        StoredJob { status, settings: default_settings(), stems: Vec::new(), idempotency_key: Some(key.into()), attempts }
     }
 
     fn config(dir: &std::path::Path, mix_slots: usize) -> JobsConfig {
@@ -562,7 +568,7 @@ mod tests {
     }
 
     fn submit(jobs: &Jobs, key: Option<&str>) -> Submitted {
-        jobs.submit("p1".parse().unwrap(), MixSettings::default(), Vec::new(), key.map(String::from)).unwrap()
+        jobs.submit("p1".parse().unwrap(), default_settings(), Vec::new(), key.map(String::from)).unwrap()
     }
 
     #[tokio::test]

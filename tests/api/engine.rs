@@ -124,7 +124,7 @@ fn the_master_hits_loudness_targets_under_the_true_peak_ceiling_by_ffmpegs_meter
         settings.master.target_lufs = target;
         settings.master.true_peak_dbtp = ceiling;
         let output = dir.path().join(format!("mix{target}{ceiling}.wav"));
-        let report = audio::mix(&sources, &settings, &output, &Quiet).unwrap();
+        let report = audio::mix(&sources, &audio::plan(&sources, settings).unwrap(), &output, &dir.path().join(".mix.partial"), &Quiet).unwrap();
         let (integrated, peak) = ffmpeg_loudness(&output);
         assert!((integrated - target).abs() <= 0.5, "target {target}: ffmpeg measures {integrated} LUFS");
         assert!(peak <= ceiling + 0.2, "ceiling {ceiling}: ffmpeg measures {peak} dBTP");
@@ -145,7 +145,7 @@ fn every_bit_depth_and_output_rate_is_written() {
     for (bits, rate) in [(16u16, 44_100u32), (24, 96_000), (32, 48_000)] {
         let settings = MixSettings::from_json(format!(r#"{{"output": {{"bit_depth": {bits}, "sample_rate": {rate}}}}}"#).as_bytes()).unwrap();
         let output = dir.path().join(format!("out{bits}.wav"));
-        audio::mix(&stems, &settings, &output, &Quiet).unwrap();
+        audio::mix(&stems, &audio::plan(&stems, settings).unwrap(), &output, &dir.path().join(".mix.partial"), &Quiet).unwrap();
         let (spec, samples) = read_wav(&output);
         assert_eq!((spec.bits_per_sample, spec.sample_rate), (bits, rate));
         assert_eq!(samples.len() as u32, 2 * 2 * rate, "two seconds, stereo");
@@ -164,7 +164,8 @@ fn offsets_and_auto_alignment_move_stems_in_time() {
         StemSource { id: "late".into(), name: "late.wav".into(), path: late },
     ];
     let settings = MixSettings::from_json(br#"{"align": "auto", "tracks": {"ref.wav": {"offset_ms": 10}}}"#).unwrap();
-    let report = audio::mix(&stems, &settings, &dir.path().join("aligned.wav"), &Quiet).unwrap();
+    let (output, temporary) = (dir.path().join("aligned.wav"), dir.path().join(".aligned.wav.partial"));
+    let report = audio::mix(&stems, &audio::plan(&stems, settings).unwrap(), &output, &temporary, &Quiet).unwrap();
     assert_eq!(report.stems[0].offset_ms, 10.0);
     assert!((report.stems[1].offset_ms - -120.0).abs() <= 1.0, "found {} ms", report.stems[1].offset_ms);
 }
