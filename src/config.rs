@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use clap::{Args, FromArgMatches, ValueEnum};
 
+use crate::access::{parse_api_key, parse_token_key, Secret, TokenKey};
+
 #[derive(Debug, Clone, Args)]
 pub struct Config {
     /// Address to listen on; port 0 picks a free one (the bound address is logged).
@@ -42,6 +44,28 @@ pub struct Config {
     /// On shutdown, how long open requests may take to finish.
     #[arg(long, env = "MIXD_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
+    /// Admin keys, each at least 32 characters (comma-separated in the environment): sent as
+    /// `Authorization: Bearer <key>`, full rights. With no key configured the server only
+    /// listens on loopback.
+    #[arg(long = "api-key", env = "MIXD_API_KEYS", value_delimiter = ',', value_parser = parse_api_key)]
+    pub api_keys: Vec<Secret>,
+    #[command(flatten)]
+    pub token_keys: TokenKeys,
+    /// Serve without access control on a non-loopback address (only where nobody else can reach it).
+    #[arg(long, env = "MIXD_NO_AUTH")]
+    pub no_auth: bool,
+    /// Origins allowed to call from a browser (CORS, with credentials) and to open WebSockets,
+    /// e.g. https://app.example.com (comma-separated in the environment).
+    #[arg(long = "allowed-origin", env = "MIXD_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+}
+
+/// The keys scoped tokens are signed with: `kid=secret`, the first signs, all verify (so a new
+/// key is rolled in by listing it first, and an old one out by removing it).
+#[derive(Debug, Clone, Args)]
+pub struct TokenKeys {
+    #[arg(long = "token-key", env = "MIXD_TOKEN_KEYS", value_delimiter = ',', value_parser = parse_token_key)]
+    pub token_keys: Vec<TokenKey>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -67,6 +91,24 @@ impl Config {
 
     pub fn max_upload_bytes(&self) -> u64 {
         self.max_upload_mb * 1024 * 1024
+    }
+
+    /// Access control is on when any key is configured.
+    pub fn has_keys(&self) -> bool {
+        !self.api_keys.is_empty() || !self.token_keys.token_keys.is_empty()
+    }
+
+    /// Refuses to serve open beyond this machine unless told to: an open server on a network
+    /// lets anyone upload, mix, read and delete every project.
+    pub fn check_exposure(&self) -> Result<(), String> {
+        if self.has_keys() || self.no_auth || self.addr.ip().is_loopback() {
+            return Ok(());
+        }
+        Err(format!(
+            "refusing to listen on {} without access control: set --api-key (MIXD_API_KEYS) and/or --token-key (MIXD_TOKEN_KEYS), \
+             or pass --no-auth if nobody else can reach this address",
+            self.addr
+        ))
     }
 }
 
@@ -94,6 +136,20 @@ mod tests {
         let config = Config::with_data_dir("somewhere");
         assert_eq!(config.data_dir, PathBuf::from("somewhere"));
         assert_eq!((config.max_files, config.max_upload_mb, config.job_ttl, config.mix_slots), (64, 512, Duration::from_secs(86_400), None));
+        assert!(!config.has_keys() && !config.no_auth && config.allowed_origins.is_empty());
+    }
+
+    #[test]
+    fn an_open_server_listens_on_loopback_only_unless_told_otherwise() {
+        let mut config = Config::with_data_dir("somewhere");
+        config.check_exposure().expect("loopback is fine open");
+        config.addr = "0.0.0.0:8080".parse().unwrap();
+        assert!(config.check_exposure().unwrap_err().contains("--api-key"));
+        config.no_auth = true;
+        config.check_exposure().expect("--no-auth is the explicit way out");
+        config.no_auth = false;
+        config.api_keys = vec![parse_api_key(&"k".repeat(32)).unwrap()];
+        config.check_exposure().expect("with a key, any address");
     }
 
     #[test]

@@ -11,11 +11,13 @@
 //!   runtime, TTL expiry, the stem store, and the subscription core every live stream uses.
 //! - [`api`]: HTTP. Routes, the `{ok, data, error, message}` envelope and its error codes (in one
 //!   place), SSE and WebSocket adapters, media with ranges, metrics and `/openapi.json`.
+//! - [`access`]: admin keys and scoped tokens, what each may do; no HTTP in it.
 //! - [`config`], [`telemetry`], [`startup`]: configuration (clap, env fallbacks), logging, and
 //!   building the server on a listener.
 //!
 //! Data flows one way: api → jobs → audio. Only progress callbacks flow back.
 
+pub mod access;
 pub mod api;
 pub mod audio;
 pub mod config;

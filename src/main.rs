@@ -8,7 +8,9 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use mixd::audio::{self, BitDepth, MixObserver, MixSettings, Stage, StemSource};
-use mixd::config::Config;
+use mixd::access::{Keys, Scope};
+use mixd::config::{parse_duration, Config, TokenKeys};
+use mixd::jobs::ProjectId;
 use mixd::startup::Application;
 
 #[derive(Parser)]
@@ -27,6 +29,25 @@ enum Command {
     Serve(Config),
     /// Mix stems into a mastered WAV, offline, with a progress bar.
     Mix(MixArgs),
+    /// Print a scoped token signed with the configured token key (for scripts, and to try it out).
+    Token(TokenArgs),
+}
+
+#[derive(Args)]
+struct TokenArgs {
+    /// The project the token is for.
+    #[arg(long)]
+    project: ProjectId,
+    #[arg(long, value_enum, default_value_t = Scope::Read)]
+    scope: Scope,
+    /// How long it lives (e.g. 90s, 15m, 24h; at most 24h).
+    #[arg(long, default_value = "15m", value_parser = parse_duration)]
+    ttl: std::time::Duration,
+    /// Who it is for (the `sub` claim).
+    #[arg(long)]
+    subject: Option<String>,
+    #[command(flatten)]
+    keys: TokenKeys,
 }
 
 #[derive(Args)]
@@ -56,6 +77,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Mix(args)) => run_mix(args),
+        Some(Command::Token(args)) => print_token(args),
         Some(Command::Serve(config)) => serve(config),
         None => serve(cli.serve),
     };
@@ -101,6 +123,13 @@ async fn wait_for_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+fn print_token(args: TokenArgs) -> Result<(), String> {
+    let keys = Keys::new(&[], &args.keys.token_keys);
+    let (token, _) = keys.mint(&args.project, args.scope, args.ttl, args.subject).map_err(|err| err.to_string())?;
+    println!("{token}");
+    Ok(())
 }
 
 fn run_mix(args: MixArgs) -> Result<(), String> {

@@ -17,6 +17,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::access::Keys;
 use crate::api::{router, AppState};
 use crate::config::Config;
 use crate::jobs::{Jobs, JobsConfig, MediaLayout, StemStore, EVENT_BUFFER};
@@ -28,6 +29,7 @@ pub struct Application {
 
 impl Application {
     pub async fn build(config: Config) -> anyhow::Result<Self> {
+        config.check_exposure().map_err(anyhow::Error::msg)?;
         std::fs::create_dir_all(&config.data_dir).with_context(|| format!("creating the data root {}", config.data_dir.display()))?;
         let layout = MediaLayout::new(&config.data_dir);
         let removed = layout.remove_partials().context("cleaning partial files")?;
@@ -47,7 +49,8 @@ impl Application {
         )
         .context("opening the job database")?;
         let listener = TcpListener::bind(config.addr).await.with_context(|| format!("binding {}", config.addr))?;
-        let state = AppState { jobs, stems: StemStore::new(layout.clone()), layout, config: Arc::new(config), shutdown };
+        let keys = Keys::new(&config.api_keys, &config.token_keys.token_keys);
+        let state = AppState { jobs, stems: StemStore::new(layout.clone()), layout, keys, config: Arc::new(config), shutdown };
         Ok(Self { listener, state })
     }
 
@@ -66,7 +69,7 @@ impl Application {
         let shutdown = self.state.shutdown.clone();
         let header_timeout = self.state.config.header_timeout;
         let grace = self.state.config.shutdown_grace;
-        tracing::info!(address = %self.local_addr(), data_dir = %self.state.config.data_dir.display(), slots = self.state.config.mix_slots(), "mixd listening");
+        tracing::info!(address = %self.local_addr(), data_dir = %self.state.config.data_dir.display(), slots = self.state.config.mix_slots(), access_control = self.state.keys.any(), "mixd listening");
         let app = router(self.state);
         let connections = TaskTracker::new();
         loop {

@@ -52,6 +52,8 @@ async function api(method, path, { body, headers } = {}) {
   } catch {
     return { ok: false, error: 'NETWORK', message: 'The server cannot be reached. Check your connection.' };
   }
+  // The session's token expired (or was revoked): ask for a credential again.
+  if (response.status === 401 && path !== '/session') showSignIn('Your session has ended: sign in again.');
   try {
     return { status: response.status, ...(await response.json()) };
   } catch {
@@ -493,6 +495,48 @@ function renderOverview(status) {
 
 // ---- wiring ----
 
+// ---- access ----
+
+function showSignIn(message = '') {
+  page.live?.stop();
+  page.live = null;
+  $('#sign-in').hidden = false;
+  $('#workspace').hidden = true;
+  $('#identity').hidden = true;
+  $('#sign-in-error').textContent = message;
+  $('#credential').focus();
+}
+
+function describe(identity) {
+  if (identity.kind === 'admin') return 'administrator';
+  const who = identity.subject ? `${identity.subject}, ` : '';
+  return `${who}${identity.scope} access to ${identity.project_id}`;
+}
+
+/// Who this browser is: an open server, an admin, or a token for one project; null when the
+/// server wants a credential first.
+async function whoAmI() {
+  const answer = await api('GET', '/session');
+  if (answer.status === 401) return null;
+  return answer.ok ? answer.data : { kind: 'open' };
+}
+
+async function signIn(event) {
+  event.preventDefault();
+  const answer = await api('POST', '/session', { body: JSON.stringify({ token: $('#credential').value.trim() }), headers: { 'content-type': 'application/json' } });
+  $('#credential').value = '';
+  if (!answer.ok) {
+    $('#sign-in-error').textContent = answer.status === 401 ? 'That token or key is not valid (or has expired).' : explain(answer);
+    return;
+  }
+  location.reload();
+}
+
+async function signOut() {
+  await api('DELETE', '/session');
+  location.reload();
+}
+
 function wire() {
   $('#project-form').addEventListener('submit', (event) => {
     event.preventDefault();
@@ -515,10 +559,23 @@ function wire() {
   setInterval(() => {
     for (const { node, status } of page.jobs.values()) if (!['complete', 'error'].includes(status.state)) updateElapsed(node, status);
   }, 1000);
-  new LiveFeed({ sse: '/events', ws: '/ws', poll: null, onStatus: renderOverview, onTransport: () => {} }).start();
+  $('#sign-in-form').addEventListener('submit', signIn);
+  $('#sign-out').addEventListener('click', signOut);
+}
+
+async function start() {
+  wire();
+  const identity = await whoAmI();
+  if (!identity) return showSignIn();
+  if (identity.kind !== 'open') {
+    $('#identity-name').textContent = describe(identity);
+    $('#identity').hidden = false;
+  }
+  // Every project's live overview is for administrators (and open servers) only.
+  if (identity.kind !== 'token') new LiveFeed({ sse: '/events', ws: '/ws', poll: null, onStatus: renderOverview, onTransport: () => {} }).start();
   rememberProject(null);
-  const initial = decodeURIComponent(location.hash.slice(1));
+  const initial = identity.kind === 'token' ? identity.project_id : decodeURIComponent(location.hash.slice(1));
   if (initial) openProject(initial);
 }
 
-wire();
+start();

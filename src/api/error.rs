@@ -2,7 +2,7 @@
 //! appears here once, beside its HTTP status.
 
 use axum::extract::multipart::{MultipartError, MultipartRejection};
-use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::extract::rejection::{BytesRejection, JsonRejection, PathRejection, QueryRejection};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -60,6 +60,15 @@ pub enum ApiError {
     MediaNotFound,
     #[error("No such route")]
     RouteNotFound,
+    /// No credential, or one that does not verify: never says which.
+    #[error("A valid credential is required")]
+    Unauthorized,
+    #[error("This credential does not allow this request")]
+    Forbidden,
+    #[error("Invalid request: {0}")]
+    InvalidRequest(String),
+    #[error("No token key is configured: start the server with --token-key")]
+    NoTokenKey,
     /// Something went wrong that the client cannot fix; the cause is logged, never sent.
     #[error("Something went wrong on the server")]
     Internal(String),
@@ -87,6 +96,10 @@ impl ApiError {
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "BAD_REQUEST"),
             ApiError::MediaNotFound => (StatusCode::NOT_FOUND, "MEDIA_NOT_FOUND"),
             ApiError::RouteNotFound => (StatusCode::NOT_FOUND, "NOT_FOUND"),
+            ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "UNAUTHORIZED"),
+            ApiError::Forbidden => (StatusCode::FORBIDDEN, "FORBIDDEN"),
+            ApiError::InvalidRequest(_) => (StatusCode::UNPROCESSABLE_ENTITY, "INVALID_REQUEST"),
+            ApiError::NoTokenKey => (StatusCode::CONFLICT, "NO_TOKEN_KEY"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL"),
             ApiError::JobStatus(_) => (StatusCode::INTERNAL_SERVER_ERROR, "JOB_STATUS_ERROR"),
         }
@@ -117,7 +130,11 @@ impl IntoResponse for ApiError {
             tracing::error!(%cause, code, "request failed");
         }
         let body = Envelope { ok: false, data: serde_json::Map::new(), error: Some(code), message: self.to_string() };
-        (status, Json(body)).into_response()
+        let mut response = (status, Json(body)).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(axum::http::header::WWW_AUTHENTICATE, axum::http::HeaderValue::from_static("Bearer"));
+        }
+        response
     }
 }
 
@@ -150,6 +167,12 @@ impl From<PathRejection> for ApiError {
 
 impl From<QueryRejection> for ApiError {
     fn from(rejection: QueryRejection) -> Self {
+        ApiError::BadRequest(rejection.body_text())
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
         ApiError::BadRequest(rejection.body_text())
     }
 }

@@ -2,7 +2,7 @@
 //! code instead of axum's plain-text rejection. Path ids are taken as text and parsed in path
 //! order, so the first bad one decides the answer, by its typed error.
 
-use axum::extract::{FromRequestParts, Path};
+use axum::extract::{FromRequest, FromRequestParts, Path};
 use axum::http::request::Parts;
 use serde::Deserialize;
 
@@ -12,6 +12,10 @@ use crate::jobs::{JobId, ProjectId, StemId};
 #[derive(FromRequestParts)]
 #[from_request(via(axum::extract::Query), rejection(ApiError))]
 pub struct ApiQuery<T>(pub T);
+
+#[derive(FromRequest)]
+#[from_request(via(axum::Json), rejection(ApiError))]
+pub struct ApiJson<T>(pub T);
 
 pub struct ProjectPath {
     pub project_id: ProjectId,

@@ -1,24 +1,30 @@
 //! HTTP: routes, the envelope, streams and media. Handlers translate between HTTP and the jobs
 //! layer and nothing else; every error becomes the envelope in `error.rs`.
 
+mod auth;
 mod error;
 mod extract;
 mod media;
 mod mix;
 mod openapi;
 mod service;
+mod session;
 mod stems;
 mod streams;
 
 use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
+use axum::http::{header, HeaderName, HeaderValue, Method};
+use axum::middleware;
 use axum::routing::{delete, get, post};
 use axum::Router;
+use tower_http::cors::{AllowOrigin, CorsLayer};
 use tokio_util::sync::CancellationToken;
 use tower_http::services::ServeDir;
 use tower_http::trace::TraceLayer;
 
+use crate::access::Keys;
 use crate::config::Config;
 use crate::jobs::{Jobs, MediaLayout, StemStore};
 
@@ -27,6 +33,7 @@ pub struct AppState {
     pub jobs: Jobs,
     pub stems: StemStore,
     pub layout: MediaLayout,
+    pub keys: Keys,
     pub config: Arc<Config>,
     /// Cancelled when the server shuts down: every open stream ends.
     pub shutdown: CancellationToken,
@@ -55,12 +62,34 @@ pub fn router(state: AppState) -> Router {
         .route("/media/{*path}", get(media::serve))
         .route("/healthz", get(service::healthz))
         .route("/metrics", get(service::metrics))
-        .route("/openapi.json", get(service::openapi));
+        .route("/openapi.json", get(service::openapi))
+        .route("/session", post(session::create).get(session::show).delete(session::delete))
+        .route("/tokens", post(session::mint))
+        // After routing, so the check knows the route; before every handler and upgrade.
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth::authorize));
     let dashboard = ServeDir::new(&state.config.static_dir).not_found_service(get(service::not_found).with_state(state.clone()));
+    let cors = cors(&state.config.allowed_origins);
     Router::new()
         .merge(routes.clone())
         .nest("/api", routes)
         .fallback_service(dashboard)
-        .layer(TraceLayer::new_for_http())
+        .layer(cors)
+        // The request's span names its path only: a query string may carry a token.
+        .layer(TraceLayer::new_for_http().make_span_with(|request: &axum::http::Request<_>| {
+            tracing::info_span!("request", method = %request.method(), path = %request.uri().path())
+        }))
         .with_state(state)
+}
+
+/// CORS for the listed origins, with credentials (so never `*`); with none listed, no
+/// cross-origin request is allowed.
+fn cors(origins: &[String]) -> CorsLayer {
+    let origins: Vec<HeaderValue> = origins.iter().filter_map(|origin| HeaderValue::from_str(origin.trim_end_matches('/')).ok()).collect();
+    CorsLayer::new()
+        .allow_origin(AllowOrigin::list(origins))
+        .allow_credentials(true)
+        .allow_methods([Method::GET, Method::POST, Method::DELETE])
+        .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, HeaderName::from_static("idempotency-key"), HeaderName::from_static("last-event-id")])
+        .expose_headers([header::LOCATION, header::RETRY_AFTER, header::ETAG, header::CONTENT_RANGE])
+        .max_age(std::time::Duration::from_secs(600))
 }

@@ -2,10 +2,10 @@
 //! `jobs::feed`, at job, project and global scope.
 
 use std::convert::Infallible;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
-use axum::extract::State;
+use axum::extract::{Extension, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -19,6 +19,7 @@ use super::mix::find_job;
 use super::AppState;
 use std::sync::Arc;
 
+use crate::access::Caller;
 use crate::jobs::{feed, JobEvent, ProjectId, Scope, Transport};
 
 const SSE_RETRY: Duration = Duration::from_millis(2000);
@@ -51,6 +52,7 @@ pub struct ResumeQuery {
     responses((status = 200, content_type = "text/event-stream", description = "JobStatus events"), (status = 204, description = "Already past the terminal event"), (status = 404, description = "JOB_NOT_FOUND")))]
 pub async fn job_sse(
     State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
     JobPath { project_id, job_id }: JobPath,
     ApiQuery(query): ApiQuery<ResumeQuery>,
     headers: HeaderMap,
@@ -65,22 +67,22 @@ pub async fn job_sse(
         // 204 is what stops an EventSource from reconnecting.
         return Ok(StatusCode::NO_CONTENT.into_response());
     }
-    Ok(sse(&app, Scope::Job(job_id), resume_after))
+    Ok(sse(&app, &caller, Scope::Job(job_id), resume_after))
 }
 
 /// SSE for every job of a project: snapshots of its live jobs, then every change. Stays open.
 #[utoipa::path(get, path = "/mix/{project_id}/mix/events", tag = "events",
     params(("project_id" = String, Path)),
     responses((status = 200, content_type = "text/event-stream"), (status = 404, description = "PROJECT_NOT_FOUND")))]
-pub async fn project_sse(State(app): State<AppState>, ProjectPath { project_id }: ProjectPath) -> Result<Response, ApiError> {
+pub async fn project_sse(State(app): State<AppState>, Extension(caller): Extension<Caller>, ProjectPath { project_id }: ProjectPath) -> Result<Response, ApiError> {
     ensure_project(&app, &project_id).await?;
-    Ok(sse(&app, Scope::Project(project_id), None))
+    Ok(sse(&app, &caller, Scope::Project(project_id), None))
 }
 
 /// SSE for every job of every project. Stays open.
 #[utoipa::path(get, path = "/events", tag = "events", responses((status = 200, content_type = "text/event-stream")))]
-pub async fn global_sse(State(app): State<AppState>) -> Response {
-    sse(&app, Scope::All, None)
+pub async fn global_sse(State(app): State<AppState>, Extension(caller): Extension<Caller>) -> Response {
+    sse(&app, &caller, Scope::All, None)
 }
 
 /// WebSocket for one job: `{"type": "status", "data": JobStatus}` text frames; closes with 1000
@@ -88,22 +90,22 @@ pub async fn global_sse(State(app): State<AppState>) -> Response {
 #[utoipa::path(get, path = "/mix/{project_id}/mix/job/{job_id}/ws", tag = "events",
     params(("project_id" = String, Path), ("job_id" = String, Path)),
     responses((status = 101, description = "WebSocket upgrade"), (status = 404, description = "JOB_NOT_FOUND")))]
-pub async fn job_ws(State(app): State<AppState>, JobPath { project_id, job_id }: JobPath, upgrade: WebSocketUpgrade) -> Result<Response, ApiError> {
+pub async fn job_ws(State(app): State<AppState>, Extension(caller): Extension<Caller>, JobPath { project_id, job_id }: JobPath, upgrade: WebSocketUpgrade) -> Result<Response, ApiError> {
     find_job(&app, &project_id, job_id)?;
-    Ok(ws(&app, Scope::Job(job_id), upgrade))
+    Ok(ws(&app, &caller, Scope::Job(job_id), upgrade))
 }
 
 #[utoipa::path(get, path = "/mix/{project_id}/mix/ws", tag = "events",
     params(("project_id" = String, Path)),
     responses((status = 101, description = "WebSocket upgrade"), (status = 404, description = "PROJECT_NOT_FOUND")))]
-pub async fn project_ws(State(app): State<AppState>, ProjectPath { project_id }: ProjectPath, upgrade: WebSocketUpgrade) -> Result<Response, ApiError> {
+pub async fn project_ws(State(app): State<AppState>, Extension(caller): Extension<Caller>, ProjectPath { project_id }: ProjectPath, upgrade: WebSocketUpgrade) -> Result<Response, ApiError> {
     ensure_project(&app, &project_id).await?;
-    Ok(ws(&app, Scope::Project(project_id), upgrade))
+    Ok(ws(&app, &caller, Scope::Project(project_id), upgrade))
 }
 
 #[utoipa::path(get, path = "/ws", tag = "events", responses((status = 101, description = "WebSocket upgrade")))]
-pub async fn global_ws(State(app): State<AppState>, upgrade: WebSocketUpgrade) -> Response {
-    ws(&app, Scope::All, upgrade)
+pub async fn global_ws(State(app): State<AppState>, Extension(caller): Extension<Caller>, upgrade: WebSocketUpgrade) -> Response {
+    ws(&app, &caller, Scope::All, upgrade)
 }
 
 /// A project exists once it has a stem; one whose stems were deleted still has its jobs. Jobs are
@@ -116,9 +118,21 @@ async fn ensure_project(app: &AppState, project: &ProjectId) -> Result<(), ApiEr
     }
 }
 
-fn sse(app: &AppState, scope: Scope, resume_after: Option<u64>) -> Response {
+/// Resolves when the caller's credential expires (never for a key or an open server): a stream
+/// must not outlive the rights it was opened with.
+fn credential_expiry(caller: &Caller) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let left = caller.expires_at().map(|at| at.duration_since(SystemTime::now()).unwrap_or_default());
+    async move {
+        match left {
+            Some(left) => tokio::time::sleep(left).await,
+            None => std::future::pending().await,
+        }
+    }
+}
+
+fn sse(app: &AppState, caller: &Caller, scope: Scope, resume_after: Option<u64>) -> Response {
     let guard = app.jobs.metrics().subscriber(Transport::Sse);
-    let statuses = feed(&app.jobs, scope, resume_after, app.shutdown.clone());
+    let statuses = feed(&app.jobs, scope, resume_after, app.shutdown.clone()).take_until(credential_expiry(caller));
     let events = statuses.map(move |event| {
         let _counted = &guard;
         Ok::<_, Infallible>(Event::default().id(event.status.seq().to_string()).event("status").data(&*event.json))
@@ -128,8 +142,9 @@ fn sse(app: &AppState, scope: Scope, resume_after: Option<u64>) -> Response {
     (headers, Sse::new(stream).keep_alive(KeepAlive::new().interval(SSE_KEEP_ALIVE))).into_response()
 }
 
-fn ws(app: &AppState, scope: Scope, upgrade: WebSocketUpgrade) -> Response {
+fn ws(app: &AppState, caller: &Caller, scope: Scope, upgrade: WebSocketUpgrade) -> Response {
     let statuses = feed(&app.jobs, scope, None, app.shutdown.clone());
+    let expiry = credential_expiry(caller);
     let guard = app.jobs.metrics().subscriber(Transport::WebSocket);
     let shutdown = app.shutdown.clone();
     upgrade
@@ -140,14 +155,15 @@ fn ws(app: &AppState, scope: Scope, upgrade: WebSocketUpgrade) -> Response {
         .max_write_buffer_size(WS_MAX_WRITE_BUFFER)
         .on_upgrade(move |socket| async move {
             let _counted = guard;
-            pump(socket, statuses, shutdown).await;
+            pump(socket, statuses, shutdown, expiry).await;
         })
 }
 
 /// Sends every status as a text frame, pings, and closes: 1000 after a job's terminal event,
-/// 1001 when the server shuts down.
-async fn pump(mut socket: WebSocket, statuses: impl Stream<Item = Arc<JobEvent>>, shutdown: CancellationToken) {
+/// 1001 when the server shuts down, 4001 when the credential expires.
+async fn pump(mut socket: WebSocket, statuses: impl Stream<Item = Arc<JobEvent>>, shutdown: CancellationToken, expiry: impl std::future::Future<Output = ()>) {
     let mut statuses = std::pin::pin!(statuses.fuse());
+    let mut expiry = std::pin::pin!(expiry);
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + WS_PING, WS_PING);
     loop {
         tokio::select! {
@@ -176,6 +192,11 @@ async fn pump(mut socket: WebSocket, statuses: impl Stream<Item = Arc<JobEvent>>
                         return;
                     }
                 }
+            }
+            _ = &mut expiry => {
+                let close = Message::Close(Some(CloseFrame { code: 4001, reason: "credential expired".into() }));
+                let _ = tokio::time::timeout(WS_SEND_TIMEOUT, socket.send(close)).await;
+                return;
             }
             _ = ping.tick() => {
                 if socket.send(Message::Ping(Default::default())).await.is_err() {

@@ -6,7 +6,7 @@ use std::process::Command;
 
 use serde_json::json;
 
-use crate::helpers::{make_audio, spawn_app_with};
+use crate::helpers::{make_audio, spawn_app_with, ADMIN_KEY};
 use crate::stems::{raw_exchange, walk};
 
 struct Tmpfs(PathBuf);
@@ -53,7 +53,7 @@ async fn a_full_disk_fails_the_export_or_upload_cleanly_and_the_server_recovers(
     let head = "--B\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.wav\"\r\nContent-Type: audio/wav\r\n\r\n";
     let tail = "\r\n--B--\r\n";
     let request = format!(
-        "POST /projects/p1/stems HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=B\r\nContent-Length: {}\r\n\r\n",
+        "POST /projects/p1/stems HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN_KEY}\r\nContent-Type: multipart/form-data; boundary=B\r\nContent-Length: {}\r\n\r\n",
         head.len() + big.len() + tail.len()
     );
     let body = [head.as_bytes(), &big, tail.as_bytes()].concat();

@@ -26,6 +26,29 @@ pub async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
     }
 }
 
+/// Every test server runs with access control on, and every test client carries this admin
+/// key, so nothing a test reaches slipped past the check.
+pub const ADMIN_KEY: &str = "test-admin-key-0123456789abcdef-0123456789";
+/// The token key (`kid=secret`) test servers sign and verify scoped tokens with.
+pub const TOKEN_KEY: &str = "t1=test-token-secret-0123456789abcdef-0123";
+
+/// A client that sends the admin key with every request.
+pub fn authorized_client() -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(reqwest::header::AUTHORIZATION, format!("Bearer {ADMIN_KEY}").parse().unwrap());
+    reqwest::Client::builder().default_headers(headers).build().unwrap()
+}
+
+/// Opens a WebSocket with the admin key.
+pub async fn connect_ws(
+    url: impl AsRef<str>,
+) -> Result<(tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>, tokio_tungstenite::tungstenite::handshake::client::Response), tokio_tungstenite::tungstenite::Error> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut request = url.as_ref().into_client_request()?;
+    request.headers_mut().insert("authorization", format!("Bearer {ADMIN_KEY}").parse().unwrap());
+    tokio_tungstenite::connect_async(request).await
+}
+
 pub struct TestApp {
     pub address: String,
     pub client: reqwest::Client,
@@ -43,12 +66,14 @@ pub async fn spawn_app_with(configure: impl FnOnce(&mut Config)) -> TestApp {
     let data_dir = tempfile::tempdir().expect("temp dir");
     let mut config = Config::with_data_dir(data_dir.path());
     config.addr = "127.0.0.1:0".parse().unwrap();
+    config.api_keys = vec![mixd::access::parse_api_key(ADMIN_KEY).unwrap()];
+    config.token_keys.token_keys = vec![mixd::access::parse_token_key(TOKEN_KEY).unwrap()];
     configure(&mut config);
     let app = Application::build(config).await.expect("the app builds");
     let address = format!("http://{}", app.local_addr());
     let shutdown = app.shutdown_token();
     let server = tokio::spawn(app.run_until_stopped());
-    TestApp { address, client: reqwest::Client::new(), data_dir, fixtures: tempfile::tempdir().unwrap(), shutdown, server }
+    TestApp { address, client: authorized_client(), data_dir, fixtures: tempfile::tempdir().unwrap(), shutdown, server }
 }
 
 impl TestApp {
@@ -179,12 +204,14 @@ pub struct Server {
     pub app: TestApp,
 }
 
-/// Starts `mixd serve` on port 0 over `data_dir`, with `extra_args`, logging at `info`.
+/// Starts `mixd serve` on port 0 over `data_dir`, with the test keys and `extra_args`, logging
+/// at `info`.
 pub async fn start_server(data_dir: &Path, fixtures: &Path, extra_args: &[&str]) -> Server {
-    let process = start_mixd(env!("CARGO_BIN_EXE_mixd"), data_dir, extra_args, "info");
+    let args: Vec<&str> = ["--api-key", ADMIN_KEY, "--token-key", TOKEN_KEY].into_iter().chain(extra_args.iter().copied()).collect();
+    let process = start_mixd(env!("CARGO_BIN_EXE_mixd"), data_dir, &args, "info");
     let app = TestApp {
         address: format!("http://{}", process.address),
-        client: reqwest::Client::new(),
+        client: authorized_client(),
         data_dir: tempfile::tempdir().unwrap(),
         fixtures: tempfile::tempdir_in(fixtures).unwrap(),
         shutdown: Default::default(),

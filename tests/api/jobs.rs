@@ -29,7 +29,7 @@ async fn a_mix_is_watched_over_sse_websocket_and_polling_at_once() {
     let sse = app.follow_job("p1", &job_id);
     let ws = async {
         let url = format!("{}/mix/p1/mix/job/{job_id}/ws", app.address.replace("http://", "ws://"));
-        let (mut socket, _) = tokio_tungstenite::connect_async(url).await.expect("WebSocket upgrade");
+        let (mut socket, _) = crate::helpers::connect_ws(url).await.expect("WebSocket upgrade");
         let mut statuses = Vec::new();
         let close_code = loop {
             match tokio::time::timeout(DEADLINE, socket.next()).await.expect("WebSocket stalled") {
@@ -263,7 +263,7 @@ async fn websocket_clients_can_ping_and_close() {
     let app = spawn_app().await;
     project_with_stems(&app, "p1", 2).await;
     let url = format!("{}/ws", app.address.replace("http://", "ws://"));
-    let (mut socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let (mut socket, _) = crate::helpers::connect_ws(url).await.unwrap();
     socket.send(Message::Ping(vec![1, 2, 3].into())).await.unwrap();
     let (_, started) = app.start_mix("p1", None).await;
     let job_id = started["data"]["job_id"].clone();

@@ -38,7 +38,7 @@ async fn thousands_of_subscribers_all_end_on_the_terminal_event() {
     let mut idle_ws = Vec::new();
     for _ in 0..per_transport {
         idle_sse.push(SseStream::connect(&app.client, &app.url("/mix/p1/mix/events"), None).await);
-        idle_ws.push(tokio_tungstenite::connect_async(ws_project.clone()).await.expect("upgrade").0);
+        idle_ws.push(crate::helpers::connect_ws(ws_project.clone()).await.expect("upgrade").0);
     }
     common::wait_for_subscribers(&app.client, &app.address, subscribers).await;
     let idle_after = common::resident_kib(pid);
@@ -77,7 +77,7 @@ async fn thousands_of_subscribers_all_end_on_the_terminal_event() {
         }));
         let url = ws_url.clone();
         tasks.push(tokio::spawn(async move {
-            let (mut socket, _) = tokio_tungstenite::connect_async(url).await.expect("upgrade");
+            let (mut socket, _) = crate::helpers::connect_ws(url).await.expect("upgrade");
             let mut last = Value::Null;
             while let Some(Ok(message)) = socket.next().await {
                 if let Message::Text(text) = message {

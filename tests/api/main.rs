@@ -2,6 +2,7 @@
 //! to it over real HTTP, SSE and WebSocket. One binary, as zero2prod does, so it links once.
 
 mod abuse;
+mod access;
 #[path = "../../benches/common/mod.rs"]
 mod common;
 mod corpus;

@@ -1,7 +1,7 @@
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::helpers::spawn_app;
+use crate::helpers::{spawn_app, ADMIN_KEY};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn results_are_served_with_ranges_etags_and_nothing_outside_the_root() {
@@ -42,7 +42,7 @@ async fn results_are_served_with_ranges_etags_and_nothing_outside_the_root() {
     for path in ["/media/../../../../etc/passwd", "/media/p1/..%2f..%2f..%2fetc/passwd", "/media/%2e%2e/%2e%2e/etc/passwd", "/media/p1/", "/media/p1/mix_outputs", "/media/p1/stems/..%2F..%2F..%2Fetc%2Fpasswd"] {
         let address = app.address.trim_start_matches("http://");
         let mut socket = tokio::net::TcpStream::connect(address).await.unwrap();
-        socket.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+        socket.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN_KEY}\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
         let mut response = String::new();
         socket.read_to_string(&mut response).await.unwrap();
         let status_line = response.lines().next().unwrap();

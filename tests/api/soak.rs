@@ -51,7 +51,7 @@ async fn hundreds_of_queued_jobs_all_complete_and_each_costs_the_same() {
             .boxed()
         }
     };
-    let (socket, _) = tokio_tungstenite::connect_async(format!("{}/ws", app.address.replace("http://", "ws://"))).await.unwrap();
+    let (socket, _) = crate::helpers::connect_ws(format!("{}/ws", app.address.replace("http://", "ws://"))).await.unwrap();
     let ws = socket
         .filter_map(|message| async move {
             match message.unwrap() {

@@ -1,6 +1,6 @@
 use serde_json::Value;
 
-use crate::helpers::{eventually, spawn_app};
+use crate::helpers::{eventually, spawn_app, ADMIN_KEY};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uploaded_stems_are_probed_exactly_and_listed() {
@@ -65,12 +65,12 @@ async fn oversized_uploads_are_refused_before_the_body_is_read() {
     let address = app.address.trim_start_matches("http://").to_string();
     let part_head = "--B\r\nContent-Disposition: form-data; name=\"file\"; filename=\"big.wav\"\r\n\r\n";
     // Declared too large: refused on the headers alone, without sending a byte of body.
-    let head = "POST /projects/p1/stems HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=B\r\nContent-Length: 2000000\r\n\r\n";
+    let head = &format!("POST /projects/p1/stems HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN_KEY}\r\nContent-Type: multipart/form-data; boundary=B\r\nContent-Length: 2000000\r\n\r\n");
     let (status, body) = raw_exchange(&address, head, Vec::new()).await;
     assert_eq!(status, 413);
     assert_eq!(body["error"], "PAYLOAD_TOO_LARGE");
     // Chunked, with no length declared: the limit holds while streaming.
-    let head = "POST /projects/p1/stems HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=B\r\nTransfer-Encoding: chunked\r\n\r\n";
+    let head = &format!("POST /projects/p1/stems HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN_KEY}\r\nContent-Type: multipart/form-data; boundary=B\r\nTransfer-Encoding: chunked\r\n\r\n");
     let mut chunks = vec![format!("{:x}\r\n{part_head}\r\n", part_head.len()).into_bytes()];
     for _ in 0..40 {
         let data = vec![0u8; 64 * 1024];
@@ -132,7 +132,7 @@ async fn a_client_that_disconnects_mid_upload_leaves_no_file() {
     let boundary = "XyZ";
     let head = format!("--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"half.wav\"\r\n\r\n");
     let request = format!(
-        "POST /projects/p1/stems HTTP/1.1\r\nHost: {address}\r\nContent-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: 10000000\r\n\r\n{head}"
+        "POST /projects/p1/stems HTTP/1.1\r\nHost: {address}\r\nAuthorization: Bearer {ADMIN_KEY}\r\nContent-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: 10000000\r\n\r\n{head}"
     );
     socket.write_all(request.as_bytes()).await.unwrap();
     socket.write_all(&[0u8; 200_000]).await.unwrap();

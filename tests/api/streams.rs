@@ -59,7 +59,7 @@ async fn unknown_jobs_and_projects_get_the_404_envelope_before_any_upgrade() {
     for (path, code) in cases {
         let ws_url = app.url(&path).replace("http://", "ws://");
         if path.ends_with("/ws") {
-            let err = tokio_tungstenite::connect_async(ws_url).await.expect_err("no upgrade");
+            let err = crate::helpers::connect_ws(ws_url).await.expect_err("no upgrade");
             match err {
                 tokio_tungstenite::tungstenite::Error::Http(response) => {
                     assert_eq!(response.status(), 404, "{path}");
@@ -93,7 +93,7 @@ async fn the_global_stream_sends_live_snapshots_first_and_shutdown_ends_it() {
     assert!(snapshot_ids.contains(&first["data"]["job_id"]) && snapshot_ids.contains(&second["data"]["job_id"]));
 
     let url = app.address.replace("http://", "ws://") + "/ws";
-    let (mut socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let (mut socket, _) = crate::helpers::connect_ws(url).await.unwrap();
     app.shutdown.cancel();
     // Both streams end promptly although jobs are still running.
     loop {

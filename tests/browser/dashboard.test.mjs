@@ -21,9 +21,9 @@ let context;
 let stems;
 let notAudio;
 
-function startServer() {
+function startServer(extraArgs = []) {
   const data = mkdtempSync(path.join(tmpdir(), 'mixd-browser-data-'));
-  const child = spawn(binary, ['serve', '--addr', '127.0.0.1:0', '--data-dir', data, '--log-format', 'json', '--mix-slots', '1'], {
+  const child = spawn(binary, ['serve', '--addr', '127.0.0.1:0', '--data-dir', data, '--log-format', 'json', '--mix-slots', '1', ...extraArgs], {
     stdio: ['ignore', 'ignore', 'pipe'],
   });
   return new Promise((resolve, reject) => {
@@ -183,4 +183,36 @@ test('a queued job can be canceled from the page', async () => {
   assert.match(await newest.locator('.job-message').textContent(), /You canceled this mix/);
   await page.waitForSelector('.job[data-state=complete]', { timeout: DEADLINE_MS });
   await page.close();
+});
+
+test('with keys configured the page asks for a credential, shows who is signed in, and signs out', async () => {
+  const tokenKey = 'k1=browser-test-token-secret-0123456789abcdef';
+  const secured = await startServer(['--api-key', 'browser-test-admin-key-0123456789abcdef', '--token-key', tokenKey]);
+  try {
+    const token = execFileSync(binary, ['token', '--project', 'signed-in', '--scope', 'write', '--ttl', '10m', '--subject', 'ada', '--token-key', tokenKey]).toString().trim();
+    const page = await context.newPage();
+    await page.goto(`${secured.base}/`);
+    await page.waitForSelector('#sign-in:not([hidden])');
+    assert.equal(await page.isVisible('#workspace'), false);
+    await page.fill('#credential', 'not-a-token');
+    await page.click('#sign-in-form button[type=submit]');
+    await page.waitForFunction(() => document.querySelector('#sign-in-error').textContent.includes('not valid'));
+    await page.fill('#credential', token);
+    await page.click('#sign-in-form button[type=submit]');
+    await page.waitForSelector('#identity:not([hidden])', { timeout: DEADLINE_MS });
+    assert.equal(await page.textContent('#identity-name'), 'ada, write access to signed-in');
+    // The token's project opens, and its stems upload with the cookie alone.
+    await page.waitForFunction(() => document.querySelector('#project-id').value === 'signed-in');
+    await page.setInputFiles('#file-input', stems.slice(0, 1));
+    await page.waitForFunction(() => document.querySelectorAll('#stems-table tbody tr').length === 1, null, { timeout: DEADLINE_MS });
+    const cookies = await context.cookies(secured.base);
+    const session = cookies.find((c) => c.name === 'mixd_token');
+    assert.ok(session?.httpOnly && session.sameSite === 'Strict', 'an HttpOnly, SameSite=Strict cookie');
+    assert.equal(await page.evaluate(() => document.cookie.includes('mixd_token')), false, 'scripts cannot read it');
+    await page.click('#sign-out');
+    await page.waitForSelector('#sign-in:not([hidden])', { timeout: DEADLINE_MS });
+    await page.close();
+  } finally {
+    secured.child.kill('SIGTERM');
+  }
 });

@@ -1,0 +1,289 @@
+//! Who may do what: admin keys and scoped tokens, independent of HTTP.
+//!
+//! An admin key has every right. A token is a JWT (HS256 only: the algorithm is never taken from
+//! the token) signed with one of the configured token keys, chosen by its `kid`; it grants `read`
+//! or `write` (which includes read) on one project until its `exp`. Keys are compared in constant
+//! time, and nothing here logs or returns a secret, or says which check a credential failed.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::jobs::ProjectId;
+
+/// The audience every token must name.
+pub const AUDIENCE: &str = "mixd";
+/// Secrets shorter than this are refused at start: they could be guessed.
+pub const MIN_SECRET_LEN: usize = 32;
+/// The longest a token minted here lives.
+pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// A secret from the configuration; its `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(Box<str>);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+/// An admin key, as `--api-key` takes it.
+pub fn parse_api_key(text: &str) -> Result<Secret, String> {
+    let key = text.trim();
+    if key.len() < MIN_SECRET_LEN {
+        return Err(format!("an API key must be at least {MIN_SECRET_LEN} characters"));
+    }
+    Ok(Secret(key.into()))
+}
+
+/// A token key, `kid=secret`, as `--token-key` takes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenKey {
+    pub kid: String,
+    pub secret: Secret,
+}
+
+pub fn parse_token_key(text: &str) -> Result<TokenKey, String> {
+    let (kid, secret) = text.trim().split_once('=').ok_or("a token key is kid=secret")?;
+    if kid.is_empty() || !kid.chars().all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c)) {
+        return Err("a token key's kid is letters, digits, '_', '-' or '.'".into());
+    }
+    if secret.len() < MIN_SECRET_LEN {
+        return Err(format!("a token key's secret must be at least {MIN_SECRET_LEN} characters"));
+    }
+    Ok(TokenKey { kid: kid.to_string(), secret: Secret(secret.into()) })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Scope {
+    Read,
+    Write,
+}
+
+/// What a verified credential may do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Caller {
+    /// No keys are configured: the server is open to whoever can reach it.
+    Open,
+    Admin,
+    Token(Grant),
+}
+
+/// A verified token's rights.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Grant {
+    pub project: ProjectId,
+    pub scope: Scope,
+    pub subject: Option<String>,
+    pub expires_at: SystemTime,
+}
+
+/// A right a request needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Right {
+    Read,
+    Write,
+    Admin,
+}
+
+impl Caller {
+    /// Whether this caller has `right` on `project` (None: a right not tied to a project).
+    pub fn may(&self, right: Right, project: Option<&ProjectId>) -> bool {
+        match self {
+            Caller::Open | Caller::Admin => true,
+            Caller::Token(grant) => {
+                let scope_suffices = match right {
+                    Right::Read => true,
+                    Right::Write => grant.scope == Scope::Write,
+                    Right::Admin => false,
+                };
+                scope_suffices && project == Some(&grant.project)
+            }
+        }
+    }
+
+    /// When this caller's rights end; a stream open on them ends then too.
+    pub fn expires_at(&self) -> Option<SystemTime> {
+        match self {
+            Caller::Token(grant) => Some(grant.expires_at),
+            Caller::Open | Caller::Admin => None,
+        }
+    }
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct Claims {
+    aud: String,
+    exp: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    iat: Option<u64>,
+    prj: ProjectId,
+    scope: Scope,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sub: Option<String>,
+}
+
+/// A credential that did not verify. Deliberately says nothing more.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the credential is missing, malformed, expired or not recognised")]
+pub struct Unverified;
+
+/// The configured admin keys and token keys.
+#[derive(Clone)]
+pub struct Keys {
+    /// SHA-256 of each admin key: comparing digests in constant time does not leak a key's length.
+    admin: Vec<[u8; 32]>,
+    tokens: Vec<SigningKey>,
+}
+
+#[derive(Clone)]
+struct SigningKey {
+    kid: String,
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+}
+
+impl Keys {
+    pub fn new(admin_keys: &[Secret], token_keys: &[TokenKey]) -> Self {
+        // One crypto backend is compiled in; installing it makes the choice explicit rather than
+        // inferred, should another crate in the graph ever enable jsonwebtoken's other backend.
+        let _ = jsonwebtoken::crypto::rust_crypto::DEFAULT_PROVIDER.install_default();
+        let tokens = token_keys
+            .iter()
+            .map(|key| {
+                let secret = key.secret.expose().as_bytes();
+                SigningKey {
+                    kid: key.kid.clone(),
+                    encoding: EncodingKey::from_secret(secret).expect("a parsed secret is long enough for HS256"),
+                    decoding: DecodingKey::from_secret(secret).expect("a parsed secret is long enough for HS256"),
+                }
+            })
+            .collect();
+        Self { admin: admin_keys.iter().map(|key| digest(key.expose())).collect(), tokens }
+    }
+
+    /// Whether any key is configured: without one, access control is off.
+    pub fn any(&self) -> bool {
+        !self.admin.is_empty() || !self.tokens.is_empty()
+    }
+
+    /// Who `credential` (an admin key or a token) is.
+    pub fn verify(&self, credential: &str) -> Result<Caller, Unverified> {
+        let presented = digest(credential);
+        // Every key is compared, so the time taken does not tell which one matched.
+        let is_admin = self.admin.iter().fold(subtle::Choice::from(0), |found, key| found | key.ct_eq(&presented));
+        if bool::from(is_admin) {
+            return Ok(Caller::Admin);
+        }
+        self.verify_token(credential).map(Caller::Token)
+    }
+
+    fn verify_token(&self, token: &str) -> Result<Grant, Unverified> {
+        let header = jsonwebtoken::decode_header(token).map_err(|_| Unverified)?;
+        let key = match &header.kid {
+            Some(kid) => self.tokens.iter().find(|key| key.kid == *kid),
+            // Without a kid a token is only unambiguous when there is one key.
+            None if self.tokens.len() == 1 => self.tokens.first(),
+            None => None,
+        }
+        .ok_or(Unverified)?;
+        // HS256 only, whatever the header says: `decode` refuses any other `alg`.
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.set_audience(&[AUDIENCE]);
+        validation.set_required_spec_claims(&["exp", "aud"]);
+        validation.validate_nbf = true;
+        validation.leeway = 0;
+        let claims = jsonwebtoken::decode::<Claims>(token, &key.decoding, &validation)
+            .map_err(|_| Unverified)?
+            .claims;
+        Ok(Grant { project: claims.prj, scope: claims.scope, subject: claims.sub, expires_at: UNIX_EPOCH + Duration::from_secs(claims.exp) })
+    }
+
+    /// A token for `project` with `scope`, living `ttl`, signed with the first token key.
+    pub fn mint(&self, project: &ProjectId, scope: Scope, ttl: Duration, subject: Option<String>) -> Result<(String, SystemTime), MintError> {
+        let key = self.tokens.first().ok_or(MintError::NoTokenKey)?;
+        if ttl.is_zero() || ttl > MAX_TOKEN_TTL {
+            return Err(MintError::Ttl);
+        }
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        // Whole seconds, rounded up, so a token never lives shorter than asked.
+        let exp = (now + ttl).as_secs() + u64::from((now + ttl).subsec_nanos() > 0);
+        let claims = Claims { aud: AUDIENCE.into(), exp, iat: Some(now.as_secs()), prj: project.clone(), scope, sub: subject };
+        let header = Header { kid: Some(key.kid.clone()), ..Header::new(Algorithm::HS256) };
+        let token = jsonwebtoken::encode(&header, &claims, &key.encoding).expect("HS256 signs any claims");
+        Ok((token, UNIX_EPOCH + Duration::from_secs(exp)))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum MintError {
+    #[error("no token key is configured: set --token-key (MIXD_TOKEN_KEYS)")]
+    NoTokenKey,
+    #[error("a token lives 1 second to 24 hours")]
+    Ttl,
+}
+
+fn digest(text: &str) -> [u8; 32] {
+    Sha256::digest(text.as_bytes()).into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+    fn keys() -> Keys {
+        Keys::new(&[parse_api_key(&"k".repeat(32)).unwrap()], &[parse_token_key(&format!("new={SECRET}")).unwrap(), parse_token_key(&format!("old={}", SECRET.repeat(2))).unwrap()])
+    }
+
+    fn project(name: &str) -> ProjectId {
+        name.parse().unwrap()
+    }
+
+    #[test]
+    fn admin_keys_and_minted_tokens_verify_with_their_rights() {
+        let keys = keys();
+        assert_eq!(keys.verify(&"k".repeat(32)), Ok(Caller::Admin));
+        assert_eq!(keys.verify(&"k".repeat(31)), Err(Unverified));
+        let (token, expires_at) = keys.mint(&project("p1"), Scope::Read, Duration::from_secs(60), Some("user-7".into())).unwrap();
+        let Ok(Caller::Token(grant)) = keys.verify(&token) else { panic!("the minted token verifies") };
+        assert_eq!((grant.project, grant.scope, grant.subject.as_deref(), grant.expires_at), (project("p1"), Scope::Read, Some("user-7"), expires_at));
+        let caller = keys.verify(&token).unwrap();
+        assert!(caller.may(Right::Read, Some(&project("p1"))));
+        assert!(!caller.may(Right::Write, Some(&project("p1"))), "read does not include write");
+        assert!(!caller.may(Right::Read, Some(&project("p2"))), "one project only");
+        assert!(!caller.may(Right::Admin, None));
+        let (writer, _) = keys.mint(&project("p1"), Scope::Write, Duration::from_secs(60), None).unwrap();
+        assert!(keys.verify(&writer).unwrap().may(Right::Read, Some(&project("p1"))), "write includes read");
+    }
+
+    #[test]
+    fn a_token_signed_by_a_later_key_verifies_by_its_kid_and_a_removed_key_does_not() {
+        let old_only = Keys::new(&[], &[parse_token_key(&format!("old={}", SECRET.repeat(2))).unwrap()]);
+        let (token, _) = old_only.mint(&project("p1"), Scope::Read, Duration::from_secs(60), None).unwrap();
+        assert!(matches!(keys().verify(&token), Ok(Caller::Token(_))), "rotation: the old key still verifies");
+        let rotated_out = Keys::new(&[], &[parse_token_key(&format!("new={SECRET}")).unwrap()]);
+        assert_eq!(rotated_out.verify(&token), Err(Unverified));
+    }
+
+    #[test]
+    fn secrets_too_short_are_refused_and_never_printed() {
+        assert!(parse_api_key("short").is_err());
+        assert!(parse_token_key("kid=short").is_err());
+        assert!(parse_token_key(SECRET).is_err(), "no kid");
+        let key = parse_token_key(&format!("k1={SECRET}")).unwrap();
+        assert!(!format!("{key:?}").contains(SECRET));
+    }
+}

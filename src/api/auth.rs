@@ -1,0 +1,231 @@
+//! The one place that decides whether a request may proceed: a layer on every route that finds
+//! the caller's credential, verifies it (`crate::access`), and checks it against the right the
+//! route needs, before any handler runs (so before any WebSocket upgrade). The verified
+//! [`Caller`] goes on in the request's extensions.
+//!
+//! Without keys the server is open, but only to the person at this machine: it listens on
+//! loopback (see `Config::check_exposure`), answers only requests addressed to a loopback host
+//! (a DNS-rebinding page addresses its own name), and refuses state changes and WebSocket
+//! upgrades from a foreign `Origin` (a page elsewhere posting to 127.0.0.1:8080).
+
+use axum::extract::{FromRequestParts, MatchedPath, Query, RawPathParams, Request, State};
+use axum::http::{header, HeaderMap, Method};
+use axum::middleware::Next;
+use axum::response::Response;
+use serde::Deserialize;
+
+use super::error::ApiError;
+use super::AppState;
+use crate::access::{Caller, Right, Scope};
+use crate::jobs::ProjectId;
+
+/// The cookie `POST /session` sets.
+pub const SESSION_COOKIE: &str = "mixd_token";
+
+/// What a route needs from its caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Need {
+    /// Nobody needs a credential (health, the session routes themselves).
+    Nothing,
+    /// Any valid credential.
+    Credential,
+    /// A right on the project the path names.
+    Project(Right),
+    /// A right not tied to a project.
+    Global(Right),
+}
+
+/// How a route may be reached, besides what it needs.
+#[derive(Debug, Clone, Copy)]
+struct Rule {
+    need: Need,
+    /// A GET stream or media route: a read token may come as `?access_token=`, since neither an
+    /// EventSource nor an `<audio>` element can send a header.
+    query_token: bool,
+    websocket: bool,
+}
+
+/// Every route's rule, by method and route template. A route missing here needs admin rights:
+/// forgetting to list one fails closed.
+fn rule(method: &Method, route: &str) -> Rule {
+    let plain = |need| Rule { need, query_token: false, websocket: false };
+    let stream = |need| Rule { need, query_token: true, websocket: false };
+    let websocket = |need| Rule { need, query_token: true, websocket: true };
+    let read = Need::Project(Right::Read);
+    let write = Need::Project(Right::Write);
+    let admin = Need::Global(Right::Admin);
+    match (method.as_str(), route) {
+        ("GET", "/healthz") | ("POST" | "DELETE", "/session") => plain(Need::Nothing),
+        ("GET", "/session" | "/openapi.json") => plain(Need::Credential),
+        ("POST", "/projects/{project_id}/stems") | ("DELETE", "/projects/{project_id}/stems/{stem_id}") => plain(write),
+        ("POST", "/mix/{project_id}/mix/start") | ("DELETE", "/mix/{project_id}/mix/job/{job_id}") => plain(write),
+        ("GET", "/projects/{project_id}/stems" | "/projects/{project_id}/mix/status") => plain(read),
+        ("GET", "/mix/{project_id}/mix/status" | "/mix/{project_id}/mix/jobs" | "/mix/{project_id}/mix/preview" | "/mix/{project_id}/mix/job/{job_id}/status") => {
+            plain(read)
+        }
+        ("GET", "/mix/{project_id}/mix/job/{job_id}/events" | "/mix/{project_id}/mix/events" | "/media/{*path}") => stream(read),
+        ("GET", "/mix/{project_id}/mix/job/{job_id}/ws" | "/mix/{project_id}/mix/ws") => websocket(read),
+        ("GET", "/events") => stream(admin),
+        ("GET", "/ws") => websocket(admin),
+        _ => plain(admin),
+    }
+}
+
+#[derive(Deserialize)]
+struct AccessTokenQuery {
+    access_token: Option<String>,
+}
+
+/// The layer: checks the request against its route's rule, then runs it with its [`Caller`].
+pub async fn authorize(State(app): State<AppState>, request: Request, next: Next) -> Result<Response, ApiError> {
+    let (mut parts, body) = request.into_parts();
+    let route = parts.extensions.get::<MatchedPath>().map(|m| m.as_str().strip_prefix("/api").unwrap_or(m.as_str()).to_string()).unwrap_or_default();
+    let rule = rule(&parts.method, &route);
+    let is_upgrade = rule.websocket && parts.headers.get(header::UPGRADE).is_some();
+
+    let caller = if app.keys.any() {
+        if is_upgrade && !origin_allowed(&app, &parts.headers) {
+            return Err(ApiError::Forbidden);
+        }
+        authenticate(&app, &parts, rule)?
+    } else {
+        if app.config.addr.ip().is_loopback() && !host_is_loopback(&parts) {
+            return Err(ApiError::Forbidden);
+        }
+        let changes_state = matches!(parts.method, Method::POST | Method::DELETE | Method::PUT | Method::PATCH);
+        if (changes_state || is_upgrade) && !origin_allowed(&app, &parts.headers) {
+            return Err(ApiError::Forbidden);
+        }
+        Caller::Open
+    };
+
+    let allowed = match rule.need {
+        Need::Nothing | Need::Credential => true,
+        Need::Global(right) => caller.may(right, None),
+        Need::Project(right) => {
+            let params = RawPathParams::from_request_parts(&mut parts, &app).await.map_err(|_| ApiError::Forbidden)?;
+            let project = params.iter().find_map(|(name, value)| match name {
+                "project_id" => Some(value),
+                // `/media/{project}/...`
+                "path" => value.split('/').next(),
+                _ => None,
+            });
+            let project: Option<ProjectId> = project.and_then(|p| p.parse().ok());
+            // An admin (or an open server) passes even a malformed id, which its handler refuses
+            // with its own code; a token names one valid project, so a bad id is not it.
+            matches!(caller, Caller::Admin | Caller::Open) || project.is_some_and(|project| caller.may(right, Some(&project)))
+        }
+    };
+    if !allowed {
+        return Err(ApiError::Forbidden);
+    }
+    parts.extensions.insert(caller);
+    Ok(next.run(Request::from_parts(parts, body)).await)
+}
+
+/// The caller behind the request's credential: the `Authorization` header, else the session
+/// cookie, else (on the routes that allow it) a read token in `?access_token=`.
+fn authenticate(app: &AppState, parts: &axum::http::request::Parts, rule: Rule) -> Result<Caller, ApiError> {
+    if let Some(value) = parts.headers.get(header::AUTHORIZATION) {
+        // A header that is there but not a bearer credential is refused, not skipped.
+        let credential = value.to_str().ok().and_then(bearer).ok_or(ApiError::Unauthorized)?;
+        return app.keys.verify(credential).map_err(|_| ApiError::Unauthorized);
+    }
+    if let Some(credential) = session_cookie(&parts.headers) {
+        return app.keys.verify(credential).map_err(|_| ApiError::Unauthorized);
+    }
+    let from_query = Query::<AccessTokenQuery>::try_from_uri(&parts.uri).ok().and_then(|Query(q)| q.access_token);
+    if let Some(credential) = from_query {
+        // Query strings end up in proxies' logs and browser history: only a read token, which
+        // can change nothing and expires, may travel there, and only to a GET stream or media.
+        if !(rule.query_token && parts.method == Method::GET) {
+            return Err(ApiError::Unauthorized);
+        }
+        return match app.keys.verify(&credential) {
+            Ok(Caller::Token(grant)) if grant.scope == Scope::Read => Ok(Caller::Token(grant)),
+            _ => Err(ApiError::Unauthorized),
+        };
+    }
+    if rule.need == Need::Nothing {
+        Ok(Caller::Open)
+    } else {
+        Err(ApiError::Unauthorized)
+    }
+}
+
+/// The credential of `Bearer <credential>`; the scheme is case-insensitive (RFC 9110).
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, credential) = value.split_once(' ')?;
+    let credential = credential.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !credential.is_empty()).then_some(credential)
+}
+
+pub fn session_cookie(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(';'))
+        .find_map(|pair| pair.trim().strip_prefix(SESSION_COOKIE)?.strip_prefix('='))
+        .filter(|value| !value.is_empty())
+}
+
+/// The host a request is addressed to, without its port.
+fn request_host(parts: &axum::http::request::Parts) -> Option<String> {
+    let authority = parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string).or_else(|| parts.uri.authority().map(|a| a.to_string()))?;
+    let host = match authority.strip_prefix('[') {
+        Some(bracketed) => bracketed.split(']').next()?.to_string(),
+        None => authority.rsplit_once(':').map_or(authority.as_str(), |(host, _)| host).to_string(),
+    };
+    Some(host.to_ascii_lowercase())
+}
+
+fn host_is_loopback(parts: &axum::http::request::Parts) -> bool {
+    request_host(parts).is_some_and(|host| {
+        host == "localhost" || host.ends_with(".localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+    })
+}
+
+/// No `Origin` (not a browser), the server's own, or one listed with `--allowed-origin`.
+fn origin_allowed(app: &AppState, headers: &HeaderMap) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN) else { return true };
+    let Ok(origin) = origin.to_str() else { return false };
+    if app.config.allowed_origins.iter().any(|allowed| allowed.trim_end_matches('/').eq_ignore_ascii_case(origin)) {
+        return true;
+    }
+    let own_host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+    let origin_host = origin.split_once("://").map(|(_, rest)| rest);
+    matches!((own_host, origin_host), (Some(own), Some(origin)) if own.eq_ignore_ascii_case(origin))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_listed_route_has_its_right_and_an_unlisted_one_needs_admin() {
+        let get = Method::GET;
+        assert_eq!(rule(&get, "/healthz").need, Need::Nothing);
+        assert_eq!(rule(&Method::POST, "/mix/{project_id}/mix/start").need, Need::Project(Right::Write));
+        assert_eq!(rule(&get, "/mix/{project_id}/mix/job/{job_id}/status").need, Need::Project(Right::Read));
+        assert!(rule(&get, "/media/{*path}").query_token);
+        assert!(!rule(&get, "/mix/{project_id}/mix/jobs").query_token);
+        assert_eq!(rule(&get, "/events").need, Need::Global(Right::Admin));
+        assert_eq!(rule(&get, "/some/new/route").need, Need::Global(Right::Admin), "fails closed");
+        assert_eq!(rule(&Method::PUT, "/mix/{project_id}/mix/start").need, Need::Global(Right::Admin));
+    }
+
+    #[test]
+    fn credentials_are_read_from_bearer_and_cookie_only_when_well_formed() {
+        assert_eq!(bearer("Bearer abc"), Some("abc"));
+        assert_eq!(bearer("bearer abc"), Some("abc"));
+        assert_eq!(bearer("Basic abc"), None);
+        assert_eq!(bearer("Bearer "), None);
+        assert_eq!(bearer("Bearerabc"), None);
+        let mut headers = HeaderMap::new();
+        headers.insert(header::COOKIE, "theme=dark; mixd_token=t0k; other=1".parse().unwrap());
+        assert_eq!(session_cookie(&headers), Some("t0k"));
+        headers.insert(header::COOKIE, "mixd_tokenx=1; mixd_token=".parse().unwrap());
+        assert_eq!(session_cookie(&headers), None);
+    }
+}

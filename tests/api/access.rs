@@ -1,0 +1,379 @@
+//! Access control, rule by rule, each with the request that must be refused: no credential,
+//! malformed or forged ones, the wrong project or scope, credentials where they may not travel,
+//! foreign origins, and streams that outlive their token. Every refusal changes nothing.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use futures_util::StreamExt;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::common::start_mixd;
+use crate::helpers::{spawn_app, spawn_app_with, SseStream, TestApp, ADMIN_KEY, TOKEN_KEY};
+
+const SECRET: &str = "test-token-secret-0123456789abcdef-0123";
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+}
+
+/// A token as an app backend would mint it, with any header and claims a test needs.
+fn sign(alg: Algorithm, kid: Option<&str>, secret: &str, claims: Value) -> String {
+    let header = Header { kid: kid.map(String::from), ..Header::new(alg) };
+    jsonwebtoken::encode(&header, &claims, &EncodingKey::from_secret(secret.as_bytes()).unwrap()).unwrap()
+}
+
+fn claims(project: &str, scope: &str, ttl_s: i64) -> Value {
+    json!({"aud": "mixd", "exp": now() as i64 + ttl_s, "prj": project, "scope": scope})
+}
+
+fn token(project: &str, scope: &str) -> String {
+    sign(Algorithm::HS256, Some("t1"), SECRET, claims(project, scope, 600))
+}
+
+/// `header.payload.signature`, each part replaced as a test needs.
+fn forge(header: &Value, payload: &Value, signature: &str) -> String {
+    format!("{}.{}.{signature}", URL_SAFE_NO_PAD.encode(header.to_string()), URL_SAFE_NO_PAD.encode(payload.to_string()))
+}
+
+/// A client without the admin key.
+fn anonymous() -> reqwest::Client {
+    reqwest::Client::new()
+}
+
+async fn send(app: &TestApp, method: &str, path: &str, credential: Option<&str>) -> (u16, reqwest::header::HeaderMap, Value) {
+    let mut request = anonymous().request(method.parse().unwrap(), app.url(path));
+    if let Some(credential) = credential {
+        request = request.header("authorization", credential);
+    }
+    let response = request.send().await.unwrap();
+    let (status, headers) = (response.status().as_u16(), response.headers().clone());
+    let body = response.json().await.unwrap_or(Value::Null);
+    (status, headers, body)
+}
+
+/// A project with a stem and a finished mix, made with the admin key: (job id, result URL).
+async fn mixed_project(app: &TestApp, project: &str) -> (String, String) {
+    let stem = app.fixture(&format!("{project}.wav"), "sine=f=440:r=48000:d=1", &[]);
+    assert_eq!(app.upload(project, &[&stem]).await.0, 201);
+    let (_, started) = app.start_mix(project, None).await;
+    let job_id = started["data"]["job_id"].as_str().unwrap().to_string();
+    let last = app.follow_job(project, &job_id).await.pop().unwrap();
+    (job_id, last["result_url"].as_str().unwrap().to_string())
+}
+
+async fn stem_id(app: &TestApp, project: &str) -> String {
+    app.get_json(&format!("/projects/{project}/stems")).await.1["data"]["stems"][0]["stem_id"].as_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_protected_route_refuses_a_missing_or_broken_credential_and_changes_nothing() {
+    let app = spawn_app().await;
+    let (job_id, result_url) = mixed_project(&app, "p1").await;
+    let stem = stem_id(&app, "p1").await;
+    let routes = [
+        ("POST", "/projects/p1/stems".to_string()),
+        ("GET", "/projects/p1/stems".to_string()),
+        ("DELETE", format!("/projects/p1/stems/{stem}")),
+        ("GET", format!("/projects/p1/mix/status?job_id={job_id}")),
+        ("POST", "/mix/p1/mix/start".to_string()),
+        ("GET", "/mix/p1/mix/status".to_string()),
+        ("GET", "/mix/p1/mix/jobs".to_string()),
+        ("GET", "/mix/p1/mix/preview".to_string()),
+        ("DELETE", format!("/mix/p1/mix/job/{job_id}")),
+        ("GET", format!("/mix/p1/mix/job/{job_id}/status")),
+        ("GET", format!("/api/mix/p1/mix/job/{job_id}/status")),
+        ("GET", format!("/mix/p1/mix/job/{job_id}/events")),
+        ("GET", format!("/mix/p1/mix/job/{job_id}/ws")),
+        ("GET", "/mix/p1/mix/events".to_string()),
+        ("GET", "/mix/p1/mix/ws".to_string()),
+        ("GET", "/events".to_string()),
+        ("GET", "/ws".to_string()),
+        ("GET", result_url.clone()),
+        ("GET", "/metrics".to_string()),
+        ("GET", "/openapi.json".to_string()),
+        ("POST", "/tokens".to_string()),
+        ("GET", "/session".to_string()),
+    ];
+    let expired = sign(Algorithm::HS256, Some("t1"), SECRET, claims("p1", "write", -5));
+    let valid_claims = claims("p1", "write", 600);
+    let valid = token("p1", "write");
+    let (valid_header, valid_payload, valid_signature) = {
+        let mut parts = valid.split('.');
+        (parts.next().unwrap().to_string(), parts.next().unwrap().to_string(), parts.next().unwrap().to_string())
+    };
+    let mut tampered_claims = valid_claims.clone();
+    tampered_claims["prj"] = json!("p2");
+    let broken = [
+        "Basic dXNlcjpwYXNz".to_string(),
+        "Bearer".to_string(),
+        "Token abc".to_string(),
+        format!("Bearer {}", &ADMIN_KEY[1..]),
+        format!("Bearer {expired}"),
+        format!("Bearer {}", sign(Algorithm::HS256, Some("t1"), SECRET, json!({"aud": "mixd", "exp": now() + 600, "nbf": now() + 300, "prj": "p1", "scope": "write"}))),
+        format!("Bearer {}", sign(Algorithm::HS256, Some("t1"), SECRET, json!({"aud": "someone-else", "exp": now() + 600, "prj": "p1", "scope": "write"}))),
+        format!("Bearer {}", sign(Algorithm::HS256, Some("t1"), SECRET, json!({"aud": "mixd", "prj": "p1", "scope": "write"}))),
+        format!("Bearer {}", forge(&json!({"alg": "none", "typ": "JWT", "kid": "t1"}), &valid_claims, "")),
+        format!("Bearer {}", sign(Algorithm::HS512, Some("t1"), SECRET, valid_claims.clone())),
+        format!("Bearer {}", forge(&json!({"alg": "RS256", "typ": "JWT", "kid": "t1"}), &valid_claims, &valid_signature)),
+        format!("Bearer {}", sign(Algorithm::HS256, Some("t9"), SECRET, valid_claims.clone())),
+        format!("Bearer {}", sign(Algorithm::HS256, Some("t1"), "a-key-that-was-removed-0123456789abcdef", valid_claims.clone())),
+        format!("Bearer {}", forge(&json!({"alg": "HS256", "typ": "JWT", "kid": "t1"}), &tampered_claims, &valid_signature)),
+        format!("Bearer {valid_header}.{valid_payload}.{}", &valid_signature[..valid_signature.len() / 2]),
+        format!("Bearer {valid_header}.{valid_payload}."),
+        format!("Bearer {}", "x".repeat(4096)),
+    ];
+    let credentials: Vec<Option<&str>> = std::iter::once(None).chain(broken.iter().map(|c| Some(c.as_str()))).collect();
+    for (method, path) in &routes {
+        for credential in &credentials {
+            let (status, headers, body) = send(&app, method, path, *credential).await;
+            assert_eq!(status, 401, "{method} {path} with {credential:?}: {body}");
+            assert_eq!(headers["www-authenticate"], "Bearer");
+            assert_eq!((body["error"].as_str(), body["message"].as_str()), (Some("UNAUTHORIZED"), Some("A valid credential is required")), "never says which check failed");
+        }
+    }
+    // A header past hyper's limit is refused before any route runs.
+    let (status, _, _) = send(&app, "GET", "/mix/p1/mix/jobs", Some(&format!("Bearer {}", "x".repeat(1 << 20)))).await;
+    assert_eq!(status, 431);
+    // Nothing changed: the stem, the job and its result are all still there.
+    let (_, stems) = app.get_json("/projects/p1/stems").await;
+    assert_eq!(stems["data"]["stems"].as_array().unwrap().len(), 1);
+    let (_, jobs) = app.get_json("/mix/p1/mix/jobs").await;
+    assert_eq!(jobs["data"]["jobs"].as_array().unwrap().len(), 1);
+    assert_eq!(app.client.get(app.url(&result_url)).send().await.unwrap().status(), 200);
+    // Health and the dashboard stay open.
+    assert_eq!(send(&app, "GET", "/healthz", None).await.0, 200);
+    let page = anonymous().get(app.url("/")).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    assert_eq!(anonymous().get(app.url("/app.js")).send().await.unwrap().status(), 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_has_its_project_and_scope_and_nothing_more() {
+    let app = spawn_app().await;
+    let (job_a, _) = mixed_project(&app, "pa").await;
+    let (job_b, result_b) = mixed_project(&app, "pb").await;
+    let stem_b = stem_id(&app, "pb").await;
+    let (reader, writer) = (format!("Bearer {}", token("pa", "read")), format!("Bearer {}", token("pa", "write")));
+
+    // Project A's token on project B: 403 on every route, whatever the path.
+    let on_b = [
+        ("POST", "/projects/pb/stems".to_string()),
+        ("DELETE", format!("/projects/pb/stems/{stem_b}")),
+        ("GET", format!("/projects/pb/mix/status?job_id={job_b}")),
+        ("GET", format!("/api/projects/pb/mix/status?job_id={job_b}")),
+        ("GET", format!("/mix/pb/mix/job/{job_b}/status")),
+        ("GET", format!("/api/mix/pb/mix/job/{job_b}/status")),
+        ("GET", "/mix/pb/mix/status".to_string()),
+        ("GET", format!("/mix/pb/mix/job/{job_b}/events")),
+        ("GET", "/mix/pb/mix/events".to_string()),
+        ("GET", format!("/mix/pb/mix/job/{job_b}/ws")),
+        ("GET", result_b.clone()),
+        ("DELETE", format!("/mix/pb/mix/job/{job_b}")),
+        ("POST", "/mix/pb/mix/start".to_string()),
+    ];
+    for (method, path) in &on_b {
+        let (status, _, body) = send(&app, method, path, Some(&writer)).await;
+        assert_eq!((status, body["error"].as_str()), (403, Some("FORBIDDEN")), "{method} {path}");
+    }
+    // A job of another project, asked for under this one, stays unknown.
+    let (status, _, body) = send(&app, "GET", &format!("/mix/pa/mix/job/{job_b}/status"), Some(&reader)).await;
+    assert_eq!((status, body["error"].as_str()), (404, Some("JOB_NOT_FOUND")));
+    // A read token reads...
+    assert_eq!(send(&app, "GET", &format!("/mix/pa/mix/job/{job_a}/status"), Some(&reader)).await.0, 200);
+    assert_eq!(send(&app, "GET", "/projects/pa/stems", Some(&reader)).await.0, 200);
+    // ...and changes nothing.
+    let stem_a = stem_id(&app, "pa").await;
+    for (method, path) in [("POST", "/projects/pa/stems".to_string()), ("POST", "/mix/pa/mix/start".to_string()), ("DELETE", format!("/mix/pa/mix/job/{job_a}")), ("DELETE", format!("/projects/pa/stems/{stem_a}"))] {
+        let (status, _, body) = send(&app, method, &path, Some(&reader)).await;
+        assert_eq!((status, body["error"].as_str()), (403, Some("FORBIDDEN")), "read token: {method} {path}");
+    }
+    // Admin-only routes refuse any token.
+    for path in ["/events", "/metrics"] {
+        assert_eq!(send(&app, "GET", path, Some(&writer)).await.0, 403, "{path}");
+    }
+    let response = anonymous().post(app.url("/tokens")).header("authorization", &writer).json(&json!({"project_id": "pa", "scope": "write", "ttl_s": 60})).send().await.unwrap();
+    assert_eq!(response.status(), 403);
+    // A write token starts a mix on its own project.
+    let response = anonymous().post(app.url("/mix/pa/mix/start")).header("authorization", &writer).send().await.unwrap();
+    assert_eq!(response.status(), 202);
+    // B is untouched by all of the above.
+    let (_, jobs) = app.get_json("/mix/pb/mix/jobs").await;
+    assert_eq!(jobs["data"]["jobs"].as_array().unwrap().len(), 1);
+    assert_eq!(app.get_json("/projects/pb/stems").await.1["data"]["stems"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_read_token_may_travel_in_the_query_and_only_to_streams_and_media() {
+    let app = spawn_app().await;
+    let (job_id, result_url) = mixed_project(&app, "p1").await;
+    let read = token("p1", "read");
+    let events = format!("/mix/p1/mix/job/{job_id}/events");
+    let status = format!("/mix/p1/mix/job/{job_id}/status");
+    let app = &app;
+    let get = |path: String| async move { anonymous().get(app.url(&path)).send().await.unwrap().status().as_u16() };
+    assert_eq!(get(format!("{result_url}?access_token={read}")).await, 200);
+    assert_eq!(get(format!("{events}?access_token={read}")).await, 200);
+    assert_eq!(get(format!("{status}?access_token={read}")).await, 401, "not a stream or media route");
+    assert_eq!(get(format!("{events}?access_token={}", token("p1", "write"))).await, 401, "a write token");
+    assert_eq!(get(format!("{events}?access_token={ADMIN_KEY}")).await, 401, "an admin key");
+    let ranged = anonymous().get(app.url(&format!("{result_url}?access_token={read}"))).header("range", "bytes=0-3").send().await.unwrap();
+    assert_eq!((ranged.status().as_u16(), ranged.bytes().await.unwrap().as_ref()), (206, b"RIFF".as_slice()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_cookie_signs_a_browser_in_and_a_foreign_origin_cannot_use_it_for_a_websocket() {
+    let app = spawn_app().await;
+    mixed_project(&app, "p1").await;
+    let read = token("p1", "read");
+    let response = anonymous().post(app.url("/session")).json(&json!({"token": read})).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let cookie = response.headers()["set-cookie"].to_str().unwrap().to_string();
+    assert!(cookie.starts_with(&format!("mixd_token={read}; HttpOnly; SameSite=Strict; Path=/")), "{cookie}");
+    assert!(!cookie.contains("Secure"), "on loopback the cookie cannot be Secure (no TLS): {cookie}");
+    let identity: Value = response.json().await.unwrap();
+    assert_eq!((identity["data"]["kind"].as_str(), identity["data"]["project_id"].as_str(), identity["data"]["scope"].as_str()), (Some("token"), Some("p1"), Some("read")));
+    let with_cookie = |path: &str| anonymous().get(app.url(path)).header("cookie", format!("mixd_token={read}"));
+    assert_eq!(with_cookie("/mix/p1/mix/jobs").send().await.unwrap().status(), 200);
+    assert_eq!(with_cookie("/mix/p2/mix/jobs").send().await.unwrap().status(), 403);
+    assert_eq!(with_cookie("/session").send().await.unwrap().json::<Value>().await.unwrap()["data"]["kind"], "token");
+    let bad = anonymous().post(app.url("/session")).json(&json!({"token": "not-a-token"})).send().await.unwrap();
+    assert_eq!(bad.status(), 401);
+    let signed_out = anonymous().delete(app.url("/session")).send().await.unwrap();
+    assert!(signed_out.headers()["set-cookie"].to_str().unwrap().contains("Max-Age=0"));
+
+    // A WebSocket from a page elsewhere, carrying the cookie the browser attaches: 403 before the upgrade.
+    let url = app.url("/mix/p1/mix/ws").replace("http://", "ws://");
+    let mut request = url.as_str().into_client_request().unwrap();
+    request.headers_mut().insert("cookie", format!("mixd_token={read}").parse().unwrap());
+    request.headers_mut().insert("origin", "https://evil.example".parse().unwrap());
+    match tokio_tungstenite::connect_async(request).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => assert_eq!(response.status(), 403),
+        other => panic!("a foreign origin upgraded: {other:?}"),
+    }
+    // From the server's own page it opens.
+    let mut request = url.as_str().into_client_request().unwrap();
+    request.headers_mut().insert("cookie", format!("mixd_token={read}").parse().unwrap());
+    request.headers_mut().insert("origin", app.address.parse().unwrap());
+    tokio_tungstenite::connect_async(request).await.expect("its own origin upgrades");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cors_allows_listed_origins_with_credentials_and_no_other() {
+    let app = spawn_app_with(|config| config.allowed_origins = vec!["https://app.example".into()]).await;
+    let preflight = |origin: &'static str| {
+        anonymous()
+            .request(reqwest::Method::OPTIONS, app.url("/mix/p1/mix/start"))
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header("access-control-request-headers", "authorization, content-type")
+            .send()
+    };
+    let listed = preflight("https://app.example").await.unwrap();
+    assert_eq!(listed.headers()["access-control-allow-origin"], "https://app.example");
+    assert_eq!(listed.headers()["access-control-allow-credentials"], "true");
+    let unlisted = preflight("https://evil.example").await.unwrap();
+    assert!(unlisted.headers().get("access-control-allow-origin").is_none());
+    // The listed origin may open a WebSocket; an unlisted one may not, even with the admin key.
+    let url = app.url("/ws").replace("http://", "ws://");
+    for (origin, allowed) in [("https://app.example", true), ("https://evil.example", false)] {
+        let mut request = url.as_str().into_client_request().unwrap();
+        request.headers_mut().insert("authorization", format!("Bearer {ADMIN_KEY}").parse().unwrap());
+        request.headers_mut().insert("origin", origin.parse().unwrap());
+        assert_eq!(tokio_tungstenite::connect_async(request).await.is_ok(), allowed, "{origin}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_end_when_their_token_expires() {
+    let app = spawn_app().await;
+    let stem = app.fixture("long.wav", "sine=f=440:r=48000:d=30", &[]);
+    app.upload("p1", &[&stem]).await;
+    // exp is in whole seconds: two from now is at least one second away.
+    let short = sign(Algorithm::HS256, Some("t1"), SECRET, claims("p1", "read", 2));
+    let opened = std::time::Instant::now();
+    let mut sse = SseStream::connect(&anonymous(), &app.url(&format!("/mix/p1/mix/events?access_token={short}")), None).await;
+    assert_eq!(sse.status, 200);
+    let mut request = app.url("/mix/p1/mix/ws").replace("http://", "ws://").into_client_request().unwrap();
+    request.headers_mut().insert("authorization", format!("Bearer {short}").parse().unwrap());
+    let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    // Neither stream has anything to say (no job runs); both end at the token's exp.
+    while sse.next_event().await.is_some() {}
+    let close = loop {
+        match socket.next().await {
+            Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
+            Some(Ok(_)) => continue,
+            other => panic!("no close frame: {other:?}"),
+        }
+    };
+    assert_eq!(close, Some(4001));
+    assert!(opened.elapsed() >= Duration::from_millis(900), "they ended at the expiry, not at once: {:?}", opened.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_are_minted_by_admins_within_their_limits() {
+    let app = spawn_app().await;
+    let mint = |body: Value| app.client.post(app.url("/tokens")).json(&body).send();
+    let minted: Value = mint(json!({"project_id": "p1", "scope": "write", "ttl_s": 60})).await.unwrap().json().await.unwrap();
+    let token = minted["data"]["token"].as_str().unwrap();
+    let (status, _, _) = send(&app, "GET", "/mix/p1/mix/jobs", Some(&format!("Bearer {token}"))).await;
+    assert_eq!(status, 200);
+    for (body, code) in [
+        (json!({"project_id": "p1", "scope": "write", "ttl_s": 0}), 422),
+        (json!({"project_id": "p1", "scope": "write", "ttl_s": 86_401}), 422),
+        (json!({"project_id": "p1", "scope": "admin", "ttl_s": 60}), 400),
+        (json!({"project_id": "bad id", "scope": "read", "ttl_s": 60}), 400),
+    ] {
+        assert_eq!(mint(body.clone()).await.unwrap().status(), code, "{body}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_on_loopback_means_open_to_this_machine_only() {
+    let app = spawn_app_with(|config| {
+        config.api_keys.clear();
+        config.token_keys.token_keys.clear();
+    })
+    .await;
+    let stem = app.fixture("a.wav", "sine=f=440:r=48000:d=1", &[]);
+    assert_eq!(app.upload("p1", &[&stem]).await.0, 201, "open: no credential needed");
+    // A DNS-rebinding page reaches 127.0.0.1 under its own name.
+    let rebound = anonymous().get(app.url("/mix/p1/mix/jobs")).header("host", "attacker.example").send().await.unwrap();
+    assert_eq!(rebound.status(), 403);
+    for host in ["localhost", "127.0.0.1", "[::1]:8080", "mixd.localhost:1"] {
+        assert_eq!(anonymous().get(app.url("/mix/p1/mix/jobs")).header("host", host).send().await.unwrap().status(), 200, "{host}");
+    }
+    // A page elsewhere posting to the server: refused; the server's own page: accepted.
+    let foreign = anonymous().post(app.url("/mix/p1/mix/start")).header("origin", "https://evil.example").send().await.unwrap();
+    assert_eq!(foreign.status(), 403);
+    let own = anonymous().post(app.url("/mix/p1/mix/start")).header("origin", app.address.clone()).send().await.unwrap();
+    assert_eq!(own.status(), 202);
+    let (_, jobs) = app.get_json("/mix/p1/mix/jobs").await;
+    assert_eq!(jobs["data"]["jobs"].as_array().unwrap().len(), 1, "only the own-origin start made a job");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_never_reach_the_log() {
+    let data = tempfile::tempdir().unwrap();
+    let server = start_mixd(env!("CARGO_BIN_EXE_mixd"), data.path(), &["--api-key", ADMIN_KEY, "--token-key", TOKEN_KEY], "debug");
+    let base = format!("http://{}", server.address);
+    let read = token("p1", "read");
+    let client = anonymous();
+    for path in [format!("/mix/p1/mix/events?access_token={read}"), format!("/media/p1/mix_outputs/final_mix.wav?access_token={read}")] {
+        let _ = client.get(format!("{base}{path}")).timeout(Duration::from_millis(300)).send().await;
+    }
+    let _ = client.get(format!("{base}/mix/p1/mix/jobs")).header("authorization", format!("Bearer {ADMIN_KEY}")).send().await;
+    let _ = client.post(format!("{base}/session")).json(&json!({"token": read})).send().await;
+    // The requests above are logged (at debug, by the request span) before this one answers.
+    let _ = client.get(format!("{base}/healthz")).send().await;
+    let lines: Vec<String> = std::iter::from_fn(|| server.log.recv_timeout(Duration::from_millis(500)).ok()).collect();
+    assert!(lines.iter().any(|line| line.contains("/mix/p1/mix/events")), "requests are logged");
+    let signature = read.rsplit('.').next().unwrap();
+    for line in &lines {
+        assert!(!line.contains(signature) && !line.contains(ADMIN_KEY) && !line.contains("access_token"), "{line}");
+    }
+}
