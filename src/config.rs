@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::{Args, FromArgMatches, ValueEnum};
 
 use crate::access::{parse_api_key, parse_token_key, Secret, TokenKey};
+use crate::webhooks::WebhookSecret;
 
 #[derive(Debug, Clone, Args)]
 pub struct Config {
@@ -58,6 +59,13 @@ pub struct Config {
     /// e.g. https://app.example.com (comma-separated in the environment).
     #[arg(long = "allowed-origin", env = "MIXD_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
+    /// The secret webhooks are signed with (`whsec_` + base64); default: one generated at the
+    /// first start and kept in the job store (`GET /webhooks/secret` shows it to an admin).
+    #[arg(long, env = "MIXD_WEBHOOK_SECRET", value_parser = WebhookSecret::parse)]
+    pub webhook_secret: Option<WebhookSecret>,
+    /// Let webhooks reach loopback and private addresses (on-premises receivers, tests).
+    #[arg(long, env = "MIXD_WEBHOOK_ALLOW_PRIVATE")]
+    pub webhook_allow_private: bool,
 }
 
 /// The keys scoped tokens are signed with: `kid=secret`, the first signs, all verify (so a new

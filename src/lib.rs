@@ -12,6 +12,7 @@
 //! - [`api`]: HTTP. Routes, the `{ok, data, error, message}` envelope and its error codes (in one
 //!   place), SSE and WebSocket adapters, media with ranges, metrics and `/openapi.json`.
 //! - [`access`]: admin keys and scoped tokens, what each may do; no HTTP in it.
+//! - [`webhooks`]: signing, URL rules and the dispatcher that drains the job store's outbox.
 //! - [`config`], [`telemetry`], [`startup`]: configuration (clap, env fallbacks), logging, and
 //!   building the server on a listener.
 //!
@@ -24,3 +25,4 @@ pub mod config;
 pub mod jobs;
 pub mod startup;
 pub mod telemetry;
+pub mod webhooks;

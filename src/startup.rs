@@ -21,6 +21,12 @@ use crate::access::Keys;
 use crate::api::{router, AppState};
 use crate::config::Config;
 use crate::jobs::{Jobs, JobsConfig, MediaLayout, StemStore, EVENT_BUFFER};
+use crate::webhooks::{Dispatcher, DispatcherConfig, WebhookSecret};
+
+/// Webhook deliveries in flight at once: a receiver that hangs holds one until the timeout.
+const WEBHOOK_CONCURRENCY: usize = 16;
+/// How long a receiver has to answer, as the contract says.
+const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(15);
 
 pub struct Application {
     listener: TcpListener,
@@ -50,7 +56,17 @@ impl Application {
         .context("opening the job database")?;
         let listener = TcpListener::bind(config.addr).await.with_context(|| format!("binding {}", config.addr))?;
         let keys = Keys::new(&config.api_keys, &config.token_keys.token_keys);
-        let state = AppState { jobs, stems: StemStore::new(layout.clone()), layout, keys, config: Arc::new(config), shutdown };
+        let webhook_secret = match &config.webhook_secret {
+            Some(secret) => secret.clone(),
+            None => {
+                let stored = jobs.webhook_secret(|| WebhookSecret::generate().as_str().to_string()).context("reading the webhook secret")?;
+                WebhookSecret::parse(&stored).map_err(|err| anyhow::anyhow!("the stored webhook secret: {err}"))?
+            }
+        };
+        let dispatcher = DispatcherConfig { secret: webhook_secret.clone(), allow_private: config.webhook_allow_private, concurrency: WEBHOOK_CONCURRENCY, timeout: WEBHOOK_TIMEOUT };
+        let dispatcher = Dispatcher::new(jobs.outbox().clone(), jobs.metrics().clone(), dispatcher).context("building the webhook client")?;
+        tokio::spawn(dispatcher.run(shutdown.clone()));
+        let state = AppState { jobs, stems: StemStore::new(layout.clone()), layout, keys, webhook_secret, config: Arc::new(config), shutdown };
         Ok(Self { listener, state })
     }
 

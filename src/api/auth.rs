@@ -60,13 +60,19 @@ fn rule(method: &Method, route: &str) -> Rule {
         ("POST", "/projects/{project_id}/stems") | ("DELETE", "/projects/{project_id}/stems/{stem_id}") => plain(write),
         ("POST", "/mix/{project_id}/mix/start") | ("DELETE", "/mix/{project_id}/mix/job/{job_id}") => plain(write),
         ("GET", "/projects/{project_id}/stems" | "/projects/{project_id}/mix/status") => plain(read),
-        ("GET", "/mix/{project_id}/mix/status" | "/mix/{project_id}/mix/jobs" | "/mix/{project_id}/mix/preview" | "/mix/{project_id}/mix/job/{job_id}/status") => {
-            plain(read)
-        }
+        (
+            "GET",
+            "/mix/{project_id}/mix/status"
+            | "/mix/{project_id}/mix/jobs"
+            | "/mix/{project_id}/mix/preview"
+            | "/mix/{project_id}/mix/job/{job_id}/status"
+            | "/mix/{project_id}/mix/job/{job_id}/webhooks",
+        ) => plain(read),
         ("GET", "/mix/{project_id}/mix/job/{job_id}/events" | "/mix/{project_id}/mix/events" | "/media/{*path}") => stream(read),
         ("GET", "/mix/{project_id}/mix/job/{job_id}/ws" | "/mix/{project_id}/mix/ws") => websocket(read),
         ("GET", "/events") => stream(admin),
         ("GET", "/ws") => websocket(admin),
+        ("GET", "/metrics" | "/webhooks/secret") | ("POST", "/tokens") => plain(admin),
         _ => plain(admin),
     }
 }

@@ -13,7 +13,8 @@ use super::error::{respond, ApiError, Envelope};
 use super::extract::{ApiQuery, JobPath, ProjectPath};
 use super::AppState;
 use crate::audio::{MixReport, MixSettings};
-use crate::jobs::{JobId, JobStatus, ProjectId, Submitted};
+use crate::jobs::{Attempt, JobId, JobStatus, ProjectId, Submitted, WebhookSpec};
+use crate::webhooks::check_url;
 
 const STATUS_MESSAGE: &str = "Job status retrieved successfully";
 const MAX_IDEMPOTENCY_KEY: usize = 256;
@@ -77,6 +78,7 @@ pub async fn start(
     let stems = app.stems.list(&project_id).await.map_err(ApiError::storage)?;
     let Some(highest_rate) = stems.iter().map(|s| s.sample_rate).max() else { return Err(ApiError::ProjectNotFound) };
     let sources: Vec<_> = stems.iter().map(|stem| app.stems.source(&project_id, stem)).collect();
+    let (body, webhook) = split_webhook(&body, app.config.webhook_allow_private)?;
     let settings = MixSettings::from_json(&body)
         .and_then(|settings| settings.validate(&sources, highest_rate))
         .map_err(|err| ApiError::InvalidSettings(err.to_string()))?;
@@ -91,7 +93,7 @@ pub async fn start(
         None => None,
     };
 
-    let submitted = app.jobs.submit(project_id.clone(), settings, sources, key)?;
+    let submitted = app.jobs.submit(project_id.clone(), settings, sources, key, webhook)?;
     let (status, code, message) = match submitted {
         Submitted::New(status) => (status, StatusCode::ACCEPTED, "Mix job queued"),
         Submitted::Existing(status) => (status, StatusCode::OK, "Mix job already started with this Idempotency-Key"),
@@ -101,6 +103,27 @@ pub async fn start(
     let mut response = respond(code, StartedJob { status, links }, message);
     response.headers_mut().insert(header::LOCATION, location);
     Ok(response)
+}
+
+/// The start body is the mix settings plus an optional `webhook`, which is the job's and not the
+/// engine's: it is taken out and checked here (its URL by the rules in `crate::webhooks`).
+fn split_webhook(body: &[u8], allow_private: bool) -> Result<(Vec<u8>, Option<WebhookSpec>), ApiError> {
+    let Ok(serde_json::Value::Object(mut fields)) = serde_json::from_slice::<serde_json::Value>(body) else {
+        // Not an object: the settings parser names what is wrong with it.
+        return Ok((body.to_vec(), None));
+    };
+    let Some(webhook) = fields.remove("webhook") else { return Ok((body.to_vec(), None)) };
+    let invalid = |field: &str, reason: String| ApiError::InvalidSettings(format!("webhook{field}: {reason}"));
+    let webhook: WebhookSpec = serde_path_to_error::deserialize(webhook).map_err(|err| {
+        let path = err.path().to_string();
+        let field = if path == "." { String::new() } else { format!(".{path}") };
+        invalid(&field, err.into_inner().to_string())
+    })?;
+    check_url(&webhook.url, allow_private).map_err(|err| invalid(".url", err.to_string()))?;
+    if webhook.events.is_empty() {
+        return Err(invalid(".events", "name at least one of start, completed".into()));
+    }
+    Ok((serde_json::to_vec(&fields).expect("a JSON object serialises"), Some(webhook)))
 }
 
 /// A job's status; `Retry-After: 1` while it is not finished.
@@ -184,4 +207,24 @@ fn status_response(status: JobStatus) -> Response {
     } else {
         ([(header::RETRY_AFTER, "1")], response).into_response()
     }
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct WebhookAttempts {
+    pub attempts: Vec<Attempt>,
+}
+
+/// Every attempt to deliver the job's webhooks: when, the receiver's status or the error, and
+/// when the next attempt is due.
+#[utoipa::path(get, path = "/mix/{project_id}/mix/job/{job_id}/webhooks", tag = "mix",
+    params(("project_id" = String, Path), ("job_id" = String, Path)),
+    responses((status = 200, body = Envelope<WebhookAttempts>), (status = 404, description = "JOB_NOT_FOUND")))]
+pub async fn webhook_attempts(State(app): State<AppState>, JobPath { project_id, job_id }: JobPath) -> Result<Response, ApiError> {
+    find_job(&app, &project_id, job_id)?;
+    let outbox = app.jobs.outbox().clone();
+    let attempts = tokio::task::spawn_blocking(move || outbox.attempts(job_id))
+        .await
+        .map_err(|err| ApiError::Internal(err.to_string()))?
+        .map_err(|err| ApiError::Internal(err.to_string()))?;
+    Ok(respond(StatusCode::OK, WebhookAttempts { attempts }, "Webhook attempts retrieved successfully"))
 }

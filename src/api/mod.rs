@@ -25,6 +25,7 @@ use tower_http::services::ServeDir;
 use tower_http::trace::TraceLayer;
 
 use crate::access::Keys;
+use crate::webhooks::WebhookSecret;
 use crate::config::Config;
 use crate::jobs::{Jobs, MediaLayout, StemStore};
 
@@ -34,6 +35,7 @@ pub struct AppState {
     pub stems: StemStore,
     pub layout: MediaLayout,
     pub keys: Keys,
+    pub webhook_secret: WebhookSecret,
     pub config: Arc<Config>,
     /// Cancelled when the server shuts down: every open stream ends.
     pub shutdown: CancellationToken,
@@ -65,6 +67,8 @@ pub fn router(state: AppState) -> Router {
         .route("/openapi.json", get(service::openapi))
         .route("/session", post(session::create).get(session::show).delete(session::delete))
         .route("/tokens", post(session::mint))
+        .route("/mix/{project_id}/mix/job/{job_id}/webhooks", get(mix::webhook_attempts))
+        .route("/webhooks/secret", get(service::webhook_secret))
         // After routing, so the check knows the route; before every handler and upgrade.
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::authorize));
     let dashboard = ServeDir::new(&state.config.static_dir).not_found_service(get(service::not_found).with_state(state.clone()));

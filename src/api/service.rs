@@ -10,7 +10,7 @@ use utoipa::{OpenApi, ToSchema};
 
 use super::error::{respond, ApiError, Envelope};
 use super::AppState;
-use crate::jobs::{JobState, Transport, MIX_DURATION_BUCKETS};
+use crate::jobs::{JobState, Transport, MIX_DURATION_BUCKETS, WEBHOOK_OUTCOMES};
 
 #[derive(Serialize, ToSchema)]
 pub struct Health {
@@ -43,6 +43,16 @@ pub async fn metrics(State(app): State<AppState>) -> Response {
         "# HELP mixd_subscriber_resyncs_total Subscribers that lagged and were resynchronised.\n# TYPE mixd_subscriber_resyncs_total counter\nmixd_subscriber_resyncs_total {}",
         metrics.resyncs()
     );
+    let _ = writeln!(text, "# HELP mixd_webhook_attempts_total Webhook delivery attempts, by what they came to.\n# TYPE mixd_webhook_attempts_total counter");
+    for outcome in WEBHOOK_OUTCOMES {
+        let _ = writeln!(text, "mixd_webhook_attempts_total{{outcome=\"{outcome}\"}} {}", metrics.webhooks(outcome));
+    }
+    let outbox = app.jobs.outbox().clone();
+    if let Ok(Ok((pending, oldest))) = tokio::task::spawn_blocking(move || outbox.backlog()).await {
+        let age = oldest.map_or(0.0, |created| (crate::jobs::unix_millis(std::time::SystemTime::now()) - created).max(0) as f64 / 1000.0);
+        let _ = writeln!(text, "# HELP mixd_webhook_queue_length Webhook deliveries waiting to be sent or retried.\n# TYPE mixd_webhook_queue_length gauge\nmixd_webhook_queue_length {pending}");
+        let _ = writeln!(text, "# HELP mixd_webhook_oldest_pending_seconds Age of the oldest undelivered webhook.\n# TYPE mixd_webhook_oldest_pending_seconds gauge\nmixd_webhook_oldest_pending_seconds {age}");
+    }
     let histogram = metrics.mix_durations();
     let _ = writeln!(text, "# HELP mixd_mix_duration_seconds Wall time of completed mixes.\n# TYPE mixd_mix_duration_seconds histogram");
     for (bound, count) in MIX_DURATION_BUCKETS.iter().zip(histogram.buckets) {
@@ -58,6 +68,19 @@ pub async fn openapi() -> Response {
     // The document is fixed at build time: generated and serialised once.
     static DOCUMENT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| super::openapi::ApiDoc::openapi().to_json().expect("the OpenAPI document serialises"));
     ([(header::CONTENT_TYPE, "application/json")], DOCUMENT.as_str()).into_response()
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct WebhookSecretBody {
+    /// `whsec_` + base64: verify deliveries with any Standard Webhooks library.
+    pub secret: String,
+}
+
+/// The secret webhooks are signed with (admin only).
+#[utoipa::path(get, path = "/webhooks/secret", tag = "service",
+    responses((status = 200, body = Envelope<WebhookSecretBody>), (status = 401, description = "UNAUTHORIZED"), (status = 403, description = "FORBIDDEN")))]
+pub async fn webhook_secret(State(app): State<AppState>) -> Response {
+    respond(StatusCode::OK, WebhookSecretBody { secret: app.webhook_secret.as_str().to_string() }, "Webhook secret retrieved successfully")
 }
 
 /// Unknown paths answer with the envelope too.

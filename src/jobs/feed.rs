@@ -187,7 +187,7 @@ mod tests {
         let project: ProjectId = "p1".parse().unwrap();
         let mut stream = Box::pin(feed(&jobs, Scope::Project(project.clone()), None, CancellationToken::new()));
 
-        let submit = || match jobs.submit(project.clone(), MixSettings::default().validate(&[], 48_000).unwrap(), Vec::new(), None).unwrap() {
+        let submit = || match jobs.submit(project.clone(), MixSettings::default().validate(&[], 48_000).unwrap(), Vec::new(), None, None).unwrap() {
             Submitted::New(status) => status.job_id(),
             Submitted::Existing(_) => unreachable!("no idempotency key"),
         };

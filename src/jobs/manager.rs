@@ -25,6 +25,8 @@ use super::engine::EnginePool;
 use super::layout::MediaLayout;
 use super::metrics::Metrics;
 use super::model::{ErrorCode, JobChange, JobEvent, JobId, JobState, JobStatus, ProjectId, Progress, TransitionError};
+use super::outbox::Outbox;
+use super::webhook::{Delivery, WebhookSpec};
 use crate::audio::{self, AudioError, MixObserver, MixReport, Stage, StemSource, ValidSettings};
 
 /// Room for bursts of changes; a subscriber that falls further behind is resynchronised.
@@ -76,6 +78,7 @@ struct Inner {
     expiry: Notify,
     metrics: Arc<Metrics>,
     engine: EnginePool,
+    outbox: Arc<Outbox>,
 }
 
 struct State {
@@ -94,6 +97,7 @@ struct JobRecord {
     stems: Vec<StemSource>,
     cancel: Arc<AtomicBool>,
     idempotency_key: Option<String>,
+    webhook: Option<WebhookSpec>,
     attempts: u32,
     finished_at: Option<Instant>,
 }
@@ -115,12 +119,13 @@ impl Jobs {
     /// ones queue again under the same id. Starts the expiry task, which ends with `shutdown`.
     pub fn open(config: JobsConfig, shutdown: CancellationToken) -> Result<Self, OpenError> {
         let db = JobDb::open(&config.layout.database_dir())?;
+        let outbox = Arc::new(Outbox::open(&config.layout.database_dir())?);
         let stored = db.load_all()?;
         let state = State { db, jobs: HashMap::new(), waiting: VecDeque::new(), running: 0, idempotency: HashMap::new() };
         let (events, _) = broadcast::channel(config.event_buffer);
         let engine = EnginePool::new(config.mix_slots).map_err(OpenError::Engine)?;
         let jobs = Self {
-            inner: Arc::new(Inner { config, state: Mutex::new(state), events, expiry: Notify::new(), metrics: Arc::default(), engine }),
+            inner: Arc::new(Inner { config, state: Mutex::new(state), events, expiry: Notify::new(), metrics: Arc::default(), engine, outbox }),
         };
         jobs.restore(stored);
         tokio::spawn(jobs.clone().expire_finished_jobs(shutdown.clone()));
@@ -146,6 +151,7 @@ impl Jobs {
                     stems: job.stems,
                     cancel: Arc::default(),
                     idempotency_key: job.idempotency_key,
+                    webhook: job.webhook,
                     attempts: job.attempts,
                     finished_at,
                 },
@@ -172,6 +178,16 @@ impl Jobs {
         &self.inner.metrics
     }
 
+    /// The webhook outbox, for the dispatcher and the attempts route.
+    pub fn outbox(&self) -> &Arc<Outbox> {
+        &self.inner.outbox
+    }
+
+    /// The webhook secret kept in the job store, made by `generate` at the first start.
+    pub fn webhook_secret(&self, generate: impl FnOnce() -> String) -> Result<String, JobError> {
+        Ok(self.lock().db.webhook_secret(generate)?)
+    }
+
     pub(super) fn subscribe_events(&self) -> broadcast::Receiver<Arc<JobEvent>> {
         self.inner.events.subscribe()
     }
@@ -183,7 +199,14 @@ impl Jobs {
     /// Queues a mix of `stems`. With an idempotency key already used for this project, returns
     /// that job instead.
     /// The job is in the database before this returns, so a crash right after the 202 loses nothing.
-    pub fn submit(&self, project: ProjectId, settings: ValidSettings, stems: Vec<StemSource>, idempotency_key: Option<String>) -> Result<Submitted, JobError> {
+    pub fn submit(
+        &self,
+        project: ProjectId,
+        settings: ValidSettings,
+        stems: Vec<StemSource>,
+        idempotency_key: Option<String>,
+        webhook: Option<WebhookSpec>,
+    ) -> Result<Submitted, JobError> {
         let mut state = self.lock();
         if let Some(key) = &idempotency_key {
             if let Some(existing) = state.idempotency.get(&(project.clone(), key.clone())).and_then(|id| state.jobs.get(id)) {
@@ -192,12 +215,19 @@ impl Jobs {
         }
         let job_id = JobId::new();
         let status = JobStatus::queued(job_id, project.clone(), state.waiting.len() as u32 + 1);
-        state.db.insert(&StoredJob { status: status.clone(), settings: settings.clone(), stems: stems.clone(), idempotency_key: idempotency_key.clone(), attempts: 0 })?;
+        state.db.insert(&StoredJob {
+            status: status.clone(),
+            settings: settings.clone(),
+            stems: stems.clone(),
+            idempotency_key: idempotency_key.clone(),
+            webhook: webhook.clone(),
+            attempts: 0,
+        })?;
         if let Some(key) = &idempotency_key {
             state.idempotency.insert((project, key.clone()), job_id);
         }
         let published = JobEvent::new(status);
-        state.jobs.insert(job_id, JobRecord { published: published.clone(), settings, stems, cancel: Arc::default(), idempotency_key, attempts: 0, finished_at: None });
+        state.jobs.insert(job_id, JobRecord { published: published.clone(), settings, stems, cancel: Arc::default(), idempotency_key, webhook, attempts: 0, finished_at: None });
         state.waiting.push_back(job_id);
         let _ = self.inner.events.send(published);
         tracing::info!(%job_id, "job queued");
@@ -268,10 +298,15 @@ impl Jobs {
         match record.status().apply(change) {
             Ok(next) => {
                 let event = JobEvent::new(next);
-                // Written before it is published. A failed write keeps the server answering from
-                // memory; the job then restarts from its last stored state after a crash.
-                if let Err(err) = db.update_status(&event) {
-                    tracing::error!(%job_id, %err, "could not store a job change");
+                // A run before this one (cut short by a restart) already announced the start.
+                let delivery = record.webhook.as_ref().and_then(|webhook| Delivery::caused_by(webhook, &event, record.attempts == 0));
+                // Written before it is published, with the webhook delivery it causes. A failed
+                // write keeps the server answering from memory; the job then restarts from its
+                // last stored state after a crash.
+                match db.update_status(&event, delivery.as_ref()) {
+                    Ok(()) if delivery.is_some() => self.inner.outbox.wake(),
+                    Ok(()) => {}
+                    Err(err) => tracing::error!(%job_id, %err, "could not store a job change"),
                 }
                 if event.status.state().is_terminal() {
                     record.finished_at = Some(Instant::now());
@@ -554,7 +589,7 @@ mod tests {
         for change in state_changes {
             status = status.apply(change.clone()).unwrap();
         }
-        StoredJob { status, settings: default_settings(), stems: Vec::new(), idempotency_key: Some(key.into()), attempts }
+        StoredJob { status, settings: default_settings(), stems: Vec::new(), idempotency_key: Some(key.into()), webhook: None, attempts }
     }
 
     fn config(dir: &std::path::Path, mix_slots: usize) -> JobsConfig {
@@ -568,7 +603,7 @@ mod tests {
     }
 
     fn submit(jobs: &Jobs, key: Option<&str>) -> Submitted {
-        jobs.submit("p1".parse().unwrap(), default_settings(), Vec::new(), key.map(String::from)).unwrap()
+        jobs.submit("p1".parse().unwrap(), default_settings(), Vec::new(), key.map(String::from), None).unwrap()
     }
 
     #[tokio::test]

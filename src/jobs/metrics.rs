@@ -28,7 +28,11 @@ pub struct Metrics {
     ws_subscribers: AtomicI64,
     mix_durations: Mutex<Histogram>,
     resyncs: AtomicU64,
+    webhook_outcomes: [AtomicU64; WEBHOOK_OUTCOMES.len()],
 }
+
+/// What a webhook attempt can come to: `retry` when another attempt follows.
+pub const WEBHOOK_OUTCOMES: [&str; 4] = ["delivered", "retry", "gone", "failed"];
 
 #[derive(Debug, Default, Clone)]
 pub struct Histogram {
@@ -77,6 +81,17 @@ impl Metrics {
 
     pub fn resyncs(&self) -> u64 {
         self.resyncs.load(Ordering::Relaxed)
+    }
+
+    pub fn count_webhook(&self, outcome: &str) {
+        if let Some(index) = WEBHOOK_OUTCOMES.iter().position(|o| *o == outcome) {
+            self.webhook_outcomes[index].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Webhook attempts that came to `outcome`.
+    pub fn webhooks(&self, outcome: &str) -> u64 {
+        WEBHOOK_OUTCOMES.iter().position(|o| *o == outcome).map_or(0, |index| self.webhook_outcomes[index].load(Ordering::Relaxed))
     }
 }
 

@@ -18,3 +18,4 @@ mod soak;
 mod sse;
 mod stems;
 mod streams;
+mod webhooks;
