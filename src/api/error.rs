@@ -2,7 +2,9 @@
 //! appears here once, beside its HTTP status.
 
 use axum::extract::multipart::{MultipartError, MultipartRejection};
+use axum::extract::path::ErrorKind;
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -46,7 +48,7 @@ pub enum ApiError {
     NoFiles,
     #[error("Too many files in one upload: at most {0}")]
     TooManyFiles(usize),
-    #[error("The upload is larger than the {0} MiB limit")]
+    #[error("The request body is larger than the {0} MiB limit")]
     PayloadTooLarge(u64),
     #[error("{0}")]
     UnsupportedAudio(String),
@@ -133,6 +135,17 @@ impl From<JobError> for ApiError {
 
 impl From<PathRejection> for ApiError {
     fn from(rejection: PathRejection) -> Self {
+        // A segment that is not UTF-8 once percent-decoded is a malformed id like any other.
+        if let PathRejection::FailedToDeserializePathParams(err) = &rejection {
+            if let ErrorKind::InvalidUtf8InPathParam { key } = err.kind() {
+                match key.as_str() {
+                    "project_id" => return ApiError::InvalidProjectId,
+                    "job_id" => return ApiError::JobNotFound,
+                    "stem_id" => return ApiError::StemNotFound,
+                    _ => {}
+                }
+            }
+        }
         // Ids are checked in path order, so the first invalid one decides the answer.
         let text = rejection.body_text();
         if text.contains(INVALID_PROJECT_ID) {
@@ -157,8 +170,18 @@ impl From<QueryRejection> for ApiError {
     }
 }
 
-impl From<BytesRejection> for ApiError {
-    fn from(rejection: BytesRejection) -> Self {
+/// A request to a WebSocket route that is not a WebSocket handshake.
+impl From<WebSocketUpgradeRejection> for ApiError {
+    fn from(rejection: WebSocketUpgradeRejection) -> Self {
+        ApiError::BadRequest(format!("not a WebSocket handshake: {}", rejection.body_text()))
+    }
+}
+
+/// A body that could not be read. Its size limit is the route's, in MiB.
+pub fn body_error(rejection: BytesRejection, limit_mb: u64) -> ApiError {
+    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::PayloadTooLarge(limit_mb)
+    } else {
         ApiError::BadRequest(rejection.body_text())
     }
 }

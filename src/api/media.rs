@@ -9,6 +9,7 @@ use std::io::SeekFrom;
 use std::time::UNIX_EPOCH;
 
 use axum::body::Body;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -22,7 +23,9 @@ use super::AppState;
 #[utoipa::path(get, path = "/media/{path}", tag = "media",
     params(("path" = String, Path, description = "e.g. p1/mix_outputs/{job_id}/final_mix.wav, or p1/mix_outputs/final_mix.wav for the newest mix")),
     responses((status = 200, content_type = "audio/wav"), (status = 206, description = "Partial content"), (status = 304), (status = 404, description = "MEDIA_NOT_FOUND"), (status = 416)))]
-pub async fn serve(State(app): State<AppState>, Path(path): Path<String>, headers: HeaderMap) -> Result<Response, ApiError> {
+pub async fn serve(State(app): State<AppState>, path: Result<Path<String>, PathRejection>, headers: HeaderMap) -> Result<Response, ApiError> {
+    // A path that is not UTF-8 once percent-decoded names no file either.
+    let Ok(Path(path)) = path else { return Err(ApiError::MediaNotFound) };
     let segments: Vec<&str> = path.split('/').collect();
     if segments.is_empty() || !segments.iter().all(|s| is_plain_name(s)) {
         return Err(ApiError::MediaNotFound);

@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::error::{respond, ApiError, Envelope};
+use super::error::{body_error, respond, ApiError, Envelope};
 use super::extract::{ApiPath, ApiQuery, JobPath, ProjectPath};
 use super::AppState;
 use crate::audio::{MixReport, MixSettings};
@@ -17,6 +17,8 @@ use crate::jobs::{JobId, JobStatus, ProjectId, Submitted};
 
 const STATUS_MESSAGE: &str = "Job status retrieved successfully";
 const MAX_IDEMPOTENCY_KEY: usize = 256;
+/// The largest settings body the start route reads; real settings are a few KiB.
+pub const MAX_SETTINGS_MB: u64 = 1;
 
 /// A started job: its status plus where to follow it.
 #[derive(Serialize, ToSchema)]
@@ -72,7 +74,7 @@ pub async fn start(
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body = body?;
+    let body = body.map_err(|rejection| body_error(rejection, MAX_SETTINGS_MB))?;
     let stems = app.stems.list(&project_id).await.map_err(ApiError::storage)?;
     let Some(highest_rate) = stems.iter().map(|s| s.sample_rate).max() else { return Err(ApiError::ProjectNotFound) };
     let sources: Vec<_> = stems.iter().map(|stem| app.stems.source(&project_id, stem)).collect();

@@ -4,6 +4,7 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
@@ -88,22 +89,51 @@ pub async fn global_sse(State(app): State<AppState>) -> Response {
 #[utoipa::path(get, path = "/mix/{project_id}/mix/job/{job_id}/ws", tag = "events",
     params(("project_id" = String, Path), ("job_id" = String, Path)),
     responses((status = 101, description = "WebSocket upgrade"), (status = 404, description = "JOB_NOT_FOUND")))]
-pub async fn job_ws(State(app): State<AppState>, ApiPath(JobPath { project_id, job_id }): ApiPath<JobPath>, upgrade: WebSocketUpgrade) -> Result<Response, ApiError> {
+pub async fn job_ws(
+    State(app): State<AppState>,
+    ApiPath(JobPath { project_id, job_id }): ApiPath<JobPath>,
+    headers: HeaderMap,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    // An unknown job is a 404 whatever the request, a handshake or not.
     find_job(&app, &project_id, job_id)?;
-    Ok(ws(&app, Scope::Job(job_id), upgrade))
+    Ok(ws(&app, Scope::Job(job_id), accept(upgrade, &headers)?))
 }
 
 #[utoipa::path(get, path = "/mix/{project_id}/mix/ws", tag = "events",
     params(("project_id" = String, Path)),
     responses((status = 101, description = "WebSocket upgrade"), (status = 404, description = "PROJECT_NOT_FOUND")))]
-pub async fn project_ws(State(app): State<AppState>, ApiPath(ProjectPath { project_id }): ApiPath<ProjectPath>, upgrade: WebSocketUpgrade) -> Result<Response, ApiError> {
+pub async fn project_ws(
+    State(app): State<AppState>,
+    ApiPath(ProjectPath { project_id }): ApiPath<ProjectPath>,
+    headers: HeaderMap,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
     ensure_project(&app, &project_id).await?;
-    Ok(ws(&app, Scope::Project(project_id), upgrade))
+    Ok(ws(&app, Scope::Project(project_id), accept(upgrade, &headers)?))
 }
 
 #[utoipa::path(get, path = "/ws", tag = "events", responses((status = 101, description = "WebSocket upgrade")))]
-pub async fn global_ws(State(app): State<AppState>, upgrade: WebSocketUpgrade) -> Response {
-    ws(&app, Scope::All, upgrade)
+pub async fn global_ws(State(app): State<AppState>, headers: HeaderMap, upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>) -> Result<Response, ApiError> {
+    Ok(ws(&app, Scope::All, accept(upgrade, &headers)?))
+}
+
+/// A handshake checked in full. axum checks the method, `Connection`, `Upgrade` and the version,
+/// but takes any `Sec-WebSocket-Key`; RFC 6455 (4.2.1) wants 16 bytes in base64, and a 400 for
+/// anything else.
+fn accept(upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>, headers: &HeaderMap) -> Result<WebSocketUpgrade, ApiError> {
+    let upgrade = upgrade?;
+    let key = headers.get(header::SEC_WEBSOCKET_KEY).map_or(&[][..], |value| value.as_bytes());
+    if !is_handshake_key(key) {
+        return Err(ApiError::BadRequest("not a WebSocket handshake: Sec-WebSocket-Key must be 16 bytes in base64".into()));
+    }
+    Ok(upgrade)
+}
+
+/// 16 bytes in canonical base64: 22 digits, the last with its low 4 bits unused (so zero), and `==`.
+fn is_handshake_key(key: &[u8]) -> bool {
+    let digit = |b: &u8| b.is_ascii_alphanumeric() || *b == b'+' || *b == b'/';
+    key.len() == 24 && key[..21].iter().all(digit) && b"AQgw".contains(&key[21]) && &key[22..] == b"=="
 }
 
 /// A project exists once it has a stem; one whose stems were deleted still has its jobs. Jobs are
@@ -191,4 +221,19 @@ async fn pump(mut socket: WebSocket, statuses: impl Stream<Item = Arc<JobEvent>>
     let (code, reason) = if shutdown.is_cancelled() { (1001, "server shutting down") } else { (1000, "job finished") };
     let close = Message::Close(Some(CloseFrame { code, reason: reason.into() }));
     let _ = tokio::time::timeout(WS_SEND_TIMEOUT, socket.send(close)).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handshake_keys_are_16_bytes_in_base64() {
+        // RFC 6455's own example, and one with every bit set.
+        assert!(is_handshake_key(b"dGhlIHNhbXBsZSBub25jZQ=="));
+        assert!(is_handshake_key(b"/////////////////////w=="));
+        for bad in [&b""[..], b"dGhlIHNhbXBsZSBub25jZQ", b"dGhlIHNhbXBsZSBub25jZR==", b"dGhlIHNhbXBsZSBub25jZQ=", b"dGhlIHNhbXBsZSBub25j*Q==", b"dGhlIHNhbXBsZSBub25jZXh4eA=="] {
+            assert!(!is_handshake_key(bad), "{}", String::from_utf8_lossy(bad));
+        }
+    }
 }
