@@ -23,6 +23,23 @@ pub struct Envelope<T> {
     pub message: String,
 }
 
+/// The body of every error response: the envelope with `ok` false, an empty `data` and the code.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorEnvelope {
+    /// Always false.
+    pub ok: bool,
+    pub data: NoData,
+    /// A stable machine code, e.g. `JOB_NOT_FOUND`.
+    pub error: &'static str,
+    pub message: String,
+}
+
+/// `{}`: an error carries no data.
+#[derive(Debug, Serialize, ToSchema)]
+// Serialize ignores it; utoipa reads it as `additionalProperties: false`, so the schema says "empty".
+#[serde(deny_unknown_fields)]
+pub struct NoData {}
+
 /// A successful response: `data` under the envelope, with its status code.
 pub fn respond<T: Serialize>(status: StatusCode, data: T, message: impl Into<String>) -> Response {
     (status, Json(Envelope { ok: true, data, error: None, message: message.into() })).into_response()
@@ -118,7 +135,7 @@ impl IntoResponse for ApiError {
         if let ApiError::Internal(cause) | ApiError::JobStatus(cause) = &self {
             tracing::error!(%cause, code, "request failed");
         }
-        let body = Envelope { ok: false, data: serde_json::Map::new(), error: Some(code), message: self.to_string() };
+        let body = ErrorEnvelope { ok: false, data: NoData {}, error: code, message: self.to_string() };
         (status, Json(body)).into_response()
     }
 }
