@@ -77,6 +77,14 @@ fn rule(method: &Method, route: &str) -> Rule {
     }
 }
 
+/// How `/openapi.json` describes a route's access: whether it needs a credential, and whether a
+/// read token may come in the query. Read from the same table the layer checks.
+pub(super) fn documented_access(method: &str, route: &str) -> (bool, bool) {
+    let route = if route == "/media/{path}" { "/media/{*path}" } else { route };
+    let rule = rule(&method.to_ascii_uppercase().parse().unwrap_or(Method::GET), route);
+    (rule.need != Need::Nothing, rule.query_token)
+}
+
 #[derive(Deserialize)]
 struct AccessTokenQuery {
     access_token: Option<String>,
@@ -108,18 +116,20 @@ pub async fn authorize(State(app): State<AppState>, request: Request, next: Next
     let allowed = match rule.need {
         Need::Nothing | Need::Credential => true,
         Need::Global(right) => caller.may(right, None),
+        // An admin (or an open server) passes even a malformed id, which its handler refuses
+        // with its own code; a token names one valid project, so a bad id is not it.
+        Need::Project(_) if matches!(caller, Caller::Admin | Caller::Open) => true,
         Need::Project(right) => {
-            let params = RawPathParams::from_request_parts(&mut parts, &app).await.map_err(|_| ApiError::Forbidden)?;
-            let project = params.iter().find_map(|(name, value)| match name {
-                "project_id" => Some(value),
-                // `/media/{project}/...`
-                "path" => value.split('/').next(),
-                _ => None,
+            let params = RawPathParams::from_request_parts(&mut parts, &app).await.ok();
+            let project = params.as_ref().and_then(|params| {
+                params.iter().find_map(|(name, value)| match name {
+                    "project_id" => Some(value),
+                    // `/media/{project}/...`
+                    "path" => value.split('/').next(),
+                    _ => None,
+                })
             });
-            let project: Option<ProjectId> = project.and_then(|p| p.parse().ok());
-            // An admin (or an open server) passes even a malformed id, which its handler refuses
-            // with its own code; a token names one valid project, so a bad id is not it.
-            matches!(caller, Caller::Admin | Caller::Open) || project.is_some_and(|project| caller.may(right, Some(&project)))
+            project.and_then(|p| p.parse::<ProjectId>().ok()).is_some_and(|project| caller.may(right, Some(&project)))
         }
     };
     if !allowed {

@@ -2,7 +2,9 @@
 //! appears here once, beside its HTTP status.
 
 use axum::extract::multipart::{MultipartError, MultipartRejection};
+use axum::extract::path::ErrorKind;
 use axum::extract::rejection::{BytesRejection, JsonRejection, PathRejection, QueryRejection};
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -20,6 +22,23 @@ pub struct Envelope<T> {
     pub error: Option<&'static str>,
     pub message: String,
 }
+
+/// The body of every error response: the envelope with `ok` false, an empty `data` and the code.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorEnvelope {
+    /// Always false.
+    pub ok: bool,
+    pub data: NoData,
+    /// A stable machine code, e.g. `JOB_NOT_FOUND`.
+    pub error: &'static str,
+    pub message: String,
+}
+
+/// `{}`: an error carries no data.
+#[derive(Debug, Serialize, ToSchema)]
+// Serialize ignores it; utoipa reads it as `additionalProperties: false`, so the schema says "empty".
+#[serde(deny_unknown_fields)]
+pub struct NoData {}
 
 /// A successful response: `data` under the envelope, with its status code.
 pub fn respond<T: Serialize>(status: StatusCode, data: T, message: impl Into<String>) -> Response {
@@ -46,7 +65,7 @@ pub enum ApiError {
     NoFiles,
     #[error("Too many files in one upload: at most {0}")]
     TooManyFiles(usize),
-    #[error("The upload is larger than the {0} MiB limit")]
+    #[error("The request body is larger than the {0} MiB limit")]
     PayloadTooLarge(u64),
     #[error("{0}")]
     UnsupportedAudio(String),
@@ -129,7 +148,7 @@ impl IntoResponse for ApiError {
         if let ApiError::Internal(cause) | ApiError::JobStatus(cause) = &self {
             tracing::error!(%cause, code, "request failed");
         }
-        let body = Envelope { ok: false, data: serde_json::Map::new(), error: Some(code), message: self.to_string() };
+        let body = ErrorEnvelope { ok: false, data: NoData {}, error: code, message: self.to_string() };
         let mut response = (status, Json(body)).into_response();
         if status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(axum::http::header::WWW_AUTHENTICATE, axum::http::HeaderValue::from_static("Bearer"));
@@ -161,6 +180,17 @@ impl From<InvalidId> for ApiError {
 
 impl From<PathRejection> for ApiError {
     fn from(rejection: PathRejection) -> Self {
+        // A segment that is not UTF-8 once percent-decoded is a malformed id like any other.
+        if let PathRejection::FailedToDeserializePathParams(err) = &rejection {
+            if let ErrorKind::InvalidUtf8InPathParam { key } = err.kind() {
+                match key.as_str() {
+                    "project_id" => return ApiError::InvalidProjectId,
+                    "job_id" => return ApiError::JobNotFound,
+                    "stem_id" => return ApiError::StemNotFound,
+                    _ => {}
+                }
+            }
+        }
         ApiError::BadRequest(rejection.body_text())
     }
 }
@@ -177,8 +207,18 @@ impl From<JsonRejection> for ApiError {
     }
 }
 
-impl From<BytesRejection> for ApiError {
-    fn from(rejection: BytesRejection) -> Self {
+/// A request to a WebSocket route that is not a WebSocket handshake.
+impl From<WebSocketUpgradeRejection> for ApiError {
+    fn from(rejection: WebSocketUpgradeRejection) -> Self {
+        ApiError::BadRequest(format!("not a WebSocket handshake: {}", rejection.body_text()))
+    }
+}
+
+/// A body that could not be read. Its size limit is the route's, in MiB.
+pub fn body_error(rejection: BytesRejection, limit_mb: u64) -> ApiError {
+    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::PayloadTooLarge(limit_mb)
+    } else {
         ApiError::BadRequest(rejection.body_text())
     }
 }

@@ -1,10 +1,12 @@
 //! Extractors whose rejections go through [`ApiError`], so a bad id answers with the contract's
 //! code instead of axum's plain-text rejection. Path ids are taken as text and parsed in path
-//! order, so the first bad one decides the answer, by its typed error.
+//! order, so the first bad one decides the answer, by its typed error. The path structs double
+//! as the document's path parameters, so the ids there carry the same types (and patterns).
 
 use axum::extract::{FromRequest, FromRequestParts, Path};
 use axum::http::request::Parts;
 use serde::Deserialize;
+use utoipa::IntoParams;
 
 use super::error::ApiError;
 use crate::jobs::{JobId, ProjectId, StemId};
@@ -17,17 +19,25 @@ pub struct ApiQuery<T>(pub T);
 #[from_request(via(axum::Json), rejection(ApiError))]
 pub struct ApiJson<T>(pub T);
 
+#[derive(IntoParams)]
+#[into_params(parameter_in = Path)]
 pub struct ProjectPath {
     pub project_id: ProjectId,
 }
 
+#[derive(IntoParams)]
+#[into_params(parameter_in = Path)]
 pub struct JobPath {
     pub project_id: ProjectId,
+    /// A malformed id is answered like an unknown one: 404 `JOB_NOT_FOUND`.
     pub job_id: JobId,
 }
 
+#[derive(IntoParams)]
+#[into_params(parameter_in = Path)]
 pub struct StemPath {
     pub project_id: ProjectId,
+    /// A malformed id is answered like an unknown one: 404 `STEM_NOT_FOUND`.
     pub stem_id: StemId,
 }
 

@@ -8,20 +8,40 @@ use std::io::SeekFrom;
 use std::time::UNIX_EPOCH;
 
 use axum::body::Body;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio_util::io::ReaderStream;
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorEnvelope};
 use super::AppState;
 
 /// A mixed WAV, a stem, or the legacy newest mix.
 #[utoipa::path(get, path = "/media/{path}", tag = "media",
-    params(("path" = String, Path, description = "e.g. p1/mix_outputs/{job_id}/final_mix.wav, or p1/mix_outputs/final_mix.wav for the newest mix")),
-    responses((status = 200, content_type = "audio/wav"), (status = 206, description = "Partial content"), (status = 304), (status = 404, description = "MEDIA_NOT_FOUND"), (status = 416)))]
-pub async fn serve(State(app): State<AppState>, Path(path): Path<String>, headers: HeaderMap) -> Result<Response, ApiError> {
+    params(
+        ("path" = String, Path, pattern = "^[A-Za-z0-9_-][A-Za-z0-9_.-]*(/[A-Za-z0-9_-][A-Za-z0-9_.-]*)*$",
+            description = "Plain names (at most 255 characters each) joined by `/`, e.g. p1/mix_outputs/{job_id}/final_mix.wav, or p1/mix_outputs/final_mix.wav for the newest mix"),
+        ("Range" = Option<String>, Header, nullable = false, description = "One byte range, `bytes=first-last`, `bytes=first-` or `bytes=-suffix`; anything else gets the whole file"),
+        ("If-Range" = Option<String>, Header, nullable = false, description = "An ETag: the range applies only while it matches"),
+        ("If-None-Match" = Option<String>, Header, nullable = false, description = "ETags, or `*`: 304 when one matches")),
+    responses(
+        (status = 200, description = "The file", headers(("ETag" = String), ("Accept-Ranges" = String, description = "bytes"), ("Cache-Control" = String)),
+            content(
+                (Vec<u8> = "audio/wav"), (Vec<u8> = "audio/flac"), (Vec<u8> = "audio/mpeg"), (Vec<u8> = "audio/ogg"), (Vec<u8> = "audio/mp4"),
+                (Vec<u8> = "audio/aac"), (Vec<u8> = "audio/aiff"), (Vec<u8> = "application/octet-stream"))),
+        (status = 206, description = "The requested range", headers(("Content-Range" = String), ("ETag" = String)),
+            content(
+                (Vec<u8> = "audio/wav"), (Vec<u8> = "audio/flac"), (Vec<u8> = "audio/mpeg"), (Vec<u8> = "audio/ogg"), (Vec<u8> = "audio/mp4"),
+                (Vec<u8> = "audio/aac"), (Vec<u8> = "audio/aiff"), (Vec<u8> = "application/octet-stream"))),
+        (status = 304, description = "Not modified: If-None-Match matched"),
+        (status = 404, body = ErrorEnvelope, description = "MEDIA_NOT_FOUND"),
+        (status = 416, description = "The range starts past the end", headers(("Content-Range" = String, description = "bytes */{length}"))),
+        (status = 500, body = ErrorEnvelope, description = "INTERNAL")))]
+pub async fn serve(State(app): State<AppState>, path: Result<Path<String>, PathRejection>, headers: HeaderMap) -> Result<Response, ApiError> {
+    // A path that is not UTF-8 once percent-decoded names no file either.
+    let Ok(Path(path)) = path else { return Err(ApiError::MediaNotFound) };
     let media = app.layout.media_file(&path).ok_or(ApiError::MediaNotFound)?;
     let mut file = tokio::fs::File::open(&media.path).await.map_err(|_| ApiError::MediaNotFound)?;
     let metadata = file.metadata().await.map_err(|_| ApiError::MediaNotFound)?;

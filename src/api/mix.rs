@@ -7,9 +7,9 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
+use utoipa::{IntoParams, ToSchema};
 
-use super::error::{respond, ApiError, Envelope};
+use super::error::{body_error, respond, ApiError, Envelope, ErrorEnvelope};
 use super::extract::{ApiQuery, JobPath, ProjectPath};
 use super::AppState;
 use crate::audio::{MixReport, MixSettings};
@@ -18,6 +18,8 @@ use crate::webhooks::check_url;
 
 const STATUS_MESSAGE: &str = "Job status retrieved successfully";
 const MAX_IDEMPOTENCY_KEY: usize = 256;
+/// The largest settings body the start route reads; real settings are a few KiB.
+pub const MAX_SETTINGS_MB: u64 = 1;
 
 /// A started job: its status plus where to follow it.
 #[derive(Serialize, ToSchema)]
@@ -53,28 +55,37 @@ pub struct Preview {
     pub report: Option<MixReport>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct StatusQuery {
-    /// Parsed after the query, so a malformed id answers like an unknown one.
+    /// Without it, the project's newest job. A malformed id is answered like an unknown one
+    /// (parsed after the query, by its typed error).
+    #[param(value_type = Option<JobId>, nullable = false)]
     pub job_id: Option<String>,
 }
 
 /// Start a mix of the project's stems. An empty body means the default settings.
 #[utoipa::path(post, path = "/mix/{project_id}/mix/start", tag = "mix",
-    params(("project_id" = String, Path), ("Idempotency-Key" = Option<String>, Header, description = "A repeat returns the first job")),
-    request_body(content = Option<MixSettings>, content_type = "application/json"),
+    params(ProjectPath,
+        ("Idempotency-Key" = Option<String>, Header, nullable = false, min_length = 1, max_length = 256, pattern = "^[!-~]([ -~]{0,254}[!-~])?$",
+            description = "1-256 visible ASCII characters. A repeat for the same project returns the first job")),
+    // Optional (an empty body means the defaults) but never `null`: see `openapi::OptionalSettings`.
+    request_body(content = MixSettings, content_type = "application/json", description = "Empty: the default settings"),
     responses(
-        (status = 202, body = Envelope<StartedJob>, headers(("Location" = String))),
+        (status = 202, body = Envelope<StartedJob>, description = "Queued", headers(("Location" = String, description = "The job's status URL"))),
         (status = 200, body = Envelope<StartedJob>, description = "The job an earlier request with the same Idempotency-Key started"),
-        (status = 404, description = "PROJECT_NOT_FOUND"),
-        (status = 422, description = "INVALID_SETTINGS naming the field")))]
+        (status = 400, body = ErrorEnvelope, description = "INVALID_PROJECT_ID, or BAD_REQUEST for a malformed Idempotency-Key"),
+        (status = 404, body = ErrorEnvelope, description = "PROJECT_NOT_FOUND: the project has no stems"),
+        (status = 413, body = ErrorEnvelope, description = "PAYLOAD_TOO_LARGE: the body is over 1 MiB"),
+        (status = 422, body = ErrorEnvelope, description = "INVALID_SETTINGS naming the field, also for a body that is not JSON"),
+        (status = 500, body = ErrorEnvelope, description = "INTERNAL")))]
 pub async fn start(
     State(app): State<AppState>,
     ProjectPath { project_id }: ProjectPath,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let body = body?;
+    let body = body.map_err(|rejection| body_error(rejection, MAX_SETTINGS_MB))?;
     let stems = app.stems.list(&project_id).await.map_err(ApiError::storage)?;
     let Some(highest_rate) = stems.iter().map(|s| s.sample_rate).max() else { return Err(ApiError::ProjectNotFound) };
     let sources: Vec<_> = stems.iter().map(|stem| app.stems.source(&project_id, stem)).collect();
@@ -128,8 +139,12 @@ fn split_webhook(body: &[u8], allow_private: bool) -> Result<(Vec<u8>, Option<We
 
 /// A job's status; `Retry-After: 1` while it is not finished.
 #[utoipa::path(get, path = "/mix/{project_id}/mix/job/{job_id}/status", tag = "mix",
-    params(("project_id" = String, Path), ("job_id" = String, Path)),
-    responses((status = 200, body = Envelope<JobStatus>), (status = 404, description = "JOB_NOT_FOUND"), (status = 500, description = "JOB_STATUS_ERROR")))]
+    params(JobPath),
+    responses(
+        (status = 200, body = Envelope<JobStatus>, headers(("Retry-After" = u32, description = "1 while the job is not finished"))),
+        (status = 400, body = ErrorEnvelope, description = "INVALID_PROJECT_ID"),
+        (status = 404, body = ErrorEnvelope, description = "JOB_NOT_FOUND, also for a job of another project"),
+        (status = 500, body = ErrorEnvelope, description = "JOB_STATUS_ERROR")))]
 pub async fn job_status(State(app): State<AppState>, JobPath { project_id, job_id }: JobPath) -> Result<Response, ApiError> {
     let status = find_job(&app, &project_id, job_id).map_err(ApiError::on_status_route)?;
     Ok(status_response(status))
@@ -138,8 +153,12 @@ pub async fn job_status(State(app): State<AppState>, JobPath { project_id, job_i
 /// The legacy frontend's status call: with `job_id`, exactly the job status route; without it,
 /// the project's newest job.
 #[utoipa::path(get, path = "/projects/{project_id}/mix/status", tag = "mix",
-    params(("project_id" = String, Path), ("job_id" = Option<String>, Query)),
-    responses((status = 200, body = Envelope<JobStatus>), (status = 404, description = "JOB_NOT_FOUND or NO_MIX_JOBS")))]
+    params(ProjectPath, StatusQuery),
+    responses(
+        (status = 200, body = Envelope<JobStatus>, headers(("Retry-After" = u32, description = "1 while the job is not finished"))),
+        (status = 400, body = ErrorEnvelope, description = "INVALID_PROJECT_ID, or BAD_REQUEST for a malformed query string"),
+        (status = 404, body = ErrorEnvelope, description = "JOB_NOT_FOUND, or NO_MIX_JOBS without `job_id`"),
+        (status = 500, body = ErrorEnvelope, description = "JOB_STATUS_ERROR")))]
 pub async fn legacy_status(
     State(app): State<AppState>,
     ProjectPath { project_id }: ProjectPath,
@@ -154,24 +173,32 @@ pub async fn legacy_status(
 
 /// The project's newest job.
 #[utoipa::path(get, path = "/mix/{project_id}/mix/status", tag = "mix",
-    params(("project_id" = String, Path)),
-    responses((status = 200, body = Envelope<JobStatus>), (status = 404, description = "NO_MIX_JOBS")))]
+    params(ProjectPath),
+    responses(
+        (status = 200, body = Envelope<JobStatus>, headers(("Retry-After" = u32, description = "1 while the job is not finished"))),
+        (status = 400, body = ErrorEnvelope, description = "INVALID_PROJECT_ID"),
+        (status = 404, body = ErrorEnvelope, description = "NO_MIX_JOBS"),
+        (status = 500, body = ErrorEnvelope, description = "JOB_STATUS_ERROR")))]
 pub async fn project_status(State(app): State<AppState>, ProjectPath { project_id }: ProjectPath) -> Result<Response, ApiError> {
     Ok(status_response(newest_job(&app, &project_id).map_err(ApiError::on_status_route)?))
 }
 
 /// The project's jobs, newest first.
 #[utoipa::path(get, path = "/mix/{project_id}/mix/jobs", tag = "mix",
-    params(("project_id" = String, Path)),
-    responses((status = 200, body = Envelope<JobList>)))]
+    params(ProjectPath),
+    responses((status = 200, body = Envelope<JobList>), (status = 400, body = ErrorEnvelope, description = "INVALID_PROJECT_ID")))]
 pub async fn jobs(State(app): State<AppState>, ProjectPath { project_id }: ProjectPath) -> Response {
     respond(StatusCode::OK, JobList { jobs: app.jobs.for_project(&project_id) }, "Jobs retrieved successfully")
 }
 
 /// Cancel a queued or running job: it ends in `error` with `CANCELED`.
 #[utoipa::path(delete, path = "/mix/{project_id}/mix/job/{job_id}", tag = "mix",
-    params(("project_id" = String, Path), ("job_id" = String, Path)),
-    responses((status = 200, body = Envelope<JobStatus>), (status = 404, description = "JOB_NOT_FOUND"), (status = 409, description = "JOB_FINISHED")))]
+    params(JobPath),
+    responses(
+        (status = 200, body = Envelope<JobStatus>),
+        (status = 400, body = ErrorEnvelope, description = "INVALID_PROJECT_ID"),
+        (status = 404, body = ErrorEnvelope, description = "JOB_NOT_FOUND"),
+        (status = 409, body = ErrorEnvelope, description = "JOB_FINISHED")))]
 pub async fn cancel(State(app): State<AppState>, JobPath { project_id, job_id }: JobPath) -> Result<Response, ApiError> {
     let status = app.jobs.cancel(&project_id, job_id)?;
     Ok(respond(StatusCode::OK, status, "Job canceled"))
@@ -179,8 +206,11 @@ pub async fn cancel(State(app): State<AppState>, JobPath { project_id, job_id }:
 
 /// The newest complete mix of the project.
 #[utoipa::path(get, path = "/mix/{project_id}/mix/preview", tag = "mix",
-    params(("project_id" = String, Path)),
-    responses((status = 200, body = Envelope<Preview>), (status = 404, description = "NO_MIX_AVAILABLE")))]
+    params(ProjectPath),
+    responses(
+        (status = 200, body = Envelope<Preview>),
+        (status = 400, body = ErrorEnvelope, description = "INVALID_PROJECT_ID"),
+        (status = 404, body = ErrorEnvelope, description = "NO_MIX_AVAILABLE")))]
 pub async fn preview(State(app): State<AppState>, ProjectPath { project_id }: ProjectPath) -> Result<Response, ApiError> {
     let newest = app
         .jobs
@@ -217,8 +247,12 @@ pub struct WebhookAttempts {
 /// Every attempt to deliver the job's webhooks: when, the receiver's status or the error, and
 /// when the next attempt is due.
 #[utoipa::path(get, path = "/mix/{project_id}/mix/job/{job_id}/webhooks", tag = "mix",
-    params(("project_id" = String, Path), ("job_id" = String, Path)),
-    responses((status = 200, body = Envelope<WebhookAttempts>), (status = 404, description = "JOB_NOT_FOUND")))]
+    params(JobPath),
+    responses(
+        (status = 200, body = Envelope<WebhookAttempts>),
+        (status = 400, body = ErrorEnvelope, description = "INVALID_PROJECT_ID"),
+        (status = 404, body = ErrorEnvelope, description = "JOB_NOT_FOUND"),
+        (status = 500, body = ErrorEnvelope, description = "INTERNAL")))]
 pub async fn webhook_attempts(State(app): State<AppState>, JobPath { project_id, job_id }: JobPath) -> Result<Response, ApiError> {
     find_job(&app, &project_id, job_id)?;
     let outbox = app.jobs.outbox().clone();

@@ -49,7 +49,7 @@ pub fn router(state: AppState) -> Router {
         .route("/projects/{project_id}/stems", post(stems::upload).get(stems::list).layer(DefaultBodyLimit::max(upload_limit)))
         .route("/projects/{project_id}/stems/{stem_id}", delete(stems::delete))
         .route("/projects/{project_id}/mix/status", get(mix::legacy_status))
-        .route("/mix/{project_id}/mix/start", post(mix::start))
+        .route("/mix/{project_id}/mix/start", post(mix::start).layer(DefaultBodyLimit::max(mix::MAX_SETTINGS_MB as usize * 1024 * 1024)))
         .route("/mix/{project_id}/mix/status", get(mix::project_status))
         .route("/mix/{project_id}/mix/jobs", get(mix::jobs))
         .route("/mix/{project_id}/mix/preview", get(mix::preview))

@@ -1,8 +1,11 @@
 //! `/openapi.json`: the contract, generated from the handlers and types it describes.
 
-use utoipa::OpenApi;
+use utoipa::openapi::schema::Schema;
+use utoipa::openapi::{OpenApi as Document, RefOr, Required};
+use utoipa::{Modify, OpenApi};
 
-use super::{media, mix, service, stems, streams};
+use super::{auth, error, media, mix, service, session, stems, streams};
+use crate::jobs::{JobId, ProjectId, StemId};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -13,21 +16,140 @@ Every route is also served under the /api prefix. Differences from shared/CONTRA
 `report.stems` lists each stem's applied offset; report loudness fields are null for a silent mix; \
 extra codes TOO_MANY_FILES, BAD_REQUEST, MEDIA_NOT_FOUND, NOT_FOUND and job error codes \
 OUTPUT_TOO_LONG, INSUFFICIENT_STORAGE, EXPORT_FAILED and INVALID_SETTINGS (the start route refuses such settings with 422 first); \
-progress within a stage is published at most every 100 ms per job (a new stage at once)."
+progress within a stage is published at most every 100 ms per job (a new stage at once). \
+Access (see the security schemes): GET /session says who a credential is; POST /tokens takes an optional `subject` and answers \
+INVALID_REQUEST (422) for an out-of-range ttl_s and NO_TOKEN_KEY (409) without a token key; a token without `kid` is accepted \
+only when exactly one token key is configured; /openapi.json and GET /session need any valid credential; /media serves job \
+results, the newest mix and stem audio only. Without keys every route answers 403 to a non-loopback Host, and state changes \
+and WebSocket upgrades to a foreign Origin. Webhooks: `webhook` in the start body; GET .../webhooks lists the attempts."
     ),
     paths(
         stems::upload, stems::list, stems::delete,
         mix::start, mix::job_status, mix::legacy_status, mix::project_status, mix::jobs, mix::cancel, mix::preview,
         streams::job_sse, streams::project_sse, streams::global_sse, streams::job_ws, streams::project_ws, streams::global_ws,
         media::serve,
-        service::healthz, service::metrics, service::openapi,
+        service::healthz, service::metrics, service::openapi, service::webhook_secret,
+        session::create, session::show, session::delete, session::mint, mix::webhook_attempts,
     ),
+    // The ids are the types of the path and query parameters, and appear in no body of their own.
+    components(schemas(ProjectId, JobId, StemId, error::ErrorEnvelope)),
+    modifiers(&OptionalSettings, &ProjectIdLength, &AccessRequirements),
     tags(
         (name = "stems", description = "Upload and manage a project's stems"),
         (name = "mix", description = "Mix jobs and the legacy polling status"),
         (name = "events", description = "Live job events: SSE frames `id: <seq>`, `event: status`, `data: <JobStatus>`; WebSocket text frames `{\"type\":\"status\",\"data\":<JobStatus>}`"),
         (name = "media", description = "Mix results and stems, with byte ranges and ETags"),
-        (name = "service", description = "Health, metrics, this document"),
+        (name = "service", description = "Health, metrics, this document, the webhook secret"),
+        (name = "access", description = "Sessions for browsers and scoped tokens"),
     )
 )]
 pub struct ApiDoc;
+
+/// The start route's settings body is optional (an empty body means the defaults) but, when
+/// present, a MixSettings object and never `null`: utoipa can only say "optional" with a
+/// nullable `Option<T>`, so the path declares the object and this marks the body optional.
+struct OptionalSettings;
+
+impl Modify for OptionalSettings {
+    fn modify(&self, document: &mut Document) {
+        let body = document
+            .paths
+            .paths
+            .get_mut("/mix/{project_id}/mix/start")
+            .and_then(|item| item.post.as_mut())
+            .and_then(|operation| operation.request_body.as_mut())
+            .expect("the start route takes a settings body");
+        body.required = Some(Required::False);
+    }
+}
+
+/// `ProjectId`'s pattern already bounds its length; minLength and maxLength say it to clients
+/// and tools that read lengths but not patterns. utoipa takes no lengths on a newtype's schema.
+struct ProjectIdLength;
+
+impl Modify for ProjectIdLength {
+    fn modify(&self, document: &mut Document) {
+        let schema = document.components.as_mut().and_then(|components| components.schemas.get_mut("ProjectId"));
+        let Some(RefOr::T(Schema::Object(object))) = schema else { panic!("ProjectId is a string schema") };
+        object.min_length = Some(1);
+        object.max_length = Some(64);
+    }
+}
+
+/// Each route's security, from the table the access layer checks (`auth::documented_access`):
+/// a bearer credential (admin key or token), the session cookie, and for GET streams and media a
+/// read token in `?access_token=`; 401 where a credential is needed, and 403 everywhere (a right
+/// the credential lacks, or without keys a foreign Host or Origin).
+struct AccessRequirements;
+
+impl Modify for AccessRequirements {
+    fn modify(&self, document: &mut Document) {
+        use utoipa::openapi::security::{ApiKey, ApiKeyValue, Http, HttpAuthScheme, SecurityRequirement, SecurityScheme};
+        use utoipa::openapi::{Ref, ResponseBuilder};
+        let components = document.components.get_or_insert_with(Default::default);
+        components.add_security_scheme("bearer", SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)));
+        components.add_security_scheme("session", SecurityScheme::ApiKey(ApiKey::Cookie(ApiKeyValue::new(super::auth::SESSION_COOKIE))));
+        components.add_security_scheme("access_token", SecurityScheme::ApiKey(ApiKey::Query(ApiKeyValue::new("access_token"))));
+        let error = |description: &str| ResponseBuilder::new().description(description).content("application/json", utoipa::openapi::ContentBuilder::new().schema(Some(Ref::from_schema_name("ErrorEnvelope"))).build()).build();
+        for (path, item) in document.paths.paths.iter_mut() {
+            let operations = [("get", &mut item.get), ("post", &mut item.post), ("delete", &mut item.delete)];
+            for (method, operation) in operations {
+                let Some(operation) = operation.as_mut() else { continue };
+                let (needs_credential, query_token) = auth::documented_access(method, path);
+                operation.responses.responses.entry("403".into()).or_insert_with(|| error("FORBIDDEN").into());
+                if !needs_credential {
+                    continue;
+                }
+                operation.responses.responses.entry("401".into()).or_insert_with(|| error("UNAUTHORIZED: no credential, or one that does not verify").into());
+                let mut security = vec![SecurityRequirement::new("bearer", Vec::<String>::new()), SecurityRequirement::new("session", Vec::<String>::new())];
+                if query_token {
+                    security.push(SecurityRequirement::new("access_token", Vec::<String>::new()));
+                }
+                operation.security = Some(security);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::Value;
+
+    use super::*;
+
+    #[test]
+    fn ids_are_typed_and_their_rejections_documented() {
+        let document = serde_json::to_value(ApiDoc::openapi()).unwrap();
+        for (path, item) in document["paths"].as_object().unwrap() {
+            for (method, operation) in item.as_object().unwrap() {
+                for parameter in operation["parameters"].as_array().into_iter().flatten() {
+                    let id = match parameter["name"].as_str().unwrap() {
+                        "project_id" => "ProjectId",
+                        "job_id" => "JobId",
+                        "stem_id" => "StemId",
+                        _ => continue,
+                    };
+                    assert_eq!(parameter["schema"]["$ref"], format!("#/components/schemas/{id}"), "{method} {path}");
+                }
+                let responses = &operation["responses"];
+                if path.contains("{project_id}") {
+                    assert_ne!(responses["400"], Value::Null, "{method} {path}: INVALID_PROJECT_ID is undocumented");
+                }
+                for (status, response) in responses.as_object().unwrap() {
+                    if status.starts_with('4') || status.starts_with('5') {
+                        let body = &response["content"]["application/json"]["schema"]["$ref"];
+                        assert!(status == "416" || body == "#/components/schemas/ErrorEnvelope", "{method} {path} {status}: no error envelope");
+                    }
+                }
+            }
+        }
+        let start = &document["paths"]["/mix/{project_id}/mix/start"]["post"];
+        assert_eq!((start["responses"]["401"].is_object(), start["security"][0]["bearer"].is_array()), (true, true));
+        let events = &document["paths"]["/mix/{project_id}/mix/events"]["get"]["security"];
+        assert!(events.as_array().unwrap().iter().any(|s| s["access_token"].is_array()), "streams take a read token in the query");
+        assert!(document["paths"]["/healthz"]["get"]["security"].is_null(), "health is open");
+        let project_id = &document["components"]["schemas"]["ProjectId"];
+        assert_eq!((&project_id["minLength"], &project_id["maxLength"]), (&Value::from(1), &Value::from(64)));
+        assert!(document["paths"]["/mix/{project_id}/mix/start"]["post"]["requestBody"]["required"] == false);
+    }
+}

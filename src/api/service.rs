@@ -24,7 +24,7 @@ pub async fn healthz() -> Response {
 }
 
 /// Prometheus text: jobs by state, queue depth, open subscribers by transport, mix durations.
-#[utoipa::path(get, path = "/metrics", tag = "service", responses((status = 200, content_type = "text/plain")))]
+#[utoipa::path(get, path = "/metrics", tag = "service", responses((status = 200, body = String, content_type = "text/plain", description = "Prometheus text format 0.0.4")))]
 pub async fn metrics(State(app): State<AppState>) -> Response {
     let (counts, queued) = app.jobs.counts();
     let metrics = app.jobs.metrics();
@@ -63,7 +63,8 @@ pub async fn metrics(State(app): State<AppState>) -> Response {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
-#[utoipa::path(get, path = "/openapi.json", tag = "service", responses((status = 200, content_type = "application/json")))]
+/// This document.
+#[utoipa::path(get, path = "/openapi.json", tag = "service", responses((status = 200, content_type = "application/json", description = "OpenAPI 3.1")))]
 pub async fn openapi() -> Response {
     // The document is fixed at build time: generated and serialised once.
     static DOCUMENT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| super::openapi::ApiDoc::openapi().to_json().expect("the OpenAPI document serialises"));
@@ -78,7 +79,7 @@ pub struct WebhookSecretBody {
 
 /// The secret webhooks are signed with (admin only).
 #[utoipa::path(get, path = "/webhooks/secret", tag = "service",
-    responses((status = 200, body = Envelope<WebhookSecretBody>), (status = 401, description = "UNAUTHORIZED"), (status = 403, description = "FORBIDDEN")))]
+    responses((status = 200, body = Envelope<WebhookSecretBody>)))]
 pub async fn webhook_secret(State(app): State<AppState>) -> Response {
     respond(StatusCode::OK, WebhookSecretBody { secret: app.webhook_secret.as_str().to_string() }, "Webhook secret retrieved successfully")
 }

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::auth::SESSION_COOKIE;
-use super::error::{respond, ApiError, Envelope};
+use super::error::{respond, ApiError, Envelope, ErrorEnvelope};
 use super::extract::ApiJson;
 use super::AppState;
 use crate::access::{Caller, MintError, Scope, MAX_TOKEN_TTL};
@@ -55,7 +55,8 @@ impl Identity {
 /// Trades a token or key for the `mixd_token` cookie (`HttpOnly; SameSite=Strict`).
 #[utoipa::path(post, path = "/session", tag = "access",
     request_body = SessionRequest,
-    responses((status = 200, body = Envelope<Identity>, headers(("Set-Cookie" = String))), (status = 400, description = "BAD_REQUEST"), (status = 401, description = "UNAUTHORIZED")))]
+    responses((status = 200, body = Envelope<Identity>, headers(("Set-Cookie" = String))), (status = 400, body = ErrorEnvelope, description = "BAD_REQUEST"),
+        (status = 401, body = ErrorEnvelope, description = "UNAUTHORIZED")))]
 pub async fn create(State(app): State<AppState>, ApiJson(request): ApiJson<SessionRequest>) -> Result<Response, ApiError> {
     let caller = app.keys.verify(&request.token).map_err(|_| ApiError::Unauthorized)?;
     let cookie_safe = request.token.chars().all(|c| c.is_ascii_graphic() && !";,\"\\".contains(c));
@@ -73,7 +74,7 @@ pub async fn create(State(app): State<AppState>, ApiJson(request): ApiJson<Sessi
 
 /// Who the request's credential is.
 #[utoipa::path(get, path = "/session", tag = "access",
-    responses((status = 200, body = Envelope<Identity>), (status = 401, description = "UNAUTHORIZED")))]
+    responses((status = 200, body = Envelope<Identity>), (status = 401, body = ErrorEnvelope, description = "UNAUTHORIZED")))]
 pub async fn show(Extension(caller): Extension<Caller>) -> Response {
     respond(StatusCode::OK, Identity::of(&caller), "Signed in")
 }
@@ -111,9 +112,8 @@ pub struct MintedToken {
 /// Mints a scoped token (admin only), signed with the first token key.
 #[utoipa::path(post, path = "/tokens", tag = "access",
     request_body = TokenRequest,
-    responses((status = 201, body = Envelope<MintedToken>), (status = 400, description = "BAD_REQUEST"), (status = 401, description = "UNAUTHORIZED"),
-        (status = 403, description = "FORBIDDEN"), (status = 409, description = "NO_TOKEN_KEY"), (status = 422, description = "INVALID_REQUEST")),
-    security(("bearer" = [])))]
+    responses((status = 201, body = Envelope<MintedToken>), (status = 400, body = ErrorEnvelope, description = "BAD_REQUEST"),
+        (status = 409, body = ErrorEnvelope, description = "NO_TOKEN_KEY"), (status = 422, body = ErrorEnvelope, description = "INVALID_REQUEST")))]
 pub async fn mint(State(app): State<AppState>, ApiJson(request): ApiJson<TokenRequest>) -> Result<Response, ApiError> {
     if !(1..=MAX_TOKEN_TTL.as_secs()).contains(&request.ttl_s) {
         return Err(ApiError::InvalidRequest(format!("ttl_s: {} is outside 1..={}", request.ttl_s, MAX_TOKEN_TTL.as_secs())));

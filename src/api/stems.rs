@@ -10,13 +10,15 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::Response;
 use serde::Serialize;
 use tokio::io::AsyncWriteExt;
-use utoipa::ToSchema;
+use utoipa::openapi::schema::{AdditionalProperties, ArrayBuilder, ObjectBuilder, Schema, Type};
+use utoipa::openapi::RefOr;
+use utoipa::{PartialSchema, ToSchema};
 
-use super::error::{multipart_error, respond, ApiError, Envelope};
+use super::error::{multipart_error, respond, ApiError, Envelope, ErrorEnvelope};
 use super::extract::{ProjectPath, StemPath};
 use super::AppState;
 use crate::audio::{probe_stem, MAX_PROBE_TIME};
-use crate::jobs::{sanitize_file_name, ProjectId, Stem};
+use crate::jobs::{sanitize_file_name, ProjectId, Stem, StemId};
 
 #[derive(Serialize, ToSchema)]
 pub struct StemList {
@@ -25,19 +27,42 @@ pub struct StemList {
 
 #[derive(Serialize, ToSchema)]
 pub struct DeletedStem {
-    pub stem_id: String,
+    pub stem_id: StemId,
 }
+
+/// The upload form, for the document only: the handler streams whatever file parts come.
+/// Every part with a file name is a stem, whatever its field name, and other parts are ignored;
+/// the document names one field so that clients generated from it send a well-formed form.
+pub struct StemUpload;
+
+impl PartialSchema for StemUpload {
+    fn schema() -> RefOr<Schema> {
+        let file = ObjectBuilder::new()
+            .schema_type(Type::String)
+            .content_media_type("application/octet-stream")
+            .description(Some("An audio file that decodes in full; its file name is kept, sanitised"));
+        ObjectBuilder::new()
+            .property("files", ArrayBuilder::new().items(file).min_items(Some(1)))
+            .required("files")
+            .additional_properties(Some(AdditionalProperties::FreeForm(false)))
+            .description(Some("One or more file parts, at most --max-files (default 64) in all"))
+            .into()
+    }
+}
+
+impl ToSchema for StemUpload {}
 
 /// Upload stems as multipart/form-data file parts.
 #[utoipa::path(post, path = "/projects/{project_id}/stems", tag = "stems",
-    params(("project_id" = String, Path)),
-    request_body(content_type = "multipart/form-data", description = "One or more file parts"),
+    params(ProjectPath),
+    request_body(content = StemUpload, content_type = "multipart/form-data"),
     responses(
         (status = 201, body = Envelope<StemList>),
-        (status = 400, description = "NO_FILES, TOO_MANY_FILES or INVALID_PROJECT_ID"),
-        (status = 413, description = "PAYLOAD_TOO_LARGE"),
-        (status = 415, description = "UNSUPPORTED_AUDIO, naming the file and where it fails"),
-        (status = 507, description = "INSUFFICIENT_STORAGE")))]
+        (status = 400, body = ErrorEnvelope, description = "NO_FILES, TOO_MANY_FILES, INVALID_PROJECT_ID, or BAD_REQUEST for a malformed or interrupted form"),
+        (status = 413, body = ErrorEnvelope, description = "PAYLOAD_TOO_LARGE: over --max-upload-mb (default 512 MiB)"),
+        (status = 415, body = ErrorEnvelope, description = "UNSUPPORTED_AUDIO, naming the file and where it fails"),
+        (status = 500, body = ErrorEnvelope, description = "INTERNAL"),
+        (status = 507, body = ErrorEnvelope, description = "INSUFFICIENT_STORAGE")))]
 pub async fn upload(
     State(app): State<AppState>,
     ProjectPath { project_id }: ProjectPath,
@@ -138,19 +163,27 @@ fn remove_quietly(path: &Path) {
 
 /// The project's stems, oldest first.
 #[utoipa::path(get, path = "/projects/{project_id}/stems", tag = "stems",
-    params(("project_id" = String, Path)),
-    responses((status = 200, body = Envelope<StemList>), (status = 400, description = "INVALID_PROJECT_ID")))]
+    params(ProjectPath),
+    responses(
+        (status = 200, body = Envelope<StemList>),
+        (status = 400, body = ErrorEnvelope, description = "INVALID_PROJECT_ID"),
+        (status = 500, body = ErrorEnvelope, description = "INTERNAL")))]
 pub async fn list(State(app): State<AppState>, ProjectPath { project_id }: ProjectPath) -> Result<Response, ApiError> {
     let stems = app.stems.list(&project_id).await.map_err(ApiError::storage)?;
     Ok(respond(StatusCode::OK, StemList { stems }, "Stems retrieved successfully"))
 }
 
+/// Delete a stem: its file and its record.
 #[utoipa::path(delete, path = "/projects/{project_id}/stems/{stem_id}", tag = "stems",
-    params(("project_id" = String, Path), ("stem_id" = String, Path)),
-    responses((status = 200, body = Envelope<DeletedStem>), (status = 404, description = "STEM_NOT_FOUND")))]
+    params(StemPath),
+    responses(
+        (status = 200, body = Envelope<DeletedStem>),
+        (status = 400, body = ErrorEnvelope, description = "INVALID_PROJECT_ID"),
+        (status = 404, body = ErrorEnvelope, description = "STEM_NOT_FOUND"),
+        (status = 500, body = ErrorEnvelope, description = "INTERNAL")))]
 pub async fn delete(State(app): State<AppState>, StemPath { project_id, stem_id }: StemPath) -> Result<Response, ApiError> {
     if !app.stems.delete(&project_id, stem_id).await.map_err(ApiError::storage)? {
         return Err(ApiError::StemNotFound);
     }
-    Ok(respond(StatusCode::OK, DeletedStem { stem_id: stem_id.to_string() }, "Stem deleted"))
+    Ok(respond(StatusCode::OK, DeletedStem { stem_id }, "Stem deleted"))
 }

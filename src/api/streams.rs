@@ -4,6 +4,7 @@
 use std::convert::Infallible;
 use std::time::{Duration, SystemTime};
 
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Extension, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -12,8 +13,9 @@ use axum::response::{IntoResponse, Response};
 use futures_util::{FutureExt, SinkExt, Stream, StreamExt};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
+use utoipa::IntoParams;
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorEnvelope};
 use super::extract::{ApiQuery, JobPath, ProjectPath};
 use super::mix::find_job;
 use super::AppState;
@@ -40,16 +42,44 @@ const WS_WRITE_BUFFER: usize = 16 * 1024;
 const WS_BATCH: usize = 32;
 const WS_MAX_WRITE_BUFFER: usize = 1024 * 1024;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct ResumeQuery {
+    /// The seq to resume after, for clients that cannot set `Last-Event-ID`; the header wins.
+    #[param(nullable = false)]
     pub last_event_id: Option<u64>,
+}
+
+/// The headers of a WebSocket handshake (RFC 6455, 4.1), for the document only: [`accept`]
+/// checks them, and a request without them is not a handshake (400). Header names and the
+/// `Connection` and `Upgrade` values are case-insensitive.
+#[derive(IntoParams)]
+#[into_params(parameter_in = Header)]
+#[allow(dead_code)]
+struct Handshake {
+    /// A list that includes the `Upgrade` token.
+    #[param(rename = "Connection", pattern = "(^|,)[ \\t]*[Uu][Pp][Gg][Rr][Aa][Dd][Ee][ \\t]*(,|$)")]
+    connection: String,
+    #[param(rename = "Upgrade", pattern = "^[Ww][Ee][Bb][Ss][Oo][Cc][Kk][Ee][Tt]$")]
+    upgrade: String,
+    #[param(rename = "Sec-WebSocket-Version", pattern = "^13$")]
+    version: String,
+    /// 16 random bytes, base64.
+    #[param(rename = "Sec-WebSocket-Key", pattern = "^[A-Za-z0-9+/]{21}[AQgw]==$")]
+    key: String,
 }
 
 /// SSE for one job: `id: <seq>`, `event: status`, the JobStatus as data; closes after the
 /// terminal event. A `Last-Event-ID` that is already the terminal seq gets 204.
 #[utoipa::path(get, path = "/mix/{project_id}/mix/job/{job_id}/events", tag = "events",
-    params(("project_id" = String, Path), ("job_id" = String, Path), ("last_event_id" = Option<u64>, Query), ("Last-Event-ID" = Option<u64>, Header)),
-    responses((status = 200, content_type = "text/event-stream", description = "JobStatus events"), (status = 204, description = "Already past the terminal event"), (status = 404, description = "JOB_NOT_FOUND")))]
+    params(JobPath, ResumeQuery,
+        ("Last-Event-ID" = Option<u64>, Header, nullable = false, description = "The seq to resume after (EventSource sends it on reconnect); a value that is not a seq is ignored")),
+    responses(
+        (status = 200, content_type = "text/event-stream", description = "JobStatus events; closes after the terminal one",
+            headers(("Cache-Control" = String, description = "no-cache"), ("X-Accel-Buffering" = String, description = "no"))),
+        (status = 204, description = "The resume point is already the terminal event"),
+        (status = 400, body = ErrorEnvelope, description = "INVALID_PROJECT_ID, or BAD_REQUEST for a malformed query string"),
+        (status = 404, body = ErrorEnvelope, description = "JOB_NOT_FOUND")))]
 pub async fn job_sse(
     State(app): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -72,15 +102,22 @@ pub async fn job_sse(
 
 /// SSE for every job of a project: snapshots of its live jobs, then every change. Stays open.
 #[utoipa::path(get, path = "/mix/{project_id}/mix/events", tag = "events",
-    params(("project_id" = String, Path)),
-    responses((status = 200, content_type = "text/event-stream"), (status = 404, description = "PROJECT_NOT_FOUND")))]
+    params(ProjectPath),
+    responses(
+        (status = 200, content_type = "text/event-stream", description = "JobStatus events; stays open",
+            headers(("Cache-Control" = String, description = "no-cache"), ("X-Accel-Buffering" = String, description = "no"))),
+        (status = 400, body = ErrorEnvelope, description = "INVALID_PROJECT_ID"),
+        (status = 404, body = ErrorEnvelope, description = "PROJECT_NOT_FOUND"),
+        (status = 500, body = ErrorEnvelope, description = "INTERNAL")))]
 pub async fn project_sse(State(app): State<AppState>, Extension(caller): Extension<Caller>, ProjectPath { project_id }: ProjectPath) -> Result<Response, ApiError> {
     ensure_project(&app, &project_id).await?;
     Ok(sse(&app, &caller, Scope::Project(project_id), None))
 }
 
 /// SSE for every job of every project. Stays open.
-#[utoipa::path(get, path = "/events", tag = "events", responses((status = 200, content_type = "text/event-stream")))]
+#[utoipa::path(get, path = "/events", tag = "events",
+    responses((status = 200, content_type = "text/event-stream", description = "JobStatus events; stays open",
+        headers(("Cache-Control" = String, description = "no-cache"), ("X-Accel-Buffering" = String, description = "no")))))]
 pub async fn global_sse(State(app): State<AppState>, Extension(caller): Extension<Caller>) -> Response {
     sse(&app, &caller, Scope::All, None)
 }
@@ -88,24 +125,73 @@ pub async fn global_sse(State(app): State<AppState>, Extension(caller): Extensio
 /// WebSocket for one job: `{"type": "status", "data": JobStatus}` text frames; closes with 1000
 /// after the terminal event.
 #[utoipa::path(get, path = "/mix/{project_id}/mix/job/{job_id}/ws", tag = "events",
-    params(("project_id" = String, Path), ("job_id" = String, Path)),
-    responses((status = 101, description = "WebSocket upgrade"), (status = 404, description = "JOB_NOT_FOUND")))]
-pub async fn job_ws(State(app): State<AppState>, Extension(caller): Extension<Caller>, JobPath { project_id, job_id }: JobPath, upgrade: WebSocketUpgrade) -> Result<Response, ApiError> {
+    params(JobPath, Handshake),
+    responses(
+        (status = 101, description = "WebSocket upgrade"),
+        (status = 400, body = ErrorEnvelope, description = "INVALID_PROJECT_ID, or BAD_REQUEST when the request is not a WebSocket handshake"),
+        (status = 404, body = ErrorEnvelope, description = "JOB_NOT_FOUND")))]
+pub async fn job_ws(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    JobPath { project_id, job_id }: JobPath,
+    headers: HeaderMap,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    // An unknown job is a 404 whatever the request, a handshake or not.
     find_job(&app, &project_id, job_id)?;
-    Ok(ws(&app, &caller, Scope::Job(job_id), upgrade))
+    Ok(ws(&app, &caller, Scope::Job(job_id), accept(upgrade, &headers)?))
 }
 
+/// WebSocket for every job of a project. Stays open.
 #[utoipa::path(get, path = "/mix/{project_id}/mix/ws", tag = "events",
-    params(("project_id" = String, Path)),
-    responses((status = 101, description = "WebSocket upgrade"), (status = 404, description = "PROJECT_NOT_FOUND")))]
-pub async fn project_ws(State(app): State<AppState>, Extension(caller): Extension<Caller>, ProjectPath { project_id }: ProjectPath, upgrade: WebSocketUpgrade) -> Result<Response, ApiError> {
+    params(ProjectPath, Handshake),
+    responses(
+        (status = 101, description = "WebSocket upgrade"),
+        (status = 400, body = ErrorEnvelope, description = "INVALID_PROJECT_ID, or BAD_REQUEST when the request is not a WebSocket handshake"),
+        (status = 404, body = ErrorEnvelope, description = "PROJECT_NOT_FOUND"),
+        (status = 500, body = ErrorEnvelope, description = "INTERNAL")))]
+pub async fn project_ws(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    ProjectPath { project_id }: ProjectPath,
+    headers: HeaderMap,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
     ensure_project(&app, &project_id).await?;
-    Ok(ws(&app, &caller, Scope::Project(project_id), upgrade))
+    Ok(ws(&app, &caller, Scope::Project(project_id), accept(upgrade, &headers)?))
 }
 
-#[utoipa::path(get, path = "/ws", tag = "events", responses((status = 101, description = "WebSocket upgrade")))]
-pub async fn global_ws(State(app): State<AppState>, Extension(caller): Extension<Caller>, upgrade: WebSocketUpgrade) -> Response {
-    ws(&app, &caller, Scope::All, upgrade)
+/// WebSocket for every job of every project. Stays open.
+#[utoipa::path(get, path = "/ws", tag = "events",
+    params(Handshake),
+    responses(
+        (status = 101, description = "WebSocket upgrade"),
+        (status = 400, body = ErrorEnvelope, description = "BAD_REQUEST: the request is not a WebSocket handshake")))]
+pub async fn global_ws(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    headers: HeaderMap,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    Ok(ws(&app, &caller, Scope::All, accept(upgrade, &headers)?))
+}
+
+/// A handshake checked in full. axum checks the method, `Connection`, `Upgrade` and the version,
+/// but takes any `Sec-WebSocket-Key`; RFC 6455 (4.2.1) wants 16 bytes in base64, and a 400 for
+/// anything else.
+fn accept(upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>, headers: &HeaderMap) -> Result<WebSocketUpgrade, ApiError> {
+    let upgrade = upgrade?;
+    let key = headers.get(header::SEC_WEBSOCKET_KEY).map_or(&[][..], |value| value.as_bytes());
+    if !is_handshake_key(key) {
+        return Err(ApiError::BadRequest("not a WebSocket handshake: Sec-WebSocket-Key must be 16 bytes in base64".into()));
+    }
+    Ok(upgrade)
+}
+
+/// 16 bytes in canonical base64: 22 digits, the last with its low 4 bits unused (so zero), and `==`.
+fn is_handshake_key(key: &[u8]) -> bool {
+    let digit = |b: &u8| b.is_ascii_alphanumeric() || *b == b'+' || *b == b'/';
+    key.len() == 24 && key[..21].iter().all(digit) && b"AQgw".contains(&key[21]) && &key[22..] == b"=="
 }
 
 /// A project exists once it has a stem; one whose stems were deleted still has its jobs. Jobs are
@@ -212,4 +298,19 @@ async fn pump(mut socket: WebSocket, statuses: impl Stream<Item = Arc<JobEvent>>
     let (code, reason) = if shutdown.is_cancelled() { (1001, "server shutting down") } else { (1000, "job finished") };
     let close = Message::Close(Some(CloseFrame { code, reason: reason.into() }));
     let _ = tokio::time::timeout(WS_SEND_TIMEOUT, socket.send(close)).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn handshake_keys_are_16_bytes_in_base64() {
+        // RFC 6455's own example, and one with every bit set.
+        assert!(is_handshake_key(b"dGhlIHNhbXBsZSBub25jZQ=="));
+        assert!(is_handshake_key(b"/////////////////////w=="));
+        for bad in [&b""[..], b"dGhlIHNhbXBsZSBub25jZQ", b"dGhlIHNhbXBsZSBub25jZR==", b"dGhlIHNhbXBsZSBub25jZQ=", b"dGhlIHNhbXBsZSBub25j*Q==", b"dGhlIHNhbXBsZSBub25jZXh4eA=="] {
+            assert!(!is_handshake_key(bad), "{}", String::from_utf8_lossy(bad));
+        }
+    }
 }

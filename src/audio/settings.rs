@@ -121,23 +121,21 @@ impl Default for OutputSettings {
     }
 }
 
-/// 16-bit output is TPDF-dithered; 32 is IEEE float.
+/// 16-bit output is TPDF-dithered; 32 is IEEE float. On the wire it is the number of bits, and
+/// the discriminants say so to the schema too (an integer enum, not the variant names).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(try_from = "u16", into = "u16")]
+#[repr(u16)]
 pub enum BitDepth {
-    Int16,
+    Int16 = 16,
     #[default]
-    Int24,
-    Float32,
+    Int24 = 24,
+    Float32 = 32,
 }
 
 impl BitDepth {
     pub fn bits(self) -> u16 {
-        match self {
-            BitDepth::Int16 => 16,
-            BitDepth::Int24 => 24,
-            BitDepth::Float32 => 32,
-        }
+        self as u16
     }
 }
 

@@ -28,7 +28,7 @@ pub enum InvalidId {
 
 /// 1-64 chars of `A-Z a-z 0-9 _ -`, first alphanumeric.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, ToSchema)]
-#[schema(value_type = String, example = "p1")]
+#[schema(value_type = String, pattern = "^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$", example = "p1")]
 pub struct ProjectId(String);
 
 impl FromStr for ProjectId {
@@ -67,7 +67,7 @@ macro_rules! uuid_id {
     ($name:ident, $doc:literal, $invalid:expr) => {
         #[doc = $doc]
         #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, ToSchema)]
-        #[schema(value_type = String, format = Uuid)]
+        #[schema(value_type = String, format = Uuid, pattern = "^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-4[0-9a-fA-F]{3}-[89abAB][0-9a-fA-F]{3}-[0-9a-fA-F]{12}$")]
         pub struct $name(Uuid);
 
         impl $name {

@@ -16,6 +16,12 @@ async fn every_error_answers_with_its_code_status_and_envelope() {
         ("/projects/-bad/stems".to_string(), 400, "INVALID_PROJECT_ID"),
         (format!("/projects/{long}/stems"), 400, "INVALID_PROJECT_ID"),
         ("/mix/p%20q/mix/status".to_string(), 400, "INVALID_PROJECT_ID"),
+        // Not UTF-8 once percent-decoded: still a malformed id, answered as one.
+        ("/mix/%FF/mix/status".to_string(), 400, "INVALID_PROJECT_ID"),
+        ("/mix/p1/mix/job/%FF/status".to_string(), 404, "JOB_NOT_FOUND"),
+        ("/media/p1/%FF.wav".to_string(), 404, "MEDIA_NOT_FOUND"),
+        // A WebSocket route asked without a handshake.
+        ("/ws".to_string(), 400, "BAD_REQUEST"),
         (format!("/mix/p1/mix/job/{unknown}/status"), 404, "JOB_NOT_FOUND"),
         ("/mix/p1/mix/job/12345/status".to_string(), 404, "JOB_NOT_FOUND"),
         (format!("/api/projects/p1/mix/status?job_id={unknown}"), 404, "JOB_NOT_FOUND"),
@@ -52,6 +58,22 @@ async fn every_error_answers_with_its_code_status_and_envelope() {
     }
     let (_, body) = app.start_mix("p1", Some(json!({"tracks": {"a.wav": {"pan": 2}}}))).await;
     assert!(body["message"].as_str().unwrap().contains("tracks.a.wav.pan"), "names the field: {body}");
+
+    let oversized = post("/mix/p1/mix/start", &" ".repeat(1024 * 1024 + 1)).await.unwrap();
+    assert_eq!(oversized.status(), 413);
+    assert_eq!(oversized.json::<Value>().await.unwrap()["error"], "PAYLOAD_TOO_LARGE");
+    let bad_key = app
+        .client
+        .get(app.url("/ws"))
+        .header("connection", "Upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "not sixteen bytes")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad_key.status(), 400, "RFC 6455 4.2.1: the key is 16 bytes in base64");
+    assert_eq!(bad_key.json::<Value>().await.unwrap()["error"], "BAD_REQUEST");
 
     let empty_form = app.client.post(app.url("/projects/p1/stems")).multipart(reqwest::multipart::Form::new().text("note", "no files")).send().await.unwrap();
     assert_eq!(empty_form.status(), 400);
