@@ -54,7 +54,11 @@ fn stem(dir: &Path, index: usize, seconds: u32) -> PathBuf {
             "aevalsrc=0.3*sin(2*PI*{f}*t)*(0.6+0.4*sin(2*PI*0.5*t))+0.05*random(0)|0.3*sin(2*PI*{f}*1.01*t)+0.05*random(1):s=44100:d={seconds}",
             f = 55 * (index + 1)
         );
-        let status = Command::new("ffmpeg").args(["-nostdin", "-loglevel", "error", "-y", "-f", "lavfi", "-i", &source, "-ac", "2", "-c:a", "pcm_s16le"]).arg(&path).status().unwrap();
+        let status = Command::new("ffmpeg")
+            .args(["-nostdin", "-loglevel", "error", "-y", "-f", "lavfi", "-i", &source, "-ac", "2", "-c:a", "pcm_s16le"])
+            .arg(&path)
+            .status()
+            .unwrap();
         assert!(status.success());
     }
     path

@@ -204,9 +204,7 @@ impl Keys {
         validation.set_required_spec_claims(&["exp", "aud"]);
         validation.validate_nbf = true;
         validation.leeway = 0;
-        let claims = jsonwebtoken::decode::<Claims>(token, &key.decoding, &validation)
-            .map_err(|_| Unverified)?
-            .claims;
+        let claims = jsonwebtoken::decode::<Claims>(token, &key.decoding, &validation).map_err(|_| Unverified)?.claims;
         Ok(Grant { project: claims.prj, scope: claims.scope, subject: claims.sub, expires_at: UNIX_EPOCH + Duration::from_secs(claims.exp) })
     }
 
@@ -245,7 +243,10 @@ mod tests {
     const SECRET: &str = "0123456789abcdef0123456789abcdef";
 
     fn keys() -> Keys {
-        Keys::new(&[parse_api_key(&"k".repeat(32)).unwrap()], &[parse_token_key(&format!("new={SECRET}")).unwrap(), parse_token_key(&format!("old={}", SECRET.repeat(2))).unwrap()])
+        Keys::new(
+            &[parse_api_key(&"k".repeat(32)).unwrap()],
+            &[parse_token_key(&format!("new={SECRET}")).unwrap(), parse_token_key(&format!("old={}", SECRET.repeat(2))).unwrap()],
+        )
     }
 
     fn project(name: &str) -> ProjectId {

@@ -7,8 +7,8 @@ use std::sync::Mutex;
 use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use mixd::audio::{self, BitDepth, MixObserver, MixSettings, Stage, StemSource};
 use mixd::access::{Keys, Scope};
+use mixd::audio::{self, BitDepth, MixObserver, MixSettings, Stage, StemSource};
 use mixd::config::{parse_duration, Config, TokenKeys};
 use mixd::jobs::ProjectId;
 use mixd::startup::Application;

@@ -63,7 +63,8 @@ impl Application {
                 WebhookSecret::parse(&stored).map_err(|err| anyhow::anyhow!("the stored webhook secret: {err}"))?
             }
         };
-        let dispatcher = DispatcherConfig { secret: webhook_secret.clone(), allow_private: config.webhook_allow_private, concurrency: WEBHOOK_CONCURRENCY, timeout: WEBHOOK_TIMEOUT };
+        let dispatcher =
+            DispatcherConfig { secret: webhook_secret.clone(), allow_private: config.webhook_allow_private, concurrency: WEBHOOK_CONCURRENCY, timeout: WEBHOOK_TIMEOUT };
         let dispatcher = Dispatcher::new(jobs.outbox().clone(), jobs.metrics().clone(), dispatcher).context("building the webhook client")?;
         tokio::spawn(dispatcher.run(shutdown.clone()));
         let state = AppState { jobs, stems: StemStore::new(layout.clone()), layout, keys, webhook_secret, config: Arc::new(config), shutdown };

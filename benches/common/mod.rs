@@ -109,4 +109,3 @@ pub async fn wait_for_subscribers(client: &reqwest::Client, base: &str, total: u
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
-

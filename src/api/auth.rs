@@ -197,9 +197,7 @@ fn request_host(parts: &axum::http::request::Parts) -> Option<String> {
 }
 
 fn host_is_loopback(parts: &axum::http::request::Parts) -> bool {
-    request_host(parts).is_some_and(|host| {
-        host == "localhost" || host.ends_with(".localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
-    })
+    request_host(parts).is_some_and(|host| host == "localhost" || host.ends_with(".localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback()))
 }
 
 /// No `Origin` (not a browser), the server's own, or one listed with `--allowed-origin`.

@@ -90,9 +90,8 @@ pub async fn start(
     let Some(highest_rate) = stems.iter().map(|s| s.sample_rate).max() else { return Err(ApiError::ProjectNotFound) };
     let sources: Vec<_> = stems.iter().map(|stem| app.stems.source(&project_id, stem)).collect();
     let (body, webhook) = split_webhook(&body, app.config.webhook_allow_private)?;
-    let settings = MixSettings::from_json(&body)
-        .and_then(|settings| settings.validate(&sources, highest_rate))
-        .map_err(|err| ApiError::InvalidSettings(err.to_string()))?;
+    let settings =
+        MixSettings::from_json(&body).and_then(|settings| settings.validate(&sources, highest_rate)).map_err(|err| ApiError::InvalidSettings(err.to_string()))?;
     let key = match headers.get("idempotency-key") {
         Some(value) => {
             let key = value.to_str().map_err(|_| ApiError::BadRequest("Idempotency-Key must be visible ASCII".into()))?;
@@ -159,11 +158,7 @@ pub async fn job_status(State(app): State<AppState>, JobPath { project_id, job_i
         (status = 400, body = ErrorEnvelope, description = "INVALID_PROJECT_ID, or BAD_REQUEST for a malformed query string"),
         (status = 404, body = ErrorEnvelope, description = "JOB_NOT_FOUND, or NO_MIX_JOBS without `job_id`"),
         (status = 500, body = ErrorEnvelope, description = "JOB_STATUS_ERROR")))]
-pub async fn legacy_status(
-    State(app): State<AppState>,
-    ProjectPath { project_id }: ProjectPath,
-    ApiQuery(query): ApiQuery<StatusQuery>,
-) -> Result<Response, ApiError> {
+pub async fn legacy_status(State(app): State<AppState>, ProjectPath { project_id }: ProjectPath, ApiQuery(query): ApiQuery<StatusQuery>) -> Result<Response, ApiError> {
     let status = match query.job_id {
         Some(job_id) => job_id.parse().map_err(ApiError::from).and_then(|job_id| find_job(&app, &project_id, job_id)),
         None => newest_job(&app, &project_id),

@@ -19,15 +19,15 @@ use axum::http::{header, HeaderName, HeaderValue, Method};
 use axum::middleware;
 use axum::routing::{delete, get, post};
 use axum::Router;
-use tower_http::cors::{AllowOrigin, CorsLayer};
 use tokio_util::sync::CancellationToken;
+use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::services::ServeDir;
 use tower_http::trace::TraceLayer;
 
 use crate::access::Keys;
-use crate::webhooks::WebhookSecret;
 use crate::config::Config;
 use crate::jobs::{Jobs, MediaLayout, StemStore};
+use crate::webhooks::WebhookSecret;
 
 #[derive(Clone)]
 pub struct AppState {
@@ -79,9 +79,10 @@ pub fn router(state: AppState) -> Router {
         .fallback_service(dashboard)
         .layer(cors)
         // The request's span names its path only: a query string may carry a token.
-        .layer(TraceLayer::new_for_http().make_span_with(|request: &axum::http::Request<_>| {
-            tracing::info_span!("request", method = %request.method(), path = %request.uri().path())
-        }))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(|request: &axum::http::Request<_>| tracing::info_span!("request", method = %request.method(), path = %request.uri().path())),
+        )
         .with_state(state)
 }
 

@@ -90,7 +90,12 @@ impl Modify for AccessRequirements {
         components.add_security_scheme("bearer", SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)));
         components.add_security_scheme("session", SecurityScheme::ApiKey(ApiKey::Cookie(ApiKeyValue::new(super::auth::SESSION_COOKIE))));
         components.add_security_scheme("access_token", SecurityScheme::ApiKey(ApiKey::Query(ApiKeyValue::new("access_token"))));
-        let error = |description: &str| ResponseBuilder::new().description(description).content("application/json", utoipa::openapi::ContentBuilder::new().schema(Some(Ref::from_schema_name("ErrorEnvelope"))).build()).build();
+        let error = |description: &str| {
+            ResponseBuilder::new()
+                .description(description)
+                .content("application/json", utoipa::openapi::ContentBuilder::new().schema(Some(Ref::from_schema_name("ErrorEnvelope"))).build())
+                .build()
+        };
         for (path, item) in document.paths.paths.iter_mut() {
             let operations = [("get", &mut item.get), ("post", &mut item.post), ("delete", &mut item.delete)];
             for (method, operation) in operations {

@@ -88,11 +88,7 @@ pub async fn job_sse(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let status = find_job(&app, &project_id, job_id)?;
-    let resume_after = headers
-        .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .or(query.last_event_id);
+    let resume_after = headers.get("last-event-id").and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok()).or(query.last_event_id);
     if status.state().is_terminal() && resume_after.is_some_and(|seq| seq >= status.seq()) {
         // 204 is what stops an EventSource from reconnecting.
         return Ok(StatusCode::NO_CONTENT.into_response());
@@ -309,7 +305,9 @@ mod tests {
         // RFC 6455's own example, and one with every bit set.
         assert!(is_handshake_key(b"dGhlIHNhbXBsZSBub25jZQ=="));
         assert!(is_handshake_key(b"/////////////////////w=="));
-        for bad in [&b""[..], b"dGhlIHNhbXBsZSBub25jZQ", b"dGhlIHNhbXBsZSBub25jZR==", b"dGhlIHNhbXBsZSBub25jZQ=", b"dGhlIHNhbXBsZSBub25j*Q==", b"dGhlIHNhbXBsZSBub25jZXh4eA=="] {
+        for bad in
+            [&b""[..], b"dGhlIHNhbXBsZSBub25jZQ", b"dGhlIHNhbXBsZSBub25jZR==", b"dGhlIHNhbXBsZSBub25jZQ=", b"dGhlIHNhbXBsZSBub25j*Q==", b"dGhlIHNhbXBsZSBub25jZXh4eA=="]
+        {
             assert!(!is_handshake_key(bad), "{}", String::from_utf8_lossy(bad));
         }
     }

@@ -64,7 +64,11 @@ mod tests {
             let other: Vec<f32> = (0..reference.len() as i64)
                 .map(|n| {
                     let source = n - shift;
-                    if (0..reference.len() as i64).contains(&source) { 0.8 * reference[source as usize] } else { 0.0 }
+                    if (0..reference.len() as i64).contains(&source) {
+                        0.8 * reference[source as usize]
+                    } else {
+                        0.0
+                    }
                 })
                 .collect();
             let lag = estimate_lag(&reference, &other, rate).expect("correlated");

@@ -144,10 +144,7 @@ impl StemReader {
         if !(1..=MAX_CHANNELS).contains(&channels) {
             return Err(AudioError::unsupported(name, format!("{channels} channels is outside 1-32")));
         }
-        let codec = symphonia::default::get_codecs()
-            .get_codec(params.codec)
-            .map(|d| d.short_name.to_string())
-            .unwrap_or_else(|| "unknown".to_string());
+        let codec = symphonia::default::get_codecs().get_codec(params.codec).map(|d| d.short_name.to_string()).unwrap_or_else(|| "unknown".to_string());
 
         let frames_to_skip = if params.codec == CODEC_TYPE_AAC { u64::from(params.delay.unwrap_or(AAC_PRIMING_FRAMES as u32)) } else { 0 };
         let declared_frames = params.n_frames;
@@ -165,19 +162,7 @@ impl StemReader {
             frames: declared_frames.unwrap_or(0).saturating_sub(frames_to_skip),
             skipped_packets: 0,
         };
-        Ok(Self {
-            name: name.to_string(),
-            format,
-            decoder,
-            track_id,
-            downmix,
-            samples: None,
-            frames_to_skip,
-            declared_frames,
-            decoded_frames: 0,
-            container,
-            info,
-        })
+        Ok(Self { name: name.to_string(), format, decoder, track_id, downmix, samples: None, frames_to_skip, declared_frames, decoded_frames: 0, container, info })
     }
 
     pub fn source(stem: &StemSource) -> Result<Self, AudioError> {
@@ -222,10 +207,7 @@ impl StemReader {
             self.decoded_frames += frames as u64;
             let spec: SignalSpec = *decoded.spec();
             if spec.channels.count() != self.downmix.len() {
-                return Err(AudioError::Decode {
-                    stem: self.name.clone(),
-                    reason: "the channel count changes inside the stream".to_string(),
-                });
+                return Err(AudioError::Decode { stem: self.name.clone(), reason: "the channel count changes inside the stream".to_string() });
             }
             let needs_new = self.samples.as_ref().is_none_or(|s| s.capacity() < frames * self.downmix.len());
             if needs_new {
@@ -282,11 +264,8 @@ impl OpenedFormat {
         let magic_len = read_up_to(&mut file, &mut magic).map_err(open_error)?;
         let container = sniff_container(&magic[..magic_len]).map_err(|reason| AudioError::unsupported(name, reason))?;
         file.rewind().map_err(open_error)?;
-        let source: Box<dyn MediaSource> = if container == Container::Rf64 {
-            Box::new(Rf64AsRiff::open(file).map_err(|reason| AudioError::unsupported(name, reason))?)
-        } else {
-            Box::new(file)
-        };
+        let source: Box<dyn MediaSource> =
+            if container == Container::Rf64 { Box::new(Rf64AsRiff::open(file).map_err(|reason| AudioError::unsupported(name, reason))?) } else { Box::new(file) };
         let stream = MediaSourceStream::new(source, Default::default());
         let mut hint = Hint::new();
         hint.with_extension(container.extension());
@@ -295,11 +274,7 @@ impl OpenedFormat {
             .format(&hint, stream, &format_options, &MetadataOptions::default())
             .map_err(|err| AudioError::unsupported(name, describe(&err)))?;
         let format = probed.format;
-        let track = format
-            .tracks()
-            .iter()
-            .find(|t| t.codec_params.codec != CODEC_TYPE_NULL)
-            .ok_or_else(|| AudioError::unsupported(name, "it has no audio track"))?;
+        let track = format.tracks().iter().find(|t| t.codec_params.codec != CODEC_TYPE_NULL).ok_or_else(|| AudioError::unsupported(name, "it has no audio track"))?;
         let mut params = track.codec_params.clone();
         let track_id = track.id;
         if params.channels.is_none() {
@@ -345,7 +320,6 @@ fn describe(err: &SymphoniaError) -> String {
 
 /// Runs decoder code so that a panic inside symphonia ends as a typed error for this stem.
 fn contain_panic<T>(stem: &str, f: impl FnOnce() -> Result<T, AudioError>) -> Result<T, AudioError> {
-    catch_unwind(AssertUnwindSafe(f)).unwrap_or_else(|panic| {
-        Err(AudioError::Decode { stem: stem.to_string(), reason: format!("the decoder crashed: {}", panic_message(&*panic)) })
-    })
+    catch_unwind(AssertUnwindSafe(f))
+        .unwrap_or_else(|panic| Err(AudioError::Decode { stem: stem.to_string(), reason: format!("the decoder crashed: {}", panic_message(&*panic)) }))
 }

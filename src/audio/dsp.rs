@@ -203,11 +203,7 @@ pub struct TrackChain {
 impl TrackChain {
     pub fn new(track: &TrackSettings, sample_rate: u32) -> Self {
         let (left, right) = pan_gains(track.pan);
-        Self {
-            gain: db_to_gain(track.gain_db) as f32,
-            strip: ChannelStrip::new(&track.eq, track.compressor.as_ref(), sample_rate),
-            pan: (left as f32, right as f32),
-        }
+        Self { gain: db_to_gain(track.gain_db) as f32, strip: ChannelStrip::new(&track.eq, track.compressor.as_ref(), sample_rate), pan: (left as f32, right as f32) }
     }
 
     pub fn process(&mut self, chunk: &mut StereoBuffer) {

@@ -24,10 +24,7 @@ pub fn max_frames(depth: BitDepth) -> u64 {
 /// can leave behind; an export that fails or is canceled removes it.
 pub fn export_wav(bus: &StereoBuffer, rate: u32, depth: BitDepth, path: &Path, temporary: &Path, observer: &dyn MixObserver) -> Result<(), AudioError> {
     if bus.len() as u64 > max_frames(depth) {
-        return Err(AudioError::TooLong {
-            seconds: bus.len() as f64 / f64::from(rate),
-            max_seconds: max_frames(depth) as f64 / f64::from(rate),
-        });
+        return Err(AudioError::TooLong { seconds: bus.len() as f64 / f64::from(rate), max_seconds: max_frames(depth) as f64 / f64::from(rate) });
     }
     let dir = match path.parent() {
         Some(parent) if !parent.as_os_str().is_empty() => parent,

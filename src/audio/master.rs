@@ -82,9 +82,7 @@ pub fn measure(buffer: &StereoBuffer, rate: u32, own_true_peak: Option<f32>) -> 
     let mut meter = meter(rate, Mode::I | Mode::LRA | Mode::TRUE_PEAK)?;
     for start in (0..buffer.len()).step_by(BLOCK) {
         let end = (start + BLOCK).min(buffer.len());
-        meter
-            .add_frames_planar_f32(&[&buffer.left[start..end], &buffer.right[start..end]])
-            .map_err(|err| AudioError::Internal(format!("loudness meter: {err}")))?;
+        meter.add_frames_planar_f32(&[&buffer.left[start..end], &buffer.right[start..end]]).map_err(|err| AudioError::Internal(format!("loudness meter: {err}")))?;
     }
     let finite = |value: f64| value.is_finite().then_some(value);
     let meter_peak = meter.true_peak(0).unwrap_or(0.0).max(meter.true_peak(1).unwrap_or(0.0));

@@ -25,10 +25,7 @@ pub use buffer::StereoBuffer;
 pub use decode::{probe_stem, StemInfo, StemReader, MAX_PROBE_TIME};
 pub use master::Loudness;
 pub use pipeline::{mix, plan, MixReport, StemReport};
-pub use settings::{
-    AlignMode, BitDepth, CompressorSettings, EqBand, EqType, MasterSettings, MixSettings, OutputSettings, SettingsError,
-    TrackSettings, ValidSettings,
-};
+pub use settings::{AlignMode, BitDepth, CompressorSettings, EqBand, EqType, MasterSettings, MixSettings, OutputSettings, SettingsError, TrackSettings, ValidSettings};
 
 /// A stem to mix: its identity and where its file is.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -125,11 +122,7 @@ impl AudioError {
 /// `String`; anything else has no message to show. Pass the payload itself (`&*boxed`): a
 /// `&Box<dyn Any + Send>` would coerce to an `Any` that is the box.
 pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
-    payload
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| payload.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic with no message".to_string())
+    payload.downcast_ref::<&str>().map(|s| s.to_string()).or_else(|| payload.downcast_ref::<String>().cloned()).unwrap_or_else(|| "a panic with no message".to_string())
 }
 
 #[cfg(test)]

@@ -139,10 +139,7 @@ fn load_stems<'a>(stems: &'a [StemSource], settings: &MixSettings, rate: u32, ob
         .collect();
     let frames = tracks.iter().map(|t| end_frame(t, rate)).max().unwrap_or(0);
     if frames > max_frames(settings.output.bit_depth) {
-        return Err(AudioError::TooLong {
-            seconds: frames as f64 / f64::from(rate),
-            max_seconds: max_frames(settings.output.bit_depth) as f64 / f64::from(rate),
-        });
+        return Err(AudioError::TooLong { seconds: frames as f64 / f64::from(rate), max_seconds: max_frames(settings.output.bit_depth) as f64 / f64::from(rate) });
     }
     Ok(tracks)
 }

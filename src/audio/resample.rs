@@ -54,9 +54,7 @@ impl RateConverter {
         while self.pending.len() - consumed >= resampler.input_frames_next() {
             let need = resampler.input_frames_next();
             let wave_in = [&self.pending.left[consumed..consumed + need], &self.pending.right[consumed..consumed + need]];
-            let (used, produced) = resampler
-                .process_into_buffer(&wave_in, &mut self.output, None)
-                .map_err(|err| AudioError::Internal(format!("resampler: {err}")))?;
+            let (used, produced) = resampler.process_into_buffer(&wave_in, &mut self.output, None).map_err(|err| AudioError::Internal(format!("resampler: {err}")))?;
             consumed += used;
             Self::emit(&self.output, produced, &mut self.latency_left, &mut self.frames_out, u64::MAX, out);
         }

@@ -237,10 +237,7 @@ impl MixSettings {
         }
         if let Some(rate) = self.output.sample_rate {
             if !(MIN_OUTPUT_RATE..=MAX_OUTPUT_RATE).contains(&rate) {
-                return Err(SettingsError::new(
-                    "output.sample_rate",
-                    format!("must be between {MIN_OUTPUT_RATE} and {MAX_OUTPUT_RATE} Hz"),
-                ));
+                return Err(SettingsError::new("output.sample_rate", format!("must be between {MIN_OUTPUT_RATE} and {MAX_OUTPUT_RATE} Hz")));
             }
         }
         let output_rate = self.output.sample_rate.unwrap_or(highest_stem_rate);

@@ -203,9 +203,9 @@ mod tests {
         let slow: Vec<f64> = (0..frames as isize)
             .map(|n| {
                 let peak = |channel: &[f32]| {
-                    let points = phases.iter().map(|taps| {
-                        taps.iter().enumerate().map(|(j, &tap)| f64::from(tap) * at(channel, n + j as isize - (HALF_TAPS as isize - 1))).sum::<f64>()
-                    });
+                    let points = phases
+                        .iter()
+                        .map(|taps| taps.iter().enumerate().map(|(j, &tap)| f64::from(tap) * at(channel, n + j as isize - (HALF_TAPS as isize - 1))).sum::<f64>());
                     points.fold(at(channel, n).abs(), |peak, point| peak.max(point.abs()))
                 };
                 peak(&buffer.left).max(peak(&buffer.right))

@@ -167,7 +167,10 @@ impl JobDb {
     pub fn delete(&self, job_id: JobId) -> Result<(), DbError> {
         let id = job_id.to_string();
         self.conn.execute("DELETE FROM jobs WHERE job_id = ?1", params![id])?;
-        self.conn.execute("DELETE FROM webhook_attempts WHERE job_id = ?1 AND delivery_id IN (SELECT id FROM webhook_deliveries WHERE job_id = ?1 AND next_attempt_at IS NULL)", params![id])?;
+        self.conn.execute(
+            "DELETE FROM webhook_attempts WHERE job_id = ?1 AND delivery_id IN (SELECT id FROM webhook_deliveries WHERE job_id = ?1 AND next_attempt_at IS NULL)",
+            params![id],
+        )?;
         self.conn.execute("DELETE FROM webhook_deliveries WHERE job_id = ?1 AND next_attempt_at IS NULL", params![id])?;
         Ok(())
     }
@@ -178,7 +181,15 @@ impl JobDb {
     pub fn load_all(&self) -> Result<Vec<StoredJob>, DbError> {
         let mut statement = self.conn.prepare("SELECT job_id, status, settings, stems, idempotency_key, attempts, webhook FROM jobs")?;
         let rows = statement.query_map([], |row| {
-            Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?, row.get::<_, String>(2)?, row.get::<_, String>(3)?, row.get(4)?, row.get(5)?, row.get::<_, Option<String>>(6)?))
+            Ok((
+                row.get::<_, String>(0)?,
+                row.get::<_, String>(1)?,
+                row.get::<_, String>(2)?,
+                row.get::<_, String>(3)?,
+                row.get(4)?,
+                row.get(5)?,
+                row.get::<_, Option<String>>(6)?,
+            ))
         })?;
         let mut jobs = Vec::new();
         for row in rows {

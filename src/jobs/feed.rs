@@ -64,18 +64,8 @@ pub fn feed(jobs: &Jobs, scope: Scope, resume_after: Option<u64>, shutdown: Canc
     if let (Scope::Job(job_id), Some(seq)) = (&scope, resume_after) {
         sent.insert(*job_id, seq);
     }
-    let mut feed = Feed {
-        jobs: jobs.clone(),
-        scope,
-        events,
-        pending: VecDeque::new(),
-        sent,
-        last_seen: None,
-        covered: HashMap::new(),
-        backlog: 0,
-        finished: false,
-        shutdown,
-    };
+    let mut feed =
+        Feed { jobs: jobs.clone(), scope, events, pending: VecDeque::new(), sent, last_seen: None, covered: HashMap::new(), backlog: 0, finished: false, shutdown };
     feed.queue_snapshots(false);
     if matches!(feed.scope, Scope::Job(_)) && feed.pending.is_empty() && feed.sent.is_empty() {
         // The job does not exist (any more): nothing will ever come.
@@ -148,10 +138,7 @@ impl Feed {
             scope.matches(status)
                 && match scope {
                     Scope::Job(_) => true,
-                    _ => {
-                        !status.state().is_terminal()
-                            || (resync && (sent.contains_key(&status.job_id()) || last_seen.is_none_or(|t| status.updated_at() >= t)))
-                    }
+                    _ => !status.state().is_terminal() || (resync && (sent.contains_key(&status.job_id()) || last_seen.is_none_or(|t| status.updated_at() >= t))),
                 }
         });
         if resync {
@@ -182,7 +169,13 @@ mod tests {
     async fn a_lagging_subscriber_never_sees_a_finished_job_go_back() {
         let dir = tempfile::tempdir().unwrap();
         // No mixer slots and a 4-event channel: jobs only queue, and five changes make a lag.
-        let config = JobsConfig { mix_slots: 0, job_ttl: Duration::from_secs(3600), output_retention: Duration::from_secs(3600), layout: MediaLayout::new(dir.path()), event_buffer: 4 };
+        let config = JobsConfig {
+            mix_slots: 0,
+            job_ttl: Duration::from_secs(3600),
+            output_retention: Duration::from_secs(3600),
+            layout: MediaLayout::new(dir.path()),
+            event_buffer: 4,
+        };
         let jobs = Jobs::open(config, CancellationToken::new()).unwrap();
         let project: ProjectId = "p1".parse().unwrap();
         let mut stream = Box::pin(feed(&jobs, Scope::Project(project.clone()), None, CancellationToken::new()));

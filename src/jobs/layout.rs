@@ -230,7 +230,12 @@ mod tests {
         std::fs::create_dir_all(layout.job_outputs(&project, job)).unwrap();
         std::fs::create_dir_all(layout.stems_dir(&project)).unwrap();
         let record = layout.stem_record(&project, StemId::new());
-        let partials = [layout.upload_temporary(&project), MediaLayout::record_temporary(&record), layout.result_temporary(&project, job), layout.newest_result_temporary(&project, job)];
+        let partials = [
+            layout.upload_temporary(&project),
+            MediaLayout::record_temporary(&record),
+            layout.result_temporary(&project, job),
+            layout.newest_result_temporary(&project, job),
+        ];
         let kept = [record, layout.result(&project, job), layout.newest_result(&project)];
         for path in partials.iter().chain(&kept) {
             std::fs::write(path, b"x").unwrap();

@@ -24,7 +24,7 @@ use super::db::{DbError, JobDb, StoredJob};
 use super::engine::EnginePool;
 use super::layout::MediaLayout;
 use super::metrics::Metrics;
-use super::model::{ErrorCode, JobChange, JobEvent, JobId, JobState, JobStatus, ProjectId, Progress, TransitionError};
+use super::model::{ErrorCode, JobChange, JobEvent, JobId, JobState, JobStatus, Progress, ProjectId, TransitionError};
 use super::outbox::Outbox;
 use super::webhook::{Delivery, WebhookSpec};
 use crate::audio::{self, AudioError, MixObserver, MixReport, Stage, StemSource, ValidSettings};
@@ -124,9 +124,7 @@ impl Jobs {
         let state = State { db, jobs: HashMap::new(), waiting: VecDeque::new(), running: 0, idempotency: HashMap::new() };
         let (events, _) = broadcast::channel(config.event_buffer);
         let engine = EnginePool::new(config.mix_slots).map_err(OpenError::Engine)?;
-        let jobs = Self {
-            inner: Arc::new(Inner { config, state: Mutex::new(state), events, expiry: Notify::new(), metrics: Arc::default(), engine, outbox }),
-        };
+        let jobs = Self { inner: Arc::new(Inner { config, state: Mutex::new(state), events, expiry: Notify::new(), metrics: Arc::default(), engine, outbox }) };
         jobs.restore(stored);
         tokio::spawn(jobs.clone().expire_finished_jobs(shutdown.clone()));
         tokio::spawn(jobs.clone().remove_old_outputs(shutdown));
@@ -227,7 +225,10 @@ impl Jobs {
             state.idempotency.insert((project, key.clone()), job_id);
         }
         let published = JobEvent::new(status);
-        state.jobs.insert(job_id, JobRecord { published: published.clone(), settings, stems, cancel: Arc::default(), idempotency_key, webhook, attempts: 0, finished_at: None });
+        state.jobs.insert(
+            job_id,
+            JobRecord { published: published.clone(), settings, stems, cancel: Arc::default(), idempotency_key, webhook, attempts: 0, finished_at: None },
+        );
         state.waiting.push_back(job_id);
         let _ = self.inner.events.send(published);
         tracing::info!(%job_id, "job queued");

@@ -13,14 +13,14 @@ mod outbox;
 mod stems;
 mod webhook;
 
-pub use db::{unix_millis, DbError};
 #[cfg(test)]
 pub use db::TestDb;
+pub use db::{unix_millis, DbError};
 pub use feed::{feed, Scope};
 pub use layout::{MediaFile, MediaLayout};
 pub use manager::{JobError, Jobs, JobsConfig, OpenError, Submitted, EVENT_BUFFER};
 pub use metrics::{Metrics, SubscriberGuard, Transport, MIX_DURATION_BUCKETS, WEBHOOK_OUTCOMES};
-pub use model::{ErrorCode, InvalidId, JobChange, JobEvent, JobId, JobState, JobStatus, ProjectId, Progress, StemId, Timestamp};
+pub use model::{ErrorCode, InvalidId, JobChange, JobEvent, JobId, JobState, JobStatus, Progress, ProjectId, StemId, Timestamp};
 pub use outbox::{AttemptResult, Outbox, PendingDelivery};
 pub use stems::{sanitize_file_name, Stem, StemStore};
 pub use webhook::{Attempt, WebhookEvent, WebhookSpec};

@@ -34,9 +34,8 @@ pub struct ProjectId(String);
 impl FromStr for ProjectId {
     type Err = InvalidId;
     fn from_str(s: &str) -> Result<Self, InvalidId> {
-        let valid = (1..=64).contains(&s.len())
-            && s.starts_with(|c: char| c.is_ascii_alphanumeric())
-            && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        let valid =
+            (1..=64).contains(&s.len()) && s.starts_with(|c: char| c.is_ascii_alphanumeric()) && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
         if valid {
             Ok(Self(s.to_string()))
         } else {
@@ -247,12 +246,19 @@ impl Serialize for Timestamp {
 /// Where a job is, with exactly the data that belongs there.
 #[derive(Debug, Clone, PartialEq)]
 enum Phase {
-    Queued { position: u32 },
+    Queued {
+        position: u32,
+    },
     /// `running` up to `exporting`.
     Working(JobState),
-    Complete { result_url: String, report: Box<MixReport> },
+    Complete {
+        result_url: String,
+        report: Box<MixReport>,
+    },
     /// The status's `message` is the error.
-    Failed { code: ErrorCode },
+    Failed {
+        code: ErrorCode,
+    },
 }
 
 /// A job as clients see it: the `data` of status routes and the payload of every pushed event.
@@ -340,8 +346,7 @@ impl TryFrom<JobStatusFields> for JobStatus {
 
     /// Accepts exactly the combinations a status can have; anything else is a corrupt record.
     fn try_from(fields: JobStatusFields) -> Result<Self, String> {
-        let JobStatusFields { job_id, project_id, state, progress, message, error, error_code, result_url, queue_position, seq, created_at, updated_at, report } =
-            fields;
+        let JobStatusFields { job_id, project_id, state, progress, message, error, error_code, result_url, queue_position, seq, created_at, updated_at, report } = fields;
         let phase = match (state, queue_position, error_code, error, result_url, report) {
             (JobState::Queued, Some(position), None, None, None, None) if position >= 1 => Phase::Queued { position },
             (JobState::Complete, None, None, None, Some(result_url), Some(report)) if progress == Progress::COMPLETE => {
@@ -399,9 +404,19 @@ pub enum JobChange {
     /// Progress stays where it was (it never falls) until the new run passes it.
     Requeued(u32),
     /// The engine reports `state` at `progress`.
-    Progress { state: JobState, progress: Progress, message: String },
-    Completed { result_url: String, report: Box<MixReport> },
-    Failed { code: ErrorCode, message: String },
+    Progress {
+        state: JobState,
+        progress: Progress,
+        message: String,
+    },
+    Completed {
+        result_url: String,
+        report: Box<MixReport>,
+    },
+    Failed {
+        code: ErrorCode,
+        message: String,
+    },
 }
 
 impl JobChange {
@@ -636,7 +651,8 @@ mod tests {
         let queued = job();
         let json = serde_json::to_value(&queued).unwrap();
         assert_eq!(serde_json::from_value::<JobStatus>(json.clone()).unwrap(), queued);
-        let broken = [("state", serde_json::json!("error")), ("queue_position", serde_json::json!(null)), ("progress", serde_json::json!(101)), ("seq", serde_json::json!(0))];
+        let broken =
+            [("state", serde_json::json!("error")), ("queue_position", serde_json::json!(null)), ("progress", serde_json::json!(101)), ("seq", serde_json::json!(0))];
         for (field, value) in broken {
             let mut bad = json.clone();
             bad[field] = value;
@@ -644,7 +660,10 @@ mod tests {
         }
         let failed = queued.apply(JobChange::canceled()).unwrap();
         let json = serde_json::to_value(&failed).unwrap();
-        assert_eq!((json["error"].as_str(), json["error_code"].as_str(), json["message"].as_str()), (Some("The mix was canceled"), Some("CANCELED"), Some("The mix was canceled")));
+        assert_eq!(
+            (json["error"].as_str(), json["error_code"].as_str(), json["message"].as_str()),
+            (Some("The mix was canceled"), Some("CANCELED"), Some("The mix was canceled"))
+        );
         assert_eq!(serde_json::from_value::<JobStatus>(json).unwrap(), failed);
     }
 

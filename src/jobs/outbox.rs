@@ -140,7 +140,9 @@ impl Outbox {
 
     /// How many deliveries are pending, and when the oldest of them was made (unix ms).
     pub fn backlog(&self) -> Result<(u64, Option<i64>), DbError> {
-        Ok(self.conn().query_row("SELECT COUNT(*), MIN(created_at) FROM webhook_deliveries WHERE next_attempt_at IS NOT NULL", [], |row| Ok((row.get(0)?, row.get(1)?)))?)
+        Ok(self
+            .conn()
+            .query_row("SELECT COUNT(*), MIN(created_at) FROM webhook_deliveries WHERE next_attempt_at IS NOT NULL", [], |row| Ok((row.get(0)?, row.get(1)?)))?)
     }
 }
 

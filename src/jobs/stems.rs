@@ -152,10 +152,7 @@ async fn write_atomically(path: &Path, bytes: Vec<u8>) -> io::Result<()> {
 /// digits, spaces and `._-()` replaced, and no leading dots.
 pub fn sanitize_file_name(raw: &str) -> String {
     let last = raw.rsplit(['/', '\\']).next().unwrap_or_default();
-    let cleaned: String = last
-        .chars()
-        .map(|c| if c.is_alphanumeric() || " ._-()".contains(c) { c } else { '_' })
-        .collect();
+    let cleaned: String = last.chars().map(|c| if c.is_alphanumeric() || " ._-()".contains(c) { c } else { '_' }).collect();
     let trimmed = cleaned.trim().trim_start_matches('.').trim();
     let name: String = trimmed.chars().take(128).collect();
     if name.is_empty() {

@@ -135,7 +135,9 @@ impl Dispatcher {
         self.metrics.count_webhook(outcome);
         match (&result.http_status, &result.error) {
             (Some(status), _) => tracing::info!(webhook_id = %delivery.id, job_id = %delivery.job_id, status, outcome, "webhook attempt"),
-            (None, error) => tracing::info!(webhook_id = %delivery.id, job_id = %delivery.job_id, error = error.as_deref().unwrap_or_default(), outcome, "webhook attempt"),
+            (None, error) => {
+                tracing::info!(webhook_id = %delivery.id, job_id = %delivery.job_id, error = error.as_deref().unwrap_or_default(), outcome, "webhook attempt")
+            }
         }
         if let Err(err) = self.outbox.record(delivery, result) {
             // Not recorded: it stays due and is sent again, which at-least-once allows.

@@ -133,7 +133,11 @@ async fn every_protected_route_refuses_a_missing_or_broken_credential_and_change
             let (status, headers, body) = send(&app, method, path, *credential).await;
             assert_eq!(status, 401, "{method} {path} with {credential:?}: {body}");
             assert_eq!(headers["www-authenticate"], "Bearer");
-            assert_eq!((body["error"].as_str(), body["message"].as_str()), (Some("UNAUTHORIZED"), Some("A valid credential is required")), "never says which check failed");
+            assert_eq!(
+                (body["error"].as_str(), body["message"].as_str()),
+                (Some("UNAUTHORIZED"), Some("A valid credential is required")),
+                "never says which check failed"
+            );
         }
     }
     // A header past hyper's limit is refused before any route runs.
@@ -188,7 +192,12 @@ async fn a_token_has_its_project_and_scope_and_nothing_more() {
     assert_eq!(send(&app, "GET", "/projects/pa/stems", Some(&reader)).await.0, 200);
     // ...and changes nothing.
     let stem_a = stem_id(&app, "pa").await;
-    for (method, path) in [("POST", "/projects/pa/stems".to_string()), ("POST", "/mix/pa/mix/start".to_string()), ("DELETE", format!("/mix/pa/mix/job/{job_a}")), ("DELETE", format!("/projects/pa/stems/{stem_a}"))] {
+    for (method, path) in [
+        ("POST", "/projects/pa/stems".to_string()),
+        ("POST", "/mix/pa/mix/start".to_string()),
+        ("DELETE", format!("/mix/pa/mix/job/{job_a}")),
+        ("DELETE", format!("/projects/pa/stems/{stem_a}")),
+    ] {
         let (status, _, body) = send(&app, method, &path, Some(&reader)).await;
         assert_eq!((status, body["error"].as_str()), (403, Some("FORBIDDEN")), "read token: {method} {path}");
     }
@@ -196,7 +205,8 @@ async fn a_token_has_its_project_and_scope_and_nothing_more() {
     for path in ["/events", "/metrics"] {
         assert_eq!(send(&app, "GET", path, Some(&writer)).await.0, 403, "{path}");
     }
-    let response = anonymous().post(app.url("/tokens")).header("authorization", &writer).json(&json!({"project_id": "pa", "scope": "write", "ttl_s": 60})).send().await.unwrap();
+    let response =
+        anonymous().post(app.url("/tokens")).header("authorization", &writer).json(&json!({"project_id": "pa", "scope": "write", "ttl_s": 60})).send().await.unwrap();
     assert_eq!(response.status(), 403);
     // A write token starts a mix on its own project.
     let response = anonymous().post(app.url("/mix/pa/mix/start")).header("authorization", &writer).send().await.unwrap();
@@ -236,7 +246,10 @@ async fn a_session_cookie_signs_a_browser_in_and_a_foreign_origin_cannot_use_it_
     assert!(cookie.starts_with(&format!("mixd_token={read}; HttpOnly; SameSite=Strict; Path=/")), "{cookie}");
     assert!(!cookie.contains("Secure"), "on loopback the cookie cannot be Secure (no TLS): {cookie}");
     let identity: Value = response.json().await.unwrap();
-    assert_eq!((identity["data"]["kind"].as_str(), identity["data"]["project_id"].as_str(), identity["data"]["scope"].as_str()), (Some("token"), Some("p1"), Some("read")));
+    assert_eq!(
+        (identity["data"]["kind"].as_str(), identity["data"]["project_id"].as_str(), identity["data"]["scope"].as_str()),
+        (Some("token"), Some("p1"), Some("read"))
+    );
     let with_cookie = |path: &str| anonymous().get(app.url(path)).header("cookie", format!("mixd_token={read}"));
     assert_eq!(with_cookie("/mix/p1/mix/jobs").send().await.unwrap().status(), 200);
     assert_eq!(with_cookie("/mix/p2/mix/jobs").send().await.unwrap().status(), 403);

@@ -33,12 +33,8 @@ fn decode(path: &Path) -> Result<StereoBuffer, AudioError> {
 
 /// ffmpeg's decode of a stereo file, as two planes.
 fn ffmpeg_decode(path: &Path) -> StereoBuffer {
-    let output = Command::new("ffmpeg")
-        .args(["-nostdin", "-loglevel", "error", "-i"])
-        .arg(path)
-        .args(["-f", "f32le", "-acodec", "pcm_f32le", "-"])
-        .output()
-        .expect("ffmpeg runs");
+    let output =
+        Command::new("ffmpeg").args(["-nostdin", "-loglevel", "error", "-i"]).arg(path).args(["-f", "f32le", "-acodec", "pcm_f32le", "-"]).output().expect("ffmpeg runs");
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     let samples: Vec<f32> = output.stdout.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect();
     StereoBuffer { left: samples.iter().step_by(2).copied().collect(), right: samples.iter().skip(1).step_by(2).copied().collect() }
@@ -96,10 +92,7 @@ fn m4a_and_wav_copies_of_one_signal_line_up_to_the_sample() {
     let best_lag = (-2048i64..=2048)
         .max_by(|&a, &b| {
             let score = |lag: i64| -> f64 {
-                (0..wav.len() as i64 - 4096)
-                    .step_by(3)
-                    .filter_map(|n| m4a.left.get((n + lag).max(0) as usize).map(|&y| f64::from(wav.left[n as usize] * y)))
-                    .sum()
+                (0..wav.len() as i64 - 4096).step_by(3).filter_map(|n| m4a.left.get((n + lag).max(0) as usize).map(|&y| f64::from(wav.left[n as usize] * y))).sum()
             };
             score(a).total_cmp(&score(b))
         })
@@ -115,10 +108,8 @@ fn the_master_hits_loudness_targets_under_the_true_peak_ceiling_by_ffmpegs_meter
         ("bass.flac", "aevalsrc=0.5*sin(2*PI*55*t)|0.5*sin(2*PI*55*t):s=48000:d=8", vec!["-c:a", "flac"]),
         ("keys.mp3", "anoisesrc=c=pink:a=0.2:r=44100:d=8", vec!["-ac", "2", "-c:a", "libmp3lame"]),
     ];
-    let sources: Vec<StemSource> = stems
-        .iter()
-        .map(|(name, source, args)| StemSource { id: name.to_string(), name: name.to_string(), path: make_audio(dir.path(), name, source, args) })
-        .collect();
+    let sources: Vec<StemSource> =
+        stems.iter().map(|(name, source, args)| StemSource { id: name.to_string(), name: name.to_string(), path: make_audio(dir.path(), name, source, args) }).collect();
     for (target, ceiling) in [(-23.0, -1.0), (-16.0, -1.0), (-14.0, -1.0), (-9.0, -1.0), (-14.0, -2.0)] {
         let mut settings = MixSettings::default();
         settings.master.target_lufs = target;
@@ -159,10 +150,7 @@ fn offsets_and_auto_alignment_move_stems_in_time() {
     let reference = make_audio(dir.path(), "ref.wav", noise, &[]);
     // The same material starting 120 ms late.
     let late = make_audio(dir.path(), "late.wav", noise, &["-af", "adelay=120"]);
-    let stems = [
-        StemSource { id: "ref".into(), name: "ref.wav".into(), path: reference },
-        StemSource { id: "late".into(), name: "late.wav".into(), path: late },
-    ];
+    let stems = [StemSource { id: "ref".into(), name: "ref.wav".into(), path: reference }, StemSource { id: "late".into(), name: "late.wav".into(), path: late }];
     let settings = MixSettings::from_json(br#"{"align": "auto", "tracks": {"ref.wav": {"offset_ms": 10}}}"#).unwrap();
     let (output, temporary) = (dir.path().join("aligned.wav"), dir.path().join(".aligned.wav.partial"));
     let report = audio::mix(&stems, &audio::plan(&stems, settings).unwrap(), &output, &temporary, &Quiet).unwrap();
@@ -218,7 +206,8 @@ fn the_offline_command_mixes_with_a_report_and_fails_cleanly() {
     let a = make_audio(dir.path(), "a.wav", "sine=f=220:r=44100:d=2", &[]);
     let b = make_audio(dir.path(), "b.flac", "sine=f=330:r=48000:d=2", &[]);
     let output = dir.path().join("out.wav");
-    let run = Command::new(env!("CARGO_BIN_EXE_mixd")).arg("mix").arg(&a).arg(&b).arg("-o").arg(&output).args(["--target-lufs", "-16", "--bit-depth", "16"]).output().unwrap();
+    let run =
+        Command::new(env!("CARGO_BIN_EXE_mixd")).arg("mix").arg(&a).arg(&b).arg("-o").arg(&output).args(["--target-lufs", "-16", "--bit-depth", "16"]).output().unwrap();
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
     let stdout = String::from_utf8_lossy(&run.stdout);
     assert!(stdout.contains("integrated") && stdout.contains("LUFS"), "{stdout}");

@@ -42,7 +42,10 @@ pub fn authorized_client() -> reqwest::Client {
 /// Opens a WebSocket with the admin key.
 pub async fn connect_ws(
     url: impl AsRef<str>,
-) -> Result<(tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>, tokio_tungstenite::tungstenite::handshake::client::Response), tokio_tungstenite::tungstenite::Error> {
+) -> Result<
+    (tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>, tokio_tungstenite::tungstenite::handshake::client::Response),
+    tokio_tungstenite::tungstenite::Error,
+> {
     use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let mut request = url.as_ref().into_client_request()?;
     request.headers_mut().insert("authorization", format!("Bearer {ADMIN_KEY}").parse().unwrap());
@@ -159,8 +162,7 @@ pub fn ffmpeg_loudness(path: &Path) -> (f64, f64) {
 
 /// Every rule of the contract that one status, and the step from the previous one, must keep.
 pub fn assert_contract_step(previous: Option<&Value>, status: &Value) {
-    const ORDER: [&str; 10] =
-        ["queued", "running", "loading_stems", "aligning_stems", "processing_tracks", "mixing", "mastering", "exporting", "complete", "error"];
+    const ORDER: [&str; 10] = ["queued", "running", "loading_stems", "aligning_stems", "processing_tracks", "mixing", "mastering", "exporting", "complete", "error"];
     let state = status["state"].as_str().expect("state");
     let rank = ORDER.iter().position(|s| *s == state).unwrap_or_else(|| panic!("unknown state {state}"));
     let progress = status["progress"].as_u64().expect("progress");

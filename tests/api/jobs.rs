@@ -19,7 +19,12 @@ async fn project_with_stems(app: &TestApp, project: &str, seconds: u32) {
 async fn a_mix_is_watched_over_sse_websocket_and_polling_at_once() {
     let app = spawn_app().await;
     project_with_stems(&app, "p1", 6).await;
-    let (status, started) = app.start_mix("p1", Some(json!({"master": {"target_lufs": -16.0}, "tracks": {"bass.flac": {"gain_db": -3, "pan": -0.3, "eq": [{"type": "highpass", "freq_hz": 30}]}}}))).await;
+    let (status, started) = app
+        .start_mix(
+            "p1",
+            Some(json!({"master": {"target_lufs": -16.0}, "tracks": {"bass.flac": {"gain_db": -3, "pan": -0.3, "eq": [{"type": "highpass", "freq_hz": 30}]}}})),
+        )
+        .await;
     assert_eq!(status, 202, "{started}");
     let job = started["data"].clone();
     let job_id = job["job_id"].as_str().unwrap().to_string();

@@ -39,7 +39,14 @@ async fn results_are_served_with_ranges_etags_and_nothing_outside_the_root() {
     assert!(immutable.headers()["cache-control"].to_str().unwrap().contains("immutable"));
 
     // Raw requests, so no client normalises the path first.
-    for path in ["/media/../../../../etc/passwd", "/media/p1/..%2f..%2f..%2fetc/passwd", "/media/%2e%2e/%2e%2e/etc/passwd", "/media/p1/", "/media/p1/mix_outputs", "/media/p1/stems/..%2F..%2F..%2Fetc%2Fpasswd"] {
+    for path in [
+        "/media/../../../../etc/passwd",
+        "/media/p1/..%2f..%2f..%2fetc/passwd",
+        "/media/%2e%2e/%2e%2e/etc/passwd",
+        "/media/p1/",
+        "/media/p1/mix_outputs",
+        "/media/p1/stems/..%2F..%2F..%2Fetc%2Fpasswd",
+    ] {
         let address = app.address.trim_start_matches("http://");
         let mut socket = tokio::net::TcpStream::connect(address).await.unwrap();
         socket.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {ADMIN_KEY}\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
@@ -60,11 +67,19 @@ async fn service_routes_describe_and_report_the_server() {
     let (status, spec) = app.get_json("/openapi.json").await;
     assert_eq!(status, 200);
     let paths = spec["paths"].as_object().unwrap();
-    for path in ["/mix/{project_id}/mix/start", "/mix/{project_id}/mix/job/{job_id}/status", "/projects/{project_id}/mix/status", "/mix/{project_id}/mix/job/{job_id}/events", "/projects/{project_id}/stems"] {
+    for path in [
+        "/mix/{project_id}/mix/start",
+        "/mix/{project_id}/mix/job/{job_id}/status",
+        "/projects/{project_id}/mix/status",
+        "/mix/{project_id}/mix/job/{job_id}/events",
+        "/projects/{project_id}/stems",
+    ] {
         assert!(paths.contains_key(path), "{path} missing from /openapi.json");
     }
     let schema = &spec["components"]["schemas"]["JobStatus"]["properties"];
-    for field in ["job_id", "project_id", "state", "progress", "message", "error", "error_code", "result_url", "queue_position", "seq", "created_at", "updated_at", "report"] {
+    for field in
+        ["job_id", "project_id", "state", "progress", "message", "error", "error_code", "result_url", "queue_position", "seq", "created_at", "updated_at", "report"]
+    {
         assert!(schema.get(field).is_some(), "JobStatus.{field} missing from the schema");
     }
 

@@ -93,7 +93,10 @@ async fn a_completion_in_flight_when_the_server_is_killed_arrives_after_the_rest
     let of_type = |deliveries: &[(HeaderMap, String)], kind: &str| deliveries.iter().find(|(_, body)| body.contains(&format!(r#""type":"{kind}""#))).cloned().unwrap();
     let (start_headers, start_body) = &of_type(&before, "mix.started");
     let start: Value = serde_json::from_str(start_body).unwrap();
-    assert_eq!((start["type"].as_str(), start["data"]["state"].as_str(), start["data"]["job_id"].as_str()), (Some("mix.started"), Some("running"), Some(job_id.as_str())));
+    assert_eq!(
+        (start["type"].as_str(), start["data"]["state"].as_str(), start["data"]["job_id"].as_str()),
+        (Some("mix.started"), Some("running"), Some(job_id.as_str()))
+    );
     let (cut_headers, _) = &of_type(&before, "mix.completed");
     let (again_headers, again_body) = &received[2];
     assert_eq!(again_headers["webhook-id"], cut_headers["webhook-id"], "the retry carries the same webhook-id");
@@ -105,7 +108,8 @@ async fn a_completion_in_flight_when_the_server_is_killed_arrives_after_the_rest
     let (status, attempts) = second.app.get_json(&format!("/mix/p1/mix/job/{job_id}/webhooks")).await;
     assert_eq!(status, 200);
     let attempts = attempts["data"]["attempts"].as_array().unwrap();
-    let summary: Vec<(&str, u64, u64)> = attempts.iter().map(|a| (a["type"].as_str().unwrap(), a["attempt"].as_u64().unwrap(), a["http_status"].as_u64().unwrap())).collect();
+    let summary: Vec<(&str, u64, u64)> =
+        attempts.iter().map(|a| (a["type"].as_str().unwrap(), a["attempt"].as_u64().unwrap(), a["http_status"].as_u64().unwrap())).collect();
     assert_eq!(summary, [("mix.started", 1, 204), ("mix.completed", 1, 204)], "the cut attempt left no record: it was sent again");
     assert!(attempts.iter().all(|a| a["next_attempt_at"].is_null()));
     let metrics = second.app.client.get(second.app.url("/metrics")).send().await.unwrap().text().await.unwrap();
