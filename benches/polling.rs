@@ -11,23 +11,24 @@ use std::time::{Duration, Instant};
 
 const DURATION: &str = "15s";
 
+const ADMIN_KEY: &str = "bench-admin-key-0123456789abcdef-0123456789";
+const TOKEN_KEY: &str = "b1=bench-token-secret-0123456789abcdef-0123";
+
 fn main() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let data = tempfile::tempdir().unwrap();
-    let mixd = common::start_mixd(env!("CARGO_BIN_EXE_mixd"), data.path(), &[], "warn");
-    let address = mixd.address.clone();
-    let stem = data.path().join("stem.wav");
-    run("ffmpeg", &["-nostdin", "-loglevel", "error", "-y", "-f", "lavfi", "-i", "sine=f=440:r=48000:d=2", stem.to_str().unwrap()]);
-    run("curl", &["-sf", "-o", "/dev/null", "-F", &format!("file=@{}", stem.display()), &format!("http://{address}/projects/p1/stems")]);
-    let started = capture("curl", &["-sf", "-X", "POST", &format!("http://{address}/mix/p1/mix/start")]);
-    let job_id = started.split("\"job_id\":\"").nth(1).unwrap().split('"').next().unwrap().to_string();
-    let status_url = format!("http://{address}/mix/p1/mix/job/{job_id}/status");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !capture("curl", &["-sf", &status_url]).contains("\"state\":\"complete\"") {
-        assert!(Instant::now() < deadline, "the mix did not complete");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let ours = wrk(&status_url);
+    let (mixd, status_url, job_id) = finished_job(data.path(), &[], &[]);
+    let ours = wrk(&status_url, None);
+    drop(mixd);
+
+    // The same route with access control on: once with a scoped read token (an HS256 verify per
+    // request), once with an admin key (a SHA-256 and a constant-time compare).
+    let keyed = tempfile::tempdir().unwrap();
+    let admin = format!("authorization: Bearer {ADMIN_KEY}");
+    let (mixd, keyed_url, _) = finished_job(keyed.path(), &["--api-key", ADMIN_KEY, "--token-key", TOKEN_KEY], &["-H", &admin]);
+    let token = capture(env!("CARGO_BIN_EXE_mixd"), &["token", "--project", "p1", "--scope", "read", "--ttl", "1h", "--token-key", TOKEN_KEY]);
+    let with_token = wrk(&keyed_url, Some(&format!("authorization: Bearer {}", token.trim())));
+    let with_key = wrk(&keyed_url, Some(&admin));
     drop(mixd);
 
     let port = free_port();
@@ -44,7 +45,7 @@ fn main() {
         assert!(Instant::now() < deadline, "uvicorn did not start");
         std::thread::sleep(Duration::from_millis(100));
     }
-    let theirs = wrk(&legacy_url);
+    let theirs = wrk(&legacy_url, None);
     legacy.kill().unwrap();
     let _ = legacy.wait();
 
@@ -52,12 +53,44 @@ fn main() {
     println!("|---|---|---|---|");
     println!("| mixd | {:.0} | {} | {} |", ours.0, ours.1, ours.2);
     println!("| legacy FastAPI/uvicorn | {:.0} | {} | {} |", theirs.0, theirs.1, theirs.2);
+    println!("| mixd, scoped token | {:.0} | {} | {} |", with_token.0, with_token.1, with_token.2);
+    println!("| mixd, admin key | {:.0} | {} | {} |", with_key.0, with_key.1, with_key.2);
     println!("throughput ratio mixd/legacy: {:.1}x (wrk -t2 -c64 -d{DURATION}, same machine, same run)", ours.0 / theirs.0);
+    println!(
+        "cost of verifying: token {:.1}%, admin key {:.1}% of the open route's throughput",
+        100.0 * (1.0 - with_token.0 / ours.0),
+        100.0 * (1.0 - with_key.0 / ours.0)
+    );
 }
 
-/// Requests per second and the p50/p99 latencies wrk reports.
-fn wrk(url: &str) -> (f64, String, String) {
-    let output = capture("wrk", &["-t2", "-c64", &format!("-d{DURATION}"), "--latency", url]);
+/// A mixd started with `args`, a finished job on it, that job's status URL and id. `auth` are
+/// curl's arguments for the credential, if the server wants one.
+fn finished_job(data: &Path, args: &[&str], auth: &[&str]) -> (common::Mixd, String, String) {
+    let mixd = common::start_mixd(env!("CARGO_BIN_EXE_mixd"), data, args, "warn");
+    let address = mixd.address.clone();
+    let stem = data.join("stem.wav");
+    run("ffmpeg", &["-nostdin", "-loglevel", "error", "-y", "-f", "lavfi", "-i", "sine=f=440:r=48000:d=2", stem.to_str().unwrap()]);
+    let upload = [auth, &["-sf", "-o", "/dev/null", "-F", &format!("file=@{}", stem.display()), &format!("http://{address}/projects/p1/stems")]].concat();
+    run("curl", &upload);
+    let started = capture("curl", &[auth, &["-sf", "-X", "POST", &format!("http://{address}/mix/p1/mix/start")]].concat());
+    let job_id = started.split("\"job_id\":\"").nth(1).unwrap().split('"').next().unwrap().to_string();
+    let status_url = format!("http://{address}/mix/p1/mix/job/{job_id}/status");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !capture("curl", &[auth, &["-sf", &status_url]].concat()).contains("\"state\":\"complete\"") {
+        assert!(Instant::now() < deadline, "the mix did not complete");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (mixd, status_url, job_id)
+}
+
+/// Requests per second and the p50/p99 latencies wrk reports, with `header` on every request.
+fn wrk(url: &str, header: Option<&str>) -> (f64, String, String) {
+    let mut args = vec!["-t2".to_string(), "-c64".into(), format!("-d{DURATION}"), "--latency".into()];
+    if let Some(header) = header {
+        args.extend(["-H".to_string(), header.to_string()]);
+    }
+    args.push(url.to_string());
+    let output = capture("wrk", &args.iter().map(String::as_str).collect::<Vec<_>>());
     let value = |prefix: &str| output.lines().find_map(|l| l.trim().strip_prefix(prefix).map(|v| v.trim().to_string())).unwrap_or_else(|| panic!("{prefix} in {output}"));
     assert!(!output.contains("Non-2xx"), "{output}");
     (value("Requests/sec:").parse().unwrap(), value("50%"), value("99%"))

@@ -95,9 +95,9 @@ pub struct TokenRequest {
     #[schema(value_type = String, pattern = "^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")]
     pub project_id: ProjectId,
     pub scope: Scope,
-    /// 1 s to 24 h.
-    #[schema(minimum = 1, maximum = 86400)]
-    pub ttl_s: u64,
+    /// 1 s to 24 h, whole seconds (JSON's `60.0` is the integer 60).
+    #[schema(value_type = u64, minimum = 1, maximum = 86400)]
+    pub ttl_s: f64,
     /// Who the token is for, carried as `sub`.
     #[serde(default)]
     pub subject: Option<String>,
@@ -115,10 +115,11 @@ pub struct MintedToken {
     responses((status = 201, body = Envelope<MintedToken>), (status = 400, body = ErrorEnvelope, description = "BAD_REQUEST"),
         (status = 409, body = ErrorEnvelope, description = "NO_TOKEN_KEY"), (status = 422, body = ErrorEnvelope, description = "INVALID_REQUEST")))]
 pub async fn mint(State(app): State<AppState>, ApiJson(request): ApiJson<TokenRequest>) -> Result<Response, ApiError> {
-    if !(1..=MAX_TOKEN_TTL.as_secs()).contains(&request.ttl_s) {
-        return Err(ApiError::InvalidRequest(format!("ttl_s: {} is outside 1..={}", request.ttl_s, MAX_TOKEN_TTL.as_secs())));
+    let ttl_s = request.ttl_s;
+    if ttl_s.fract() != 0.0 || !(1.0..=MAX_TOKEN_TTL.as_secs_f64()).contains(&ttl_s) {
+        return Err(ApiError::InvalidRequest(format!("ttl_s: {ttl_s} is not a whole number of seconds in 1..={}", MAX_TOKEN_TTL.as_secs())));
     }
-    let (token, expires_at) = app.keys.mint(&request.project_id, request.scope, Duration::from_secs(request.ttl_s), request.subject).map_err(|err| match err {
+    let (token, expires_at) = app.keys.mint(&request.project_id, request.scope, Duration::from_secs(ttl_s as u64), request.subject).map_err(|err| match err {
         MintError::NoTokenKey => ApiError::NoTokenKey,
         MintError::Ttl => ApiError::InvalidRequest(err.to_string()),
     })?;

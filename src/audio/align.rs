@@ -42,18 +42,11 @@ pub fn estimate_lag(reference: &[f32], other: &[f32], max_lag: usize) -> Option<
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::audio::buffer::test_noise;
 
-    /// Deterministic noise: a drum-like signal with no periodicity to confuse the search.
+    /// Deterministic noise in -0.5..0.5: a drum-like signal with no periodicity to confuse the search.
     fn noise(frames: usize, seed: u64) -> Vec<f32> {
-        let mut state = seed;
-        (0..frames)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                (state >> 40) as f32 / (1u64 << 24) as f32 - 0.5
-            })
-            .collect()
+        test_noise(frames, seed).into_iter().map(|x| 0.5 * x).collect()
     }
 
     #[test]

@@ -27,3 +27,17 @@ impl StereoBuffer {
         self.right.clear();
     }
 }
+
+/// Deterministic white noise in -1..1 (a xorshift generator): test signals with no periodicity.
+#[cfg(test)]
+pub(crate) fn test_noise(frames: usize, seed: u64) -> Vec<f32> {
+    let mut state = seed;
+    (0..frames)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect()
+}

@@ -178,25 +178,13 @@ impl Limiter {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Deterministic white noise in -1..1 from a xorshift generator.
-    fn noise(frames: usize, seed: u64) -> Vec<f32> {
-        let mut state = seed;
-        (0..frames)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                (state >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-            })
-            .collect()
-    }
+    use crate::audio::buffer::test_noise;
 
     #[test]
     fn frame_peaks_match_a_direct_sum_of_the_taps() {
         // Several tiles, a block boundary, and a last tile cut short.
         let frames = BLOCK + 3 * TILE + 321;
-        let buffer = StereoBuffer { left: noise(frames, 0x9e37_79b9), right: noise(frames, 0x7f4a_7c15) };
+        let buffer = StereoBuffer { left: test_noise(frames, 0x9e37_79b9), right: test_noise(frames, 0x7f4a_7c15) };
         let phases = Interpolator::new().phases;
         // The slow way: in f64, each point a plain sum of taps over the signal, zero outside it.
         let at = |channel: &[f32], k: isize| usize::try_from(k).ok().and_then(|k| channel.get(k)).map_or(0.0, |&x| f64::from(x));
