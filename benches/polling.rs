@@ -70,9 +70,10 @@ fn finished_job(data: &Path, args: &[&str], auth: &[&str]) -> (common::Mixd, Str
     let address = mixd.address.clone();
     let stem = data.join("stem.wav");
     run("ffmpeg", &["-nostdin", "-loglevel", "error", "-y", "-f", "lavfi", "-i", "sine=f=440:r=48000:d=2", stem.to_str().unwrap()]);
-    let upload = [auth, &["-sf", "-o", "/dev/null", "-F", &format!("file=@{}", stem.display()), &format!("http://{address}/projects/p1/stems")]].concat();
-    run("curl", &upload);
-    let started = capture("curl", &[auth, &["-sf", "-X", "POST", &format!("http://{address}/mix/p1/mix/start")]].concat());
+    let (file, stems_url) = (format!("file=@{}", stem.display()), format!("http://{address}/projects/p1/stems"));
+    run("curl", &[auth, &["-sf", "-o", "/dev/null", "-F", &file, &stems_url]].concat());
+    let start_url = format!("http://{address}/mix/p1/mix/start");
+    let started = capture("curl", &[auth, &["-sf", "-X", "POST", &start_url]].concat());
     let job_id = started.split("\"job_id\":\"").nth(1).unwrap().split('"').next().unwrap().to_string();
     let status_url = format!("http://{address}/mix/p1/mix/job/{job_id}/status");
     let deadline = Instant::now() + Duration::from_secs(60);
