@@ -101,7 +101,12 @@ pub async fn authorize(State(app): State<AppState>, request: Request, next: Next
         if is_upgrade && !origin_allowed(&app, &parts.headers) {
             return Err(ApiError::Forbidden);
         }
-        authenticate(&app, &parts, rule)?
+        match authenticate(&app, &parts, rule) {
+            Ok(caller) => caller,
+            // Signing in or out must work with a stale cookie still in the browser.
+            Err(_) if rule.need == Need::Nothing => Caller::Open,
+            Err(refused) => return Err(refused),
+        }
     } else {
         if app.config.addr.ip().is_loopback() && !host_is_loopback(&parts) {
             return Err(ApiError::Forbidden);
@@ -162,11 +167,7 @@ fn authenticate(app: &AppState, parts: &axum::http::request::Parts, rule: Rule) 
             _ => Err(ApiError::Unauthorized),
         };
     }
-    if rule.need == Need::Nothing {
-        Ok(Caller::Open)
-    } else {
-        Err(ApiError::Unauthorized)
-    }
+    Err(ApiError::Unauthorized)
 }
 
 /// The credential of `Bearer <credential>`; the scheme is case-insensitive (RFC 9110).

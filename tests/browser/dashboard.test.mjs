@@ -194,6 +194,8 @@ test('with keys configured the page asks for a credential, shows who is signed i
     await page.goto(`${secured.base}/`);
     await page.waitForSelector('#sign-in:not([hidden])');
     assert.equal(await page.isVisible('#workspace'), false);
+    mkdirSync(artifacts, { recursive: true });
+    await page.screenshot({ path: path.join(artifacts, 'sign-in.png') });
     await page.fill('#credential', 'not-a-token');
     await page.click('#sign-in-form button[type=submit]');
     await page.waitForFunction(() => document.querySelector('#sign-in-error').textContent.includes('not valid'));
