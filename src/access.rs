@@ -5,6 +5,8 @@
 //! or `write` (which includes read) on one project until its `exp`. Keys are compared in constant
 //! time, and nothing here logs or returns a secret, or says which check a credential failed.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
@@ -77,7 +79,7 @@ pub enum Caller {
     /// No keys are configured: the server is open to whoever can reach it.
     Open,
     Admin,
-    Token(Grant),
+    Token(Arc<Grant>),
 }
 
 /// A verified token's rights.
@@ -139,12 +141,42 @@ struct Claims {
 #[error("the credential is missing, malformed, expired or not recognised")]
 pub struct Unverified;
 
-/// The configured admin keys and token keys.
+/// The configured admin keys and token keys; cheap to clone.
 #[derive(Clone)]
 pub struct Keys {
+    inner: Arc<KeySet>,
+}
+
+struct KeySet {
     /// SHA-256 of each admin key: comparing digests in constant time does not leak a key's length.
     admin: Vec<[u8; 32]>,
     tokens: Vec<SigningKey>,
+    verified: VerifiedTokens,
+}
+
+/// Tokens that already verified, with their grants: a client that polls or reconnects with the
+/// same token pays for the signature check once, not on every request. Only tokens whose
+/// signature checked out are kept (the whole token is the key, so a tampered one misses), and
+/// expiry is checked on every hit. Bounded: when full it is emptied and refills.
+#[derive(Default)]
+struct VerifiedTokens {
+    grants: Mutex<HashMap<Box<str>, Arc<Grant>>>,
+}
+
+const VERIFIED_TOKENS: usize = 4096;
+
+impl VerifiedTokens {
+    fn get(&self, token: &str) -> Option<Arc<Grant>> {
+        self.grants.lock().expect("never poisoned").get(token).cloned()
+    }
+
+    fn insert(&self, token: &str, grant: Arc<Grant>) {
+        let mut grants = self.grants.lock().expect("never poisoned");
+        if grants.len() >= VERIFIED_TOKENS {
+            grants.clear();
+        }
+        grants.insert(token.into(), grant);
+    }
 }
 
 #[derive(Clone)]
@@ -170,31 +202,37 @@ impl Keys {
                 }
             })
             .collect();
-        Self { admin: admin_keys.iter().map(|key| digest(key.expose())).collect(), tokens }
+        let admin = admin_keys.iter().map(|key| digest(key.expose())).collect();
+        Self { inner: Arc::new(KeySet { admin, tokens, verified: VerifiedTokens::default() }) }
     }
 
     /// Whether any key is configured: without one, access control is off.
     pub fn any(&self) -> bool {
-        !self.admin.is_empty() || !self.tokens.is_empty()
+        !self.inner.admin.is_empty() || !self.inner.tokens.is_empty()
     }
 
     /// Who `credential` (an admin key or a token) is.
     pub fn verify(&self, credential: &str) -> Result<Caller, Unverified> {
         let presented = digest(credential);
         // Every key is compared, so the time taken does not tell which one matched.
-        let is_admin = self.admin.iter().fold(subtle::Choice::from(0), |found, key| found | key.ct_eq(&presented));
+        let is_admin = self.inner.admin.iter().fold(subtle::Choice::from(0), |found, key| found | key.ct_eq(&presented));
         if bool::from(is_admin) {
             return Ok(Caller::Admin);
         }
-        self.verify_token(credential).map(Caller::Token)
+        if let Some(grant) = self.inner.verified.get(credential) {
+            return if grant.expires_at > SystemTime::now() { Ok(Caller::Token(grant)) } else { Err(Unverified) };
+        }
+        let grant = Arc::new(self.verify_token(credential)?);
+        self.inner.verified.insert(credential, grant.clone());
+        Ok(Caller::Token(grant))
     }
 
     fn verify_token(&self, token: &str) -> Result<Grant, Unverified> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| Unverified)?;
         let key = match &header.kid {
-            Some(kid) => self.tokens.iter().find(|key| key.kid == *kid),
+            Some(kid) => self.inner.tokens.iter().find(|key| key.kid == *kid),
             // Without a kid a token is only unambiguous when there is one key.
-            None if self.tokens.len() == 1 => self.tokens.first(),
+            None if self.inner.tokens.len() == 1 => self.inner.tokens.first(),
             None => None,
         }
         .ok_or(Unverified)?;
@@ -210,7 +248,7 @@ impl Keys {
 
     /// A token for `project` with `scope`, living `ttl`, signed with the first token key.
     pub fn mint(&self, project: &ProjectId, scope: Scope, ttl: Duration, subject: Option<String>) -> Result<(String, SystemTime), MintError> {
-        let key = self.tokens.first().ok_or(MintError::NoTokenKey)?;
+        let key = self.inner.tokens.first().ok_or(MintError::NoTokenKey)?;
         if ttl.is_zero() || ttl > MAX_TOKEN_TTL {
             return Err(MintError::Ttl);
         }
@@ -260,7 +298,7 @@ mod tests {
         assert_eq!(keys.verify(&"k".repeat(31)), Err(Unverified));
         let (token, expires_at) = keys.mint(&project("p1"), Scope::Read, Duration::from_secs(60), Some("user-7".into())).unwrap();
         let Ok(Caller::Token(grant)) = keys.verify(&token) else { panic!("the minted token verifies") };
-        assert_eq!((grant.project, grant.scope, grant.subject.as_deref(), grant.expires_at), (project("p1"), Scope::Read, Some("user-7"), expires_at));
+        assert_eq!((grant.project.clone(), grant.scope, grant.subject.as_deref(), grant.expires_at), (project("p1"), Scope::Read, Some("user-7"), expires_at));
         let caller = keys.verify(&token).unwrap();
         assert!(caller.may(Right::Read, Some(&project("p1"))));
         assert!(!caller.may(Right::Write, Some(&project("p1"))), "read does not include write");
@@ -268,6 +306,21 @@ mod tests {
         assert!(!caller.may(Right::Admin, None));
         let (writer, _) = keys.mint(&project("p1"), Scope::Write, Duration::from_secs(60), None).unwrap();
         assert!(keys.verify(&writer).unwrap().may(Right::Read, Some(&project("p1"))), "write includes read");
+    }
+
+    #[test]
+    fn a_verified_token_is_remembered_but_still_expires_and_a_tampered_one_is_not_taken_for_it() {
+        let keys = keys();
+        let (token, _) = keys.mint(&project("p1"), Scope::Read, Duration::from_secs(1), None).unwrap();
+        assert!(matches!(keys.verify(&token), Ok(Caller::Token(_))));
+        assert!(matches!(keys.verify(&token), Ok(Caller::Token(_))), "from the cache");
+        let mut tampered = token.clone();
+        tampered.pop();
+        assert_eq!(keys.verify(&tampered), Err(Unverified));
+        // A grant past its expiry is refused even when remembered.
+        let expired = Arc::new(Grant { project: project("p1"), scope: Scope::Write, subject: None, expires_at: SystemTime::now() - Duration::from_secs(1) });
+        keys.inner.verified.insert("remembered", expired);
+        assert_eq!(keys.verify("remembered"), Err(Unverified));
     }
 
     #[test]

@@ -67,7 +67,7 @@ impl Application {
             DispatcherConfig { secret: webhook_secret.clone(), allow_private: config.webhook_allow_private, concurrency: WEBHOOK_CONCURRENCY, timeout: WEBHOOK_TIMEOUT };
         let dispatcher = Dispatcher::new(jobs.outbox().clone(), jobs.metrics().clone(), dispatcher).context("building the webhook client")?;
         tokio::spawn(dispatcher.run(shutdown.clone()));
-        let state = AppState { jobs, stems: StemStore::new(layout.clone()), layout, keys, webhook_secret, config: Arc::new(config), shutdown };
+        let state = AppState { jobs, stems: StemStore::new(layout.clone()), layout, keys, webhook_secret: Arc::new(webhook_secret), config: Arc::new(config), shutdown };
         Ok(Self { listener, state })
     }
 

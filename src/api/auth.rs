@@ -93,8 +93,10 @@ struct AccessTokenQuery {
 /// The layer: checks the request against its route's rule, then runs it with its [`Caller`].
 pub async fn authorize(State(app): State<AppState>, request: Request, next: Next) -> Result<Response, ApiError> {
     let (mut parts, body) = request.into_parts();
-    let route = parts.extensions.get::<MatchedPath>().map(|m| m.as_str().strip_prefix("/api").unwrap_or(m.as_str()).to_string()).unwrap_or_default();
-    let rule = rule(&parts.method, &route);
+    let rule = {
+        let route = parts.extensions.get::<MatchedPath>().map_or("", MatchedPath::as_str);
+        rule(&parts.method, route.strip_prefix("/api").unwrap_or(route))
+    };
     let is_upgrade = rule.websocket && parts.headers.get(header::UPGRADE).is_some();
 
     let caller = if app.keys.any() {
@@ -187,18 +189,17 @@ pub fn session_cookie(headers: &HeaderMap) -> Option<&str> {
         .filter(|value| !value.is_empty())
 }
 
-/// The host a request is addressed to, without its port.
-fn request_host(parts: &axum::http::request::Parts) -> Option<String> {
-    let authority = parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string).or_else(|| parts.uri.authority().map(|a| a.to_string()))?;
-    let host = match authority.strip_prefix('[') {
-        Some(bracketed) => bracketed.split(']').next()?.to_string(),
-        None => authority.rsplit_once(':').map_or(authority.as_str(), |(host, _)| host).to_string(),
-    };
-    Some(host.to_ascii_lowercase())
-}
-
+/// Whether the request is addressed to a loopback name or address (its `Host`, or the authority
+/// of an HTTP/2 request), port aside.
 fn host_is_loopback(parts: &axum::http::request::Parts) -> bool {
-    request_host(parts).is_some_and(|host| host == "localhost" || host.ends_with(".localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback()))
+    let authority = parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).or_else(|| parts.uri.authority().map(|a| a.as_str()));
+    let Some(authority) = authority else { return false };
+    let host = match authority.strip_prefix('[') {
+        Some(bracketed) => bracketed.split(']').next().unwrap_or_default(),
+        None => authority.rsplit_once(':').map_or(authority, |(host, _)| host),
+    };
+    let ends_with = |suffix: &str| host.len() >= suffix.len() && host[host.len() - suffix.len()..].eq_ignore_ascii_case(suffix);
+    host.eq_ignore_ascii_case("localhost") || ends_with(".localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 /// No `Origin` (not a browser), the server's own, or one listed with `--allowed-origin`.

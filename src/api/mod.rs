@@ -35,7 +35,7 @@ pub struct AppState {
     pub stems: StemStore,
     pub layout: MediaLayout,
     pub keys: Keys,
-    pub webhook_secret: WebhookSecret,
+    pub webhook_secret: Arc<WebhookSecret>,
     pub config: Arc<Config>,
     /// Cancelled when the server shuts down: every open stream ends.
     pub shutdown: CancellationToken,

@@ -16,6 +16,7 @@
 
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::model::{JobId, ProjectId, StemId};
@@ -31,9 +32,10 @@ const RECORD_PREFIX: &str = ".record-";
 const RESULT_PREFIX: &str = ".final_mix.";
 const TEMPORARY_PREFIXES: [&str; 3] = [UPLOAD_PREFIX, RECORD_PREFIX, RESULT_PREFIX];
 
+/// Cheap to clone: every request's state holds one.
 #[derive(Debug, Clone)]
 pub struct MediaLayout {
-    root: PathBuf,
+    root: Arc<Path>,
 }
 
 /// A file the media route may serve.
@@ -46,7 +48,7 @@ pub struct MediaFile {
 
 impl MediaLayout {
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into() }
+        Self { root: Arc::from(root.into()) }
     }
 
     pub fn root(&self) -> &Path {
@@ -169,7 +171,7 @@ impl MediaLayout {
     /// until the oldest one left is due. The newest result is its own file and stays.
     pub fn remove_old_results(&self, retention: Duration) -> io::Result<Option<Duration>> {
         let mut next_due: Option<Duration> = None;
-        for project in std::fs::read_dir(&self.root)? {
+        for project in std::fs::read_dir(&*self.root)? {
             let Ok(jobs) = std::fs::read_dir(project?.path().join(OUTPUTS_DIR)) else { continue };
             for job in jobs {
                 let dir = job?.path();
