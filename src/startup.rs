@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::access::Keys;
-use crate::api::{router, AppState};
+use crate::api::{router, App, AppState};
 use crate::config::Config;
 use crate::jobs::{Jobs, JobsConfig, MediaLayout, StemStore, EVENT_BUFFER};
 use crate::webhooks::{Dispatcher, DispatcherConfig, WebhookSecret};
@@ -67,7 +67,7 @@ impl Application {
             DispatcherConfig { secret: webhook_secret.clone(), allow_private: config.webhook_allow_private, concurrency: WEBHOOK_CONCURRENCY, timeout: WEBHOOK_TIMEOUT };
         let dispatcher = Dispatcher::new(jobs.outbox().clone(), jobs.metrics().clone(), dispatcher).context("building the webhook client")?;
         tokio::spawn(dispatcher.run(shutdown.clone()));
-        let state = AppState { jobs, stems: StemStore::new(layout.clone()), layout, keys, webhook_secret: Arc::new(webhook_secret), config: Arc::new(config), shutdown };
+        let state = AppState::new(App { jobs, stems: StemStore::new(layout.clone()), layout, keys, webhook_secret, config: Arc::new(config), shutdown });
         Ok(Self { listener, state })
     }
 

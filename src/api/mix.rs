@@ -1,6 +1,8 @@
 //! Mix jobs over HTTP: start, status (both the contract's path and the legacy frontend's), the
 //! project's jobs, cancel and the newest complete mix.
 
+use std::sync::Arc;
+
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
@@ -13,7 +15,7 @@ use super::error::{body_error, respond, ApiError, Envelope, ErrorEnvelope};
 use super::extract::{ApiQuery, JobPath, ProjectPath};
 use super::AppState;
 use crate::audio::{MixReport, MixSettings};
-use crate::jobs::{Attempt, JobId, JobStatus, ProjectId, Submitted, WebhookSpec};
+use crate::jobs::{Attempt, JobEvent, JobId, JobStatus, ProjectId, Submitted, WebhookSpec};
 use crate::webhooks::check_url;
 
 const STATUS_MESSAGE: &str = "Job status retrieved successfully";
@@ -145,7 +147,7 @@ fn split_webhook(body: &[u8], allow_private: bool) -> Result<(Vec<u8>, Option<We
         (status = 404, body = ErrorEnvelope, description = "JOB_NOT_FOUND, also for a job of another project"),
         (status = 500, body = ErrorEnvelope, description = "JOB_STATUS_ERROR")))]
 pub async fn job_status(State(app): State<AppState>, JobPath { project_id, job_id }: JobPath) -> Result<Response, ApiError> {
-    let status = find_job(&app, &project_id, job_id).map_err(ApiError::on_status_route)?;
+    let status = find_published(&app, &project_id, job_id).map_err(ApiError::on_status_route)?;
     Ok(status_response(status))
 }
 
@@ -160,7 +162,7 @@ pub async fn job_status(State(app): State<AppState>, JobPath { project_id, job_i
         (status = 500, body = ErrorEnvelope, description = "JOB_STATUS_ERROR")))]
 pub async fn legacy_status(State(app): State<AppState>, ProjectPath { project_id }: ProjectPath, ApiQuery(query): ApiQuery<StatusQuery>) -> Result<Response, ApiError> {
     let status = match query.job_id {
-        Some(job_id) => job_id.parse().map_err(ApiError::from).and_then(|job_id| find_job(&app, &project_id, job_id)),
+        Some(job_id) => job_id.parse().map_err(ApiError::from).and_then(|job_id| find_published(&app, &project_id, job_id)),
         None => newest_job(&app, &project_id),
     };
     Ok(status_response(status.map_err(ApiError::on_status_route)?))
@@ -220,14 +222,21 @@ pub(super) fn find_job(app: &AppState, project: &ProjectId, job_id: JobId) -> Re
     app.jobs.get(job_id).filter(|status| status.project_id() == project).ok_or(ApiError::JobNotFound)
 }
 
-fn newest_job(app: &AppState, project: &ProjectId) -> Result<JobStatus, ApiError> {
-    app.jobs.for_project(project).into_iter().next().ok_or(ApiError::NoMixJobs)
+/// The job's status as published, if it is this project's.
+fn find_published(app: &AppState, project: &ProjectId, job_id: JobId) -> Result<Arc<JobEvent>, ApiError> {
+    app.jobs.published(job_id).filter(|event| event.status.project_id() == project).ok_or(ApiError::JobNotFound)
 }
 
-fn status_response(status: JobStatus) -> Response {
-    let finished = status.state().is_terminal();
-    let response = respond(StatusCode::OK, status, STATUS_MESSAGE);
-    if finished {
+fn newest_job(app: &AppState, project: &ProjectId) -> Result<Arc<JobEvent>, ApiError> {
+    app.jobs.newest_published(project).ok_or(ApiError::NoMixJobs)
+}
+
+/// The envelope around the status's published JSON: the same bytes `respond` would write, without
+/// cloning or serialising the status again for every poll.
+fn status_response(event: Arc<JobEvent>) -> Response {
+    let body = format!(r#"{{"ok":true,"data":{},"error":null,"message":"{STATUS_MESSAGE}"}}"#, event.json);
+    let response = ([(header::CONTENT_TYPE, "application/json")], body).into_response();
+    if event.status.state().is_terminal() {
         response
     } else {
         ([(header::RETRY_AFTER, "1")], response).into_response()

@@ -240,6 +240,16 @@ impl Jobs {
         self.lock().jobs.get(&job_id).map(|r| r.status().clone())
     }
 
+    /// A job's status as it was last published, serialised once for everyone who asks.
+    pub fn published(&self, job_id: JobId) -> Option<Arc<JobEvent>> {
+        self.lock().jobs.get(&job_id).map(|r| r.published.clone())
+    }
+
+    /// The project's newest job, as last published.
+    pub fn newest_published(&self, project: &ProjectId) -> Option<Arc<JobEvent>> {
+        self.lock().jobs.values().filter(|r| r.status().project_id() == project).max_by_key(|r| r.status().created_at()).map(|r| r.published.clone())
+    }
+
     /// The project's jobs, newest first.
     pub fn for_project(&self, project: &ProjectId) -> Vec<JobStatus> {
         let mut jobs: Vec<JobStatus> = self.lock().jobs.values().map(JobRecord::status).filter(|s| s.project_id() == project).cloned().collect();
