@@ -1,6 +1,7 @@
 //! Job state and events: the validated job model, the store with its mixer slots and expiry (kept
-//! in SQLite so jobs survive restarts), the stems of each project, the layout of the data root,
-//! and the subscription core the live streams are built on.
+//! in SQLite so jobs survive restarts), the webhook outbox written with each change, the stems of
+//! each project, the layout of the data root, and the subscription core the live streams are
+//! built on.
 
 mod db;
 mod engine;
