@@ -15,7 +15,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{check_url, is_public, retry_delay, WebhookSecret};
-use crate::jobs::{AttemptResult, Metrics, Outbox, PendingDelivery};
+use crate::jobs::{AttemptResult, DbError, Metrics, Outbox, PendingDelivery};
 
 /// A receiver's answer is read this far and no further: only its status matters.
 const MAX_RESPONSE_BYTES: usize = 4 * 1024;
@@ -84,26 +84,31 @@ impl Dispatcher {
     /// start: delivery is at least once, and the `webhook-id` lets a receiver drop the repeat.
     pub async fn run(self, shutdown: CancellationToken) {
         let this = Arc::new(self);
-        let mut in_flight: JoinSet<(PendingDelivery, AttemptResult)> = JoinSet::new();
+        let mut in_flight: JoinSet<String> = JoinSet::new();
         let mut sending: HashSet<String> = HashSet::new();
         loop {
             let free = this.config.concurrency.saturating_sub(in_flight.len());
-            let due = if free > 0 { this.outbox.due(this.clock.now_ms(), free, &sending) } else { Ok(Vec::new()) };
-            match due {
-                Ok(due) => {
+            // The outbox is SQLite, which may wait on the job store's writes: off the runtime.
+            let (outbox, mut excluded, now) = (this.outbox.clone(), sending.clone(), this.clock.now_ms());
+            let read = tokio::task::spawn_blocking(move || {
+                let due = if free > 0 { outbox.due(now, free, &excluded)? } else { Vec::new() };
+                excluded.extend(due.iter().map(|delivery| delivery.id.clone()));
+                Ok::<_, DbError>((due, outbox.next_due(&excluded)?))
+            });
+            let next_due = match read.await.expect("reading the outbox does not panic") {
+                Ok((due, next_due)) => {
                     for delivery in due {
                         sending.insert(delivery.id.clone());
                         let dispatcher = this.clone();
                         in_flight.spawn(async move {
                             let result = dispatcher.attempt(&delivery).await;
-                            (delivery, result)
+                            let id = delivery.id.clone();
+                            let _ = tokio::task::spawn_blocking(move || dispatcher.finish(&delivery, &result)).await;
+                            id
                         });
                     }
+                    next_due.map(|ms| this.clock.instant_at(ms))
                 }
-                Err(err) => tracing::error!(%err, "could not read the webhook outbox"),
-            }
-            let next_due = match this.outbox.next_due(&sending) {
-                Ok(next) => next.map(|ms| this.clock.instant_at(ms)),
                 Err(err) => {
                     tracing::error!(%err, "could not read the webhook outbox");
                     Some(Instant::now() + Duration::from_secs(5))
@@ -119,9 +124,9 @@ impl Dispatcher {
             };
             tokio::select! {
                 Some(finished) = in_flight.join_next(), if !in_flight.is_empty() => {
-                    let Ok((delivery, result)) = finished else { continue };
-                    sending.remove(&delivery.id);
-                    this.finish(&delivery, &result);
+                    if let Ok(id) = finished {
+                        sending.remove(&id);
+                    }
                 }
                 _ = sleep => {}
                 _ = this.outbox.woken() => {}
@@ -130,6 +135,7 @@ impl Dispatcher {
         }
     }
 
+    /// Counts and records what an attempt came to (blocking: SQLite).
     fn finish(&self, delivery: &PendingDelivery, result: &AttemptResult) {
         let outcome = result.outcome.unwrap_or("retry");
         self.metrics.count_webhook(outcome);
