@@ -105,9 +105,17 @@ async fn a_completion_in_flight_when_the_server_is_killed_arrives_after_the_rest
     assert_eq!((completed["type"].as_str(), completed["data"]["state"].as_str()), (Some("mix.completed"), Some("complete")));
     assert_eq!(completed["data"]["result_url"], statuses.last().unwrap()["result_url"]);
 
-    let (status, attempts) = second.app.get_json(&format!("/mix/p1/mix/job/{job_id}/webhooks")).await;
-    assert_eq!(status, 200);
-    let attempts = attempts["data"]["attempts"].as_array().unwrap();
+    // The attempt is recorded once the receiver has answered: wait for it.
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let attempts = loop {
+        let (status, body) = second.app.get_json(&format!("/mix/p1/mix/job/{job_id}/webhooks")).await;
+        assert_eq!(status, 200);
+        let attempts = body["data"]["attempts"].as_array().unwrap().clone();
+        if attempts.len() >= 2 || tokio::time::Instant::now() > deadline {
+            break attempts;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
     let summary: Vec<(&str, u64, u64)> =
         attempts.iter().map(|a| (a["type"].as_str().unwrap(), a["attempt"].as_u64().unwrap(), a["http_status"].as_u64().unwrap())).collect();
     assert_eq!(summary, [("mix.started", 1, 204), ("mix.completed", 1, 204)], "the cut attempt left no record: it was sent again");
