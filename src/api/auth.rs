@@ -72,7 +72,7 @@ fn rule(method: &Method, route: &str) -> Rule {
         ("GET", "/mix/{project_id}/mix/job/{job_id}/ws" | "/mix/{project_id}/mix/ws") => websocket(read),
         ("GET", "/events") => stream(admin),
         ("GET", "/ws") => websocket(admin),
-        ("GET", "/metrics" | "/webhooks/secret") | ("POST", "/tokens") => plain(admin),
+        // `/metrics`, `/webhooks/secret`, `POST /tokens`, and any route not listed above.
         _ => plain(admin),
     }
 }
@@ -179,7 +179,7 @@ fn bearer(value: &str) -> Option<&str> {
     (scheme.eq_ignore_ascii_case("bearer") && !credential.is_empty()).then_some(credential)
 }
 
-pub fn session_cookie(headers: &HeaderMap) -> Option<&str> {
+fn session_cookie(headers: &HeaderMap) -> Option<&str> {
     headers
         .get_all(header::COOKIE)
         .iter()

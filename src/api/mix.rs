@@ -147,7 +147,7 @@ fn split_webhook(body: &[u8], allow_private: bool) -> Result<(Vec<u8>, Option<We
         (status = 404, body = ErrorEnvelope, description = "JOB_NOT_FOUND, also for a job of another project"),
         (status = 500, body = ErrorEnvelope, description = "JOB_STATUS_ERROR")))]
 pub async fn job_status(State(app): State<AppState>, JobPath { project_id, job_id }: JobPath) -> Result<Response, ApiError> {
-    let status = find_published(&app, &project_id, job_id).map_err(ApiError::on_status_route)?;
+    let status = find_job(&app, &project_id, job_id).map_err(ApiError::on_status_route)?;
     Ok(status_response(status))
 }
 
@@ -162,7 +162,7 @@ pub async fn job_status(State(app): State<AppState>, JobPath { project_id, job_i
         (status = 500, body = ErrorEnvelope, description = "JOB_STATUS_ERROR")))]
 pub async fn legacy_status(State(app): State<AppState>, ProjectPath { project_id }: ProjectPath, ApiQuery(query): ApiQuery<StatusQuery>) -> Result<Response, ApiError> {
     let status = match query.job_id {
-        Some(job_id) => job_id.parse().map_err(ApiError::from).and_then(|job_id| find_published(&app, &project_id, job_id)),
+        Some(job_id) => job_id.parse().map_err(ApiError::from).and_then(|job_id| find_job(&app, &project_id, job_id)),
         None => newest_job(&app, &project_id),
     };
     Ok(status_response(status.map_err(ApiError::on_status_route)?))
@@ -218,12 +218,8 @@ pub async fn preview(State(app): State<AppState>, ProjectPath { project_id }: Pr
     Ok(respond(StatusCode::OK, newest, "Mix preview retrieved successfully"))
 }
 
-pub(super) fn find_job(app: &AppState, project: &ProjectId, job_id: JobId) -> Result<JobStatus, ApiError> {
-    app.jobs.get(job_id).filter(|status| status.project_id() == project).ok_or(ApiError::JobNotFound)
-}
-
 /// The job's status as published, if it is this project's.
-fn find_published(app: &AppState, project: &ProjectId, job_id: JobId) -> Result<Arc<JobEvent>, ApiError> {
+pub(super) fn find_job(app: &AppState, project: &ProjectId, job_id: JobId) -> Result<Arc<JobEvent>, ApiError> {
     app.jobs.published(job_id).filter(|event| event.status.project_id() == project).ok_or(ApiError::JobNotFound)
 }
 

@@ -64,12 +64,17 @@ pub async fn create(State(app): State<AppState>, ApiJson(request): ApiJson<Sessi
         return Err(ApiError::BadRequest("this credential cannot be kept in a cookie: send it in the Authorization header".into()));
     }
     let max_age = caller.expires_at().map(|at| at.duration_since(SystemTime::now()).unwrap_or_default().as_secs());
+    Ok(with_session_cookie(&app, respond(StatusCode::OK, Identity::of(&caller), "Signed in"), &request.token, max_age))
+}
+
+/// Sets the session cookie: `HttpOnly` (no script reads it), `SameSite=Strict` (no other site's
+/// page sends it), `Secure` unless the server is on loopback (where there is no TLS to require).
+fn with_session_cookie(app: &AppState, mut response: Response, value: &str, max_age: Option<u64>) -> Response {
     let secure = if app.config.addr.ip().is_loopback() { "" } else { "; Secure" };
     let lifetime = max_age.map(|seconds| format!("; Max-Age={seconds}")).unwrap_or_default();
-    let cookie = format!("{SESSION_COOKIE}={}; HttpOnly; SameSite=Strict; Path=/{secure}{lifetime}", request.token);
-    let mut response = respond(StatusCode::OK, Identity::of(&caller), "Signed in");
-    response.headers_mut().insert(header::SET_COOKIE, HeaderValue::from_str(&cookie).expect("checked cookie-safe"));
-    Ok(response)
+    let cookie = format!("{SESSION_COOKIE}={value}; HttpOnly; SameSite=Strict; Path=/{secure}{lifetime}");
+    response.headers_mut().insert(header::SET_COOKIE, HeaderValue::from_str(&cookie).expect("callers pass cookie-safe values"));
+    response
 }
 
 /// Who the request's credential is.
@@ -82,11 +87,7 @@ pub async fn show(Extension(caller): Extension<Caller>) -> Response {
 /// Clears the session cookie.
 #[utoipa::path(delete, path = "/session", tag = "access", responses((status = 200, headers(("Set-Cookie" = String)))))]
 pub async fn delete(State(app): State<AppState>) -> Response {
-    let secure = if app.config.addr.ip().is_loopback() { "" } else { "; Secure" };
-    let cookie = format!("{SESSION_COOKIE}=; HttpOnly; SameSite=Strict; Path=/{secure}; Max-Age=0");
-    let mut response = respond(StatusCode::OK, serde_json::Map::new(), "Signed out");
-    response.headers_mut().insert(header::SET_COOKIE, HeaderValue::from_str(&cookie).expect("a plain cookie"));
-    response
+    with_session_cookie(&app, respond(StatusCode::OK, serde_json::Map::new(), "Signed out"), "", Some(0))
 }
 
 #[derive(Deserialize, ToSchema)]

@@ -87,7 +87,7 @@ pub async fn job_sse(
     ApiQuery(query): ApiQuery<ResumeQuery>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let status = find_job(&app, &project_id, job_id)?;
+    let status = &find_job(&app, &project_id, job_id)?.status;
     let resume_after = headers.get("last-event-id").and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok()).or(query.last_event_id);
     if status.state().is_terminal() && resume_after.is_some_and(|seq| seq >= status.seq()) {
         // 204 is what stops an EventSource from reconnecting.

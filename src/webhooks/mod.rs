@@ -44,7 +44,8 @@ impl WebhookSecret {
         Ok(Self { text: text.trim().to_string(), key })
     }
 
-    /// A new random secret (32 bytes from two v4 UUIDs' random bits and the OS generator behind them).
+    /// A new random secret: 32 bytes from two v4 UUIDs, 244 of whose bits come from the OS
+    /// generator (the other 12 are the UUID version and variant).
     pub fn generate() -> Self {
         let key: Vec<u8> = [uuid::Uuid::new_v4(), uuid::Uuid::new_v4()].iter().flat_map(|u| *u.as_bytes()).collect();
         Self { text: format!("{SECRET_PREFIX}{}", STANDARD.encode(&key)), key }
