@@ -19,9 +19,18 @@ pub struct Config {
     /// Data root: stems, mix outputs. Served under /media.
     #[arg(long, env = "MIXD_DATA_DIR", default_value = "media")]
     pub data_dir: PathBuf,
-    /// Mixes that run at once; default: the number of CPUs.
+    /// Mixes that run at once on this node; default: the number of CPUs. 0: this node takes no
+    /// mixes (it serves, and others mix).
     #[arg(long, env = "MIXD_MIX_SLOTS")]
     pub mix_slots: Option<usize>,
+    /// PostgreSQL shared by every node of a cluster (`postgres://user@host/db`); default: the
+    /// embedded SQLite store in the data dir, for one node.
+    #[arg(long, env = "MIXD_DATABASE_URL", value_parser = DatabaseUrl::parse)]
+    pub database_url: Option<DatabaseUrl>,
+    /// How long a node may go without renewing its hold on a running job before another node
+    /// runs it again (it renews every third of this).
+    #[arg(long, env = "MIXD_LEASE", default_value = "15s", value_parser = parse_lease)]
+    pub lease: Duration,
     /// How long a finished job stays queryable (e.g. 90s, 15m, 24h, 7d).
     #[arg(long, env = "MIXD_JOB_TTL", default_value = "24h", value_parser = parse_duration)]
     pub job_ttl: Duration,
@@ -76,6 +85,38 @@ pub struct TokenKeys {
     pub token_keys: Vec<TokenKey>,
 }
 
+/// A PostgreSQL URL. It may hold a password, so it never appears in a log or a debug print.
+#[derive(Clone)]
+pub struct DatabaseUrl(String);
+
+impl DatabaseUrl {
+    fn parse(text: &str) -> Result<Self, String> {
+        if text.starts_with("postgres://") || text.starts_with("postgresql://") {
+            Ok(Self(text.to_string()))
+        } else {
+            Err("expected a postgres:// or postgresql:// URL".into())
+        }
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("DatabaseUrl(..)")
+    }
+}
+
+fn parse_lease(text: &str) -> Result<Duration, String> {
+    let lease = parse_duration(text)?;
+    if lease < Duration::from_secs(1) {
+        return Err("a lease shorter than 1s would expire between renewals under load".into());
+    }
+    Ok(lease)
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Text,
@@ -94,7 +135,7 @@ impl Config {
     }
 
     pub fn mix_slots(&self) -> usize {
-        self.mix_slots.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1)
+        self.mix_slots.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
     }
 
     pub fn max_upload_bytes(&self) -> u64 {

@@ -26,7 +26,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve the HTTP API, live events and the dashboard (the default).
-    Serve(Config),
+    Serve(Box<Config>),
     /// Mix stems into a mastered WAV, offline, with a progress bar.
     Mix(MixArgs),
     /// Print a scoped token signed with the configured token key (for scripts, and to try it out).
@@ -78,7 +78,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::Mix(args)) => run_mix(args),
         Some(Command::Token(args)) => print_token(args),
-        Some(Command::Serve(config)) => serve(config),
+        Some(Command::Serve(config)) => serve(*config),
         None => serve(cli.serve),
     };
     match result {

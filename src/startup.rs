@@ -20,13 +20,15 @@ use tokio_util::task::TaskTracker;
 use crate::access::Keys;
 use crate::api::{router, App, AppState};
 use crate::config::Config;
-use crate::jobs::{Jobs, JobsConfig, MediaLayout, StemStore, EVENT_BUFFER};
+use crate::jobs::{Jobs, JobsConfig, MediaLayout, StemStore, Store, StoreLocation, EVENT_BUFFER};
 use crate::webhooks::{Dispatcher, DispatcherConfig, WebhookSecret};
 
 /// Webhook deliveries in flight at once: a receiver that hangs holds one until the timeout.
 const WEBHOOK_CONCURRENCY: usize = 16;
 /// How long a receiver has to answer, as the contract says.
 const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(15);
+/// In a cluster, a partial file this old at start is left by a dead node, not one still writing.
+const CLUSTER_PARTIAL_AGE: Duration = Duration::from_secs(24 * 3600);
 
 pub struct Application {
     listener: TcpListener,
@@ -38,10 +40,17 @@ impl Application {
         config.check_exposure().map_err(anyhow::Error::msg)?;
         std::fs::create_dir_all(&config.data_dir).with_context(|| format!("creating the data root {}", config.data_dir.display()))?;
         let layout = MediaLayout::new(&config.data_dir);
-        let removed = layout.remove_partials().context("cleaning partial files")?;
+        let location = match &config.database_url {
+            Some(url) => StoreLocation::Postgres(url.expose().to_string()),
+            None => StoreLocation::Sqlite(layout.database_dir()),
+        };
+        // Alone, every partial file is an earlier run's; on storage other nodes share, only old ones are.
+        let partial_age = if config.database_url.is_some() { CLUSTER_PARTIAL_AGE } else { Duration::ZERO };
+        let removed = layout.remove_partials(partial_age).context("cleaning partial files")?;
         if removed > 0 {
             tracing::info!(removed, "removed partial files left by an earlier run");
         }
+        let store = Store::open(&location).await.context("opening the job database")?;
         let shutdown = CancellationToken::new();
         let jobs = Jobs::open(
             JobsConfig {
@@ -50,16 +59,19 @@ impl Application {
                 output_retention: config.output_retention,
                 layout: layout.clone(),
                 event_buffer: EVENT_BUFFER,
+                lease: config.lease,
             },
+            store,
             shutdown.clone(),
         )
-        .context("opening the job database")?;
+        .await
+        .context("opening the job store")?;
         let listener = TcpListener::bind(config.addr).await.with_context(|| format!("binding {}", config.addr))?;
         let keys = Keys::new(&config.api_keys, &config.token_keys.token_keys);
         let webhook_secret = match &config.webhook_secret {
             Some(secret) => secret.clone(),
             None => {
-                let stored = jobs.webhook_secret(|| WebhookSecret::generate().as_str().to_string()).context("reading the webhook secret")?;
+                let stored = jobs.webhook_secret(|| WebhookSecret::generate().as_str().to_string()).await.context("reading the webhook secret")?;
                 WebhookSecret::parse(&stored).map_err(|err| anyhow::anyhow!("the stored webhook secret: {err}"))?
             }
         };
@@ -86,7 +98,16 @@ impl Application {
         let shutdown = self.state.shutdown.clone();
         let header_timeout = self.state.config.header_timeout;
         let grace = self.state.config.shutdown_grace;
-        tracing::info!(address = %self.local_addr(), data_dir = %self.state.config.data_dir.display(), slots = self.state.config.mix_slots(), access_control = self.state.keys.any(), "mixd listening");
+        tracing::info!(
+            address = %self.local_addr(),
+            data_dir = %self.state.config.data_dir.display(),
+            slots = self.state.config.mix_slots(),
+            store = if self.state.jobs.is_clustered() { "postgres" } else { "sqlite" },
+            node = %self.state.jobs.node_id(),
+            access_control = self.state.keys.any(),
+            "mixd listening"
+        );
+        let jobs = self.state.jobs.clone();
         let app = router(self.state);
         let connections = TaskTracker::new();
         loop {
@@ -125,8 +146,13 @@ impl Application {
             });
         }
         connections.close();
-        if tokio::time::timeout(grace, connections.wait()).await.is_err() {
+        let deadline = tokio::time::Instant::now() + grace;
+        if tokio::time::timeout_at(deadline, connections.wait()).await.is_err() {
             tracing::warn!(open = connections.len(), "connections still open after the grace period; stopping anyway");
+        }
+        // The runs on this node are handed back to the queue, for another node (or the next start).
+        if tokio::time::timeout_at(deadline, jobs.stopped()).await.is_err() {
+            tracing::warn!("the job runner had not stopped by the end of the grace period");
         }
         Ok(())
     }

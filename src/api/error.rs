@@ -11,7 +11,7 @@ use axum::Json;
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::jobs::{InvalidId, JobError};
+use crate::jobs::{InvalidId, JobError, StoreError};
 
 /// `{ok, data, error, message}`: the legacy envelope, kept for every JSON response.
 #[derive(Debug, Serialize, ToSchema)]
@@ -88,6 +88,11 @@ pub enum ApiError {
     InvalidRequest(String),
     #[error("No token key is configured: start the server with --token-key")]
     NoTokenKey,
+    #[error("The media storage is unavailable")]
+    MediaUnavailable,
+    /// The job database cannot be reached; the cause is logged, never sent (it may name hosts).
+    #[error("The job database is unavailable; try again shortly")]
+    StoreUnavailable(String),
     /// Something went wrong that the client cannot fix; the cause is logged, never sent.
     #[error("Something went wrong on the server")]
     Internal(String),
@@ -119,6 +124,8 @@ impl ApiError {
             ApiError::Forbidden => (StatusCode::FORBIDDEN, "FORBIDDEN"),
             ApiError::InvalidRequest(_) => (StatusCode::UNPROCESSABLE_ENTITY, "INVALID_REQUEST"),
             ApiError::NoTokenKey => (StatusCode::CONFLICT, "NO_TOKEN_KEY"),
+            ApiError::StoreUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "STORE_UNAVAILABLE"),
+            ApiError::MediaUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "MEDIA_UNAVAILABLE"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL"),
             ApiError::JobStatus(_) => (StatusCode::INTERNAL_SERVER_ERROR, "JOB_STATUS_ERROR"),
         }
@@ -145,7 +152,7 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
-        if let ApiError::Internal(cause) | ApiError::JobStatus(cause) = &self {
+        if let ApiError::Internal(cause) | ApiError::JobStatus(cause) | ApiError::StoreUnavailable(cause) = &self {
             tracing::error!(%cause, code, "request failed");
         }
         let body = ErrorEnvelope { ok: false, data: NoData {}, error: code, message: self.to_string() };
@@ -162,7 +169,17 @@ impl From<JobError> for ApiError {
         match err {
             JobError::NotFound => ApiError::JobNotFound,
             JobError::Finished => ApiError::JobFinished,
-            JobError::Store(err) => ApiError::Internal(err.to_string()),
+            JobError::Store(err) => err.into(),
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(err: StoreError) -> Self {
+        if err.is_unavailable() {
+            ApiError::StoreUnavailable(err.to_string())
+        } else {
+            ApiError::Internal(err.to_string())
         }
     }
 }

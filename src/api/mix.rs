@@ -105,7 +105,7 @@ pub async fn start(
         None => None,
     };
 
-    let submitted = app.jobs.submit(project_id.clone(), settings, sources, key, webhook)?;
+    let submitted = app.jobs.submit(project_id.clone(), settings, sources, key, webhook).await?;
     let (status, code, message) = match submitted {
         Submitted::New(status) => (status, StatusCode::ACCEPTED, "Mix job queued"),
         Submitted::Existing(status) => (status, StatusCode::OK, "Mix job already started with this Idempotency-Key"),
@@ -147,7 +147,7 @@ fn split_webhook(body: &[u8], allow_private: bool) -> Result<(Vec<u8>, Option<We
         (status = 404, body = ErrorEnvelope, description = "JOB_NOT_FOUND, also for a job of another project"),
         (status = 500, body = ErrorEnvelope, description = "JOB_STATUS_ERROR")))]
 pub async fn job_status(State(app): State<AppState>, JobPath { project_id, job_id }: JobPath) -> Result<Response, ApiError> {
-    let status = find_job(&app, &project_id, job_id).map_err(ApiError::on_status_route)?;
+    let status = find_job(&app, &project_id, job_id).await.map_err(ApiError::on_status_route)?;
     Ok(status_response(status))
 }
 
@@ -162,7 +162,10 @@ pub async fn job_status(State(app): State<AppState>, JobPath { project_id, job_i
         (status = 500, body = ErrorEnvelope, description = "JOB_STATUS_ERROR")))]
 pub async fn legacy_status(State(app): State<AppState>, ProjectPath { project_id }: ProjectPath, ApiQuery(query): ApiQuery<StatusQuery>) -> Result<Response, ApiError> {
     let status = match query.job_id {
-        Some(job_id) => job_id.parse().map_err(ApiError::from).and_then(|job_id| find_job(&app, &project_id, job_id)),
+        Some(job_id) => match job_id.parse() {
+            Ok(job_id) => find_job(&app, &project_id, job_id).await,
+            Err(invalid) => Err(ApiError::from(invalid)),
+        },
         None => newest_job(&app, &project_id),
     };
     Ok(status_response(status.map_err(ApiError::on_status_route)?))
@@ -197,7 +200,7 @@ pub async fn jobs(State(app): State<AppState>, ProjectPath { project_id }: Proje
         (status = 404, body = ErrorEnvelope, description = "JOB_NOT_FOUND"),
         (status = 409, body = ErrorEnvelope, description = "JOB_FINISHED")))]
 pub async fn cancel(State(app): State<AppState>, JobPath { project_id, job_id }: JobPath) -> Result<Response, ApiError> {
-    let status = app.jobs.cancel(&project_id, job_id)?;
+    let status = app.jobs.cancel(&project_id, job_id).await?;
     Ok(respond(StatusCode::OK, status, "Job canceled"))
 }
 
@@ -219,8 +222,8 @@ pub async fn preview(State(app): State<AppState>, ProjectPath { project_id }: Pr
 }
 
 /// The job's status as published, if it is this project's.
-pub(super) fn find_job(app: &AppState, project: &ProjectId, job_id: JobId) -> Result<Arc<JobEvent>, ApiError> {
-    app.jobs.published(job_id).filter(|event| event.status.project_id() == project).ok_or(ApiError::JobNotFound)
+pub(super) async fn find_job(app: &AppState, project: &ProjectId, job_id: JobId) -> Result<Arc<JobEvent>, ApiError> {
+    app.jobs.find(job_id).await?.filter(|event| event.status.project_id() == project).ok_or(ApiError::JobNotFound)
 }
 
 fn newest_job(app: &AppState, project: &ProjectId) -> Result<Arc<JobEvent>, ApiError> {
@@ -254,11 +257,7 @@ pub struct WebhookAttempts {
         (status = 404, body = ErrorEnvelope, description = "JOB_NOT_FOUND"),
         (status = 500, body = ErrorEnvelope, description = "INTERNAL")))]
 pub async fn webhook_attempts(State(app): State<AppState>, JobPath { project_id, job_id }: JobPath) -> Result<Response, ApiError> {
-    find_job(&app, &project_id, job_id)?;
-    let outbox = app.jobs.outbox().clone();
-    let attempts = tokio::task::spawn_blocking(move || outbox.attempts(job_id))
-        .await
-        .map_err(|err| ApiError::Internal(err.to_string()))?
-        .map_err(|err| ApiError::Internal(err.to_string()))?;
+    find_job(&app, &project_id, job_id).await?;
+    let attempts = app.jobs.outbox().attempts(job_id).await?;
     Ok(respond(StatusCode::OK, WebhookAttempts { attempts }, "Webhook attempts retrieved successfully"))
 }

@@ -1,6 +1,7 @@
 //! Health, metrics and the machine-readable contract.
 
 use std::fmt::Write;
+use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -8,9 +9,9 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::{OpenApi, ToSchema};
 
-use super::error::{respond, ApiError, Envelope};
+use super::error::{respond, ApiError, Envelope, ErrorEnvelope};
 use super::AppState;
-use crate::jobs::{JobState, Transport, MIX_DURATION_BUCKETS, WEBHOOK_OUTCOMES};
+use crate::jobs::{JobState, Transport, LEASE_EVENTS, MIX_DURATION_BUCKETS, WEBHOOK_OUTCOMES};
 
 #[derive(Serialize, ToSchema)]
 pub struct Health {
@@ -18,9 +19,26 @@ pub struct Health {
     pub version: &'static str,
 }
 
-#[utoipa::path(get, path = "/healthz", tag = "service", responses((status = 200, body = Envelope<Health>)))]
-pub async fn healthz() -> Response {
-    respond(StatusCode::OK, Health { status: "ok", version: env!("CARGO_PKG_VERSION") }, "OK")
+/// How long the health check waits for the job database and the media storage: a load balancer
+/// must learn within a second that this node cannot serve.
+const HEALTH_TIMEOUT: Duration = Duration::from_millis(900);
+
+/// 200 while this node can reach its job database and its media storage; 503 naming the cause
+/// otherwise, so a load balancer routes around it.
+#[utoipa::path(get, path = "/healthz", tag = "service",
+    responses((status = 200, body = Envelope<Health>), (status = 503, body = ErrorEnvelope, description = "STORE_UNAVAILABLE or MEDIA_UNAVAILABLE")))]
+pub async fn healthz(State(app): State<AppState>) -> Result<Response, ApiError> {
+    match tokio::time::timeout(HEALTH_TIMEOUT, app.jobs.ping_store()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(err)) => return Err(ApiError::StoreUnavailable(err.to_string())),
+        Err(_) => return Err(ApiError::StoreUnavailable("no answer within the health check's timeout".into())),
+    }
+    let root = app.layout.root().to_path_buf();
+    let media = tokio::time::timeout(HEALTH_TIMEOUT, tokio::task::spawn_blocking(move || std::fs::metadata(root).map(|meta| meta.is_dir()))).await;
+    match media {
+        Ok(Ok(Ok(true))) => Ok(respond(StatusCode::OK, Health { status: "ok", version: env!("CARGO_PKG_VERSION") }, "OK")),
+        _ => Err(ApiError::MediaUnavailable),
+    }
 }
 
 /// Prometheus text: jobs by state, queue depth, open subscribers by transport, mix durations.
@@ -47,8 +65,11 @@ pub async fn metrics(State(app): State<AppState>) -> Response {
     for outcome in WEBHOOK_OUTCOMES {
         let _ = writeln!(text, "mixd_webhook_attempts_total{{outcome=\"{outcome}\"}} {}", metrics.webhooks(outcome));
     }
-    let outbox = app.jobs.outbox().clone();
-    if let Ok(Ok((pending, oldest))) = tokio::task::spawn_blocking(move || outbox.backlog()).await {
+    let _ = writeln!(text, "# HELP mixd_leases_total This node's leases on jobs, by what became of them.\n# TYPE mixd_leases_total counter");
+    for event in LEASE_EVENTS {
+        let _ = writeln!(text, "mixd_leases_total{{event=\"{}\"}} {}", event.label(), metrics.leases(event));
+    }
+    if let Ok((pending, oldest)) = app.jobs.outbox().backlog().await {
         let age = oldest.map_or(0.0, |created| (crate::jobs::unix_millis(std::time::SystemTime::now()) - created).max(0) as f64 / 1000.0);
         let _ = writeln!(text, "# HELP mixd_webhook_queue_length Webhook deliveries waiting to be sent or retried.\n# TYPE mixd_webhook_queue_length gauge\nmixd_webhook_queue_length {pending}");
         let _ = writeln!(text, "# HELP mixd_webhook_oldest_pending_seconds Age of the oldest undelivered webhook.\n# TYPE mixd_webhook_oldest_pending_seconds gauge\nmixd_webhook_oldest_pending_seconds {age}");

@@ -22,7 +22,7 @@ use super::AppState;
 use std::sync::Arc;
 
 use crate::access::Caller;
-use crate::jobs::{feed, JobEvent, ProjectId, Scope, Transport};
+use crate::jobs::{feed, JobEvent, ProjectId, Resume, Scope, Transport};
 
 const SSE_RETRY: Duration = Duration::from_millis(2000);
 const SSE_KEEP_ALIVE: Duration = Duration::from_secs(15);
@@ -48,6 +48,26 @@ pub struct ResumeQuery {
     /// The seq to resume after, for clients that cannot set `Last-Event-ID`; the header wins.
     #[param(nullable = false)]
     pub last_event_id: Option<u64>,
+}
+
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct CursorQuery {
+    /// The cursor to resume after (the `id` of the last event received), for clients that cannot
+    /// set `Last-Event-ID`; the header wins. Every job of the scope that changed after it is sent
+    /// first, finished ones included; an unknown or expired cursor sends every job still held.
+    #[param(nullable = false)]
+    pub last_event_id: Option<String>,
+}
+
+/// Where a project or global stream picks up: `Last-Event-ID`, else `?last_event_id=`, else now.
+/// A cursor this server never handed out resumes from the start of what it holds.
+fn cursor_resume(headers: &HeaderMap, query: CursorQuery) -> Resume {
+    let given = headers.get("last-event-id").and_then(|value| value.to_str().ok()).map(str::to_string).or(query.last_event_id);
+    match given {
+        Some(cursor) => Resume::AfterCursor(cursor.trim().parse().unwrap_or(0)),
+        None => Resume::Now,
+    }
 }
 
 /// The headers of a WebSocket handshake (RFC 6455, 4.1), for the document only: [`accept`]
@@ -87,35 +107,47 @@ pub async fn job_sse(
     ApiQuery(query): ApiQuery<ResumeQuery>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let status = &find_job(&app, &project_id, job_id)?.status;
+    let status = &find_job(&app, &project_id, job_id).await?.status;
     let resume_after = headers.get("last-event-id").and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok()).or(query.last_event_id);
     if status.state().is_terminal() && resume_after.is_some_and(|seq| seq >= status.seq()) {
         // 204 is what stops an EventSource from reconnecting.
         return Ok(StatusCode::NO_CONTENT.into_response());
     }
-    Ok(sse(&app, &caller, Scope::Job(job_id), resume_after))
+    sse(&app, &caller, Scope::Job(job_id), resume_after.map_or(Resume::Now, Resume::AfterSeq)).await
 }
 
 /// SSE for every job of a project: snapshots of its live jobs, then every change. Stays open.
 #[utoipa::path(get, path = "/mix/{project_id}/mix/events", tag = "events",
-    params(ProjectPath),
+    params(ProjectPath, CursorQuery, ("Last-Event-ID" = Option<String>, Header, nullable = false, description = "The cursor to resume after (EventSource sends it on reconnect)")),
     responses(
         (status = 200, content_type = "text/event-stream", description = "JobStatus events; stays open",
             headers(("Cache-Control" = String, description = "no-cache"), ("X-Accel-Buffering" = String, description = "no"))),
         (status = 400, body = ErrorEnvelope, description = "INVALID_PROJECT_ID"),
         (status = 404, body = ErrorEnvelope, description = "PROJECT_NOT_FOUND"),
         (status = 500, body = ErrorEnvelope, description = "INTERNAL")))]
-pub async fn project_sse(State(app): State<AppState>, Extension(caller): Extension<Caller>, ProjectPath { project_id }: ProjectPath) -> Result<Response, ApiError> {
+pub async fn project_sse(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    ProjectPath { project_id }: ProjectPath,
+    ApiQuery(query): ApiQuery<CursorQuery>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     ensure_project(&app, &project_id).await?;
-    Ok(sse(&app, &caller, Scope::Project(project_id), None))
+    sse(&app, &caller, Scope::Project(project_id), cursor_resume(&headers, query)).await
 }
 
 /// SSE for every job of every project. Stays open.
 #[utoipa::path(get, path = "/events", tag = "events",
+    params(CursorQuery, ("Last-Event-ID" = Option<String>, Header, nullable = false, description = "The cursor to resume after (EventSource sends it on reconnect)")),
     responses((status = 200, content_type = "text/event-stream", description = "JobStatus events; stays open",
         headers(("Cache-Control" = String, description = "no-cache"), ("X-Accel-Buffering" = String, description = "no")))))]
-pub async fn global_sse(State(app): State<AppState>, Extension(caller): Extension<Caller>) -> Response {
-    sse(&app, &caller, Scope::All, None)
+pub async fn global_sse(
+    State(app): State<AppState>,
+    Extension(caller): Extension<Caller>,
+    ApiQuery(query): ApiQuery<CursorQuery>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    sse(&app, &caller, Scope::All, cursor_resume(&headers, query)).await
 }
 
 /// WebSocket for one job: `{"type": "status", "data": JobStatus}` text frames; closes with 1000
@@ -134,13 +166,14 @@ pub async fn job_ws(
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     // An unknown job is a 404 whatever the request, a handshake or not.
-    find_job(&app, &project_id, job_id)?;
-    Ok(ws(&app, &caller, Scope::Job(job_id), accept(upgrade, &headers)?))
+    find_job(&app, &project_id, job_id).await?;
+    let upgrade = accept(upgrade, &headers)?;
+    ws(&app, &caller, Scope::Job(job_id), Resume::Now, upgrade).await
 }
 
 /// WebSocket for every job of a project. Stays open.
 #[utoipa::path(get, path = "/mix/{project_id}/mix/ws", tag = "events",
-    params(ProjectPath, Handshake),
+    params(ProjectPath, CursorQuery, Handshake),
     responses(
         (status = 101, description = "WebSocket upgrade"),
         (status = 400, body = ErrorEnvelope, description = "INVALID_PROJECT_ID, or BAD_REQUEST when the request is not a WebSocket handshake"),
@@ -150,26 +183,30 @@ pub async fn project_ws(
     State(app): State<AppState>,
     Extension(caller): Extension<Caller>,
     ProjectPath { project_id }: ProjectPath,
+    ApiQuery(query): ApiQuery<CursorQuery>,
     headers: HeaderMap,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     ensure_project(&app, &project_id).await?;
-    Ok(ws(&app, &caller, Scope::Project(project_id), accept(upgrade, &headers)?))
+    let upgrade = accept(upgrade, &headers)?;
+    ws(&app, &caller, Scope::Project(project_id), cursor_resume(&HeaderMap::new(), query), upgrade).await
 }
 
 /// WebSocket for every job of every project. Stays open.
 #[utoipa::path(get, path = "/ws", tag = "events",
-    params(Handshake),
+    params(CursorQuery, Handshake),
     responses(
         (status = 101, description = "WebSocket upgrade"),
         (status = 400, body = ErrorEnvelope, description = "BAD_REQUEST: the request is not a WebSocket handshake")))]
 pub async fn global_ws(
     State(app): State<AppState>,
     Extension(caller): Extension<Caller>,
+    ApiQuery(query): ApiQuery<CursorQuery>,
     headers: HeaderMap,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
-    Ok(ws(&app, &caller, Scope::All, accept(upgrade, &headers)?))
+    let upgrade = accept(upgrade, &headers)?;
+    ws(&app, &caller, Scope::All, cursor_resume(&HeaderMap::new(), query), upgrade).await
 }
 
 /// A handshake checked in full. axum checks the method, `Connection`, `Upgrade` and the version,
@@ -212,24 +249,33 @@ fn credential_expiry(caller: &Caller) -> impl std::future::Future<Output = ()> +
     }
 }
 
-fn sse(app: &AppState, caller: &Caller, scope: Scope, resume_after: Option<u64>) -> Response {
+/// A job stream's events are numbered by the job's seq; a project or global stream's by cursor.
+fn event_id(scope: &Scope, event: &JobEvent) -> u64 {
+    match scope {
+        Scope::Job(_) => event.status.seq(),
+        Scope::Project(_) | Scope::All => event.cursor,
+    }
+}
+
+async fn sse(app: &AppState, caller: &Caller, scope: Scope, resume: Resume) -> Result<Response, ApiError> {
     let guard = app.jobs.metrics().subscriber(Transport::Sse);
-    let statuses = feed(&app.jobs, scope, resume_after, app.shutdown.clone()).take_until(credential_expiry(caller));
+    let statuses = feed(&app.jobs, scope.clone(), resume, app.shutdown.clone()).await?.take_until(credential_expiry(caller));
     let events = statuses.map(move |event| {
         let _counted = &guard;
-        Ok::<_, Infallible>(Event::default().id(event.status.seq().to_string()).event("status").data(&*event.json))
+        Ok::<_, Infallible>(Event::default().id(event_id(&scope, &event).to_string()).event("status").data(&*event.json))
     });
     let stream = futures_util::stream::once(async { Ok(Event::default().retry(SSE_RETRY)) }).chain(events);
     let headers = [(header::CACHE_CONTROL, "no-cache"), (header::HeaderName::from_static("x-accel-buffering"), "no")];
-    (headers, Sse::new(stream).keep_alive(KeepAlive::new().interval(SSE_KEEP_ALIVE))).into_response()
+    Ok((headers, Sse::new(stream).keep_alive(KeepAlive::new().interval(SSE_KEEP_ALIVE))).into_response())
 }
 
-fn ws(app: &AppState, caller: &Caller, scope: Scope, upgrade: WebSocketUpgrade) -> Response {
-    let statuses = feed(&app.jobs, scope, None, app.shutdown.clone());
+async fn ws(app: &AppState, caller: &Caller, scope: Scope, resume: Resume, upgrade: WebSocketUpgrade) -> Result<Response, ApiError> {
+    let with_cursor = !matches!(scope, Scope::Job(_));
+    let statuses = feed(&app.jobs, scope, resume, app.shutdown.clone()).await?;
     let expiry = credential_expiry(caller);
     let guard = app.jobs.metrics().subscriber(Transport::WebSocket);
     let shutdown = app.shutdown.clone();
-    upgrade
+    Ok(upgrade
         .max_message_size(WS_MAX_MESSAGE)
         .max_frame_size(WS_MAX_MESSAGE)
         .read_buffer_size(WS_READ_BUFFER)
@@ -237,13 +283,19 @@ fn ws(app: &AppState, caller: &Caller, scope: Scope, upgrade: WebSocketUpgrade) 
         .max_write_buffer_size(WS_MAX_WRITE_BUFFER)
         .on_upgrade(move |socket| async move {
             let _counted = guard;
-            pump(socket, statuses, shutdown, expiry).await;
-        })
+            pump(socket, statuses, with_cursor, shutdown, expiry).await;
+        }))
 }
 
 /// Sends every status as a text frame, pings, and closes: 1000 after a job's terminal event,
 /// 1001 when the server shuts down, 4001 when the credential expires.
-async fn pump(mut socket: WebSocket, statuses: impl Stream<Item = Arc<JobEvent>>, shutdown: CancellationToken, expiry: impl std::future::Future<Output = ()>) {
+async fn pump(
+    mut socket: WebSocket,
+    statuses: impl Stream<Item = Arc<JobEvent>>,
+    with_cursor: bool,
+    shutdown: CancellationToken,
+    expiry: impl std::future::Future<Output = ()>,
+) {
     let mut statuses = std::pin::pin!(statuses.fuse());
     let mut expiry = std::pin::pin!(expiry);
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + WS_PING, WS_PING);
@@ -262,7 +314,12 @@ async fn pump(mut socket: WebSocket, statuses: impl Stream<Item = Arc<JobEvent>>
                 }
                 let send = async {
                     for event in batch {
-                        socket.feed(Message::Text(format!(r#"{{"type":"status","data":{}}}"#, event.json).into())).await?;
+                        let frame = if with_cursor {
+                            format!(r#"{{"type":"status","cursor":"{}","data":{}}}"#, event.cursor, event.json)
+                        } else {
+                            format!(r#"{{"type":"status","data":{}}}"#, event.json)
+                        };
+                        socket.feed(Message::Text(frame.into())).await?;
                     }
                     socket.flush().await
                 };

@@ -1,12 +1,17 @@
 //! The one subscription core every stream adapter (SSE and WebSocket, per job, per project and
-//! for all projects) is built on: the current snapshot first, then every later change.
+//! for all projects) is built on: a snapshot first, then every later change.
 //!
-//! The broadcast receiver is created before the snapshot is read, so no change can fall between
-//! the two; changes already covered by the snapshot are dropped by comparing `seq`. A subscriber
-//! that lags behind the channel gets fresh snapshots instead of the events it missed (each event
-//! is a full snapshot, so nothing is lost), and never slows a job: the channel never waits.
+//! The broadcast receiver is created before the snapshot is read, and the snapshot is read under
+//! the lock the log follower publishes under; the snapshot reflects the log up to some cursor, so
+//! every change on the channel at or before that cursor is already in it and is dropped. A
+//! subscriber that lags behind the channel gets a fresh snapshot of every job in its scope that
+//! changed after the last change it received (each event is a full snapshot, so nothing is lost),
+//! and never slows a job: the channel never waits.
+//!
+//! Project and global streams are resumable by cursor: with one, the snapshot is every job of the
+//! scope that changed after it, finished ones included, so a dashboard that was away misses no end.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use futures_util::Stream;
@@ -14,8 +19,8 @@ use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::broadcast::Receiver;
 use tokio_util::sync::CancellationToken;
 
-use super::manager::Jobs;
-use super::model::{JobEvent, JobId, JobStatus, ProjectId, Timestamp};
+use super::manager::{JobError, Jobs};
+use super::model::{JobEvent, JobId, JobStatus, ProjectId};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Scope {
@@ -37,44 +42,60 @@ impl Scope {
     }
 }
 
+/// Where a subscriber picks up.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Resume {
+    /// From now: snapshots of the live jobs (the job itself for a job stream).
+    Now,
+    /// A job stream's `Last-Event-ID`: its changes after this seq.
+    AfterSeq(u64),
+    /// A project or global stream's cursor: every job of the scope that changed after it.
+    AfterCursor(u64),
+}
+
 struct Feed {
     jobs: Jobs,
     scope: Scope,
     events: Receiver<Arc<JobEvent>>,
     pending: VecDeque<Arc<JobEvent>>,
-    /// The last seq sent per job; a job leaves once its terminal event is sent.
-    sent: HashMap<JobId, u64>,
-    /// When the newest event this feed received was stamped: a resync also sends jobs that
-    /// finished after it.
-    last_seen: Option<Timestamp>,
-    /// After a resync, the seq each snapshot covered. The channel may still hold older events
-    /// for those jobs (a finished job included, which `sent` no longer tracks); they are stale
-    /// until the backlog retained at the resync has been received.
-    covered: HashMap<JobId, u64>,
-    backlog: usize,
+    /// The log position everything sent so far reflects: a channel event at or before it is old.
+    position: u64,
+    /// A job stream's resume point: nothing up to this seq is sent.
+    after_seq: u64,
     finished: bool,
     shutdown: CancellationToken,
 }
 
-/// Snapshot, then changes, for `scope`. With `resume_after` (a per-job `Last-Event-ID`), events
-/// up to that seq are not sent again.
-pub fn feed(jobs: &Jobs, scope: Scope, resume_after: Option<u64>, shutdown: CancellationToken) -> impl Stream<Item = Arc<JobEvent>> + Send + 'static {
+/// Snapshot, then changes, for `scope`, picking up at `resume`. A job stream for a job this node
+/// has not seen yet (just submitted on another node) starts from the store's copy.
+pub async fn feed(jobs: &Jobs, scope: Scope, resume: Resume, shutdown: CancellationToken) -> Result<impl Stream<Item = Arc<JobEvent>> + Send + 'static, JobError> {
     let events = jobs.subscribe_events();
-    let mut sent = HashMap::new();
-    if let (Scope::Job(job_id), Some(seq)) = (&scope, resume_after) {
-        sent.insert(*job_id, seq);
+    let after_seq = match resume {
+        Resume::AfterSeq(seq) => seq,
+        _ => 0,
+    };
+    let mut feed = Feed { jobs: jobs.clone(), scope, events, pending: VecDeque::new(), position: 0, after_seq, finished: false, shutdown };
+    let after_cursor = match resume {
+        Resume::AfterCursor(cursor) => Some(cursor),
+        _ => None,
+    };
+    feed.queue_snapshots(after_cursor);
+    if let (Scope::Job(job_id), true) = (&feed.scope, feed.pending.is_empty()) {
+        match jobs.find(*job_id).await? {
+            // Not in memory yet: its changes after this copy come on the channel.
+            Some(event) if jobs.published(*job_id).is_none() => {
+                feed.position = feed.position.min(event.cursor);
+                feed.pending.push_back(event);
+            }
+            Some(_) => feed.queue_snapshots(None),
+            // Gone: nothing will ever come.
+            None => feed.finished = true,
+        }
     }
-    let mut feed =
-        Feed { jobs: jobs.clone(), scope, events, pending: VecDeque::new(), sent, last_seen: None, covered: HashMap::new(), backlog: 0, finished: false, shutdown };
-    feed.queue_snapshots(false);
-    if matches!(feed.scope, Scope::Job(_)) && feed.pending.is_empty() && feed.sent.is_empty() {
-        // The job does not exist (any more): nothing will ever come.
-        feed.finished = true;
-    }
-    futures_util::stream::unfold(feed, |mut feed| async move {
+    Ok(futures_util::stream::unfold(feed, |mut feed| async move {
         let status = feed.next().await?;
         Some((status, feed))
-    })
+    }))
 }
 
 impl Feed {
@@ -94,18 +115,17 @@ impl Feed {
                 _ = self.shutdown.cancelled() => return None,
                 received = self.events.recv() => match received {
                     Ok(event) => {
-                        self.backlog = self.backlog.saturating_sub(1);
-                        if self.backlog == 0 {
-                            self.covered.clear();
+                        if event.cursor <= self.position {
+                            continue;
                         }
-                        self.last_seen = Some(event.status.updated_at());
+                        self.position = event.cursor;
                         if self.scope.matches(&event.status) {
                             self.pending.push_back(event);
                         }
                     }
                     Err(RecvError::Lagged(_)) => {
                         self.jobs.metrics().count_resync();
-                        self.queue_snapshots(true);
+                        self.queue_snapshots(Some(self.position));
                     }
                     Err(RecvError::Closed) => return None,
                 },
@@ -113,43 +133,41 @@ impl Feed {
         }
     }
 
-    /// Whether `status` is news to this subscriber; records it as sent when it is.
+    /// Whether `status` is news to this subscriber.
     fn admit(&mut self, status: &JobStatus) -> bool {
-        let stale = |seen: &HashMap<JobId, u64>| seen.get(&status.job_id()).is_some_and(|&seq| status.seq() <= seq);
-        if stale(&self.sent) || stale(&self.covered) {
-            return false;
-        }
-        if status.state().is_terminal() {
-            self.sent.remove(&status.job_id());
-            if matches!(self.scope, Scope::Job(_)) {
+        if let Scope::Job(_) = self.scope {
+            if status.seq() <= self.after_seq {
+                return false;
+            }
+            self.after_seq = status.seq();
+            if status.state().is_terminal() {
                 self.finished = true;
             }
-        } else {
-            self.sent.insert(status.job_id(), status.seq());
         }
         true
     }
 
-    /// Queues the current snapshot of every job in scope this subscriber should know about: live
-    /// jobs, and after a lag also those it was following or that finished while it lagged.
-    fn queue_snapshots(&mut self, resync: bool) {
-        let (scope, sent, last_seen) = (&self.scope, &self.sent, self.last_seen);
-        let snapshots = self.jobs.matching(|status| {
-            scope.matches(status)
-                && match scope {
-                    Scope::Job(_) => true,
-                    _ => !status.state().is_terminal() || (resync && (sent.contains_key(&status.job_id()) || last_seen.is_none_or(|t| status.updated_at() >= t))),
-                }
-        });
-        if resync {
-            // Every event still retained was sent before this snapshot was read, so once that
-            // many have been received nothing older than the snapshot can arrive.
-            self.covered = snapshots.iter().map(|event| (event.status.job_id(), event.status.seq())).collect();
-            self.backlog = self.events.len();
-            if self.backlog == 0 {
-                self.covered.clear();
-            }
-        }
+    /// Queues snapshots of the jobs in scope, oldest change first: with `after`, every one that
+    /// changed after that cursor; without, the live ones (a job stream: its job, whatever state).
+    fn queue_snapshots(&mut self, after: Option<u64>) {
+        let cache = self.jobs.cache();
+        let mut snapshots: Vec<Arc<JobEvent>> = cache
+            .jobs
+            .values()
+            .map(|cached| &cached.published)
+            .filter(|event| {
+                self.scope.matches(&event.status)
+                    && match (after, &self.scope) {
+                        (Some(cursor), _) => event.cursor > cursor,
+                        (None, Scope::Job(_)) => true,
+                        (None, _) => !event.status.state().is_terminal(),
+                    }
+            })
+            .cloned()
+            .collect();
+        self.position = self.position.max(cache.head);
+        drop(cache);
+        snapshots.sort_by_key(|event| event.cursor);
         self.pending.extend(snapshots);
     }
 }
@@ -161,40 +179,60 @@ mod tests {
     use futures_util::StreamExt;
 
     use super::*;
-    use crate::audio::MixSettings;
-    use crate::jobs::layout::MediaLayout;
-    use crate::jobs::manager::{JobsConfig, Submitted};
+    use crate::jobs::manager::tests::{open_jobs, submit};
+
+    /// Everything the stream has ready within a moment, as (job, seq, terminal, cursor).
+    async fn drain(stream: &mut (impl Stream<Item = Arc<JobEvent>> + Unpin)) -> Vec<(JobId, u64, bool, u64)> {
+        let mut seen = Vec::new();
+        while let Ok(Some(event)) = tokio::time::timeout(Duration::from_millis(200), stream.next()).await {
+            seen.push((event.status.job_id(), event.status.seq(), event.status.state().is_terminal(), event.cursor));
+        }
+        seen
+    }
 
     #[tokio::test]
     async fn a_lagging_subscriber_never_sees_a_finished_job_go_back() {
         let dir = tempfile::tempdir().unwrap();
         // No mixer slots and a 4-event channel: jobs only queue, and five changes make a lag.
-        let config = JobsConfig {
-            mix_slots: 0,
-            job_ttl: Duration::from_secs(3600),
-            output_retention: Duration::from_secs(3600),
-            layout: MediaLayout::new(dir.path()),
-            event_buffer: 4,
-        };
-        let jobs = Jobs::open(config, CancellationToken::new()).unwrap();
+        let jobs = open_jobs(dir.path(), 0, 4).await;
         let project: ProjectId = "p1".parse().unwrap();
-        let mut stream = Box::pin(feed(&jobs, Scope::Project(project.clone()), None, CancellationToken::new()));
+        let mut stream = Box::pin(feed(&jobs, Scope::Project(project.clone()), Resume::Now, CancellationToken::new()).await.unwrap());
 
-        let submit = || match jobs.submit(project.clone(), MixSettings::default().validate(&[], 48_000).unwrap(), Vec::new(), None, None).unwrap() {
-            Submitted::New(status) => status.job_id(),
-            Submitted::Existing(_) => unreachable!("no idempotency key"),
-        };
-        let _others = [submit(), submit(), submit()];
-        let last = submit();
-        jobs.cancel(&project, last).unwrap();
+        let _others = [submit(&jobs, None).await, submit(&jobs, None).await, submit(&jobs, None).await];
+        let last = submit(&jobs, None).await;
+        jobs.cancel(&project, last).await.unwrap();
 
-        let mut seen: Vec<(JobId, u64, bool)> = Vec::new();
-        while let Ok(Some(event)) = tokio::time::timeout(Duration::from_millis(200), stream.next()).await {
-            seen.push((event.status.job_id(), event.status.seq(), event.status.state().is_terminal()));
-        }
-        let canceled: Vec<_> = seen.iter().filter(|(id, _, _)| *id == last).collect();
+        let seen = drain(&mut stream).await;
+        let canceled: Vec<_> = seen.iter().filter(|(id, ..)| *id == last).collect();
         assert_eq!(canceled.len(), 1, "the canceled job once, as its terminal snapshot: {seen:?}");
         assert!(canceled[0].2);
+        assert!(seen.windows(2).all(|pair| pair[0].3 < pair[1].3), "cursors only grow: {seen:?}");
         assert_eq!(jobs.metrics().resyncs(), 1, "the subscriber did lag");
+    }
+
+    #[tokio::test]
+    async fn a_project_subscriber_resuming_from_its_cursor_gets_the_jobs_that_ended_while_it_was_away() {
+        let dir = tempfile::tempdir().unwrap();
+        let jobs = open_jobs(dir.path(), 0, crate::jobs::EVENT_BUFFER).await;
+        let project: ProjectId = "p1".parse().unwrap();
+        let (ended_before, untouched) = (submit(&jobs, None).await, submit(&jobs, None).await);
+        jobs.cancel(&project, ended_before).await.unwrap();
+
+        let mut first = Box::pin(feed(&jobs, Scope::Project(project.clone()), Resume::Now, CancellationToken::new()).await.unwrap());
+        let seen = drain(&mut first).await;
+        assert_eq!(seen.iter().map(|(id, ..)| *id).collect::<Vec<_>>(), [untouched], "live jobs only: {seen:?}");
+        let cursor = seen.last().unwrap().3;
+        drop(first);
+
+        // Away: the live job ends, and another is queued and ends.
+        jobs.cancel(&project, untouched).await.unwrap();
+        let later = submit(&jobs, None).await;
+        jobs.cancel(&project, later).await.unwrap();
+
+        let mut resumed = Box::pin(feed(&jobs, Scope::Project(project.clone()), Resume::AfterCursor(cursor), CancellationToken::new()).await.unwrap());
+        let seen = drain(&mut resumed).await;
+        let ended: Vec<(JobId, bool)> = seen.iter().map(|(id, _, terminal, _)| (*id, *terminal)).collect();
+        assert_eq!(ended, [(untouched, true), (later, true)], "each job that changed since, as it is now, oldest change first: {seen:?}");
+        assert!(seen[0].3 > cursor);
     }
 }

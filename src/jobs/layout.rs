@@ -95,9 +95,30 @@ impl MediaLayout {
         self.job_outputs(project, job_id).join(RESULT_FILE)
     }
 
-    /// Where the engine writes a job's result before renaming it into place.
-    pub fn result_temporary(&self, project: &ProjectId, job_id: JobId) -> PathBuf {
-        self.job_outputs(project, job_id).join(format!("{RESULT_PREFIX}{job_id}{PARTIAL_SUFFIX}"))
+    /// Where run number `attempt` of a job leaves its finished result, before the run (if it still
+    /// holds the job) links it into place as [`Self::result`].
+    pub fn result_staged(&self, project: &ProjectId, job_id: JobId, attempt: u32) -> PathBuf {
+        self.job_outputs(project, job_id).join(format!("{RESULT_PREFIX}{job_id}.{attempt}{PARTIAL_SUFFIX}"))
+    }
+
+    /// Where run number `attempt` of a job writes its result, before renaming it to the staged name.
+    pub fn result_temporary(&self, project: &ProjectId, job_id: JobId, attempt: u32) -> PathBuf {
+        self.job_outputs(project, job_id).join(format!("{RESULT_PREFIX}{job_id}.{attempt}.writing{PARTIAL_SUFFIX}"))
+    }
+
+    /// Removes what earlier runs of a job left in its directory (their nodes died or stalled; a
+    /// stalled one writing on finds its file gone, and its writes are fenced out anyway).
+    pub fn remove_earlier_attempts(&self, project: &ProjectId, job_id: JobId, attempt: u32) -> io::Result<()> {
+        let keep = [self.result_staged(project, job_id, attempt), self.result_temporary(project, job_id, attempt)];
+        let Ok(entries) = std::fs::read_dir(self.job_outputs(project, job_id)) else { return Ok(()) };
+        for entry in entries {
+            let path = entry?.path();
+            let name = path.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default();
+            if name.starts_with(RESULT_PREFIX) && name.ends_with(PARTIAL_SUFFIX) && !keep.contains(&path) {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+        Ok(())
     }
 
     /// The legacy path of the project's newest complete mix.
@@ -138,12 +159,13 @@ impl MediaLayout {
     }
 
     /// Removes temporary files a crash left behind (uploads in progress, records, unfinished
-    /// results). Returns how many.
-    pub fn remove_partials(&self) -> io::Result<usize> {
+    /// results) that are at least `min_age` old: on storage shared by several nodes, a younger one
+    /// may be another node's file in the making. Returns how many.
+    pub fn remove_partials(&self, min_age: Duration) -> io::Result<usize> {
         fn is_temporary(name: &str) -> bool {
             name.ends_with(PARTIAL_SUFFIX) && TEMPORARY_PREFIXES.iter().any(|prefix| name.starts_with(prefix))
         }
-        fn walk(dir: &Path, removed: &mut usize, depth: usize) -> io::Result<()> {
+        fn walk(dir: &Path, removed: &mut usize, depth: usize, min_age: Duration) -> io::Result<()> {
             // Deep enough for {project}/mix_outputs/{job}/; nothing is written deeper.
             if depth > 3 {
                 return Ok(());
@@ -152,8 +174,8 @@ impl MediaLayout {
                 let entry = entry?;
                 let kind = entry.file_type()?;
                 if kind.is_dir() {
-                    walk(&entry.path(), removed, depth + 1)?;
-                } else if kind.is_file() && is_temporary(&entry.file_name().to_string_lossy()) {
+                    walk(&entry.path(), removed, depth + 1, min_age)?;
+                } else if kind.is_file() && is_temporary(&entry.file_name().to_string_lossy()) && entry.metadata()?.modified()?.elapsed().unwrap_or_default() >= min_age {
                     std::fs::remove_file(entry.path())?;
                     *removed += 1;
                 }
@@ -162,7 +184,7 @@ impl MediaLayout {
         }
         let mut removed = 0;
         if self.root.exists() {
-            walk(&self.root, &mut removed, 0)?;
+            walk(&self.root, &mut removed, 0, min_age)?;
         }
         Ok(removed)
     }
@@ -206,7 +228,7 @@ mod tests {
         assert_eq!(newest, MediaFile { path: PathBuf::from("/data/p1/mix_outputs/final_mix.wav"), immutable: false });
         let audio = layout.media_file(&format!("p1/stems/{stem}.flac")).unwrap();
         assert_eq!(audio, MediaFile { path: layout.stem_audio(&project, stem, "flac"), immutable: true });
-        let temporary = layout.result_temporary(&project, job);
+        let temporary = layout.result_temporary(&project, job, 1);
         let temporary_name = temporary.file_name().unwrap().to_string_lossy();
         for refused in [
             format!("p1/stems/{stem}.json"),
@@ -235,14 +257,15 @@ mod tests {
         let partials = [
             layout.upload_temporary(&project),
             MediaLayout::record_temporary(&record),
-            layout.result_temporary(&project, job),
+            layout.result_temporary(&project, job, 1),
+            layout.result_staged(&project, job, 2),
             layout.newest_result_temporary(&project, job),
         ];
         let kept = [record, layout.result(&project, job), layout.newest_result(&project)];
         for path in partials.iter().chain(&kept) {
             std::fs::write(path, b"x").unwrap();
         }
-        assert_eq!(layout.remove_partials().unwrap(), partials.len());
+        assert_eq!(layout.remove_partials(Duration::ZERO).unwrap(), partials.len());
         assert!(partials.iter().all(|p| !p.exists()));
         assert!(kept.iter().all(|p| p.exists()));
     }

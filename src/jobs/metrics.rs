@@ -29,10 +29,34 @@ pub struct Metrics {
     mix_durations: Mutex<Histogram>,
     resyncs: AtomicU64,
     webhook_outcomes: [AtomicU64; WEBHOOK_OUTCOMES.len()],
+    lease_events: [AtomicU64; LEASE_EVENTS.len()],
 }
 
 /// What a webhook attempt can come to: `retry` when another attempt follows.
 pub const WEBHOOK_OUTCOMES: [&str; 4] = ["delivered", "retry", "gone", "failed"];
+
+/// What this node did with leases: took a queued job, gave one back at shutdown, found one of its
+/// own gone (canceled, or expired and rescued elsewhere), or rescued another node's expired one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseEvent {
+    Claimed,
+    HandedBack,
+    Lost,
+    Rescued,
+}
+
+pub const LEASE_EVENTS: [LeaseEvent; 4] = [LeaseEvent::Claimed, LeaseEvent::HandedBack, LeaseEvent::Lost, LeaseEvent::Rescued];
+
+impl LeaseEvent {
+    pub fn label(self) -> &'static str {
+        match self {
+            LeaseEvent::Claimed => "claimed",
+            LeaseEvent::HandedBack => "handed_back",
+            LeaseEvent::Lost => "lost",
+            LeaseEvent::Rescued => "rescued",
+        }
+    }
+}
 
 #[derive(Debug, Default, Clone)]
 pub struct Histogram {
@@ -81,6 +105,14 @@ impl Metrics {
 
     pub fn resyncs(&self) -> u64 {
         self.resyncs.load(Ordering::Relaxed)
+    }
+
+    pub fn count_lease(&self, event: LeaseEvent, count: u64) {
+        self.lease_events[event as usize].fetch_add(count, Ordering::Relaxed);
+    }
+
+    pub fn leases(&self, event: LeaseEvent) -> u64 {
+        self.lease_events[event as usize].load(Ordering::Relaxed)
     }
 
     pub fn count_webhook(&self, outcome: &str) {

@@ -73,6 +73,14 @@ macro_rules! uuid_id {
             pub fn new() -> Self {
                 Self(Uuid::new_v4())
             }
+
+            pub fn as_uuid(self) -> Uuid {
+                self.0
+            }
+
+            pub fn from_uuid(id: Uuid) -> Self {
+                Self(id)
+            }
         }
 
         impl Default for $name {
@@ -142,7 +150,7 @@ impl JobState {
         matches!(self, JobState::Complete | JobState::Error)
     }
 
-    pub fn as_str(self) -> &'static str {
+    pub const fn as_str(self) -> &'static str {
         match self {
             JobState::Queued => "queued",
             JobState::Running => "running",
@@ -379,17 +387,24 @@ impl ToSchema for JobStatus {
     }
 }
 
-/// A status as it is published: serialised once, however many subscribers send it on.
+/// A status as it is published: serialised once, however many subscribers send it on, with the
+/// event-log cursor it was written at (0 until it has been).
 #[derive(Debug)]
 pub struct JobEvent {
     pub status: JobStatus,
     pub json: Box<str>,
+    pub cursor: u64,
 }
 
 impl JobEvent {
     pub fn new(status: JobStatus) -> std::sync::Arc<Self> {
         let json = serde_json::to_string(&status).expect("a JobStatus serialises").into_boxed_str();
-        std::sync::Arc::new(Self { status, json })
+        std::sync::Arc::new(Self { status, json, cursor: 0 })
+    }
+
+    /// A status read back from the event log, with the exact JSON it was published as.
+    pub fn logged(status: JobStatus, json: Box<str>, cursor: u64) -> std::sync::Arc<Self> {
+        std::sync::Arc::new(Self { status, json, cursor })
     }
 }
 
@@ -541,7 +556,7 @@ impl JobStatus {
             }
             JobChange::Requeued(position) => {
                 next.phase = Phase::Queued { position };
-                next.message = format!("Re-queued after a server restart (position {position})");
+                next.message = format!("Re-queued: the node running it stopped (position {position})");
             }
             JobChange::Started => {
                 next.move_to(JobState::Running, Progress::running(1.0), "Starting the mix".to_string())?;

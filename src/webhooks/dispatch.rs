@@ -3,7 +3,6 @@
 //! is stored; it never polls. A slow or dead receiver holds one of its slots until the timeout,
 //! never a mix, and never the other receivers beyond the slots it takes.
 
-use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -15,7 +14,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{check_url, is_public, retry_delay, WebhookSecret};
-use crate::jobs::{AttemptResult, DbError, Metrics, Outbox, PendingDelivery};
+use crate::jobs::{AttemptResult, Metrics, Outbox, PendingDelivery, StoreError};
 
 /// A receiver's answer is read this far and no further: only its status matters.
 const MAX_RESPONSE_BYTES: usize = 4 * 1024;
@@ -80,38 +79,33 @@ impl Dispatcher {
         Ok(Self { outbox, metrics, client: client.build()?, config, clock: Clock::new() })
     }
 
-    /// Sends due deliveries until `shutdown`. One in flight then is sent again after the next
-    /// start: delivery is at least once, and the `webhook-id` lets a receiver drop the repeat.
+    /// Sends due deliveries until `shutdown`. Each is claimed in the outbox while it is sent, so
+    /// no other node (nor this one) sends it at the same time; one in flight when a node dies is
+    /// sent again once its claim runs out. Delivery is at least once, and the `webhook-id` lets a
+    /// receiver drop a repeat.
     pub async fn run(self, shutdown: CancellationToken) {
         let this = Arc::new(self);
-        let mut in_flight: JoinSet<String> = JoinSet::new();
-        let mut sending: HashSet<String> = HashSet::new();
+        let mut in_flight: JoinSet<()> = JoinSet::new();
         loop {
             let free = this.config.concurrency.saturating_sub(in_flight.len());
-            // The outbox is SQLite, which may wait on the job store's writes: off the runtime.
-            let (outbox, mut excluded, now) = (this.outbox.clone(), sending.clone(), this.clock.now_ms());
-            let read = tokio::task::spawn_blocking(move || {
-                let due = if free > 0 { outbox.due(now, free, &excluded)? } else { Vec::new() };
-                excluded.extend(due.iter().map(|delivery| delivery.id.clone()));
-                Ok::<_, DbError>((due, outbox.next_due(&excluded)?))
-            });
-            let next_due = match read.await.expect("reading the outbox does not panic") {
+            let read = async {
+                let due = if free > 0 { this.outbox.due(this.clock.now_ms(), free).await? } else { Vec::new() };
+                Ok::<_, StoreError>((due, this.outbox.next_due().await?))
+            };
+            let next_due = match read.await {
                 Ok((due, next_due)) => {
                     for delivery in due {
-                        sending.insert(delivery.id.clone());
                         let dispatcher = this.clone();
                         in_flight.spawn(async move {
                             let result = dispatcher.attempt(&delivery).await;
-                            let id = delivery.id.clone();
-                            let _ = tokio::task::spawn_blocking(move || dispatcher.finish(&delivery, &result)).await;
-                            id
+                            dispatcher.finish(&delivery, &result).await;
                         });
                     }
                     next_due.map(|ms| this.clock.instant_at(ms))
                 }
                 Err(err) => {
                     tracing::error!(%err, "could not read the webhook outbox");
-                    Some(Instant::now() + Duration::from_secs(5))
+                    Some(Instant::now() + Duration::from_secs(1))
                 }
             };
             // With every slot taken, the next due delivery waits for one to finish instead.
@@ -123,11 +117,7 @@ impl Dispatcher {
                 }
             };
             tokio::select! {
-                Some(finished) = in_flight.join_next(), if !in_flight.is_empty() => {
-                    if let Ok(id) = finished {
-                        sending.remove(&id);
-                    }
-                }
+                Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
                 _ = sleep => {}
                 _ = this.outbox.woken() => {}
                 _ = shutdown.cancelled() => return,
@@ -135,8 +125,8 @@ impl Dispatcher {
         }
     }
 
-    /// Counts and records what an attempt came to (blocking: SQLite).
-    fn finish(&self, delivery: &PendingDelivery, result: &AttemptResult) {
+    /// Counts and records what an attempt came to.
+    async fn finish(&self, delivery: &PendingDelivery, result: &AttemptResult) {
         let outcome = result.outcome.unwrap_or("retry");
         self.metrics.count_webhook(outcome);
         match (&result.http_status, &result.error) {
@@ -145,8 +135,8 @@ impl Dispatcher {
                 tracing::info!(webhook_id = %delivery.id, job_id = %delivery.job_id, error = error.as_deref().unwrap_or_default(), outcome, "webhook attempt")
             }
         }
-        if let Err(err) = self.outbox.record(delivery, result) {
-            // Not recorded: it stays due and is sent again, which at-least-once allows.
+        if let Err(err) = self.outbox.record(delivery, result).await {
+            // Not recorded: it is sent again once its claim runs out, which at-least-once allows.
             tracing::error!(webhook_id = %delivery.id, %err, "could not record a webhook attempt");
         }
     }
@@ -256,7 +246,7 @@ mod tests {
     use axum::routing::post;
 
     use super::*;
-    use crate::jobs::{JobId, MediaLayout};
+    use crate::jobs::{Attempt, Delivery, JobId, MediaLayout, Store, StoreLocation};
 
     /// What a receiver saw of each request: when (on tokio's clock), its webhook-id and whether
     /// its signature is the one the reference library computes.
@@ -305,18 +295,17 @@ mod tests {
 
     struct Harness {
         _dir: tempfile::TempDir,
-        db: crate::jobs::TestDb,
+        store: Store,
         outbox: Arc<Outbox>,
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     }
 
-    fn harness() -> Harness {
+    async fn harness() -> Harness {
         let dir = tempfile::tempdir().unwrap();
-        let layout = MediaLayout::new(dir.path());
-        let db = crate::jobs::TestDb::open(&layout.database_dir());
-        let outbox = Arc::new(Outbox::open(&layout.database_dir()).unwrap());
-        Harness { _dir: dir, db, outbox, metrics: Arc::default(), shutdown: CancellationToken::new() }
+        let store = Store::open(&StoreLocation::Sqlite(MediaLayout::new(dir.path()).database_dir())).await.unwrap();
+        let outbox = Arc::new(Outbox::new(store.clone()));
+        Harness { _dir: dir, store, outbox, metrics: Arc::default(), shutdown: CancellationToken::new() }
     }
 
     impl Harness {
@@ -326,23 +315,30 @@ mod tests {
             tokio::spawn(dispatcher.run(self.shutdown.clone()));
         }
 
-        fn deliver(&self, url: &str) -> (String, JobId) {
+        async fn deliver(&self, url: &str) -> (String, JobId) {
             let job_id = JobId::new();
-            let id = self.db.add_delivery(job_id, url, r#"{"type":"mix.completed","data":{}}"#);
+            let id = format!("msg_{}", uuid::Uuid::new_v4().simple());
+            let body = r#"{"type":"mix.completed","data":{}}"#.to_string();
+            self.store.add_delivery(Delivery { id: id.clone(), job_id, url: url.into(), message_type: "mix.completed", body }).await;
             self.outbox.wake();
             (id, job_id)
         }
-    }
 
-    async fn until(mut done: impl FnMut() -> bool) {
-        // Time is paused: each sleep lets everything due run first, at no real cost.
-        for _ in 0..100_000 {
-            if done() {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        async fn attempts(&self, job_id: JobId) -> Vec<Attempt> {
+            self.outbox.attempts(job_id).await.unwrap()
         }
-        panic!("never happened");
+
+        /// Waits until the job's attempts satisfy `done`.
+        async fn until(&self, job_id: JobId, done: impl Fn(&[Attempt]) -> bool) {
+            // Time is paused: each sleep lets everything due run first, at no real cost.
+            for _ in 0..100_000 {
+                if done(&self.attempts(job_id).await) {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            panic!("never happened");
+        }
     }
 
     #[tokio::test(start_paused = true)]
@@ -350,10 +346,10 @@ mod tests {
         let secret = WebhookSecret::generate();
         let error = Some((StatusCode::INTERNAL_SERVER_ERROR, HeaderMap::new()));
         let (url, seen) = receiver(&secret, vec![error.clone(), error, Some((StatusCode::OK, HeaderMap::new()))]).await;
-        let harness = harness();
+        let harness = harness().await;
         harness.start(&secret, true);
-        let (id, job_id) = harness.deliver(&url);
-        until(|| harness.outbox.attempts(job_id).unwrap().len() == 3).await;
+        let (id, job_id) = harness.deliver(&url).await;
+        harness.until(job_id, |a| a.len() == 3).await;
         let seen = seen.lock().unwrap().clone();
         assert_eq!(seen.len(), 3);
         assert!(seen.iter().all(|r| r.verified && r.webhook_id == id), "{seen:?}");
@@ -361,12 +357,12 @@ mod tests {
         for (gap, expected) in [(seen[1].at - seen[0].at, Duration::from_secs(5)), (seen[2].at - seen[1].at, Duration::from_secs(300))] {
             assert!(gap >= expected.mul_f64(0.9) && gap <= expected.mul_f64(1.1) + Duration::from_millis(200), "{gap:?} for {expected:?}");
         }
-        let attempts = harness.outbox.attempts(job_id).unwrap();
+        let attempts = harness.attempts(job_id).await;
         assert_eq!(attempts.iter().map(|a| a.http_status).collect::<Vec<_>>(), [Some(500), Some(500), Some(200)]);
         assert!(attempts[2].next_attempt_at.is_none() && attempts[0].next_attempt_at.is_some());
         // Nothing more is sent, however long we wait.
         tokio::time::sleep(Duration::from_secs(48 * 3600)).await;
-        assert_eq!(harness.outbox.attempts(job_id).unwrap().len(), 3);
+        assert_eq!(harness.attempts(job_id).await.len(), 3);
         assert_eq!((harness.metrics.webhooks("delivered"), harness.metrics.webhooks("retry")), (1, 2));
     }
 
@@ -376,14 +372,14 @@ mod tests {
         let mut later = HeaderMap::new();
         later.insert("retry-after", "120".parse().unwrap());
         let (url, seen) = receiver(&secret, vec![Some((StatusCode::SERVICE_UNAVAILABLE, later)), Some((StatusCode::GONE, HeaderMap::new()))]).await;
-        let harness = harness();
+        let harness = harness().await;
         harness.start(&secret, true);
-        let (_, job_id) = harness.deliver(&url);
-        until(|| harness.outbox.attempts(job_id).unwrap().len() == 2).await;
+        let (_, job_id) = harness.deliver(&url).await;
+        harness.until(job_id, |a| a.len() == 2).await;
         let seen = seen.lock().unwrap().clone();
         assert!(seen[1].at - seen[0].at >= Duration::from_secs(120), "waited for Retry-After, not the 5 s schedule");
         tokio::time::sleep(Duration::from_secs(48 * 3600)).await;
-        assert_eq!(harness.outbox.attempts(job_id).unwrap().len(), 2, "410 ends the delivery");
+        assert_eq!(harness.attempts(job_id).await.len(), 2, "410 ends the delivery");
         assert_eq!(harness.metrics.webhooks("gone"), 1);
     }
 
@@ -392,14 +388,14 @@ mod tests {
         let secret = WebhookSecret::generate();
         let (silent, _) = receiver(&secret, vec![None]).await;
         let (prompt, prompt_seen) = receiver(&secret, vec![Some((StatusCode::NO_CONTENT, HeaderMap::new()))]).await;
-        let harness = harness();
+        let harness = harness().await;
         harness.start(&secret, true);
-        let (_, silent_job) = harness.deliver(&silent);
-        let (_, prompt_job) = harness.deliver(&prompt);
-        until(|| harness.outbox.attempts(prompt_job).unwrap().len() == 1).await;
+        let (_, silent_job) = harness.deliver(&silent).await;
+        let (_, prompt_job) = harness.deliver(&prompt).await;
+        harness.until(prompt_job, |a| a.len() == 1).await;
         assert_eq!(prompt_seen.lock().unwrap().len(), 1);
-        until(|| !harness.outbox.attempts(silent_job).unwrap().is_empty()).await;
-        let attempt = &harness.outbox.attempts(silent_job).unwrap()[0];
+        harness.until(silent_job, |a| !a.is_empty()).await;
+        let attempt = &harness.attempts(silent_job).await[0];
         assert_eq!((attempt.http_status, attempt.error.as_deref()), (None, Some("no answer within 15 s")));
         assert!(attempt.next_attempt_at.is_some(), "a timeout is retried");
     }
@@ -412,22 +408,24 @@ mod tests {
         redirect.insert("location", inner.parse().unwrap());
         let (redirecting, _) = receiver(&secret, vec![Some((StatusCode::FOUND, redirect))]).await;
         // Refusing private addresses, the literal and the name are refused without a connection.
-        let strict = harness();
+        let strict = harness().await;
         strict.start(&secret, false);
         let port = inner.rsplit(':').next().unwrap();
-        let (_, by_name) = strict.deliver(&format!("http://localhost:{port}"));
-        let (_, literal) = strict.deliver(&inner);
-        until(|| strict.outbox.attempts(by_name).unwrap().len() == 1 && strict.outbox.attempts(literal).unwrap().len() == 1).await;
-        let error = |job| strict.outbox.attempts(job).unwrap()[0].error.clone().unwrap();
-        assert!(error(by_name).contains("resolves only to addresses webhooks may not reach"), "{}", error(by_name));
-        assert!(error(literal).contains("is not a public address"), "{}", error(literal));
+        let (_, by_name) = strict.deliver(&format!("http://localhost:{port}")).await;
+        let (_, literal) = strict.deliver(&inner).await;
+        strict.until(by_name, |a| a.len() == 1).await;
+        strict.until(literal, |a| a.len() == 1).await;
+        let error = |attempts: Vec<Attempt>| attempts[0].error.clone().unwrap();
+        let (by_name_error, literal_error) = (error(strict.attempts(by_name).await), error(strict.attempts(literal).await));
+        assert!(by_name_error.contains("resolves only to addresses webhooks may not reach"), "{by_name_error}");
+        assert!(literal_error.contains("is not a public address"), "{literal_error}");
         assert_eq!(inner_seen.lock().unwrap().len(), 0, "nothing reached the private receiver");
         // Allowed to reach the receivers, a redirect is an answer, not followed.
-        let lenient = harness();
+        let lenient = harness().await;
         lenient.start(&secret, true);
-        let (_, redirected) = lenient.deliver(&redirecting);
-        until(|| !lenient.outbox.attempts(redirected).unwrap().is_empty()).await;
-        assert_eq!(lenient.outbox.attempts(redirected).unwrap()[0].http_status, Some(302));
+        let (_, redirected) = lenient.deliver(&redirecting).await;
+        lenient.until(redirected, |a| !a.is_empty()).await;
+        assert_eq!(lenient.attempts(redirected).await[0].http_status, Some(302));
         assert_eq!(inner_seen.lock().unwrap().len(), 0, "the redirect was not followed");
     }
 }

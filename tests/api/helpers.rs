@@ -26,6 +26,19 @@ pub async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
     }
 }
 
+/// Checks `condition` (an async one, such as a request) until it holds, failing at the deadline.
+pub async fn eventually_async<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !condition().await {
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Every test server runs with access control on, and every test client carries this admin
 /// key, so nothing a test reaches slipped past the check.
 pub const ADMIN_KEY: &str = "test-admin-key-0123456789abcdef-0123456789";

@@ -122,15 +122,16 @@ async fn queued_jobs_publish_their_positions_and_run_in_order() {
     assert_eq!(events.status, 200);
 
     let mut ids = Vec::new();
-    for expected_position in [None, Some(1), Some(2)] {
+    for submitted_before in 0..3 {
+        // Queued behind whichever earlier jobs the slot has not taken yet.
         let (status, body) = app.start_mix("p1", None).await;
-        assert_eq!(status, 202);
-        assert_eq!(body["data"]["queue_position"].as_u64(), expected_position, "{body}");
-        if let Some(position) = expected_position {
-            assert_eq!(body["data"]["message"], format!("Waiting for mixer slot (position {position})"));
-        }
+        assert_eq!((status, body["data"]["state"].as_str()), (202, Some("queued")));
+        let position = body["data"]["queue_position"].as_u64().unwrap();
+        assert!((1..=submitted_before + 1).contains(&position), "{body}");
+        assert_eq!(body["data"]["message"], format!("Waiting for mixer slot (position {position})"));
         ids.push(body["data"]["job_id"].as_str().unwrap().to_string());
     }
+    let mut cursor = 0;
 
     let mut by_job: HashMap<String, Vec<Value>> = HashMap::new();
     let mut finished_order = Vec::new();
@@ -139,7 +140,10 @@ async fn queued_jobs_publish_their_positions_and_run_in_order() {
         let Some("status") = event.event.as_deref() else { continue };
         let status: Value = serde_json::from_str(&event.data).unwrap();
         let id = status["job_id"].as_str().unwrap().to_string();
-        assert_eq!(event.id.as_deref(), Some(status["seq"].to_string().as_str()));
+        // A project stream's id is its cursor, which only grows.
+        let id_cursor: u64 = event.id.as_deref().unwrap().parse().unwrap();
+        assert!(id_cursor > cursor, "{id_cursor} after {cursor}");
+        cursor = id_cursor;
         let history = by_job.entry(id.clone()).or_default();
         assert_contract_step(history.last(), &status);
         if matches!(status["state"].as_str(), Some("complete")) {
@@ -149,10 +153,12 @@ async fn queued_jobs_publish_their_positions_and_run_in_order() {
     }
     assert_eq!(finished_order, ids, "FIFO");
     let positions = |id: &str| -> Vec<u64> { by_job[id].iter().filter_map(|s| s["queue_position"].as_u64()).collect() };
-    assert_eq!(positions(&ids[2]), [2, 1]);
-    assert_eq!(positions(&ids[1]).last(), Some(&1));
-    // The first job was queued at position 1 for the instant before it took the free slot.
-    assert_eq!(positions(&ids[0]), [1]);
+    // Each job moves up one place at a time until it is first, then takes the slot.
+    for id in &ids {
+        let positions = positions(id);
+        assert!(positions.windows(2).all(|pair| pair[1] == pair[0] - 1) && positions.last() == Some(&1), "{positions:?}");
+    }
+    assert!(positions(&ids[2]).first() >= Some(&2), "the third job waited behind the second");
     // A job starts only after the one before it finished: one slot.
     let started_at = |id: &str| by_job[id].iter().find(|s| s["state"] == "running").map(|s| s["updated_at"].as_str().unwrap().to_string()).unwrap();
     let completed_at = |id: &str| by_job[id].last().unwrap()["updated_at"].as_str().unwrap().to_string();

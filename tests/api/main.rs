@@ -3,6 +3,7 @@
 
 mod abuse;
 mod access;
+mod cluster;
 #[path = "../../benches/common/mod.rs"]
 mod common;
 mod corpus;

@@ -1,0 +1,431 @@
+//! This node's mixer slots. With a slot free the runner claims the oldest queued job from the
+//! store (whichever node queued it), and runs it under a lease it renews every third of its
+//! length. Every change the run makes is a write fenced on that lease, made in order by the run's
+//! own writer; a write or renewal that finds the lease gone stops the mix, and nothing of the old
+//! run lands. The result is written under an attempt-specific name and linked into place just
+//! before the fenced completion. The runner also rescues jobs whose lease expired (their node died
+//! or stalled), and on shutdown hands this node's runs back to the queue at once.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::layout::MediaLayout;
+use super::manager::{Jobs, LocalRun};
+use super::metrics::LeaseEvent;
+use super::model::{ErrorCode, JobChange, JobId, JobState, JobStatus, Progress};
+use super::store::{Change, Claim, Lease, Store, StoreError};
+use super::webhook::WebhookSpec;
+use crate::audio::{self, AudioError, MixObserver, MixReport, Stage};
+
+/// How often the queue is checked without a wake-up (a notification may be lost).
+const CLAIM_POLL: Duration = Duration::from_secs(1);
+/// Pause after the store failed before the runner tries again.
+const STORE_RETRY: Duration = Duration::from_millis(250);
+
+pub(super) async fn run_slots(jobs: Jobs, shutdown: CancellationToken) {
+    let slots = jobs.inner.config.mix_slots;
+    let lease = jobs.inner.config.lease;
+    let mut runs: JoinSet<()> = JoinSet::new();
+    // Expired leases are looked for three times per lease: a dead node's job runs again within
+    // about a lease and a third of its last renewal.
+    let mut rescue = tokio::time::interval(lease / 3);
+    rescue.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        while runs.len() < slots && !shutdown.is_cancelled() {
+            match jobs.inner.store.claim(jobs.inner.owner, lease).await {
+                Ok(Some(claim)) => {
+                    jobs.metrics().count_lease(LeaseEvent::Claimed, 1);
+                    let span =
+                        tracing::info_span!(parent: None, "mix", job_id = %claim.status.job_id(), project = %claim.status.project_id(), attempt = claim.lease.attempt);
+                    runs.spawn(JobRun::start(jobs.clone(), claim).run().instrument(span));
+                }
+                Ok(None) => break,
+                Err(err) => {
+                    tracing::warn!(%err, "cannot claim a job");
+                    tokio::time::sleep(STORE_RETRY).await;
+                    break;
+                }
+            }
+        }
+        tokio::select! {
+            Some(_) = runs.join_next(), if !runs.is_empty() => {}
+            _ = jobs.inner.runner_wake.notified() => {}
+            _ = rescue.tick() => match jobs.inner.store.rescue().await {
+                Ok(0) => {}
+                Ok(rescued) => jobs.metrics().count_lease(LeaseEvent::Rescued, rescued as u64),
+                Err(err) => tracing::warn!(%err, "cannot rescue jobs with expired leases"),
+            },
+            _ = tokio::time::sleep(CLAIM_POLL), if runs.len() < slots => {}
+            _ = shutdown.cancelled() => break,
+        }
+    }
+    hand_back(&jobs).await;
+    // The runs stop at their next check; their writes are fenced out already.
+    while runs.join_next().await.is_some() {}
+}
+
+/// Gives this node's runs back to the queue, so that another node starts them at once.
+async fn hand_back(jobs: &Jobs) {
+    let runs: Vec<(JobId, Lease, Arc<AtomicBool>)> =
+        jobs.inner.local_runs.lock().expect("never poisoned").iter().map(|(id, run)| (*id, run.lease, run.stop.clone())).collect();
+    for (job_id, lease, stop) in runs {
+        stop.store(true, Ordering::Relaxed);
+        match jobs.inner.store.hand_back(job_id, lease).await {
+            Ok(true) => {
+                jobs.metrics().count_lease(LeaseEvent::HandedBack, 1);
+                tracing::info!(%job_id, "handed a running job back to the queue");
+            }
+            Ok(false) => {}
+            Err(err) => tracing::warn!(%job_id, %err, "could not hand a job back; it runs again once its lease expires"),
+        }
+    }
+}
+
+/// One run of a claimed job.
+struct JobRun {
+    jobs: Jobs,
+    claim: Claim,
+    stop: Arc<AtomicBool>,
+}
+
+impl JobRun {
+    fn start(jobs: Jobs, claim: Claim) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let run = LocalRun { stop: stop.clone(), started_seq: claim.status.seq(), lease: claim.lease };
+        jobs.inner.local_runs.lock().expect("never poisoned").insert(claim.status.job_id(), run);
+        Self { jobs, claim, stop }
+    }
+
+    fn layout(&self) -> &MediaLayout {
+        &self.jobs.inner.config.layout
+    }
+
+    async fn run(self) {
+        let started = Instant::now();
+        let (job_id, project) = (self.claim.status.job_id(), self.claim.status.project_id().clone());
+        let attempt = self.claim.lease.attempt;
+        let writer = Writer {
+            store: self.jobs.inner.store.clone(),
+            lease: self.claim.lease,
+            lease_length: self.jobs.inner.config.lease,
+            status: self.claim.status.clone(),
+            webhook: self.claim.webhook.clone(),
+            stop: self.stop.clone(),
+        };
+        let (changes, pending) = mpsc::unbounded_channel();
+        let writing = tokio::spawn(writer.write_all(pending).in_current_span());
+        let keeper = tokio::spawn(keep_lease(self.jobs.clone(), job_id, self.claim.lease, self.stop.clone()).in_current_span());
+
+        let layout = self.layout().clone();
+        let _ = layout.remove_earlier_attempts(&project, job_id, attempt);
+        let staged = layout.result_staged(&project, job_id, attempt);
+        let temporary = layout.result_temporary(&project, job_id, attempt);
+        let observer = JobObserver::new(changes.clone(), self.stop.clone());
+        let span = tracing::Span::current();
+        let (stems, settings, engine_output) = (self.claim.stems.clone(), self.claim.settings.clone(), staged.clone());
+        let outcome = self.jobs.inner.engine.run(move || span.in_scope(|| audio::mix(&stems, &settings, &engine_output, &temporary, &observer))).await;
+
+        let stopped = self.stop.load(Ordering::Relaxed);
+        let ending = match outcome {
+            Ok(Ok(report)) if !stopped => Some(Ending::Mixed(report)),
+            Ok(Ok(_)) | Ok(Err(AudioError::Canceled)) => None,
+            Ok(Err(err)) => {
+                tracing::warn!(error = %err, "mix failed");
+                Some(Ending::Failed(failure(&err)))
+            }
+            Err(panic) => {
+                let panic = audio::panic_message(&*panic);
+                tracing::error!(%panic, "mix engine panicked");
+                Some(Ending::Failed(JobChange::Failed { code: ErrorCode::Internal, message: "The mix engine failed unexpectedly".into() }))
+            }
+        };
+        // Every progress change is written before the ending.
+        drop(changes);
+        let mut writer = writing.await.expect("the writer does not panic");
+        let finished = match ending {
+            Some(Ending::Mixed(report)) if !self.stop.load(Ordering::Relaxed) => self.publish(&mut writer, &staged, report).await,
+            Some(Ending::Failed(change)) if !self.stop.load(Ordering::Relaxed) => writer.write(change).await,
+            _ => false,
+        };
+        keeper.abort();
+        let _ = tokio::fs::remove_file(&staged).await;
+        self.jobs.inner.local_runs.lock().expect("never poisoned").remove(&job_id);
+        if finished {
+            tracing::info!(state = writer.status.state().as_str(), seconds = started.elapsed().as_secs_f64(), "job finished");
+            if writer.status.state() == JobState::Complete {
+                self.jobs.metrics().observe_mix(started.elapsed());
+            }
+        } else {
+            tracing::info!("run stopped: the job was canceled or is no longer this node's");
+        }
+    }
+
+    /// Links the staged result into place and completes the job, if the lease still holds.
+    /// A result already in place came from an earlier run of the same job and inputs, which a
+    /// node finished but did not get to report: it is kept.
+    async fn publish(&self, writer: &mut Writer, staged: &std::path::Path, report: MixReport) -> bool {
+        let (project, job_id) = (self.claim.status.project_id(), self.claim.status.job_id());
+        if !writer.still_held().await {
+            return false;
+        }
+        let output = self.layout().result(project, job_id);
+        match tokio::fs::hard_link(staged, &output).await {
+            Ok(()) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => tracing::info!("the result was already in place from an earlier run"),
+            Err(err) => {
+                let code = if err.kind() == std::io::ErrorKind::StorageFull { ErrorCode::InsufficientStorage } else { ErrorCode::ExportFailed };
+                return writer.write(JobChange::Failed { code, message: format!("Could not publish the mix: {err}") }).await;
+            }
+        }
+        let completed = writer.write(JobChange::Completed { result_url: MediaLayout::result_url(project, job_id), report: Box::new(report) }).await;
+        if completed {
+            self.point_newest_at(&output).await;
+        }
+        completed
+    }
+
+    /// Points the legacy "newest mix" path at this output.
+    async fn point_newest_at(&self, output: &std::path::Path) {
+        let (project, job_id) = (self.claim.status.project_id(), self.claim.status.job_id());
+        let legacy = self.layout().newest_result(project);
+        let staging = self.layout().newest_result_temporary(project, job_id);
+        let linked = async {
+            let _ = tokio::fs::remove_file(&staging).await;
+            if tokio::fs::hard_link(output, &staging).await.is_err() {
+                tokio::fs::copy(output, &staging).await?;
+            }
+            tokio::fs::rename(&staging, &legacy).await
+        };
+        if let Err(err) = linked.await {
+            tracing::warn!(%err, "could not update the legacy final_mix.wav");
+        }
+    }
+}
+
+enum Ending {
+    Mixed(MixReport),
+    Failed(JobChange),
+}
+
+/// Renews the lease every third of its length; stops the run when it is gone, or when the
+/// store cannot be reached for longer than the lease (another node may have it by then).
+async fn keep_lease(jobs: Jobs, job_id: JobId, lease: Lease, stop: Arc<AtomicBool>) {
+    let length = jobs.inner.config.lease;
+    let mut renewed = Instant::now();
+    loop {
+        tokio::time::sleep(length / 3).await;
+        match jobs.inner.store.renew(job_id, lease, length).await {
+            Ok(true) => renewed = Instant::now(),
+            Ok(false) => {
+                jobs.metrics().count_lease(LeaseEvent::Lost, 1);
+                tracing::warn!("the lease is gone: stopping the mix");
+                stop.store(true, Ordering::Relaxed);
+                return;
+            }
+            Err(err) if renewed.elapsed() >= length => {
+                jobs.metrics().count_lease(LeaseEvent::Lost, 1);
+                tracing::warn!(%err, "could not renew the lease for its whole length: stopping the mix");
+                stop.store(true, Ordering::Relaxed);
+                return;
+            }
+            Err(err) => tracing::warn!(%err, "could not renew the lease; trying again"),
+        }
+    }
+}
+
+/// Writes one run's changes in order, each fenced on the run's lease.
+struct Writer {
+    store: Store,
+    lease: Lease,
+    lease_length: Duration,
+    /// The last status written.
+    status: JobStatus,
+    webhook: Option<WebhookSpec>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Writer {
+    async fn write_all(mut self, mut changes: mpsc::UnboundedReceiver<JobChange>) -> Self {
+        while let Some(change) = changes.recv().await {
+            if self.stop.load(Ordering::Relaxed) {
+                continue;
+            }
+            self.write(change).await;
+        }
+        self
+    }
+
+    /// Writes `change`; false when it was not (refused by the rules, or the lease is gone).
+    async fn write(&mut self, change: JobChange) -> bool {
+        let next = match self.status.apply(change) {
+            Ok(next) => next,
+            Err(err) => {
+                tracing::debug!(%err, "change refused");
+                return false;
+            }
+        };
+        let change = Change::new(next, self.webhook.as_ref(), false);
+        let written = &change;
+        match self.retry(move |store, lease, previous| async move { store.write(lease, previous, written).await }).await {
+            Some(true) => {
+                self.status = change.event.status.clone();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether the lease still holds, renewing it.
+    async fn still_held(&mut self) -> bool {
+        let (job_id, length) = (self.status.job_id(), self.lease_length);
+        self.retry(move |store, lease, _| async move { store.renew(job_id, lease, length).await }).await == Some(true)
+    }
+
+    /// Runs `attempt` until the store answers, for at most one lease length (after that another
+    /// node may have the job). `Some(false)` and giving up both stop the run.
+    async fn retry<F, Fut>(&mut self, attempt: F) -> Option<bool>
+    where
+        F: Fn(Store, Lease, u64) -> Fut,
+        Fut: std::future::Future<Output = Result<bool, StoreError>>,
+    {
+        let deadline = Instant::now() + self.lease_length;
+        loop {
+            match attempt(self.store.clone(), self.lease, self.status.seq()).await {
+                Ok(true) => return Some(true),
+                Ok(false) => {
+                    tracing::warn!("the lease is gone: the run stops and writes nothing more");
+                    self.stop.store(true, Ordering::Relaxed);
+                    return Some(false);
+                }
+                Err(err) if Instant::now() < deadline => {
+                    tracing::warn!(%err, "could not write a job change; trying again");
+                    tokio::time::sleep(STORE_RETRY).await;
+                }
+                Err(err) => {
+                    tracing::error!(%err, "could not write a job change for a whole lease: the run stops");
+                    self.stop.store(true, Ordering::Relaxed);
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+fn failure(err: &AudioError) -> JobChange {
+    let code = match err {
+        AudioError::NoStems => ErrorCode::NoStems,
+        AudioError::Open { source, .. } if source.kind() == std::io::ErrorKind::NotFound => ErrorCode::StemMissing,
+        AudioError::Open { .. } | AudioError::Internal(_) => ErrorCode::Internal,
+        AudioError::Unsupported { .. } => ErrorCode::UnsupportedAudio,
+        AudioError::Decode { .. } => ErrorCode::DecodeFailed,
+        AudioError::Settings(_) => ErrorCode::InvalidSettings,
+        AudioError::TooLong { .. } => ErrorCode::OutputTooLong,
+        AudioError::Canceled => ErrorCode::Canceled,
+        AudioError::Export(io) if io.kind() == std::io::ErrorKind::StorageFull => ErrorCode::InsufficientStorage,
+        AudioError::Export(_) => ErrorCode::ExportFailed,
+    };
+    let message = match err {
+        AudioError::Internal(_) => "The mix engine failed unexpectedly".to_string(),
+        AudioError::Open { stem, .. } if code == ErrorCode::StemMissing => format!("Stem \"{stem}\" was deleted before the mix could use it"),
+        AudioError::Export(_) if code == ErrorCode::InsufficientStorage => "The disk is full: the mix could not be written".to_string(),
+        other => other.to_string(),
+    };
+    JobChange::Failed { code, message }
+}
+
+/// Progress within a stage is published at most this often. A progress bar needs no more, and
+/// every change is stored and sent to every subscriber: a short mix would otherwise make a
+/// hundred changes in a second. A new stage is published at once.
+pub(super) const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Turns the engine's stage reports into job changes for the run's writer: every new stage, and a
+/// rise in whole percent at most once per [`PROGRESS_INTERVAL`].
+pub(super) struct JobObserver {
+    changes: mpsc::UnboundedSender<JobChange>,
+    stop: Arc<AtomicBool>,
+    published: Mutex<Published>,
+}
+
+struct Published {
+    state: JobState,
+    progress: u8,
+    at: Instant,
+}
+
+impl JobObserver {
+    pub fn new(changes: mpsc::UnboundedSender<JobChange>, stop: Arc<AtomicBool>) -> Self {
+        let published = Published { state: JobState::Running, progress: 0, at: Instant::now() };
+        Self { changes, stop, published: Mutex::new(published) }
+    }
+}
+
+impl MixObserver for JobObserver {
+    fn progress(&self, stage: Stage, fraction: f64) {
+        let state = JobState::from(stage);
+        let progress = Progress::running(stage.percent(fraction));
+        {
+            let mut published = self.published.lock().expect("never poisoned");
+            // tokio's clock: the engine's threads are outside the runtime and read the system
+            // clock through it, while a test that pauses time controls it.
+            let now = Instant::now();
+            let news = if state == published.state {
+                progress.value() > published.progress && now.duration_since(published.at) >= PROGRESS_INTERVAL
+            } else {
+                state > published.state
+            };
+            if !news {
+                return;
+            }
+            *published = Published { state, progress: progress.value(), at: now };
+        }
+        let _ = self.changes.send(JobChange::Progress { state, progress, message: stage.label().to_string() });
+    }
+
+    fn is_cancelled(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn progress_within_a_stage_is_published_at_most_once_per_interval_and_every_stage_at_once() {
+        let (changes, mut sent) = mpsc::unbounded_channel();
+        let observer = JobObserver::new(changes, Arc::new(AtomicBool::new(false)));
+        let mut published = || {
+            let mut seen = Vec::new();
+            while let Ok(JobChange::Progress { state, progress, .. }) = sent.try_recv() {
+                seen.push((state, progress.value()));
+            }
+            seen
+        };
+
+        // Time stands still: each new stage is published at once, its rises within it are not.
+        for stage in [Stage::LoadingStems, Stage::AligningStems, Stage::ProcessingTracks] {
+            for step in 0..=100 {
+                observer.progress(stage, step as f64 / 100.0);
+            }
+        }
+        assert_eq!(published(), [(JobState::LoadingStems, 2), (JobState::AligningStems, 8), (JobState::ProcessingTracks, 15)]);
+        // Just short of the interval, a rise still waits; at the interval it goes out.
+        tokio::time::advance(PROGRESS_INTERVAL - Duration::from_millis(1)).await;
+        observer.progress(Stage::ProcessingTracks, 0.5);
+        assert_eq!(published(), []);
+        tokio::time::advance(Duration::from_millis(1)).await;
+        observer.progress(Stage::ProcessingTracks, 0.5);
+        assert_eq!(published(), [(JobState::ProcessingTracks, 42)]);
+        // A lower figure is never published, however long it has been.
+        tokio::time::advance(PROGRESS_INTERVAL).await;
+        observer.progress(Stage::ProcessingTracks, 0.1);
+        assert_eq!(published(), []);
+    }
+}

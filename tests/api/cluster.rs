@@ -1,0 +1,307 @@
+//! Cluster mode: several real `mixd serve` processes on one PostgreSQL database and one data
+//! dir, with real faults (kill -9, SIGSTOP, a terminated LISTEN connection). Each test gets a
+//! database of its own, dropped at the end.
+
+use std::path::{Path, PathBuf};
+
+use futures_util::StreamExt;
+use serde_json::Value;
+use sqlx::{Connection, Executor, PgConnection};
+
+use crate::helpers::{connect_ws, eventually_async, make_audio, start_server, Server, SseStream};
+
+/// The server tests make their databases on: `MIXD_TEST_POSTGRES` (scripts/test sets it when it
+/// starts a throwaway cluster), else the machine's own.
+fn admin_url() -> String {
+    std::env::var("MIXD_TEST_POSTGRES").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+/// A fresh database, dropped (with whatever still holds it) when this is.
+pub struct TestDatabase {
+    pub url: String,
+    name: String,
+}
+
+impl TestDatabase {
+    pub async fn create() -> Self {
+        let admin = admin_url();
+        let name = format!("mixd_test_{}", uuid::Uuid::new_v4().simple());
+        let mut conn = PgConnection::connect(&admin).await.expect("PostgreSQL answers (scripts/test starts one)");
+        conn.execute(format!("CREATE DATABASE {name}").as_str()).await.unwrap();
+        let base = admin.rsplit_once('/').expect("a URL with a database").0;
+        Self { url: format!("{base}/{name}"), name }
+    }
+
+    pub async fn connect(&self) -> PgConnection {
+        PgConnection::connect(&self.url).await.unwrap()
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async {
+                if let Ok(mut conn) = PgConnection::connect(&admin_url()).await {
+                    let _ = conn.execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str()).await;
+                }
+            })
+        })
+        .join();
+    }
+}
+
+struct Cluster {
+    db: TestDatabase,
+    data: tempfile::TempDir,
+    fixtures: tempfile::TempDir,
+}
+
+impl Cluster {
+    async fn new() -> Self {
+        Self { db: TestDatabase::create().await, data: tempfile::tempdir().unwrap(), fixtures: tempfile::tempdir().unwrap() }
+    }
+
+    /// A node with `slots` mixer slots and a 2 s lease.
+    async fn node(&self, slots: usize) -> Server {
+        let slots = slots.to_string();
+        start_server(self.data.path(), self.fixtures.path(), &["--database-url", &self.db.url, "--mix-slots", &slots, "--lease", "2s"]).await
+    }
+
+    /// Stems of `seconds` each (three of them), uploaded to `node` as project `project`.
+    async fn upload(&self, node: &Server, project: &str, seconds: u32) {
+        let stems: Vec<PathBuf> =
+            (1..=3).map(|i| make_audio(self.fixtures.path(), &format!("{project}-{i}.wav"), &format!("sine=f={}:r=48000:d={seconds}", 110 * i), &["-ac", "2"])).collect();
+        let paths: Vec<&Path> = stems.iter().map(PathBuf::as_path).collect();
+        assert_eq!(node.app.upload(project, &paths).await.0, 201);
+    }
+}
+
+async fn start(node: &Server, project: &str) -> String {
+    let (status, started) = node.app.start_mix(project, None).await;
+    assert_eq!(status, 202, "{started}");
+    started["data"]["job_id"].as_str().unwrap().to_string()
+}
+
+/// A Prometheus counter of `node`, by its full name with labels.
+async fn counter(node: &Server, series: &str) -> u64 {
+    let text = node.app.client.get(node.app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    text.lines().find_map(|line| line.strip_prefix(series)?.trim().parse().ok()).unwrap_or_else(|| panic!("{series} in {text}"))
+}
+
+const CLAIMED: &str = "mixd_leases_total{event=\"claimed\"}";
+
+/// Every status of a job's SSE stream on `node`, until it ends.
+async fn statuses_over_sse(mut stream: SseStream) -> Vec<Value> {
+    let mut statuses = Vec::new();
+    while let Some(event) = stream.next_event().await {
+        if event.event.as_deref() == Some("status") {
+            statuses.push(serde_json::from_str(&event.data).unwrap());
+        }
+    }
+    statuses
+}
+
+fn seqs(statuses: &[Value]) -> Vec<u64> {
+    statuses.iter().map(|status| status["seq"].as_u64().unwrap()).collect()
+}
+
+/// Reads SSE statuses until one is in `state`.
+async fn until_state(stream: &mut SseStream, state: &str) -> Vec<Value> {
+    let mut seen = Vec::new();
+    loop {
+        let event = stream.next_event().await.unwrap_or_else(|| panic!("the stream ended before {state}: {seen:?}"));
+        if event.event.as_deref() != Some("status") {
+            continue;
+        }
+        let status: Value = serde_json::from_str(&event.data).unwrap();
+        assert_ne!(status["state"], "complete", "the mix finished before {state}: make it longer");
+        let reached = status["state"] == state;
+        seen.push(status);
+        if reached {
+            return seen;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_started_on_one_node_mixes_on_another_and_a_third_streams_every_change() {
+    let cluster = Cluster::new().await;
+    let (a, b, c) = (cluster.node(0).await, cluster.node(0).await, cluster.node(1).await);
+    cluster.upload(&a, "p1", 5).await;
+    let job_id = start(&a, "p1").await;
+
+    let path = format!("/mix/p1/mix/job/{job_id}");
+    let sse = SseStream::connect(&b.app.client, &b.app.url(&format!("{path}/events")), None).await;
+    assert_eq!(sse.status, 200);
+    let (mut socket, _) = connect_ws(b.app.url(&format!("{path}/ws")).replace("http", "ws")).await.unwrap();
+    let over_ws = async {
+        let mut statuses = Vec::new();
+        while let Some(Ok(message)) = socket.next().await {
+            if let tokio_tungstenite::tungstenite::Message::Text(text) = message {
+                let frame: Value = serde_json::from_str(&text).unwrap();
+                statuses.push(frame["data"].clone());
+            }
+        }
+        statuses
+    };
+    let (over_sse, over_ws) = tokio::join!(statuses_over_sse(sse), over_ws);
+
+    for statuses in [&over_sse, &over_ws] {
+        assert_eq!(statuses.last().unwrap()["state"], "complete", "{statuses:?}");
+        let seqs = seqs(statuses);
+        assert!(seqs.windows(2).all(|pair| pair[1] == pair[0] + 1), "seq rises by one with no gap: {seqs:?}");
+        assert!(statuses.iter().any(|status| status["state"] == "mixing"), "the stages came through");
+    }
+    assert_eq!((counter(&a, CLAIMED).await, counter(&b, CLAIMED).await, counter(&c, CLAIMED).await), (0, 0, 1), "only the node with a slot mixed");
+    // Every node answers for the job alike.
+    let (_, on_a) = a.app.get_json(&format!("{path}/status")).await;
+    let (_, on_c) = c.app.get_json(&format!("{path}/status")).await;
+    assert_eq!(on_a["data"], on_c["data"]);
+    assert_eq!(&on_a["data"], over_sse.last().unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_mid_mix_loses_its_job_to_another_which_completes_it_under_the_same_id() {
+    let cluster = Cluster::new().await;
+    let watcher = cluster.node(0).await;
+    let mut first = cluster.node(1).await;
+    cluster.upload(&watcher, "p1", 40).await;
+    let job_id = start(&watcher, "p1").await;
+    let path = format!("/mix/p1/mix/job/{job_id}");
+    let mut events = SseStream::connect(&watcher.app.client, &watcher.app.url(&format!("{path}/events")), None).await;
+    let mut seen = until_state(&mut events, "processing_tracks").await;
+    // Only now does a second mixing node exist: the job is certainly the first's.
+    let second = cluster.node(1).await;
+    first.kill();
+
+    seen.extend(statuses_over_sse(events).await);
+    assert_eq!(seen.last().unwrap()["state"], "complete", "{seen:?}");
+    assert_eq!(seen.last().unwrap()["job_id"], job_id.as_str());
+    let seqs = seqs(&seen);
+    assert!(seqs.windows(2).all(|pair| pair[1] > pair[0]), "seq never goes back: {seqs:?}");
+    assert!(seen.iter().any(|status| status["state"] == "queued" && status["seq"].as_u64() > Some(1)), "re-queued after the kill: {seen:?}");
+    assert_eq!(counter(&second, CLAIMED).await, 1);
+    assert_eq!(counter(&watcher, "mixd_leases_total{event=\"rescued\"}").await + counter(&second, "mixd_leases_total{event=\"rescued\"}").await, 1);
+    // The result exists once, and nothing of the killed run is left beside it.
+    let outputs: Vec<String> = std::fs::read_dir(cluster.data.path().join(format!("p1/mix_outputs/{job_id}")))
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(outputs, ["final_mix.wav"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_stalled_past_its_lease_changes_nothing_when_it_wakes() {
+    let cluster = Cluster::new().await;
+    let watcher = cluster.node(0).await;
+    let stalled = cluster.node(1).await;
+    cluster.upload(&watcher, "p1", 40).await;
+    let job_id = start(&watcher, "p1").await;
+    let path = format!("/mix/p1/mix/job/{job_id}");
+    let mut events = SseStream::connect(&watcher.app.client, &watcher.app.url(&format!("{path}/events")), None).await;
+    until_state(&mut events, "processing_tracks").await;
+    stalled.process.signal("STOP");
+    let rescuer = cluster.node(1).await;
+    let finished = statuses_over_sse(events).await;
+    let complete = finished.last().unwrap().clone();
+    assert_eq!(complete["state"], "complete");
+    assert_eq!(counter(&rescuer, CLAIMED).await, 1, "the job ran again elsewhere");
+    let result = cluster.data.path().join(format!("p1/mix_outputs/{job_id}/final_mix.wav"));
+    let bytes = std::fs::read(&result).unwrap();
+
+    stalled.process.signal("CONT");
+    // The woken node learns that its lease is gone, and stops.
+    eventually_async("the stalled node saw its lease gone", || async { counter(&stalled, "mixd_leases_total{event=\"lost\"}").await == 1 }).await;
+    let (_, now) = watcher.app.get_json(&format!("{path}/status")).await;
+    assert_eq!(now["data"], complete, "the job is exactly as the rescuer left it");
+    assert_eq!(std::fs::read(&result).unwrap(), bytes, "the result is untouched");
+    let outputs: Vec<String> = std::fs::read_dir(result.parent().unwrap()).unwrap().map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(outputs, ["final_mix.wav"], "the stale run removed its own files");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminated_listen_connection_loses_no_event() {
+    let cluster = Cluster::new().await;
+    let mixer = cluster.node(1).await;
+    let watcher = cluster.node(0).await;
+    cluster.upload(&watcher, "p1", 15).await;
+    let job_id = start(&watcher, "p1").await;
+    let mut events = SseStream::connect(&watcher.app.client, &watcher.app.url(&format!("/mix/p1/mix/job/{job_id}/events")), None).await;
+    let mut seen = until_state(&mut events, "loading_stems").await;
+
+    let mut admin = cluster.db.connect().await;
+    let terminated: Vec<bool> = sqlx::query_scalar("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN%'")
+        .fetch_all(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(terminated, [true, true], "each node's LISTEN connection");
+
+    seen.extend(statuses_over_sse(events).await);
+    assert_eq!(seen.last().unwrap()["state"], "complete");
+    let seqs = seqs(&seen);
+    assert!(seqs.windows(2).all(|pair| pair[1] == pair[0] + 1), "no event lost: {seqs:?}");
+    assert_eq!(counter(&mixer, CLAIMED).await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_idempotency_key_sent_to_two_nodes_at_once_makes_one_job() {
+    let cluster = Cluster::new().await;
+    let (a, b) = (cluster.node(0).await, cluster.node(0).await);
+    cluster.upload(&a, "p1", 1).await;
+    let send = |node: &Server| node.app.client.post(node.app.url("/mix/p1/mix/start")).header("Idempotency-Key", "same").send();
+    let (first, second) = tokio::join!(send(&a), send(&b));
+    let (first, second) = (first.unwrap(), second.unwrap());
+    let mut codes = [first.status().as_u16(), second.status().as_u16()];
+    codes.sort();
+    assert_eq!(codes, [200, 202], "one made it, the other found it");
+    let (first, second): (Value, Value) = (first.json().await.unwrap(), second.json().await.unwrap());
+    assert_eq!(first["data"]["job_id"], second["data"]["job_id"]);
+    let (_, listed) = b.app.get_json("/mix/p1/mix/jobs").await;
+    assert_eq!(listed["data"]["jobs"].as_array().unwrap().len(), 1);
+}
+
+/// A dashboard-style subscriber on project `p1` of `watcher` that leaves before the job it saw
+/// ends, and comes back with its cursor after: it gets the terminal status first thing.
+async fn resume_after_the_end(watcher: &Server, starter: &Server) {
+    let job_id = start(starter, "p1").await;
+    let url = watcher.app.url("/mix/p1/mix/events");
+    let mut first = SseStream::connect(&watcher.app.client, &url, None).await;
+    let cursor = loop {
+        let event = first.next_event().await.unwrap();
+        if event.event.as_deref() == Some("status") && event.data.contains(&job_id) {
+            break event.id.unwrap();
+        }
+    };
+    drop(first);
+    eventually_async("the job completed", || async { watcher.app.get_json(&format!("/mix/p1/mix/job/{job_id}/status")).await.1["data"]["state"] == "complete" }).await;
+
+    let mut resumed = SseStream::connect(&watcher.app.client, &url, Some(cursor.parse().unwrap())).await;
+    let event = loop {
+        let event = resumed.next_event().await.unwrap();
+        if event.event.as_deref() == Some("status") {
+            break event;
+        }
+    };
+    let status: Value = serde_json::from_str(&event.data).unwrap();
+    assert_eq!((status["job_id"].as_str(), status["state"].as_str()), (Some(job_id.as_str()), Some("complete")));
+    assert!(event.id.unwrap().parse::<u64>().unwrap() > cursor.parse::<u64>().unwrap(), "the cursor grew");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_project_subscriber_that_reconnects_with_its_cursor_gets_the_job_that_ended_meanwhile() {
+    // One node on the embedded store.
+    let data = tempfile::tempdir().unwrap();
+    let fixtures = tempfile::tempdir().unwrap();
+    let single = start_server(data.path(), fixtures.path(), &["--mix-slots", "1"]).await;
+    let stem = make_audio(fixtures.path(), "a.wav", "sine=f=220:r=48000:d=2", &[]);
+    assert_eq!(single.app.upload("p1", &[&stem]).await.0, 201);
+    resume_after_the_end(&single, &single).await;
+
+    // Two nodes on PostgreSQL: the watcher is not the node the job ran on.
+    let cluster = Cluster::new().await;
+    let (watcher, mixer) = (cluster.node(0).await, cluster.node(1).await);
+    cluster.upload(&mixer, "p1", 2).await;
+    resume_after_the_end(&watcher, &mixer).await;
+}
