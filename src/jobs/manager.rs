@@ -224,10 +224,15 @@ impl Jobs {
     ) -> Result<Submitted, JobError> {
         let job = NewJob { job_id: JobId::new(), project, settings, stems, idempotency_key, webhook };
         let submitted = self.inner.store.submit(job).await?;
-        if let Submitted::New(status) = &submitted {
-            tracing::info!(job_id = %status.job_id(), "job queued");
-            self.seen(status).await;
-        }
+        let status = match &submitted {
+            Submitted::New(status) => {
+                tracing::info!(job_id = %status.job_id(), "job queued");
+                status
+            }
+            // Perhaps made a moment ago on another node: this one's lists should hold it too.
+            Submitted::Existing(status) => status,
+        };
+        self.seen(status).await;
         Ok(submitted)
     }
 

@@ -20,16 +20,20 @@ fn admin_url() -> String {
 pub struct TestDatabase {
     pub url: String,
     name: String,
+    admin: String,
 }
 
 impl TestDatabase {
     pub async fn create() -> Self {
-        let admin = admin_url();
+        Self::create_on(admin_url()).await
+    }
+
+    pub async fn create_on(admin: String) -> Self {
         let name = format!("mixd_test_{}", uuid::Uuid::new_v4().simple());
         let mut conn = PgConnection::connect(&admin).await.expect("PostgreSQL answers (scripts/test starts one)");
         conn.execute(format!("CREATE DATABASE {name}").as_str()).await.unwrap();
         let base = admin.rsplit_once('/').expect("a URL with a database").0;
-        Self { url: format!("{base}/{name}"), name }
+        Self { url: format!("{base}/{name}"), name, admin }
     }
 
     pub async fn connect(&self) -> PgConnection {
@@ -39,11 +43,11 @@ impl TestDatabase {
 
 impl Drop for TestDatabase {
     fn drop(&mut self) {
-        let name = self.name.clone();
+        let (name, admin) = (self.name.clone(), self.admin.clone());
         let _ = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             runtime.block_on(async {
-                if let Ok(mut conn) = PgConnection::connect(&admin_url()).await {
+                if let Ok(mut conn) = PgConnection::connect(&admin).await {
                     let _ = conn.execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str()).await;
                 }
             })
@@ -60,7 +64,11 @@ struct Cluster {
 
 impl Cluster {
     async fn new() -> Self {
-        Self { db: TestDatabase::create().await, data: tempfile::tempdir().unwrap(), fixtures: tempfile::tempdir().unwrap() }
+        Self::on(TestDatabase::create().await)
+    }
+
+    fn on(db: TestDatabase) -> Self {
+        Self { db, data: tempfile::tempdir().unwrap(), fixtures: tempfile::tempdir().unwrap() }
     }
 
     /// A node with `slots` mixer slots and a 2 s lease.
@@ -304,4 +312,43 @@ async fn a_project_subscriber_that_reconnects_with_its_cursor_gets_the_job_that_
     let (watcher, mixer) = (cluster.node(0).await, cluster.node(1).await);
     cluster.upload(&mixer, "p1", 2).await;
     resume_after_the_end(&watcher, &mixer).await;
+}
+
+/// `pg_ctl <action>` on the throwaway PostgreSQL scripts/test started for this test alone.
+fn pg_ctl(action: &[&str]) {
+    let command = std::env::var("MIXD_TEST_PG_CTL").expect("scripts/test starts a PostgreSQL this test may stop and start");
+    let mut words = command.split_whitespace();
+    let output = std::process::Command::new(words.next().unwrap()).args(words).args(action).output().unwrap();
+    assert!(output.status.success(), "pg_ctl {action:?}: {}", String::from_utf8_lossy(&output.stderr));
+}
+
+async fn job_state(node: &Server, job_id: &str) -> Value {
+    node.app.get_json(&format!("/mix/p1/mix/job/{job_id}/status")).await.1["data"]["state"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_stopped_mid_run_makes_nodes_unhealthy_and_loses_no_accepted_job() {
+    let admin = std::env::var("MIXD_TEST_RESTARTABLE_POSTGRES").expect("scripts/test starts a PostgreSQL this test may stop and start");
+    let cluster = Cluster::on(TestDatabase::create_on(admin).await);
+    let (watcher, mixer) = (cluster.node(0).await, cluster.node(1).await);
+    cluster.upload(&watcher, "p1", 20).await;
+    let accepted = [start(&watcher, "p1").await, start(&watcher, "p1").await];
+    let mut events = SseStream::connect(&watcher.app.client, &watcher.app.url(&format!("/mix/p1/mix/job/{}/events", accepted[0])), None).await;
+    until_state(&mut events, "loading_stems").await;
+
+    pg_ctl(&["stop", "-m", "fast", "-w"]);
+    let health = watcher.app.client.get(watcher.app.url("/healthz")).send().await.unwrap();
+    assert_eq!(health.status(), 503);
+    assert_eq!(health.json::<Value>().await.unwrap()["error"], "STORE_UNAVAILABLE");
+    let (status, refused) = watcher.app.start_mix("p1", None).await;
+    assert_eq!((status, refused["error"].as_str()), (503, Some("STORE_UNAVAILABLE")), "a job the store cannot take is refused, not accepted");
+    pg_ctl(&["start", "-w"]);
+
+    eventually_async("the node is healthy again", || async { watcher.app.client.get(watcher.app.url("/healthz")).send().await.unwrap().status() == 200 }).await;
+    for job_id in &accepted {
+        eventually_async("every accepted job completed", || async { job_state(&watcher, job_id).await == "complete" }).await;
+        assert_eq!(job_state(&mixer, job_id).await, "complete");
+    }
+    let after = start(&mixer, "p1").await;
+    eventually_async("a job accepted after the restart completed", || async { job_state(&watcher, &after).await == "complete" }).await;
 }
