@@ -21,7 +21,10 @@ Access (see the security schemes): GET /session says who a credential is; POST /
 INVALID_REQUEST (422) for an out-of-range ttl_s and NO_TOKEN_KEY (409) without a token key; a token without `kid` is accepted \
 only when exactly one token key is configured; /openapi.json and GET /session need any valid credential; /media serves job \
 results, the newest mix and stem audio only. Without keys every route answers 403 to a non-loopback Host, and state changes \
-and WebSocket upgrades to a foreign Origin. Webhooks: `webhook` in the start body; GET .../webhooks lists the attempts."
+and WebSocket upgrades to a foreign Origin. Webhooks: `webhook` in the start body; GET .../webhooks lists the attempts. \
+Cluster mode: 503 STORE_UNAVAILABLE while the job database cannot be reached (and 503 MEDIA_UNAVAILABLE from /healthz); \
+the start route's 202 carries the job as stored (queued, with its position); project and global streams' ids are decimal cursors, \
+also sent as `cursor` in their WebSocket frames; /metrics adds mixd_leases_total by event."
     ),
     paths(
         stems::upload, stems::list, stems::delete,
@@ -33,7 +36,7 @@ and WebSocket upgrades to a foreign Origin. Webhooks: `webhook` in the start bod
     ),
     // The ids are the types of the path and query parameters, and appear in no body of their own.
     components(schemas(ProjectId, JobId, StemId, error::ErrorEnvelope)),
-    modifiers(&OptionalSettings, &ProjectIdLength, &AccessRequirements),
+    modifiers(&OptionalSettings, &ProjectIdLength, &AccessRequirements, &StoreAvailability),
     tags(
         (name = "stems", description = "Upload and manage a project's stems"),
         (name = "mix", description = "Mix jobs and the legacy polling status"),
@@ -111,6 +114,28 @@ impl Modify for AccessRequirements {
                     security.push(SecurityRequirement::new("access_token", Vec::<String>::new()));
                 }
                 operation.security = Some(security);
+            }
+        }
+    }
+}
+
+/// Every route that reads or writes jobs may find the job database unreachable (in a cluster,
+/// PostgreSQL): 503 `STORE_UNAVAILABLE`, for the client to retry.
+struct StoreAvailability;
+
+impl Modify for StoreAvailability {
+    fn modify(&self, document: &mut Document) {
+        use utoipa::openapi::{Ref, ResponseBuilder};
+        let unavailable = ResponseBuilder::new()
+            .description("STORE_UNAVAILABLE: the job database cannot be reached; try again shortly")
+            .content("application/json", utoipa::openapi::ContentBuilder::new().schema(Some(Ref::from_schema_name("ErrorEnvelope"))).build())
+            .build();
+        for (path, item) in document.paths.paths.iter_mut() {
+            if !(path.contains("/mix") || path == "/events" || path == "/ws") {
+                continue;
+            }
+            for operation in [&mut item.get, &mut item.post, &mut item.delete].into_iter().flatten() {
+                operation.responses.responses.entry("503".into()).or_insert_with(|| unavailable.clone().into());
             }
         }
     }

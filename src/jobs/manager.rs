@@ -20,7 +20,8 @@ use super::layout::MediaLayout;
 use super::metrics::Metrics;
 use super::model::{JobEvent, JobId, JobState, JobStatus, ProjectId};
 use super::outbox::Outbox;
-use super::store::{CancelError, NewJob, Store, StoreError, Submitted};
+pub use super::store::JobError;
+use super::store::{NewJob, Store, StoreError, Submitted};
 use super::webhook::WebhookSpec;
 use crate::audio::{StemSource, ValidSettings};
 
@@ -43,26 +44,6 @@ pub struct JobsConfig {
     pub layout: MediaLayout,
     /// How long a node holds a job without renewing it.
     pub lease: Duration,
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum JobError {
-    #[error("job not found")]
-    NotFound,
-    #[error("the job has already finished")]
-    Finished,
-    #[error(transparent)]
-    Store(#[from] StoreError),
-}
-
-impl From<CancelError> for JobError {
-    fn from(err: CancelError) -> Self {
-        match err {
-            CancelError::NotFound => JobError::NotFound,
-            CancelError::Finished => JobError::Finished,
-            CancelError::Store(err) => JobError::Store(err),
-        }
-    }
 }
 
 /// Why the job layer could not start.

@@ -163,6 +163,8 @@ impl JobRun {
                 self.jobs.metrics().observe_mix(started.elapsed());
             }
         } else {
+            // A canceled job leaves no empty directory behind (one holding a result stays).
+            let _ = tokio::fs::remove_dir(layout.job_outputs(&project, job_id)).await;
             tracing::info!("run stopped: the job was canceled or is no longer this node's");
         }
     }

@@ -126,8 +126,9 @@ pub struct Snapshot {
     pub jobs: Vec<LoggedEvent>,
 }
 
+/// Why a job operation failed.
 #[derive(Debug, thiserror::Error)]
-pub enum CancelError {
+pub enum JobError {
     #[error("job not found")]
     NotFound,
     #[error("the job has already finished")]
@@ -196,8 +197,8 @@ pub(super) fn started(status: &JobStatus, webhook: Option<&WebhookSpec>, attempt
 }
 
 /// The end of a canceled job, or why it cannot be canceled.
-pub(super) fn canceled(status: &JobStatus, webhook: Option<&WebhookSpec>) -> Result<Change, CancelError> {
-    status.apply(JobChange::canceled()).map(|next| Change::new(next, webhook, false)).map_err(|_| CancelError::Finished)
+pub(super) fn canceled(status: &JobStatus, webhook: Option<&WebhookSpec>) -> Result<Change, JobError> {
+    status.apply(JobChange::canceled()).map(|next| Change::new(next, webhook, false)).map_err(|_| JobError::Finished)
 }
 
 /// The column values every status write sets.
@@ -274,7 +275,7 @@ impl Store {
         each_store!(self, store => store.rescue().await)
     }
 
-    pub async fn cancel(&self, project: &ProjectId, job_id: JobId) -> Result<JobStatus, CancelError> {
+    pub async fn cancel(&self, project: &ProjectId, job_id: JobId) -> Result<JobStatus, JobError> {
         each_store!(self, store => store.cancel(project, job_id).await)
     }
 

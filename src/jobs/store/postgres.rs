@@ -16,7 +16,7 @@ use tokio::sync::Mutex;
 use uuid::Uuid;
 
 use super::{
-    after_interrupted_run, canceled, parse_job_inputs, reposition, rfc3339, started, state_column, unix_millis, CancelError, Change, Claim, Lease, LoggedEvent, NewJob,
+    after_interrupted_run, canceled, parse_job_inputs, reposition, rfc3339, started, state_column, unix_millis, Change, Claim, JobError, Lease, LoggedEvent, NewJob,
     QueueEntry, Snapshot, StoreError, Submitted, DELIVERY_CLAIM, TERMINAL_STATES,
 };
 use crate::jobs::model::{ErrorCode, JobChange, JobId, JobState, JobStatus, ProjectId};
@@ -202,7 +202,7 @@ impl PgStore {
         Ok(rescued)
     }
 
-    pub async fn cancel(&self, project: &ProjectId, job_id: JobId) -> Result<JobStatus, CancelError> {
+    pub async fn cancel(&self, project: &ProjectId, job_id: JobId) -> Result<JobStatus, JobError> {
         let mut tx = self.begin(true).await?;
         let row = sqlx::query("SELECT status, webhook FROM jobs WHERE job_id = $1 AND project_id = $2 FOR UPDATE")
             .bind(job_id.as_uuid())
@@ -210,7 +210,7 @@ impl PgStore {
             .fetch_optional(&mut *tx)
             .await
             .map_err(StoreError::from)?;
-        let Some(row) = row else { return Err(CancelError::NotFound) };
+        let Some(row) = row else { return Err(JobError::NotFound) };
         let status: JobStatus = serde_json::from_str(row.get(0)).map_err(StoreError::from)?;
         let change = canceled(&status, parse_webhook(row.get(1))?.as_ref())?;
         write_status(&mut tx, &change, true).await?;

@@ -14,8 +14,8 @@ use tokio::sync::Notify;
 use uuid::Uuid;
 
 use super::{
-    after_interrupted_run, canceled, parse_job_inputs, reposition, rfc3339, sqlite_file, started, state_column, unix_millis, CancelError, Change, Claim, Lease,
-    LoggedEvent, NewJob, QueueEntry, Snapshot, StoreError, Submitted, DELIVERY_CLAIM, TERMINAL_STATES,
+    after_interrupted_run, canceled, parse_job_inputs, reposition, rfc3339, sqlite_file, started, state_column, unix_millis, Change, Claim, JobError, Lease, LoggedEvent,
+    NewJob, QueueEntry, Snapshot, StoreError, Submitted, DELIVERY_CLAIM, TERMINAL_STATES,
 };
 use crate::jobs::model::{JobId, JobStatus, ProjectId};
 use crate::jobs::outbox::{AttemptResult, PendingDelivery};
@@ -301,7 +301,7 @@ impl SqliteStore {
         .await
     }
 
-    pub async fn cancel(&self, project: &ProjectId, job_id: JobId) -> Result<JobStatus, CancelError> {
+    pub async fn cancel(&self, project: &ProjectId, job_id: JobId) -> Result<JobStatus, JobError> {
         let project = project.clone();
         let result = self
             .write_transaction(move |tx| {
@@ -309,7 +309,7 @@ impl SqliteStore {
                     .prepare_cached("SELECT status, webhook FROM jobs WHERE job_id = ?1 AND project_id = ?2")?
                     .query_row(params![job_id.to_string(), project.as_str()], |row| Ok((row.get::<_, String>(0)?, row.get::<_, Option<String>>(1)?)))
                     .optional()?;
-                let Some((status, webhook)) = row else { return Ok(Err(CancelError::NotFound)) };
+                let Some((status, webhook)) = row else { return Ok(Err(JobError::NotFound)) };
                 let status: JobStatus = serde_json::from_str(&status)?;
                 let change = match canceled(&status, parse_webhook(webhook)?.as_ref()) {
                     Ok(change) => change,
