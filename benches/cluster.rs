@@ -16,9 +16,8 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use futures_util::StreamExt;
-use sqlx::{Connection, Executor, PgConnection};
 
-use common::{start_mixd, wait_for_subscribers, Mixd};
+use common::{start_mixd, wait_for_subscribers, Mixd, ScratchDatabase};
 
 const SUBSCRIBERS: usize = 1000;
 const SUBMITTERS: usize = 32;
@@ -36,15 +35,15 @@ fn main() {
 
         println!("| measure | one node, SQLite | two nodes, PostgreSQL | ratio |\n|---|---|---|---|");
         let single = delivery(fixtures.path(), None).await;
-        let db = Database::create().await;
+        let db = ScratchDatabase::create_on(admin_url()).await;
         let cluster = delivery(fixtures.path(), Some(&db.url)).await;
         println!("| delivery p50, {SUBSCRIBERS} SSE subscribers | {:.1} ms | {:.1} ms | {:.2}x |", single.0, cluster.0, cluster.0 / single.0);
         println!("| delivery p99 | {:.1} ms | {:.1} ms | {:.2}x |", single.1, cluster.1, cluster.1 / single.1);
         let single = submissions(fixtures.path(), None).await;
-        let db = Database::create().await;
+        let db = ScratchDatabase::create_on(admin_url()).await;
         let cluster = submissions(fixtures.path(), Some(&db.url)).await;
         println!("| submissions per second ({SUBMITTERS} clients) | {single:.0} | {cluster:.0} | {:.2}x |", cluster / single);
-        let db = Database::create().await;
+        let db = ScratchDatabase::create_on(admin_url()).await;
         let mut times = rescues(fixtures.path(), &db.url).await;
         times.sort_by(f64::total_cmp);
         println!("\nRescue after kill -9 (lease 5 s, {RESCUES} runs): p50 {:.2} s, max {:.2} s", times[times.len() / 2], times[times.len() - 1]);
@@ -60,31 +59,8 @@ fn make_audio(dir: &Path, name: &str, source: &str) {
     assert!(status.success());
 }
 
-struct Database {
-    url: String,
-    name: String,
-    admin: String,
-}
-
-impl Database {
-    async fn create() -> Self {
-        let admin = std::env::var("MIXD_BENCH_POSTGRES").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-        let name = format!("mixd_bench_{}", uuid::Uuid::new_v4().simple());
-        PgConnection::connect(&admin).await.unwrap().execute(format!("CREATE DATABASE {name}").as_str()).await.unwrap();
-        Self { url: format!("{}/{name}", admin.rsplit_once('/').unwrap().0), name, admin }
-    }
-}
-
-impl Drop for Database {
-    fn drop(&mut self) {
-        let (admin, name) = (self.admin.clone(), self.name.clone());
-        let _ = std::thread::spawn(move || {
-            tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
-                let _ = PgConnection::connect(&admin).await.unwrap().execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str()).await;
-            })
-        })
-        .join();
-    }
+fn admin_url() -> String {
+    std::env::var("MIXD_BENCH_POSTGRES").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
 fn node(data: &Path, database: Option<&str>, slots: &str, lease: &str) -> Mixd {

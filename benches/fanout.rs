@@ -198,7 +198,8 @@ async fn ws_subscriber(address: &str, path: &str, connecting: Arc<Semaphore>) ->
     while let Some(message) = socket.next().await {
         if let Message::Text(text) = message.unwrap() {
             let arrived = Utc::now();
-            let data = text.as_str().strip_prefix(r#"{"type":"status","data":"#).expect("a status frame");
+            // `{"type":"status","cursor":"N","data":{...}}` on a project stream.
+            let data = text.as_str().split_once(r#","data":"#).map(|(_, data)| data).expect("a status frame");
             if followed.record(data, arrived) {
                 return followed.delays;
             }

@@ -1,7 +1,7 @@
 //! The polling status route under wrk at 64 connections: mixd against the legacy stack
 //! (FastAPI/uvicorn, rebuilt in bench/legacy/), in the same run on the same machine.
-//! `cargo bench --bench polling` (needs wrk, python3 with fastapi and uvicorn; figures in
-//! BENCHMARKS.md). Both answer the same question: a finished job's status in the envelope.
+//! `cargo bench --bench polling` (needs wrk, python3 with fastapi and uvicorn, and PostgreSQL at
+//! MIXD_BENCH_POSTGRES or 127.0.0.1:5432; figures in BENCHMARKS.md). Both answer the same question: a finished job's status in the envelope.
 
 mod common;
 
@@ -33,6 +33,16 @@ fn main() {
     let with_key = wrk(&keyed_url, Some(&admin));
     drop(mixd);
 
+    // The same open route on a node whose job store is PostgreSQL: polls read memory either way.
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let database = runtime
+        .block_on(common::ScratchDatabase::create_on(std::env::var("MIXD_BENCH_POSTGRES").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())));
+    let clustered = tempfile::tempdir().unwrap();
+    let (mixd, clustered_url, _) = finished_job(clustered.path(), &["--database-url", &database.url], &[]);
+    let on_postgres = wrk(&clustered_url, None);
+    drop(mixd);
+    drop(database);
+
     let port = free_port();
     let mut legacy = Command::new("python3")
         .args(["-m", "uvicorn", "app:app", "--app-dir"])
@@ -57,6 +67,7 @@ fn main() {
     println!("| legacy FastAPI/uvicorn | {:.0} | {} | {} |", theirs.0, theirs.1, theirs.2);
     println!("| mixd, scoped token | {:.0} | {} | {} |", with_token.0, with_token.1, with_token.2);
     println!("| mixd, admin key | {:.0} | {} | {} |", with_key.0, with_key.1, with_key.2);
+    println!("| mixd, PostgreSQL job store | {:.0} | {} | {} |", on_postgres.0, on_postgres.1, on_postgres.2);
     println!("throughput ratio mixd/legacy: {:.1}x (wrk -t2 -c64 -d{DURATION}, same machine, same run)", ours.0 / theirs.0);
     println!(
         "cost of verifying: token {:.1}%, admin key {:.1}% of the open route's throughput",

@@ -1,5 +1,6 @@
-//! What the benchmarks and the load test share: the real `mixd` binary as a child process, its
-//! resident memory, and its count of open subscribers. Not every user needs every piece.
+//! What the benchmarks and the integration tests share: the real `mixd` binary as a child
+//! process, its resident memory, its count of open subscribers, and scratch PostgreSQL databases.
+//! Not every user needs every piece.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
@@ -107,5 +108,41 @@ pub async fn wait_for_subscribers(client: &reqwest::Client, base: &str, total: u
         }
         assert!(Instant::now() < deadline, "subscribers never all connected");
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A fresh PostgreSQL database on the server at `admin` (a URL of a database to connect to for
+/// CREATE DATABASE), dropped with whatever still holds it when this is.
+pub struct ScratchDatabase {
+    pub url: String,
+    name: String,
+    admin: String,
+}
+
+impl ScratchDatabase {
+    pub async fn create_on(admin: String) -> Self {
+        use sqlx::{Connection, Executor};
+        let name = format!("mixd_scratch_{}", uuid::Uuid::new_v4().simple());
+        let mut conn = sqlx::PgConnection::connect(&admin).await.expect("PostgreSQL answers (scripts/test starts one)");
+        conn.execute(format!("CREATE DATABASE {name}").as_str()).await.unwrap();
+        let base = admin.rsplit_once('/').expect("a URL with a database").0;
+        Self { url: format!("{base}/{name}"), name, admin }
+    }
+}
+
+impl Drop for ScratchDatabase {
+    fn drop(&mut self) {
+        use sqlx::{Connection, Executor};
+        let (name, admin) = (self.name.clone(), self.admin.clone());
+        // Dropped from async code too: a thread of its own, with a runtime of its own.
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            runtime.block_on(async {
+                if let Ok(mut conn) = sqlx::PgConnection::connect(&admin).await {
+                    let _ = conn.execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str()).await;
+                }
+            })
+        })
+        .join();
     }
 }

@@ -6,8 +6,9 @@ use std::path::{Path, PathBuf};
 
 use futures_util::StreamExt;
 use serde_json::Value;
-use sqlx::{Connection, Executor, PgConnection};
+use sqlx::{Connection, PgConnection};
 
+use crate::common::ScratchDatabase;
 use crate::helpers::{connect_ws, eventually_async, make_audio, start_server, Server, SseStream};
 
 /// The server tests make their databases on: `MIXD_TEST_POSTGRES` (scripts/test sets it when it
@@ -16,58 +17,18 @@ fn admin_url() -> String {
     std::env::var("MIXD_TEST_POSTGRES").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
-/// A fresh database, dropped (with whatever still holds it) when this is.
-pub struct TestDatabase {
-    pub url: String,
-    name: String,
-    admin: String,
-}
-
-impl TestDatabase {
-    pub async fn create() -> Self {
-        Self::create_on(admin_url()).await
-    }
-
-    pub async fn create_on(admin: String) -> Self {
-        let name = format!("mixd_test_{}", uuid::Uuid::new_v4().simple());
-        let mut conn = PgConnection::connect(&admin).await.expect("PostgreSQL answers (scripts/test starts one)");
-        conn.execute(format!("CREATE DATABASE {name}").as_str()).await.unwrap();
-        let base = admin.rsplit_once('/').expect("a URL with a database").0;
-        Self { url: format!("{base}/{name}"), name, admin }
-    }
-
-    pub async fn connect(&self) -> PgConnection {
-        PgConnection::connect(&self.url).await.unwrap()
-    }
-}
-
-impl Drop for TestDatabase {
-    fn drop(&mut self) {
-        let (name, admin) = (self.name.clone(), self.admin.clone());
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-            runtime.block_on(async {
-                if let Ok(mut conn) = PgConnection::connect(&admin).await {
-                    let _ = conn.execute(format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str()).await;
-                }
-            })
-        })
-        .join();
-    }
-}
-
 struct Cluster {
-    db: TestDatabase,
+    db: ScratchDatabase,
     data: tempfile::TempDir,
     fixtures: tempfile::TempDir,
 }
 
 impl Cluster {
     async fn new() -> Self {
-        Self::on(TestDatabase::create().await)
+        Self::on(ScratchDatabase::create_on(admin_url()).await)
     }
 
-    fn on(db: TestDatabase) -> Self {
+    fn on(db: ScratchDatabase) -> Self {
         Self { db, data: tempfile::tempdir().unwrap(), fixtures: tempfile::tempdir().unwrap() }
     }
 
@@ -239,7 +200,7 @@ async fn a_terminated_listen_connection_loses_no_event() {
     let mut events = SseStream::connect(&watcher.app.client, &watcher.app.url(&format!("/mix/p1/mix/job/{job_id}/events")), None).await;
     let mut seen = until_state(&mut events, "loading_stems").await;
 
-    let mut admin = cluster.db.connect().await;
+    let mut admin = PgConnection::connect(&cluster.db.url).await.unwrap();
     let terminated: Vec<bool> = sqlx::query_scalar("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN%'")
         .fetch_all(&mut admin)
         .await
@@ -329,7 +290,7 @@ async fn job_state(node: &Server, job_id: &str) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_stopped_mid_run_makes_nodes_unhealthy_and_loses_no_accepted_job() {
     let admin = std::env::var("MIXD_TEST_RESTARTABLE_POSTGRES").expect("scripts/test starts a PostgreSQL this test may stop and start");
-    let cluster = Cluster::on(TestDatabase::create_on(admin).await);
+    let cluster = Cluster::on(ScratchDatabase::create_on(admin).await);
     let (watcher, mixer) = (cluster.node(0).await, cluster.node(1).await);
     cluster.upload(&watcher, "p1", 20).await;
     let accepted = [start(&watcher, "p1").await, start(&watcher, "p1").await];
