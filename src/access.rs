@@ -115,6 +115,14 @@ impl Caller {
         }
     }
 
+    /// The one project a scoped token is for; None for a caller with every project.
+    pub fn only_project(&self) -> Option<&ProjectId> {
+        match self {
+            Caller::Token(grant) => Some(&grant.project),
+            Caller::Open | Caller::Admin => None,
+        }
+    }
+
     /// When this caller's rights end; a stream open on them ends then too.
     pub fn expires_at(&self) -> Option<SystemTime> {
         match self {

@@ -56,7 +56,8 @@ fn rule(method: &Method, route: &str) -> Rule {
     let admin = Need::Global(Right::Admin);
     match (method.as_str(), route) {
         ("GET", "/healthz") | ("POST" | "DELETE", "/session") => plain(Need::Nothing),
-        ("GET", "/session" | "/openapi.json") => plain(Need::Credential),
+        // `/projects` lists only a scoped token's own project.
+        ("GET", "/session" | "/openapi.json" | "/projects") => plain(Need::Credential),
         ("POST", "/projects/{project_id}/stems") | ("DELETE", "/projects/{project_id}/stems/{stem_id}") => plain(write),
         ("POST", "/mix/{project_id}/mix/start") | ("DELETE", "/mix/{project_id}/mix/job/{job_id}") => plain(write),
         ("GET", "/projects/{project_id}/stems" | "/projects/{project_id}/mix/status") => plain(read),

@@ -7,6 +7,7 @@ mod extract;
 mod media;
 mod mix;
 mod openapi;
+mod projects;
 mod service;
 mod session;
 mod stems;
@@ -64,6 +65,7 @@ impl std::ops::Deref for AppState {
 pub fn router(state: AppState) -> Router {
     let upload_limit = usize::try_from(state.config.max_upload_bytes()).unwrap_or(usize::MAX);
     let routes: Router<AppState> = Router::new()
+        .route("/projects", get(projects::list))
         .route("/projects/{project_id}/stems", post(stems::upload).get(stems::list).layer(DefaultBodyLimit::max(upload_limit)))
         .route("/projects/{project_id}/stems/{stem_id}", delete(stems::delete))
         .route("/projects/{project_id}/mix/status", get(mix::legacy_status))

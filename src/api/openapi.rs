@@ -4,7 +4,7 @@ use utoipa::openapi::schema::Schema;
 use utoipa::openapi::{OpenApi as Document, RefOr, Required};
 use utoipa::{Modify, OpenApi};
 
-use super::{auth, error, media, mix, service, session, stems, streams};
+use super::{auth, error, media, mix, projects, service, session, stems, streams};
 use crate::jobs::{JobId, ProjectId, StemId};
 
 #[derive(OpenApi)]
@@ -27,7 +27,7 @@ the start route's 202 carries the job as stored (queued, with its position); pro
 also sent as `cursor` in their WebSocket frames; /metrics adds mixd_leases_total by event."
     ),
     paths(
-        stems::upload, stems::list, stems::delete,
+        projects::list, stems::upload, stems::list, stems::delete,
         mix::start, mix::job_status, mix::legacy_status, mix::project_status, mix::jobs, mix::cancel, mix::preview,
         streams::job_sse, streams::project_sse, streams::global_sse, streams::job_ws, streams::project_ws, streams::global_ws,
         media::serve,

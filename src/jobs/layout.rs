@@ -59,6 +59,26 @@ impl MediaLayout {
         self.root.join(DATABASE_DIR)
     }
 
+    /// Every project that has a directory under the root (the database's directory is not one:
+    /// its name is not a project id).
+    pub fn projects(&self) -> io::Result<Vec<ProjectId>> {
+        let entries = match std::fs::read_dir(&*self.root) {
+            Ok(entries) => entries,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(err) => return Err(err),
+        };
+        let mut projects = Vec::new();
+        for entry in entries {
+            let entry = entry?;
+            if entry.file_type()?.is_dir() {
+                if let Some(project) = entry.file_name().to_str().and_then(|name| name.parse().ok()) {
+                    projects.push(project);
+                }
+            }
+        }
+        Ok(projects)
+    }
+
     pub fn stems_dir(&self, project: &ProjectId) -> PathBuf {
         self.root.join(project.as_str()).join(STEMS_DIR)
     }

@@ -268,6 +268,19 @@ impl Jobs {
         jobs
     }
 
+    /// Every project that has jobs, with its newest job as last published.
+    pub fn newest_by_project(&self) -> HashMap<ProjectId, Arc<JobEvent>> {
+        let mut newest: HashMap<ProjectId, Arc<JobEvent>> = HashMap::new();
+        for cached in self.cache().jobs.values() {
+            let event = &cached.published;
+            let slot = newest.entry(event.status.project_id().clone()).or_insert_with(|| event.clone());
+            if event.status.created_at() > slot.status.created_at() {
+                *slot = event.clone();
+            }
+        }
+        newest
+    }
+
     pub fn has_project(&self, project: &ProjectId) -> bool {
         self.cache().jobs.values().any(|cached| cached.published.status.project_id() == project)
     }

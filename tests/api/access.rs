@@ -163,6 +163,12 @@ async fn a_token_has_its_project_and_scope_and_nothing_more() {
     let (job_b, result_b) = mixed_project(&app, "pb").await;
     let stem_b = stem_id(&app, "pb").await;
     let (reader, writer) = (format!("Bearer {}", token("pa", "read")), format!("Bearer {}", token("pa", "write")));
+    // The project list shows a token its own project only; an admin sees both, newest first.
+    let listed = |body: Value| body["data"]["projects"].as_array().unwrap().iter().map(|p| p["project_id"].as_str().unwrap().to_string()).collect::<Vec<_>>();
+    let (status, _, body) = send(&app, "GET", "/projects", Some(&reader)).await;
+    assert_eq!((status, listed(body)), (200, vec!["pa".to_string()]));
+    assert_eq!(listed(app.get_json("/projects").await.1), ["pb", "pa"]);
+    assert_eq!(send(&app, "GET", "/projects", None).await.0, 401);
 
     // Project A's token on project B: 403 on every route, whatever the path.
     let on_b = [

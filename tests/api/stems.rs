@@ -176,3 +176,27 @@ pub fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     found
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn projects_are_listed_with_their_stems_and_newest_job_most_recent_first() {
+    let app = spawn_app().await;
+    assert_eq!(app.get_json("/projects").await.1["data"]["projects"], serde_json::json!([]), "none yet");
+    let one = app.fixture("one.wav", "sine=f=440:r=48000:d=1", &[]);
+    let two = app.fixture("two.wav", "sine=f=220:r=48000:d=1", &[]);
+    let (_, first) = app.upload("first", &[&one, &two]).await;
+    let sizes: u64 = first["data"]["stems"].as_array().unwrap().iter().map(|s| s["size_bytes"].as_u64().unwrap()).sum();
+    assert_eq!(app.upload("second", &[&one]).await.0, 201);
+    // A job makes the first project the most recently updated again.
+    let (_, started) = app.start_mix("first", None).await;
+    let job_id = started["data"]["job_id"].as_str().unwrap().to_string();
+    let done = app.follow_job("first", &job_id).await.pop().unwrap();
+
+    let (status, body) = app.get_json("/projects").await;
+    assert_eq!(status, 200);
+    let projects = body["data"]["projects"].as_array().unwrap();
+    assert_eq!(projects.iter().map(|p| p["project_id"].as_str().unwrap()).collect::<Vec<_>>(), ["first", "second"]);
+    assert_eq!((projects[0]["stems"].as_u64(), projects[0]["size_bytes"].as_u64()), (Some(2), Some(sizes)));
+    assert_eq!(projects[0]["newest_job"], done);
+    assert_eq!(projects[0]["updated_at"], done["updated_at"]);
+    assert_eq!((projects[1]["stems"].as_u64(), &projects[1]["newest_job"]), (Some(1), &Value::Null));
+}
