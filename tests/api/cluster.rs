@@ -9,7 +9,7 @@ use serde_json::Value;
 use sqlx::{Connection, PgConnection};
 
 use crate::common::ScratchDatabase;
-use crate::helpers::{connect_ws, eventually_async, make_audio, start_server, Server, SseStream};
+use crate::helpers::{connect_ws, eventually_async, make_audio, start_server, Server, SseStream, DEADLINE};
 
 /// The server tests make their databases on: `MIXD_TEST_POSTGRES` (scripts/test sets it when it
 /// starts a throwaway cluster), else the machine's own.
@@ -34,8 +34,12 @@ impl Cluster {
 
     /// A node with `slots` mixer slots and a 2 s lease.
     async fn node(&self, slots: usize) -> Server {
+        self.node_with_lease(slots, "2s").await
+    }
+
+    async fn node_with_lease(&self, slots: usize, lease: &str) -> Server {
         let slots = slots.to_string();
-        start_server(self.data.path(), self.fixtures.path(), &["--database-url", &self.db.url, "--mix-slots", &slots, "--lease", "2s"]).await
+        start_server(self.data.path(), self.fixtures.path(), &["--database-url", &self.db.url, "--mix-slots", &slots, "--lease", lease]).await
     }
 
     /// Stems of `seconds` each (three of them), uploaded to `node` as project `project`.
@@ -188,6 +192,28 @@ async fn a_node_stalled_past_its_lease_changes_nothing_when_it_wakes() {
     assert_eq!(std::fs::read(&result).unwrap(), bytes, "the result is untouched");
     let outputs: Vec<String> = std::fs::read_dir(result.parent().unwrap()).unwrap().map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned()).collect();
     assert_eq!(outputs, ["final_mix.wav"], "the stale run removed its own files");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_stopped_with_sigterm_hands_its_mix_back_for_another_to_run_at_once() {
+    let cluster = Cluster::new().await;
+    // Leases far longer than the test: only a hand-back lets the job run again in time.
+    let watcher = cluster.node_with_lease(0, "10m").await;
+    let mut first = cluster.node_with_lease(1, "10m").await;
+    cluster.upload(&watcher, "p1", 40).await;
+    let job_id = start(&watcher, "p1").await;
+    let mut events = SseStream::connect(&watcher.app.client, &watcher.app.url(&format!("/mix/p1/mix/job/{job_id}/events")), None).await;
+    let mut seen = until_state(&mut events, "processing_tracks").await;
+    let second = cluster.node_with_lease(1, "10m").await;
+    first.process.signal("TERM");
+    assert!(first.process.wait_for_exit(DEADLINE).expect("exits on SIGTERM").success());
+
+    seen.extend(statuses_over_sse(events).await);
+    assert_eq!(seen.last().unwrap()["state"], "complete", "{seen:?}");
+    assert_eq!(counter(&second, CLAIMED).await, 1);
+    let mut db = PgConnection::connect(&cluster.db.url).await.unwrap();
+    let (attempts, handed_back): (i32, i32) = sqlx::query_as("SELECT attempts, handed_back FROM jobs").fetch_one(&mut db).await.unwrap();
+    assert_eq!((attempts, handed_back), (2, 1), "two runs, the first handed back rather than interrupted");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
