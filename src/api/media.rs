@@ -22,7 +22,9 @@ use super::AppState;
 #[utoipa::path(get, path = "/media/{path}", tag = "media",
     params(
         ("path" = String, Path, pattern = "^[A-Za-z0-9_-][A-Za-z0-9_.-]*(/[A-Za-z0-9_-][A-Za-z0-9_.-]*)*$",
-            description = "Plain names (at most 255 characters each) joined by `/`, e.g. p1/mix_outputs/{job_id}/final_mix.wav, or p1/mix_outputs/final_mix.wav for the newest mix"),
+            description = "Plain names (at most 255 characters each) joined by `/`, e.g. p1/mix_outputs/{job_id}/final_mix.wav, \
+p1/mix_outputs/{job_id}/analysis.json (waveform peaks per column at 4096/1024/256 columns, short-term loudness once a second, \
+true-peak ceiling hits), or p1/mix_outputs/final_mix.wav for the newest mix"),
         ("Range" = Option<String>, Header, nullable = false, description = "One byte range, `bytes=first-last`, `bytes=first-` or `bytes=-suffix`; anything else gets the whole file"),
         ("If-Range" = Option<String>, Header, nullable = false, description = "An ETag: the range applies only while it matches"),
         ("If-None-Match" = Option<String>, Header, nullable = false, description = "ETags, or `*`: 304 when one matches")),
@@ -30,11 +32,11 @@ use super::AppState;
         (status = 200, description = "The file", headers(("ETag" = String), ("Accept-Ranges" = String, description = "bytes"), ("Cache-Control" = String)),
             content(
                 (Vec<u8> = "audio/wav"), (Vec<u8> = "audio/flac"), (Vec<u8> = "audio/mpeg"), (Vec<u8> = "audio/ogg"), (Vec<u8> = "audio/mp4"),
-                (Vec<u8> = "audio/aac"), (Vec<u8> = "audio/aiff"), (Vec<u8> = "application/octet-stream"))),
+                (Vec<u8> = "audio/aac"), (Vec<u8> = "audio/aiff"), (Vec<u8> = "application/json"), (Vec<u8> = "application/octet-stream"))),
         (status = 206, description = "The requested range", headers(("Content-Range" = String), ("ETag" = String)),
             content(
                 (Vec<u8> = "audio/wav"), (Vec<u8> = "audio/flac"), (Vec<u8> = "audio/mpeg"), (Vec<u8> = "audio/ogg"), (Vec<u8> = "audio/mp4"),
-                (Vec<u8> = "audio/aac"), (Vec<u8> = "audio/aiff"), (Vec<u8> = "application/octet-stream"))),
+                (Vec<u8> = "audio/aac"), (Vec<u8> = "audio/aiff"), (Vec<u8> = "application/json"), (Vec<u8> = "application/octet-stream"))),
         (status = 304, description = "Not modified: If-None-Match matched"),
         (status = 404, body = ErrorEnvelope, description = "MEDIA_NOT_FOUND"),
         (status = 416, description = "The range starts past the end", headers(("Content-Range" = String, description = "bytes */{length}"))),

@@ -7,6 +7,7 @@
 //! grows with the length of the mix, not with the number of stems.
 
 mod align;
+mod analysis;
 mod buffer;
 mod container;
 mod decode;
@@ -21,6 +22,7 @@ mod true_peak;
 
 use std::path::PathBuf;
 
+pub use analysis::{analyse, Analysis};
 pub use buffer::StereoBuffer;
 pub use decode::{probe_stem, StemInfo, StemReader, MAX_PROBE_TIME};
 pub use master::Loudness;

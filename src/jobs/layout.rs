@@ -7,6 +7,7 @@
 //! {root}/{project}/stems/{stem_id}.{format}       a stem's audio
 //! {root}/{project}/stems/{stem_id}.json           its record, written after the audio
 //! {root}/{project}/mix_outputs/{job}/final_mix.wav  a job's result, immutable
+//! {root}/{project}/mix_outputs/{job}/analysis.json  its waveform and loudness, immutable
 //! {root}/{project}/mix_outputs/final_mix.wav      the legacy "newest mix", replaced by each new result
 //! ```
 //!
@@ -25,6 +26,7 @@ const DATABASE_DIR: &str = ".mixd";
 const STEMS_DIR: &str = "stems";
 const OUTPUTS_DIR: &str = "mix_outputs";
 const RESULT_FILE: &str = "final_mix.wav";
+const ANALYSIS_FILE: &str = "analysis.json";
 const PARTIAL_SUFFIX: &str = ".partial";
 /// Temporary names, by what is being written.
 const UPLOAD_PREFIX: &str = ".upload-";
@@ -121,6 +123,16 @@ impl MediaLayout {
         self.job_outputs(project, job_id).join(format!("{RESULT_PREFIX}{job_id}.{attempt}{PARTIAL_SUFFIX}"))
     }
 
+    /// A job's analysis (waveform peaks, loudness over time), beside its result.
+    pub fn analysis(&self, project: &ProjectId, job_id: JobId) -> PathBuf {
+        self.job_outputs(project, job_id).join(ANALYSIS_FILE)
+    }
+
+    /// Where run number `attempt` leaves the analysis before it is linked into place with the result.
+    pub fn analysis_staged(&self, project: &ProjectId, job_id: JobId, attempt: u32) -> PathBuf {
+        self.job_outputs(project, job_id).join(format!("{RESULT_PREFIX}{job_id}.{attempt}.analysis{PARTIAL_SUFFIX}"))
+    }
+
     /// Where run number `attempt` of a job writes its result, before renaming it to the staged name.
     pub fn result_temporary(&self, project: &ProjectId, job_id: JobId, attempt: u32) -> PathBuf {
         self.job_outputs(project, job_id).join(format!("{RESULT_PREFIX}{job_id}.{attempt}.writing{PARTIAL_SUFFIX}"))
@@ -129,7 +141,7 @@ impl MediaLayout {
     /// Removes what earlier runs of a job left in its directory (their nodes died or stalled; a
     /// stalled one writing on finds its file gone, and its writes are fenced out anyway).
     pub fn remove_earlier_attempts(&self, project: &ProjectId, job_id: JobId, attempt: u32) -> io::Result<()> {
-        let keep = [self.result_staged(project, job_id, attempt), self.result_temporary(project, job_id, attempt)];
+        let keep = [self.result_staged(project, job_id, attempt), self.result_temporary(project, job_id, attempt), self.analysis_staged(project, job_id, attempt)];
         let Ok(entries) = std::fs::read_dir(self.job_outputs(project, job_id)) else { return Ok(()) };
         for entry in entries {
             let path = entry?.path();
@@ -165,6 +177,10 @@ impl MediaLayout {
             [project, OUTPUTS_DIR, job, RESULT_FILE] => {
                 let (project, job_id) = (project.parse().ok()?, job.parse().ok()?);
                 Some(MediaFile { path: self.result(&project, job_id), immutable: true })
+            }
+            [project, OUTPUTS_DIR, job, ANALYSIS_FILE] => {
+                let (project, job_id) = (project.parse().ok()?, job.parse().ok()?);
+                Some(MediaFile { path: self.analysis(&project, job_id), immutable: true })
             }
             [project, OUTPUTS_DIR, RESULT_FILE] => Some(MediaFile { path: self.newest_result(&project.parse().ok()?), immutable: false }),
             [project, STEMS_DIR, file] => {

@@ -134,7 +134,10 @@ impl JobRun {
 
         let stopped = self.stop.load(Ordering::Relaxed);
         let ending = match outcome {
-            Ok(Ok(report)) if !stopped => Some(Ending::Mixed(report)),
+            Ok(Ok(report)) if !stopped => {
+                self.analyse(&staged, layout.analysis_staged(&project, job_id, attempt)).await;
+                Some(Ending::Mixed(report))
+            }
             Ok(Ok(_)) | Ok(Err(AudioError::Canceled)) => None,
             Ok(Err(err)) => {
                 tracing::warn!(error = %err, "mix failed");
@@ -156,6 +159,7 @@ impl JobRun {
         };
         keeper.abort();
         let _ = tokio::fs::remove_file(&staged).await;
+        let _ = tokio::fs::remove_file(layout.analysis_staged(&project, job_id, attempt)).await;
         self.jobs.inner.local_runs.lock().expect("never poisoned").remove(&job_id);
         if finished {
             tracing::info!(state = writer.status.state().as_str(), seconds = started.elapsed().as_secs_f64(), "job finished");
@@ -169,6 +173,27 @@ impl JobRun {
         }
     }
 
+    /// Writes the result's analysis to `target` (on the engine's threads: it reads the whole file).
+    /// A failure is logged and the mix still completes: the page then draws no waveform.
+    async fn analyse(&self, result: &std::path::Path, target: std::path::PathBuf) {
+        let (result, ceiling) = (result.to_path_buf(), self.claim.settings.settings().master.true_peak_dbtp);
+        let written = self
+            .jobs
+            .inner
+            .engine
+            .run(move || -> Result<(), String> {
+                let analysis = audio::analyse(&result, ceiling).map_err(|err| err.to_string())?;
+                let json = serde_json::to_vec(&analysis).map_err(|err| err.to_string())?;
+                std::fs::write(&target, json).map_err(|err| err.to_string())
+            })
+            .await;
+        match written {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => tracing::warn!(%err, "could not write the mix's analysis"),
+            Err(_) => tracing::error!("the analysis panicked"),
+        }
+    }
+
     /// Links the staged result into place and completes the job, if the lease still holds.
     /// A result already in place came from an earlier run of the same job and inputs, which a
     /// node finished but did not get to report: it is kept.
@@ -178,6 +203,13 @@ impl JobRun {
             return false;
         }
         let output = self.layout().result(project, job_id);
+        // The analysis first: a page that sees the result finds its analysis too.
+        let analysis = self.layout().analysis_staged(project, job_id, self.claim.lease.attempt);
+        match tokio::fs::hard_link(&analysis, self.layout().analysis(project, job_id)).await {
+            Ok(()) => {}
+            Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(err) => tracing::warn!(%err, "could not publish the mix's analysis"),
+        }
         match tokio::fs::hard_link(staged, &output).await {
             Ok(()) => {}
             Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => tracing::info!("the result was already in place from an earlier run"),

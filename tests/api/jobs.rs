@@ -103,6 +103,17 @@ async fn a_mix_is_watched_over_sse_websocket_and_polling_at_once() {
     let (spec, _) = read_wav(&file);
     assert_eq!((spec.sample_rate, spec.bits_per_sample), (48_000, 24));
 
+    // Its analysis is beside it: peaks at three zooms, loudness once a second, against the ceiling.
+    let analysis = app.client.get(app.url(&format!("/media/p1/mix_outputs/{job_id}/analysis.json"))).send().await.unwrap();
+    assert_eq!((analysis.status(), analysis.headers()["content-type"].to_str().unwrap()), (reqwest::StatusCode::OK, "application/json"));
+    let analysis: Value = analysis.json().await.unwrap();
+    assert_eq!(analysis["waveform"].as_array().unwrap().iter().map(|level| level["columns"].as_u64().unwrap()).collect::<Vec<_>>(), [4096, 1024, 256]);
+    assert!((analysis["duration_s"].as_f64().unwrap() - report["duration_s"].as_f64().unwrap()).abs() < 0.001);
+    assert_eq!(analysis["short_term_lufs"].as_array().unwrap().len(), 6);
+    assert_eq!(analysis["true_peak_ceiling_dbtp"], -1.0);
+    let loudest = analysis["waveform"][0]["max"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).fold(0.0, f64::max);
+    assert!(loudest > 0.5 && loudest <= 1.0, "{loudest}");
+
     // The legacy path now holds the newest mix, and preview points at this job.
     let (status, preview) = app.get_json("/mix/p1/mix/preview").await;
     assert_eq!((status, preview["data"]["job_id"].as_str()), (200, Some(job_id.as_str())));
