@@ -1,101 +1,96 @@
 // The mixd dashboard. It speaks only the public contract (shared/CONTRACT.md): the envelope
-// routes, the live streams (EventSource, then WebSocket, then polling the legacy status route),
-// and /media for results.
+// routes, the live streams (js/live.js), and /media for results and their analysis. All page
+// state lives in `page`; views render from it.
 
-const STAGES = ['queued', 'running', 'loading_stems', 'aligning_stems', 'processing_tracks', 'mixing', 'mastering', 'exporting', 'complete'];
-const STAGE_LABELS = {
-  queued: 'Queued', running: 'Starting', loading_stems: 'Loading', aligning_stems: 'Aligning',
-  processing_tracks: 'Processing', mixing: 'Mixing', mastering: 'Mastering', exporting: 'Exporting',
-  complete: 'Done', error: 'Failed',
-};
-// Error codes in words a musician understands.
-const FRIENDLY = {
-  UNSUPPORTED_AUDIO: "This file isn't audio we can read.",
-  PAYLOAD_TOO_LARGE: 'This file is bigger than the server accepts.',
-  INSUFFICIENT_STORAGE: 'The server is out of disk space. Try again later.',
-  NO_FILES: 'Choose at least one audio file.',
-  TOO_MANY_FILES: 'Too many files at once: add them in smaller batches.',
-  DECODE_FAILED: 'One of the stems is damaged and could not be read.',
-  STEM_MISSING: 'A stem was removed before the mix could use it.',
-  NO_STEMS: 'Add some stems before mixing.',
-  PROJECT_NOT_FOUND: 'Add some stems before mixing.',
-  INVALID_SETTINGS: 'Some mix settings are out of range.',
-  OUTPUT_TOO_LONG: 'The mix is too long to fit in one WAV file.',
-  CANCELED: 'You canceled this mix.',
-  INTERRUPTED: 'The server restarted during this mix too many times.',
-  INTERNAL: 'Something went wrong on our side. Please try again.',
-  EXPORT_FAILED: 'The finished mix could not be saved.',
-};
-const POLL_MS = 1000;
+import { api, explain, FRIENDLY, isFinished, STAGES, STAGE_LABELS, whenUnauthorized } from './js/api.js';
+import { drawLoudness, drawWaveform, loadAnalysis } from './js/analysis.js';
+import { LiveFeed } from './js/live.js';
 
 const $ = (selector, root = document) => root.querySelector(selector);
+/** How long a finished job stays in the overview, marked done or failed. */
+const OVERVIEW_KEEP_MS = 10 * 60 * 1000;
 
 const page = {
   project: null,
+  /** Bumped by every project switch: an answer for an earlier project is dropped. */
+  generation: 0,
   stems: [],
   tracks: {},
   jobs: new Map(),
   live: null,
   pendingStartKey: null,
+  projects: [],
+  /** Two finished jobs to compare, by id. */
+  compare: [],
+  overview: new Map(),
 };
 
-function explain(envelope) {
-  const friendly = FRIENDLY[envelope.error];
-  const detail = envelope.message && envelope.message !== friendly ? ` (${envelope.message})` : '';
-  return friendly ? friendly + detail : envelope.message || 'Something went wrong.';
+/** Says `text` to screen readers, politely: stage changes, not every percent. */
+function announce(text) {
+  $('#announcer').textContent = text;
 }
 
-async function api(method, path, { body, headers } = {}) {
-  let response;
-  try {
-    response = await fetch(path, { method, body, headers });
-  } catch {
-    return { ok: false, error: 'NETWORK', message: 'The server cannot be reached. Check your connection.' };
-  }
-  // The session's token expired (or was revoked): ask for a credential again.
-  if (response.status === 401 && path !== '/session') showSignIn('Your session has ended: sign in again.');
-  try {
-    return { status: response.status, ...(await response.json()) };
-  } catch {
-    return { ok: false, status: response.status, error: 'INTERNAL', message: `Unexpected answer (${response.status}).` };
-  }
+// ---- projects ----
+
+async function loadProjects() {
+  const answer = await api('GET', '/projects');
+  if (!answer.ok) return;
+  page.projects = answer.data.projects;
+  renderProjects();
 }
 
-// ---- project ----
-
-function rememberProject(id) {
-  const recent = JSON.parse(localStorage.getItem('mixd.projects') || '[]').filter((p) => p && p !== id);
-  if (id) recent.unshift(id);
-  localStorage.setItem('mixd.projects', JSON.stringify(recent.slice(0, 12)));
-  $('#recent-projects').replaceChildren(...recent.map((p) => Object.assign(document.createElement('option'), { value: p })));
+function renderProjects() {
+  const filter = $('#project-search').value.trim().toLowerCase();
+  const shown = page.projects.filter((p) => p.project_id.toLowerCase().includes(filter));
+  $('#project-list').replaceChildren(...shown.map((project) => {
+    const item = document.createElement('li');
+    const button = document.createElement('button');
+    button.type = 'button';
+    button.className = 'project-pick';
+    button.dataset.project = project.project_id;
+    if (project.project_id === page.project) button.setAttribute('aria-current', 'true');
+    const state = project.newest_job ? STAGE_LABELS[project.newest_job.state] : 'No mixes';
+    const stems = `${project.stems} stem${project.stems === 1 ? '' : 's'}`;
+    button.append(Object.assign(document.createElement('strong'), { textContent: project.project_id }), ` ${stems} · ${state}`);
+    button.addEventListener('click', () => openProject(project.project_id));
+    item.append(button);
+    return item;
+  }));
+  $('#recent-projects').replaceChildren(...page.projects.map((p) => Object.assign(document.createElement('option'), { value: p.project_id })));
+  $('#no-projects').hidden = shown.length > 0;
 }
 
 async function openProject(id) {
   page.live?.stop();
   page.live = null;
   page.project = id;
+  const generation = ++page.generation;
   page.jobs.clear();
+  page.compare = [];
   page.tracks = JSON.parse(localStorage.getItem(`mixd.tracks.${id}`) || '{}');
   $('#jobs').replaceChildren();
   $('#uploads').replaceChildren();
   $('#mix-error').textContent = '';
   $('#project-id').value = id;
   $('#workspace').hidden = false;
-  rememberProject(id);
+  renderCompare();
+  renderProjects();
   if (location.hash !== `#${id}`) history.replaceState(null, '', `#${id}`);
-  await Promise.all([loadStems(), loadJobs()]);
-  connectLive();
+  await Promise.all([loadStems(generation), loadJobs(generation)]);
+  if (generation === page.generation) connectLive();
 }
 
-async function loadStems() {
+async function loadStems(generation = page.generation) {
   const answer = await api('GET', `/projects/${page.project}/stems`);
+  if (generation !== page.generation) return;
   page.stems = answer.ok ? answer.data.stems : [];
   renderStems();
 }
 
-async function loadJobs() {
-  const answer = await api('GET', `/mix/${page.project}/mix/jobs`);
-  if (!answer.ok) return;
+async function loadJobs(generation = page.generation) {
+  const project = page.project;
+  const answer = await api('GET', `/mix/${project}/mix/jobs`);
+  if (!answer.ok || generation !== page.generation) return;
   for (const status of answer.data.jobs.slice().reverse()) upsertJob(status);
 }
 
@@ -195,6 +190,7 @@ async function uploadFiles(files) {
   if (results.some(Boolean)) {
     await loadStems();
     connectLive();
+    loadProjects();
   }
 }
 
@@ -234,9 +230,13 @@ async function startMix(event) {
   const { links, ...status } = answer.data;
   upsertJob(status);
   connectLive();
+  loadProjects();
 }
 
+// ---- jobs ----
+
 function upsertJob(status) {
+  if (status.project_id !== page.project) return;
   const known = page.jobs.get(status.job_id);
   if (known && known.status.seq >= status.seq) return;
   let node = known?.node;
@@ -250,8 +250,10 @@ function upsertJob(status) {
       timeline.append(step);
     }
     $('.cancel', node).addEventListener('click', () => cancelJob(status.job_id));
+    $('.compare-pick', node).addEventListener('change', (event) => pickForCompare(status.job_id, event.target.checked));
     $('#jobs').prepend(node);
   }
+  if (!known || known.status.state !== status.state) announce(`Mix ${STAGE_LABELS[status.state].toLowerCase()}${status.state === 'queued' ? '' : ` (${status.progress}%)`}`);
   page.jobs.set(status.job_id, { status, node });
   renderJob(node, status);
   $('#no-jobs').hidden = page.jobs.size > 0;
@@ -281,169 +283,94 @@ function renderJob(node, status) {
     step.classList.toggle('done', rank > stepRank);
     step.classList.toggle('current', rank === stepRank);
   }
-  $('.cancel', node).hidden = status.state === 'complete' || status.state === 'error';
+  $('.cancel', node).hidden = isFinished(status);
+  $('.compare-label', node).hidden = status.state !== 'complete';
   updateElapsed(node, status);
   if (status.state === 'complete' && $('.result', node).hidden) showResult(node, status);
 }
 
 function updateElapsed(node, status) {
-  const end = status.state === 'complete' || status.state === 'error' ? Date.parse(status.updated_at) : Date.now();
+  const end = isFinished(status) ? Date.parse(status.updated_at) : Date.now();
   const seconds = Math.max(0, (end - Date.parse(status.created_at)) / 1000);
   $('.job-time', node).textContent = `${seconds.toFixed(0)} s`;
 }
 
-function showResult(node, status) {
+function reportRows(report = {}) {
+  const number = (value, unit, digits = 1) => (value === null || value === undefined ? '–' : `${value.toFixed(digits)} ${unit}`);
+  return [
+    ['Loudness', number(report.integrated_lufs, 'LUFS')],
+    ['True peak', number(report.true_peak_dbtp, 'dBTP')],
+    ['Loudness range', number(report.loudness_range_lu, 'LU')],
+    ['Length', report.duration_s !== undefined ? formatDuration(report.duration_s) : '–'],
+    ['Format', `${(report.sample_rate / 1000).toFixed(1)} kHz · ${report.bit_depth}-bit`],
+  ].map(([term, value]) => {
+    const div = document.createElement('div');
+    div.append(Object.assign(document.createElement('dt'), { textContent: term }), Object.assign(document.createElement('dd'), { textContent: value }));
+    return div;
+  });
+}
+
+async function showResult(node, status) {
   const result = $('.result', node);
   result.hidden = false;
   $('.player', node).src = status.result_url;
   const download = $('.download', node);
   download.href = status.result_url;
   download.download = `${status.project_id}-${status.job_id.slice(0, 8)}.wav`;
-  const report = status.report ?? {};
-  const number = (value, unit, digits = 1) => (value === null || value === undefined ? '–' : `${value.toFixed(digits)} ${unit}`);
-  const rows = [
-    ['Loudness', number(report.integrated_lufs, 'LUFS')],
-    ['True peak', number(report.true_peak_dbtp, 'dBTP')],
-    ['Loudness range', number(report.loudness_range_lu, 'LU')],
-    ['Length', report.duration_s !== undefined ? formatDuration(report.duration_s) : '–'],
-    ['Format', `${(report.sample_rate / 1000).toFixed(1)} kHz · ${report.bit_depth}-bit`],
-  ];
-  $('.report', node).replaceChildren(...rows.map(([term, value]) => {
-    const div = document.createElement('div');
-    div.append(Object.assign(document.createElement('dt'), { textContent: term }), Object.assign(document.createElement('dd'), { textContent: value }));
-    return div;
-  }));
-  drawWaveform($('.waveform', node), status.result_url);
-}
-
-// Peaks are computed here from the WAV itself: the browser already downloads the file to play it.
-async function drawWaveform(canvas, url) {
+  $('.report', node).replaceChildren(...reportRows(status.report));
   try {
-    const buffer = await (await fetch(url)).arrayBuffer();
-    const peaks = wavPeaks(new DataView(buffer), canvas.width);
-    const context = canvas.getContext('2d');
-    const middle = canvas.height / 2;
-    context.clearRect(0, 0, canvas.width, canvas.height);
-    context.fillStyle = getComputedStyle(document.documentElement).getPropertyValue('--accent') || '#5fb3ff';
-    peaks.forEach(([low, high], x) => {
-      const top = middle - high * middle;
-      context.fillRect(x, top, 1, Math.max(1, (high - low) * middle));
-    });
-    canvas.dataset.drawn = 'true';
-  } catch (error) {
-    canvas.dataset.drawn = 'failed';
+    const analysis = await loadAnalysis(status.result_url);
+    drawWaveform($('.waveform', node), analysis);
+    drawLoudness($('.loudness', node), analysis, Number($('#target-lufs').value));
+    $('.limiter-note', node).textContent = analysis.ceiling_hit_count
+      ? `The limiter held the ceiling in ${analysis.ceiling_hit_count} places (marked above the waveform).`
+      : 'The limiter never had to reach the ceiling.';
+  } catch {
+    $('.waveform', node).dataset.drawn = 'failed';
   }
 }
 
-function wavPeaks(view, columns) {
-  let offset = 12;
-  let format = null;
-  while (offset + 8 <= view.byteLength) {
-    const id = String.fromCharCode(...[0, 1, 2, 3].map((i) => view.getUint8(offset + i)));
-    const size = view.getUint32(offset + 4, true);
-    if (id === 'fmt ') {
-      format = { tag: view.getUint16(offset + 8, true), channels: view.getUint16(offset + 10, true), bits: view.getUint16(offset + 22, true) };
-    } else if (id === 'data' && format) {
-      return peaksOf(view, offset + 8, Math.min(size, view.byteLength - offset - 8), format, columns);
-    }
-    offset += 8 + size + (size % 2);
+// ---- A/B comparison of two finished mixes ----
+
+function pickForCompare(jobId, picked) {
+  page.compare = page.compare.filter((id) => id !== jobId);
+  if (picked) page.compare.push(jobId);
+  // At most two: the oldest pick makes room.
+  while (page.compare.length > 2) {
+    const dropped = page.compare.shift();
+    const node = page.jobs.get(dropped)?.node;
+    if (node) $('.compare-pick', node).checked = false;
   }
-  throw new Error('not a WAV file');
+  renderCompare();
 }
 
-function peaksOf(view, start, length, { tag, channels, bits }, columns) {
-  const bytes = bits / 8;
-  const frames = Math.floor(length / (bytes * channels));
-  const float = tag === 3 || (tag === 0xfffe && bits === 32);
-  const read = (at) => {
-    if (float) return view.getFloat32(at, true);
-    if (bits === 16) return view.getInt16(at, true) / 32768;
-    if (bits === 24) return ((view.getUint8(at) | (view.getUint8(at + 1) << 8) | (view.getInt8(at + 2) << 16))) / 8388608;
-    return view.getInt32(at, true) / 2147483648;
-  };
-  const peaks = [];
-  const perColumn = Math.max(1, Math.floor(frames / columns));
-  // At most ~2000 samples per column: plenty to find the peaks a 1-pixel column shows.
-  const stride = Math.max(1, Math.floor(perColumn / 2000));
-  for (let column = 0; column < columns; column++) {
-    let low = 0, high = 0;
-    const first = column * perColumn;
-    for (let frame = first; frame < Math.min(frames, first + perColumn); frame += stride) {
-      const value = read(start + frame * bytes * channels);
-      if (value < low) low = value;
-      if (value > high) high = value;
-    }
-    peaks.push([low, high]);
-  }
-  return peaks;
+function renderCompare() {
+  const panel = $('#compare');
+  const picked = page.compare.map((id) => page.jobs.get(id)?.status).filter(Boolean);
+  panel.hidden = picked.length !== 2;
+  if (picked.length !== 2) return;
+  const players = [$('#compare-a'), $('#compare-b')];
+  picked.forEach((status, i) => {
+    if (players[i].getAttribute('src') !== status.result_url) players[i].src = status.result_url;
+    $(`#compare-report-${i ? 'b' : 'a'}`).replaceChildren(...reportRows(status.report));
+    $(`#compare-name-${i ? 'b' : 'a'}`).textContent = `${i ? 'B' : 'A'}: mix of ${new Date(status.created_at).toLocaleTimeString()}`;
+  });
 }
 
-// ---- live updates: EventSource, else WebSocket, else polling ----
-
-class LiveFeed {
-  constructor({ sse, ws, poll, onStatus, onTransport }) {
-    Object.assign(this, { sse, ws, poll, onStatus, onTransport });
-    this.stopped = false;
-    this.retry = 1000;
-  }
-
-  start() {
-    if (this.sse && 'EventSource' in window) this.startSse();
-    else this.startWebSocket();
-  }
-
-  stop() {
-    this.stopped = true;
-    this.source?.close();
-    this.socket?.close();
-    clearInterval(this.timer);
-  }
-
-  startSse() {
-    let opened = false;
-    this.source = new EventSource(this.sse);
-    this.source.addEventListener('open', () => { opened = true; this.onTransport('Server-Sent Events'); });
-    this.source.addEventListener('status', (event) => this.onStatus(JSON.parse(event.data)));
-    this.source.addEventListener('error', () => {
-      if (this.stopped) return;
-      if (!opened || this.source.readyState === EventSource.CLOSED) {
-        // EventSource does not work here (a proxy, an old browser): try the next transport.
-        this.source.close();
-        this.startWebSocket();
-      } else {
-        this.onTransport('Server-Sent Events (reconnecting…)');
-      }
-    });
-  }
-
-  startWebSocket() {
-    if (!this.ws || !('WebSocket' in window)) return this.startPolling();
-    let opened = false;
-    const url = new URL(this.ws, location.href);
-    url.protocol = url.protocol === 'https:' ? 'wss:' : 'ws:';
-    this.socket = new WebSocket(url);
-    this.socket.addEventListener('open', () => { opened = true; this.retry = 1000; this.onTransport('WebSocket'); });
-    this.socket.addEventListener('message', (event) => {
-      const frame = JSON.parse(event.data);
-      if (frame.type === 'status') this.onStatus(frame.data);
-    });
-    this.socket.addEventListener('close', () => {
-      if (this.stopped) return;
-      if (!opened) return this.startPolling();
-      this.onTransport('WebSocket (reconnecting…)');
-      setTimeout(() => !this.stopped && this.startWebSocket(), this.retry);
-      this.retry = Math.min(this.retry * 2, 10000);
-    });
-  }
-
-  startPolling() {
-    if (!this.poll) return this.onTransport('not available');
-    this.onTransport('polling every second');
-    const tick = async () => { for (const status of await this.poll()) this.onStatus(status); };
-    tick();
-    this.timer = setInterval(tick, POLL_MS);
-  }
+/** Switches playback to the other mix at the same position. */
+function switchCompare() {
+  const [a, b] = [$('#compare-a'), $('#compare-b')];
+  const [from, to] = $('#compare').dataset.playing === 'b' ? [b, a] : [a, b];
+  to.currentTime = from.currentTime;
+  const wasPlaying = !from.paused;
+  from.pause();
+  if (wasPlaying) to.play().catch(() => {});
+  $('#compare').dataset.playing = to === a ? 'a' : 'b';
+  $('#compare-switch').textContent = `Switch to ${to === a ? 'B' : 'A'}`;
+  announce(`Playing ${to === a ? 'A' : 'B'}`);
 }
+
+// ---- live ----
 
 function connectLive() {
   if (page.live || !page.project || (page.stems.length === 0 && page.jobs.size === 0)) return;
@@ -456,11 +383,12 @@ function connectLive() {
     // then, to see jobs started elsewhere.
     poll: async () => {
       if (ticks++ % 5 === 0) await loadJobs();
-      const live = [...page.jobs.values()].filter(({ status }) => !['complete', 'error'].includes(status.state));
+      const live = [...page.jobs.values()].filter(({ status }) => !isFinished(status));
       const answers = await Promise.all(live.map(({ status }) => api('GET', `/projects/${project}/mix/status?job_id=${status.job_id}`)));
       return answers.filter((a) => a.ok).map((a) => a.data);
     },
-    onStatus: (status) => status.project_id === page.project && upsertJob(status),
+    onStatus: upsertJob,
+    onReconnect: () => loadJobs(),
     onTransport: (name) => { $('#transport').textContent = name; },
   });
   page.live.start();
@@ -468,32 +396,39 @@ function connectLive() {
 
 // ---- overview of every project ----
 
-const overview = new Map();
-
 function renderOverview(status) {
-  let row = overview.get(status.job_id);
-  if (status.state === 'complete' || status.state === 'error') {
-    row?.remove();
-    overview.delete(status.job_id);
-  } else {
-    if (!row) {
-      row = document.createElement('li');
-      row.innerHTML = '<a></a><span></span><progress max="100"></progress><span></span>';
-      $('#overview').append(row);
-      overview.set(status.job_id, row);
-    }
-    const [link, state, bar, percent] = row.children;
-    link.textContent = status.project_id;
-    link.href = `#${status.project_id}`;
-    state.textContent = STAGE_LABELS[status.state];
-    bar.value = status.progress;
-    bar.setAttribute('aria-label', `${status.project_id} progress`);
-    percent.textContent = `${status.progress}%`;
+  let row = page.overview.get(status.job_id);
+  if (!row) {
+    row = document.createElement('li');
+    row.innerHTML = '<a></a><span></span><progress max="100"></progress><span></span>';
+    $('#overview').prepend(row);
+    page.overview.set(status.job_id, row);
   }
-  $('#overview-empty').hidden = overview.size > 0;
+  const [link, state, bar, percent] = row.children;
+  link.textContent = status.project_id;
+  link.href = `#${status.project_id}`;
+  state.textContent = STAGE_LABELS[status.state];
+  row.dataset.state = status.state;
+  bar.value = status.progress;
+  bar.setAttribute('aria-label', `${status.project_id} progress`);
+  percent.textContent = `${status.progress}%`;
+  clearTimeout(row.expiry);
+  if (status.project_id === page.project) {
+    upsertJob(status);
+    // A job started elsewhere on the open project, before it had stems here: follow it now.
+    if (!page.live) loadStems().then(connectLive);
+  }
+  if (isFinished(status)) {
+    // Finished while one looked away: it stays a while, marked, instead of vanishing.
+    row.expiry = setTimeout(() => { row.remove(); page.overview.delete(status.job_id); renderOverviewEmpty(); }, OVERVIEW_KEEP_MS);
+    loadProjects();
+  }
+  renderOverviewEmpty();
 }
 
-// ---- wiring ----
+function renderOverviewEmpty() {
+  $('#overview-empty').hidden = page.overview.size > 0;
+}
 
 // ---- access ----
 
@@ -538,12 +473,15 @@ async function signOut() {
 }
 
 function wire() {
+  whenUnauthorized(showSignIn);
   $('#project-form').addEventListener('submit', (event) => {
     event.preventDefault();
     const id = $('#project-id').value.trim();
     if ($('#project-id').checkValidity()) openProject(id);
   });
+  $('#project-search').addEventListener('input', renderProjects);
   $('#mix-form').addEventListener('submit', startMix);
+  $('#compare-switch').addEventListener('click', switchCompare);
   $('#file-input').addEventListener('change', (event) => { uploadFiles(event.target.files); event.target.value = ''; });
   const zone = $('#drop-zone');
   zone.addEventListener('keydown', (event) => {
@@ -557,7 +495,7 @@ function wire() {
     if (id && id !== page.project) openProject(id);
   });
   setInterval(() => {
-    for (const { node, status } of page.jobs.values()) if (!['complete', 'error'].includes(status.state)) updateElapsed(node, status);
+    for (const { node, status } of page.jobs.values()) if (!isFinished(status)) updateElapsed(node, status);
   }, 1000);
   $('#sign-in-form').addEventListener('submit', signIn);
   $('#sign-out').addEventListener('click', signOut);
@@ -572,10 +510,14 @@ async function start() {
     $('#identity').hidden = false;
   }
   // Every project's live overview is for administrators (and open servers) only.
-  if (identity.kind !== 'token') new LiveFeed({ sse: '/events', ws: '/ws', poll: null, onStatus: renderOverview, onTransport: () => {} }).start();
-  rememberProject(null);
+  if (identity.kind !== 'token') {
+    new LiveFeed({ sse: '/events', ws: '/ws', poll: null, onStatus: renderOverview, onReconnect: loadProjects, onTransport: () => {} }).start();
+  } else {
+    $('#overview-panel').hidden = true;
+  }
   const initial = identity.kind === 'token' ? identity.project_id : decodeURIComponent(location.hash.slice(1));
   if (initial) openProject(initial);
+  await loadProjects();
 }
 
 start();

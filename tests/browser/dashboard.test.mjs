@@ -4,10 +4,11 @@
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync, spawn } from 'node:child_process';
-import { mkdirSync, mkdtempSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import net from 'node:net';
 import { chromium } from 'playwright-core';
 
 const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
@@ -21,9 +22,8 @@ let context;
 let stems;
 let notAudio;
 
-function startServer(extraArgs = []) {
-  const data = mkdtempSync(path.join(tmpdir(), 'mixd-browser-data-'));
-  const child = spawn(binary, ['serve', '--addr', '127.0.0.1:0', '--data-dir', data, '--log-format', 'json', '--mix-slots', '1', ...extraArgs], {
+function startServer(extraArgs = [], { data = mkdtempSync(path.join(tmpdir(), 'mixd-browser-data-')), addr = '127.0.0.1:0' } = {}) {
+  const child = spawn(binary, ['serve', '--addr', addr, '--data-dir', data, '--log-format', 'json', '--mix-slots', '1', ...extraArgs], {
     stdio: ['ignore', 'ignore', 'pipe'],
   });
   return new Promise((resolve, reject) => {
@@ -35,7 +35,7 @@ function startServer(extraArgs = []) {
       for (const line of lines) {
         try {
           const address = JSON.parse(line).fields?.address;
-          if (address) resolve({ child, base: `http://${address}` });
+          if (address) resolve({ child, base: `http://${address}`, address, data });
         } catch { /* not a JSON log line */ }
       }
     });
@@ -149,7 +149,7 @@ test('a mix completes live over EventSource, with player, waveform and report', 
   await page.waitForSelector('#uploads li.failed', { timeout: DEADLINE_MS });
   assert.match(await page.textContent('#uploads li.failed'), /lyrics\.wav: This file isn't audio we can read/);
   // The same page on a phone: nothing wider than the screen.
-  await page.setViewportSize({ width: 390, height: 844 });
+  await page.setViewportSize({ width: 360, height: 740 });
   const overflow = await page.evaluate(() => document.documentElement.scrollWidth - document.documentElement.clientWidth);
   assert.ok(overflow <= 1, `the page is ${overflow}px wider than a phone`);
   await page.screenshot({ path: path.join(artifacts, 'dashboard-phone.png'), fullPage: true });
@@ -217,4 +217,184 @@ test('with keys configured the page asks for a credential, shows who is signed i
   } finally {
     secured.child.kill('SIGTERM');
   }
+});
+
+const RUNNING = ['running', 'loading_stems', 'aligning_stems', 'processing_tracks', 'mixing', 'mastering', 'exporting'];
+
+/** Waits until the page shows `jobId` running (any stage between queued and complete). */
+async function untilShownRunning(page, jobId) {
+  await page.waitForFunction(([id, running]) => running.includes(document.querySelector(`.job[data-job-id="${id}"]`)?.dataset.state), [jobId, RUNNING], { timeout: DEADLINE_MS });
+}
+
+/** Uploads the test stems to `project`, mixes them (8 s) and waits until the mix is complete. */
+async function mixedProject(base, project) {
+  const jobId = await startLongMix(base, project, {});
+  await until(async () => (await jobState(base, project, jobId)) === 'complete');
+}
+
+/** Uploads the test stems to `project` and starts a mix of about ten minutes (an offset stem). */
+async function startLongMix(base, project, settings = { tracks: { 'drums.wav': { offset_ms: 600_000 } } }) {
+  const form = new FormData();
+  for (const file of stems) form.append('file', new Blob([readFileSync(file)]), path.basename(file));
+  const uploaded = await fetch(`${base}/projects/${project}/stems`, { method: 'POST', body: form });
+  assert.equal(uploaded.status, 201);
+  const started = await (await fetch(`${base}/mix/${project}/mix/start`, { method: 'POST', body: JSON.stringify(settings), headers: { 'content-type': 'application/json' } })).json();
+  return started.data.job_id;
+}
+
+async function jobState(base, project, jobId) {
+  return (await (await fetch(`${base}/mix/${project}/mix/job/${jobId}/status`)).json()).data.state;
+}
+
+async function until(condition) {
+  const deadline = Date.now() + DEADLINE_MS;
+  while (!(await condition())) {
+    assert.ok(Date.now() < deadline, 'timed out');
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+}
+
+/** A TCP proxy in front of the server whose connections the test can cut, and refuse for a while. */
+async function cuttableProxy(target) {
+  const sockets = new Set();
+  let blocked = false;
+  const [host, port] = target.split(':');
+  const proxy = net.createServer((client) => {
+    if (blocked) return client.destroy();
+    const upstream = net.connect(Number(port), host);
+    for (const socket of [client, upstream]) {
+      sockets.add(socket);
+      socket.on('close', () => sockets.delete(socket));
+      socket.on('error', () => {});
+    }
+    client.pipe(upstream).pipe(client);
+    client.on('close', () => upstream.destroy());
+    upstream.on('close', () => client.destroy());
+  });
+  await new Promise((resolve) => proxy.listen(0, '127.0.0.1', resolve));
+  return {
+    base: `http://127.0.0.1:${proxy.address().port}`,
+    cut() {
+      blocked = true;
+      for (const socket of sockets) socket.destroy();
+    },
+    unblock() { blocked = false; },
+    close() { proxy.close(); for (const socket of sockets) socket.destroy(); },
+  };
+}
+
+test('a stream cut while the job ends: the page resumes from its cursor and shows the end', async () => {
+  const proxy = await cuttableProxy(server.address);
+  const page = await context.newPage();
+  const streams = [];
+  page.on('request', async (request) => {
+    if (request.url().endsWith('/mix/browser-cut/mix/events')) streams.push((await request.allHeaders())['last-event-id'] ?? null);
+  });
+  const jobId = await startLongMix(server.base, 'browser-cut');
+  try {
+    await page.goto(`${proxy.base}/#browser-cut`);
+    await untilShownRunning(page, jobId);
+    proxy.cut();
+    await page.waitForFunction(() => document.querySelector('#transport').textContent.includes('reconnecting'), null, { timeout: DEADLINE_MS });
+    await until(async () => (await jobState(server.base, 'browser-cut', jobId)) === 'complete');
+    assert.notEqual(await page.getAttribute(`.job[data-job-id="${jobId}"]`, 'data-state'), 'complete', 'the page had not seen the end before reconnecting');
+    proxy.unblock();
+    await page.waitForSelector(`.job[data-job-id="${jobId}"][data-state=complete] .result:not([hidden])`, { timeout: DEADLINE_MS });
+    assert.ok(streams.length >= 2 && streams.at(-1) !== null, `the reconnect sent its cursor: ${JSON.stringify(streams)}`);
+  } finally {
+    await page.close();
+    proxy.close();
+  }
+});
+
+test('the server restarted mid-mix with the page open: the page reconnects by itself and shows the job complete', async () => {
+  const first = await startServer();
+  const page = await context.newPage();
+  const jobId = await startLongMix(first.base, 'browser-restart');
+  await page.goto(`${first.base}/#browser-restart`);
+  await untilShownRunning(page, jobId);
+  const exited = new Promise((resolve) => first.child.on('exit', resolve));
+  first.child.kill('SIGTERM');
+  assert.equal(await exited, 0);
+  const second = await startServer([], { data: first.data, addr: first.address });
+  try {
+    await page.waitForSelector(`.job[data-job-id="${jobId}"][data-state=complete] .result:not([hidden])`, { timeout: DEADLINE_MS });
+    await page.waitForFunction(() => document.querySelector('.job[data-state=complete] canvas.waveform')?.dataset.drawn === 'true', null, { timeout: DEADLINE_MS });
+    assert.equal(await page.locator('.job').count(), 1);
+  } finally {
+    await page.close();
+    second.child.kill('SIGTERM');
+  }
+});
+
+test('switching projects quickly never shows another project\'s jobs', async () => {
+  const jobId = await startLongMix(server.base, 'switch-a');
+  await until(async () => (await jobState(server.base, 'switch-a', jobId)) === 'complete');
+  const page = await context.newPage();
+  // Project A's job list answers late: after the page has moved on to B.
+  let answered;
+  const late = new Promise((resolve) => { answered = resolve; });
+  await page.route('**/mix/switch-a/mix/jobs', async (route) => {
+    await new Promise((resolve) => setTimeout(resolve, 1000));
+    await route.continue();
+    answered();
+  });
+  const asked = page.waitForRequest('**/mix/switch-a/mix/jobs');
+  await page.goto(`${server.base}/#switch-a`);
+  await asked;
+  await page.evaluate(() => { location.hash = '#switch-b'; });
+  await late;
+  await page.waitForFunction(() => document.querySelector('#project-id').value === 'switch-b');
+  await page.waitForTimeout(200);
+  assert.equal(await page.locator('#jobs .job').count(), 0, 'B has no jobs');
+  await page.close();
+});
+
+test('a finished mix is drawn from its analysis; a fresh load has no errors and no failed requests', async () => {
+  const page = await context.newPage();
+  const problems = [];
+  const wavRequests = [];
+  page.on('console', (message) => message.type() === 'error' && problems.push(`console: ${message.text()}`));
+  page.on('pageerror', (error) => problems.push(`page: ${error.message}`));
+  // A player stops downloading once it has what it needs (preload=metadata): not a failure.
+  page.on('requestfailed', (request) => request.resourceType() !== 'media' && problems.push(`failed: ${request.url()} ${request.failure()?.errorText}`));
+  page.on('response', (response) => response.status() >= 400 && problems.push(`${response.status()}: ${response.url()}`));
+  page.on('request', (request) => request.url().endsWith('.wav') && wavRequests.push(request.resourceType()));
+  await mixedProject(server.base, 'drawn-mix');
+  await page.goto(`${server.base}/#drawn-mix`);
+  await page.waitForFunction(() => document.querySelector('.job[data-state=complete] canvas.waveform')?.dataset.drawn === 'true', null, { timeout: DEADLINE_MS });
+  await page.waitForFunction(() => document.querySelector('.job[data-state=complete] canvas.loudness')?.dataset.drawn === 'true', null, { timeout: DEADLINE_MS });
+  assert.ok(wavRequests.every((type) => type === 'media'), `only the player asks for the WAV: ${wavRequests}`);
+  // The project picker lists the projects, newest first, and filters as one types.
+  await page.waitForSelector('.project-pick[data-project=drawn-mix]');
+  await page.fill('#project-search', 'drawn');
+  assert.deepEqual(await page.$$eval('.project-pick', (buttons) => buttons.map((b) => b.dataset.project)), ['drawn-mix']);
+  await page.fill('#project-search', '');
+  mkdirSync(artifacts, { recursive: true });
+  await page.screenshot({ path: path.join(artifacts, 'dashboard-1280x800.png') });
+  await page.setViewportSize({ width: 360, height: 740 });
+  const overflow = await page.evaluate(() => document.documentElement.scrollWidth - document.documentElement.clientWidth);
+  assert.ok(overflow <= 1, `the page is ${overflow}px wider than a 360 px phone`);
+  await page.screenshot({ path: path.join(artifacts, 'dashboard-360x740.png') });
+  assert.deepEqual(problems, []);
+  await page.close();
+});
+
+test('two finished mixes play A/B at the same position with their reports side by side', async () => {
+  await mixedProject(server.base, 'compared');
+  const page = await context.newPage();
+  await page.goto(`${server.base}/#compared`);
+  await page.waitForSelector('.job[data-state=complete]', { timeout: DEADLINE_MS });
+  // A second mix of the same project.
+  await page.click('#start-mix');
+  await page.waitForFunction(() => document.querySelectorAll('.job[data-state=complete]').length === 2, null, { timeout: DEADLINE_MS });
+  for (const pick of await page.$$('.job[data-state=complete] .compare-pick')) await pick.check();
+  await page.waitForSelector('#compare:not([hidden])');
+  assert.equal(await page.locator('#compare .report div').count(), 10, 'both reports');
+  await page.waitForFunction(() => document.querySelector('#compare-a').readyState >= 1 && document.querySelector('#compare-b').readyState >= 1, null, { timeout: DEADLINE_MS });
+  await page.evaluate(() => { document.querySelector('#compare-a').currentTime = 3.5; });
+  await page.click('#compare-switch');
+  assert.equal(await page.evaluate(() => document.querySelector('#compare').dataset.playing), 'b');
+  assert.ok(Math.abs((await page.evaluate(() => document.querySelector('#compare-b').currentTime)) - 3.5) < 0.05, 'B picks up where A was');
+  await page.close();
 });
