@@ -76,6 +76,13 @@ async fn statuses_over_sse(mut stream: SseStream) -> Vec<Value> {
     statuses
 }
 
+/// The names in `dir`, sorted.
+fn files_in(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir).unwrap().map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    names
+}
+
 fn seqs(statuses: &[Value]) -> Vec<u64> {
     statuses.iter().map(|status| status["seq"].as_u64().unwrap()).collect()
 }
