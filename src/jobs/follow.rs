@@ -3,7 +3,6 @@
 //! the store says something changed and at least every [`POLL`] regardless, so a notification that
 //! never came (a lost LISTEN connection, a restarted database) delays a change and never loses it.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -96,7 +95,7 @@ fn publish(jobs: &Jobs, event: Arc<JobEvent>) {
     if state.is_terminal() || state == JobState::Queued {
         // A run of it here ends: canceled, or rescued after this node lost its lease.
         if let Some(run) = jobs.inner.local_runs.lock().expect("never poisoned").get(&job_id).filter(|run| status.seq() > run.started_seq) {
-            run.stop.store(true, Ordering::Relaxed);
+            super::runner::lose_lease(jobs.metrics(), &run.stop);
         }
     }
     if state == JobState::Queued {

@@ -18,7 +18,7 @@ use tracing::Instrument;
 
 use super::layout::MediaLayout;
 use super::manager::{Jobs, LocalRun};
-use super::metrics::LeaseEvent;
+use super::metrics::{LeaseEvent, Metrics};
 use super::model::{ErrorCode, JobChange, JobId, JobState, JobStatus, Progress};
 use super::store::{Change, Claim, Lease, Store, StoreError};
 use super::webhook::WebhookSpec;
@@ -113,6 +113,7 @@ impl JobRun {
         let attempt = self.claim.lease.attempt;
         let writer = Writer {
             store: self.jobs.inner.store.clone(),
+            metrics: self.jobs.metrics().clone(),
             lease: self.claim.lease,
             lease_length: self.jobs.inner.config.lease,
             status: self.claim.status.clone(),
@@ -258,15 +259,13 @@ async fn keep_lease(jobs: Jobs, job_id: JobId, lease: Lease, stop: Arc<AtomicBoo
         match jobs.inner.store.renew(job_id, lease, length).await {
             Ok(true) => renewed = Instant::now(),
             Ok(false) => {
-                jobs.metrics().count_lease(LeaseEvent::Lost, 1);
                 tracing::warn!("the lease is gone: stopping the mix");
-                stop.store(true, Ordering::Relaxed);
+                lose_lease(jobs.metrics(), &stop);
                 return;
             }
             Err(err) if renewed.elapsed() >= length => {
-                jobs.metrics().count_lease(LeaseEvent::Lost, 1);
                 tracing::warn!(%err, "could not renew the lease for its whole length: stopping the mix");
-                stop.store(true, Ordering::Relaxed);
+                lose_lease(jobs.metrics(), &stop);
                 return;
             }
             Err(err) => tracing::warn!(%err, "could not renew the lease; trying again"),
@@ -274,9 +273,18 @@ async fn keep_lease(jobs: Jobs, job_id: JobId, lease: Lease, stop: Arc<AtomicBoo
     }
 }
 
+/// Stops a run whose lease is gone, counting it once. A run stopped on purpose (handed back at
+/// shutdown) was stopped before, and is not counted.
+pub(super) fn lose_lease(metrics: &Metrics, stop: &AtomicBool) {
+    if !stop.swap(true, Ordering::Relaxed) {
+        metrics.count_lease(LeaseEvent::Lost, 1);
+    }
+}
+
 /// Writes one run's changes in order, each fenced on the run's lease.
 struct Writer {
     store: Store,
+    metrics: Arc<Metrics>,
     lease: Lease,
     lease_length: Duration,
     /// The last status written.
@@ -335,7 +343,7 @@ impl Writer {
                 Ok(true) => return Some(true),
                 Ok(false) => {
                     tracing::warn!("the lease is gone: the run stops and writes nothing more");
-                    self.stop.store(true, Ordering::Relaxed);
+                    lose_lease(&self.metrics, &self.stop);
                     return Some(false);
                 }
                 Err(err) if Instant::now() < deadline => {
@@ -344,7 +352,7 @@ impl Writer {
                 }
                 Err(err) => {
                     tracing::error!(%err, "could not write a job change for a whole lease: the run stops");
-                    self.stop.store(true, Ordering::Relaxed);
+                    lose_lease(&self.metrics, &self.stop);
                     return None;
                 }
             }
