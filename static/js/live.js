@@ -36,13 +36,18 @@ export class LiveFeed {
       this.everOpened = true;
       this.onTransport('Server-Sent Events');
     });
-    this.source.addEventListener('status', (event) => this.onStatus(JSON.parse(event.data)));
+    this.source.addEventListener('status', (event) => {
+      // Kept for the WebSocket, should the EventSource give up: it resumes from here.
+      if (event.lastEventId) this.cursor = event.lastEventId;
+      this.onStatus(JSON.parse(event.data));
+    });
     this.source.addEventListener('error', () => {
       if (this.stopped) return;
       if (!this.everOpened || this.source.readyState === EventSource.CLOSED) {
-        // EventSource does not work here (a proxy, an old browser), or gave up: the next transport.
+        // EventSource does not work here (a proxy, an old browser), or gave up: the next transport,
+        // which keeps retrying if this one ever worked.
         this.source.close();
-        this.everOpened = false;
+        this.onTransport('reconnecting…');
         this.startWebSocket();
       } else {
         this.onTransport('Server-Sent Events (reconnecting…)');

@@ -287,8 +287,12 @@ test('a stream cut while the job ends: the page resumes from its cursor and show
   const proxy = await cuttableProxy(server.address);
   const page = await context.newPage();
   const streams = [];
+  // Every (re)connection of the project's feed, with the cursor it resumed from, if any.
   page.on('request', async (request) => {
     if (request.url().endsWith('/mix/browser-cut/mix/events')) streams.push((await request.allHeaders())['last-event-id'] ?? null);
+  });
+  page.on('websocket', (socket) => {
+    if (socket.url().includes('/mix/browser-cut/mix/ws')) streams.push(new URL(socket.url()).searchParams.get('last_event_id'));
   });
   const jobId = await startLongMix(server.base, 'browser-cut');
   try {
@@ -300,7 +304,7 @@ test('a stream cut while the job ends: the page resumes from its cursor and show
     assert.notEqual(await page.getAttribute(`.job[data-job-id="${jobId}"]`, 'data-state'), 'complete', 'the page had not seen the end before reconnecting');
     proxy.unblock();
     await page.waitForSelector(`.job[data-job-id="${jobId}"][data-state=complete] .result:not([hidden])`, { timeout: DEADLINE_MS });
-    assert.ok(streams.length >= 2 && streams.at(-1) !== null, `the reconnect sent its cursor: ${JSON.stringify(streams)}`);
+    assert.ok(streams.length >= 2 && streams.at(-1) !== null, `the reconnect (SSE or WebSocket) sent its cursor: ${JSON.stringify(streams)}`);
   } finally {
     await page.close();
     proxy.close();
