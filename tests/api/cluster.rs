@@ -87,8 +87,13 @@ fn seqs(statuses: &[Value]) -> Vec<u64> {
     statuses.iter().map(|status| status["seq"].as_u64().unwrap()).collect()
 }
 
-/// Reads SSE statuses until one is in `state`.
+/// The stages a job runs through, in order.
+const STAGES: [&str; 9] = ["queued", "running", "loading_stems", "aligning_stems", "processing_tracks", "mixing", "mastering", "exporting", "complete"];
+
+/// Reads SSE statuses until one is at `state` or a later stage (the stream may join past it),
+/// short of the end.
 async fn until_state(stream: &mut SseStream, state: &str) -> Vec<Value> {
+    let target = STAGES.iter().position(|stage| *stage == state).expect("a stage");
     let mut seen = Vec::new();
     loop {
         let event = stream.next_event().await.unwrap_or_else(|| panic!("the stream ended before {state}: {seen:?}"));
@@ -97,7 +102,7 @@ async fn until_state(stream: &mut SseStream, state: &str) -> Vec<Value> {
         }
         let status: Value = serde_json::from_str(&event.data).unwrap();
         assert_ne!(status["state"], "complete", "the mix finished before {state}: make it longer");
-        let reached = status["state"] == state;
+        let reached = STAGES.iter().position(|stage| status["state"] == *stage).is_some_and(|at| at >= target);
         seen.push(status);
         if reached {
             return seen;
@@ -321,7 +326,11 @@ async fn postgres_stopped_mid_run_makes_nodes_unhealthy_and_loses_no_accepted_jo
     let cluster = Cluster::on(ScratchDatabase::create_on(admin).await);
     let (watcher, mixer) = (cluster.node(0).await, cluster.node(1).await);
     cluster.upload(&watcher, "p1", 20).await;
-    let accepted = [start(&watcher, "p1").await, start(&watcher, "p1").await];
+    // The first mix is ten minutes long (its first stem starts at 10:00), so it is running when
+    // the database stops; the second waits behind it.
+    let (status, long) = watcher.app.start_mix("p1", Some(serde_json::json!({"tracks": {"p1-1.wav": {"offset_ms": 600_000}}}))).await;
+    assert_eq!(status, 202, "{long}");
+    let accepted = [long["data"]["job_id"].as_str().unwrap().to_string(), start(&watcher, "p1").await];
     let mut events = SseStream::connect(&watcher.app.client, &watcher.app.url(&format!("/mix/p1/mix/job/{}/events", accepted[0])), None).await;
     until_state(&mut events, "loading_stems").await;
 
