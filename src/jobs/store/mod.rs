@@ -201,11 +201,6 @@ pub(super) fn canceled(status: &JobStatus, webhook: Option<&WebhookSpec>) -> Res
     status.apply(JobChange::canceled()).map(|next| Change::new(next, webhook, false)).map_err(|_| JobError::Finished)
 }
 
-/// The column values every status write sets.
-pub(super) fn state_column(status: &JobStatus) -> &'static str {
-    status.state().as_str()
-}
-
 pub(super) const TERMINAL_STATES: [&str; 2] = [JobState::Complete.as_str(), JobState::Error.as_str()];
 
 /// The job store: one of the two, behind the same operations.

@@ -16,8 +16,8 @@ use tokio::sync::Mutex;
 use uuid::Uuid;
 
 use super::{
-    after_interrupted_run, canceled, parse_job_inputs, reposition, rfc3339, started, state_column, unix_millis, Change, Claim, JobError, Lease, LoggedEvent, NewJob,
-    QueueEntry, Snapshot, StoreError, Submitted, DELIVERY_CLAIM, TERMINAL_STATES,
+    after_interrupted_run, canceled, parse_job_inputs, reposition, rfc3339, started, unix_millis, Change, Claim, JobError, Lease, LoggedEvent, NewJob, QueueEntry,
+    Snapshot, StoreError, Submitted, DELIVERY_CLAIM, TERMINAL_STATES,
 };
 use crate::jobs::model::{ErrorCode, JobChange, JobId, JobState, JobStatus, ProjectId};
 use crate::jobs::outbox::{AttemptResult, PendingDelivery};
@@ -424,7 +424,7 @@ async fn write_status(tx: &mut Tx, change: &Change, ends_run: bool) -> Result<()
     )
     .bind(status.job_id().as_uuid())
     .bind(&*change.event.json)
-    .bind(state_column(status))
+    .bind(status.state().as_str())
     .bind(status.seq() as i64)
     .bind(ends_run)
     .execute(&mut **tx)

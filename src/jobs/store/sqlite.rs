@@ -14,8 +14,8 @@ use tokio::sync::Notify;
 use uuid::Uuid;
 
 use super::{
-    after_interrupted_run, canceled, parse_job_inputs, reposition, rfc3339, sqlite_file, started, state_column, unix_millis, Change, Claim, JobError, Lease, LoggedEvent,
-    NewJob, QueueEntry, Snapshot, StoreError, Submitted, DELIVERY_CLAIM, TERMINAL_STATES,
+    after_interrupted_run, canceled, parse_job_inputs, reposition, rfc3339, sqlite_file, started, unix_millis, Change, Claim, JobError, Lease, LoggedEvent, NewJob,
+    QueueEntry, Snapshot, StoreError, Submitted, DELIVERY_CLAIM, TERMINAL_STATES,
 };
 use crate::jobs::model::{JobId, JobStatus, ProjectId};
 use crate::jobs::outbox::{AttemptResult, PendingDelivery};
@@ -520,7 +520,7 @@ fn write_status(tx: &Transaction, change: &Change, ends_run: bool) -> Result<(),
             lease_owner = CASE WHEN ?5 THEN NULL ELSE lease_owner END, lease_expires_at = CASE WHEN ?5 THEN NULL ELSE lease_expires_at END
          WHERE job_id = ?1",
     )?
-    .execute(params![status.job_id().to_string(), &*change.event.json, state_column(status), status.seq(), ends_run])?;
+    .execute(params![status.job_id().to_string(), &*change.event.json, status.state().as_str(), status.seq(), ends_run])?;
     append_event(tx, change)
 }
 
