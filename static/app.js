@@ -385,6 +385,7 @@ function connectLive() {
       if (ticks++ % 5 === 0) await loadJobs();
       const live = [...page.jobs.values()].filter(({ status }) => !isFinished(status));
       const answers = await Promise.all(live.map(({ status }) => api('GET', `/projects/${project}/mix/status?job_id=${status.job_id}`)));
+      if (answers.some((a) => a.error === 'NETWORK')) throw new Error('the server cannot be reached');
       return answers.filter((a) => a.ok).map((a) => a.data);
     },
     onStatus: upsertJob,

@@ -86,12 +86,14 @@ export class LiveFeed {
 
   startPolling() {
     if (!this.poll) return this.onTransport('not available');
-    this.onTransport('polling every second');
     // One tick at a time: the next is scheduled when this one has answered.
     const tick = async () => {
       if (this.stopped) return;
       try {
         for (const status of await this.poll()) this.onStatus(status);
+        this.onTransport('polling every second');
+      } catch {
+        this.onTransport('polling every second (reconnecting…)');
       } finally {
         if (!this.stopped) this.timer = setTimeout(tick, POLL_MS);
       }

@@ -298,6 +298,8 @@ test('a stream cut while the job ends: the page resumes from its cursor and show
   try {
     await page.goto(`${proxy.base}/#browser-cut`);
     await untilShownRunning(page, jobId);
+    // The job list can show the run before the stream has opened; cut an open stream, not its start.
+    await page.waitForFunction(() => document.querySelector('#transport').textContent === 'Server-Sent Events', null, { timeout: DEADLINE_MS });
     proxy.cut();
     await page.waitForFunction(() => document.querySelector('#transport').textContent.includes('reconnecting'), null, { timeout: DEADLINE_MS });
     await until(async () => (await jobState(server.base, 'browser-cut', jobId)) === 'complete');
