@@ -2,13 +2,13 @@
 
 use std::fs::File;
 use std::io::BufWriter;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use hound::{SampleFormat, WavSpec, WavWriter};
 
-use super::buffer::{StereoBuffer, BLOCK};
+use super::buffer::StereoBuffer;
 use super::settings::BitDepth;
-use super::{AudioError, MixObserver, Stage};
+use super::AudioError;
 
 const WAV_HEADER_BYTES: u64 = 44;
 
@@ -17,61 +17,96 @@ pub fn max_frames(depth: BitDepth) -> u64 {
     (u64::from(u32::MAX) - WAV_HEADER_BYTES) / (2 * u64::from(depth.bits() / 8))
 }
 
-/// Writes `bus` to `path` atomically: to `temporary` first, fsynced, then renamed over `path`,
-/// and the directory fsynced, so a crash leaves either the old file or the complete new one.
-///
-/// The caller names `temporary`, in the same directory as `path`, so that it knows what a crash
-/// can leave behind; an export that fails or is canceled removes it.
-pub fn export_wav(bus: &StereoBuffer, rate: u32, depth: BitDepth, path: &Path, temporary: &Path, observer: &dyn MixObserver) -> Result<(), AudioError> {
-    if bus.len() as u64 > max_frames(depth) {
-        return Err(AudioError::TooLong { seconds: bus.len() as f64 / f64::from(rate), max_seconds: max_frames(depth) as f64 / f64::from(rate) });
+/// A WAV file being written at `temporary`, a name the caller owns in the same directory as the
+/// final path, so that it knows what a crash can leave behind. Dropped before [`WavSink::finish`]
+/// (an error, a cancel), it removes the file.
+pub struct WavSink {
+    writer: Option<WavWriter<BufWriter<File>>>,
+    /// The same file, to fsync once the writer is done with it.
+    file: File,
+    path: PathBuf,
+    depth: BitDepth,
+    dither: Tpdf,
+}
+
+impl WavSink {
+    pub fn create(temporary: &Path, rate: u32, depth: BitDepth) -> Result<Self, AudioError> {
+        let spec = WavSpec {
+            channels: 2,
+            sample_rate: rate,
+            bits_per_sample: depth.bits(),
+            sample_format: if depth == BitDepth::Float32 { SampleFormat::Float } else { SampleFormat::Int },
+        };
+        let file = File::create(temporary).map_err(AudioError::Export)?;
+        let mut sink = Self { writer: None, file: file.try_clone().map_err(AudioError::Export)?, path: temporary.to_path_buf(), depth, dither: Tpdf::new(0x6d69_7864) };
+        sink.writer = Some(WavWriter::new(BufWriter::with_capacity(1 << 20, file), spec).map_err(hound_error)?);
+        Ok(sink)
     }
+
+    /// Writes the frames, and leaves in `segment` exactly what a reader of the file will get
+    /// back: the samples after quantisation and dither.
+    pub fn write(&mut self, segment: &mut StereoBuffer) -> Result<(), AudioError> {
+        let writer = self.writer.as_mut().expect("written only before finish");
+        for (l, r) in segment.left.iter_mut().zip(segment.right.iter_mut()) {
+            for x in [l, r] {
+                match self.depth {
+                    BitDepth::Int16 => {
+                        let value = quantize(*x, 15, self.dither.next());
+                        writer.write_sample(value as i16).map_err(hound_error)?;
+                        *x = value as f32 / 32_768.0;
+                    }
+                    BitDepth::Int24 => {
+                        let value = quantize(*x, 23, 0.0);
+                        writer.write_sample(value).map_err(hound_error)?;
+                        *x = value as f32 / 8_388_608.0;
+                    }
+                    BitDepth::Float32 => writer.write_sample(*x).map_err(hound_error)?,
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Completes the header and fsyncs the file.
+    pub fn finish(mut self) -> Result<(), AudioError> {
+        self.writer.take().expect("finished once").finalize().map_err(hound_error)?;
+        self.file.sync_all().map_err(AudioError::Export)
+    }
+}
+
+impl Drop for WavSink {
+    fn drop(&mut self) {
+        if let Some(writer) = self.writer.take() {
+            drop(writer);
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Renames the finished `temporary` over `path` and fsyncs the directory, so that a reader sees
+/// the old file or the whole new one, and a crash leaves one of them. The temporary is removed
+/// if that fails.
+pub fn publish(temporary: &Path, path: &Path) -> Result<(), AudioError> {
     let dir = match path.parent() {
         Some(parent) if !parent.as_os_str().is_empty() => parent,
         _ => Path::new("."),
     };
-    std::fs::create_dir_all(dir).map_err(AudioError::Export)?;
-    let written = write_wav(bus, rate, depth, temporary, observer).and_then(|()| std::fs::rename(temporary, path).map_err(AudioError::Export));
-    if written.is_err() {
+    let renamed = std::fs::rename(temporary, path).map_err(AudioError::Export);
+    if renamed.is_err() {
         let _ = std::fs::remove_file(temporary);
     }
-    written?;
-    File::open(dir).and_then(|d| d.sync_all()).map_err(AudioError::Export)?;
-    observer.progress(Stage::Exporting, 1.0);
-    Ok(())
+    renamed?;
+    File::open(dir).and_then(|d| d.sync_all()).map_err(AudioError::Export)
 }
 
-/// Writes `bus` as a WAV file at `path` and fsyncs it.
-fn write_wav(bus: &StereoBuffer, rate: u32, depth: BitDepth, path: &Path, observer: &dyn MixObserver) -> Result<(), AudioError> {
-    let mut file = File::create(path).map_err(AudioError::Export)?;
-    let spec = WavSpec {
-        channels: 2,
-        sample_rate: rate,
-        bits_per_sample: depth.bits(),
-        sample_format: if depth == BitDepth::Float32 { SampleFormat::Float } else { SampleFormat::Int },
-    };
-    {
-        let mut writer = WavWriter::new(BufWriter::with_capacity(1 << 20, &mut file), spec).map_err(hound_error)?;
-        let mut dither = Tpdf::new(0x6d69_7864);
-        for (block, start) in (0..bus.len()).step_by(BLOCK).enumerate() {
-            if observer.is_cancelled() {
-                return Err(AudioError::Canceled);
-            }
-            let end = (start + BLOCK).min(bus.len());
-            for (&l, &r) in bus.left[start..end].iter().zip(&bus.right[start..end]) {
-                for x in [l, r] {
-                    match depth {
-                        BitDepth::Int16 => writer.write_sample(quantize(x, 15, dither.next())).map_err(hound_error)?,
-                        BitDepth::Int24 => writer.write_sample(quantize(x, 23, 0.0)).map_err(hound_error)?,
-                        BitDepth::Float32 => writer.write_sample(x).map_err(hound_error)?,
-                    }
-                }
-            }
-            observer.progress(Stage::Exporting, (block + 1) as f64 * BLOCK as f64 / bus.len().max(1) as f64 * 0.95);
-        }
-        writer.finalize().map_err(hound_error)?;
+/// How far quantisation can move a sample at `depth`, in full scale: half an LSB of rounding,
+/// plus the 16-bit dither's ±1 LSB. A float file holds the samples as they are.
+pub fn max_quantisation_error(depth: BitDepth) -> f32 {
+    match depth {
+        BitDepth::Int16 => 1.5 / 32_768.0,
+        BitDepth::Int24 => 0.5 / 8_388_608.0,
+        BitDepth::Float32 => 0.0,
     }
-    file.sync_all().map_err(AudioError::Export)
 }
 
 /// Rounds to a signed integer of `bits + 1` bits after adding `dither` (in LSBs), saturating.
@@ -113,29 +148,26 @@ fn hound_error(err: hound::Error) -> AudioError {
 mod tests {
     use super::*;
 
-    struct Observer {
-        cancelled: bool,
-    }
-
-    impl MixObserver for Observer {
-        fn progress(&self, _: Stage, _: f64) {}
-        fn is_cancelled(&self) -> bool {
-            self.cancelled
-        }
-    }
-
     #[test]
-    fn the_file_lands_whole_and_a_canceled_export_leaves_the_old_one_and_no_temporary() {
+    fn the_file_lands_whole_and_an_abandoned_one_leaves_the_old_file_and_no_temporary() {
         let dir = tempfile::tempdir().unwrap();
         let (path, temporary) = (dir.path().join("mix.wav"), dir.path().join(".mix.wav.partial"));
-        let bus = StereoBuffer { left: vec![0.25; 1000], right: vec![-0.25; 1000] };
-        export_wav(&bus, 48_000, BitDepth::Int24, &path, &temporary, &Observer { cancelled: false }).unwrap();
+        let mut segment = StereoBuffer { left: vec![0.25; 1000], right: vec![-0.25; 1000] };
+        let mut sink = WavSink::create(&temporary, 48_000, BitDepth::Int24).unwrap();
+        sink.write(&mut segment).unwrap();
+        sink.finish().unwrap();
+        publish(&temporary, &path).unwrap();
         let written = std::fs::read(&path).unwrap();
-        assert_eq!(hound::WavReader::open(&path).unwrap().len(), 2000);
+        let samples: Vec<i32> = hound::WavReader::open(&path).unwrap().into_samples().map(Result::unwrap).collect();
+        assert_eq!(samples.len(), 2000);
+        assert_eq!(&samples[..2], [2_097_152, -2_097_152]);
+        assert_eq!(segment.left[0], 0.25, "the segment holds what a reader gets back");
         assert!(!temporary.exists());
 
-        let canceled = export_wav(&bus, 48_000, BitDepth::Int16, &path, &temporary, &Observer { cancelled: true });
-        assert!(matches!(canceled, Err(AudioError::Canceled)), "{canceled:?}");
+        let mut abandoned = WavSink::create(&temporary, 48_000, BitDepth::Int16).unwrap();
+        abandoned.write(&mut segment).unwrap();
+        assert!(temporary.exists());
+        drop(abandoned);
         assert_eq!(std::fs::read(&path).unwrap(), written, "the old file is untouched");
         assert!(!temporary.exists());
     }

@@ -1,21 +1,53 @@
-//! The master chain: bus EQ and compression, loudness normalisation to a target measured per
-//! ITU-R BS.1770-4 / EBU R128 (the `ebur128` crate), then the true-peak limiter.
+//! The master, in two streaming passes over the summed bus, so that memory does not grow with
+//! the length of the mix.
 //!
-//! Limiting lowers loudness, so gain and limiter are solved together: the frame peaks are computed
-//! once, and the gain is corrected until the limited signal measures on target.
+//! Pass one ([`Premaster`]) runs the bus EQ and compressor on each segment as it is rendered,
+//! spills the result to an unnamed temporary file, and keeps a summary of it on disk: per chunk
+//! of a few dozen frames, the K-weighted energy (BS.1770-4) and the largest true peak. Limiting
+//! lowers loudness, so gain and limiter are solved together on that summary: the limiter works
+//! on chunks, so its envelope for any gain follows from the summary alone, and with it the
+//! loudness of the limited mix, checked on the audio itself before anything is written. Pass two
+//! reads the spill back, applies the gain and the envelope, and writes the WAV while the
+//! `ebur128` crate measures exactly what is written (after quantisation and dither). That
+//! measurement is the report, and it is checked: were the written true peak over the ceiling,
+//! pass two runs again with the excess taken out.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
 
 use ebur128::{EbuR128, Mode};
 use serde::{Deserialize, Serialize};
 
 use super::buffer::{StereoBuffer, BLOCK};
 use super::dsp::{db_to_gain, gain_to_db, ChannelStrip};
-use super::settings::MasterSettings;
-use super::true_peak::{frame_peaks, true_peak, Limiter};
+use super::export::{max_quantisation_error, WavSink};
+use super::loudness::{step_frames, Gating, KWeighting};
+use super::settings::{BitDepth, MasterSettings};
+use super::true_peak::{Limiter, PeakDetector, METER_REACH};
 use super::{AudioError, MixObserver, Stage};
 
 /// Close enough to the target that another pass would not be audible or measurable by a client.
 const LOUDNESS_TOLERANCE_LU: f64 = 0.05;
-const MAX_PASSES: usize = 8;
+/// Gain solves on the summary, at most.
+const MAX_SOLVES: usize = 12;
+/// Measurements of a solved gain on the audio itself, at most.
+const MAX_CHECKS: usize = 3;
+/// The most the limiter is asked to take off a target's worth of gain: beyond it, a target the
+/// material cannot reach is missed rather than the mix flattened.
+const MAX_LIMITING_DB: f64 = 20.0;
+/// Times pass two may run; the last only scales the one before.
+const MAX_RENDERS: usize = 3;
+/// True-peak meters disagree with each other and with the band-limited signal near Nyquist, by
+/// their filters and grids: on the drum recordings at 44.1 kHz, ffmpeg's meter (which resamples
+/// to 192 kHz between 1024 interpolated filter phases) reads 0.06 dB above the `ebur128` crate's
+/// and the detector's readings, which the master holds to the ceiling exactly (tests/api/engine.rs,
+/// every rate and depth). The master holds its own reading this far under the ceiling, so the
+/// file passes every meter tested.
+const METER_MARGIN_DB: f64 = 0.08;
+/// Bytes per chunk in the summary: energy and peak, both f32.
+const SUMMARY_RECORD: usize = 8;
 
 /// Loudness of a finished mix; `None` where silence has no value (integrated loudness of silence).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -25,111 +57,459 @@ pub struct Loudness {
     pub loudness_range_lu: Option<f64>,
 }
 
-pub fn master(bus: &mut StereoBuffer, settings: &MasterSettings, rate: u32, observer: &dyn MixObserver) -> Result<Loudness, AudioError> {
-    let report = |fraction: f64| observer.progress(Stage::Mastering, fraction);
-    let mut strip = ChannelStrip::new(&settings.eq, settings.compressor.as_ref(), rate);
-    for_each_block(bus, observer, |left, right| strip.process(left, right))?;
-    report(0.15);
+/// Frames per summary chunk at `rate`: the smallest divisor of the 100 ms step that is at least
+/// 32 frames (and so longer than a meter's filter reaches either side), so that chunks tile the
+/// loudness gating's steps exactly.
+fn chunk_frames(rate: u32) -> usize {
+    let step = step_frames(rate);
+    (2 * METER_REACH..=step).find(|&d| step.is_multiple_of(d)).unwrap_or(step)
+}
 
-    let ceiling = db_to_gain(settings.true_peak_dbtp) as f32;
-    if let Some(unprocessed) = integrated(bus, rate, 1.0, None)? {
-        report(0.25);
-        let peaks = frame_peaks(bus);
-        report(0.45);
-        let limiter = Limiter::new(rate);
-        let mut gain_db = settings.target_lufs - unprocessed;
-        let mut envelope = limiter.envelope(&peaks, db_to_gain(gain_db) as f32, ceiling);
-        for pass in 0..MAX_PASSES {
+/// Pass one: the bus, segment by segment, through the master strip into the spill and summary.
+pub struct Premaster {
+    rate: u32,
+    strip: ChannelStrip,
+    weighting: KWeighting,
+    detector: PeakDetector,
+    chunk_frames: usize,
+    spill: BufWriter<File>,
+    summary: BufWriter<File>,
+    frames: u64,
+    /// Per-frame energies and peaks not yet gathered into a whole chunk.
+    energies: Vec<f64>,
+    peaks: Vec<f32>,
+    chunks: u64,
+}
+
+impl Premaster {
+    /// The spill and the summary are unnamed files in `scratch`: nothing is left behind, whatever
+    /// happens to the process.
+    pub fn new(settings: &MasterSettings, rate: u32, scratch: &Path) -> Result<Self, AudioError> {
+        let unnamed = || tempfile::tempfile_in(scratch).map_err(AudioError::Export);
+        Ok(Self {
+            rate,
+            strip: ChannelStrip::new(&settings.eq, settings.compressor.as_ref(), rate),
+            weighting: KWeighting::new(rate),
+            detector: PeakDetector::new(rate),
+            chunk_frames: chunk_frames(rate),
+            spill: BufWriter::with_capacity(1 << 20, unnamed()?),
+            summary: BufWriter::with_capacity(1 << 16, unnamed()?),
+            frames: 0,
+            energies: Vec::new(),
+            peaks: Vec::new(),
+            chunks: 0,
+        })
+    }
+
+    /// The next segment of the bus (at most [`BLOCK`] frames; only the last may be shorter).
+    pub fn push(&mut self, segment: &mut StereoBuffer) -> Result<(), AudioError> {
+        debug_assert!(segment.len() <= BLOCK && self.frames.is_multiple_of(BLOCK as u64));
+        self.strip.process(&mut segment.left, &mut segment.right);
+        if segment.left.iter().chain(&segment.right).any(|x| !x.is_finite()) {
+            return Err(AudioError::Internal("the mix bus holds non-finite samples".into()));
+        }
+        let mut bytes = Vec::with_capacity(8 * segment.len());
+        for x in segment.left.iter().chain(&segment.right) {
+            bytes.extend_from_slice(&x.to_le_bytes());
+        }
+        self.spill.write_all(&bytes).map_err(AudioError::Export)?;
+        self.frames += segment.len() as u64;
+
+        let from = self.energies.len();
+        self.energies.resize(from + segment.len(), 0.0);
+        self.weighting.add_energy(&segment.left, &segment.right, &mut self.energies[from..]);
+        self.detector.push(&segment.left, &segment.right, &mut self.peaks);
+        self.write_chunks(false)
+    }
+
+    /// Writes every whole chunk whose energies and peaks are both known; at the end, the last
+    /// part-chunk too.
+    fn write_chunks(&mut self, end: bool) -> Result<(), AudioError> {
+        let ready = self.energies.len().min(self.peaks.len());
+        let whole = ready / self.chunk_frames * self.chunk_frames;
+        let upto = if end { ready } else { whole };
+        let mut records = Vec::with_capacity(upto.div_ceil(self.chunk_frames) * SUMMARY_RECORD);
+        for (energies, peaks) in self.energies[..upto].chunks(self.chunk_frames).zip(self.peaks[..upto].chunks(self.chunk_frames)) {
+            let energy = energies.iter().sum::<f64>() as f32;
+            let peak = peaks.iter().copied().fold(0.0, f32::max);
+            records.extend_from_slice(&energy.to_le_bytes());
+            records.extend_from_slice(&peak.to_le_bytes());
+            self.chunks += 1;
+        }
+        self.summary.write_all(&records).map_err(AudioError::Export)?;
+        self.energies.drain(..upto);
+        self.peaks.drain(..upto);
+        Ok(())
+    }
+
+    /// Ends pass one.
+    pub fn finish(mut self) -> Result<Premastered, AudioError> {
+        self.detector.finish(&mut self.peaks);
+        self.write_chunks(true)?;
+        let into_file = |writer: BufWriter<File>| writer.into_inner().map_err(|err| AudioError::Export(err.into_error()));
+        Ok(Premastered {
+            rate: self.rate,
+            chunk_frames: self.chunk_frames,
+            frames: self.frames,
+            chunks: self.chunks,
+            spill: into_file(self.spill)?,
+            summary: into_file(self.summary)?,
+        })
+    }
+}
+
+/// The spilled, bus-processed mix and its summary, ready for pass two.
+pub struct Premastered {
+    rate: u32,
+    chunk_frames: usize,
+    frames: u64,
+    chunks: u64,
+    spill: File,
+    summary: File,
+}
+
+/// The gain and limiter a render applies.
+#[derive(Debug, Clone, Copy)]
+struct Plan {
+    gain: f32,
+    /// What the limiter holds true peaks to, linear.
+    limit: f32,
+}
+
+impl Premastered {
+    pub fn frames(&self) -> u64 {
+        self.frames
+    }
+
+    /// Summary records in order: (energy, peak) per chunk.
+    fn records(&self) -> impl Iterator<Item = Result<(f32, f32), AudioError>> + '_ {
+        let total = self.chunks as usize;
+        let mut buffer = Vec::new();
+        let (mut next, mut at) = (0usize, 0usize);
+        std::iter::from_fn(move || {
+            if next == total {
+                return None;
+            }
+            if at == buffer.len() {
+                let count = (total - next).min(1 << 14);
+                buffer.resize(count * SUMMARY_RECORD, 0);
+                at = 0;
+                if let Err(err) = self.summary.read_exact_at(&mut buffer, (next * SUMMARY_RECORD) as u64) {
+                    return Some(Err(AudioError::Export(err)));
+                }
+            }
+            let field = |i: usize| f32::from_le_bytes(buffer[at + 4 * i..at + 4 * i + 4].try_into().expect("four bytes"));
+            let record = (field(0), field(1));
+            at += SUMMARY_RECORD;
+            next += 1;
+            Some(Ok(record))
+        })
+    }
+
+    /// A limiter fed with the summary's peaks. A summary that cannot be read stops the feed and
+    /// leaves the error in `failed`.
+    fn limiter<'a>(&'a self, plan: Plan, failed: &'a std::cell::Cell<Option<std::io::Error>>) -> Limiter<impl FnMut() -> Option<f32> + 'a> {
+        let mut records = self.records();
+        let peaks = move || match records.next()? {
+            Ok((_, peak)) => Some(peak),
+            Err(AudioError::Export(err)) => {
+                failed.set(Some(err));
+                None
+            }
+            Err(_) => None,
+        };
+        Limiter::new(peaks, self.rate, self.chunk_frames, plan.gain, plan.limit)
+    }
+
+    /// The integrated loudness the mix would have under `plan`, from the summary: each chunk's
+    /// K-weighted energy times the mean square of the gain over it.
+    fn predict(&self, plan: Plan) -> Result<Option<f64>, AudioError> {
+        let failed = std::cell::Cell::new(None);
+        let mut limiter = self.limiter(plan, &failed);
+        let mut gating = Gating::new(self.rate);
+        let chunks_per_step = step_frames(self.rate) / self.chunk_frames;
+        let (mut step, mut in_step) = (0f64, 0usize);
+        let squared_gain = f64::from(plan.gain).powi(2);
+        for record in self.records() {
+            let (energy, _) = record?;
+            let (a, b) = limiter.next_chunk();
+            let (a, b) = (f64::from(a), f64::from(b));
+            step += f64::from(energy) * squared_gain * (a * a + a * b + b * b) / 3.0;
+            in_step += 1;
+            if in_step == chunks_per_step {
+                gating.push_step(step);
+                (step, in_step) = (0.0, 0);
+            }
+        }
+        match failed.take() {
+            Some(err) => Err(AudioError::Export(err)),
+            None => Ok(gating.integrated()),
+        }
+    }
+
+    /// Solves gain and limiter, then writes the WAV at `output` (by way of `temporary`) until what
+    /// is written measures under the ceiling.
+    pub fn master(self, settings: &MasterSettings, depth: BitDepth, output: &Path, temporary: &Path, observer: &dyn MixObserver) -> Result<Loudness, AudioError> {
+        let progress = Monotonic::new(observer, Stage::Mastering);
+        let aim = db_to_gain(settings.true_peak_dbtp - METER_MARGIN_DB) as f32;
+        // Rounding and dither move each sample by at most `max_quantisation_error`; a meter's interpolated point moves by at
+        // most that times its filter's absolute tap sum, which is under 2 for the 4x filters of
+        // libebur128 and ffmpeg. The limiter keeps that much under the ceiling.
+        // f32 arithmetic on the way to the file errs by parts in 10^7; the limit leaves it room.
+        let limit = aim * (1.0 - 1e-5) - 2.0 * max_quantisation_error(depth);
+        let mut plan = Plan { gain: 1.0, limit };
+        let unprocessed = self.predict(plan)?;
+        progress.report(0.02);
+        if let Some(unprocessed) = unprocessed {
+            // The summary's prediction is close, not exact: the K-weighting filter sees the gain
+            // envelope's modulation, which the summary cannot. So the model is solved, the result
+            // measured on the audio, and the model solved again for the target less its bias.
+            let unlimited_gain_db = settings.target_lufs - unprocessed;
+            let (mut gain_db, mut bias) = (unlimited_gain_db, 0.0);
+            for check in 0..MAX_CHECKS {
+                gain_db = self.solve(plan, gain_db, unlimited_gain_db + MAX_LIMITING_DB, settings.target_lufs - bias, observer)?;
+                plan.gain = db_to_gain(gain_db) as f32;
+                let (Some(predicted), Some(measured)) = (self.predict(plan)?, self.loudness_under(plan, observer)?) else { break };
+                progress.report(0.02 + 0.18 * (check + 1) as f64 / MAX_CHECKS as f64);
+                if (settings.target_lufs - measured).abs() < LOUDNESS_TOLERANCE_LU / 2.0 {
+                    break;
+                }
+                bias = measured - predicted;
+            }
+        }
+        progress.report(0.2);
+
+        // The limiter held every peak the detector saw, the `ebur128` crate's reading included,
+        // but the gain varies across the samples an interpolated point is made from. Should the
+        // file still read over, it is written again with the limit lowered by the excess; the
+        // last time only scaled, which true peak follows exactly.
+        let mut trim = 1.0f32;
+        for render in 0..MAX_RENDERS {
+            let (measured, peak) = self.render(plan, trim, depth, temporary, &|fraction| progress.report(0.2 + 0.8 * fraction), observer)?;
+            if peak <= aim {
+                observer.progress(Stage::Exporting, 0.0);
+                super::export::publish(temporary, output)?;
+                observer.progress(Stage::Exporting, 1.0);
+                return Ok(Loudness { true_peak_dbtp: Some(gain_to_db(f64::from(peak))), ..measured });
+            }
+            tracing::debug!(render, peak_dbtp = gain_to_db(f64::from(peak)), "the written mix read over the ceiling; writing it again");
+            if render + 2 < MAX_RENDERS {
+                plan.limit *= aim / peak;
+            } else {
+                trim *= limit / peak;
+            }
+        }
+        let _ = std::fs::remove_file(temporary);
+        Err(AudioError::Internal("the master could not meet its true-peak ceiling".into()))
+    }
+
+    /// The gain (dB) under which the summary predicts `target`, starting from `gain_db`, at most
+    /// `max_gain_db`. Under heavy limiting, loudness rises far slower than gain, so the steps
+    /// follow the secant rather than assuming one dB for one LU.
+    fn solve(&self, plan: Plan, mut gain_db: f64, max_gain_db: f64, target: f64, observer: &dyn MixObserver) -> Result<f64, AudioError> {
+        let mut previous: Option<(f64, f64)> = None;
+        for _ in 0..MAX_SOLVES {
             if observer.is_cancelled() {
                 return Err(AudioError::Canceled);
             }
-            let Some(measured) = integrated(bus, rate, db_to_gain(gain_db) as f32, Some(&envelope))? else { break };
-            report(0.45 + 0.35 * (pass + 1) as f64 / MAX_PASSES as f64);
-            let error = settings.target_lufs - measured;
-            if error.abs() < LOUDNESS_TOLERANCE_LU {
+            let Some(predicted) = self.predict(Plan { gain: db_to_gain(gain_db) as f32, ..plan })? else { break };
+            let error = target - predicted;
+            if error.abs() < LOUDNESS_TOLERANCE_LU / 10.0 {
                 break;
             }
-            gain_db += error;
-            envelope = limiter.envelope(&peaks, db_to_gain(gain_db) as f32, ceiling);
+            let slope = match previous {
+                Some((gain, loudness)) if (gain_db - gain).abs() > 1e-9 => ((predicted - loudness) / (gain_db - gain)).clamp(0.02, 1.0),
+                _ => 1.0,
+            };
+            previous = Some((gain_db, predicted));
+            let next = (gain_db + error / slope).min(max_gain_db);
+            if next == gain_db {
+                break;
+            }
+            gain_db = next;
         }
-        drop(peaks);
-        let gain = db_to_gain(gain_db) as f32;
-        for ((l, r), g) in bus.left.iter_mut().zip(bus.right.iter_mut()).zip(&envelope) {
-            *l *= gain * g;
-            *r *= gain * g;
-        }
+        Ok(gain_db)
     }
-    report(0.85);
 
-    // The envelope is exact at sample points; between them a gain change can leave a few
-    // hundredths of a dB. One linear trim removes it, since true peak scales with gain.
-    let mut peak = true_peak(bus);
-    if peak > ceiling {
-        let trim = ceiling / peak;
-        bus.left.iter_mut().chain(bus.right.iter_mut()).for_each(|x| *x *= trim);
-        // The interpolation is linear, so the trimmed peak needs no second pass.
-        peak *= trim;
-    }
-    report(0.9);
-    let loudness = measure(bus, rate, Some(peak))?;
-    report(1.0);
-    Ok(loudness)
-}
-
-/// Integrated loudness, range and true peak of a stereo buffer. `own_true_peak` (linear), when
-/// given, is combined with the meter's so the report never understates the peak.
-pub fn measure(buffer: &StereoBuffer, rate: u32, own_true_peak: Option<f32>) -> Result<Loudness, AudioError> {
-    let mut meter = meter(rate, Mode::I | Mode::LRA | Mode::TRUE_PEAK)?;
-    for start in (0..buffer.len()).step_by(BLOCK) {
-        let end = (start + BLOCK).min(buffer.len());
-        meter.add_frames_planar_f32(&[&buffer.left[start..end], &buffer.right[start..end]]).map_err(|err| AudioError::Internal(format!("loudness meter: {err}")))?;
-    }
-    let finite = |value: f64| value.is_finite().then_some(value);
-    let meter_peak = meter.true_peak(0).unwrap_or(0.0).max(meter.true_peak(1).unwrap_or(0.0));
-    let peak = meter_peak.max(f64::from(own_true_peak.unwrap_or(0.0)));
-    Ok(Loudness {
-        integrated_lufs: meter.loudness_global().ok().and_then(finite),
-        true_peak_dbtp: finite(gain_to_db(peak)),
-        loudness_range_lu: meter.loudness_range().ok().and_then(finite),
-    })
-}
-
-/// Integrated loudness of `buffer * gain * envelope`, without materialising the product.
-fn integrated(buffer: &StereoBuffer, rate: u32, gain: f32, envelope: Option<&[f32]>) -> Result<Option<f64>, AudioError> {
-    let mut meter = meter(rate, Mode::I)?;
-    let (mut left, mut right) = (Vec::with_capacity(BLOCK), Vec::with_capacity(BLOCK));
-    for start in (0..buffer.len()).step_by(BLOCK) {
-        let end = (start + BLOCK).min(buffer.len());
-        left.clear();
-        right.clear();
-        match envelope {
-            Some(envelope) => {
-                let gains = envelope[start..end].iter().map(|g| g * gain);
-                for ((l, r), g) in buffer.left[start..end].iter().zip(&buffer.right[start..end]).zip(gains) {
-                    left.push(l * g);
-                    right.push(r * g);
+    /// Reads the spill back with `plan` (and `trim`) applied, a segment at a time, handing each
+    /// to `each` with the frames done so far.
+    fn limited_segments(
+        &self,
+        plan: Plan,
+        trim: f32,
+        observer: &dyn MixObserver,
+        mut each: impl FnMut(&mut StereoBuffer, u64) -> Result<(), AudioError>,
+    ) -> Result<(), AudioError> {
+        let failed = std::cell::Cell::new(None);
+        let mut limiter = self.limiter(plan, &failed);
+        let mut bytes = Vec::new();
+        let mut segment = StereoBuffer::default();
+        let (mut gain, mut chunk_end_gain, mut step, mut left_in_chunk) = (0f32, 0f32, 0f32, 0usize);
+        let gain_and_trim = plan.gain * trim;
+        for start in (0..self.frames).step_by(BLOCK) {
+            if observer.is_cancelled() {
+                return Err(AudioError::Canceled);
+            }
+            let frames = (self.frames - start).min(BLOCK as u64) as usize;
+            bytes.resize(8 * frames, 0);
+            self.spill.read_exact_at(&mut bytes, 8 * start).map_err(AudioError::Export)?;
+            let sample = |i: usize| f32::from_le_bytes(bytes[4 * i..4 * i + 4].try_into().expect("four bytes"));
+            segment.clear();
+            for i in 0..frames {
+                if left_in_chunk == 0 {
+                    let (a, b) = limiter.next_chunk();
+                    (gain, chunk_end_gain, left_in_chunk) = (a, b, self.chunk_frames);
+                    step = (b - a) / self.chunk_frames as f32;
+                }
+                let g = gain_and_trim * gain;
+                segment.left.push(sample(i) * g);
+                segment.right.push(sample(frames + i) * g);
+                gain += step;
+                left_in_chunk -= 1;
+                if left_in_chunk == 0 {
+                    gain = chunk_end_gain;
                 }
             }
-            None => {
-                left.extend(buffer.left[start..end].iter().map(|x| x * gain));
-                right.extend(buffer.right[start..end].iter().map(|x| x * gain));
+            if let Some(err) = failed.take() {
+                return Err(AudioError::Export(err));
             }
+            each(&mut segment, start + frames as u64)?;
         }
-        meter.add_frames_planar_f32(&[&left, &right]).map_err(|err| AudioError::Internal(format!("loudness meter: {err}")))?;
+        Ok(())
     }
-    Ok(meter.loudness_global().ok().filter(|l| l.is_finite()))
+
+    /// The integrated loudness of the mix under `plan`, measured on the limited audio itself.
+    fn loudness_under(&self, plan: Plan, observer: &dyn MixObserver) -> Result<Option<f64>, AudioError> {
+        let mut weighting = KWeighting::new(self.rate);
+        let mut gating = Gating::new(self.rate);
+        let step_frames = step_frames(self.rate);
+        let (mut energies, mut step, mut in_step) = (Vec::new(), 0f64, 0usize);
+        self.limited_segments(plan, 1.0, observer, |segment, _| {
+            energies.clear();
+            energies.resize(segment.len(), 0.0);
+            weighting.add_energy(&segment.left, &segment.right, &mut energies);
+            for energy in &energies {
+                step += energy;
+                in_step += 1;
+                if in_step == step_frames {
+                    gating.push_step(step);
+                    (step, in_step) = (0.0, 0);
+                }
+            }
+            Ok(())
+        })?;
+        Ok(gating.integrated())
+    }
+
+    /// Writes the mix under `plan` to `temporary`, measuring what is written: its loudness by the
+    /// `ebur128` crate, and its true peak read by the detector, which reads at least what the
+    /// crate reads and between its points too.
+    fn render(
+        &self,
+        plan: Plan,
+        trim: f32,
+        depth: BitDepth,
+        temporary: &Path,
+        progress: &dyn Fn(f64),
+        observer: &dyn MixObserver,
+    ) -> Result<(Loudness, f32), AudioError> {
+        let mut meter = EbuR128::new(2, self.rate, Mode::I | Mode::LRA | Mode::TRUE_PEAK).map_err(|err| AudioError::Internal(format!("loudness meter: {err}")))?;
+        let mut detector = PeakDetector::new(self.rate);
+        let (mut peaks, mut peak) = (Vec::new(), 0f32);
+        let mut sink = WavSink::create(temporary, self.rate, depth)?;
+        self.limited_segments(plan, trim, observer, |segment, done| {
+            sink.write(segment)?;
+            meter.add_frames_planar_f32(&[&segment.left, &segment.right]).map_err(|err| AudioError::Internal(format!("loudness meter: {err}")))?;
+            detector.push(&segment.left, &segment.right, &mut peaks);
+            peak = peaks.drain(..).fold(peak, f32::max);
+            progress(done as f64 / self.frames.max(1) as f64);
+            Ok(())
+        })?;
+        sink.finish()?;
+        detector.finish(&mut peaks);
+        let peak = peaks.into_iter().fold(peak, f32::max);
+        let finite = |value: f64| value.is_finite().then_some(value);
+        let meter_peak = meter.true_peak(0).unwrap_or(0.0).max(meter.true_peak(1).unwrap_or(0.0));
+        let written = Loudness {
+            integrated_lufs: meter.loudness_global().ok().and_then(finite),
+            true_peak_dbtp: finite(gain_to_db(meter_peak)),
+            loudness_range_lu: meter.loudness_range().ok().and_then(finite),
+        };
+        Ok((written, peak))
+    }
 }
 
-fn meter(rate: u32, mode: Mode) -> Result<EbuR128, AudioError> {
-    EbuR128::new(2, rate, mode).map_err(|err| AudioError::Internal(format!("loudness meter: {err}")))
+/// Progress within one stage that never goes back, though a render may run again.
+struct Monotonic<'a> {
+    observer: &'a dyn MixObserver,
+    stage: Stage,
+    reported: std::cell::Cell<f64>,
 }
 
-fn for_each_block(bus: &mut StereoBuffer, observer: &dyn MixObserver, mut f: impl FnMut(&mut [f32], &mut [f32])) -> Result<(), AudioError> {
-    for (left, right) in bus.left.chunks_mut(BLOCK).zip(bus.right.chunks_mut(BLOCK)) {
-        if observer.is_cancelled() {
-            return Err(AudioError::Canceled);
-        }
-        f(left, right);
+impl<'a> Monotonic<'a> {
+    fn new(observer: &'a dyn MixObserver, stage: Stage) -> Self {
+        observer.progress(stage, 0.0);
+        Self { observer, stage, reported: std::cell::Cell::new(0.0) }
     }
-    Ok(())
+
+    fn report(&self, fraction: f64) {
+        if fraction > self.reported.get() {
+            self.reported.set(fraction);
+            self.observer.progress(self.stage, fraction);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audio::buffer::test_noise;
+
+    struct Quiet;
+
+    impl MixObserver for Quiet {
+        fn progress(&self, _: Stage, _: f64) {}
+        fn is_cancelled(&self) -> bool {
+            false
+        }
+    }
+
+    /// Drum-like material: decaying noise bursts and low thumps, four hits a second.
+    fn hits(rate: u32, seconds: usize) -> StereoBuffer {
+        let frames = rate as usize * seconds;
+        let noise = test_noise(frames, 42);
+        let left: Vec<f32> = (0..frames)
+            .map(|n| {
+                let t = (n % (rate as usize / 4)) as f32 / rate as f32;
+                let thump = (2.0 * std::f32::consts::PI * 60.0 * t).sin() * (-t * 30.0).exp();
+                0.5 * thump + 0.4 * noise[n] * (-t * 60.0).exp()
+            })
+            .collect();
+        StereoBuffer { right: left.iter().map(|x| -x).collect(), left }
+    }
+
+    fn premastered(bus: &StereoBuffer, rate: u32, dir: &Path) -> Premastered {
+        let mut premaster = Premaster::new(&MasterSettings::default(), rate, dir).unwrap();
+        for start in (0..bus.len()).step_by(BLOCK) {
+            let end = (start + BLOCK).min(bus.len());
+            premaster.push(&mut StereoBuffer { left: bus.left[start..end].to_vec(), right: bus.right[start..end].to_vec() }).unwrap();
+        }
+        premaster.finish().unwrap()
+    }
+
+    #[test]
+    fn the_summary_predicts_the_loudness_of_what_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let rate = 48_000;
+        let premastered = premastered(&hits(rate, 10), rate, dir.path());
+        for gain_db in [0.0, 6.0, 12.0, 18.0] {
+            let plan = Plan { gain: db_to_gain(gain_db) as f32, limit: 0.8 };
+            let predicted = premastered.predict(plan).unwrap().unwrap();
+            let (written, _) = premastered.render(plan, 1.0, BitDepth::Float32, &dir.path().join("out.wav"), &|_| {}, &Quiet).unwrap();
+            let written = written.integrated_lufs.unwrap();
+            assert!((predicted - written).abs() < 0.25, "{gain_db} dB of gain: predicted {predicted:.3} LUFS, written {written:.3}");
+            let measured = premastered.loudness_under(plan, &Quiet).unwrap().unwrap();
+            assert!((measured - written).abs() < 0.005, "{gain_db} dB of gain: measured {measured:.3} LUFS before writing, {written:.3} after");
+        }
+    }
 }

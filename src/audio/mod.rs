@@ -2,9 +2,11 @@
 //! or tokio; callers see progress and cancellation through [`MixObserver`].
 //!
 //! A mix walks the [`Stage`]s in order, and streams: `loading_stems` opens and probes every stem,
-//! `aligning_stems` reads only the stems' first seconds, and `processing_tracks` decodes,
-//! resamples and processes one track at a time per core straight into that core's bus, so memory
-//! grows with the length of the mix, not with the number of stems.
+//! `aligning_stems` reads only the stems' first seconds, `processing_tracks` renders the bus a
+//! segment at a time (every track decoded, resampled and processed as it goes) through the master
+//! strip into a spill file and a small summary, and `mastering` solves gain and limiter on the
+//! summary and writes the WAV from the spill. Memory holds a few segments and each track's decode
+//! state: it grows with neither the length of the mix nor, beyond that state, its stems.
 
 mod align;
 mod analysis;
@@ -14,8 +16,10 @@ mod decode;
 mod downmix;
 mod dsp;
 mod export;
+mod loudness;
 mod master;
 mod pipeline;
+mod render;
 mod resample;
 mod settings;
 mod true_peak;
@@ -53,12 +57,14 @@ impl Stage {
     /// The share of a whole job's 0-100 progress this stage spans, by its typical cost.
     pub fn percent_span(self) -> (f64, f64) {
         match self {
-            Stage::LoadingStems => (2.0, 8.0),
-            Stage::AligningStems => (8.0, 15.0),
-            Stage::ProcessingTracks => (15.0, 70.0),
-            Stage::Mixing => (70.0, 74.0),
-            Stage::Mastering => (74.0, 92.0),
-            Stage::Exporting => (92.0, 99.0),
+            Stage::LoadingStems => (2.0, 5.0),
+            Stage::AligningStems => (5.0, 8.0),
+            // Pass one of the master: decoding, track processing and the sum, spilled.
+            Stage::ProcessingTracks => (8.0, 65.0),
+            Stage::Mixing => (65.0, 66.0),
+            // The gain solve and pass two, which writes the file.
+            Stage::Mastering => (66.0, 98.0),
+            Stage::Exporting => (98.0, 99.0),
         }
     }
 

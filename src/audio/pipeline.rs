@@ -1,21 +1,19 @@
 //! The whole mix, stage by stage. See the module docs of `audio` for the streaming design.
 
-use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 
 use super::align::estimate_lag;
-use super::buffer::StereoBuffer;
+use super::buffer::{StereoBuffer, BLOCK};
 use super::decode::StemReader;
-use super::dsp::{audible, TrackChain};
-use super::export::{export_wav, max_frames};
-use super::master::{master, Loudness};
+use super::dsp::audible;
+use super::export::max_frames;
+use super::master::{Loudness, Premaster, Premastered};
+use super::render::{render_segment, TrackStream};
 use super::resample::RateConverter;
-use super::settings::{AlignMode, MixSettings, TrackSettings, ValidSettings};
-use super::{panic_message, AudioError, MixObserver, Stage, StemSource};
+use super::settings::{AlignMode, MasterSettings, MixSettings, TrackSettings, ValidSettings};
+use super::{AudioError, MixObserver, Stage, StemSource};
 
 /// How much of each stem's start `align: auto` compares.
 const ALIGN_EXCERPT_S: f64 = 20.0;
@@ -84,14 +82,16 @@ pub fn mix(stems: &[StemSource], settings: &ValidSettings, output: &Path, tempor
 
     let mut tracks = load_stems(stems, settings, rate, observer)?;
     align_stems(&mut tracks, settings, rate, observer)?;
-    let (buses, skipped) = process_tracks(&tracks, rate, observer)?;
-    let mut bus = sum_buses(buses, &tracks, rate, observer)?;
-    let loudness = master(&mut bus, &settings.master, rate, observer)?;
-    observer.progress(Stage::Exporting, 0.0);
-    export_wav(&bus, rate, settings.output.bit_depth, output, temporary, observer)?;
+    let scratch = match temporary.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    };
+    let (premastered, skipped) = render_bus(&tracks, &settings.master, rate, scratch, observer)?;
+    let duration_s = premastered.frames() as f64 / f64::from(rate);
+    let loudness = premastered.master(&settings.master, settings.output.bit_depth, output, temporary, observer)?;
 
     Ok(MixReport {
-        duration_s: bus.len() as f64 / f64::from(rate),
+        duration_s,
         sample_rate: rate,
         bit_depth: settings.output.bit_depth.bits(),
         channels: 2,
@@ -182,141 +182,36 @@ fn excerpt(track: &Track, rate: u32, frames: usize, observer: &dyn MixObserver) 
     Ok(converted.left.iter().zip(&converted.right).take(frames).map(|(l, r)| 0.5 * (l + r)).collect())
 }
 
-/// Decodes, resamples and processes every audible track into one bus per worker. Returns the
-/// buses and, per track, the damaged packets its decoder skipped.
+/// Pass one of the master, fed by the tracks: each segment of the bus is rendered from every
+/// audible track (decoded, resampled and processed as it goes) and handed on. Returns the
+/// premastered mix and, per track, the damaged packets its decoder skipped.
 ///
-/// The workers are tasks on the current rayon pool (the engine's, for a job), one per pool thread
-/// at most, each pulling the next track from a shared index into its own bus: memory grows with
-/// the workers, not the tracks, and however many mixes run, the threads are the pool's.
-fn process_tracks(tracks: &[Track], rate: u32, observer: &dyn MixObserver) -> Result<(Vec<StereoBuffer>, Vec<u64>), AudioError> {
+/// Tracks are processed and summed together here, so `processing_tracks` covers both and
+/// `mixing` marks the end of the sum.
+fn render_bus(tracks: &[Track], master: &MasterSettings, rate: u32, scratch: &Path, observer: &dyn MixObserver) -> Result<(Premastered, Vec<u64>), AudioError> {
     observer.progress(Stage::ProcessingTracks, 0.0);
-    let total_work: u64 = tracks.iter().filter(|t| t.audible).map(|t| t.source_frames.max(1)).sum::<u64>().max(1);
-    let done = AtomicU64::new(0);
-    let next = AtomicUsize::new(0);
-    let skipped = Mutex::new(vec![0u64; tracks.len()]);
-    let workers = rayon::current_num_threads().clamp(1, tracks.len());
-    let report = |frames: u64| {
-        let done = done.fetch_add(frames, Ordering::Relaxed) + frames;
+    // A muted track still sets the length of the mix, as it does in a DAW.
+    let length = tracks.iter().map(|t| end_frame(t, rate)).max().unwrap_or(0);
+    let audible: Vec<&Track> = tracks.iter().filter(|t| t.audible).collect();
+    let mut streams = audible.iter().map(|t| TrackStream::open(t.stem, &t.settings, t.source_rate, rate, t.offset_frames)).collect::<Result<Vec<_>, _>>()?;
+    let total_work = audible.iter().map(|t| t.source_frames).sum::<u64>().max(1);
+    let mut premaster = Premaster::new(master, rate, scratch)?;
+    let mut segment = StereoBuffer::default();
+    for start in (0..length).step_by(BLOCK) {
+        if observer.is_cancelled() {
+            return Err(AudioError::Canceled);
+        }
+        let frames = (length - start).min(BLOCK as u64) as usize;
+        render_segment(&mut streams, start, frames, &mut segment)?;
+        premaster.push(&mut segment)?;
+        let done: u64 = streams.iter().map(|s| s.frames_read).sum();
         observer.progress(Stage::ProcessingTracks, (done as f64 / total_work as f64).min(1.0));
-    };
-    let worker = || -> Result<StereoBuffer, AudioError> {
-        let mut bus = StereoBuffer::default();
-        loop {
-            let index = next.fetch_add(1, Ordering::Relaxed);
-            let Some(track) = tracks.get(index) else { return Ok(bus) };
-            if !track.audible {
-                continue;
-            }
-            let skipped_packets = process_track(track, rate, &mut bus, observer, &report)?;
-            skipped.lock().expect("no panics while held")[index] = skipped_packets;
-        }
-    };
-
-    let mut buses: Vec<Result<StereoBuffer, AudioError>> = (0..workers).map(|_| Ok(StereoBuffer::default())).collect();
-    rayon::scope(|scope| {
-        for bus in &mut buses {
-            let worker = &worker;
-            scope.spawn(move |_| {
-                // Caught here, so that a bug in one track fails the mix instead of unwinding
-                // through the pool into the caller.
-                *bus = catch_unwind(AssertUnwindSafe(worker))
-                    .unwrap_or_else(|panic| Err(AudioError::Internal(format!("a track worker panicked: {}", panic_message(&*panic)))));
-            });
-        }
-    });
-    let buses = buses.into_iter().collect::<Result<Vec<_>, _>>()?;
-    Ok((buses, skipped.into_inner().expect("workers are done")))
-}
-
-fn process_track(track: &Track, rate: u32, bus: &mut StereoBuffer, observer: &dyn MixObserver, report: &dyn Fn(u64)) -> Result<u64, AudioError> {
-    let mut reader = StemReader::source(track.stem)?;
-    let mut converter = RateConverter::new(track.source_rate, rate)?;
-    let mut chain = TrackChain::new(&track.settings, rate);
-    let (mut chunk, mut converted) = (StereoBuffer::default(), StereoBuffer::default());
-    let mut position = track.offset_frames;
-    let mut reported = 0u64;
-    loop {
-        if observer.is_cancelled() {
-            return Err(AudioError::Canceled);
-        }
-        let more = reader.next_chunk(&mut chunk)?;
-        if more {
-            converter.push(&chunk, &mut converted)?;
-        } else {
-            converter.finish(&mut converted)?;
-        }
-        chain.process(&mut converted);
-        position = add_into(bus, &converted, position);
-        converted.clear();
-        // Progress counts source frames; a stem longer than declared just holds at its share.
-        let frames = chunk.len() as u64;
-        let share = frames.min(track.source_frames.max(1).saturating_sub(reported));
-        reported += share;
-        report(share);
-        if !more {
-            report(track.source_frames.max(1) - reported);
-            return Ok(reader.info.skipped_packets);
-        }
     }
-}
-
-/// Adds `chunk` into `bus` starting at `position` (which may be negative: that part is cut),
-/// growing the bus as needed. Returns the position after the chunk.
-fn add_into(bus: &mut StereoBuffer, chunk: &StereoBuffer, position: i64) -> i64 {
-    let skip = (-position).clamp(0, chunk.len() as i64) as usize;
-    if skip == chunk.len() {
-        return position + chunk.len() as i64;
-    }
-    let start = (position + skip as i64) as usize;
-    let end = start + chunk.len() - skip;
-    if bus.len() < end {
-        bus.left.resize(end, 0.0);
-        bus.right.resize(end, 0.0);
-    }
-    bus.left[start..end].iter_mut().zip(&chunk.left[skip..]).for_each(|(out, x)| *out += x);
-    bus.right[start..end].iter_mut().zip(&chunk.right[skip..]).for_each(|(out, x)| *out += x);
-    position + chunk.len() as i64
-}
-
-/// The mixing stage: sums the workers' buses into one, long enough for every track (a muted
-/// track still sets the length of the mix, as it does in a DAW).
-fn sum_buses(mut buses: Vec<StereoBuffer>, tracks: &[Track], rate: u32, observer: &dyn MixObserver) -> Result<StereoBuffer, AudioError> {
+    observer.progress(Stage::ProcessingTracks, 1.0);
     observer.progress(Stage::Mixing, 0.0);
-    let length = buses.iter().map(StereoBuffer::len).chain(tracks.iter().map(|t| end_frame(t, rate) as usize)).max().unwrap_or(0);
-    buses.sort_by_key(|b| std::cmp::Reverse(b.len()));
-    let mut rest = buses.into_iter();
-    let mut bus = rest.next().unwrap_or_default();
-    bus.left.resize(length, 0.0);
-    bus.right.resize(length, 0.0);
-    let others: Vec<StereoBuffer> = rest.collect();
-    for (i, other) in others.iter().enumerate() {
-        if observer.is_cancelled() {
-            return Err(AudioError::Canceled);
-        }
-        add_into(&mut bus, other, 0);
-        observer.progress(Stage::Mixing, (i + 1) as f64 / others.len() as f64);
-    }
-    if bus.left.iter().chain(&bus.right).any(|x| !x.is_finite()) {
-        return Err(AudioError::Internal("the mix bus holds non-finite samples".into()));
-    }
+    let premastered = premaster.finish()?;
     observer.progress(Stage::Mixing, 1.0);
-    Ok(bus)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn add_into_cuts_negative_positions_and_grows() {
-        let mut bus = StereoBuffer { left: vec![1.0; 2], right: vec![1.0; 2] };
-        let chunk = StereoBuffer { left: vec![1.0, 2.0, 3.0], right: vec![4.0, 5.0, 6.0] };
-        assert_eq!(add_into(&mut bus, &chunk, -5), -2, "wholly before the start: nothing added");
-        assert_eq!(bus.left, [1.0, 1.0]);
-        assert_eq!(add_into(&mut bus, &chunk, -1), 2);
-        assert_eq!(bus.left, [3.0, 4.0]);
-        assert_eq!(add_into(&mut bus, &chunk, 3), 6);
-        assert_eq!(bus.left, [3.0, 4.0, 0.0, 1.0, 2.0, 3.0]);
-        assert_eq!(bus.right, [6.0, 7.0, 0.0, 4.0, 5.0, 6.0]);
-    }
+    let mut streams = streams.into_iter();
+    let skipped = tracks.iter().map(|t| if t.audible { streams.next().map_or(0, |s| s.skipped_packets()) } else { 0 }).collect();
+    Ok((premastered, skipped))
 }

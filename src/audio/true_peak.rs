@@ -1,29 +1,43 @@
-//! True peak (ITU-R BS.1770 annex 2) by 4x polyphase oversampling, and the look-ahead limiter
-//! that keeps it under a ceiling.
+//! True peak (ITU-R BS.1770 annex 2) by polyphase oversampling, and the look-ahead limiter that
+//! keeps it under a ceiling.
 //!
 //! No crate does true-peak limiting: sample-peak limiters let inter-sample peaks through, which
 //! then clip in every converter and lossy encoder downstream. The limiter here takes the gain it
 //! needs from the oversampled peak of every frame, so it is written by hand and tested against
-//! ffmpeg's true-peak meter in the integration tests.
+//! the `ebur128` crate's and ffmpeg's true-peak meters.
+
+use std::collections::VecDeque;
 
 use rayon::prelude::*;
 
-use super::buffer::{StereoBuffer, BLOCK};
-
-const HALF_TAPS: usize = 16;
+const HALF_TAPS: usize = 32;
+/// How far either side of a point the meters' filters reach: ffmpeg's 32 taps; the `ebur128`
+/// crate's 12 or 24.
+pub(crate) const METER_REACH: usize = 16;
 const TAPS: usize = 2 * HALF_TAPS;
-const OVERSAMPLING: usize = 4;
 /// Frames interpolated at a time: the tile and its window stay in the L1 cache.
 const TILE: usize = 1024;
+/// Frames per parallel task.
+const TASK: usize = 8 * TILE;
 
-/// Windowed-sinc interpolator for the three points between two samples.
+/// The interpolation filters the detector runs: per phase, the taps over `window[offset..]`.
 struct Interpolator {
-    phases: [[f32; TAPS]; OVERSAMPLING - 1],
+    phases: Vec<Phase>,
+}
+
+struct Phase {
+    offset: usize,
+    taps: Vec<f32>,
 }
 
 impl Interpolator {
-    fn new() -> Self {
-        let beta = 8.0;
+    /// Kaiser-windowed sinc phases at `oversampling` (close to the ideal reconstruction between
+    /// samples), and, where `meter_factor` is given, the phases of the `ebur128` crate's meter
+    /// (libebur128's 48-tap Hann-windowed sinc, unnormalised) at that factor, exactly as it
+    /// computes them: a file is checked against that meter, whose short filter overshoots the
+    /// ideal on transients.
+    fn new(oversampling: usize, meter_factor: Option<usize>) -> Self {
+        let beta = 10.0;
         let bessel_i0 = |x: f64| {
             let (mut sum, mut term, mut k) = (1.0, 1.0, 1.0);
             while term > 1e-12 * sum {
@@ -33,52 +47,65 @@ impl Interpolator {
             }
             sum
         };
-        let mut phases = [[0f32; TAPS]; OVERSAMPLING - 1];
-        for (p, phase) in phases.iter_mut().enumerate() {
-            let fraction = (p + 1) as f64 / OVERSAMPLING as f64;
-            let mut taps = [0f64; TAPS];
-            for (j, tap) in taps.iter_mut().enumerate() {
-                // Tap j multiplies x[n + j - (HALF_TAPS - 1)]; the point sits at n + fraction.
-                let t = fraction - (j as f64 - (HALF_TAPS as f64 - 1.0));
-                let sinc = if t == 0.0 { 1.0 } else { (std::f64::consts::PI * t).sin() / (std::f64::consts::PI * t) };
-                let u = t / HALF_TAPS as f64;
-                let window = if u.abs() >= 1.0 { 0.0 } else { bessel_i0(beta * (1.0 - u * u).sqrt()) / bessel_i0(beta) };
-                *tap = sinc * window;
+        let mut phases: Vec<Phase> = (1..oversampling)
+            .map(|p| {
+                let fraction = p as f64 / oversampling as f64;
+                let mut taps = [0f64; TAPS];
+                for (j, tap) in taps.iter_mut().enumerate() {
+                    // Tap j multiplies x[n + j - (HALF_TAPS - 1)]; the point sits at n + fraction.
+                    let t = fraction - (j as f64 - (HALF_TAPS as f64 - 1.0));
+                    let sinc = if t == 0.0 { 1.0 } else { (std::f64::consts::PI * t).sin() / (std::f64::consts::PI * t) };
+                    let u = t / HALF_TAPS as f64;
+                    let window = if u.abs() >= 1.0 { 0.0 } else { bessel_i0(beta * (1.0 - u * u).sqrt()) / bessel_i0(beta) };
+                    *tap = sinc * window;
+                }
+                let sum: f64 = taps.iter().sum();
+                Phase { offset: 0, taps: taps.iter().map(|tap| (tap / sum) as f32).collect() }
+            })
+            .collect();
+        if let Some(factor) = meter_factor {
+            // libebur128: coefficient j = hann(j / 48) * sinc((j - 24) / factor); output phase p
+            // of input n sums coefficient t * factor + p times x[n - t], the point p / factor
+            // after x[n - 24 / factor].
+            const METER_TAPS: usize = 48;
+            let coefficient = |j: usize| {
+                let window = 0.5 * (1.0 - (2.0 * std::f64::consts::PI * j as f64 / METER_TAPS as f64).cos());
+                let m = j as f64 - METER_TAPS as f64 / 2.0;
+                let sinc = if m.abs() > 1e-6 { (m * std::f64::consts::PI / factor as f64).sin() / (m * std::f64::consts::PI / factor as f64) } else { 1.0 };
+                (window * sinc) as f32
+            };
+            let active = METER_TAPS / factor;
+            let centre = METER_TAPS / 2 / factor;
+            for p in 1..factor {
+                // Ordered from the oldest sample, x[k - (active - 1 - centre)], to the newest.
+                let taps: Vec<f32> = (0..active).rev().map(|t| coefficient(t * factor + p)).collect();
+                phases.push(Phase { offset: HALF_TAPS - 1 - (active - 1 - centre), taps });
             }
-            let sum: f64 = taps.iter().sum();
-            phase.iter_mut().zip(taps).for_each(|(out, tap)| *out = (tap / sum) as f32);
         }
         Self { phases }
     }
 
-    /// For frames `start..start + peaks.len()` of `channel`, raises each `peaks[i]` to the largest
-    /// magnitude of the sample and the interpolated points after it.
+    /// Raises each `peaks[k]` to the largest magnitude of frame k and the interpolated points
+    /// after it, where `window[k..k + TAPS]` are the samples frame k's points are made from
+    /// (frame k is `window[k + HALF_TAPS - 1]`).
     ///
     /// Each phase is computed tap by tap over a tile of frames: the inner loop then runs along
     /// the frames and vectorises, and every point still sums its taps in the same order.
-    fn raise_peaks(&self, channel: &[f32], start: usize, peaks: &mut [f32]) {
-        debug_assert!(start + peaks.len() <= channel.len());
-        // A zero-padded window, so the loops below need no bounds logic.
-        let from = start as isize - (HALF_TAPS as isize - 1);
-        let mut padded = vec![0f32; peaks.len() + TAPS];
-        for (i, slot) in padded.iter_mut().enumerate() {
-            let source = from + i as isize;
-            if source >= 0 && (source as usize) < channel.len() {
-                *slot = channel[source as usize];
-            }
-        }
+    fn raise_peaks(&self, window: &[f32], peaks: &mut [f32]) {
+        debug_assert!(window.len() >= peaks.len() + TAPS - 1);
         let mut interpolated = [0f32; TILE];
         for (tile, peaks) in peaks.chunks_mut(TILE).enumerate() {
-            let padded = &padded[tile * TILE..];
+            let window = &window[tile * TILE..];
             let frames = peaks.len();
-            for (peak, x) in peaks.iter_mut().zip(&padded[HALF_TAPS - 1..]) {
+            for (peak, x) in peaks.iter_mut().zip(&window[HALF_TAPS - 1..]) {
                 *peak = peak.max(x.abs());
             }
             for phase in &self.phases {
                 let interpolated = &mut interpolated[..frames];
                 interpolated.fill(0.0);
-                for (tap, &coefficient) in phase.iter().enumerate() {
-                    for (out, x) in interpolated.iter_mut().zip(&padded[tap..tap + frames]) {
+                for (tap, &coefficient) in phase.taps.iter().enumerate() {
+                    let tap = phase.offset + tap;
+                    for (out, x) in interpolated.iter_mut().zip(&window[tap..tap + frames]) {
                         *out += coefficient * x;
                     }
                 }
@@ -90,88 +117,227 @@ impl Interpolator {
     }
 }
 
-/// Per frame, the true peak (over both channels) between it and the next frame.
-pub fn frame_peaks(buffer: &StereoBuffer) -> Vec<f32> {
-    let interpolator = Interpolator::new();
-    let mut peaks = vec![0f32; buffer.len()];
-    peaks.par_chunks_mut(BLOCK).enumerate().for_each(|(block, peaks)| block_peaks(&interpolator, buffer, block * BLOCK, peaks));
-    peaks
+/// How finely the limiter looks between samples at `rate`: twice as finely as the meters at
+/// 44.1 and 48 kHz, where ffmpeg's, which resamples to 192 kHz, reads points between the 4x grid.
+fn oversampling(rate: u32) -> usize {
+    match rate {
+        0..88_200 => 8,
+        88_200..176_400 => 4,
+        _ => 2,
+    }
 }
 
-fn block_peaks(interpolator: &Interpolator, buffer: &StereoBuffer, start: usize, peaks: &mut [f32]) {
-    interpolator.raise_peaks(&buffer.left, start, peaks);
-    interpolator.raise_peaks(&buffer.right, start, peaks);
+/// The `ebur128` crate's oversampling at `rate`, as it chooses it (none from 192 kHz).
+fn meter_factor(rate: u32) -> Option<usize> {
+    match rate {
+        0..96_000 => Some(4),
+        96_000..192_000 => Some(2),
+        _ => None,
+    }
 }
 
-/// The true peak of the whole buffer, linear. Block by block: the frame peaks of a whole mix
-/// would be another buffer as long as the mix.
-pub fn true_peak(buffer: &StereoBuffer) -> f32 {
-    let interpolator = Interpolator::new();
-    (0..buffer.len().div_ceil(BLOCK))
-        .into_par_iter()
-        .map(|block| {
-            let start = block * BLOCK;
-            let mut peaks = vec![0f32; BLOCK.min(buffer.len() - start)];
-            block_peaks(&interpolator, buffer, start, &mut peaks);
-            peaks.into_iter().fold(0.0, f32::max)
-        })
-        .reduce(|| 0.0, f32::max)
-}
-
-/// A look-ahead limiter's gain envelope for a signal with the given frame peaks, scaled by
-/// `pre_gain`: every frame's gain brings its true peak to `ceiling` or below.
+/// Frame peaks of a stream of stereo audio: per frame, the true peak over both channels between
+/// it and the next frame. Each frame's points need the frames after it, so peaks come out that
+/// far behind the audio pushed, and `finish` gives the last ones.
 ///
-/// The required gain is min-filtered over the look-ahead window, eased back up by the release,
-/// then averaged over the same window. The average of a window in which every value is at most
-/// the gain a peak needs is itself at most that gain, so the envelope ramps down smoothly over
-/// the look-ahead and still meets every peak.
-pub struct Limiter {
-    lookahead: usize,
-    release: f32,
+/// Before the first frame and after the last, a player (and the `ebur128` crate) has silence,
+/// while ffmpeg's meter mirrors the signal about its first and last samples (its resampler's
+/// edge handling): a stream that starts or ends at full level can read higher that way. The frames whose points reach
+/// past either end are read both ways, and the higher reading kept.
+pub struct PeakDetector {
+    interpolator: Interpolator,
+    /// Per channel, the frames from `HALF_TAPS - 1` before the first frame without a peak yet
+    /// (zeros before the start) to the last frame pushed.
+    window: [Vec<f32>; 2],
+    pending: usize,
+    started: bool,
 }
 
-impl Limiter {
-    pub fn new(sample_rate: u32) -> Self {
-        let rate = f64::from(sample_rate);
-        Self { lookahead: ((0.003 * rate) as usize).max(1), release: (1.0 - (-1.0 / (0.08 * rate)).exp()) as f32 }
+impl PeakDetector {
+    pub fn new(rate: u32) -> Self {
+        let context = vec![0.0; HALF_TAPS - 1];
+        Self { interpolator: Interpolator::new(oversampling(rate), meter_factor(rate)), window: [context.clone(), context], pending: 0, started: false }
     }
 
-    pub fn envelope(&self, peaks: &[f32], pre_gain: f32, ceiling: f32) -> Vec<f32> {
-        let window = self.lookahead;
-        let total = peaks.len() + window - 1;
-        let required = |k: usize| match peaks.get(k) {
-            Some(&peak) if peak * pre_gain > ceiling => ceiling / (peak * pre_gain),
-            _ => 1.0,
+    /// Takes the next frames; appends the peaks of every frame that can now be measured.
+    pub fn push(&mut self, left: &[f32], right: &[f32], peaks: &mut Vec<f32>) {
+        self.window[0].extend_from_slice(left);
+        self.window[1].extend_from_slice(right);
+        self.pending += left.len();
+        let count = self.pending.saturating_sub(HALF_TAPS);
+        // The first frames wait until every frame near the start can be read both ways at once.
+        if self.started || count >= HALF_TAPS - 1 {
+            self.emit(count, peaks);
+        }
+    }
+
+    /// Appends the peaks of the frames still held (the stream is over).
+    pub fn finish(&mut self, peaks: &mut Vec<f32>) {
+        let tail = self.pending.min(HALF_TAPS);
+        let mirrored_end = self.window.each_ref().map(|channel| {
+            let last = channel.len() - 1;
+            let mut extended = channel[channel.len() - (tail + HALF_TAPS - 1)..].to_vec();
+            extended.extend((1..=HALF_TAPS).map(|k| last.checked_sub(k).map_or(0.0, |i| channel[i])));
+            extended
+        });
+        for channel in &mut self.window {
+            channel.extend_from_slice(&[0.0; HALF_TAPS]);
+        }
+        self.emit(self.pending, peaks);
+        let end = peaks.len();
+        self.raise_from(&mirrored_end, &mut peaks[end - tail..]);
+    }
+
+    fn emit(&mut self, count: usize, peaks: &mut Vec<f32>) {
+        let from = peaks.len();
+        peaks.resize(from + count, 0.0);
+        self.raise_from(&self.window, &mut peaks[from..]);
+        if !self.started {
+            self.started = true;
+            let head = count.min(HALF_TAPS - 1);
+            let mirrored_start = self.window.each_ref().map(|channel| {
+                let first = HALF_TAPS - 1;
+                let mut extended: Vec<f32> = (1..HALF_TAPS).rev().map(|k| channel.get(first + k).copied().unwrap_or(0.0)).collect();
+                extended.extend_from_slice(&channel[first..2 * HALF_TAPS - 1 + head]);
+                extended
+            });
+            self.raise_from(&mirrored_start, &mut peaks[from..from + head]);
+        }
+        for channel in &mut self.window {
+            channel.drain(..count);
+        }
+        self.pending -= count;
+    }
+
+    /// Raises `peaks` to the readings of the frames `window` holds after its context.
+    fn raise_from(&self, window: &[Vec<f32>; 2], peaks: &mut [f32]) {
+        let interpolator = &self.interpolator;
+        peaks.par_chunks_mut(TASK).enumerate().for_each(|(task, peaks)| {
+            let start = task * TASK;
+            for channel in window {
+                interpolator.raise_peaks(&channel[start..start + peaks.len() + TAPS - 1], peaks);
+            }
+        });
+    }
+}
+
+/// The true peak of a whole signal, linear.
+#[cfg(test)]
+pub fn true_peak(left: &[f32], right: &[f32], rate: u32) -> f32 {
+    let mut detector = PeakDetector::new(rate);
+    let mut peaks = Vec::new();
+    detector.push(left, right, &mut peaks);
+    detector.finish(&mut peaks);
+    peaks.into_iter().fold(0.0, f32::max)
+}
+
+/// The look-ahead limiter, working on chunks of frames: given each chunk's largest frame peak,
+/// it yields the gain at every chunk boundary, and a frame's gain is the straight line between
+/// the boundaries of its chunk.
+///
+/// Per chunk the required gain brings its peak (times `pre_gain`) to the ceiling. It is widened
+/// to the neighbouring chunks, so that every sample a meter makes an interpolated point from (16
+/// either side, and a chunk is at least that long) has at most the gain that point needs; then
+/// min-filtered over the look-ahead, eased back up by the release, and averaged over the
+/// look-ahead. The average of values that are each at most a chunk's required gain is at most
+/// that gain, so the envelope ramps down over the look-ahead and still meets every peak.
+pub struct Limiter<P: FnMut() -> Option<f32>> {
+    peaks: P,
+    pre_gain: f32,
+    ceiling: f32,
+    lookahead: usize,
+    release: f32,
+    /// Required gains of the previous, current and next chunk.
+    required: [f32; 3],
+    /// Index of the next widened gain, and the candidates for the sliding minimum over it.
+    next: usize,
+    candidates: VecDeque<(usize, f32)>,
+    released: f32,
+    /// The last `lookahead` released gains and their sum.
+    averaged: VecDeque<f32>,
+    sum: f64,
+    /// The next chunk's gain, and the gain at its start, once known.
+    upcoming: Option<f32>,
+    boundary: Option<f32>,
+}
+
+impl<P: FnMut() -> Option<f32>> Limiter<P> {
+    /// `chunk_frames` long chunks at `rate`, whose peaks `peaks` yields in order (then `None`).
+    pub fn new(peaks: P, rate: u32, chunk_frames: usize, pre_gain: f32, ceiling: f32) -> Self {
+        debug_assert!(chunk_frames >= METER_REACH);
+        let chunks_per_second = f64::from(rate) / chunk_frames as f64;
+        let lookahead = ((0.003 * chunks_per_second).ceil() as usize).max(1);
+        let release = (1.0 - (-1.0 / (0.08 * chunks_per_second)).exp()) as f32;
+        let mut limiter = Self {
+            peaks,
+            pre_gain,
+            ceiling,
+            lookahead,
+            release,
+            required: [1.0; 3],
+            next: 0,
+            candidates: VecDeque::new(),
+            released: 1.0,
+            averaged: VecDeque::with_capacity(lookahead),
+            sum: 0.0,
+            upcoming: None,
+            boundary: None,
         };
-        // Sliding minimum over the last `window` frames (monotonic deque of candidates).
-        let mut candidates = std::collections::VecDeque::<(usize, f32)>::new();
-        let mut released = Vec::with_capacity(total);
-        let mut previous = 1.0f32;
-        for k in 0..total {
-            let value = required(k);
-            while candidates.back().is_some_and(|&(_, v)| v >= value) {
-                candidates.pop_back();
-            }
-            candidates.push_back((k, value));
-            while candidates.front().is_some_and(|&(i, _)| i + window <= k) {
-                candidates.pop_front();
-            }
-            let minimum = candidates.front().map_or(1.0, |&(_, v)| v);
-            previous = if minimum < previous { minimum } else { previous + self.release * (minimum - previous) };
-            released.push(previous);
+        limiter.required[2] = limiter.next_required();
+        for _ in 0..lookahead {
+            let released = limiter.next_released();
+            limiter.averaged.push_back(released);
+            limiter.sum += f64::from(released);
         }
-        let mut envelope = Vec::with_capacity(peaks.len());
-        let mut sum = 0f64;
-        for k in 0..total {
-            sum += f64::from(released[k]);
-            if k >= window {
-                sum -= f64::from(released[k - window]);
-            }
-            if k + 1 >= window {
-                envelope.push((sum / window as f64) as f32);
-            }
+        limiter
+    }
+
+    fn next_required(&mut self) -> f32 {
+        match (self.peaks)() {
+            Some(peak) if peak * self.pre_gain > self.ceiling => self.ceiling / (peak * self.pre_gain),
+            _ => 1.0,
         }
-        envelope
+    }
+
+    fn next_released(&mut self) -> f32 {
+        self.required = [self.required[1], self.required[2], self.next_required()];
+        let widened = self.required.iter().copied().fold(1.0, f32::min);
+        let k = self.next;
+        self.next += 1;
+        while self.candidates.back().is_some_and(|&(_, v)| v >= widened) {
+            self.candidates.pop_back();
+        }
+        self.candidates.push_back((k, widened));
+        while self.candidates.front().is_some_and(|&(i, _)| i + self.lookahead <= k) {
+            self.candidates.pop_front();
+        }
+        let minimum = self.candidates.front().map_or(1.0, |&(_, v)| v);
+        self.released = if minimum < self.released { minimum } else { self.released + self.release * (minimum - self.released) };
+        self.released
+    }
+
+    /// The next chunk's gain (the average over its look-ahead).
+    fn next_chunk_gain(&mut self) -> f32 {
+        let gain = (self.sum / self.lookahead as f64) as f32;
+        let released = self.next_released();
+        self.sum += f64::from(released) - f64::from(self.averaged.pop_front().unwrap_or(1.0));
+        self.averaged.push_back(released);
+        gain
+    }
+
+    /// The gains at the start and end of the next chunk: each at most the chunk's own gain and
+    /// its neighbour's, so every frame of the chunk is too.
+    pub fn next_chunk(&mut self) -> (f32, f32) {
+        let current = match self.upcoming.take() {
+            Some(gain) => gain,
+            None => self.next_chunk_gain(),
+        };
+        let following = self.next_chunk_gain();
+        self.upcoming = Some(following);
+        let start = self.boundary.unwrap_or(current);
+        let end = current.min(following);
+        self.boundary = Some(end);
+        (start, end)
     }
 }
 
@@ -180,74 +346,162 @@ mod tests {
     use super::*;
     use crate::audio::buffer::test_noise;
 
+    const RATE: u32 = 48_000;
+    const CHUNK: usize = 32;
+
     #[test]
-    fn frame_peaks_match_a_direct_sum_of_the_taps() {
-        // Several tiles, a block boundary, and a last tile cut short.
-        let frames = BLOCK + 3 * TILE + 321;
-        let buffer = StereoBuffer { left: test_noise(frames, 0x9e37_79b9), right: test_noise(frames, 0x7f4a_7c15) };
-        let phases = Interpolator::new().phases;
-        // The slow way: in f64, each point a plain sum of taps over the signal, zero outside it.
-        let at = |channel: &[f32], k: isize| usize::try_from(k).ok().and_then(|k| channel.get(k)).map_or(0.0, |&x| f64::from(x));
+    fn streamed_frame_peaks_match_a_direct_sum_of_the_taps() {
+        // Pushed in uneven pieces, some shorter than the interpolator's reach, over several tasks.
+        let frames = TASK + 3 * TILE + 321;
+        let (left, right) = (test_noise(frames, 0x9e37_79b9), test_noise(frames, 0x7f4a_7c15));
+        let phases = Interpolator::new(oversampling(RATE), meter_factor(RATE)).phases;
+        // The slow way: in f64, each point a plain sum of taps over the signal, read with zeros
+        // outside it and again mirrored about its first and last samples.
+        let zero = |channel: &[f32], k: isize| usize::try_from(k).ok().and_then(|k| channel.get(k)).map_or(0.0, |&x| f64::from(x));
+        let last = frames as isize - 1;
+        let mirror = |channel: &[f32], k: isize| {
+            f64::from(
+                channel[if k < 0 {
+                    -k
+                } else if k > last {
+                    2 * last - k
+                } else {
+                    k
+                } as usize],
+            )
+        };
         let slow: Vec<f64> = (0..frames as isize)
             .map(|n| {
-                let peak = |channel: &[f32]| {
-                    let points = phases
-                        .iter()
-                        .map(|taps| taps.iter().enumerate().map(|(j, &tap)| f64::from(tap) * at(channel, n + j as isize - (HALF_TAPS as isize - 1))).sum::<f64>());
+                let peak = |channel: &[f32], at: &dyn Fn(&[f32], isize) -> f64| {
+                    let points = phases.iter().map(|phase| {
+                        phase
+                            .taps
+                            .iter()
+                            .enumerate()
+                            .map(|(j, &tap)| f64::from(tap) * at(channel, n + (phase.offset + j) as isize - (HALF_TAPS as isize - 1)))
+                            .sum::<f64>()
+                    });
                     points.fold(at(channel, n).abs(), |peak, point| peak.max(point.abs()))
                 };
-                peak(&buffer.left).max(peak(&buffer.right))
+                peak(&left, &zero).max(peak(&right, &zero)).max(peak(&left, &mirror)).max(peak(&right, &mirror))
             })
             .collect();
 
-        let fast = frame_peaks(&buffer);
+        let mut detector = PeakDetector::new(RATE);
+        let mut fast = Vec::new();
+        let mut start = 0;
+        for piece in [5, 7000, 1, 20_000, 3].into_iter().cycle() {
+            let end = (start + piece).min(frames);
+            detector.push(&left[start..end], &right[start..end], &mut fast);
+            let expected = if end >= 2 * HALF_TAPS - 1 { end - HALF_TAPS } else { 0 };
+            assert_eq!(fast.len(), expected, "peaks trail the audio by the interpolator's reach");
+            start = end;
+            if start == frames {
+                break;
+            }
+        }
+        detector.finish(&mut fast);
         assert_eq!(fast.len(), frames);
         for (n, (&fast, &slow)) in fast.iter().zip(&slow).enumerate() {
             // f32 summation errs by a few parts in 10^7; a wrong tap or offset by far more.
             assert!((f64::from(fast) - slow).abs() <= 1e-5 * slow, "frame {n}: {fast} against {slow}");
         }
-        let largest = slow.iter().copied().fold(0.0, f64::max);
-        assert!((f64::from(true_peak(&buffer)) - largest).abs() <= 1e-5 * largest);
+    }
+
+    #[test]
+    fn the_meter_phases_read_what_the_ebur128_crate_reads() {
+        for (rate, factor) in [(44_100, 4), (48_000, 4), (96_000, 2)] {
+            // Noise, and clicks: a short filter overshoots most on transients.
+            let mut left = test_noise(20_000, 7);
+            left.iter_mut().skip(5000).step_by(3001).for_each(|x| *x = 1.0);
+            let right: Vec<f32> = test_noise(20_000, 8).iter().map(|x| 0.5 * x).collect();
+            let meter_only = PeakDetector { interpolator: Interpolator::new(1, Some(factor)), ..PeakDetector::new(rate) };
+            let ours = peak_of(meter_only, &left, &right);
+            let mut crate_meter = ebur128::EbuR128::new(2, rate, ebur128::Mode::TRUE_PEAK).unwrap();
+            crate_meter.add_frames_planar_f32(&[&left, &right]).unwrap();
+            let theirs = crate_meter.true_peak(0).unwrap().max(crate_meter.true_peak(1).unwrap()) as f32;
+            assert!((ours - theirs).abs() <= 1e-6 * theirs, "{rate} Hz: {ours} against the crate's {theirs}");
+            // The whole detector reads at least what the meter reads.
+            assert!(peak_of(PeakDetector::new(rate), &left, &right) >= theirs);
+        }
+    }
+
+    fn peak_of(mut detector: PeakDetector, left: &[f32], right: &[f32]) -> f32 {
+        let mut peaks = Vec::new();
+        detector.push(left, right, &mut peaks);
+        detector.finish(&mut peaks);
+        peaks.into_iter().fold(0.0, f32::max)
     }
 
     #[test]
     fn interpolation_finds_the_peak_between_samples() {
         // A sine at fs/4 sampled 45° off its peaks: every sample is at 0.707, the true peak is 1.
-        let rate = 48_000.0;
-        let signal: Vec<f32> = (0..4800).map(|n| (2.0 * std::f64::consts::PI * 12_000.0 * n as f64 / rate + std::f64::consts::FRAC_PI_4).sin() as f32).collect();
+        // Faded in and out, so that neither end reads higher.
+        let fade = |n: usize| (n.min(4799 - n) as f64 / 480.0).min(1.0);
+        let signal: Vec<f32> =
+            (0..4800).map(|n| (fade(n) * (2.0 * std::f64::consts::PI * 12_000.0 * n as f64 / f64::from(RATE) + std::f64::consts::FRAC_PI_4).sin()) as f32).collect();
         let sample_peak = signal.iter().fold(0f32, |m, x| m.max(x.abs()));
         assert!((sample_peak - std::f32::consts::FRAC_1_SQRT_2).abs() < 1e-3);
-        let buffer = StereoBuffer { left: signal.clone(), right: signal };
-        let peak = true_peak(&buffer);
+        let peak = true_peak(&signal, &signal, RATE);
         assert!((peak - 1.0).abs() < 0.015, "true peak {peak}");
+    }
+
+    /// Per frame, the gain the limiter gives a signal with these frame peaks.
+    fn frame_gains(peaks: &[f32], pre_gain: f32, ceiling: f32) -> Vec<f32> {
+        let mut chunk_peaks = peaks.chunks(CHUNK).map(|c| c.iter().copied().fold(0.0, f32::max));
+        let mut limiter = Limiter::new(move || chunk_peaks.next(), RATE, CHUNK, pre_gain, ceiling);
+        let mut gains = Vec::with_capacity(peaks.len());
+        for chunk in peaks.chunks(CHUNK) {
+            let (a, b) = limiter.next_chunk();
+            gains.extend((0..chunk.len()).map(|i| a + (b - a) * i as f32 / CHUNK as f32));
+        }
+        gains
+    }
+
+    #[test]
+    fn every_sample_a_peak_is_made_from_gets_at_most_the_gain_the_peak_needs() {
+        // Bursts of noise at random levels, some far over the ceiling.
+        let frames = 40_000;
+        let levels = test_noise(frames / 500 + 1, 5);
+        let signal: Vec<f32> = test_noise(frames, 9).iter().enumerate().map(|(n, x)| x * (1.0 + 3.0 * levels[n / 500].abs())).collect();
+        let mut detector = PeakDetector::new(RATE);
+        let mut peaks = Vec::new();
+        detector.push(&signal, &signal, &mut peaks);
+        detector.finish(&mut peaks);
+        let (pre_gain, ceiling) = (1.5, 0.9);
+        let gains = frame_gains(&peaks, pre_gain, ceiling);
+        for (n, &peak) in peaks.iter().enumerate() {
+            let needed = (ceiling / (peak * pre_gain)).min(1.0);
+            let reach = n.saturating_sub(METER_REACH)..(n + METER_REACH + 1).min(frames);
+            for (m, &gain) in gains[reach.clone()].iter().enumerate() {
+                assert!(gain <= needed * (1.0 + 1e-6), "frame {} has gain {gain} where frame {n}'s peak needs {needed}", reach.start + m);
+            }
+        }
     }
 
     #[test]
     fn limiter_holds_a_square_wave_under_the_ceiling() {
-        let rate = 48_000;
-        let square: Vec<f32> = (0..rate as usize).map(|n| if (n / 60) % 2 == 0 { 0.95 } else { -0.95 }).collect();
-        let buffer = StereoBuffer { left: square.clone(), right: square };
-        let peaks = frame_peaks(&buffer);
+        let square: Vec<f32> = (0..RATE as usize).map(|n| if (n / 60) % 2 == 0 { 0.95 } else { -0.95 }).collect();
+        let mut detector = PeakDetector::new(RATE);
+        let mut peaks = Vec::new();
+        detector.push(&square, &square, &mut peaks);
+        detector.finish(&mut peaks);
         let ceiling = 10f32.powf(-1.0 / 20.0);
         let pre_gain = 2.0; // pushes the square 12 dB over the ceiling
-        let envelope = Limiter::new(rate).envelope(&peaks, pre_gain, ceiling);
-        assert_eq!(envelope.len(), buffer.len());
-        let limited = StereoBuffer {
-            left: buffer.left.iter().zip(&envelope).map(|(x, g)| x * pre_gain * g).collect(),
-            right: buffer.right.iter().zip(&envelope).map(|(x, g)| x * pre_gain * g).collect(),
-        };
-        let out_peak = true_peak(&limited);
-        assert!(out_peak <= ceiling * 1.005, "true peak {} dB over a ceiling of -1 dB", 20.0 * out_peak.log10());
+        let gains = frame_gains(&peaks, pre_gain, ceiling);
+        let limited: Vec<f32> = square.iter().zip(&gains).map(|(x, g)| x * pre_gain * g).collect();
+        let out_peak = true_peak(&limited, &limited, RATE);
+        assert!(out_peak <= ceiling * 1.0005, "true peak {} dB over a ceiling of -1 dB", 20.0 * out_peak.log10());
         // It limits, it does not mute: the held level sits close under the ceiling.
         assert!(out_peak > ceiling * 0.9);
         // The envelope never jumps: it ramps over the look-ahead.
-        let largest_step = envelope.windows(2).map(|w| (w[1] - w[0]).abs()).fold(0f32, f32::max);
+        let largest_step = gains.windows(2).map(|w| (w[1] - w[0]).abs()).fold(0f32, f32::max);
         assert!(largest_step < 0.02, "gain step {largest_step}");
     }
 
     #[test]
     fn a_quiet_signal_passes_untouched() {
         let peaks = vec![0.1f32; 1000];
-        assert!(Limiter::new(48_000).envelope(&peaks, 1.0, 0.9).iter().all(|&g| g == 1.0));
+        assert!(frame_gains(&peaks, 1.0, 0.9).iter().all(|&g| g == 1.0));
     }
 }

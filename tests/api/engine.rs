@@ -6,7 +6,7 @@ use std::process::Command;
 
 use mixd::audio::{self, AudioError, MixObserver, MixSettings, Stage, StemReader, StemSource, StereoBuffer};
 
-use crate::helpers::{ffmpeg_loudness, make_audio, read_wav};
+use crate::helpers::{crate_true_peak, ffmpeg_loudness, ffmpeg_true_peak, make_audio, read_wav, test_media};
 
 /// A stereo test signal with content across the band: two tones and a little noise.
 const SOURCE: &str = "aevalsrc=0.4*sin(2*PI*441*t)+0.05*random(0)|0.3*sin(2*PI*1234*t+1)+0.05*random(1):s=44100:d=4";
@@ -126,6 +126,96 @@ fn the_master_hits_loudness_targets_under_the_true_peak_ceiling_by_ffmpegs_meter
         assert_eq!((spec.sample_rate, spec.bits_per_sample, spec.channels), (48_000, 24, 2));
         assert!((samples.len() as f64 / 2.0 / 48_000.0 - report.duration_s).abs() < 1e-6);
     }
+}
+
+/// Runs ffmpeg with `args`, for test material it cannot make from a single lavfi source.
+fn ffmpeg(args: &[&str]) {
+    let output = Command::new("ffmpeg").args(["-nostdin", "-loglevel", "error", "-y"]).args(args).output().expect("ffmpeg runs");
+    assert!(output.status.success(), "ffmpeg {args:?}: {}", String::from_utf8_lossy(&output.stderr));
+}
+
+/// Six seconds of a rock beat played on the real drum samples of Debian's hydrogen-data (GPL),
+/// every hit at its hardest: dense transients with the inter-sample peaks recordings have.
+fn drum_beat(media: &Path, out: &Path) {
+    let kit = media.join("usr/share/hydrogen/data/drumkits/GMRockKit");
+    let mut hits: Vec<(&str, u32)> = Vec::new();
+    for beat in 0..12 {
+        hits.push((if beat % 2 == 0 { "Kick-Hardest.wav" } else { "Snare-Hardest.wav" }, beat * 500));
+        hits.push(("HatClosed-Hardest.wav", beat * 500 + 250));
+    }
+    hits.extend([("Crash-Hardest.wav", 0), ("Crash-Hardest.wav", 4000), ("Tom1-Hardest.wav", 5500)]);
+    let mut args: Vec<String> = Vec::new();
+    let mut graph = String::new();
+    for (i, (sample, delay_ms)) in hits.iter().enumerate() {
+        args.extend(["-i".to_string(), kit.join(sample).display().to_string()]);
+        graph += &format!("[{i}:a]aformat=sample_fmts=fltp:sample_rates=44100:channel_layouts=stereo,adelay={delay_ms}|{delay_ms}[h{i}];");
+    }
+    graph += &(0..hits.len()).map(|i| format!("[h{i}]")).collect::<String>();
+    graph += &format!("amix=inputs={}:normalize=0:duration=longest", hits.len());
+    args.extend(["-filter_complex".to_string(), graph, "-t".to_string(), "6".to_string(), "-c:a".to_string(), "pcm_s24le".to_string(), out.display().to_string()]);
+    ffmpeg(&args.iter().map(String::as_str).collect::<Vec<_>>());
+}
+
+#[test]
+fn the_true_peak_ceiling_holds_on_recordings_and_adversarial_signals_at_every_rate_and_depth() {
+    let media = test_media();
+    let dir = tempfile::tempdir().unwrap();
+    let song = media.join("usr/share/games/asc/music/machine_wars.mp3");
+    let file = |name: &str| dir.path().join(name).display().to_string();
+    drum_beat(&media, &dir.path().join("drums.wav"));
+    ffmpeg(&["-ss", "40", "-t", "6", "-i", &song.display().to_string(), "-c:a", "flac", &file("music.flac")]);
+    // The song driven 12 dB into the rails of 16 bits: a clipped master as uploads have them.
+    ffmpeg(&["-ss", "90", "-t", "4", "-i", &song.display().to_string(), "-af", "volume=12dB", "-c:a", "pcm_s16le", &file("clipped.wav")]);
+    // Bursts of 10 ms every half second over a quiet floor: reaching the target takes 8 dB or
+    // more of gain, so every burst goes through the limiter.
+    let burst = |signal: &str| format!("if(lt(mod(t\\,0.5)\\,0.01)\\,{signal}\\,0.001*random(0))");
+    let square = burst("if(lt(mod(t*1000\\,1)\\,0.5)\\,1\\,-1)");
+    make_audio(dir.path(), "square.wav", &format!("aevalsrc={square}:s=44100:d=3"), &["-c:a", "pcm_s16le"]);
+    // Quarter-rate sines, sampled off their crests: every sample is 3 dB under the true peak.
+    let (left, right) = (burst("sin(2*PI*12000*t+PI/4)"), burst("sin(2*PI*12000*t+PI/3)"));
+    make_audio(dir.path(), "quarter48.wav", &format!("aevalsrc={left}|{right}:s=48000:d=3"), &["-c:a", "pcm_f32le"]);
+    let (left, right) = (burst("0.9*sin(2*PI*11025*t+PI/4)"), burst("0.9*sin(2*PI*11025*t+3*PI/4)"));
+    make_audio(dir.path(), "quarter44.wav", &format!("aevalsrc={left}|{right}:s=44100:d=3"), &["-c:a", "pcm_f32le"]);
+    make_audio(dir.path(), "impulses.wav", "aevalsrc=if(eq(mod(n\\,11025)\\,0)\\,1\\,0)|if(eq(mod(n\\,11025)\\,7)\\,-1\\,0):s=44100:d=3", &["-c:a", "pcm_s16le"]);
+
+    let stems = |names: &[&str]| -> Vec<StemSource> {
+        names.iter().map(|name| StemSource { id: name.to_string(), name: name.to_string(), path: dir.path().join(name) }).collect()
+    };
+    // (stems, target LUFS): every target pushes the material well into the limiter.
+    let cases = [
+        (stems(&["drums.wav", "music.flac"]), -8.0),
+        (stems(&["clipped.wav"]), -5.0),
+        (stems(&["square.wav"]), -5.0),
+        (stems(&["quarter48.wav", "quarter44.wav"]), -5.0),
+        (stems(&["impulses.wav"]), -14.0),
+    ];
+    let ceiling = -1.0;
+    let mut failures = Vec::new();
+    for (sources, target) in &cases {
+        for rate in [44_100u32, 48_000, 96_000] {
+            for bits in [16u16, 24, 32] {
+                let settings = MixSettings::from_json(
+                    format!(r#"{{"master": {{"target_lufs": {target}, "true_peak_dbtp": {ceiling}}}, "output": {{"bit_depth": {bits}, "sample_rate": {rate}}}}}"#)
+                        .as_bytes(),
+                )
+                .unwrap();
+                let output = dir.path().join(format!("{}-{rate}-{bits}.wav", sources[0].id));
+                let report = audio::mix(sources, &audio::plan(sources, settings).unwrap(), &output, &dir.path().join(".mix.partial"), &Quiet).unwrap();
+                let by_crate = crate_true_peak(&output);
+                let by_ffmpeg = ffmpeg_true_peak(&output);
+                let reported = report.loudness.true_peak_dbtp.unwrap();
+                let line = format!("{} at {rate} Hz, {bits}-bit: ebur128 crate {by_crate:.4}, ffmpeg {by_ffmpeg:.4}, reported {reported:.4} dBTP", sources[0].id);
+                // ffmpeg's reading resolves a thousandth of a dB.
+                // The report is mixd's own reading, which never understates the crate's.
+                if by_crate > ceiling || by_ffmpeg > ceiling + 0.001 || reported > ceiling || reported < by_crate - 1e-4 {
+                    failures.push(line);
+                } else {
+                    eprintln!("{line}");
+                }
+            }
+        }
+    }
+    assert!(failures.is_empty(), "over the ceiling of {ceiling} dBTP, or misreported:\n{}", failures.join("\n"));
 }
 
 #[test]

@@ -242,3 +242,42 @@ impl Server {
         self.process.wait_for_exit(DEADLINE).expect("a killed process exits");
     }
 }
+
+/// The true peak of a file in dBTP by ffmpeg's EBU R128 meter (which oversamples to 192 kHz), read
+/// to a thousandth of a dB: the meter prints linear peaks to three decimals, so the audio goes in
+/// 20 dB hotter (in double precision, nothing clips) and comes out that much lower.
+pub fn ffmpeg_true_peak(path: &Path) -> f64 {
+    let output = Command::new("ffmpeg")
+        .args(["-nostdin", "-hide_banner", "-nostats", "-i"])
+        .arg(path)
+        .args([
+            "-af",
+            "aformat=sample_fmts=dbl,volume=20dB:precision=double,ebur128=peak=true:metadata=1,ametadata=mode=print:key=lavfi.r128.true_peak:file=-",
+            "-f",
+            "null",
+            "-",
+        ])
+        .output()
+        .expect("ffmpeg runs");
+    assert!(output.status.success(), "ffmpeg: {}", String::from_utf8_lossy(&output.stderr));
+    let text = String::from_utf8_lossy(&output.stdout);
+    let peak = text.lines().filter_map(|line| line.strip_prefix("lavfi.r128.true_peak=")).map(|value| value.parse::<f64>().expect("a number")).fold(0.0, f64::max);
+    assert!(peak > 0.0, "ffmpeg printed no true peak: {text}");
+    20.0 * peak.log10() - 20.0
+}
+
+/// The true peak of a WAV in dBTP by the `ebur128` crate, over the samples a reader gets.
+pub fn crate_true_peak(path: &Path) -> f64 {
+    let (spec, samples) = read_wav(path);
+    let mut meter = ebur128::EbuR128::new(spec.channels.into(), spec.sample_rate, ebur128::Mode::TRUE_PEAK).unwrap();
+    meter.add_frames_f32(&samples).unwrap();
+    let peak = (0..u32::from(spec.channels)).map(|ch| meter.true_peak(ch).unwrap()).fold(0.0, f64::max);
+    20.0 * peak.log10()
+}
+
+/// Where `scripts/test` unpacked the Debian packages of free recordings the engine tests use.
+pub fn test_media() -> PathBuf {
+    let dir = PathBuf::from(std::env::var("MIXD_TEST_MEDIA").expect("MIXD_TEST_MEDIA: run the tests with scripts/test, which fetches the recordings"));
+    assert!(dir.join("usr/share/hydrogen/data/drumkits/GMRockKit/Kick-Hardest.wav").exists(), "{} lacks the hydrogen-data drum kit", dir.display());
+    dir
+}
