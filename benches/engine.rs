@@ -1,30 +1,36 @@
-//! The engine against ffmpeg, in the same run: wall time and peak memory as stems go 2 → 8 → 32
-//! and length 30 s → 10 min. `cargo bench --bench engine` (figures in BENCHMARKS.md).
+//! The engine against ffmpeg, in the same run. `cargo bench --bench engine` (figures in
+//! BENCHMARKS.md).
 //!
-//! Each side runs as its own process under `/usr/bin/time`, so peak RSS is that process alone:
-//! `mixd mix` (decode, resample to 48 kHz, sum, master to -14 LUFS under -1 dBTP, 24-bit WAV) and
-//! ffmpeg doing the closest chain it has (`amix`, `loudnorm` to -14 LUFS / -1 dBTP, 24-bit WAV).
+//! Each side runs as its own process under `/usr/bin/time`, so peak RSS is that process alone.
 //! Stems are WAV (stereo, 44.1 kHz, so both resample; plain 2-channel WAV carries no layout, so
-//! ffmpeg is told it is stereo), made once by ffmpeg and kept in
-//! `target/bench-stems`. Set MIXD_BENCH_QUICK=1 to skip the 10-minute cases.
+//! ffmpeg is told it is stereo), made once by ffmpeg and kept in `target/bench-stems`.
+//!
+//! 1. Speed: `mixd mix` (decode, resample to 48 kHz, sum, master to -14 LUFS under -1 dBTP,
+//!    24-bit WAV) against ffmpeg decoding the same files and nothing else (`ffmpeg -i each -f
+//!    null -`), the floor any mixer stands on; and against ffmpeg's closest full chain (`amix`,
+//!    `loudnorm` to -14 LUFS / -1 dBTP, 24-bit WAV).
+//! 2. Memory against length: the same stems at 5 and 60 minutes, and 16 stems of two hours (one
+//!    file, listed 16 times: every listing is its own decoder and track). Skipped with
+//!    MIXD_BENCH_QUICK=1.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn main() {
     let quick = std::env::var("MIXD_BENCH_QUICK").is_ok();
-    let cases: &[(usize, u32)] = if quick { &[(2, 30), (8, 30)] } else { &[(2, 30), (8, 30), (32, 30), (8, 180), (8, 600), (32, 600)] };
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-stems");
     std::fs::create_dir_all(&dir).unwrap();
-    println!("| stems | length | mixd wall | mixd peak RSS | ffmpeg wall | ffmpeg peak RSS | wall ratio (mixd/ffmpeg) | mixd RSS per input MB |");
+    let out = dir.join("out.wav");
+
+    println!("| stems | length | mixd wall | ffmpeg decode-only wall | ratio | ffmpeg amix+loudnorm wall | ratio | mixd peak RSS |");
     println!("|---|---|---|---|---|---|---|---|");
+    let cases: &[(usize, u32)] = if quick { &[(8, 30)] } else { &[(2, 30), (8, 30), (8, 180), (32, 180)] };
     for &(count, seconds) in cases {
         let stems: Vec<PathBuf> = (0..count).map(|i| stem(&dir, i, seconds)).collect();
-        let input_mb: f64 = stems.iter().map(|s| std::fs::metadata(s).unwrap().len() as f64).sum::<f64>() / 1e6;
-        let out = dir.join("out.wav");
-        let mut mixd = Command::new(env!("CARGO_BIN_EXE_mixd"));
-        mixd.arg("mix").args(&stems).arg("-o").arg(&out).args(["--rate", "48000", "--target-lufs", "-14", "--true-peak", "-1"]);
-        let (mixd_wall, mixd_rss) = timed(mixd);
+        let (mixd_wall, mixd_rss) = timed(mixd(&stems, &out));
+        let mut decode = Command::new("sh");
+        decode.arg("-c").arg("for stem in \"$@\"; do ffmpeg -nostdin -loglevel error -i \"$stem\" -f null - || exit 1; done").arg("sh").args(&stems);
+        let (decode_wall, _) = timed(decode);
         let mut ffmpeg = Command::new("ffmpeg");
         ffmpeg.args(["-nostdin", "-loglevel", "error", "-y"]);
         for stem in &stems {
@@ -35,15 +41,36 @@ fn main() {
             .arg(format!("amix=inputs={count}:normalize=0,loudnorm=I=-14:TP=-1:LRA=20,aresample=48000,aformat=channel_layouts=stereo"))
             .args(["-c:a", "pcm_s24le"])
             .arg(&out);
-        let (ffmpeg_wall, ffmpeg_rss) = timed(ffmpeg);
+        let (ffmpeg_wall, _) = timed(ffmpeg);
         println!(
-            "| {count} | {seconds} s | {mixd_wall:.2} s | {:.0} MB | {ffmpeg_wall:.2} s | {:.0} MB | {:.2} | {:.2} |",
-            mixd_rss / 1024.0,
-            ffmpeg_rss / 1024.0,
+            "| {count} | {seconds} s | {mixd_wall:.2} s | {decode_wall:.2} s | {:.2} | {ffmpeg_wall:.2} s | {:.2} | {:.0} MB |",
+            mixd_wall / decode_wall,
             mixd_wall / ffmpeg_wall,
-            mixd_rss / 1024.0 / input_mb
+            mixd_rss / 1024.0
         );
     }
+    if quick {
+        return;
+    }
+
+    println!();
+    println!("| stems | length | mixd wall | mixd peak RSS | RSS against the 5-minute mix |");
+    println!("|---|---|---|---|---|");
+    let mut five_minutes = None;
+    for &(count, seconds) in &[(8usize, 300u32), (8, 3600), (16, 7200)] {
+        // One file per length, listed `count` times, keeps the disk use to one stem.
+        let stems: Vec<PathBuf> = vec![stem(&dir, 0, seconds); count];
+        let (wall, rss) = timed(mixd(&stems, &out));
+        let base = *five_minutes.get_or_insert(rss);
+        println!("| {count} | {} min | {wall:.1} s | {:.0} MB | {:.2}x |", seconds / 60, rss / 1024.0, rss / base);
+    }
+    let _ = std::fs::remove_file(&out);
+}
+
+fn mixd(stems: &[PathBuf], out: &Path) -> Command {
+    let mut mixd = Command::new(env!("CARGO_BIN_EXE_mixd"));
+    mixd.arg("mix").args(stems).arg("-o").arg(out).args(["--rate", "48000", "--target-lufs", "-14", "--true-peak", "-1"]);
+    mixd
 }
 
 /// A stereo 44.1 kHz WAV stem with content across the band, made once.

@@ -82,10 +82,12 @@ pub fn mix(stems: &[StemSource], settings: &ValidSettings, output: &Path, tempor
 
     let mut tracks = load_stems(stems, settings, rate, observer)?;
     align_stems(&mut tracks, settings, rate, observer)?;
+    // The spill and the result's temporary share the result's directory (and its disk).
     let scratch = match temporary.parent() {
         Some(parent) if !parent.as_os_str().is_empty() => parent,
         _ => Path::new("."),
     };
+    std::fs::create_dir_all(scratch).map_err(AudioError::Export)?;
     let (premastered, skipped) = render_bus(&tracks, &settings.master, rate, scratch, observer)?;
     let duration_s = premastered.frames() as f64 / f64::from(rate);
     let loudness = premastered.master(&settings.master, settings.output.bit_depth, output, temporary, observer)?;

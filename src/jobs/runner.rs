@@ -168,8 +168,13 @@ impl JobRun {
                 self.jobs.metrics().observe_mix(started.elapsed());
             }
         } else {
-            // A canceled job leaves no empty directory behind (one holding a result stays).
-            let _ = tokio::fs::remove_dir(layout.job_outputs(&project, job_id)).await;
+            // A canceled job leaves no empty directory behind (one holding a result stays). A run
+            // handed back or lost leaves it alone: the job's next run, maybe on another node, may
+            // be writing there already (its spill is an unnamed file, so the directory looks empty).
+            let ended = matches!(self.jobs.find(job_id).await, Ok(Some(event)) if event.status.state().is_terminal());
+            if ended {
+                let _ = tokio::fs::remove_dir(layout.job_outputs(&project, job_id)).await;
+            }
             tracing::info!("run stopped: the job was canceled or is no longer this node's");
         }
     }
@@ -457,14 +462,14 @@ mod tests {
                 observer.progress(stage, step as f64 / 100.0);
             }
         }
-        assert_eq!(published(), [(JobState::LoadingStems, 2), (JobState::AligningStems, 8), (JobState::ProcessingTracks, 15)]);
+        assert_eq!(published(), [(JobState::LoadingStems, 2), (JobState::AligningStems, 5), (JobState::ProcessingTracks, 8)]);
         // Just short of the interval, a rise still waits; at the interval it goes out.
         tokio::time::advance(PROGRESS_INTERVAL - Duration::from_millis(1)).await;
         observer.progress(Stage::ProcessingTracks, 0.5);
         assert_eq!(published(), []);
         tokio::time::advance(Duration::from_millis(1)).await;
         observer.progress(Stage::ProcessingTracks, 0.5);
-        assert_eq!(published(), [(JobState::ProcessingTracks, 42)]);
+        assert_eq!(published(), [(JobState::ProcessingTracks, 36)]);
         // A lower figure is never published, however long it has been.
         tokio::time::advance(PROGRESS_INTERVAL).await;
         observer.progress(Stage::ProcessingTracks, 0.1);

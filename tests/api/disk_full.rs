@@ -24,6 +24,18 @@ impl Tmpfs {
     }
 }
 
+/// Bytes an unprivileged writer may still use on the filesystem holding `path`.
+fn free_bytes(path: &Path) -> u64 {
+    let path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: statvfs only writes the struct it is given; the path is a valid C string.
+    let stats = unsafe {
+        let mut stats: libc::statvfs = std::mem::zeroed();
+        assert_eq!(libc::statvfs(path.as_ptr(), &mut stats), 0, "statvfs");
+        stats
+    };
+    stats.f_bavail * stats.f_frsize
+}
+
 impl Drop for Tmpfs {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.0).status();
@@ -31,22 +43,35 @@ impl Drop for Tmpfs {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_disk_fails_the_export_or_upload_cleanly_and_the_server_recovers() {
+async fn a_full_disk_fails_the_spill_the_export_or_the_upload_cleanly_and_the_server_recovers() {
     let disk = Tmpfs::mount(4 * 1024 * 1024);
     let data = disk.path().to_path_buf();
     let app = spawn_app_with(|config| config.data_dir = data).await;
     let stem = make_audio(app.fixtures.path(), "vox.wav", "sine=f=330:r=48000:d=10", &["-ac", "1"]); // 960 KB
     assert_eq!(app.upload("p1", &[&stem]).await.0, 201);
 
-    // 10 s of 32-bit float stereo is 3.8 MB: more than is left.
-    let (_, started) = app.start_mix("p1", Some(json!({"output": {"bit_depth": 32}}))).await;
-    let statuses = app.follow_job("p1", started["data"]["job_id"].as_str().unwrap()).await;
-    let last = statuses.last().unwrap();
-    assert_eq!((last["state"].as_str(), last["error_code"].as_str()), (Some("error"), Some("INSUFFICIENT_STORAGE")), "{last}");
-    assert!(last["error"].as_str().unwrap().contains("disk is full"));
-    let partials: Vec<_> = walk(disk.path()).into_iter().filter(|p| p.to_string_lossy().contains(".partial")).collect();
-    assert!(partials.is_empty(), "{partials:?}");
-    assert_eq!(app.get_json("/healthz").await.0, 200);
+    let short = make_audio(app.fixtures.path(), "hum.wav", "sine=f=110:r=48000:d=5", &["-ac", "1"]); // 480 KB
+    assert_eq!(app.upload("p2", &[&short]).await.0, 201);
+    let before = free_bytes(disk.path());
+
+    // Pass one spills the bus as 32-bit float stereo, 3.8 MB for p1's 10 s: more than is left, so
+    // that mix fails while spilling. p2's 5 s spill (1.9 MB) fits, but not with the 1.9 MB 32-bit
+    // result beside it, so that mix fails while mastering writes the result.
+    for (project, failed_in) in [("p1", "processing_tracks"), ("p2", "mastering")] {
+        let (_, started) = app.start_mix(project, Some(json!({"output": {"bit_depth": 32}}))).await;
+        let statuses = app.follow_job(project, started["data"]["job_id"].as_str().unwrap()).await;
+        let last = statuses.last().unwrap();
+        assert_eq!((last["state"].as_str(), last["error_code"].as_str()), (Some("error"), Some("INSUFFICIENT_STORAGE")), "{project}: {last}");
+        assert!(last["error"].as_str().unwrap().contains("disk is full"));
+        assert_eq!(statuses[statuses.len() - 2]["state"], failed_in, "{project}");
+        let partials: Vec<_> = walk(disk.path()).into_iter().filter(|p| p.to_string_lossy().contains(".partial")).collect();
+        assert!(partials.is_empty(), "{partials:?}");
+        // The spill is an unnamed file: once closed, its megabytes are back (the job's events
+        // in the database take a few kilobytes).
+        let after = free_bytes(disk.path());
+        assert!(after + 512 * 1024 >= before, "{project}: {after} bytes free after the failed mix, {before} before");
+        assert_eq!(app.get_json("/healthz").await.0, 200);
+    }
 
     // An upload larger than the space left: 507, and the partial file is gone.
     let big = std::fs::read(make_audio(app.fixtures.path(), "big.wav", "sine=f=100:r=44100:d=20", &["-ac", "2"])).unwrap(); // 3.5 MB
@@ -62,9 +87,11 @@ async fn a_full_disk_fails_the_export_or_upload_cleanly_and_the_server_recovers(
     assert_eq!((status, answer["error"].as_str()), (507, Some("INSUFFICIENT_STORAGE")), "{answer}");
     crate::helpers::eventually("the partial upload is removed", || walk(disk.path()).iter().all(|p| !p.to_string_lossy().contains(".partial"))).await;
 
-    // With room again (16-bit output is a quarter of the size), the next mix completes.
-    let (_, started) = app.start_mix("p1", Some(json!({"output": {"bit_depth": 16}}))).await;
-    let statuses = app.follow_job("p1", started["data"]["job_id"].as_str().unwrap()).await;
+    // A mix that fits (2 s: a 0.8 MB spill and a 0.4 MB 16-bit result) completes.
+    let brief = make_audio(app.fixtures.path(), "tick.wav", "sine=f=880:r=48000:d=2", &["-ac", "1"]);
+    assert_eq!(app.upload("p3", &[&brief]).await.0, 201);
+    let (_, started) = app.start_mix("p3", Some(json!({"output": {"bit_depth": 16}}))).await;
+    let statuses = app.follow_job("p3", started["data"]["job_id"].as_str().unwrap()).await;
     assert_eq!(statuses.last().unwrap()["state"], "complete");
     drop(app);
 }
