@@ -40,12 +40,13 @@ const MAX_LIMITING_DB: f64 = 20.0;
 /// Times pass two may run; the last only scales the one before.
 const MAX_RENDERS: usize = 3;
 /// True-peak meters disagree with each other and with the band-limited signal near Nyquist, by
-/// their filters and grids: on the drum recordings at 44.1 kHz, ffmpeg's meter (which resamples
-/// to 192 kHz between 1024 interpolated filter phases) reads 0.06 dB above the `ebur128` crate's
-/// and the detector's readings, which the master holds to the ceiling exactly (tests/api/engine.rs,
-/// every rate and depth). The master holds its own reading this far under the ceiling, so the
+/// their filters and grids. The detector reads close to the band-limited signal and at least what
+/// the `ebur128` crate reads; ffmpeg's meter, resampling 44.1 kHz to 192 kHz between 1024
+/// interpolated filter phases, read up to 0.10 dB above it on the drum recordings
+/// (tests/api/engine.rs, every rate and depth; a direct sinc interpolation of the same file
+/// agreed with the detector). The master holds its reading this far under the ceiling, so the
 /// file passes every meter tested.
-const METER_MARGIN_DB: f64 = 0.08;
+const METER_MARGIN_DB: f64 = 0.12;
 /// Bytes per chunk in the summary: energy and peak, both f32.
 const SUMMARY_RECORD: usize = 8;
 

@@ -1,5 +1,5 @@
-//! True peak (ITU-R BS.1770 annex 2) by polyphase oversampling, and the look-ahead limiter that
-//! keeps it under a ceiling.
+//! True peak (ITU-R BS.1770 annex 2) by oversampling, and the look-ahead limiter that keeps it
+//! under a ceiling.
 //!
 //! No crate does true-peak limiting: sample-peak limiters let inter-sample peaks through, which
 //! then clip in every converter and lossy encoder downstream. The limiter here takes the gain it
@@ -10,59 +10,67 @@ use std::collections::VecDeque;
 
 use rayon::prelude::*;
 
-const HALF_TAPS: usize = 32;
+/// Taps either side of the half-sample point in the first stage, and either side of a point in
+/// the second (which works at twice the rate).
+const HALF_A: usize = 48;
+const HALF_B: usize = 12;
+/// Frames of context either side that a frame's points are made from.
+const REACH: usize = HALF_A + HALF_B / 2;
 /// How far either side of a point the meters' filters reach: ffmpeg's 32 taps; the `ebur128`
 /// crate's 12 or 24.
 pub(crate) const METER_REACH: usize = 16;
-const TAPS: usize = 2 * HALF_TAPS;
 /// Frames interpolated at a time: the tile and its window stay in the L1 cache.
 const TILE: usize = 1024;
 /// Frames per parallel task.
 const TASK: usize = 8 * TILE;
 
-/// The interpolation filters the detector runs: per phase, the taps over `window[offset..]`.
-struct Interpolator {
-    phases: Vec<Phase>,
+/// A Kaiser-windowed sinc for the point `fraction` of the way from sample `half - 1` to sample
+/// `half`, over `2 * half` samples, normalised to unit gain at DC.
+fn kaiser_sinc(half: usize, fraction: f64, beta: f64) -> Vec<f32> {
+    let bessel_i0 = |x: f64| {
+        let (mut sum, mut term, mut k) = (1.0, 1.0, 1.0);
+        while term > 1e-12 * sum {
+            term *= (x / (2.0 * k)).powi(2);
+            sum += term;
+            k += 1.0;
+        }
+        sum
+    };
+    let taps: Vec<f64> = (0..2 * half)
+        .map(|j| {
+            let t = fraction - (j as f64 - (half as f64 - 1.0));
+            let sinc = if t == 0.0 { 1.0 } else { (std::f64::consts::PI * t).sin() / (std::f64::consts::PI * t) };
+            let u = t / half as f64;
+            let window = if u.abs() >= 1.0 { 0.0 } else { bessel_i0(beta * (1.0 - u * u).sqrt()) / bessel_i0(beta) };
+            sinc * window
+        })
+        .collect();
+    let sum: f64 = taps.iter().sum();
+    taps.iter().map(|tap| (tap / sum) as f32).collect()
 }
 
-struct Phase {
-    offset: usize,
-    taps: Vec<f32>,
+/// The detector's filters. Eight points per frame, in two stages: a long half-band filter makes
+/// the point halfway between each two samples (the hard part, near Nyquist), then a short one
+/// makes three points between each two of the doubled-rate samples, whose content now sits in
+/// the lower half of their band. That reads near the band-limited signal at an eighth of the
+/// work of eight-times oversampling with the long filter.
+struct Interpolator {
+    half_band: Vec<f32>,
+    /// Per quarter point (1/4, 2/4, 3/4 of the way between two doubled-rate samples), the taps
+    /// over the 24 doubled-rate samples around it.
+    quarters: Vec<Vec<f32>>,
+    /// The `ebur128` crate's meter phases, each with the window offset of its first tap.
+    meter: Vec<(usize, Vec<f32>)>,
 }
 
 impl Interpolator {
-    /// Kaiser-windowed sinc phases at `oversampling` (close to the ideal reconstruction between
-    /// samples), and, where `meter_factor` is given, the phases of the `ebur128` crate's meter
-    /// (libebur128's 48-tap Hann-windowed sinc, unnormalised) at that factor, exactly as it
-    /// computes them: a file is checked against that meter, whose short filter overshoots the
-    /// ideal on transients.
-    fn new(oversampling: usize, meter_factor: Option<usize>) -> Self {
-        let beta = 10.0;
-        let bessel_i0 = |x: f64| {
-            let (mut sum, mut term, mut k) = (1.0, 1.0, 1.0);
-            while term > 1e-12 * sum {
-                term *= (x / (2.0 * k)).powi(2);
-                sum += term;
-                k += 1.0;
-            }
-            sum
-        };
-        let mut phases: Vec<Phase> = (1..oversampling)
-            .map(|p| {
-                let fraction = p as f64 / oversampling as f64;
-                let mut taps = [0f64; TAPS];
-                for (j, tap) in taps.iter_mut().enumerate() {
-                    // Tap j multiplies x[n + j - (HALF_TAPS - 1)]; the point sits at n + fraction.
-                    let t = fraction - (j as f64 - (HALF_TAPS as f64 - 1.0));
-                    let sinc = if t == 0.0 { 1.0 } else { (std::f64::consts::PI * t).sin() / (std::f64::consts::PI * t) };
-                    let u = t / HALF_TAPS as f64;
-                    let window = if u.abs() >= 1.0 { 0.0 } else { bessel_i0(beta * (1.0 - u * u).sqrt()) / bessel_i0(beta) };
-                    *tap = sinc * window;
-                }
-                let sum: f64 = taps.iter().sum();
-                Phase { offset: 0, taps: taps.iter().map(|tap| (tap / sum) as f32).collect() }
-            })
-            .collect();
+    /// With `meter_factor`, the phases of the `ebur128` crate's meter (libebur128's 48-tap
+    /// Hann-windowed sinc, unnormalised) at that factor, computed as it computes them: a file is
+    /// checked against that meter, whose short filter overshoots on transients.
+    fn new(meter_factor: Option<usize>) -> Self {
+        let half_band = kaiser_sinc(HALF_A, 0.5, 6.0);
+        let quarters = [0.25, 0.5, 0.75].iter().map(|&fraction| kaiser_sinc(HALF_B, fraction, 6.0)).collect();
+        let mut meter = Vec::new();
         if let Some(factor) = meter_factor {
             // libebur128: coefficient j = hann(j / 48) * sinc((j - 24) / factor); output phase p
             // of input n sums coefficient t * factor + p times x[n - t], the point p / factor
@@ -79,51 +87,77 @@ impl Interpolator {
             for p in 1..factor {
                 // Ordered from the oldest sample, x[k - (active - 1 - centre)], to the newest.
                 let taps: Vec<f32> = (0..active).rev().map(|t| coefficient(t * factor + p)).collect();
-                phases.push(Phase { offset: HALF_TAPS - 1 - (active - 1 - centre), taps });
+                meter.push((REACH - (active - 1 - centre), taps));
             }
         }
-        Self { phases }
+        Self { half_band, quarters, meter }
     }
 
-    /// Raises each `peaks[k]` to the largest magnitude of frame k and the interpolated points
-    /// after it, where `window[k..k + TAPS]` are the samples frame k's points are made from
-    /// (frame k is `window[k + HALF_TAPS - 1]`).
+    /// Raises each `peaks[k]` to the largest magnitude of frame k and the points after it, where
+    /// `window[k..k + 2 * REACH + 1]` are the samples around frame k (which is `window[k + REACH]`).
     ///
-    /// Each phase is computed tap by tap over a tile of frames: the inner loop then runs along
-    /// the frames and vectorises, and every point still sums its taps in the same order.
+    /// Every filter runs tap by tap over a tile of frames: the inner loops run along the frames
+    /// and vectorise.
     fn raise_peaks(&self, window: &[f32], peaks: &mut [f32]) {
-        debug_assert!(window.len() >= peaks.len() + TAPS - 1);
-        let mut interpolated = [0f32; TILE];
+        debug_assert!(window.len() >= peaks.len() + 2 * REACH);
+        const SIDE: usize = HALF_B / 2;
+        let mut mids = [0f32; TILE + 2 * SIDE];
+        let mut points = [0f32; TILE];
         for (tile, peaks) in peaks.chunks_mut(TILE).enumerate() {
             let window = &window[tile * TILE..];
             let frames = peaks.len();
-            for (peak, x) in peaks.iter_mut().zip(&window[HALF_TAPS - 1..]) {
-                *peak = peak.max(x.abs());
+            let x = |offset: isize| &window[(REACH as isize + offset) as usize..][..frames];
+            for (peak, sample) in peaks.iter_mut().zip(x(0)) {
+                *peak = peak.max(sample.abs());
             }
-            for phase in &self.phases {
-                let interpolated = &mut interpolated[..frames];
-                interpolated.fill(0.0);
-                for (tap, &coefficient) in phase.taps.iter().enumerate() {
-                    let tap = phase.offset + tap;
-                    for (out, x) in interpolated.iter_mut().zip(&window[tap..tap + frames]) {
-                        *out += coefficient * x;
+            // mids[i] is the point halfway between frames i - SIDE and i - SIDE + 1.
+            let mids = &mut mids[..frames + 2 * SIDE];
+            mids.fill(0.0);
+            for (tap, &coefficient) in self.half_band.iter().enumerate() {
+                let from = REACH - SIDE - (HALF_A - 1) + tap;
+                for (out, sample) in mids.iter_mut().zip(&window[from..from + frames + 2 * SIDE]) {
+                    *out += coefficient * sample;
+                }
+            }
+            for (peak, mid) in peaks.iter_mut().zip(&mids[SIDE..]) {
+                *peak = peak.max(mid.abs());
+            }
+            // The doubled-rate sequence z is x(0), m(0), x(1), m(1)...; a point between z(p) and
+            // z(p + 1) takes z(p - 11..=p + 12). From an even p = 2j those are m(j - 6), x(j - 5),
+            // m(j - 5), ... x(j + 6); from an odd p = 2j + 1, x(j - 5), m(j - 5), ... m(j + 6).
+            let mid = |offset: isize| &mids[(SIDE as isize + offset) as usize..][..frames];
+            for taps in &self.quarters {
+                for odd in [false, true] {
+                    points[..frames].fill(0.0);
+                    for (t, &coefficient) in taps.iter().enumerate() {
+                        let t = t as isize;
+                        let source = match (odd, t % 2 == 0) {
+                            (false, true) => mid(t / 2 - 6),
+                            (false, false) => x((t - 11) / 2),
+                            (true, true) => x(t / 2 - 5),
+                            (true, false) => mid((t - 11) / 2),
+                        };
+                        for (out, sample) in points[..frames].iter_mut().zip(source) {
+                            *out += coefficient * sample;
+                        }
+                    }
+                    for (peak, point) in peaks.iter_mut().zip(&points[..frames]) {
+                        *peak = peak.max(point.abs());
                     }
                 }
-                for (peak, value) in peaks.iter_mut().zip(interpolated.iter()) {
-                    *peak = peak.max(value.abs());
+            }
+            for (offset, taps) in &self.meter {
+                points[..frames].fill(0.0);
+                for (t, &coefficient) in taps.iter().enumerate() {
+                    for (out, sample) in points[..frames].iter_mut().zip(&window[offset + t..offset + t + frames]) {
+                        *out += coefficient * sample;
+                    }
+                }
+                for (peak, point) in peaks.iter_mut().zip(&points[..frames]) {
+                    *peak = peak.max(point.abs());
                 }
             }
         }
-    }
-}
-
-/// How finely the limiter looks between samples at `rate`: twice as finely as the meters at
-/// 44.1 and 48 kHz, where ffmpeg's, which resamples to 192 kHz, reads points between the 4x grid.
-fn oversampling(rate: u32) -> usize {
-    match rate {
-        0..88_200 => 8,
-        88_200..176_400 => 4,
-        _ => 2,
     }
 }
 
@@ -142,12 +176,12 @@ fn meter_factor(rate: u32) -> Option<usize> {
 ///
 /// Before the first frame and after the last, a player (and the `ebur128` crate) has silence,
 /// while ffmpeg's meter mirrors the signal about its first and last samples (its resampler's
-/// edge handling): a stream that starts or ends at full level can read higher that way. The frames whose points reach
-/// past either end are read both ways, and the higher reading kept.
+/// edge handling): a stream that starts or ends at full level can read higher that way. The
+/// frames whose points reach past either end are read both ways, and the higher reading kept.
 pub struct PeakDetector {
     interpolator: Interpolator,
-    /// Per channel, the frames from `HALF_TAPS - 1` before the first frame without a peak yet
-    /// (zeros before the start) to the last frame pushed.
+    /// Per channel, the frames from `REACH` before the first frame without a peak yet (zeros
+    /// before the start) to the last frame pushed.
     window: [Vec<f32>; 2],
     pending: usize,
     started: bool,
@@ -155,8 +189,8 @@ pub struct PeakDetector {
 
 impl PeakDetector {
     pub fn new(rate: u32) -> Self {
-        let context = vec![0.0; HALF_TAPS - 1];
-        Self { interpolator: Interpolator::new(oversampling(rate), meter_factor(rate)), window: [context.clone(), context], pending: 0, started: false }
+        let context = vec![0.0; REACH];
+        Self { interpolator: Interpolator::new(meter_factor(rate)), window: [context.clone(), context], pending: 0, started: false }
     }
 
     /// Takes the next frames; appends the peaks of every frame that can now be measured.
@@ -164,24 +198,24 @@ impl PeakDetector {
         self.window[0].extend_from_slice(left);
         self.window[1].extend_from_slice(right);
         self.pending += left.len();
-        let count = self.pending.saturating_sub(HALF_TAPS);
+        let count = self.pending.saturating_sub(REACH);
         // The first frames wait until every frame near the start can be read both ways at once.
-        if self.started || count >= HALF_TAPS - 1 {
+        if self.started || count >= REACH {
             self.emit(count, peaks);
         }
     }
 
     /// Appends the peaks of the frames still held (the stream is over).
     pub fn finish(&mut self, peaks: &mut Vec<f32>) {
-        let tail = self.pending.min(HALF_TAPS);
+        let tail = self.pending.min(REACH);
         let mirrored_end = self.window.each_ref().map(|channel| {
             let last = channel.len() - 1;
-            let mut extended = channel[channel.len() - (tail + HALF_TAPS - 1)..].to_vec();
-            extended.extend((1..=HALF_TAPS).map(|k| last.checked_sub(k).map_or(0.0, |i| channel[i])));
+            let mut extended = channel[channel.len() - (tail + REACH)..].to_vec();
+            extended.extend((1..=REACH).map(|k| last.checked_sub(k).map_or(0.0, |i| channel[i])));
             extended
         });
         for channel in &mut self.window {
-            channel.extend_from_slice(&[0.0; HALF_TAPS]);
+            channel.extend_from_slice(&[0.0; REACH]);
         }
         self.emit(self.pending, peaks);
         let end = peaks.len();
@@ -194,11 +228,10 @@ impl PeakDetector {
         self.raise_from(&self.window, &mut peaks[from..]);
         if !self.started {
             self.started = true;
-            let head = count.min(HALF_TAPS - 1);
+            let head = count.min(REACH);
             let mirrored_start = self.window.each_ref().map(|channel| {
-                let first = HALF_TAPS - 1;
-                let mut extended: Vec<f32> = (1..HALF_TAPS).rev().map(|k| channel.get(first + k).copied().unwrap_or(0.0)).collect();
-                extended.extend_from_slice(&channel[first..2 * HALF_TAPS - 1 + head]);
+                let mut extended: Vec<f32> = (1..=REACH).rev().map(|k| channel.get(REACH + k).copied().unwrap_or(0.0)).collect();
+                extended.extend_from_slice(&channel[REACH..2 * REACH + head]);
                 extended
             });
             self.raise_from(&mirrored_start, &mut peaks[from..from + head]);
@@ -215,13 +248,13 @@ impl PeakDetector {
         peaks.par_chunks_mut(TASK).enumerate().for_each(|(task, peaks)| {
             let start = task * TASK;
             for channel in window {
-                interpolator.raise_peaks(&channel[start..start + peaks.len() + TAPS - 1], peaks);
+                interpolator.raise_peaks(&channel[start..start + peaks.len() + 2 * REACH], peaks);
             }
         });
     }
 }
 
-/// The true peak of a whole signal, linear.
+/// The true peak of a whole signal, linear (for tests).
 #[cfg(test)]
 pub fn true_peak(left: &[f32], right: &[f32], rate: u32) -> f32 {
     let mut detector = PeakDetector::new(rate);
@@ -354,7 +387,7 @@ mod tests {
         // Pushed in uneven pieces, some shorter than the interpolator's reach, over several tasks.
         let frames = TASK + 3 * TILE + 321;
         let (left, right) = (test_noise(frames, 0x9e37_79b9), test_noise(frames, 0x7f4a_7c15));
-        let phases = Interpolator::new(oversampling(RATE), meter_factor(RATE)).phases;
+        let interpolator = Interpolator::new(meter_factor(RATE));
         // The slow way: in f64, each point a plain sum of taps over the signal, read with zeros
         // outside it and again mirrored about its first and last samples.
         let zero = |channel: &[f32], k: isize| usize::try_from(k).ok().and_then(|k| channel.get(k)).map_or(0.0, |&x| f64::from(x));
@@ -370,21 +403,25 @@ mod tests {
                 } as usize],
             )
         };
+        let reading = |channel: &[f32], at: &dyn Fn(&[f32], isize) -> f64, n: isize| -> f64 {
+            let x = |k: isize| at(channel, k);
+            let m = |k: isize| interpolator.half_band.iter().enumerate().map(|(t, &a)| f64::from(a) * x(k - (HALF_A as isize - 1) + t as isize)).sum::<f64>();
+            let z = |q: isize| if q.rem_euclid(2) == 0 { x(q.div_euclid(2)) } else { m(q.div_euclid(2)) };
+            let mut peak = x(n).abs().max(m(n).abs());
+            for p in [2 * n, 2 * n + 1] {
+                for taps in &interpolator.quarters {
+                    let point: f64 = taps.iter().enumerate().map(|(t, &b)| f64::from(b) * z(p - (HALF_B as isize - 1) + t as isize)).sum();
+                    peak = peak.max(point.abs());
+                }
+            }
+            for (offset, taps) in &interpolator.meter {
+                let point: f64 = taps.iter().enumerate().map(|(t, &c)| f64::from(c) * x(n + (offset + t) as isize - REACH as isize)).sum();
+                peak = peak.max(point.abs());
+            }
+            peak
+        };
         let slow: Vec<f64> = (0..frames as isize)
-            .map(|n| {
-                let peak = |channel: &[f32], at: &dyn Fn(&[f32], isize) -> f64| {
-                    let points = phases.iter().map(|phase| {
-                        phase
-                            .taps
-                            .iter()
-                            .enumerate()
-                            .map(|(j, &tap)| f64::from(tap) * at(channel, n + (phase.offset + j) as isize - (HALF_TAPS as isize - 1)))
-                            .sum::<f64>()
-                    });
-                    points.fold(at(channel, n).abs(), |peak, point| peak.max(point.abs()))
-                };
-                peak(&left, &zero).max(peak(&right, &zero)).max(peak(&left, &mirror)).max(peak(&right, &mirror))
-            })
+            .map(|n| reading(&left, &zero, n).max(reading(&right, &zero, n)).max(reading(&left, &mirror, n)).max(reading(&right, &mirror, n)))
             .collect();
 
         let mut detector = PeakDetector::new(RATE);
@@ -393,7 +430,7 @@ mod tests {
         for piece in [5, 7000, 1, 20_000, 3].into_iter().cycle() {
             let end = (start + piece).min(frames);
             detector.push(&left[start..end], &right[start..end], &mut fast);
-            let expected = if end >= 2 * HALF_TAPS - 1 { end - HALF_TAPS } else { 0 };
+            let expected = if end >= 2 * REACH { end - REACH } else { 0 };
             assert_eq!(fast.len(), expected, "peaks trail the audio by the interpolator's reach");
             start = end;
             if start == frames {
@@ -404,7 +441,7 @@ mod tests {
         assert_eq!(fast.len(), frames);
         for (n, (&fast, &slow)) in fast.iter().zip(&slow).enumerate() {
             // f32 summation errs by a few parts in 10^7; a wrong tap or offset by far more.
-            assert!((f64::from(fast) - slow).abs() <= 1e-5 * slow, "frame {n}: {fast} against {slow}");
+            assert!((f64::from(fast) - slow).abs() <= 2e-5 * slow, "frame {n}: {fast} against {slow}");
         }
     }
 
@@ -415,7 +452,8 @@ mod tests {
             let mut left = test_noise(20_000, 7);
             left.iter_mut().skip(5000).step_by(3001).for_each(|x| *x = 1.0);
             let right: Vec<f32> = test_noise(20_000, 8).iter().map(|x| 0.5 * x).collect();
-            let meter_only = PeakDetector { interpolator: Interpolator::new(1, Some(factor)), ..PeakDetector::new(rate) };
+            let meter = Interpolator::new(Some(factor)).meter;
+            let meter_only = PeakDetector { interpolator: Interpolator { half_band: vec![0.0; 2 * HALF_A], quarters: Vec::new(), meter }, ..PeakDetector::new(rate) };
             let ours = peak_of(meter_only, &left, &right);
             let mut crate_meter = ebur128::EbuR128::new(2, rate, ebur128::Mode::TRUE_PEAK).unwrap();
             crate_meter.add_frames_planar_f32(&[&left, &right]).unwrap();
@@ -431,6 +469,22 @@ mod tests {
         detector.push(left, right, &mut peaks);
         detector.finish(&mut peaks);
         peaks.into_iter().fold(0.0, f32::max)
+    }
+
+    #[test]
+    fn a_tone_near_nyquist_reads_at_its_amplitude() {
+        // 19 and 21 kHz at 44.1 and 48 kHz: the long first stage keeps them within 0.02 dB
+        // (over a second the points land on every phase of the tone).
+        for (rate, freq) in [(44_100u32, 19_000.0), (48_000, 21_000.0)] {
+            let tone: Vec<f32> = (0..rate as usize).map(|n| (0.5 * (2.0 * std::f64::consts::PI * freq * n as f64 / f64::from(rate) + 0.3).sin()) as f32).collect();
+            let mut peaks = Vec::new();
+            let mut detector = PeakDetector::new(rate);
+            detector.push(&tone, &tone, &mut peaks);
+            detector.finish(&mut peaks);
+            // Away from the ends, which read higher mirrored.
+            let peak = peaks[1000..peaks.len() - 1000].iter().copied().fold(0.0, f32::max);
+            assert!((20.0 * (peak / 0.5).log10()).abs() < 0.02, "{freq} Hz at {rate} Hz reads {peak}");
+        }
     }
 
     #[test]
