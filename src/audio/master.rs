@@ -253,10 +253,10 @@ impl Premastered {
     pub fn master(self, settings: &MasterSettings, depth: BitDepth, output: &Path, temporary: &Path, observer: &dyn MixObserver) -> Result<Loudness, AudioError> {
         let progress = Monotonic::new(observer, Stage::Mastering);
         let aim = db_to_gain(settings.true_peak_dbtp - METER_MARGIN_DB) as f32;
-        // Rounding and dither move each sample by at most `max_quantisation_error`; a meter's interpolated point moves by at
-        // most that times its filter's absolute tap sum, which is under 2 for the 4x filters of
-        // libebur128 and ffmpeg. The limiter keeps that much under the ceiling.
-        // f32 arithmetic on the way to the file errs by parts in 10^7; the limit leaves it room.
+        // Rounding and dither move each sample by at most `max_quantisation_error`; a meter's
+        // interpolated point moves by at most that times its filter's absolute tap sum, which is
+        // under 2 for the 4x filters of libebur128 and ffmpeg. f32 arithmetic on the way to the
+        // file errs by parts in 10^7. The limiter keeps that much under the aim.
         let limit = aim * (1.0 - 1e-5) - 2.0 * max_quantisation_error(depth);
         let mut plan = Plan { gain: 1.0, limit };
         let unprocessed = self.predict(plan)?;
