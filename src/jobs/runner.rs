@@ -224,6 +224,10 @@ impl JobRun {
                 return writer.write(JobChange::Failed { code, message: format!("Could not publish the mix: {err}") }).await;
             }
         }
+        // The staged names go before the job is reported complete, so no one who sees it complete
+        // finds them beside the result.
+        let _ = tokio::fs::remove_file(staged).await;
+        let _ = tokio::fs::remove_file(&analysis).await;
         let completed = writer.write(JobChange::Completed { result_url: MediaLayout::result_url(project, job_id), report: Box::new(report) }).await;
         if completed {
             self.point_newest_at(&output).await;
