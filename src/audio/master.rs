@@ -294,7 +294,7 @@ impl Premastered {
                 observer.progress(Stage::Exporting, 0.0);
                 super::export::publish(temporary, output)?;
                 observer.progress(Stage::Exporting, 1.0);
-                return Ok(Loudness { true_peak_dbtp: Some(gain_to_db(f64::from(peak))), ..measured });
+                return Ok(measured);
             }
             tracing::debug!(render, peak_dbtp = gain_to_db(f64::from(peak)), "the written mix read over the ceiling; writing it again");
             if render + 2 < MAX_RENDERS {
@@ -406,8 +406,9 @@ impl Premastered {
     }
 
     /// Writes the mix under `plan` to `temporary`, measuring what is written: its loudness by the
-    /// `ebur128` crate, and its true peak read by the detector, which reads at least what the
-    /// crate reads and between its points too.
+    /// `ebur128` crate, and its true peak (linear, also in the returned loudness) read by the
+    /// detector, which reads at least what the crate reads and between its points too. The
+    /// crate's own true-peak scan would only repeat that work.
     fn render(
         &self,
         plan: Plan,
@@ -417,7 +418,7 @@ impl Premastered {
         progress: &dyn Fn(f64),
         observer: &dyn MixObserver,
     ) -> Result<(Loudness, f32), AudioError> {
-        let mut meter = EbuR128::new(2, self.rate, Mode::I | Mode::LRA | Mode::TRUE_PEAK).map_err(|err| AudioError::Internal(format!("loudness meter: {err}")))?;
+        let mut meter = EbuR128::new(2, self.rate, Mode::I | Mode::LRA).map_err(|err| AudioError::Internal(format!("loudness meter: {err}")))?;
         let mut detector = PeakDetector::new(self.rate);
         let (mut peaks, mut peak) = (Vec::new(), 0f32);
         let mut sink = WavSink::create(temporary, self.rate, depth)?;
@@ -433,10 +434,9 @@ impl Premastered {
         detector.finish(&mut peaks);
         let peak = peaks.into_iter().fold(peak, f32::max);
         let finite = |value: f64| value.is_finite().then_some(value);
-        let meter_peak = meter.true_peak(0).unwrap_or(0.0).max(meter.true_peak(1).unwrap_or(0.0));
         let written = Loudness {
             integrated_lufs: meter.loudness_global().ok().and_then(finite),
-            true_peak_dbtp: finite(gain_to_db(meter_peak)),
+            true_peak_dbtp: finite(gain_to_db(f64::from(peak))),
             loudness_range_lu: meter.loudness_range().ok().and_then(finite),
         };
         Ok((written, peak))

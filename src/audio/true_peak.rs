@@ -97,8 +97,25 @@ impl Interpolator {
     /// `window[k..k + 2 * REACH + 1]` are the samples around frame k (which is `window[k + REACH]`).
     ///
     /// Every filter runs tap by tap over a tile of frames: the inner loops run along the frames
-    /// and vectorise.
+    /// and vectorise, eight lanes wide where the processor has AVX2 (the same operations in the
+    /// same order, so the readings are identical either way).
     fn raise_peaks(&self, window: &[f32], peaks: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the processor supports AVX2, as just checked.
+            return unsafe { self.raise_peaks_avx2(window, peaks) };
+        }
+        self.raise_peaks_portable(window, peaks)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn raise_peaks_avx2(&self, window: &[f32], peaks: &mut [f32]) {
+        self.raise_peaks_portable(window, peaks)
+    }
+
+    #[inline(always)]
+    fn raise_peaks_portable(&self, window: &[f32], peaks: &mut [f32]) {
         debug_assert!(window.len() >= peaks.len() + 2 * REACH);
         const SIDE: usize = HALF_B / 2;
         let mut mids = [0f32; TILE + 2 * SIDE];
