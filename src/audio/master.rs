@@ -12,6 +12,8 @@
 //! measurement is the report, and it is checked: were the written true peak over the ceiling,
 //! pass two runs again with the excess taken out.
 
+use std::cell::Cell;
+use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::os::unix::fs::FileExt;
@@ -25,7 +27,7 @@ use super::dsp::{db_to_gain, gain_to_db, ChannelStrip};
 use super::export::{max_quantisation_error, WavSink};
 use super::loudness::{step_frames, Gating, KWeighting};
 use super::settings::{BitDepth, MasterSettings};
-use super::true_peak::{Limiter, PeakDetector, METER_REACH};
+use super::true_peak::{self, Limiter, PeakDetector, METER_REACH};
 use super::{AudioError, MixObserver, Stage};
 
 /// Close enough to the target that another pass would not be audible or measurable by a client.
@@ -83,6 +85,7 @@ pub struct Premaster {
     energies: Vec<f64>,
     peaks: Vec<f32>,
     chunks: u64,
+    peak: f32,
 }
 
 impl Premaster {
@@ -103,6 +106,7 @@ impl Premaster {
             energies: Vec::new(),
             peaks: Vec::new(),
             chunks: 0,
+            peak: 0.0,
         })
     }
 
@@ -122,8 +126,8 @@ impl Premaster {
 
         let from = self.energies.len();
         self.energies.resize(from + segment.len(), 0.0);
-        self.weighting.add_energy(&segment.left, &segment.right, &mut self.energies[from..]);
-        self.detector.push(&segment.left, &segment.right, &mut self.peaks);
+        let (weighting, energies, detector, peaks) = (&mut self.weighting, &mut self.energies[from..], &mut self.detector, &mut self.peaks);
+        rayon::join(|| weighting.add_energy(&segment.left, &segment.right, energies), || detector.push(&segment.left, &segment.right, peaks));
         self.write_chunks(false)
     }
 
@@ -140,6 +144,7 @@ impl Premaster {
             records.extend_from_slice(&energy.to_le_bytes());
             records.extend_from_slice(&peak.to_le_bytes());
             self.chunks += 1;
+            self.peak = self.peak.max(peak);
         }
         self.summary.write_all(&records).map_err(AudioError::Export)?;
         self.energies.drain(..upto);
@@ -157,6 +162,7 @@ impl Premaster {
             chunk_frames: self.chunk_frames,
             frames: self.frames,
             chunks: self.chunks,
+            peak: self.peak,
             spill: into_file(self.spill)?,
             summary: into_file(self.summary)?,
         })
@@ -169,8 +175,18 @@ pub struct Premastered {
     chunk_frames: usize,
     frames: u64,
     chunks: u64,
+    /// The largest true peak of the bus.
+    peak: f32,
     spill: File,
     summary: File,
+}
+
+/// What a render wrote: its loudness, and its true peak (linear) as the detector read it.
+struct Written {
+    loudness: Loudness,
+    peak: f32,
+    /// Frames the detector read: those of the chunks that may hold the peak.
+    frames_read: u64,
 }
 
 /// The gain and limiter a render applies.
@@ -213,7 +229,7 @@ impl Premastered {
 
     /// A limiter fed with the summary's peaks. A summary that cannot be read stops the feed and
     /// leaves the error in `failed`.
-    fn limiter<'a>(&'a self, plan: Plan, failed: &'a std::cell::Cell<Option<std::io::Error>>) -> Limiter<impl FnMut() -> Option<f32> + 'a> {
+    fn limiter<'a>(&'a self, plan: Plan, failed: &'a Cell<Option<std::io::Error>>) -> Limiter<impl FnMut() -> Option<f32> + 'a> {
         let mut records = self.records();
         let peaks = move || match records.next()? {
             Ok((_, peak)) => Some(peak),
@@ -225,10 +241,58 @@ impl Premastered {
         Limiter::new(peaks, self.rate, self.chunk_frames, plan.gain, plan.limit)
     }
 
+    /// Per chunk, in order, a lower and an upper bound on the detector's reading of the chunk as
+    /// written under `plan` and `trim`, from the summary and the limiter's envelope alone: the
+    /// chunks whose upper bound is under the highest lower bound cannot hold the written peak,
+    /// so pass two need not read them. A summary that cannot be read leaves the error in `failed`.
+    ///
+    /// A point the detector reads is made from the samples within its reach (at most `reach`
+    /// chunks away), with weights whose absolute values sum to at most `weight_bound`. Written,
+    /// each of those samples is its bus sample times a gain between the least and the greatest
+    /// over the reach, `low` and `high`; so the point is `high` (or `low`) times the same point
+    /// on the bus, which pass one read, give or take `weight_bound * (high - low)` times the
+    /// largest of those samples, which pass one's peaks bound. f32 sums err by parts in 10^6.
+    fn chunk_bounds<'a>(&'a self, plan: Plan, trim: f32, weight_bound: f32, failed: &'a Cell<Option<std::io::Error>>) -> impl Iterator<Item = (f32, f32)> + 'a {
+        const ROUNDING: f32 = 1e-4;
+        let reach = (true_peak::REACH + 1).div_ceil(self.chunk_frames) as u64;
+        let gain = plan.gain * trim;
+        let mut limiter = self.limiter(plan, failed);
+        let mut records = self.records();
+        // (peak, low gain, high gain) of the chunks from `next - reach` to `loaded`.
+        let mut window: VecDeque<(f32, f32, f32)> = VecDeque::new();
+        let (mut next, mut loaded) = (0u64, 0u64);
+        std::iter::from_fn(move || {
+            if next == self.chunks {
+                return None;
+            }
+            while loaded < self.chunks && loaded <= next + reach {
+                let peak = match records.next() {
+                    Some(Ok((_, peak))) => peak,
+                    Some(Err(err)) => {
+                        failed.set(Some(err));
+                        0.0
+                    }
+                    None => 0.0,
+                };
+                let (start, end) = limiter.next_chunk();
+                window.push_back((peak, start.min(end) * gain, start.max(end) * gain));
+                loaded += 1;
+            }
+            while loaded - window.len() as u64 + reach < next {
+                window.pop_front();
+            }
+            let peak = window[(next + window.len() as u64 - loaded) as usize].0;
+            let (largest, low, high) = window.iter().fold((0f32, f32::MAX, 0f32), |(y, low, high), &(peak, l, h)| (y.max(peak), low.min(l), high.max(h)));
+            let spread = weight_bound * largest * (high - low + ROUNDING * high);
+            next += 1;
+            Some((low * peak - spread, high * peak + spread))
+        })
+    }
+
     /// The integrated loudness the mix would have under `plan`, from the summary: each chunk's
     /// K-weighted energy times the mean square of the gain over it.
     fn predict(&self, plan: Plan) -> Result<Option<f64>, AudioError> {
-        let failed = std::cell::Cell::new(None);
+        let failed = Cell::new(None);
         let mut limiter = self.limiter(plan, &failed);
         let mut gating = Gating::new(self.rate);
         let chunks_per_step = step_frames(self.rate) / self.chunk_frames;
@@ -273,7 +337,11 @@ impl Premastered {
             for check in 0..MAX_CHECKS {
                 gain_db = self.solve(plan, gain_db, unlimited_gain_db + MAX_LIMITING_DB, settings.target_lufs - bias, observer)?;
                 plan.gain = db_to_gain(gain_db) as f32;
-                let (Some(predicted), Some(measured)) = (self.predict(plan)?, self.loudness_under(plan, observer)?) else { break };
+                let Some(predicted) = self.predict(plan)? else { break };
+                // Where the limiter has nothing to do, the gain is one number, by which every
+                // chunk's energy scales exactly: the prediction is the measurement.
+                let limited = self.peak * plan.gain > plan.limit;
+                let Some(measured) = (if limited { self.loudness_under(plan, observer)? } else { Some(predicted) }) else { break };
                 progress.report(0.02 + 0.18 * (check + 1) as f64 / MAX_CHECKS as f64);
                 if (settings.target_lufs - measured).abs() < LOUDNESS_TOLERANCE_LU / 2.0 {
                     break;
@@ -289,12 +357,13 @@ impl Premastered {
         // last time only scaled, which true peak follows exactly.
         let mut trim = 1.0f32;
         for render in 0..MAX_RENDERS {
-            let (measured, peak) = self.render(plan, trim, depth, temporary, &|fraction| progress.report(0.2 + 0.8 * fraction), observer)?;
+            let Written { loudness, peak, frames_read } = self.render(plan, trim, depth, temporary, &|fraction| progress.report(0.2 + 0.8 * fraction), observer)?;
+            tracing::debug!(frames_read, frames = self.frames, "read the written mix's true peak");
             if peak <= aim {
                 observer.progress(Stage::Exporting, 0.0);
                 super::export::publish(temporary, output)?;
                 observer.progress(Stage::Exporting, 1.0);
-                return Ok(measured);
+                return Ok(loudness);
             }
             tracing::debug!(render, peak_dbtp = gain_to_db(f64::from(peak)), "the written mix read over the ceiling; writing it again");
             if render + 2 < MAX_RENDERS {
@@ -344,7 +413,7 @@ impl Premastered {
         observer: &dyn MixObserver,
         mut each: impl FnMut(&mut StereoBuffer, u64) -> Result<(), AudioError>,
     ) -> Result<(), AudioError> {
-        let failed = std::cell::Cell::new(None);
+        let failed = Cell::new(None);
         let mut limiter = self.limiter(plan, &failed);
         let mut bytes = Vec::new();
         let mut segment = StereoBuffer::default();
@@ -406,40 +475,53 @@ impl Premastered {
     }
 
     /// Writes the mix under `plan` to `temporary`, measuring what is written: its loudness by the
-    /// `ebur128` crate, and its true peak (linear, also in the returned loudness) read by the
-    /// detector, which reads at least what the crate reads and between its points too. The
-    /// crate's own true-peak scan would only repeat that work.
-    fn render(
-        &self,
-        plan: Plan,
-        trim: f32,
-        depth: BitDepth,
-        temporary: &Path,
-        progress: &dyn Fn(f64),
-        observer: &dyn MixObserver,
-    ) -> Result<(Loudness, f32), AudioError> {
+    /// `ebur128` crate, and its true peak read by the detector, which reads at least what the
+    /// crate reads and between its points too (the crate's own true-peak scan would only repeat
+    /// that work). The detector reads only the chunks that [`Self::chunk_bounds`] cannot rule
+    /// out, and so finds the same peak as reading them all.
+    fn render(&self, plan: Plan, trim: f32, depth: BitDepth, temporary: &Path, progress: &dyn Fn(f64), observer: &dyn MixObserver) -> Result<Written, AudioError> {
         let mut meter = EbuR128::new(2, self.rate, Mode::I | Mode::LRA).map_err(|err| AudioError::Internal(format!("loudness meter: {err}")))?;
         let mut detector = PeakDetector::new(self.rate);
+        let failed = Cell::new(None);
+        let highest_lower_bound = self.chunk_bounds(plan, trim, detector.weight_bound(), &failed).fold(0f32, |highest, (lower, _)| highest.max(lower));
+        let mut bounds = self.chunk_bounds(plan, trim, detector.weight_bound(), &failed);
+        let (mut wanted, mut chunk_wanted, mut left_in_chunk) = (Vec::new(), false, 0usize);
         let (mut peaks, mut peak) = (Vec::new(), 0f32);
         let mut sink = WavSink::create(temporary, self.rate, depth)?;
         self.limited_segments(plan, trim, observer, |segment, done| {
             sink.write(segment)?;
-            meter.add_frames_planar_f32(&[&segment.left, &segment.right]).map_err(|err| AudioError::Internal(format!("loudness meter: {err}")))?;
-            detector.push(&segment.left, &segment.right, &mut peaks);
+            wanted.clear();
+            while wanted.len() < segment.len() {
+                if left_in_chunk == 0 {
+                    chunk_wanted = bounds.next().is_some_and(|(_, upper)| upper > 0.0 && upper >= highest_lower_bound);
+                    left_in_chunk = self.chunk_frames;
+                }
+                let run = left_in_chunk.min(segment.len() - wanted.len());
+                wanted.extend(std::iter::repeat_n(chunk_wanted, run));
+                left_in_chunk -= run;
+            }
+            let (metered, ()) = rayon::join(
+                || meter.add_frames_planar_f32(&[&segment.left, &segment.right]),
+                || detector.push_selected(&segment.left, &segment.right, Some(&wanted), &mut peaks),
+            );
+            metered.map_err(|err| AudioError::Internal(format!("loudness meter: {err}")))?;
             peak = peaks.drain(..).fold(peak, f32::max);
             progress(done as f64 / self.frames.max(1) as f64);
             Ok(())
         })?;
+        if let Some(err) = failed.take() {
+            return Err(AudioError::Export(err));
+        }
         sink.finish()?;
         detector.finish(&mut peaks);
         let peak = peaks.into_iter().fold(peak, f32::max);
         let finite = |value: f64| value.is_finite().then_some(value);
-        let written = Loudness {
+        let loudness = Loudness {
             integrated_lufs: meter.loudness_global().ok().and_then(finite),
             true_peak_dbtp: finite(gain_to_db(f64::from(peak))),
             loudness_range_lu: meter.loudness_range().ok().and_then(finite),
         };
-        Ok((written, peak))
+        Ok(Written { loudness, peak, frames_read: detector.frames_read() })
     }
 }
 
@@ -509,11 +591,51 @@ mod tests {
         for gain_db in [0.0, 6.0, 12.0, 18.0] {
             let plan = Plan { gain: db_to_gain(gain_db) as f32, limit: 0.8 };
             let predicted = premastered.predict(plan).unwrap().unwrap();
-            let (written, _) = premastered.render(plan, 1.0, BitDepth::Float32, &dir.path().join("out.wav"), &|_| {}, &Quiet).unwrap();
-            let written = written.integrated_lufs.unwrap();
+            let written = premastered.render(plan, 1.0, BitDepth::Float32, &dir.path().join("out.wav"), &|_| {}, &Quiet).unwrap();
+            let written = written.loudness.integrated_lufs.unwrap();
             assert!((predicted - written).abs() < 0.25, "{gain_db} dB of gain: predicted {predicted:.3} LUFS, written {written:.3}");
             let measured = premastered.loudness_under(plan, &Quiet).unwrap().unwrap();
             assert!((measured - written).abs() < 0.005, "{gain_db} dB of gain: measured {measured:.3} LUFS before writing, {written:.3} after");
+        }
+    }
+
+    #[test]
+    fn without_limiting_the_summary_predicts_the_measured_loudness_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        for rate in [44_100, 48_000, 96_000] {
+            let premastered = premastered(&hits(rate, 10), rate, dir.path());
+            for gain_db in [-12.0, -2.0] {
+                let plan = Plan { gain: db_to_gain(gain_db) as f32, limit: 1.0 };
+                assert!(premastered.peak * plan.gain <= plan.limit, "the limiter has nothing to do");
+                let predicted = premastered.predict(plan).unwrap().unwrap();
+                let measured = premastered.loudness_under(plan, &Quiet).unwrap().unwrap();
+                assert!((predicted - measured).abs() < 1e-4, "{rate} Hz, {gain_db} dB: predicted {predicted} LUFS, measured {measured}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_written_peak_is_read_on_the_chunks_that_may_hold_it_and_no_others() {
+        let dir = tempfile::tempdir().unwrap();
+        for rate in [44_100, 48_000] {
+            let premastered = premastered(&hits(rate, 10), rate, dir.path());
+            for (gain_db, trim) in [(0.0, 1.0), (6.0, 0.97), (12.0, 1.0)] {
+                let plan = Plan { gain: db_to_gain(gain_db) as f32, limit: 0.8 };
+                let written = premastered.render(plan, trim, BitDepth::Float32, &dir.path().join("out.wav"), &|_| {}, &Quiet).unwrap();
+                let mut detector = PeakDetector::new(rate);
+                let mut peaks = Vec::new();
+                premastered
+                    .limited_segments(plan, trim, &Quiet, |segment, _| {
+                        detector.push(&segment.left, &segment.right, &mut peaks);
+                        Ok(())
+                    })
+                    .unwrap();
+                detector.finish(&mut peaks);
+                let every_frame = peaks.into_iter().fold(0.0, f32::max);
+                assert_eq!(written.peak, every_frame, "{rate} Hz, {gain_db} dB: the same peak as reading every frame");
+                let read = written.frames_read as f64 / premastered.frames() as f64;
+                assert!(read < 0.2, "{rate} Hz, {gain_db} dB: read {:.1}% of the frames", 100.0 * read);
+            }
         }
     }
 }

@@ -15,7 +15,7 @@ use rayon::prelude::*;
 const HALF_A: usize = 48;
 const HALF_B: usize = 12;
 /// Frames of context either side that a frame's points are made from.
-const REACH: usize = HALF_A + HALF_B / 2;
+pub(crate) const REACH: usize = HALF_A + HALF_B / 2;
 /// How far either side of a point the meters' filters reach: ffmpeg's 32 taps; the `ebur128`
 /// crate's 12 or 24.
 pub(crate) const METER_REACH: usize = 16;
@@ -91,6 +91,17 @@ impl Interpolator {
             }
         }
         Self { half_band, quarters, meter }
+    }
+
+    /// At least the sum of the absolute weights that any point the detector reads gives the
+    /// samples around it: a point moves by at most this times the largest change of a sample.
+    fn weight_bound(&self) -> f32 {
+        let l1 = |taps: &[f32]| taps.iter().map(|tap| tap.abs()).sum::<f32>();
+        // A second-stage point weighs samples directly and through half-band points.
+        let through_half_band = l1(&self.half_band).max(1.0);
+        let quarters = self.quarters.iter().map(|taps| l1(taps) * through_half_band);
+        let meter = self.meter.iter().map(|(_, taps)| l1(taps));
+        quarters.chain(meter).fold(through_half_band, f32::max)
     }
 
     /// Raises each `peaks[k]` to the largest magnitude of frame k and the points after it, where
@@ -200,18 +211,42 @@ pub struct PeakDetector {
     /// Per channel, the frames from `REACH` before the first frame without a peak yet (zeros
     /// before the start) to the last frame pushed.
     window: [Vec<f32>; 2],
+    /// Per frame without a peak yet, whether to read it (pushed by [`Self::push_selected`]).
+    wanted: Vec<bool>,
     pending: usize,
     started: bool,
+    frames_read: u64,
 }
 
 impl PeakDetector {
     pub fn new(rate: u32) -> Self {
         let context = vec![0.0; REACH];
-        Self { interpolator: Interpolator::new(meter_factor(rate)), window: [context.clone(), context], pending: 0, started: false }
+        Self { interpolator: Interpolator::new(meter_factor(rate)), window: [context.clone(), context], wanted: Vec::new(), pending: 0, started: false, frames_read: 0 }
+    }
+
+    /// See [`Interpolator::weight_bound`].
+    pub fn weight_bound(&self) -> f32 {
+        self.interpolator.weight_bound()
+    }
+
+    /// Frames read so far, both ways counted once (frames skipped by [`Self::push_selected`] are
+    /// not read).
+    pub fn frames_read(&self) -> u64 {
+        self.frames_read
     }
 
     /// Takes the next frames; appends the peaks of every frame that can now be measured.
     pub fn push(&mut self, left: &[f32], right: &[f32], peaks: &mut Vec<f32>) {
+        self.push_selected(left, right, None, peaks);
+    }
+
+    /// As [`Self::push`], but reads only the frames whose `wanted` is true: the peaks of the
+    /// others are zero. The frames near either end are always read.
+    pub fn push_selected(&mut self, left: &[f32], right: &[f32], wanted: Option<&[bool]>, peaks: &mut Vec<f32>) {
+        match wanted {
+            Some(wanted) => self.wanted.extend_from_slice(wanted),
+            None => self.wanted.resize(self.wanted.len() + left.len(), true),
+        }
         self.window[0].extend_from_slice(left);
         self.window[1].extend_from_slice(right);
         self.pending += left.len();
@@ -234,40 +269,67 @@ impl PeakDetector {
         for channel in &mut self.window {
             channel.extend_from_slice(&[0.0; REACH]);
         }
+        let held = self.wanted.len();
+        self.wanted[held - tail..].fill(true);
         self.emit(self.pending, peaks);
         let end = peaks.len();
-        self.raise_from(&mirrored_end, &mut peaks[end - tail..]);
+        Self::raise_from(&self.interpolator, &mirrored_end, &mut peaks[end - tail..], None);
     }
 
     fn emit(&mut self, count: usize, peaks: &mut Vec<f32>) {
         let from = peaks.len();
         peaks.resize(from + count, 0.0);
-        self.raise_from(&self.window, &mut peaks[from..]);
+        let head = if self.started { 0 } else { count.min(REACH) };
+        self.wanted[..head].fill(true);
+        self.frames_read += Self::raise_from(&self.interpolator, &self.window, &mut peaks[from..], Some(&self.wanted[..count]));
         if !self.started {
             self.started = true;
-            let head = count.min(REACH);
             let mirrored_start = self.window.each_ref().map(|channel| {
                 let mut extended: Vec<f32> = (1..=REACH).rev().map(|k| channel.get(REACH + k).copied().unwrap_or(0.0)).collect();
                 extended.extend_from_slice(&channel[REACH..2 * REACH + head]);
                 extended
             });
-            self.raise_from(&mirrored_start, &mut peaks[from..from + head]);
+            Self::raise_from(&self.interpolator, &mirrored_start, &mut peaks[from..from + head], None);
         }
         for channel in &mut self.window {
             channel.drain(..count);
         }
+        self.wanted.drain(..count);
         self.pending -= count;
     }
 
-    /// Raises `peaks` to the readings of the frames `window` holds after its context.
-    fn raise_from(&self, window: &[Vec<f32>; 2], peaks: &mut [f32]) {
-        let interpolator = &self.interpolator;
-        peaks.par_chunks_mut(TASK).enumerate().for_each(|(task, peaks)| {
-            let start = task * TASK;
-            for channel in window {
-                interpolator.raise_peaks(&channel[start..start + peaks.len() + 2 * REACH], peaks);
-            }
-        });
+    /// Raises `peaks` to the readings of the frames `window` holds after its context, those
+    /// `wanted` only where given. Returns how many frames it read.
+    fn raise_from(interpolator: &Interpolator, window: &[Vec<f32>; 2], peaks: &mut [f32], wanted: Option<&[bool]>) -> u64 {
+        peaks
+            .par_chunks_mut(TASK)
+            .enumerate()
+            .map(|(task, peaks)| {
+                let (start, frames) = (task * TASK, peaks.len());
+                let mut read = |from: usize, to: usize| {
+                    for channel in window {
+                        interpolator.raise_peaks(&channel[start + from..start + to + 2 * REACH], &mut peaks[from..to]);
+                    }
+                    (to - from) as u64
+                };
+                let Some(wanted) = wanted.map(|wanted| &wanted[start..start + frames]) else { return read(0, frames) };
+                let (mut frames_read, mut run) = (0, None);
+                for (i, &wanted) in wanted.iter().enumerate() {
+                    match (wanted, run) {
+                        (true, None) => run = Some(i),
+                        (false, Some(from)) => {
+                            frames_read += read(from, i);
+                            run = None;
+                        }
+                        _ => {}
+                    }
+                }
+                if let Some(from) = run {
+                    frames_read += read(from, wanted.len());
+                }
+                frames_read
+            })
+            .sum()
     }
 }
 
