@@ -8,6 +8,8 @@
 
 use std::collections::VecDeque;
 
+use dasp_ring_buffer::Fixed;
+
 use rayon::prelude::*;
 
 /// Taps either side of the half-sample point in the first stage, and either side of a point in
@@ -365,8 +367,8 @@ pub struct Limiter<P: FnMut() -> Option<f32>> {
     next: usize,
     candidates: VecDeque<(usize, f32)>,
     released: f32,
-    /// The last `lookahead` released gains and their sum.
-    averaged: VecDeque<f32>,
+    /// The last `lookahead` released gains (zeros before the first) and their sum.
+    averaged: Fixed<Vec<f32>>,
     sum: f64,
     /// The next chunk's gain, and the gain at its start, once known.
     upcoming: Option<f32>,
@@ -390,16 +392,14 @@ impl<P: FnMut() -> Option<f32>> Limiter<P> {
             next: 0,
             candidates: VecDeque::new(),
             released: 1.0,
-            averaged: VecDeque::with_capacity(lookahead),
+            averaged: Fixed::from(vec![0.0; lookahead]),
             sum: 0.0,
             upcoming: None,
             boundary: None,
         };
         limiter.required[2] = limiter.next_required();
         for _ in 0..lookahead {
-            let released = limiter.next_released();
-            limiter.averaged.push_back(released);
-            limiter.sum += f64::from(released);
+            limiter.average_in_next();
         }
         limiter
     }
@@ -431,10 +431,14 @@ impl<P: FnMut() -> Option<f32>> Limiter<P> {
     /// The next chunk's gain (the average over its look-ahead).
     fn next_chunk_gain(&mut self) -> f32 {
         let gain = (self.sum / self.lookahead as f64) as f32;
-        let released = self.next_released();
-        self.sum += f64::from(released) - f64::from(self.averaged.pop_front().unwrap_or(1.0));
-        self.averaged.push_back(released);
+        self.average_in_next();
         gain
+    }
+
+    fn average_in_next(&mut self) {
+        let released = self.next_released();
+        let oldest = self.averaged.push(released);
+        self.sum += f64::from(released) - f64::from(oldest);
     }
 
     /// The gains at the start and end of the next chunk: each at most the chunk's own gain and
