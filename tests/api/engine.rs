@@ -310,3 +310,31 @@ fn the_offline_command_mixes_with_a_report_and_fails_cleanly() {
     assert!(!run.status.success());
     assert!(String::from_utf8_lossy(&run.stderr).contains("junk.wav"));
 }
+
+/// Memory does not grow with the mix: a ten-minute mix at 48 kHz, whose bus alone is 222 MB of
+/// f32, is made with the process's data capped at 64 MiB. RLIMIT_DATA counts every private
+/// writable mapping, malloc's large ones included; the control shows the cap is enforced here.
+#[test]
+fn a_mix_whose_bus_is_far_larger_than_the_memory_cap_is_made_under_it() {
+    const CAP_KIB: u64 = 64 * 1024;
+    let dir = tempfile::tempdir().unwrap();
+    let stem = make_audio(dir.path(), "a.wav", "sine=f=440:r=48000:d=2", &["-ac", "2"]);
+    let settings = dir.path().join("settings.json");
+    std::fs::write(&settings, r#"{"tracks": {"a.wav": {"offset_ms": 600000}}}"#).unwrap();
+    let frames: u32 = 602 * 48_000;
+    let bus_bytes = u64::from(frames) * 2 * 4;
+    let capped = |script: &str| {
+        let mut command = Command::new("sh");
+        command.arg("-c").arg(format!("ulimit -d {CAP_KIB} && exec {script}"));
+        command
+    };
+
+    let control = capped(&format!("dd if=/dev/zero of=/dev/null bs={bus_bytes} count=1")).output().unwrap();
+    assert!(!control.status.success(), "a buffer the size of the bus is refused under the cap");
+
+    let output = dir.path().join("out.wav");
+    let run = capped(r#""$0" mix "$1" -o "$2" --settings "$3" --bit-depth 16"#).arg(env!("CARGO_BIN_EXE_mixd")).arg(&stem).arg(&output).arg(&settings).output().unwrap();
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let reader = hound::WavReader::open(&output).unwrap();
+    assert_eq!((reader.spec().sample_rate, reader.duration()), (48_000, frames));
+}
