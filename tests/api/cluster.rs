@@ -308,6 +308,35 @@ async fn a_project_subscriber_that_reconnects_with_its_cursor_gets_the_job_that_
     resume_after_the_end(&watcher, &mixer).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_sent_to_a_node_that_is_not_mixing_stops_the_mix_and_the_cluster_queue_moves_up() {
+    let cluster = Cluster::new().await;
+    let (watcher, mixer) = (cluster.node(0).await, cluster.node(1).await);
+    cluster.upload(&watcher, "p1", 20).await;
+    // A ten-minute mix (its first stem starts at 10:00) holds the cluster's only slot.
+    let (status, long) = watcher.app.start_mix("p1", Some(serde_json::json!({"tracks": {"p1-1.wav": {"offset_ms": 600_000}}}))).await;
+    assert_eq!(status, 202, "{long}");
+    let running = long["data"]["job_id"].as_str().unwrap().to_string();
+    let mut events = SseStream::connect(&watcher.app.client, &watcher.app.url(&format!("/mix/p1/mix/job/{running}/events")), None).await;
+    until_state(&mut events, "loading_stems").await;
+    let waiting = start(&watcher, "p1").await;
+    for node in [&watcher, &mixer] {
+        let (_, status) = node.app.get_json(&format!("/mix/p1/mix/job/{waiting}/status")).await;
+        assert_eq!((status["data"]["state"].as_str(), status["data"]["queue_position"].as_u64()), (Some("queued"), Some(1)), "the same place on every node");
+    }
+
+    let response = watcher.app.client.delete(watcher.app.url(&format!("/mix/p1/mix/job/{running}"))).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let ended = statuses_over_sse(events).await;
+    let last = ended.last().unwrap();
+    assert_eq!((last["state"].as_str(), last["error_code"].as_str()), (Some("error"), Some("CANCELED")));
+    // The mixing node stopped the canceled run, so its slot took the waiting job.
+    eventually_async("the waiting job completed", || async { job_state(&watcher, &waiting).await == "complete" }).await;
+    assert_eq!(counter(&mixer, CLAIMED).await, 2);
+    let outputs = cluster.data.path().join("p1/mix_outputs");
+    eventually_async("the canceled run left nothing", || async { !outputs.join(&running).exists() }).await;
+}
+
 /// `pg_ctl <action>` on the throwaway PostgreSQL scripts/test started for this test alone.
 fn pg_ctl(action: &[&str]) {
     let command = std::env::var("MIXD_TEST_PG_CTL").expect("scripts/test starts a PostgreSQL this test may stop and start");
