@@ -23,7 +23,9 @@ let stems;
 let notAudio;
 
 function startServer(extraArgs = [], { data = mkdtempSync(path.join(tmpdir(), 'mixd-browser-data-')), addr = '127.0.0.1:0' } = {}) {
-  const child = spawn(binary, ['serve', '--addr', addr, '--data-dir', data, '--log-format', 'json', '--mix-slots', '1', ...extraArgs], {
+  // One mixer slot unless the test asks for another number.
+  const slots = extraArgs.includes('--mix-slots') ? [] : ['--mix-slots', '1'];
+  const child = spawn(binary, ['serve', '--addr', addr, '--data-dir', data, '--log-format', 'json', ...slots, ...extraArgs], {
     stdio: ['ignore', 'ignore', 'pipe'],
   });
   return new Promise((resolve, reject) => {
@@ -167,22 +169,33 @@ test('without EventSource and WebSocket it completes over polling', async () => 
 });
 
 test('a queued job can be canceled from the page', async () => {
-  const page = await context.newPage();
-  await page.goto(`${server.base}/#browser-cancel`);
-  await page.setInputFiles('#file-input', stems);
-  await page.waitForFunction(() => document.querySelectorAll('#stems-table tbody tr').length === 3, null, { timeout: DEADLINE_MS });
-  // One mixer slot: the second mix waits behind the first.
-  await page.click('#start-mix');
-  await page.waitForSelector('.job', { timeout: DEADLINE_MS });
-  await page.waitForFunction(() => !document.querySelector('#start-mix').disabled);
-  await page.click('#start-mix');
-  await page.waitForFunction(() => document.querySelectorAll('.job').length === 2);
-  const newest = page.locator('.job').first();
-  await newest.locator('.cancel').click();
-  await page.waitForSelector('.job[data-state=error]', { timeout: DEADLINE_MS });
-  assert.match(await newest.locator('.job-message').textContent(), /You canceled this mix/);
-  await page.waitForSelector('.job[data-state=complete]', { timeout: DEADLINE_MS });
-  await page.close();
+  // No mixer slot: both jobs stay queued whatever the engine's speed, so the one canceled is
+  // certainly still waiting when the button is pressed.
+  const idle = await startServer(['--mix-slots', '0']);
+  try {
+    const page = await context.newPage();
+    await page.goto(`${idle.base}/#browser-cancel`);
+    await page.setInputFiles('#file-input', stems);
+    await page.waitForFunction(() => document.querySelectorAll('#stems-table tbody tr').length === 3, null, { timeout: DEADLINE_MS });
+    await page.click('#start-mix');
+    await page.waitForSelector('.job', { timeout: DEADLINE_MS });
+    await page.waitForFunction(() => !document.querySelector('#start-mix').disabled);
+    await page.click('#start-mix');
+    await page.waitForFunction(() => document.querySelectorAll('.job[data-state=queued]').length === 2, null, { timeout: DEADLINE_MS });
+    const [older, newer] = [page.locator('.job').nth(1), page.locator('.job').first()];
+    const olderId = await older.getAttribute('data-job-id');
+    await newer.locator('.cancel').click();
+    await page.waitForSelector('.job[data-state=error]', { timeout: DEADLINE_MS });
+    assert.match(await newer.locator('.job-message').textContent(), /You canceled this mix/);
+    assert.equal(await newer.locator('.cancel').isHidden(), true, 'a canceled job offers no cancel');
+    // The other job is untouched, and first in the queue.
+    const other = page.locator(`.job[data-job-id="${olderId}"]`);
+    assert.equal(await other.getAttribute('data-state'), 'queued');
+    await page.waitForFunction((id) => /position 1\)/.test(document.querySelector(`.job[data-job-id="${id}"] .job-message`).textContent), olderId, { timeout: DEADLINE_MS });
+    await page.close();
+  } finally {
+    idle.child.kill('SIGTERM');
+  }
 });
 
 test('with keys configured the page asks for a credential, shows who is signed in, and signs out', async () => {
