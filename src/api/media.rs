@@ -18,7 +18,7 @@ use tokio_util::io::ReaderStream;
 use super::error::{ApiError, ErrorEnvelope};
 use super::AppState;
 
-/// A mixed WAV, a stem, or the legacy newest mix.
+/// A mixed WAV, its analysis, a stem, or the legacy newest mix.
 #[utoipa::path(get, path = "/media/{path}", tag = "media",
     params(
         ("path" = String, Path, pattern = "^[A-Za-z0-9_-][A-Za-z0-9_.-]*(/[A-Za-z0-9_-][A-Za-z0-9_.-]*)*$",
@@ -32,7 +32,7 @@ true-peak ceiling hits), or p1/mix_outputs/final_mix.wav for the newest mix"),
         (status = 200, description = "The file", headers(("ETag" = String), ("Accept-Ranges" = String, description = "bytes"), ("Cache-Control" = String)),
             content(
                 (Vec<u8> = "audio/wav"), (Vec<u8> = "audio/flac"), (Vec<u8> = "audio/mpeg"), (Vec<u8> = "audio/ogg"), (Vec<u8> = "audio/mp4"),
-                (Vec<u8> = "audio/aac"), (Vec<u8> = "audio/aiff"), (Vec<u8> = "application/json"), (Vec<u8> = "application/octet-stream"))),
+                (Vec<u8> = "audio/aac"), (Vec<u8> = "audio/aiff"), (crate::audio::Analysis = "application/json"), (Vec<u8> = "application/octet-stream"))),
         (status = 206, description = "The requested range", headers(("Content-Range" = String), ("ETag" = String)),
             content(
                 (Vec<u8> = "audio/wav"), (Vec<u8> = "audio/flac"), (Vec<u8> = "audio/mpeg"), (Vec<u8> = "audio/ogg"), (Vec<u8> = "audio/mp4"),

@@ -20,7 +20,7 @@ progress within a stage is published at most every 100 ms per job (a new stage a
 Access (see the security schemes): GET /session says who a credential is; POST /tokens takes an optional `subject` and answers \
 INVALID_REQUEST (422) for an out-of-range ttl_s and NO_TOKEN_KEY (409) without a token key; a token without `kid` is accepted \
 only when exactly one token key is configured; /openapi.json and GET /session need any valid credential; /media serves job \
-results, the newest mix and stem audio only. Without keys every route answers 403 to a non-loopback Host, and state changes \
+results, their analysis (schema Analysis), the newest mix and stem audio only. Without keys every route answers 403 to a non-loopback Host, and state changes \
 and WebSocket upgrades to a foreign Origin. Webhooks: `webhook` in the start body; GET .../webhooks lists the attempts. \
 Cluster mode: 503 STORE_UNAVAILABLE while the job database cannot be reached (and 503 MEDIA_UNAVAILABLE from /healthz); \
 the start route's 202 carries the job as stored (queued, with its position); project and global streams' ids are decimal cursors, \
@@ -35,7 +35,7 @@ also sent as `cursor` in their WebSocket frames; /metrics adds mixd_leases_total
         session::create, session::show, session::delete, session::mint, mix::webhook_attempts,
     ),
     // The ids are the types of the path and query parameters, and appear in no body of their own.
-    components(schemas(ProjectId, JobId, StemId, error::ErrorEnvelope)),
+    components(schemas(ProjectId, JobId, StemId, error::ErrorEnvelope, crate::audio::Analysis)),
     modifiers(&OptionalSettings, &ProjectIdLength, &AccessRequirements, &StoreAvailability),
     tags(
         (name = "stems", description = "Upload and manage a project's stems"),

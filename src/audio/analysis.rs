@@ -21,7 +21,8 @@ const PEAK_BLOCK_MS: u32 = 100;
 /// At most this many ceiling positions are listed; a mix limited throughout says so by the count.
 const MAX_CEILING_HITS: usize = 2000;
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// Served at `/media/{project}/mix_outputs/{job}/analysis.json`.
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct Analysis {
     pub sample_rate: u32,
     pub duration_s: f64,
@@ -37,7 +38,7 @@ pub struct Analysis {
     pub ceiling_hit_count: usize,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
 pub struct WaveformLevel {
     pub columns: usize,
     pub min: Vec<f32>,
