@@ -9,7 +9,7 @@
 //!    24-bit WAV) against ffmpeg decoding the same files and nothing else (`ffmpeg -i each -f
 //!    null -`), the floor any mixer stands on; and against ffmpeg's closest full chain (`amix`,
 //!    `loudnorm` to -14 LUFS / -1 dBTP, 24-bit WAV).
-//! 2. Memory against length: the same stems at 5 and 60 minutes, and 16 stems of two hours (one
+//! 2. Memory against length: the same stems at 5, 30 and 60 minutes, and 16 stems of two hours (one
 //!    file, listed 16 times: every listing is its own decoder and track). Skipped with
 //!    MIXD_BENCH_QUICK=1.
 
@@ -57,7 +57,7 @@ fn main() {
     println!("| stems | length | mixd wall | mixd peak RSS | RSS against the 5-minute mix |");
     println!("|---|---|---|---|---|");
     let mut five_minutes = None;
-    for &(count, seconds) in &[(8usize, 300u32), (8, 3600), (16, 7200)] {
+    for &(count, seconds) in &[(8usize, 300u32), (8, 1800), (8, 3600), (16, 7200)] {
         // One file per length, listed `count` times, keeps the disk use to one stem.
         let stems: Vec<PathBuf> = vec![stem(&dir, 0, seconds); count];
         let (wall, rss) = timed(mixd(&stems, &out));
