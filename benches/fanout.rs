@@ -11,7 +11,8 @@
 //! Server, load client and mixes share this machine's cores; the client's own work is inside the
 //! measured delay, so it is written to cost little: raw HTTP for SSE (the response is chunked and
 //! decoded as such) and tokio-tungstenite with a small read buffer for WebSocket, and each event
-//! is read for its two fields only.
+//! is read for its two fields only. `MIXD_BENCH_SERVER=path/to/mixd` runs another build of the
+//! server (a reference commit) under the same client.
 
 mod common;
 
@@ -65,7 +66,9 @@ fn main() {
 /// `n` subscribers over `projects` projects (two stems of `seconds` each), then one mix per project.
 async fn measure(n: usize, projects: usize, seconds: u32) {
     let data = tempfile::tempdir().unwrap();
-    let server = common::start_mixd(env!("CARGO_BIN_EXE_mixd"), data.path(), &[], "warn");
+    // MIXD_BENCH_SERVER: another build of the server (a reference commit) under the same client.
+    let binary = std::env::var("MIXD_BENCH_SERVER").unwrap_or_else(|_| env!("CARGO_BIN_EXE_mixd").into());
+    let server = common::start_mixd(&binary, data.path(), &[], "warn");
     let (pid, address) = (server.pid(), server.address.clone());
     let base = format!("http://{address}");
     let client = reqwest::Client::new();
