@@ -309,6 +309,34 @@ async fn a_project_subscriber_that_reconnects_with_its_cursor_gets_the_job_that_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_started_at_once_on_a_fresh_database_migrate_it_once_and_all_serve() {
+    let cluster = Cluster::new().await;
+    // Three processes spawned together race for the schema; the migration lock lets one apply it.
+    let starting: Vec<_> = [1usize, 1, 0]
+        .into_iter()
+        .map(|slots| {
+            let (data, fixtures, url) = (cluster.data.path().to_path_buf(), cluster.fixtures.path().to_path_buf(), cluster.db.url.clone());
+            tokio::task::spawn_blocking(move || {
+                let slots = slots.to_string();
+                tokio::runtime::Handle::current().block_on(start_server(&data, &fixtures, &["--database-url", &url, "--mix-slots", &slots, "--lease", "2s"]))
+            })
+        })
+        .collect();
+    let mut nodes = Vec::new();
+    for node in starting {
+        nodes.push(node.await.unwrap());
+    }
+    let mut db = PgConnection::connect(&cluster.db.url).await.unwrap();
+    let applied: Vec<i64> = sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version").fetch_all(&mut db).await.unwrap();
+    assert_eq!(applied, [1], "the one migration, applied once");
+    cluster.upload(&nodes[2], "p1", 2).await;
+    let job_id = start(&nodes[2], "p1").await;
+    for node in &nodes {
+        eventually_async("every node reads the job complete", || async { job_state(node, &job_id).await == "complete" }).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancel_sent_to_a_node_that_is_not_mixing_stops_the_mix_and_the_cluster_queue_moves_up() {
     let cluster = Cluster::new().await;
     let (watcher, mixer) = (cluster.node(0).await, cluster.node(1).await);
