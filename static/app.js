@@ -512,7 +512,9 @@ async function start() {
   }
   // Every project's live overview is for administrators (and open servers) only.
   if (identity.kind !== 'token') {
-    new LiveFeed({ sse: '/events', ws: '/ws', poll: null, onStatus: renderOverview, onReconnect: loadProjects, onTransport: () => {} }).start();
+    // No polling route lists every project's live jobs: without a stream the panel says so.
+    const onTransport = (name) => { $('#overview-transport').textContent = name; };
+    new LiveFeed({ sse: '/events', ws: '/ws', poll: null, onStatus: renderOverview, onReconnect: loadProjects, onTransport }).start();
   } else {
     $('#overview-panel').hidden = true;
   }

@@ -104,6 +104,8 @@ async function mixThroughThePage({ project, hide, transport, screenshot }) {
   await page.waitForSelector('.job[data-state=complete]', { timeout: DEADLINE_MS });
   assert.equal(await page.locator('.job').count(), 1, 'one job for a double click');
   assert.match(await page.textContent('#transport'), transport);
+  // The overview has no polling: with neither stream it says so instead of staying silent.
+  assert.match(await page.textContent('#overview-transport'), hide.includes('WebSocket') ? /^not available$/ : transport);
 
   const log = await page.evaluate(() => window.__jobLog);
   assert.ok(log.length > 0);
