@@ -251,8 +251,17 @@ impl Premastered {
     /// each of those samples is its bus sample times a gain between the least and the greatest
     /// over the reach, `low` and `high`; so the point is `high` (or `low`) times the same point
     /// on the bus, which pass one read, give or take `weight_bound * (high - low)` times the
-    /// largest of those samples, which pass one's peaks bound. f32 sums err by parts in 10^6.
-    fn chunk_bounds<'a>(&'a self, plan: Plan, trim: f32, weight_bound: f32, failed: &'a Cell<Option<std::io::Error>>) -> impl Iterator<Item = (f32, f32)> + 'a {
+    /// largest of those samples, which pass one's peaks bound, and `weight_bound` times the
+    /// quantisation error of the written samples (the detector reads what the file holds). f32
+    /// sums err by parts in 10^6.
+    fn chunk_bounds<'a>(
+        &'a self,
+        plan: Plan,
+        trim: f32,
+        depth: BitDepth,
+        weight_bound: f32,
+        failed: &'a Cell<Option<std::io::Error>>,
+    ) -> impl Iterator<Item = (f32, f32)> + 'a {
         const ROUNDING: f32 = 1e-4;
         let reach = (true_peak::REACH + 1).div_ceil(self.chunk_frames) as u64;
         let gain = plan.gain * trim;
@@ -283,7 +292,7 @@ impl Premastered {
             }
             let peak = window[(next + window.len() as u64 - loaded) as usize].0;
             let (largest, low, high) = window.iter().fold((0f32, f32::MAX, 0f32), |(y, low, high), &(peak, l, h)| (y.max(peak), low.min(l), high.max(h)));
-            let spread = weight_bound * largest * (high - low + ROUNDING * high);
+            let spread = weight_bound * (largest * (high - low + ROUNDING * high) + max_quantisation_error(depth));
             next += 1;
             Some((low * peak - spread, high * peak + spread))
         })
@@ -483,8 +492,8 @@ impl Premastered {
         let mut meter = EbuR128::new(2, self.rate, Mode::I | Mode::LRA).map_err(|err| AudioError::Internal(format!("loudness meter: {err}")))?;
         let mut detector = PeakDetector::new(self.rate);
         let failed = Cell::new(None);
-        let highest_lower_bound = self.chunk_bounds(plan, trim, detector.weight_bound(), &failed).fold(0f32, |highest, (lower, _)| highest.max(lower));
-        let mut bounds = self.chunk_bounds(plan, trim, detector.weight_bound(), &failed);
+        let highest_lower_bound = self.chunk_bounds(plan, trim, depth, detector.weight_bound(), &failed).fold(0f32, |highest, (lower, _)| highest.max(lower));
+        let mut bounds = self.chunk_bounds(plan, trim, depth, detector.weight_bound(), &failed);
         let (mut wanted, mut chunk_wanted, mut left_in_chunk) = (Vec::new(), false, 0usize);
         let (mut peaks, mut peak) = (Vec::new(), 0f32);
         let mut sink = WavSink::create(temporary, self.rate, depth)?;
@@ -619,17 +628,24 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         for rate in [44_100, 48_000] {
             let premastered = premastered(&hits(rate, 10), rate, dir.path());
-            for (gain_db, trim) in [(0.0, 1.0), (6.0, 0.97), (12.0, 1.0)] {
+            // Limited hard and not at all (quiet, where the quantisation error weighs most).
+            for (gain_db, trim, depth) in [(0.0, 1.0, BitDepth::Int16), (6.0, 0.97, BitDepth::Int24), (12.0, 1.0, BitDepth::Float32), (-30.0, 1.0, BitDepth::Int16)] {
                 let plan = Plan { gain: db_to_gain(gain_db) as f32, limit: 0.8 };
-                let written = premastered.render(plan, trim, BitDepth::Float32, &dir.path().join("out.wav"), &|_| {}, &Quiet).unwrap();
+                let file = dir.path().join("out.wav");
+                let written = premastered.render(plan, trim, depth, &file, &|_| {}, &Quiet).unwrap();
+                // Every frame of the file itself, read back.
+                let mut reader = hound::WavReader::open(&file).unwrap();
+                let samples: Vec<f32> = match depth {
+                    BitDepth::Float32 => reader.samples::<f32>().map(Result::unwrap).collect(),
+                    _ => {
+                        let scale = 1.0 / (1u32 << (reader.spec().bits_per_sample - 1)) as f32;
+                        reader.samples::<i32>().map(|sample| sample.unwrap() as f32 * scale).collect()
+                    }
+                };
+                let (left, right): (Vec<f32>, Vec<f32>) = samples.chunks_exact(2).map(|frame| (frame[0], frame[1])).unzip();
                 let mut detector = PeakDetector::new(rate);
                 let mut peaks = Vec::new();
-                premastered
-                    .limited_segments(plan, trim, &Quiet, |segment, _| {
-                        detector.push(&segment.left, &segment.right, &mut peaks);
-                        Ok(())
-                    })
-                    .unwrap();
+                detector.push(&left, &right, &mut peaks);
                 detector.finish(&mut peaks);
                 let every_frame = peaks.into_iter().fold(0.0, f32::max);
                 assert_eq!(written.peak, every_frame, "{rate} Hz, {gain_db} dB: the same peak as reading every frame");
