@@ -202,6 +202,33 @@ async fn a_node_stalled_past_its_lease_changes_nothing_when_it_wakes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_stalled_inside_a_transaction_holds_the_queue_lock_for_seconds_not_forever() {
+    /// The advisory lock every queue change takes (src/jobs/store/postgres.rs).
+    const QUEUE_LOCK: i64 = 0x6d69_7864_0000_0001;
+    let cluster = Cluster::new().await;
+    let (stalled, other) = (cluster.node(0).await, cluster.node(0).await);
+    cluster.upload(&other, "p1", 2).await;
+    // The test holds the queue lock, so the first node's submission waits for it inside its
+    // transaction; the node is stopped there, and the lock handed to its stopped session.
+    let mut db = PgConnection::connect(&cluster.db.url).await.unwrap();
+    let mut holding = db.begin().await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(QUEUE_LOCK).execute(&mut *holding).await.unwrap();
+    let (client, url) = (stalled.app.client.clone(), stalled.app.url("/mix/p1/mix/start"));
+    let submitting = tokio::spawn(async move { client.post(url).send().await.unwrap().status().as_u16() });
+    let watching = sqlx::PgPool::connect(&cluster.db.url).await.unwrap();
+    let waiting = "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock' AND query LIKE 'SELECT pg_advisory_xact_lock%'";
+    eventually_async("the node waits for the queue lock", || async { sqlx::query_scalar::<_, i64>(waiting).fetch_one(&watching).await.unwrap() == 1 }).await;
+    stalled.process.signal("STOP");
+    holding.commit().await.unwrap();
+
+    // PostgreSQL ends the stalled session, and with it the lock: the other node's job is taken.
+    let (status, body) = tokio::time::timeout(DEADLINE, other.app.start_mix("p1", None)).await.expect("the queue lock came free");
+    assert_eq!(status, 202, "{body}");
+    stalled.process.signal("CONT");
+    assert_eq!(submitting.await.unwrap(), 503, "the stalled node's own submission failed with its session");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_stopped_with_sigterm_hands_its_mix_back_for_another_to_run_at_once() {
     let cluster = Cluster::new().await;
     // Leases far longer than the test: only a hand-back lets the job run again in time.

@@ -61,7 +61,9 @@ impl StoreError {
         match self {
             StoreError::Postgres(err) => {
                 matches!(err, sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_) | sqlx::Error::WorkerCrashed)
-                    || err.as_database_error().and_then(|db| db.code()).is_some_and(|code| code.starts_with("57P") || code.starts_with("08"))
+                    // 57P: shut down or terminated; 08: connection failures; 25P03: a session
+                    // ended for idling in a transaction (this node stalled inside one).
+                    || err.as_database_error().and_then(|db| db.code()).is_some_and(|code| code.starts_with("57P") || code.starts_with("08") || code == "25P03")
             }
             StoreError::Sqlite(rusqlite::Error::SqliteFailure(err, _)) => {
                 matches!(err.code, rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked | rusqlite::ErrorCode::CannotOpen)

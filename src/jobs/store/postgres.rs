@@ -10,7 +10,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use sqlx::postgres::{PgListener, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use sqlx::{PgPool, Postgres, Row, Transaction};
 use tokio::sync::Mutex;
 use uuid::Uuid;
@@ -32,6 +32,10 @@ const LOG_LOCK: i64 = 0x6d69_7864_0000_0002;
 const CHANNEL: &str = "mixd_events";
 /// How long a statement waits for a free connection before the request fails (503).
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
+/// No transaction here waits on its client between statements: a session idle inside one this
+/// long belongs to a stalled node (SIGSTOP, a long pause), and PostgreSQL ends it, so that the
+/// locks it holds (the queue's and the log's) cannot stop every other node.
+const STALLED_TRANSACTION: &str = "5s";
 
 #[derive(Clone)]
 pub struct PgStore {
@@ -43,7 +47,8 @@ type Tx = Transaction<'static, Postgres>;
 
 impl PgStore {
     pub async fn open(url: &str) -> Result<Self, StoreError> {
-        let pool = PgPoolOptions::new().max_connections(16).acquire_timeout(ACQUIRE_TIMEOUT).connect(url).await?;
+        let options = url.parse::<PgConnectOptions>()?.options([("idle_in_transaction_session_timeout", STALLED_TRANSACTION)]);
+        let pool = PgPoolOptions::new().max_connections(16).acquire_timeout(ACQUIRE_TIMEOUT).connect_with(options).await?;
         MIGRATIONS.run(&pool).await?;
         Ok(Self { pool, listener: Arc::default() })
     }
