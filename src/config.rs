@@ -16,6 +16,12 @@ pub struct Config {
     /// Address to listen on; port 0 picks a free one (the bound address is logged).
     #[arg(long, env = "MIXD_ADDR", default_value = "127.0.0.1:8080")]
     pub addr: SocketAddr,
+    /// Connections the kernel holds for this server before it accepts them. When a server
+    /// restarts, every browser's EventSource reconnects within the same second or two; a short
+    /// queue drops most of their SYNs, which the clients then retry only after 1, 3 and 7 s.
+    /// The kernel caps it at `net.core.somaxconn`.
+    #[arg(long, env = "MIXD_LISTEN_BACKLOG", default_value_t = 16_384)]
+    pub listen_backlog: u32,
     /// Data root: stems, mix outputs. Served under /media.
     #[arg(long, env = "MIXD_DATA_DIR", default_value = "media")]
     pub data_dir: PathBuf,

@@ -1,24 +1,21 @@
 //! Building and running the server: the data root, the job layer, the router and the listener.
 //! Binding happens in `build`, so a caller asking for port 0 learns the real port before serving.
 //!
-//! Connections are served by hyper-util directly rather than `axum::serve`, which sets no
-//! header-read timeout: a client that never finishes its headers would hold a connection (and a
-//! file descriptor) forever.
+//! Connections are served by `api::connection` (hyper-util, or its own writer for event streams)
+//! rather than `axum::serve`, which sets no header-read timeout: a client that never finishes its
+//! headers would hold a connection (and a file descriptor) forever.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::service::TowerToHyperService;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::access::Keys;
-use crate::api::{router, App, AppState};
+use crate::api::{router, serve_connection, App, AppState, ConnectionConfig};
 use crate::config::Config;
 use crate::jobs::{Jobs, JobsConfig, MediaLayout, StemStore, Store, StoreLocation, EVENT_BUFFER};
 use crate::webhooks::{Dispatcher, DispatcherConfig, WebhookSecret};
@@ -29,6 +26,21 @@ const WEBHOOK_CONCURRENCY: usize = 16;
 const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(15);
 /// In a cluster, a partial file this old at start is left by a dead node, not one still writing.
 const CLUSTER_PARTIAL_AGE: Duration = Duration::from_secs(24 * 3600);
+
+/// A listener whose queue of connections not yet accepted holds `backlog` (tokio's `bind` asks for 128).
+fn listen(addr: SocketAddr, backlog: u32) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    // As `TcpListener::bind` does: a restarted server can take its port back at once.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
+}
+
+/// The backlog the kernel grants for `requested`: no more than `net.core.somaxconn` (Linux).
+fn effective_backlog(requested: u32) -> u32 {
+    let cap = std::fs::read_to_string("/proc/sys/net/core/somaxconn").ok().and_then(|text| text.trim().parse().ok());
+    cap.map_or(requested, |cap: u32| requested.min(cap))
+}
 
 pub struct Application {
     listener: TcpListener,
@@ -66,7 +78,7 @@ impl Application {
         )
         .await
         .context("opening the job store")?;
-        let listener = TcpListener::bind(config.addr).await.with_context(|| format!("binding {}", config.addr))?;
+        let listener = listen(config.addr, config.listen_backlog).with_context(|| format!("binding {}", config.addr))?;
         let keys = Keys::new(&config.api_keys, &config.token_keys.token_keys);
         let webhook_secret = match &config.webhook_secret {
             Some(secret) => secret.clone(),
@@ -105,10 +117,12 @@ impl Application {
             store = if self.state.jobs.is_clustered() { "postgres" } else { "sqlite" },
             node = %self.state.jobs.node_id(),
             access_control = self.state.keys.any(),
+            listen_backlog = effective_backlog(self.state.config.listen_backlog),
             "mixd listening"
         );
         let jobs = self.state.jobs.clone();
         let app = router(self.state);
+        let connection = ConnectionConfig { header_timeout };
         let connections = TaskTracker::new();
         loop {
             let accepted = tokio::select! {
@@ -129,21 +143,8 @@ impl Application {
             if let Err(err) = stream.set_nodelay(true) {
                 tracing::debug!(%err, "could not disable Nagle's algorithm on a connection");
             }
-            let service = TowerToHyperService::new(app.clone());
-            let shutdown = shutdown.clone();
-            connections.spawn(async move {
-                let mut builder = auto::Builder::new(TokioExecutor::new());
-                builder.http1().timer(TokioTimer::new()).header_read_timeout(header_timeout);
-                let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                let mut connection = std::pin::pin!(connection);
-                tokio::select! {
-                    _ = connection.as_mut() => {}
-                    _ = shutdown.cancelled() => {
-                        connection.as_mut().graceful_shutdown();
-                        let _ = connection.await;
-                    }
-                }
-            });
+            let (app, shutdown) = (app.clone(), shutdown.clone());
+            connections.spawn(async move { serve_connection(stream, app, connection, shutdown).await });
         }
         connections.close();
         let deadline = tokio::time::Instant::now() + grace;

@@ -18,11 +18,15 @@ pub struct Mixd {
     pub log: std::sync::mpsc::Receiver<String>,
 }
 
-/// Starts `mixd serve` on port 0 with `extra_args` and learns its address from the JSON log.
-/// `log_filter` is its `RUST_LOG`: the address line is logged at `info` by `mixd::startup`.
+/// Starts `mixd serve` with `extra_args`, on port 0 unless they give an `--addr`, and learns its
+/// address from the JSON log. `log_filter` is its `RUST_LOG`: the address line is logged at
+/// `info` by `mixd::startup`.
 pub fn start_mixd(binary: &str, data: &Path, extra_args: &[&str], log_filter: &str) -> Mixd {
+    let addr: &[&str] = if extra_args.contains(&"--addr") { &[] } else { &["--addr", "127.0.0.1:0"] };
     let mut child = Command::new(binary)
-        .args(["serve", "--addr", "127.0.0.1:0", "--log-format", "json", "--data-dir"])
+        .arg("serve")
+        .args(addr)
+        .args(["--log-format", "json", "--data-dir"])
         .arg(data)
         .args(extra_args)
         .env("RUST_LOG", format!("{log_filter},mixd::startup=info"))

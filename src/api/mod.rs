@@ -2,6 +2,7 @@
 //! layer and nothing else; every error becomes the envelope in `error.rs`.
 
 mod auth;
+mod connection;
 mod error;
 mod extract;
 mod media;
@@ -29,6 +30,8 @@ use crate::access::Keys;
 use crate::config::Config;
 use crate::jobs::{Jobs, MediaLayout, StemStore};
 use crate::webhooks::WebhookSecret;
+
+pub use connection::{serve as serve_connection, ConnectionConfig};
 
 /// What every handler shares. Each extractor of a request takes its own handle, so a handle is
 /// one reference count (cloning the parts, a cancellation token among them, cost 7% of the status
@@ -104,6 +107,13 @@ pub fn router(state: AppState) -> Router {
                 .make_span_with(|request: &axum::http::Request<_>| tracing::info_span!("request", method = %request.method(), path = %request.uri().path())),
         )
         .with_state(state)
+}
+
+/// Whether `path` may be an event stream: every SSE route ends so, and no other route does. The
+/// connection layer writes such responses itself (see `connection`); the router still decides
+/// what they are.
+fn may_be_event_stream(path: &str) -> bool {
+    path.ends_with("/events")
 }
 
 /// CORS for the listed origins, with credentials (so never `*`); with none listed, no

@@ -4,11 +4,11 @@
 use std::convert::Infallible;
 use std::time::{Duration, SystemTime};
 
+use axum::body::{Body, Bytes};
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{Extension, State};
 use axum::http::{header, HeaderMap, StatusCode};
-use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use futures_util::{FutureExt, SinkExt, Stream, StreamExt};
 use serde::Deserialize;
@@ -22,10 +22,13 @@ use super::AppState;
 use std::sync::Arc;
 
 use crate::access::Caller;
-use crate::jobs::{feed, JobEvent, ProjectId, Resume, Scope, Transport};
+use crate::jobs::{feed, JobEvent, ProjectId, Resume, Scope, Transport, FRAMINGS};
 
-const SSE_RETRY: Duration = Duration::from_millis(2000);
-const SSE_KEEP_ALIVE: Duration = Duration::from_secs(15);
+/// Tells EventSource to reconnect after 2 s; the first bytes of every SSE stream.
+const SSE_RETRY: &[u8] = b"retry: 2000\n\n";
+/// An empty comment, so that proxies and browsers see an idle stream is still alive.
+const SSE_KEEP_ALIVE: &[u8] = b":\n\n";
+const SSE_KEEP_ALIVE_EVERY: Duration = Duration::from_secs(15);
 const WS_PING: Duration = Duration::from_secs(20);
 /// A WebSocket client that cannot take a frame within this long is closed as a slow consumer.
 const WS_SEND_TIMEOUT: Duration = Duration::from_secs(10);
@@ -249,28 +252,81 @@ fn credential_expiry(caller: &Caller) -> impl std::future::Future<Output = ()> +
     }
 }
 
-/// A job stream's events are numbered by the job's seq; a project or global stream's by cursor.
-fn event_id(scope: &Scope, event: &JobEvent) -> u64 {
-    match scope {
-        Scope::Job(_) => event.status.seq(),
-        Scope::Project(_) | Scope::All => event.cursor,
+/// The ways an event goes on the wire. Each is built once per event and its bytes are shared by
+/// every subscriber that sends it (see [`JobEvent::framed`]).
+#[derive(Clone, Copy)]
+enum Framing {
+    /// `id: <seq>`: a job stream.
+    SseBySeq,
+    /// `id: <cursor>`: a project or global stream.
+    SseByCursor,
+    /// `{"type":"status","data":...}`: a job stream.
+    WsText,
+    /// `{"type":"status","cursor":"<cursor>","data":...}`: a project or global stream.
+    WsTextWithCursor,
+}
+
+const _: () = assert!(Framing::WsTextWithCursor as usize + 1 == FRAMINGS);
+
+impl Framing {
+    fn sse(scope: &Scope) -> Self {
+        match scope {
+            Scope::Job(_) => Framing::SseBySeq,
+            Scope::Project(_) | Scope::All => Framing::SseByCursor,
+        }
+    }
+
+    fn ws(scope: &Scope) -> Self {
+        match scope {
+            Scope::Job(_) => Framing::WsText,
+            Scope::Project(_) | Scope::All => Framing::WsTextWithCursor,
+        }
+    }
+
+    /// The event's bytes in this framing. The JSON is serde_json's compact form, which escapes
+    /// every line break inside strings, so it is one SSE `data:` line.
+    fn frame(self, event: &JobEvent) -> Bytes {
+        event.framed(self as usize, |event| {
+            let json = &event.json;
+            Bytes::from(match self {
+                Framing::SseBySeq => format!("id: {}\nevent: status\ndata: {json}\n\n", event.status.seq()),
+                Framing::SseByCursor => format!("id: {}\nevent: status\ndata: {json}\n\n", event.cursor),
+                Framing::WsText => format!(r#"{{"type":"status","data":{json}}}"#),
+                Framing::WsTextWithCursor => format!(r#"{{"type":"status","cursor":"{}","data":{json}}}"#, event.cursor),
+            })
+        })
     }
 }
 
 async fn sse(app: &AppState, caller: &Caller, scope: Scope, resume: Resume) -> Result<Response, ApiError> {
     let guard = app.jobs.metrics().subscriber(Transport::Sse);
-    let statuses = feed(&app.jobs, scope.clone(), resume, app.shutdown.clone()).await?.take_until(credential_expiry(caller));
-    let events = statuses.map(move |event| {
+    let framing = Framing::sse(&scope);
+    let statuses = feed(&app.jobs, scope, resume, app.shutdown.clone()).await?.take_until(credential_expiry(caller));
+    let frames = statuses.map(move |event| {
         let _counted = &guard;
-        Ok::<_, Infallible>(Event::default().id(event_id(&scope, &event).to_string()).event("status").data(&*event.json))
+        framing.frame(&event)
     });
-    let stream = futures_util::stream::once(async { Ok(Event::default().retry(SSE_RETRY)) }).chain(events);
-    let headers = [(header::CACHE_CONTROL, "no-cache"), (header::HeaderName::from_static("x-accel-buffering"), "no")];
-    Ok((headers, Sse::new(stream).keep_alive(KeepAlive::new().interval(SSE_KEEP_ALIVE))).into_response())
+    let body = futures_util::stream::once(async { Bytes::from_static(SSE_RETRY) }).chain(with_keep_alive(frames)).map(Ok::<_, Infallible>);
+    let headers = [(header::CONTENT_TYPE, "text/event-stream"), (header::CACHE_CONTROL, "no-cache"), (header::HeaderName::from_static("x-accel-buffering"), "no")];
+    Ok((headers, Body::from_stream(body)).into_response())
+}
+
+/// `frames`, with a keep-alive comment whenever nothing was sent for [`SSE_KEEP_ALIVE_EVERY`];
+/// ends when `frames` does.
+fn with_keep_alive(frames: impl Stream<Item = Bytes> + Send + 'static) -> impl Stream<Item = Bytes> + Send + 'static {
+    let idle = Box::pin(tokio::time::sleep(SSE_KEEP_ALIVE_EVERY));
+    futures_util::stream::unfold((Box::pin(frames), idle), |(mut frames, mut idle)| async move {
+        let frame = tokio::select! {
+            frame = frames.next() => frame?,
+            () = idle.as_mut() => Bytes::from_static(SSE_KEEP_ALIVE),
+        };
+        idle.as_mut().reset(tokio::time::Instant::now() + SSE_KEEP_ALIVE_EVERY);
+        Some((frame, (frames, idle)))
+    })
 }
 
 async fn ws(app: &AppState, caller: &Caller, scope: Scope, resume: Resume, upgrade: WebSocketUpgrade) -> Result<Response, ApiError> {
-    let with_cursor = !matches!(scope, Scope::Job(_));
+    let framing = Framing::ws(&scope);
     let statuses = feed(&app.jobs, scope, resume, app.shutdown.clone()).await?;
     let expiry = credential_expiry(caller);
     let guard = app.jobs.metrics().subscriber(Transport::WebSocket);
@@ -283,7 +339,7 @@ async fn ws(app: &AppState, caller: &Caller, scope: Scope, resume: Resume, upgra
         .max_write_buffer_size(WS_MAX_WRITE_BUFFER)
         .on_upgrade(move |socket| async move {
             let _counted = guard;
-            pump(socket, statuses, with_cursor, shutdown, expiry).await;
+            pump(socket, statuses, framing, shutdown, expiry).await;
         }))
 }
 
@@ -292,7 +348,7 @@ async fn ws(app: &AppState, caller: &Caller, scope: Scope, resume: Resume, upgra
 async fn pump(
     mut socket: WebSocket,
     statuses: impl Stream<Item = Arc<JobEvent>>,
-    with_cursor: bool,
+    framing: Framing,
     shutdown: CancellationToken,
     expiry: impl std::future::Future<Output = ()>,
 ) {
@@ -314,12 +370,8 @@ async fn pump(
                 }
                 let send = async {
                     for event in batch {
-                        let frame = if with_cursor {
-                            format!(r#"{{"type":"status","cursor":"{}","data":{}}}"#, event.cursor, event.json)
-                        } else {
-                            format!(r#"{{"type":"status","data":{}}}"#, event.json)
-                        };
-                        socket.feed(Message::Text(frame.into())).await?;
+                        let text = Utf8Bytes::try_from(framing.frame(&event)).expect("a frame is JSON, so UTF-8");
+                        socket.feed(Message::Text(text)).await?;
                     }
                     socket.flush().await
                 };

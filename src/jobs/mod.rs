@@ -21,7 +21,7 @@ pub use feed::{feed, Resume, Scope};
 pub use layout::{MediaFile, MediaLayout};
 pub use manager::{JobError, Jobs, JobsConfig, OpenError, EVENT_BUFFER};
 pub use metrics::{LeaseEvent, Metrics, SubscriberGuard, Transport, LEASE_EVENTS, MIX_DURATION_BUCKETS, WEBHOOK_OUTCOMES};
-pub use model::{ErrorCode, InvalidId, JobChange, JobEvent, JobId, JobState, JobStatus, Progress, ProjectId, StemId, Timestamp};
+pub use model::{ErrorCode, InvalidId, JobChange, JobEvent, JobId, JobState, JobStatus, Progress, ProjectId, StemId, Timestamp, FRAMINGS};
 pub use outbox::{AttemptResult, Outbox, PendingDelivery};
 pub use stems::{sanitize_file_name, Stem, StemStore};
 pub use store::{sqlite_file, unix_millis, Store, StoreError, StoreLocation, Submitted};

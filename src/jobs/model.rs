@@ -6,7 +6,9 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::{Arc, OnceLock};
 
+use bytes::Bytes;
 use chrono::{DateTime, SecondsFormat, SubsecRound, Utc};
 use serde::{Deserialize, Serialize, Serializer};
 use utoipa::ToSchema;
@@ -394,17 +396,29 @@ pub struct JobEvent {
     pub status: JobStatus,
     pub json: Box<str>,
     pub cursor: u64,
+    /// The wire framings of this event (SSE and WebSocket, numbered by the streams), each built by
+    /// the first subscriber that sends it that way and shared by every other: thousands of
+    /// subscribers of one stream send the same bytes, so framing per delivery would be waste.
+    framings: [OnceLock<Bytes>; FRAMINGS],
 }
 
+/// How many wire framings an event can carry.
+pub const FRAMINGS: usize = 4;
+
 impl JobEvent {
-    pub fn new(status: JobStatus) -> std::sync::Arc<Self> {
+    pub fn new(status: JobStatus) -> Arc<Self> {
         let json = serde_json::to_string(&status).expect("a JobStatus serialises").into_boxed_str();
-        std::sync::Arc::new(Self { status, json, cursor: 0 })
+        Self::logged(status, json, 0)
     }
 
     /// A status read back from the event log, with the exact JSON it was published as.
-    pub fn logged(status: JobStatus, json: Box<str>, cursor: u64) -> std::sync::Arc<Self> {
-        std::sync::Arc::new(Self { status, json, cursor })
+    pub fn logged(status: JobStatus, json: Box<str>, cursor: u64) -> Arc<Self> {
+        Arc::new(Self { status, json, cursor, framings: Default::default() })
+    }
+
+    /// Framing number `framing` of this event: built by `frame` the first time, shared after.
+    pub fn framed(&self, framing: usize, frame: impl FnOnce(&Self) -> Bytes) -> Bytes {
+        self.framings[framing].get_or_init(|| frame(self)).clone()
     }
 }
 

@@ -115,3 +115,9 @@ async fn thousands_of_subscribers_all_end_on_the_terminal_event() {
     eprintln!("SIGTERM with {} open streams: exited ({exited}) in {:.2} s", idle_sse.len() + idle_ws.len(), stopping.elapsed().as_secs_f64());
     assert!(exited.success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a load test: run on demand"]
+async fn two_thousand_streams_open_across_a_restart_all_come_back_resumed() {
+    crate::restart::streams_come_back_across_a_restart(2000).await;
+}

@@ -117,3 +117,115 @@ async fn sigterm_does_not_wait_for_a_running_mix_which_resumes_at_the_next_start
     assert_eq!(statuses.last().unwrap()["state"], "complete");
     assert!(output.is_file());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_stream_open_across_a_restart_comes_back_resumed_and_ends_on_the_terminal_status() {
+    streams_come_back_across_a_restart(200).await;
+}
+
+/// A rolling restart under `subscribers` open EventSource-like clients, half on the project's
+/// stream and half on the job's: the first server only queues the job, stops (SIGTERM, as a
+/// deploy does) and a second on the same address runs it. Every client reconnects by itself with
+/// its `Last-Event-ID`, and each ends on the one terminal status, having seen the queued one
+/// before and nothing twice. Also run with 2,000 in the load test.
+pub async fn streams_come_back_across_a_restart(subscribers: usize) {
+    let data = tempfile::tempdir().unwrap();
+    let fixtures = tempfile::tempdir().unwrap();
+    let stem = make_audio(fixtures.path(), "a.wav", "sine=f=220:r=48000:d=2", &["-ac", "2"]);
+    let mut first = start_server(data.path(), fixtures.path(), &["--mix-slots", "0", "--listen-backlog", "3000"]).await;
+    let address = first.process.address.clone();
+    assert_eq!(listen_backlog(&address), 3000.min(somaxconn()), "the kernel holds the backlog asked for, up to its cap");
+    let app = &first.app;
+    assert_eq!(app.upload("p1", &[&stem]).await.0, 201);
+    let (_, started) = app.start_mix("p1", None).await;
+    let job_id = started["data"]["job_id"].as_str().unwrap().to_string();
+    let mut queued = started["data"].clone();
+    assert_eq!(queued["state"], "queued");
+    // Events carry the status alone; the answer to a start adds the job's links.
+    queued.as_object_mut().unwrap().remove("links");
+
+    let (ready, mut all_ready) = tokio::sync::mpsc::channel(subscribers);
+    let clients: Vec<_> = (0..subscribers)
+        .map(|i| {
+            let path = if i % 2 == 0 { "/mix/p1/mix/events".to_string() } else { format!("/mix/p1/mix/job/{job_id}/events") };
+            let (url, client, job_id, ready) = (app.url(&path), app.client.clone(), job_id.clone(), ready.clone());
+            tokio::spawn(async move { follow_through_restarts(&client, &url, &job_id, ready).await })
+        })
+        .collect();
+    drop(ready);
+    for _ in 0..subscribers {
+        all_ready.recv().await.expect("every client saw the queued job");
+    }
+
+    first.process.signal("TERM");
+    first.process.wait_for_exit(DEADLINE).expect("mixd exits on SIGTERM");
+    let second = start_server(data.path(), fixtures.path(), &["--addr", &address, "--mix-slots", "1"]).await;
+    let mut finished = Vec::new();
+    for client in clients {
+        finished.push(tokio::time::timeout(DEADLINE, client).await.expect("every client is back and done").unwrap());
+    }
+    let (_, last) = second.app.get_json(&format!("/mix/p1/mix/job/{job_id}/status")).await;
+    assert_eq!(last["data"]["state"], "complete");
+    for (statuses, connections) in finished {
+        assert_eq!(statuses.first(), Some(&queued), "each client saw the job queued first");
+        assert_eq!(statuses.last(), Some(&last["data"]), "and ends on its terminal status, exactly");
+        let seqs: Vec<u64> = statuses.iter().map(|status| status["seq"].as_u64().unwrap()).collect();
+        assert!(seqs.windows(2).all(|pair| pair[0] < pair[1]), "nothing twice, nothing back: {seqs:?}");
+        assert!(connections >= 2, "the client reconnected");
+    }
+}
+
+/// Follows one job's statuses on `url` as an EventSource does, reconnecting with the last id
+/// whenever the stream ends or the server cannot be reached, until the terminal status (or a 204,
+/// which says the client already has it). Returns the statuses and the connections it took.
+async fn follow_through_restarts(client: &reqwest::Client, url: &str, job_id: &str, ready: tokio::sync::mpsc::Sender<()>) -> (Vec<Value>, usize) {
+    let (mut statuses, mut last_id, mut connections) = (Vec::<Value>::new(), None, 0);
+    loop {
+        let mut stream = match SseStream::try_connect(client, url, last_id).await {
+            Ok(stream) => stream,
+            Err(_) => {
+                // Not listening yet: EventSource waits its retry time; this client, less.
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        connections += 1;
+        if stream.status == 204 {
+            return (statuses, connections);
+        }
+        assert_eq!(stream.status, 200);
+        while let Some(event) = stream.next_event().await {
+            if event.event.as_deref() != Some("status") {
+                continue;
+            }
+            last_id = Some(event.id.expect("every status has an id").parse().unwrap());
+            let status: Value = serde_json::from_str(&event.data).unwrap();
+            if status["job_id"] != job_id {
+                continue;
+            }
+            let terminal = matches!(status["state"].as_str(), Some("complete" | "error"));
+            statuses.push(status);
+            if statuses.len() == 1 {
+                ready.send(()).await.unwrap();
+            }
+            if terminal {
+                return (statuses, connections);
+            }
+        }
+    }
+}
+
+/// The backlog of the socket listening on `address`, as the kernel reports it (`ss`: a listening
+/// socket's Send-Q).
+fn listen_backlog(address: &str) -> u32 {
+    let port = address.rsplit_once(':').unwrap().1;
+    let output = std::process::Command::new("ss").args(["-ltnH", &format!("sport = :{port}")]).output().expect("ss runs");
+    let listing = String::from_utf8(output.stdout).unwrap();
+    let fields: Vec<&str> = listing.split_whitespace().collect();
+    assert_eq!(fields.first(), Some(&"LISTEN"), "{listing}");
+    fields[2].parse().unwrap()
+}
+
+fn somaxconn() -> u32 {
+    std::fs::read_to_string("/proc/sys/net/core/somaxconn").unwrap().trim().parse().unwrap()
+}

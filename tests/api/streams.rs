@@ -113,3 +113,110 @@ async fn the_global_stream_sends_live_snapshots_first_and_shutdown_ends_it() {
     let stopped = tokio::time::timeout(crate::helpers::DEADLINE, app.server).await.expect("the server stops");
     stopped.unwrap().unwrap();
 }
+
+/// Reads from `socket` until `buffer` holds `needle`; what came before it and it.
+async fn read_until(socket: &mut tokio::net::TcpStream, buffer: &mut Vec<u8>, needle: &[u8]) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    loop {
+        if let Some(at) = buffer.windows(needle.len()).position(|window| window == needle) {
+            return buffer.drain(..at + needle.len()).collect();
+        }
+        let read = tokio::time::timeout(crate::helpers::DEADLINE, socket.read_buf(buffer)).await.expect("the server answers").unwrap();
+        assert!(read > 0, "closed early; had {:?}", String::from_utf8_lossy(buffer));
+    }
+}
+
+/// The payload of a chunked body that ends in `buffer`.
+fn unchunk(mut body: &[u8]) -> Vec<u8> {
+    let mut payload = Vec::new();
+    loop {
+        let line = body.windows(2).position(|window| window == b"\r\n").unwrap();
+        let size = usize::from_str_radix(std::str::from_utf8(&body[..line]).unwrap(), 16).unwrap();
+        assert_eq!(&body[line + 2 + size..line + 4 + size], b"\r\n", "each chunk ends with CRLF");
+        payload.extend_from_slice(&body[line + 2..line + 2 + size]);
+        body = &body[line + 4 + size..];
+        if size == 0 {
+            assert!(body.is_empty());
+            return payload;
+        }
+    }
+}
+
+/// The server writes an event stream that opens a connection itself (not hyper, which keeps 24 KiB
+/// per connection for as long as it streams): the same head and bytes, valid chunks, and the
+/// connection back in service at the next request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_stream_opening_a_connection_is_written_exactly_and_the_connection_serves_on() {
+    use tokio::io::AsyncWriteExt;
+    let app = spawn_app().await;
+    let (job_id, statuses) = finished_job(&app).await;
+    let (_, status) = app.get_json(&format!("/mix/p1/mix/job/{job_id}/status")).await;
+    assert_eq!(status["data"], *statuses.last().unwrap());
+    let address = app.address.trim_start_matches("http://");
+    let auth = format!("Authorization: Bearer {}\r\n", crate::helpers::ADMIN_KEY);
+
+    let mut socket = tokio::net::TcpStream::connect(address).await.unwrap();
+    socket.write_all(format!("GET /mix/p1/mix/job/{job_id}/events HTTP/1.1\r\nHost: x\r\n{auth}\r\n").as_bytes()).await.unwrap();
+    let mut buffer = Vec::new();
+    let head = String::from_utf8(read_until(&mut socket, &mut buffer, b"\r\n\r\n").await).unwrap();
+    let lines: Vec<&str> = head.lines().filter(|line| !line.starts_with("date: ")).collect();
+    assert_eq!(
+        lines,
+        [
+            "HTTP/1.1 200 OK",
+            "content-type: text/event-stream",
+            "cache-control: no-cache",
+            "x-accel-buffering: no",
+            "vary: origin, access-control-request-method, access-control-request-headers",
+            "access-control-allow-credentials: true",
+            "access-control-expose-headers: location,retry-after,etag,content-range",
+            "transfer-encoding: chunked",
+            ""
+        ],
+        "{head}"
+    );
+    assert!(head.contains("\r\ndate: "), "{head}");
+    let body = read_until(&mut socket, &mut buffer, b"\r\n0\r\n\r\n").await;
+    let seq = statuses.last().unwrap()["seq"].as_u64().unwrap();
+    let payload = String::from_utf8(unchunk(&body)).unwrap();
+    let json = payload.strip_prefix(&format!("retry: 2000\n\nid: {seq}\nevent: status\ndata: ")).and_then(|rest| rest.strip_suffix("\n\n")).expect(&payload);
+    assert_eq!(serde_json::from_str::<Value>(json).unwrap(), status["data"]);
+
+    // The stream ended at a request boundary: the same connection serves the next request, an
+    // error envelope with its length, and then another.
+    socket.write_all(format!("GET /mix/p1/mix/job/00000000-0000-4000-8000-000000000000/events HTTP/1.1\r\nHost: x\r\n{auth}\r\n").as_bytes()).await.unwrap();
+    let head = String::from_utf8(read_until(&mut socket, &mut buffer, b"\r\n\r\n").await).unwrap();
+    assert!(head.starts_with("HTTP/1.1 404 Not Found\r\n"), "{head}");
+    let length: usize = head.lines().find_map(|line| line.strip_prefix("content-length: ")).unwrap().parse().unwrap();
+    while buffer.len() < length {
+        use tokio::io::AsyncReadExt;
+        assert!(socket.read_buf(&mut buffer).await.unwrap() > 0, "closed before the envelope's end");
+    }
+    let envelope: Value = serde_json::from_slice(&buffer.drain(..length).collect::<Vec<_>>()).unwrap();
+    assert_eq!(envelope["error"], "JOB_NOT_FOUND");
+    socket.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    let head = String::from_utf8(read_until(&mut socket, &mut buffer, b"\r\n\r\n").await).unwrap();
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_that_hangs_up_on_an_idle_stream_is_let_go_at_once() {
+    use tokio::io::AsyncWriteExt;
+    let app = spawn_app().await;
+    let stem = app.fixture("a.wav", "sine=f=440:r=48000:d=1", &[]);
+    app.upload("p1", &[&stem]).await;
+    let address = app.address.trim_start_matches("http://");
+    let mut socket = tokio::net::TcpStream::connect(address).await.unwrap();
+    let request = format!("GET /mix/p1/mix/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\n\r\n", crate::helpers::ADMIN_KEY);
+    socket.write_all(request.as_bytes()).await.unwrap();
+    let mut buffer = Vec::new();
+    read_until(&mut socket, &mut buffer, b"retry: 2000\n\n").await;
+    let subscribers = || async {
+        let metrics = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+        metrics.lines().find_map(|line| line.strip_prefix("mixd_subscribers{transport=\"sse\"} ")).unwrap().to_string()
+    };
+    assert_eq!(subscribers().await, "1");
+    // Nothing will be sent on this stream for 15 s (the keep-alive), yet the server notices.
+    drop(socket);
+    crate::helpers::eventually_async("the stream is closed", || async { subscribers().await == "0" }).await;
+}
