@@ -59,7 +59,10 @@ pub async fn serve(mut stream: TcpStream, app: Router, config: ConnectionConfig,
     }
     // hyper's connection state is boxed, so that a stream's task is only as large as a stream needs.
     let Some((request, close)) = event_stream_request(&first) else {
-        return Box::pin(serve_with_hyper(Prefixed { prefix: Bytes::from(first), inner: stream }, app, config, shutdown)).await;
+        // Copied to its own size: the read buffer is not kept for the connection's life.
+        let prefix = Bytes::copy_from_slice(&first);
+        drop(first);
+        return Box::pin(serve_with_hyper(Prefixed { prefix, inner: stream }, app, config, shutdown)).await;
     };
     drop(first);
     let response = app.clone().oneshot(request).await.unwrap_or_else(|never| match never {});
@@ -254,6 +257,10 @@ impl AsyncRead for Prefixed {
         }
         let taken = self.prefix.len().min(buf.remaining());
         buf.put_slice(&self.prefix.split_to(taken));
+        if self.prefix.is_empty() {
+            // An empty slice of the prefix would keep all of it allocated.
+            self.prefix = Bytes::new();
+        }
         Poll::Ready(Ok(()))
     }
 }
