@@ -231,9 +231,9 @@ fn is_handshake_key(key: &[u8]) -> bool {
 }
 
 /// A project exists once it has a stem; one whose stems were deleted still has its jobs. Jobs are
-/// asked first: they are in memory, and the stems are records on disk.
+/// asked first: they are in memory, and the stems are on disk.
 async fn ensure_project(app: &AppState, project: &ProjectId) -> Result<(), ApiError> {
-    if app.jobs.has_project(project) || !app.stems.list(project).await.map_err(ApiError::storage)?.is_empty() {
+    if app.jobs.has_project(project) || app.stems.has_any(project).await.map_err(ApiError::storage)? {
         Ok(())
     } else {
         Err(ApiError::ProjectNotFound)
@@ -358,20 +358,17 @@ async fn pump(
     loop {
         tokio::select! {
             next = statuses.next() => {
-                let Some(event) = next else { break };
+                let Some(mut event) = next else { break };
                 // Statuses that are already waiting go out in the same write: when thousands of
                 // subscribers fall behind together, each catches up in one system call.
-                let mut batch = vec![event];
-                while batch.len() < WS_BATCH {
-                    match statuses.next().now_or_never() {
-                        Some(Some(event)) => batch.push(event),
-                        _ => break,
-                    }
-                }
                 let send = async {
-                    for event in batch {
+                    for _ in 0..WS_BATCH {
                         let text = Utf8Bytes::try_from(framing.frame(&event)).expect("a frame is JSON, so UTF-8");
                         socket.feed(Message::Text(text)).await?;
+                        match statuses.next().now_or_never() {
+                            Some(Some(waiting)) => event = waiting,
+                            _ => break,
+                        }
                     }
                     socket.flush().await
                 };

@@ -103,6 +103,26 @@ impl StemStore {
         Ok(stems)
     }
 
+    /// Whether `project` has a stem, without reading any record: one directory listing, in one
+    /// blocking call (every subscriber of a project without jobs asks, all at once after a restart).
+    pub async fn has_any(&self, project: &ProjectId) -> io::Result<bool> {
+        let dir = self.layout.stems_dir(project);
+        let listed = tokio::task::spawn_blocking(move || -> io::Result<bool> {
+            let entries = match std::fs::read_dir(dir) {
+                Ok(entries) => entries,
+                Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(false),
+                Err(err) => return Err(err),
+            };
+            for entry in entries {
+                if MediaLayout::is_stem_record(&entry?.path()) {
+                    return Ok(true);
+                }
+            }
+            Ok(false)
+        });
+        listed.await.map_err(io::Error::other)?
+    }
+
     /// What the engine needs to mix this stem.
     pub fn source(&self, project: &ProjectId, stem: &Stem) -> StemSource {
         StemSource { id: stem.stem_id.to_string(), path: self.audio_path(project, stem), name: stem.name.clone() }
