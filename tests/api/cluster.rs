@@ -38,8 +38,13 @@ impl Cluster {
     }
 
     async fn node_with_lease(&self, slots: usize, lease: &str) -> Server {
+        self.node_with(slots, &["--lease", lease]).await
+    }
+
+    async fn node_with(&self, slots: usize, extra_args: &[&str]) -> Server {
         let slots = slots.to_string();
-        start_server(self.data.path(), self.fixtures.path(), &["--database-url", &self.db.url, "--mix-slots", &slots, "--lease", lease]).await
+        let args: Vec<&str> = ["--database-url", self.db.url.as_str(), "--mix-slots", &slots].into_iter().chain(extra_args.iter().copied()).collect();
+        start_server(self.data.path(), self.fixtures.path(), &args).await
     }
 
     /// Stems of `seconds` each (three of them), uploaded to `node` as project `project`.
@@ -433,4 +438,56 @@ async fn postgres_stopped_mid_run_makes_nodes_unhealthy_and_loses_no_accepted_jo
     }
     let after = start(&mixer, "p1").await;
     eventually_async("a job accepted after the restart completed", || async { job_state(&watcher, &after).await == "complete" }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_whose_node_dies_in_three_runs_ends_interrupted_and_runs_no_more() {
+    let cluster = Cluster::new().await;
+    let watcher = cluster.node(0).await;
+    cluster.upload(&watcher, "p1", 40).await;
+    let job_id = start(&watcher, "p1").await;
+    let mut events = SseStream::connect(&watcher.app.client, &watcher.app.url(&format!("/mix/p1/mix/job/{job_id}/events")), None).await;
+    let mut seen = Vec::new();
+    for _ in 0..3 {
+        // A node of its own for each run, killed once the run is at work.
+        let mut mixer = cluster.node(1).await;
+        seen.extend(until_state(&mut events, "processing_tracks").await);
+        mixer.kill();
+    }
+    seen.extend(statuses_over_sse(events).await);
+    let last = seen.last().unwrap();
+    assert_eq!((last["state"].as_str(), last["error_code"].as_str()), (Some("error"), Some("INTERRUPTED")), "{seen:?}");
+    assert_eq!(last["error"], "The node running this mix stopped 3 times; it was not run again");
+    let seqs = seqs(&seen);
+    assert!(seqs.windows(2).all(|pair| pair[1] > pair[0]), "seq never goes back: {seqs:?}");
+    assert_eq!(seen.iter().filter(|status| status["state"] == "running").count(), 3, "three runs: {seen:?}");
+    let mut db = PgConnection::connect(&cluster.db.url).await.unwrap();
+    let attempts: i32 = sqlx::query_scalar("SELECT attempts FROM jobs").fetch_one(&mut db).await.unwrap();
+    assert_eq!(attempts, 3, "not claimed a fourth time");
+    assert!(!cluster.data.path().join(format!("p1/mix_outputs/{job_id}/final_mix.wav")).exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_finished_job_and_its_output_expire_on_every_node_and_free_its_idempotency_key() {
+    let cluster = Cluster::new().await;
+    let keep = ["--job-ttl", "2s", "--output-retention", "2s"];
+    let (mixer, other) = (cluster.node_with(1, &keep).await, cluster.node_with(0, &keep).await);
+    cluster.upload(&other, "p1", 1).await;
+    let started: Value = other.app.client.post(other.app.url("/mix/p1/mix/start")).header("Idempotency-Key", "k1").send().await.unwrap().json().await.unwrap();
+    let job_id = started["data"]["job_id"].as_str().unwrap().to_string();
+    assert_eq!(other.app.follow_job("p1", &job_id).await.last().unwrap()["state"], "complete");
+    let output = cluster.data.path().join(format!("p1/mix_outputs/{job_id}"));
+    assert!(output.join("final_mix.wav").is_file());
+
+    let path = format!("/mix/p1/mix/job/{job_id}/status");
+    for node in [&mixer, &other] {
+        eventually_async("the job expired on every node", || async { node.app.get_json(&path).await.0 == 404 }).await;
+    }
+    let mut db = PgConnection::connect(&cluster.db.url).await.unwrap();
+    assert_eq!(sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM jobs").fetch_one(&mut db).await.unwrap(), 0);
+    eventually_async("the output was removed", || async { !output.exists() }).await;
+    // The key names a new job now, on either node.
+    let again = mixer.app.client.post(mixer.app.url("/mix/p1/mix/start")).header("Idempotency-Key", "k1").send().await.unwrap();
+    assert_eq!(again.status(), 202);
+    assert_ne!(again.json::<Value>().await.unwrap()["data"]["job_id"], job_id.as_str());
 }
