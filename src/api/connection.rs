@@ -65,7 +65,8 @@ pub async fn serve(mut stream: TcpStream, app: Router, config: ConnectionConfig,
         return Box::pin(serve_with_hyper(Prefixed { prefix, inner: stream }, app, config, shutdown)).await;
     };
     drop(first);
-    let response = app.clone().oneshot(request).await.unwrap_or_else(|never| match never {});
+    // Boxed too: the router's future is large, and only lives until the response is made.
+    let response = Box::pin(app.clone().oneshot(request)).await.unwrap_or_else(|never| match never {});
     let answered = if is_event_stream(&response) {
         let (parts, body) = response.into_parts();
         let head = head(parts.status, &parts.headers, Some("transfer-encoding: chunked"));
