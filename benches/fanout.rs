@@ -51,8 +51,9 @@ const STORM_GAP: Duration = Duration::from_millis(100);
 const EVENTSOURCE_RETRY: Duration = Duration::from_secs(2);
 
 /// Every other subscriber is SSE, the rest WebSocket.
-#[derive(Clone, Copy, PartialEq)]
+#[derive(Clone, Copy, PartialEq, Default)]
 enum Transport {
+    #[default]
     Sse,
     WebSocket,
 }
@@ -77,7 +78,7 @@ fn main() {
     let seconds: u32 = std::env::var("MIXD_FANOUT_SECONDS").map_or(60, |s| s.parse().unwrap());
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     Nchan::install();
-    println!("| scenario | subscribers | server | events delivered | p50 delay | p99 delay | max delay | RSS per idle subscriber: SSE / WebSocket | CPU per delivery: server / client |");
+    println!("| scenario | subscribers | server | events delivered | p50 delay | p99 delay (SSE / WebSocket) | max delay | RSS per idle subscriber: SSE / WebSocket | CPU per delivery: server / client |");
     println!("|---|---|---|---|---|---|---|---|---|");
     let mut ratios = Vec::new();
     for (projects, seconds) in [(1, seconds), (MANY_JOBS, 10)] {
@@ -109,6 +110,8 @@ fn main() {
 struct Measured {
     /// Every delivery's delay, ms, sorted.
     delays: Vec<f64>,
+    /// p99 of the SSE subscribers' deliveries, and of the WebSocket ones'.
+    p99_by_transport: [f64; 2],
     idle_kib: [f64; 2],
     /// CPU seconds over the delivery phase: the server's, the client's.
     cpu: (f64, f64),
@@ -116,15 +119,17 @@ struct Measured {
 
 impl Measured {
     fn percentile(&self, p: f64) -> f64 {
-        self.delays[((self.delays.len() as f64 - 1.0) * p).round() as usize]
+        percentile(&self.delays, p)
     }
 
     fn row(&self, scenario: &str, n: usize, server: &str) -> String {
         format!(
-            "| {scenario} | {n} | {server} | {} | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} / {:.1} KiB | {:.1} / {:.1} µs |",
+            "| {scenario} | {n} | {server} | {} | {:.1} ms | {:.1} ms ({:.1} / {:.1}) | {:.1} ms | {:.1} / {:.1} KiB | {:.1} / {:.1} µs |",
             self.delays.len(),
             self.percentile(0.5),
             self.percentile(0.99),
+            self.p99_by_transport[0],
+            self.p99_by_transport[1],
             self.delays.last().unwrap(),
             self.idle_kib[0],
             self.idle_kib[1],
@@ -181,7 +186,7 @@ async fn subscribe(target: &impl Target, n: usize, projects: usize) -> (Vec<toki
             let path = target.path(transport, project);
             let witness = i / 2 < projects && transport == Transport::Sse;
             subscribers.push(tokio::spawn(async move {
-                let followed = Followed { project, keep: witness.then(Vec::new), ..Followed::default() };
+                let followed = Followed { transport, project, keep: witness.then(Vec::new), ..Followed::default() };
                 match transport {
                     Transport::Sse => sse_subscriber(&address, &path, connecting, followed).await,
                     Transport::WebSocket => ws_subscriber(&address, &path, connecting, followed).await,
@@ -194,21 +199,32 @@ async fn subscribe(target: &impl Target, n: usize, projects: usize) -> (Vec<toki
     (subscribers, idle_kib)
 }
 
-/// Waits for every subscriber; their delays, sorted, and what the witnesses kept, by project.
-async fn gather(subscribers: Vec<tokio::task::JoinHandle<Followed>>) -> (Vec<f64>, Vec<Published>) {
-    let mut delays = Vec::new();
+/// `p` of `sorted`.
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// Waits for every subscriber: their delays, sorted, with the p99 of each transport's, and what the
+/// witnesses kept, by project.
+async fn gather(subscribers: Vec<tokio::task::JoinHandle<Followed>>) -> (Vec<f64>, [f64; 2], Vec<Published>) {
+    let mut by_transport = [Vec::new(), Vec::new()];
     let mut published = Vec::new();
     for subscriber in subscribers {
         let followed = subscriber.await.unwrap();
-        delays.extend(followed.delays);
+        by_transport[followed.transport as usize].extend(followed.delays);
         for json in followed.keep.into_iter().flatten() {
             let updated_at = DateTime::parse_from_rfc3339(field(&json, "updated_at", '"')).unwrap().with_timezone(&Utc);
             published.push(Published { project: followed.project, updated_at, json });
         }
     }
+    let p99_by_transport = by_transport.each_mut().map(|delays| {
+        delays.sort_by(f64::total_cmp);
+        percentile(delays, 0.99)
+    });
+    let mut delays = by_transport.concat();
     delays.sort_by(f64::total_cmp);
     published.sort_by_key(|status| status.updated_at);
-    (delays, published)
+    (delays, p99_by_transport, published)
 }
 
 struct MixdTarget {
@@ -269,9 +285,9 @@ async fn measure_mixd(n: usize, projects: usize, seconds: u32) -> (Measured, Vec
     for project in 0..projects {
         assert!(client.post(format!("http://{}/mix/p{project}/mix/start", target.address())).send().await.unwrap().status().is_success());
     }
-    let (delays, published) = gather(subscribers).await;
+    let (delays, p99_by_transport, published) = gather(subscribers).await;
     let cpu = (common::cpu_seconds(pid) - cpu_before.0, common::cpu_seconds(std::process::id()) - cpu_before.1);
-    (Measured { delays, idle_kib, cpu }, published)
+    (Measured { delays, p99_by_transport, idle_kib, cpu }, published)
 }
 
 /// nginx with nchan, one worker, on a free loopback port; stopped when dropped.
@@ -390,9 +406,9 @@ async fn measure_nchan(n: usize, projects: usize, published: &[Published]) -> Me
         let json = format!("{}{}{}", &status.json[..value], Utc::now().to_rfc3339_opts(SecondsFormat::Micros, true), &status.json[end..]);
         nchan.publish(&client, &format!("p{}", status.project), format!(r#"{{"type":"status","cursor":"0","data":{json}}}"#)).await;
     }
-    let (delays, _) = gather(subscribers).await;
+    let (delays, p99_by_transport, _) = gather(subscribers).await;
     let cpu = (common::cpu_seconds(pid) - cpu_before.0, common::cpu_seconds(std::process::id()) - cpu_before.1);
-    Measured { delays, idle_kib, cpu }
+    Measured { delays, p99_by_transport, idle_kib, cpu }
 }
 
 /// `total` SSE subscribers of one stream, connecting in bursts; how long until all have their
@@ -558,6 +574,7 @@ async fn ws_subscriber(address: &str, path: &str, connecting: Arc<Semaphore>, mu
 /// for a witness, the statuses themselves.
 #[derive(Default)]
 struct Followed {
+    transport: Transport,
     project: usize,
     delays: Vec<f64>,
     keep: Option<Vec<String>>,
