@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::manager::{Cached, Jobs};
+use super::manager::{Cache, Cached, Jobs};
 use super::model::{JobEvent, JobState};
 
 /// The longest a change can wait to be seen when every notification is lost.
@@ -18,6 +18,25 @@ const POLL: Duration = Duration::from_secs(1);
 const BATCH: u32 = 1000;
 /// How long to wait before reading again after the store failed.
 const RETRY: Duration = Duration::from_millis(250);
+
+/// Runs `follow` on a thread of its own, on the current runtime's clock, timers, I/O and
+/// blocking pool. As one task among the runtime's, each step of a change's way to its subscribers
+/// (the wake-up at its commit, the read of the log, the publish) waited its turn behind every
+/// subscriber task still delivering the change before: 50 ms at the median and 340 ms at p99 with
+/// 15,000 subscribers, before any of them was sent anything. On its own thread it is woken directly.
+///
+/// `runtime_gone` is cancelled when the runtime drops its tasks, so that the thread stops before it
+/// would poll the runtime's stopped timers (a server shuts `follow` down first; a test's runtime
+/// may simply end).
+pub(super) fn spawn_on_own_thread(follow: impl std::future::Future<Output = ()> + Send + 'static, runtime_gone: CancellationToken) -> std::io::Result<()> {
+    let runtime = tokio::runtime::Handle::current();
+    runtime.spawn(async move {
+        let _cancel_when_dropped = runtime_gone.drop_guard();
+        std::future::pending::<()>().await
+    });
+    std::thread::Builder::new().name("mixd-follow".into()).spawn(move || runtime.block_on(follow))?;
+    Ok(())
+}
 
 pub(super) async fn follow(jobs: Jobs, shutdown: CancellationToken) {
     let store = jobs.inner.store.clone();
@@ -38,9 +57,13 @@ pub(super) async fn follow(jobs: Jobs, shutdown: CancellationToken) {
         }
         let wait = if failing { RETRY } else { POLL };
         tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
             _ = store.changed() => {}
             _ = tokio::time::sleep(wait) => {}
-            _ = shutdown.cancelled() => return,
+        }
+        if shutdown.is_cancelled() {
+            return;
         }
     }
 }
@@ -50,17 +73,25 @@ async fn read_log(jobs: &Jobs) -> Result<(), super::store::StoreError> {
         let head = jobs.cache().head;
         let entries = jobs.inner.store.events_after(head, BATCH).await?;
         let full = entries.len() == BATCH as usize;
-        for entry in entries {
-            let cursor = entry.cursor;
-            match entry.parse() {
-                Ok(event) => publish(jobs, event),
-                Err(err) => {
-                    tracing::error!(cursor, %err, "skipping a log entry that cannot be read");
-                    jobs.cache().head = cursor;
+        let Some(last) = entries.last().map(|entry| entry.cursor) else { return Ok(()) };
+        // A batch goes into memory at once: a write's changes (a cancel and the queue it moves)
+        // are in one transaction, and whoever reads memory sees all of them or none.
+        let mut published = Vec::with_capacity(entries.len());
+        {
+            let mut cache = jobs.cache();
+            for entry in entries {
+                let cursor = entry.cursor;
+                match entry.parse() {
+                    Ok(event) => published.extend(publish(jobs, &mut cache, event)),
+                    Err(err) => {
+                        tracing::error!(cursor, %err, "skipping a log entry that cannot be read");
+                        cache.head = cursor;
+                    }
                 }
             }
-            jobs.inner.head.send_replace(cursor);
         }
+        published.iter().for_each(|event| react(jobs, event));
+        jobs.inner.head.send_replace(last);
         if !full {
             return Ok(());
         }
@@ -68,23 +99,24 @@ async fn read_log(jobs: &Jobs) -> Result<(), super::store::StoreError> {
 }
 
 /// Takes one logged change into memory and sends it to every subscriber, unless memory already
-/// holds it or a later one (it was read at start).
-fn publish(jobs: &Jobs, event: Arc<JobEvent>) {
+/// holds it or a later one (it was read at start); the change, when it was news.
+fn publish(jobs: &Jobs, cache: &mut Cache, event: Arc<JobEvent>) -> Option<Arc<JobEvent>> {
     let status = &event.status;
-    let job_id = status.job_id();
-    {
-        let mut cache = jobs.cache();
-        cache.head = event.cursor;
-        if cache.jobs.get(&job_id).is_some_and(|cached| cached.published.status.seq() >= status.seq()) {
-            return;
-        }
-        let finished_at = status.state().is_terminal().then(Instant::now);
-        cache.jobs.insert(job_id, Cached { published: event.clone(), finished_at });
-        // Sent under the lock: a subscriber reading memory under it sees each change either in
-        // its snapshot or on its channel, never both nor neither.
-        let _ = jobs.inner.events.send(event.clone());
+    cache.head = event.cursor;
+    if cache.jobs.get(&status.job_id()).is_some_and(|cached| cached.published.status.seq() >= status.seq()) {
+        return None;
     }
-    let state = status.state();
+    let finished_at = status.state().is_terminal().then(Instant::now);
+    cache.jobs.insert(status.job_id(), Cached { published: event.clone(), finished_at });
+    // Sent under the lock: a subscriber reading memory under it sees each change either in its
+    // snapshot or on its channel, never both nor neither.
+    let _ = jobs.inner.events.send(event.clone());
+    Some(event)
+}
+
+/// What a published change sets going on this node.
+fn react(jobs: &Jobs, event: &JobEvent) {
+    let (state, job_id) = (event.status.state(), event.status.job_id());
     if state.is_terminal() {
         jobs.inner.expiry_wake.notify_one();
     }
@@ -94,7 +126,7 @@ fn publish(jobs: &Jobs, event: Arc<JobEvent>) {
     }
     if state.is_terminal() || state == JobState::Queued {
         // A run of it here ends: canceled, or rescued after this node lost its lease.
-        if let Some(run) = jobs.inner.local_runs.lock().expect("never poisoned").get(&job_id).filter(|run| status.seq() > run.started_seq) {
+        if let Some(run) = jobs.inner.local_runs.lock().expect("never poisoned").get(&job_id).filter(|run| event.status.seq() > run.started_seq) {
             super::runner::lose_lease(jobs.metrics(), &run.stop);
         }
     }

@@ -53,6 +53,8 @@ pub enum OpenError {
     Store(#[from] StoreError),
     #[error("starting the mix engine's threads: {0}")]
     Engine(std::io::Error),
+    #[error("starting the event log's reader: {0}")]
+    Follower(std::io::Error),
 }
 
 /// A handle on all jobs; cheap to clone.
@@ -142,7 +144,9 @@ impl Jobs {
             }),
         };
         let tasks = &jobs.inner.tasks;
-        tasks.spawn(super::follow::follow(jobs.clone(), shutdown.clone()));
+        let follow_stop = shutdown.child_token();
+        let follow = tasks.track_future(super::follow::follow(jobs.clone(), follow_stop.clone()));
+        super::follow::spawn_on_own_thread(follow, follow_stop).map_err(OpenError::Follower)?;
         tasks.spawn(super::runner::run_slots(jobs.clone(), shutdown.clone()));
         tasks.spawn(super::retention::expire_finished_jobs(jobs.clone(), shutdown.clone()));
         tasks.spawn(super::retention::remove_old_outputs(jobs.clone(), shutdown));
@@ -392,6 +396,11 @@ pub(super) mod tests {
         let canceled = submit(&jobs, Some("key")).await;
         let unfinished = submit(&jobs, None).await;
         jobs.cancel(&"p1".parse().unwrap(), canceled).await.unwrap();
+        // Published on the log reader's own thread, which the paused clock does not wait for: the
+        // clock stays put while this task is busy, so it reads the end time as now.
+        while !status_of(&jobs, canceled).is_some_and(|status| status.state().is_terminal()) {
+            tokio::task::yield_now().await;
+        }
 
         // Sleeping lets the expiry task run up to the paused clock.
         tokio::time::sleep(Duration::from_millis(3_599_900)).await;

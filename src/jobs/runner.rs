@@ -224,15 +224,14 @@ impl JobRun {
                 return writer.write(JobChange::Failed { code, message: format!("Could not publish the mix: {err}") }).await;
             }
         }
-        // The staged names go before the job is reported complete, so no one who sees it complete
-        // finds them beside the result.
+        // The staged names go, and the legacy newest-mix path points here, before the job is
+        // reported complete: whoever sees it complete finds exactly the result, on both paths.
+        // (Should the lease be lost between the check above and the write, the path points at a
+        // result the rescuer keeps: it finds it in place.)
         let _ = tokio::fs::remove_file(staged).await;
         let _ = tokio::fs::remove_file(&analysis).await;
-        let completed = writer.write(JobChange::Completed { result_url: MediaLayout::result_url(project, job_id), report: Box::new(report) }).await;
-        if completed {
-            self.point_newest_at(&output).await;
-        }
-        completed
+        self.point_newest_at(&output).await;
+        writer.write(JobChange::Completed { result_url: MediaLayout::result_url(project, job_id), report: Box::new(report) }).await
     }
 
     /// Points the legacy "newest mix" path at this output.

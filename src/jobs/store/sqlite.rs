@@ -23,7 +23,7 @@ use crate::jobs::webhook::{Attempt, Delivery, WebhookSpec};
 
 pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
-    written: Notify,
+    written: Arc<Notify>,
 }
 
 /// Schema versions, applied in order inside one transaction each; `PRAGMA user_version` says how
@@ -112,7 +112,7 @@ impl SqliteStore {
         })
         .await
         .expect("opening the database does not panic")?;
-        Ok(Self { conn: Arc::new(Mutex::new(conn)), written: Notify::new() })
+        Ok(Self { conn: Arc::new(Mutex::new(conn)), written: Arc::default() })
     }
 
     /// Runs `work` on the connection, off the runtime.
@@ -121,18 +121,19 @@ impl SqliteStore {
         tokio::task::spawn_blocking(move || work(&mut conn.lock().expect("no panics while the connection is held"))).await.expect("a statement does not panic")
     }
 
-    /// Runs `work` in one write transaction and wakes the log's reader when it committed.
+    /// Runs `work` in one write transaction and wakes the log's reader as it commits: from the
+    /// blocking thread, not after the writing task is next polled, which under load waits its turn
+    /// behind every subscriber task of the change before.
     async fn write_transaction<T: Send + 'static>(&self, work: impl FnOnce(&Transaction) -> Result<T, StoreError> + Send + 'static) -> Result<T, StoreError> {
-        let result = self
-            .run(move |conn| {
-                let transaction = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-                let result = work(&transaction)?;
-                transaction.commit()?;
-                Ok(result)
-            })
-            .await?;
-        self.written.notify_one();
-        Ok(result)
+        let written = self.written.clone();
+        self.run(move |conn| {
+            let transaction = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+            let result = work(&transaction)?;
+            transaction.commit()?;
+            written.notify_one();
+            Ok(result)
+        })
+        .await
     }
 
     pub async fn submit(&self, job: NewJob) -> Result<Submitted, StoreError> {
