@@ -81,46 +81,30 @@ impl StemStore {
         Ok(stem)
     }
 
-    /// The project's stems, oldest first. A project that has none does not exist.
+    /// The project's stems, oldest first. A project that has none does not exist. Listed and
+    /// read in one blocking call rather than one per record.
     pub async fn list(&self, project: &ProjectId) -> io::Result<Vec<Stem>> {
-        let mut stems = Vec::new();
-        let mut entries = match tokio::fs::read_dir(self.layout.stems_dir(project)).await {
-            Ok(entries) => entries,
-            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(stems),
-            Err(err) => return Err(err),
-        };
-        while let Some(entry) = entries.next_entry().await? {
-            let path = entry.path();
-            if MediaLayout::is_stem_record(&path) {
-                let bytes = tokio::fs::read(&path).await?;
-                match serde_json::from_slice::<Stem>(&bytes) {
+        let dir = self.layout.stems_dir(project);
+        blocking(move || {
+            let mut stems = Vec::new();
+            for path in stem_records(&dir)? {
+                let path = path?;
+                match serde_json::from_slice::<Stem>(&std::fs::read(&path)?) {
                     Ok(stem) => stems.push(stem),
                     Err(err) => tracing::warn!(path = %path.display(), %err, "skipping an unreadable stem record"),
                 }
             }
-        }
-        stems.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.name.cmp(&b.name)));
-        Ok(stems)
+            stems.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.name.cmp(&b.name)));
+            Ok(stems)
+        })
+        .await
     }
 
-    /// Whether `project` has a stem, without reading any record: one directory listing, in one
-    /// blocking call (every subscriber of a project without jobs asks, all at once after a restart).
+    /// Whether `project` has a stem, without reading any record (every subscriber of a project
+    /// without jobs asks, all at once after a restart).
     pub async fn has_any(&self, project: &ProjectId) -> io::Result<bool> {
         let dir = self.layout.stems_dir(project);
-        let listed = tokio::task::spawn_blocking(move || -> io::Result<bool> {
-            let entries = match std::fs::read_dir(dir) {
-                Ok(entries) => entries,
-                Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(false),
-                Err(err) => return Err(err),
-            };
-            for entry in entries {
-                if MediaLayout::is_stem_record(&entry?.path()) {
-                    return Ok(true);
-                }
-            }
-            Ok(false)
-        });
-        listed.await.map_err(io::Error::other)?
+        blocking(move || stem_records(&dir)?.next().transpose().map(|first| first.is_some())).await
     }
 
     /// What the engine needs to mix this stem.
@@ -166,6 +150,22 @@ async fn write_atomically(path: &Path, bytes: Vec<u8>) -> io::Result<()> {
     })
     .await
     .map_err(io::Error::other)?
+}
+
+/// The stem records in `dir`; none when it does not exist.
+fn stem_records(dir: &Path) -> io::Result<impl Iterator<Item = io::Result<PathBuf>>> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => Some(entries),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => None,
+        Err(err) => return Err(err),
+    };
+    let paths = entries.into_iter().flatten().map(|entry| entry.map(|entry| entry.path()));
+    Ok(paths.filter(|path| path.as_ref().map_or(true, |path| MediaLayout::is_stem_record(path))))
+}
+
+/// Runs file work off the runtime.
+async fn blocking<T: Send + 'static>(work: impl FnOnce() -> io::Result<T> + Send + 'static) -> io::Result<T> {
+    tokio::task::spawn_blocking(work).await.map_err(io::Error::other)?
 }
 
 /// A file name safe to store and show: the last path component, with anything but letters,
