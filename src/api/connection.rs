@@ -154,29 +154,31 @@ async fn write_whole(stream: &mut TcpStream, response: Response<Body>) -> bool {
 async fn stream_body(stream: &mut TcpStream, mut body: Body) -> bool {
     let mut batch: [Bytes; BATCH] = Default::default();
     loop {
-        let next = tokio::select! {
+        let mut next = tokio::select! {
             next = body.frame() => next,
             gone = client_gone(stream) => if gone { return false } else { continue },
         };
-        let mut count = 0;
-        let mut next = Some(next);
-        // The body is not polled again once it has ended.
-        let mut ended = false;
-        while let Some(frame) = next.take() {
-            match frame {
+        let (mut count, mut ended) = (0, false);
+        loop {
+            match next {
                 Some(Ok(frame)) => {
                     if let Ok(data) = frame.into_data() {
                         batch[count] = data;
                         count += 1;
                     }
-                    if count < BATCH {
-                        next = body.frame().now_or_never();
-                    }
                 }
+                // The end: the body is not polled again.
                 None => ended = true,
                 // A broken stream ends the connection without its last chunk, so the client
                 // knows it is incomplete.
                 Some(Err(_)) => return false,
+            }
+            if ended || count == BATCH {
+                break;
+            }
+            match body.frame().now_or_never() {
+                Some(waiting) => next = waiting,
+                None => break,
             }
         }
         if count > 0 {

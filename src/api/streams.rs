@@ -311,17 +311,18 @@ async fn sse(app: &AppState, caller: &Caller, scope: Scope, resume: Resume) -> R
     Ok((headers, Body::from_stream(body)).into_response())
 }
 
-/// `frames`, with a keep-alive comment whenever nothing was sent for [`SSE_KEEP_ALIVE_EVERY`];
-/// ends when `frames` does.
+/// `frames`, with a keep-alive comment every [`SSE_KEEP_ALIVE_EVERY`]; ends when `frames` does.
+/// The timer is not reset on each event: on a busy stream a comment costs three bytes every 15 s,
+/// and resetting would move a timer per subscriber on every delivery.
 fn with_keep_alive(frames: impl Stream<Item = Bytes> + Send + 'static) -> impl Stream<Item = Bytes> + Send + 'static {
-    let idle = Box::pin(tokio::time::sleep(SSE_KEEP_ALIVE_EVERY));
-    futures_util::stream::unfold((Box::pin(frames), idle), |(mut frames, mut idle)| async move {
+    let mut every = tokio::time::interval_at(tokio::time::Instant::now() + SSE_KEEP_ALIVE_EVERY, SSE_KEEP_ALIVE_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    futures_util::stream::unfold((Box::pin(frames), every), |(mut frames, mut every)| async move {
         let frame = tokio::select! {
             frame = frames.next() => frame?,
-            () = idle.as_mut() => Bytes::from_static(SSE_KEEP_ALIVE),
+            _ = every.tick() => Bytes::from_static(SSE_KEEP_ALIVE),
         };
-        idle.as_mut().reset(tokio::time::Instant::now() + SSE_KEEP_ALIVE_EVERY);
-        Some((frame, (frames, idle)))
+        Some((frame, (frames, every)))
     })
 }
 
