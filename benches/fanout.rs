@@ -248,11 +248,8 @@ impl Target for MixdTarget {
     }
 
     async fn subscribers(&self) -> usize {
-        let metrics = reqwest::get(format!("http://{}/metrics", self.address())).await.unwrap().text().await.unwrap();
-        let count = |transport: &str| -> usize {
-            metrics.lines().find_map(|l| l.strip_prefix(&format!("mixd_subscribers{{transport=\"{transport}\"}} "))).unwrap().parse().unwrap()
-        };
-        count("sse") + count("ws")
+        let (sse, ws) = common::subscribers(&reqwest::Client::new(), &format!("http://{}", self.address())).await;
+        sse + ws
     }
 }
 

@@ -99,15 +99,20 @@ fn clock_ticks_per_second() -> f64 {
     (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) as f64
 }
 
+/// The open subscribers the server at `base` counts: (SSE, WebSocket).
+pub async fn subscribers(client: &reqwest::Client, base: &str) -> (usize, usize) {
+    let metrics = client.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
+    let count =
+        |transport: &str| -> usize { metrics.lines().find_map(|l| l.strip_prefix(&format!("mixd_subscribers{{transport=\"{transport}\"}} "))).unwrap().parse().unwrap() };
+    (count("sse"), count("ws"))
+}
+
 /// Waits until the server at `base` counts `total` open subscribers (SSE and WebSocket).
 pub async fn wait_for_subscribers(client: &reqwest::Client, base: &str, total: usize) {
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
-        let metrics = client.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
-        let count = |transport: &str| -> usize {
-            metrics.lines().find_map(|l| l.strip_prefix(&format!("mixd_subscribers{{transport=\"{transport}\"}} "))).unwrap().parse().unwrap()
-        };
-        if count("sse") + count("ws") >= total {
+        let (sse, ws) = subscribers(client, base).await;
+        if sse + ws >= total {
             return;
         }
         assert!(Instant::now() < deadline, "subscribers never all connected");
