@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::{Args, FromArgMatches, ValueEnum};
 
 use crate::access::{parse_api_key, parse_token_key, Secret, TokenKey};
+use crate::jobs::StorageUrl;
 use crate::webhooks::WebhookSecret;
 
 #[derive(Debug, Clone, Args)]
@@ -25,6 +26,24 @@ pub struct Config {
     /// Data root: stems, mix outputs. Served under /media.
     #[arg(long, env = "MIXD_DATA_DIR", default_value = "media")]
     pub data_dir: PathBuf,
+    /// Where stems and mixes are kept: the data dir (the default) or S3-compatible object storage,
+    /// `s3://bucket/prefix`, reached with the standard AWS variables (`AWS_ENDPOINT_URL`,
+    /// `AWS_REGION`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_ALLOW_HTTP`). The data dir
+    /// then holds only the embedded job database and the stem cache.
+    #[arg(long, env = "MIXD_STORAGE", value_parser = StorageUrl::parse)]
+    pub storage: Option<StorageUrl>,
+    /// With object storage: where this node keeps the stems its mixes read (default: `.mixd-cache`
+    /// in the data dir).
+    #[arg(long, env = "MIXD_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// With object storage: the most the stem cache holds, in GB (10^9 bytes), least recently used
+    /// first out; a stem a running mix reads stays whatever its size.
+    #[arg(long, env = "MIXD_CACHE_MAX_GB", default_value_t = 10.0, value_parser = parse_cache_size)]
+    pub cache_max_gb: f64,
+    /// With object storage: answer `/media` with a 302 to a presigned URL, valid for 5 minutes,
+    /// so that the bucket serves the bytes (after the same access check as any `/media` request).
+    #[arg(long, env = "MIXD_MEDIA_REDIRECT")]
+    pub media_redirect: bool,
     /// Mixes that run at once on this node; default: the number of CPUs. 0: this node takes no
     /// mixes (it serves, and others mix).
     #[arg(long, env = "MIXD_MIX_SLOTS")]
@@ -112,6 +131,13 @@ impl DatabaseUrl {
 impl std::fmt::Debug for DatabaseUrl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("DatabaseUrl(..)")
+    }
+}
+
+fn parse_cache_size(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(gb) if gb.is_finite() && gb >= 0.0 => Ok(gb),
+        _ => Err("expected a size in GB, e.g. 10 or 0.5".into()),
     }
 }
 

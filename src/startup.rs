@@ -17,7 +17,7 @@ use tokio_util::task::TaskTracker;
 use crate::access::Keys;
 use crate::api::{router, serve_connection, App, AppState, ConnectionConfig};
 use crate::config::Config;
-use crate::jobs::{Jobs, JobsConfig, MediaLayout, StemStore, Store, StoreLocation, EVENT_BUFFER};
+use crate::jobs::{Jobs, JobsConfig, MediaLayout, ObjectMedia, StemCache, StemStore, StorageUrl, Store, StoreLocation, EVENT_BUFFER};
 use crate::webhooks::{Dispatcher, DispatcherConfig, WebhookSecret};
 
 /// Webhook deliveries in flight at once: a receiver that hangs holds one until the timeout.
@@ -42,6 +42,21 @@ fn effective_backlog(requested: u32) -> u32 {
     cap.map_or(requested, |cap: u32| requested.min(cap))
 }
 
+/// Inside the cache directory: where this node writes mixes before storing them.
+const WORK_DIR: &str = "work";
+
+/// Opens the stem cache and reaches the bucket; a bucket that does not answer or refuses us is a
+/// start-up error that names it (and not the credentials).
+async fn connect_objects(config: &Config, layout: &MediaLayout, url: StorageUrl) -> anyhow::Result<ObjectMedia> {
+    let cache_dir = config.cache_dir.clone().unwrap_or_else(|| layout.default_cache_dir());
+    let max_bytes = (config.cache_max_gb * 1e9) as u64;
+    let cache = StemCache::open(cache_dir.clone(), max_bytes).with_context(|| format!("opening the stem cache {}", cache_dir.display()))?;
+    let shown = url.to_string();
+    let objects = ObjectMedia::connect(url, cache).await.with_context(|| format!("the object storage {shown} cannot be used (is it reachable, does the bucket exist, may these credentials read and write it?)"))?;
+    tracing::info!(storage = shown, cache = %cache_dir.display(), cache_max_bytes = max_bytes, "media on object storage");
+    Ok(objects)
+}
+
 pub struct Application {
     listener: TcpListener,
     state: AppState,
@@ -62,6 +77,20 @@ impl Application {
         if removed > 0 {
             tracing::info!(removed, "removed partial files left by an earlier run");
         }
+        let objects = match &config.storage {
+            Some(url) => Some(connect_objects(&config, &layout, url.clone()).await?),
+            None if config.media_redirect => anyhow::bail!("--media-redirect needs object storage (--storage s3://bucket/prefix): the data dir has no URL to redirect to"),
+            None => None,
+        };
+        // With object storage, mixes are written in this node's own work directory, then stored.
+        let work_layout = match &objects {
+            Some(objects) => {
+                let work = MediaLayout::new(objects.cache().dir().join(WORK_DIR));
+                work.remove_partials(Duration::ZERO).context("cleaning the work directory")?;
+                work
+            }
+            None => layout.clone(),
+        };
         let store = Store::open(&location).await.context("opening the job database")?;
         let shutdown = CancellationToken::new();
         let jobs = Jobs::open(
@@ -69,7 +98,8 @@ impl Application {
                 mix_slots: config.mix_slots(),
                 job_ttl: config.job_ttl,
                 output_retention: config.output_retention,
-                layout: layout.clone(),
+                layout: work_layout,
+                objects: objects.clone(),
                 event_buffer: EVENT_BUFFER,
                 lease: config.lease,
             },
@@ -91,7 +121,7 @@ impl Application {
             DispatcherConfig { secret: webhook_secret.clone(), allow_private: config.webhook_allow_private, concurrency: WEBHOOK_CONCURRENCY, timeout: WEBHOOK_TIMEOUT };
         let dispatcher = Dispatcher::new(jobs.outbox().clone(), jobs.metrics().clone(), dispatcher).context("building the webhook client")?;
         tokio::spawn(dispatcher.run(shutdown.clone()));
-        let state = AppState::new(App { jobs, stems: StemStore::new(layout.clone()), layout, keys, webhook_secret, config: Arc::new(config), shutdown });
+        let state = AppState::new(App { jobs, stems: StemStore::new(layout.clone(), objects.clone()), layout, objects, keys, webhook_secret, config: Arc::new(config), shutdown });
         Ok(Self { listener, state })
     }
 

@@ -8,6 +8,87 @@ use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// An S3-compatible server on a free loopback port: moto in server mode (`moto_server`, which
+/// scripts/test installs from PyPI), a real HTTP S3 implementation with its own state. Killed when
+/// dropped; [`S3Server::stop`] is kill -9, [`S3Server::start_again`] brings a new, empty one up on
+/// the same port.
+pub struct S3Server {
+    child: Option<Child>,
+    pub port: u16,
+}
+
+impl S3Server {
+    pub fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut server = Self { child: None, port };
+        server.start_again();
+        server
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the server (again) on its port, and returns once it answers.
+    pub fn start_again(&mut self) {
+        let child = Command::new("moto_server")
+            .args(["-H", "127.0.0.1", "-p", &self.port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("moto_server runs (scripts/test installs moto[server] from PyPI)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(Instant::now() < deadline, "moto_server did not listen on {} within 30 s", self.port);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// kill -9, and waits until it is gone.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Creates a bucket (moto takes unsigned requests).
+    pub async fn create_bucket(&self, bucket: &str) {
+        let response = reqwest::Client::new().put(format!("{}/{bucket}", self.endpoint())).send().await.unwrap();
+        assert!(response.status().is_success(), "creating bucket {bucket}: {}", response.status());
+    }
+
+    /// What `mixd` needs in its environment to reach this server.
+    pub fn env(&self) -> Vec<(String, String)> {
+        [("AWS_ENDPOINT_URL", self.endpoint().as_str()), ("AWS_REGION", "us-east-1"), ("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"), ("AWS_ALLOW_HTTP", "true")]
+            .into_iter()
+            .map(|(name, value)| (name.to_string(), value.to_string()))
+            .collect()
+    }
+
+    /// Every key in `bucket` under `prefix` with its size, in key order (ListObjectsV2, read with a
+    /// plain scan of its XML: keys and sizes are all a test needs).
+    pub async fn objects(&self, bucket: &str, prefix: &str) -> Vec<(String, u64)> {
+        let url = format!("{}/{bucket}?list-type=2&prefix={prefix}", self.endpoint());
+        let xml = reqwest::Client::new().get(url).send().await.unwrap().text().await.unwrap();
+        let field = |item: &str, name: &str| item.split(&format!("<{name}>")).nth(1).and_then(|rest| rest.split(&format!("</{name}>")).next()).map(str::to_string);
+        xml.split("<Contents>").skip(1).map(|item| (field(item, "Key").unwrap(), field(item, "Size").unwrap().parse().unwrap())).collect()
+    }
+
+    /// An object's bytes, read straight from the server.
+    pub async fn object(&self, bucket: &str, key: &str) -> Option<Vec<u8>> {
+        let response = reqwest::Client::new().get(format!("{}/{bucket}/{key}", self.endpoint())).send().await.unwrap();
+        response.status().is_success().then_some(response.bytes().await.unwrap().to_vec())
+    }
+}
+
+impl Drop for S3Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// `mixd serve` as a child process: the one way the benchmarks and the integration tests start
 /// the real binary. It is killed when dropped.
 pub struct Mixd {
@@ -22,6 +103,11 @@ pub struct Mixd {
 /// address from the JSON log. `log_filter` is its `RUST_LOG`: the address line is logged at
 /// `info` by `mixd::startup`.
 pub fn start_mixd(binary: &str, data: &Path, extra_args: &[&str], log_filter: &str) -> Mixd {
+    start_mixd_with_env(binary, data, extra_args, log_filter, &[])
+}
+
+/// [`start_mixd`] with extra environment variables (the AWS ones, for object storage).
+pub fn start_mixd_with_env(binary: &str, data: &Path, extra_args: &[&str], log_filter: &str, env: &[(String, String)]) -> Mixd {
     let addr: &[&str] = if extra_args.contains(&"--addr") { &[] } else { &["--addr", "127.0.0.1:0"] };
     let mut child = Command::new(binary)
         .arg("serve")
@@ -30,6 +116,7 @@ pub fn start_mixd(binary: &str, data: &Path, extra_args: &[&str], log_filter: &s
         .arg(data)
         .args(extra_args)
         .env("RUST_LOG", format!("{log_filter},mixd::startup=info"))
+        .envs(env.iter().map(|(name, value)| (name, value)))
         .stderr(Stdio::piped())
         .spawn()
         .expect("mixd starts");

@@ -11,7 +11,7 @@ use axum::Json;
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::jobs::{InvalidId, JobError, StoreError};
+use crate::jobs::{InvalidId, JobError, MediaError, StoreError};
 
 /// `{ok, data, error, message}`: the legacy envelope, kept for every JSON response.
 #[derive(Debug, Serialize, ToSchema)]
@@ -88,7 +88,7 @@ pub enum ApiError {
     InvalidRequest(String),
     #[error("No token key is configured: start the server with --token-key")]
     NoTokenKey,
-    #[error("The media storage is unavailable")]
+    #[error("The media storage is unavailable; try again shortly")]
     MediaUnavailable,
     /// The job database cannot be reached; the cause is logged, never sent (it may name hosts).
     #[error("The job database is unavailable; try again shortly")]
@@ -139,6 +139,19 @@ impl ApiError {
         }
     }
 
+    /// A media storage failure: the object storage unreachable or refusing is the client's to
+    /// retry (its cause is logged, never sent), a full disk is the client's to know about.
+    pub fn media(err: MediaError) -> Self {
+        match err {
+            MediaError::Io(err) => Self::storage(err),
+            MediaError::NotFound => ApiError::MediaNotFound,
+            MediaError::Unavailable(cause) => {
+                tracing::warn!(%cause, "the media storage failed");
+                ApiError::MediaUnavailable
+            }
+        }
+    }
+
     /// An I/O failure: a full disk is the client's to know about, the rest is internal.
     pub fn storage(err: std::io::Error) -> Self {
         if err.kind() == std::io::ErrorKind::StorageFull {
@@ -157,6 +170,9 @@ impl IntoResponse for ApiError {
         }
         let body = ErrorEnvelope { ok: false, data: NoData {}, error: code, message: self.to_string() };
         let mut response = (status, Json(body)).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static("5"));
+        }
         if status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(axum::http::header::WWW_AUTHENTICATE, axum::http::HeaderValue::from_static("Bearer"));
         }

@@ -1,11 +1,11 @@
-//! `/media`: finished mixes and stems, with byte ranges and ETags. Which paths name a file, and
-//! whether it can change, is the layout's to say ([`crate::jobs::MediaLayout::media_file`]): nothing
-//! else under the data root, and nothing outside it, is reachable, and directories are never
-//! listed. Multi-range requests get the whole file: answering them costs quadratic time in
+//! `/media`: finished mixes and stems, with byte ranges and ETags, from the data root or streamed
+//! from object storage. Which paths name a file, and whether it can change, is the layout's to say
+//! ([`crate::jobs::MediaLayout::media_name`]): nothing else under the data root or the bucket's
+//! prefix, and nothing outside it, is reachable, and directories are never listed. Multi-range requests get the whole file: answering them costs quadratic time in
 //! tower-http's implementation (tower-http#660) and players never send them.
 
 use std::io::SeekFrom;
-use std::time::UNIX_EPOCH;
+use std::time::{Duration, UNIX_EPOCH};
 
 use axum::body::Body;
 use axum::extract::rejection::PathRejection;
@@ -17,6 +17,7 @@ use tokio_util::io::ReaderStream;
 
 use super::error::{ApiError, ErrorEnvelope};
 use super::AppState;
+use crate::jobs::{keys, JobState, MediaLayout, MediaName, ObjectInfo, ObjectKey, ObjectMedia};
 
 /// A mixed WAV, its analysis, a stem, or the legacy newest mix.
 #[utoipa::path(get, path = "/media/{path}", tag = "media",
@@ -37,28 +38,47 @@ true-peak ceiling hits), or p1/mix_outputs/final_mix.wav for the newest mix"),
             content(
                 (Vec<u8> = "audio/wav"), (Vec<u8> = "audio/flac"), (Vec<u8> = "audio/mpeg"), (Vec<u8> = "audio/ogg"), (Vec<u8> = "audio/mp4"),
                 (Vec<u8> = "audio/aac"), (Vec<u8> = "audio/aiff"), (Vec<u8> = "application/json"), (Vec<u8> = "application/octet-stream"))),
+        (status = 302, description = "With --media-redirect (object storage only): a presigned URL to the object, valid for 5 minutes", headers(("Location" = String))),
         (status = 304, description = "Not modified: If-None-Match matched"),
         (status = 404, body = ErrorEnvelope, description = "MEDIA_NOT_FOUND"),
         (status = 416, description = "The range starts past the end", headers(("Content-Range" = String, description = "bytes */{length}"))),
-        (status = 500, body = ErrorEnvelope, description = "INTERNAL")))]
+        (status = 500, body = ErrorEnvelope, description = "INTERNAL"),
+        (status = 503, body = ErrorEnvelope, description = "MEDIA_UNAVAILABLE: the object storage did not answer", headers(("Retry-After" = u32)))))]
 pub async fn serve(State(app): State<AppState>, path: Result<Path<String>, PathRejection>, headers: HeaderMap) -> Result<Response, ApiError> {
     // A path that is not UTF-8 once percent-decoded names no file either.
     let Ok(Path(path)) = path else { return Err(ApiError::MediaNotFound) };
-    let media = app.layout.media_file(&path).ok_or(ApiError::MediaNotFound)?;
-    let mut file = tokio::fs::File::open(&media.path).await.map_err(|_| ApiError::MediaNotFound)?;
-    let metadata = file.metadata().await.map_err(|_| ApiError::MediaNotFound)?;
-    if !metadata.is_file() {
-        return Err(ApiError::MediaNotFound);
-    }
-    let length = metadata.len();
-    let modified = metadata.modified().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
-    let etag = format!("\"{length:x}-{modified:x}\"");
+    let name = MediaLayout::media_name(&path).ok_or(ApiError::MediaNotFound)?;
+    let immutable = !matches!(name, MediaName::Newest { .. });
+    let source = match &app.objects {
+        Some(objects) => {
+            let key = object_key(&app, objects, name).await?;
+            let info = objects.info(&key).await.map_err(ApiError::media)?;
+            if app.config.media_redirect {
+                let url = objects.presigned_url(&key, REDIRECT_VALIDITY).await.map_err(ApiError::media)?;
+                let location = HeaderValue::from_str(url.as_str()).map_err(|err| ApiError::Internal(err.to_string()))?;
+                return Ok((StatusCode::FOUND, [(header::LOCATION, location), (header::CACHE_CONTROL, HeaderValue::from_static("no-store"))]).into_response());
+            }
+            Source::Object { objects: objects.clone(), key, info }
+        }
+        None => {
+            let media = app.layout.media_file(&path).ok_or(ApiError::MediaNotFound)?;
+            let file = tokio::fs::File::open(&media.path).await.map_err(|_| ApiError::MediaNotFound)?;
+            let metadata = file.metadata().await.map_err(|_| ApiError::MediaNotFound)?;
+            if !metadata.is_file() {
+                return Err(ApiError::MediaNotFound);
+            }
+            let modified_nanos = metadata.modified().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
+            Source::File { file, info: ObjectInfo { bytes: metadata.len(), modified_nanos } }
+        }
+    };
+    let ObjectInfo { bytes: length, modified_nanos } = *source.info();
+    let etag = format!("\"{length:x}-{modified_nanos:x}\"");
 
     let mut response_headers = HeaderMap::new();
     response_headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type(&path)));
     response_headers.insert(header::ETAG, HeaderValue::from_str(&etag).expect("hex is a valid header"));
     response_headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    let cache = if media.immutable { "public, max-age=31536000, immutable" } else { "no-cache" };
+    let cache = if immutable { "public, max-age=31536000, immutable" } else { "no-cache" };
     response_headers.insert(header::CACHE_CONTROL, HeaderValue::from_static(cache));
 
     if headers.get(header::IF_NONE_MATCH).and_then(|v| v.to_str().ok()).is_some_and(|tags| tags.split(',').any(|t| t.trim() == etag || t.trim() == "*")) {
@@ -80,9 +100,57 @@ pub async fn serve(State(app): State<AppState>, path: Result<Path<String>, PathR
         }
     };
     response_headers.insert(header::CONTENT_LENGTH, HeaderValue::from(count));
-    file.seek(SeekFrom::Start(start)).await.map_err(ApiError::storage)?;
-    let body = Body::from_stream(ReaderStream::with_capacity(file.take(count), 64 * 1024));
+    let body = match source {
+        Source::File { mut file, .. } => {
+            file.seek(SeekFrom::Start(start)).await.map_err(ApiError::storage)?;
+            Body::from_stream(ReaderStream::with_capacity(file.take(count), 64 * 1024))
+        }
+        // An empty object has no range to ask for.
+        Source::Object { .. } if count == 0 => Body::empty(),
+        Source::Object { objects, key, .. } => Body::from_stream(objects.read(&key, start..start + count).await.map_err(ApiError::media)?),
+    };
     Ok((status, response_headers, body).into_response())
+}
+
+/// How long a presigned `/media` redirect stays valid: long enough to start playing, short enough
+/// that a leaked URL soon stops working.
+const REDIRECT_VALIDITY: Duration = Duration::from_secs(300);
+
+enum Source {
+    File { file: tokio::fs::File, info: ObjectInfo },
+    Object { objects: ObjectMedia, key: ObjectKey, info: ObjectInfo },
+}
+
+impl Source {
+    fn info(&self) -> &ObjectInfo {
+        match self {
+            Source::File { info, .. } | Source::Object { info, .. } => info,
+        }
+    }
+}
+
+/// The object behind a `/media` name. A job's outputs are served only once the job is complete,
+/// and then from the run that completed it (the highest attempt with a result,
+/// [`crate::jobs::ObjectMedia::published_attempt`]). A job forgotten after its TTL is complete or
+/// gone: its outputs, while kept, are found the same way. The legacy newest-mix path is the
+/// newest complete job's result, as `/mix/{p}/mix/preview` names it.
+async fn object_key(app: &AppState, objects: &ObjectMedia, name: MediaName) -> Result<ObjectKey, ApiError> {
+    let (project, job_id, analysis) = match name {
+        MediaName::Stem { project, stem_id, format } => return Ok(objects.key(&keys::stem_audio(&project, stem_id, &format))),
+        MediaName::Newest { project } => {
+            let newest = app.jobs.for_project(&project).into_iter().find(|status| status.state() == JobState::Complete).ok_or(ApiError::MediaNotFound)?;
+            (project, newest.job_id(), false)
+        }
+        MediaName::Result { project, job_id, analysis } => {
+            match app.jobs.find(job_id).await? {
+                Some(event) if event.status.project_id() != &project || event.status.state() != JobState::Complete => return Err(ApiError::MediaNotFound),
+                _ => {}
+            }
+            (project, job_id, analysis)
+        }
+    };
+    let attempt = objects.published_attempt(&project, job_id).await.map_err(ApiError::media)?.ok_or(ApiError::MediaNotFound)?;
+    Ok(objects.key(&keys::result(&project, job_id, attempt, analysis)))
 }
 
 fn content_type(path: &str) -> &'static str {

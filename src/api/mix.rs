@@ -80,7 +80,8 @@ pub struct StatusQuery {
         (status = 404, body = ErrorEnvelope, description = "PROJECT_NOT_FOUND: the project has no stems"),
         (status = 413, body = ErrorEnvelope, description = "PAYLOAD_TOO_LARGE: the body is over 1 MiB"),
         (status = 422, body = ErrorEnvelope, description = "INVALID_SETTINGS naming the field, also for a body that is not JSON"),
-        (status = 500, body = ErrorEnvelope, description = "INTERNAL")))]
+        (status = 500, body = ErrorEnvelope, description = "INTERNAL"),
+        (status = 503, body = ErrorEnvelope, description = "MEDIA_UNAVAILABLE: the object storage did not answer (with --storage)", headers(("Retry-After" = u32)))))]
 pub async fn start(
     State(app): State<AppState>,
     ProjectPath { project_id }: ProjectPath,
@@ -88,7 +89,7 @@ pub async fn start(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = body.map_err(|rejection| body_error(rejection, MAX_SETTINGS_MB))?;
-    let stems = app.stems.list(&project_id).await.map_err(ApiError::storage)?;
+    let stems = app.stems.list(&project_id).await.map_err(ApiError::media)?;
     let Some(highest_rate) = stems.iter().map(|s| s.sample_rate).max() else { return Err(ApiError::ProjectNotFound) };
     let sources: Vec<_> = stems.iter().map(|stem| app.stems.source(&project_id, stem)).collect();
     let (body, webhook) = split_webhook(&body, app.config.webhook_allow_private)?;

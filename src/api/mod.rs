@@ -28,7 +28,7 @@ use tower_http::trace::TraceLayer;
 
 use crate::access::Keys;
 use crate::config::Config;
-use crate::jobs::{Jobs, MediaLayout, StemStore};
+use crate::jobs::{Jobs, MediaLayout, ObjectMedia, StemStore};
 use crate::webhooks::WebhookSecret;
 
 pub use connection::{serve as serve_connection, ConnectionConfig};
@@ -42,7 +42,10 @@ pub struct AppState(Arc<App>);
 pub struct App {
     pub jobs: Jobs,
     pub stems: StemStore,
+    /// The local data root (with object storage: only the job database and the stem cache).
     pub layout: MediaLayout,
+    /// Where stems and mixes are kept, when that is object storage.
+    pub objects: Option<ObjectMedia>,
     pub keys: Keys,
     pub webhook_secret: WebhookSecret,
     pub config: Arc<Config>,

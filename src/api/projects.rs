@@ -34,18 +34,24 @@ pub struct ProjectList {
 /// Every project with stems or jobs, most recently updated first. A scoped token sees only its
 /// own project.
 #[utoipa::path(get, path = "/projects", tag = "stems",
-    responses((status = 200, body = Envelope<ProjectList>), (status = 500, body = ErrorEnvelope, description = "INTERNAL")))]
+    responses((status = 200, body = Envelope<ProjectList>), (status = 500, body = ErrorEnvelope, description = "INTERNAL"),
+        (status = 503, body = ErrorEnvelope, description = "MEDIA_UNAVAILABLE: the object storage did not answer", headers(("Retry-After" = u32)))))]
 pub async fn list(State(app): State<AppState>, Extension(caller): Extension<Caller>) -> Result<Response, ApiError> {
-    let layout = app.layout.clone();
-    let on_disk = tokio::task::spawn_blocking(move || layout.projects()).await.map_err(|err| ApiError::Internal(err.to_string()))?.map_err(ApiError::storage)?;
+    let stored = match &app.objects {
+        Some(objects) => objects.projects().await.map_err(ApiError::media)?,
+        None => {
+            let layout = app.layout.clone();
+            tokio::task::spawn_blocking(move || layout.projects()).await.map_err(|err| ApiError::Internal(err.to_string()))?.map_err(ApiError::storage)?
+        }
+    };
     let mut newest = app.jobs.newest_by_project();
-    let mut ids: HashSet<ProjectId> = on_disk.into_iter().chain(newest.keys().cloned()).collect();
+    let mut ids: HashSet<ProjectId> = stored.into_iter().chain(newest.keys().cloned()).collect();
     if let Some(only) = caller.only_project() {
         ids.retain(|project| project == only);
     }
     let mut projects = Vec::with_capacity(ids.len());
     for project_id in ids {
-        let stems = app.stems.list(&project_id).await.map_err(ApiError::storage)?;
+        let stems = app.stems.list(&project_id).await.map_err(ApiError::media)?;
         let newest_job = newest.remove(&project_id).map(|event| event.status.clone());
         let last_stem = stems.iter().map(|stem| stem.created_at).max();
         let Some(updated_at) = last_stem.into_iter().chain(newest_job.as_ref().map(JobStatus::updated_at)).max() else {

@@ -33,11 +33,18 @@ pub async fn healthz(State(app): State<AppState>) -> Result<Response, ApiError> 
         Ok(Err(err)) => return Err(ApiError::StoreUnavailable(err.to_string())),
         Err(_) => return Err(ApiError::StoreUnavailable("no answer within the health check's timeout".into())),
     }
-    let root = app.layout.root().to_path_buf();
-    let media = tokio::time::timeout(HEALTH_TIMEOUT, tokio::task::spawn_blocking(move || std::fs::metadata(root).map(|meta| meta.is_dir()))).await;
-    match media {
-        Ok(Ok(Ok(true))) => Ok(respond(StatusCode::OK, Health { status: "ok", version: env!("CARGO_PKG_VERSION") }, "OK")),
-        _ => Err(ApiError::MediaUnavailable),
+    let reachable = match &app.objects {
+        Some(objects) => matches!(tokio::time::timeout(HEALTH_TIMEOUT, objects.ping()).await, Ok(Ok(()))),
+        None => {
+            let root = app.layout.root().to_path_buf();
+            let media = tokio::time::timeout(HEALTH_TIMEOUT, tokio::task::spawn_blocking(move || std::fs::metadata(root).map(|meta| meta.is_dir()))).await;
+            matches!(media, Ok(Ok(Ok(true))))
+        }
+    };
+    if reachable {
+        Ok(respond(StatusCode::OK, Health { status: "ok", version: env!("CARGO_PKG_VERSION") }, "OK"))
+    } else {
+        Err(ApiError::MediaUnavailable)
     }
 }
 

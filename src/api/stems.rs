@@ -62,7 +62,8 @@ impl ToSchema for StemUpload {}
         (status = 413, body = ErrorEnvelope, description = "PAYLOAD_TOO_LARGE: over --max-upload-mb (default 512 MiB)"),
         (status = 415, body = ErrorEnvelope, description = "UNSUPPORTED_AUDIO, naming the file and where it fails"),
         (status = 500, body = ErrorEnvelope, description = "INTERNAL"),
-        (status = 507, body = ErrorEnvelope, description = "INSUFFICIENT_STORAGE")))]
+        (status = 507, body = ErrorEnvelope, description = "INSUFFICIENT_STORAGE"),
+        (status = 503, body = ErrorEnvelope, description = "MEDIA_UNAVAILABLE: the object storage did not answer (with --storage)", headers(("Retry-After" = u32)))))]
 pub async fn upload(
     State(app): State<AppState>,
     ProjectPath { project_id }: ProjectPath,
@@ -131,7 +132,7 @@ async fn receive_file(app: &AppState, project: &ProjectId, mut field: Field<'_>)
         .map_err(|_| ApiError::UnsupportedAudio(format!("Stem \"{name}\" could not be decoded in time; the file looks malformed")))?
         .map_err(|err| ApiError::Internal(format!("probe task: {err}")))?
         .map_err(|err| ApiError::UnsupportedAudio(err.to_string()))?;
-    let stem = app.stems.commit(project, &path, name, info, size).await.map_err(ApiError::storage)?;
+    let stem = app.stems.commit(project, &path, name, info, size).await.map_err(ApiError::media)?;
     partial.keep();
     tracing::info!(stem_id = %stem.stem_id, name = %stem.name, "stem stored");
     Ok(stem)
@@ -167,9 +168,10 @@ fn remove_quietly(path: &Path) {
     responses(
         (status = 200, body = Envelope<StemList>),
         (status = 400, body = ErrorEnvelope, description = "INVALID_PROJECT_ID"),
-        (status = 500, body = ErrorEnvelope, description = "INTERNAL")))]
+        (status = 500, body = ErrorEnvelope, description = "INTERNAL"),
+        (status = 503, body = ErrorEnvelope, description = "MEDIA_UNAVAILABLE: the object storage did not answer (with --storage)", headers(("Retry-After" = u32)))))]
 pub async fn list(State(app): State<AppState>, ProjectPath { project_id }: ProjectPath) -> Result<Response, ApiError> {
-    let stems = app.stems.list(&project_id).await.map_err(ApiError::storage)?;
+    let stems = app.stems.list(&project_id).await.map_err(ApiError::media)?;
     Ok(respond(StatusCode::OK, StemList { stems }, "Stems retrieved successfully"))
 }
 
@@ -180,9 +182,10 @@ pub async fn list(State(app): State<AppState>, ProjectPath { project_id }: Proje
         (status = 200, body = Envelope<DeletedStem>),
         (status = 400, body = ErrorEnvelope, description = "INVALID_PROJECT_ID"),
         (status = 404, body = ErrorEnvelope, description = "STEM_NOT_FOUND"),
-        (status = 500, body = ErrorEnvelope, description = "INTERNAL")))]
+        (status = 500, body = ErrorEnvelope, description = "INTERNAL"),
+        (status = 503, body = ErrorEnvelope, description = "MEDIA_UNAVAILABLE: the object storage did not answer (with --storage)", headers(("Retry-After" = u32)))))]
 pub async fn delete(State(app): State<AppState>, StemPath { project_id, stem_id }: StemPath) -> Result<Response, ApiError> {
-    if !app.stems.delete(&project_id, stem_id).await.map_err(ApiError::storage)? {
+    if !app.stems.delete(&project_id, stem_id).await.map_err(ApiError::media)? {
         return Err(ApiError::StemNotFound);
     }
     Ok(respond(StatusCode::OK, DeletedStem { stem_id }, "Stem deleted"))

@@ -233,7 +233,7 @@ fn is_handshake_key(key: &[u8]) -> bool {
 /// A project exists once it has a stem; one whose stems were deleted still has its jobs. Jobs are
 /// asked first: they are in memory, and the stems are on disk.
 async fn ensure_project(app: &AppState, project: &ProjectId) -> Result<(), ApiError> {
-    if app.jobs.has_project(project) || app.stems.has_any(project).await.map_err(ApiError::storage)? {
+    if app.jobs.has_project(project) || app.stems.has_any(project).await.map_err(ApiError::media)? {
         Ok(())
     } else {
         Err(ApiError::ProjectNotFound)

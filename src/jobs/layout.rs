@@ -28,6 +28,8 @@ const OUTPUTS_DIR: &str = "mix_outputs";
 const RESULT_FILE: &str = "final_mix.wav";
 const ANALYSIS_FILE: &str = "analysis.json";
 const PARTIAL_SUFFIX: &str = ".partial";
+const ATTEMPT_PREFIX: &str = "attempt-";
+const CACHE_DIR: &str = ".mixd-cache";
 /// Temporary names, by what is being written.
 const UPLOAD_PREFIX: &str = ".upload-";
 const RECORD_PREFIX: &str = ".record-";
@@ -48,6 +50,80 @@ pub struct MediaFile {
     pub immutable: bool,
 }
 
+/// What a `/media` path names, whichever storage holds it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum MediaName {
+    /// A job's result, or its analysis: immutable once the job is complete.
+    Result { project: ProjectId, job_id: JobId, analysis: bool },
+    /// The legacy path of the project's newest complete mix.
+    Newest { project: ProjectId },
+    Stem { project: ProjectId, stem_id: StemId, format: String },
+}
+
+/// Object keys on object storage, relative to the bucket's prefix: the same names as under the
+/// local root, except that a job's outputs are kept per run (`attempt-N/`) and the job's final
+/// update is what publishes one of them ([`super::objects`]).
+pub mod keys {
+    use super::*;
+
+    pub fn stems_prefix(project: &ProjectId) -> String {
+        format!("{project}/{STEMS_DIR}/")
+    }
+
+    pub fn stem_audio(project: &ProjectId, stem_id: StemId, format: &str) -> String {
+        format!("{project}/{STEMS_DIR}/{stem_id}.{format}")
+    }
+
+    pub fn stem_record(project: &ProjectId, stem_id: StemId) -> String {
+        format!("{project}/{STEMS_DIR}/{stem_id}.json")
+    }
+
+    /// Which stem a key in a stems prefix belongs to, and whether it is the record (else the audio).
+    pub fn stem(key: &str) -> Option<(ProjectId, StemId, bool)> {
+        match key.split('/').collect::<Vec<_>>().as_slice() {
+            [project, STEMS_DIR, file] => {
+                let (stem, format) = file.split_once('.')?;
+                Some((project.parse().ok()?, stem.parse().ok()?, format == "json"))
+            }
+            _ => None,
+        }
+    }
+
+    pub fn job_outputs(project: &ProjectId, job_id: JobId) -> String {
+        format!("{project}/{OUTPUTS_DIR}/{job_id}/")
+    }
+
+    pub fn attempt_outputs(project: &ProjectId, job_id: JobId, attempt: u32) -> String {
+        format!("{project}/{OUTPUTS_DIR}/{job_id}/{ATTEMPT_PREFIX}{attempt}/")
+    }
+
+    pub fn result(project: &ProjectId, job_id: JobId, attempt: u32, analysis: bool) -> String {
+        let file = if analysis { ANALYSIS_FILE } else { RESULT_FILE };
+        format!("{}{file}", attempt_outputs(project, job_id, attempt))
+    }
+
+    /// Which run and which file a key under a job's outputs is: (job, attempt, is the analysis).
+    pub fn output_attempt(key: &str) -> Option<(ProjectId, JobId, u32, bool)> {
+        match key.split('/').collect::<Vec<_>>().as_slice() {
+            [project, OUTPUTS_DIR, job, attempt, file] => {
+                let attempt = attempt.strip_prefix(ATTEMPT_PREFIX)?.parse().ok()?;
+                let analysis = match *file {
+                    RESULT_FILE => false,
+                    ANALYSIS_FILE => true,
+                    _ => return None,
+                };
+                Some((project.parse().ok()?, job.parse().ok()?, attempt, analysis))
+            }
+            _ => None,
+        }
+    }
+
+    /// The project a top-level prefix (`p1/`) names.
+    pub fn project(prefix: &str) -> Option<ProjectId> {
+        prefix.trim_end_matches('/').parse().ok()
+    }
+}
+
 impl MediaLayout {
     pub fn new(root: impl Into<PathBuf>) -> Self {
         Self { root: Arc::from(root.into()) }
@@ -59,6 +135,11 @@ impl MediaLayout {
 
     pub fn database_dir(&self) -> PathBuf {
         self.root.join(DATABASE_DIR)
+    }
+
+    /// Where stems fetched from object storage are kept, unless `--cache-dir` says otherwise.
+    pub fn default_cache_dir(&self) -> PathBuf {
+        self.root.join(CACHE_DIR)
     }
 
     /// Every project that has a directory under the root (the database's directory is not one:
@@ -168,30 +249,35 @@ impl MediaLayout {
         format!("/media/{project}/{OUTPUTS_DIR}/{job_id}/{RESULT_FILE}")
     }
 
-    /// The file behind `/media/{path}`, if `path` names one the media route serves: a job's
-    /// result, the newest result, or a stem's audio. Ids must parse, so nothing else under the
-    /// root (records, temporary files, the database) and nothing outside it can be named.
-    pub fn media_file(&self, path: &str) -> Option<MediaFile> {
+    /// What `/media/{path}` names, if it names something the media route serves: a job's result
+    /// or analysis, the newest result, or a stem's audio. Ids must parse, so nothing else under
+    /// the root (records, temporary files, the database) and nothing outside it can be named.
+    pub fn media_name(path: &str) -> Option<MediaName> {
         let segments: Vec<&str> = path.split('/').collect();
         match segments.as_slice() {
-            [project, OUTPUTS_DIR, job, RESULT_FILE] => {
-                let (project, job_id) = (project.parse().ok()?, job.parse().ok()?);
-                Some(MediaFile { path: self.result(&project, job_id), immutable: true })
-            }
-            [project, OUTPUTS_DIR, job, ANALYSIS_FILE] => {
-                let (project, job_id) = (project.parse().ok()?, job.parse().ok()?);
-                Some(MediaFile { path: self.analysis(&project, job_id), immutable: true })
-            }
-            [project, OUTPUTS_DIR, RESULT_FILE] => Some(MediaFile { path: self.newest_result(&project.parse().ok()?), immutable: false }),
+            [project, OUTPUTS_DIR, job, RESULT_FILE] => Some(MediaName::Result { project: project.parse().ok()?, job_id: job.parse().ok()?, analysis: false }),
+            [project, OUTPUTS_DIR, job, ANALYSIS_FILE] => Some(MediaName::Result { project: project.parse().ok()?, job_id: job.parse().ok()?, analysis: true }),
+            [project, OUTPUTS_DIR, RESULT_FILE] => Some(MediaName::Newest { project: project.parse().ok()? }),
             [project, STEMS_DIR, file] => {
                 let (stem, format) = file.split_once('.')?;
                 if format == "json" || !format.chars().all(|c| c.is_ascii_alphanumeric()) {
                     return None;
                 }
-                Some(MediaFile { path: self.stem_audio(&project.parse().ok()?, stem.parse().ok()?, format), immutable: true })
+                Some(MediaName::Stem { project: project.parse().ok()?, stem_id: stem.parse().ok()?, format: format.to_string() })
             }
             _ => None,
         }
+    }
+
+    /// The file behind `/media/{path}` on the local data root.
+    pub fn media_file(&self, path: &str) -> Option<MediaFile> {
+        let (path, immutable) = match Self::media_name(path)? {
+            MediaName::Result { project, job_id, analysis: false } => (self.result(&project, job_id), true),
+            MediaName::Result { project, job_id, analysis: true } => (self.analysis(&project, job_id), true),
+            MediaName::Newest { project } => (self.newest_result(&project), false),
+            MediaName::Stem { project, stem_id, format } => (self.stem_audio(&project, stem_id, &format), true),
+        };
+        Some(MediaFile { path, immutable })
     }
 
     /// Removes temporary files a crash left behind (uploads in progress, records, unfinished

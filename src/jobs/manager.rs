@@ -17,6 +17,7 @@ use uuid::Uuid;
 
 use super::engine::EnginePool;
 use super::layout::MediaLayout;
+use super::objects::ObjectMedia;
 use super::metrics::Metrics;
 use super::model::{JobEvent, JobId, JobState, JobStatus, ProjectId};
 use super::outbox::Outbox;
@@ -40,8 +41,10 @@ pub struct JobsConfig {
     pub output_retention: Duration,
     /// Changes the broadcast channel holds for a subscriber that falls behind ([`EVENT_BUFFER`]).
     pub event_buffer: usize,
-    /// Where results go.
+    /// Where results go: the local data root, or with object storage this node's work directory.
     pub layout: MediaLayout,
+    /// The object storage, when media are kept there.
+    pub objects: Option<ObjectMedia>,
     /// How long a node holds a job without renewing it.
     pub lease: Duration,
 }
@@ -326,6 +329,7 @@ pub(super) mod tests {
             output_retention: Duration::from_secs(3600),
             event_buffer,
             layout,
+            objects: None,
             lease: Duration::from_secs(15),
         };
         Jobs::open(config, store, CancellationToken::new()).await.unwrap()

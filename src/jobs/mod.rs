@@ -3,6 +3,7 @@
 //! the webhook outbox written with each change, the stems of each project, the layout of the data
 //! root, and the subscription core the live streams are built on.
 
+mod cache;
 mod engine;
 mod feed;
 mod follow;
@@ -10,6 +11,7 @@ mod layout;
 mod manager;
 mod metrics;
 mod model;
+mod objects;
 mod outbox;
 mod retention;
 mod runner;
@@ -18,7 +20,9 @@ mod store;
 mod webhook;
 
 pub use feed::{feed, Resume, Scope};
-pub use layout::{MediaFile, MediaLayout};
+pub use cache::StemCache;
+pub use layout::{keys, MediaFile, MediaLayout, MediaName};
+pub use objects::{MediaError, ObjectInfo, ObjectKey, ObjectMedia, StorageUrl};
 pub use manager::{JobError, Jobs, JobsConfig, OpenError, EVENT_BUFFER};
 pub use metrics::{LeaseEvent, Metrics, SubscriberGuard, Transport, LEASE_EVENTS, MIX_DURATION_BUCKETS, WEBHOOK_OUTCOMES};
 pub use model::{ErrorCode, InvalidId, JobChange, JobEvent, JobId, JobState, JobStatus, Progress, ProjectId, StemId, Timestamp, FRAMINGS};

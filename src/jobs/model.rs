@@ -192,6 +192,9 @@ pub enum ErrorCode {
     InvalidSettings,
     OutputTooLong,
     InsufficientStorage,
+    /// The object storage did not answer or refused while the mix read its stems or stored its
+    /// result; nothing of the run became visible, and a new mix of the same stems may succeed.
+    MediaUnavailable,
     ExportFailed,
     Canceled,
     Interrupted,

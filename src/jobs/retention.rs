@@ -50,24 +50,32 @@ pub(super) async fn expire_finished_jobs(jobs: Jobs, shutdown: CancellationToken
     }
 }
 
-/// Deletes per-job output directories older than the retention, then sleeps until the oldest
-/// remaining one is due. New outputs are always due later, so nothing needs to wake it early.
-/// The legacy `mix_outputs/final_mix.wav` is a hard link and outlives its job's directory.
+/// Deletes per-job outputs older than the retention, then sleeps until the oldest remaining one is
+/// due. New outputs are always due later, so nothing needs to wake it early. On the data root the
+/// legacy `mix_outputs/final_mix.wav` is a hard link and outlives its job's directory. On object
+/// storage the same pass removes stems' audio left without a record, and runs at least hourly.
 pub(super) async fn remove_old_outputs(jobs: Jobs, shutdown: CancellationToken) {
     let config = &jobs.inner.config;
     let retention = config.output_retention.max(config.job_ttl);
     loop {
-        let layout = config.layout.clone();
-        let swept = tokio::task::spawn_blocking(move || layout.remove_old_results(retention)).await;
-        let wait = match swept {
-            Ok(Ok(next_due)) => next_due.unwrap_or(retention),
-            Ok(Err(err)) => {
-                tracing::warn!(%err, "could not sweep old outputs");
-                Duration::from_secs(3600)
-            }
-            Err(err) => {
-                tracing::error!(%err, "output sweep panicked");
-                Duration::from_secs(3600)
+        let wait = match &config.objects {
+            Some(objects) => objects.sweep(retention).await.unwrap_or_else(|err| {
+                tracing::warn!(%err, "could not sweep the object storage; trying again in a minute");
+                Duration::from_secs(60)
+            }),
+            None => {
+                let layout = config.layout.clone();
+                match tokio::task::spawn_blocking(move || layout.remove_old_results(retention)).await {
+                    Ok(Ok(next_due)) => next_due.unwrap_or(retention),
+                    Ok(Err(err)) => {
+                        tracing::warn!(%err, "could not sweep old outputs");
+                        Duration::from_secs(3600)
+                    }
+                    Err(err) => {
+                        tracing::error!(%err, "output sweep panicked");
+                        Duration::from_secs(3600)
+                    }
+                }
             }
         };
         tokio::select! {

@@ -16,13 +16,15 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::layout::MediaLayout;
+use super::cache::CachedFile;
+use super::layout::{keys, MediaLayout};
+use super::objects::{MediaError, ObjectMedia};
 use super::manager::{Jobs, LocalRun};
 use super::metrics::{LeaseEvent, Metrics};
 use super::model::{ErrorCode, JobChange, JobId, JobState, JobStatus, Progress};
 use super::store::{Change, Claim, Lease, Store, StoreError};
 use super::webhook::WebhookSpec;
-use crate::audio::{self, AudioError, MixObserver, MixReport, Stage};
+use crate::audio::{self, AudioError, MixObserver, MixReport, Stage, StemSource};
 
 /// How often the queue is checked without a wake-up (a notification may be lost).
 const CLAIM_POLL: Duration = Duration::from_secs(1);
@@ -103,8 +105,35 @@ impl JobRun {
         Self { jobs, claim, stop }
     }
 
+    /// The local data root, or on object storage the node's own work directory.
     fn layout(&self) -> &MediaLayout {
         &self.jobs.inner.config.layout
+    }
+
+    fn objects(&self) -> Option<&ObjectMedia> {
+        self.jobs.inner.config.objects.as_ref()
+    }
+
+    /// The stems as local files: as they are on the local storage, or fetched into this node's
+    /// cache from object storage and held there until the mix is done.
+    async fn local_stems(&self) -> Result<(Vec<StemSource>, Vec<CachedFile>), JobChange> {
+        let Some(objects) = self.objects() else { return Ok((self.claim.stems.clone(), Vec::new())) };
+        let (mut stems, mut held) = (Vec::new(), Vec::new());
+        for stem in &self.claim.stems {
+            match objects.fetch_stem(&stem.path.to_string_lossy()).await {
+                Ok(file) => {
+                    stems.push(StemSource { path: file.path().to_path_buf(), ..stem.clone() });
+                    held.push(file);
+                }
+                Err(MediaError::NotFound) => return Err(JobChange::Failed { code: ErrorCode::StemMissing, message: format!("Stem \"{}\" was deleted before the mix could use it", stem.name) }),
+                Err(err) => {
+                    tracing::warn!(%err, stem = stem.name, "could not fetch a stem");
+                    let code = if matches!(&err, MediaError::Io(io) if io.kind() == std::io::ErrorKind::StorageFull) { ErrorCode::InsufficientStorage } else { ErrorCode::MediaUnavailable };
+                    return Err(JobChange::Failed { code, message: format!("Stem \"{}\" could not be read from the media storage", stem.name) });
+                }
+            }
+        }
+        Ok((stems, held))
     }
 
     async fn run(self) {
@@ -126,35 +155,47 @@ impl JobRun {
 
         let layout = self.layout().clone();
         let _ = layout.remove_earlier_attempts(&project, job_id, attempt);
+        if let Some(objects) = self.objects() {
+            if let Err(err) = objects.delete_attempts_except(&project, job_id, Some(attempt)).await {
+                tracing::warn!(%err, "could not delete what earlier runs of the job stored");
+            }
+        }
         let staged = layout.result_staged(&project, job_id, attempt);
         let temporary = layout.result_temporary(&project, job_id, attempt);
-        let observer = JobObserver::new(changes.clone(), self.stop.clone());
-        let span = tracing::Span::current();
-        let (stems, settings, engine_output) = (self.claim.stems.clone(), self.claim.settings.clone(), staged.clone());
-        let outcome = self.jobs.inner.engine.run(move || span.in_scope(|| audio::mix(&stems, &settings, &engine_output, &temporary, &observer))).await;
-
-        let stopped = self.stop.load(Ordering::Relaxed);
-        let ending = match outcome {
-            Ok(Ok(report)) if !stopped => {
-                self.analyse(&staged, layout.analysis_staged(&project, job_id, attempt)).await;
-                Some(Ending::Mixed(report))
-            }
-            Ok(Ok(_)) | Ok(Err(AudioError::Canceled)) => None,
-            Ok(Err(err)) => {
-                tracing::warn!(error = %err, "mix failed");
-                Some(Ending::Failed(failure(&err)))
-            }
-            Err(panic) => {
-                let panic = audio::panic_message(&*panic);
-                tracing::error!(%panic, "mix engine panicked");
-                Some(Ending::Failed(JobChange::Failed { code: ErrorCode::Internal, message: "The mix engine failed unexpectedly".into() }))
+        let ending = match self.local_stems().await {
+            Err(failed) => Some(Ending::Failed(failed)),
+            Ok((stems, _held)) => {
+                let observer = JobObserver::new(changes.clone(), self.stop.clone());
+                let span = tracing::Span::current();
+                let (settings, engine_output) = (self.claim.settings.clone(), staged.clone());
+                let outcome = self.jobs.inner.engine.run(move || span.in_scope(|| audio::mix(&stems, &settings, &engine_output, &temporary, &observer))).await;
+                let stopped = self.stop.load(Ordering::Relaxed);
+                match outcome {
+                    Ok(Ok(report)) if !stopped => {
+                        self.analyse(&staged, layout.analysis_staged(&project, job_id, attempt)).await;
+                        Some(Ending::Mixed(report))
+                    }
+                    Ok(Ok(_)) | Ok(Err(AudioError::Canceled)) => None,
+                    Ok(Err(err)) => {
+                        tracing::warn!(error = %err, "mix failed");
+                        Some(Ending::Failed(failure(&err)))
+                    }
+                    Err(panic) => {
+                        let panic = audio::panic_message(&*panic);
+                        tracing::error!(%panic, "mix engine panicked");
+                        Some(Ending::Failed(JobChange::Failed { code: ErrorCode::Internal, message: "The mix engine failed unexpectedly".into() }))
+                    }
+                }
             }
         };
         // Every progress change is written before the ending.
         drop(changes);
         let mut writer = writing.await.expect("the writer does not panic");
         let finished = match ending {
-            Some(Ending::Mixed(report)) if !self.stop.load(Ordering::Relaxed) => self.publish(&mut writer, &staged, report).await,
+            Some(Ending::Mixed(report)) if !self.stop.load(Ordering::Relaxed) => match self.objects() {
+                Some(objects) => self.publish_objects(objects, &mut writer, &staged, report).await,
+                None => self.publish(&mut writer, &staged, report).await,
+            },
             Some(Ending::Failed(change)) if !self.stop.load(Ordering::Relaxed) => writer.write(change).await,
             _ => false,
         };
@@ -162,6 +203,18 @@ impl JobRun {
         let _ = tokio::fs::remove_file(&staged).await;
         let _ = tokio::fs::remove_file(layout.analysis_staged(&project, job_id, attempt)).await;
         self.jobs.inner.local_runs.lock().expect("never poisoned").remove(&job_id);
+        if let Some(objects) = self.objects() {
+            // The work files were this node's own; what the run stored is published only if the
+            // job completed here.
+            let _ = tokio::fs::remove_dir(layout.job_outputs(&project, job_id)).await;
+            if !(finished && writer.status.state() == JobState::Complete) {
+                for analysis in [false, true] {
+                    if let Err(err) = objects.delete(&objects.key(&keys::result(&project, job_id, attempt, analysis))).await {
+                        tracing::warn!(%err, "could not delete what this run stored; the storage sweep will");
+                    }
+                }
+            }
+        }
         if finished {
             tracing::info!(state = writer.status.state().as_str(), seconds = started.elapsed().as_secs_f64(), "job finished");
             if writer.status.state() == JobState::Complete {
@@ -172,7 +225,7 @@ impl JobRun {
             // handed back or lost leaves it alone: the job's next run, maybe on another node, may
             // be writing there already (its spill is an unnamed file, so the directory looks empty).
             let ended = matches!(self.jobs.find(job_id).await, Ok(Some(event)) if event.status.state().is_terminal());
-            if ended {
+            if ended && self.objects().is_none() {
                 let _ = tokio::fs::remove_dir(layout.job_outputs(&project, job_id)).await;
             }
             tracing::info!("run stopped: the job was canceled or is no longer this node's");
@@ -231,6 +284,25 @@ impl JobRun {
         let _ = tokio::fs::remove_file(staged).await;
         let _ = tokio::fs::remove_file(&analysis).await;
         self.point_newest_at(&output).await;
+        writer.write(JobChange::Completed { result_url: MediaLayout::result_url(project, job_id), report: Box::new(report) }).await
+    }
+
+    /// Stores this run's result and analysis under its own keys, then completes the job, which is
+    /// what publishes them ([`super::objects`]): should the write be fenced out, they are deleted
+    /// and were never served.
+    async fn publish_objects(&self, objects: &ObjectMedia, writer: &mut Writer, staged: &std::path::Path, report: MixReport) -> bool {
+        let (project, job_id, attempt) = (self.claim.status.project_id(), self.claim.status.job_id(), self.claim.lease.attempt);
+        let analysis = self.layout().analysis_staged(project, job_id, attempt);
+        if tokio::fs::try_exists(&analysis).await.unwrap_or(false) {
+            if let Err(err) = objects.put_file(&analysis, &objects.key(&keys::result(project, job_id, attempt, true))).await {
+                tracing::warn!(%err, "could not store the mix's analysis");
+            }
+        }
+        if let Err(err) = objects.put_file(staged, &objects.key(&keys::result(project, job_id, attempt, false))).await {
+            tracing::warn!(%err, "could not store the mix");
+            let message = "The media storage is unavailable: the mix could not be stored".to_string();
+            return writer.write(JobChange::Failed { code: ErrorCode::MediaUnavailable, message }).await;
+        }
         writer.write(JobChange::Completed { result_url: MediaLayout::result_url(project, job_id), report: Box::new(report) }).await
     }
 

@@ -1,17 +1,20 @@
-//! The stems of each project, as files with a JSON record beside each (where: [`MediaLayout`]).
+//! The stems of each project, as files with a JSON record beside each (where: [`MediaLayout`],
+//! or on object storage, [`super::layout::keys`]).
 //!
-//! A record is written (atomically) only after its audio file is in place, so a listed stem
-//! always has its file. Uploads land in a temporary file first; leftovers from a crash are
-//! removed at start.
+//! A record is written (atomically) only after its audio is in place, so a listed stem always has
+//! its audio. Uploads land in a local temporary file first; leftovers from a crash are removed at
+//! start. On object storage a listing reads the records only, never the audio.
 
 use std::io;
 use std::path::{Path, PathBuf};
 
+use futures_util::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::layout::MediaLayout;
+use super::layout::{keys, MediaLayout};
 use super::model::{ProjectId, StemId, Timestamp};
+use super::objects::{MediaError, ObjectMedia};
 use crate::audio::{StemInfo, StemSource};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
@@ -34,11 +37,17 @@ pub struct Stem {
 #[derive(Debug, Clone)]
 pub struct StemStore {
     layout: MediaLayout,
+    /// Where stems are kept when that is object storage; `layout` then holds only uploads in
+    /// progress.
+    objects: Option<ObjectMedia>,
 }
 
+/// Records read at once when listing a project on object storage.
+const RECORD_READS: usize = 16;
+
 impl StemStore {
-    pub fn new(layout: MediaLayout) -> Self {
-        Self { layout }
+    pub fn new(layout: MediaLayout, objects: Option<ObjectMedia>) -> Self {
+        Self { layout, objects }
     }
 
     fn audio_path(&self, project: &ProjectId, stem: &Stem) -> PathBuf {
@@ -51,12 +60,15 @@ impl StemStore {
 
     /// A fresh temporary path for an upload into `project`.
     pub async fn upload_path(&self, project: &ProjectId) -> io::Result<PathBuf> {
+        if let Some(objects) = &self.objects {
+            return Ok(objects.cache().temporary());
+        }
         tokio::fs::create_dir_all(self.layout.stems_dir(project)).await?;
         Ok(self.layout.upload_temporary(project))
     }
 
     /// Moves a probed upload into place and records it.
-    pub async fn commit(&self, project: &ProjectId, upload: &Path, name: String, info: StemInfo, size_bytes: u64) -> io::Result<Stem> {
+    pub async fn commit(&self, project: &ProjectId, upload: &Path, name: String, info: StemInfo, size_bytes: u64) -> Result<Stem, MediaError> {
         let stem = Stem {
             stem_id: StemId::new(),
             name,
@@ -69,21 +81,49 @@ impl StemStore {
             created_at: Timestamp::now(),
             skipped_packets: info.skipped_packets,
         };
+        let json = serde_json::to_vec_pretty(&stem).expect("a stem serialises");
+        if let Some(objects) = &self.objects {
+            let audio = keys::stem_audio(project, stem.stem_id, &stem.format);
+            objects.put_file(upload, &objects.key(&audio)).await?;
+            if let Err(err) = objects.put_bytes(&objects.key(&keys::stem_record(project, stem.stem_id)), json).await {
+                // Not listed without its record; should this delete fail too, the sweep finds it.
+                let _ = objects.delete(&objects.key(&audio)).await;
+                return Err(err);
+            }
+            objects.keep_in_cache(upload, &audio).await;
+            return Ok(stem);
+        }
         let audio = self.audio_path(project, &stem);
         tokio::fs::rename(upload, &audio).await?;
         let record = self.record_path(project, stem.stem_id);
-        let json = serde_json::to_vec_pretty(&stem).expect("a stem serialises");
         let written = write_atomically(&record, json).await;
         if let Err(err) = written {
             let _ = tokio::fs::remove_file(&audio).await;
-            return Err(err);
+            return Err(err.into());
         }
         Ok(stem)
     }
 
     /// The project's stems, oldest first. A project that has none does not exist. Listed and
     /// read in one blocking call rather than one per record.
-    pub async fn list(&self, project: &ProjectId) -> io::Result<Vec<Stem>> {
+    pub async fn list(&self, project: &ProjectId) -> Result<Vec<Stem>, MediaError> {
+        if let Some(objects) = &self.objects {
+            let records: Vec<String> = objects.list(&keys::stems_prefix(project)).try_filter_map(|(key, _)| async move { Ok(keys::stem(&key).filter(|(.., is_record)| *is_record).map(|_| key)) }).try_collect().await?;
+            let reads = records.into_iter().map(|key| async move { (objects.get_bytes(&objects.key(&key)).await, key) });
+            let mut stems = Vec::new();
+            let mut reads = futures_util::stream::iter(reads).buffer_unordered(RECORD_READS);
+            while let Some((read, key)) = reads.next().await {
+                match read.map(|bytes| serde_json::from_slice::<Stem>(&bytes)) {
+                    Ok(Ok(stem)) => stems.push(stem),
+                    // Deleted between the listing and the read.
+                    Err(MediaError::NotFound) => {}
+                    Err(err) => return Err(err),
+                    Ok(Err(err)) => tracing::warn!(key, %err, "skipping an unreadable stem record"),
+                }
+            }
+            sort_stems(&mut stems);
+            return Ok(stems);
+        }
         let dir = self.layout.stems_dir(project);
         blocking(move || {
             let mut stems = Vec::new();
@@ -94,40 +134,72 @@ impl StemStore {
                     Err(err) => tracing::warn!(path = %path.display(), %err, "skipping an unreadable stem record"),
                 }
             }
-            stems.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.name.cmp(&b.name)));
+            sort_stems(&mut stems);
             Ok(stems)
         })
         .await
+        .map_err(MediaError::from)
     }
 
     /// Whether `project` has a stem, without reading any record (every subscriber of a project
     /// without jobs asks, all at once after a restart).
-    pub async fn has_any(&self, project: &ProjectId) -> io::Result<bool> {
+    pub async fn has_any(&self, project: &ProjectId) -> Result<bool, MediaError> {
+        if let Some(objects) = &self.objects {
+            let mut listing = objects.list(&keys::stems_prefix(project));
+            while let Some((key, _)) = listing.try_next().await? {
+                if keys::stem(&key).is_some_and(|(.., is_record)| is_record) {
+                    return Ok(true);
+                }
+            }
+            return Ok(false);
+        }
         let dir = self.layout.stems_dir(project);
-        blocking(move || stem_records(&dir)?.next().transpose().map(|first| first.is_some())).await
+        blocking(move || stem_records(&dir)?.next().transpose().map(|first| first.is_some())).await.map_err(MediaError::from)
     }
 
-    /// What the engine needs to mix this stem.
+    /// What the engine needs to mix this stem. On object storage the path is the stem's key, which
+    /// the node that runs the mix fetches into its cache.
     pub fn source(&self, project: &ProjectId, stem: &Stem) -> StemSource {
-        StemSource { id: stem.stem_id.to_string(), path: self.audio_path(project, stem), name: stem.name.clone() }
+        let path = match &self.objects {
+            Some(_) => PathBuf::from(keys::stem_audio(project, stem.stem_id, &stem.format)),
+            None => self.audio_path(project, stem),
+        };
+        StemSource { id: stem.stem_id.to_string(), path, name: stem.name.clone() }
     }
 
     /// Removes a stem; false when there was no such stem.
-    pub async fn delete(&self, project: &ProjectId, stem_id: StemId) -> io::Result<bool> {
+    pub async fn delete(&self, project: &ProjectId, stem_id: StemId) -> Result<bool, MediaError> {
+        if let Some(objects) = &self.objects {
+            let record = objects.key(&keys::stem_record(project, stem_id));
+            let stem: Stem = match objects.get_bytes(&record).await {
+                Ok(bytes) => serde_json::from_slice(&bytes).map_err(io::Error::other)?,
+                Err(MediaError::NotFound) => return Ok(false),
+                Err(err) => return Err(err),
+            };
+            objects.delete(&record).await?;
+            if let Err(err) = objects.delete_stem_audio(&keys::stem_audio(project, stem_id, &stem.format)).await {
+                tracing::warn!(%err, %stem_id, "could not delete a stem's audio; the storage sweep will");
+            }
+            return Ok(true);
+        }
         let record = match tokio::fs::read(self.record_path(project, stem_id)).await {
             Ok(bytes) => bytes,
             Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(false),
-            Err(err) => return Err(err),
+            Err(err) => return Err(err.into()),
         };
         let stem: Stem = serde_json::from_slice(&record).map_err(io::Error::other)?;
-        // The record goes first: a stem without a record is invisible, the reverse would be listed.
+        // The record goes first (on both storages): a stem without a record is invisible, the reverse would be listed.
         tokio::fs::remove_file(self.record_path(project, stem_id)).await?;
         match tokio::fs::remove_file(self.audio_path(project, &stem)).await {
-            Err(err) if err.kind() != io::ErrorKind::NotFound => return Err(err),
+            Err(err) if err.kind() != io::ErrorKind::NotFound => return Err(err.into()),
             _ => {}
         }
         Ok(true)
     }
+}
+
+fn sort_stems(stems: &mut [Stem]) {
+    stems.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.name.cmp(&b.name)));
 }
 
 /// Writes via a temporary file and a rename, with fsyncs, so readers see all or nothing.

@@ -13,7 +13,7 @@ use crate::helpers::{connect_ws, eventually_async, make_audio, start_server, Ser
 
 /// The server tests make their databases on: `MIXD_TEST_POSTGRES` (scripts/test sets it when it
 /// starts a throwaway cluster), else the machine's own.
-fn admin_url() -> String {
+pub(crate) fn admin_url() -> String {
     std::env::var("MIXD_TEST_POSTGRES").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 

@@ -11,7 +11,7 @@ use serde_json::Value;
 use tempfile::TempDir;
 use tokio_util::sync::CancellationToken;
 
-pub use crate::common::{start_mixd, Mixd};
+pub use crate::common::{start_mixd_with_env, Mixd, S3Server};
 pub use crate::sse::SseStream;
 
 /// Long enough for any mix in these tests on a loaded 2-core machine; only a broken server waits it out.
@@ -222,8 +222,13 @@ pub struct Server {
 /// Starts `mixd serve` on port 0 over `data_dir`, with the test keys and `extra_args`, logging
 /// at `info`.
 pub async fn start_server(data_dir: &Path, fixtures: &Path, extra_args: &[&str]) -> Server {
+    start_server_with_env(data_dir, fixtures, extra_args, &[]).await
+}
+
+/// [`start_server`] with extra environment variables.
+pub async fn start_server_with_env(data_dir: &Path, fixtures: &Path, extra_args: &[&str], env: &[(String, String)]) -> Server {
     let args: Vec<&str> = ["--api-key", ADMIN_KEY, "--token-key", TOKEN_KEY].into_iter().chain(extra_args.iter().copied()).collect();
-    let process = start_mixd(env!("CARGO_BIN_EXE_mixd"), data_dir, &args, "info");
+    let process = start_mixd_with_env(env!("CARGO_BIN_EXE_mixd"), data_dir, &args, "info", env);
     let app = TestApp {
         address: format!("http://{}", process.address),
         client: authorized_client(),

@@ -14,6 +14,7 @@ mod helpers;
 mod jobs;
 mod load;
 mod media;
+mod objects;
 mod restart;
 mod soak;
 mod sse;
