@@ -289,49 +289,109 @@ impl ObjectMedia {
     /// audio left without a record, which is how a failed delete is retried, never forgotten.
     /// Returns how long until the next pass is due.
     pub async fn sweep(&self, retention: Duration) -> Result<Duration, MediaError> {
-        use std::collections::{HashMap, HashSet};
         let now = chrono::Utc::now();
-        let age = |meta: &ObjectMeta| (now - meta.last_modified).to_std().unwrap_or_default();
-        let mut newest_output: HashMap<String, Duration> = HashMap::new();
-        let mut records = HashSet::new();
-        let mut audio = Vec::new();
-        let mut listing = self.list("");
-        while let Some((key, meta)) = listing.try_next().await? {
-            if let Some((project, job_id, ..)) = keys::output_attempt(&key) {
-                let outputs = newest_output.entry(keys::job_outputs(&project, job_id)).or_insert(Duration::MAX);
-                *outputs = (*outputs).min(age(&meta));
-            } else if let Some((_, stem_id, is_record)) = keys::stem(&key) {
-                if is_record {
-                    records.insert(stem_id);
-                } else {
-                    audio.push((key, stem_id, age(&meta)));
-                }
-            }
+        let listing: Vec<(String, Duration)> = self.list("").map_ok(|(key, meta)| (key, (now - meta.last_modified).to_std().unwrap_or_default())).try_collect().await?;
+        let plan = plan_sweep(listing, retention);
+        for key in &plan.delete {
+            self.delete(&self.key(key)).await?;
+            tracing::info!(key, "removed: past its retention, or a stem's audio without its record");
         }
-        drop(listing);
-        let mut next_due = ORPHAN_AGE.min(retention);
-        for (outputs, youngest) in newest_output {
-            if youngest >= retention {
-                let keys: Vec<(String, ObjectMeta)> = self.list(&outputs).try_collect().await?;
-                for (key, _) in keys {
-                    self.delete(&self.key(&key)).await?;
-                }
-                tracing::info!(outputs, "removed an output past its retention");
+        Ok(plan.next_due)
+    }
+}
+
+#[derive(Debug, PartialEq)]
+struct SweepPlan {
+    delete: Vec<String>,
+    next_due: Duration,
+}
+
+/// What one sweep deletes, from every key under the prefix with its age: every output of a job
+/// whose youngest output is past `retention`, and audio without a record past [`ORPHAN_AGE`].
+fn plan_sweep(listing: Vec<(String, Duration)>, retention: Duration) -> SweepPlan {
+    use std::collections::{BTreeMap, HashSet};
+    let mut jobs: BTreeMap<String, (Duration, Vec<String>)> = BTreeMap::new();
+    let mut records = HashSet::new();
+    let mut audio = Vec::new();
+    for (key, age) in listing {
+        if let Some((project, job_id, ..)) = keys::output_attempt(&key) {
+            let (youngest, keys) = jobs.entry(keys::job_outputs(&project, job_id)).or_insert((Duration::MAX, Vec::new()));
+            *youngest = (*youngest).min(age);
+            keys.push(key);
+        } else if let Some((_, stem_id, is_record)) = keys::stem(&key) {
+            if is_record {
+                records.insert(stem_id);
             } else {
-                next_due = next_due.min(retention - youngest);
+                audio.push((key, stem_id, age));
             }
         }
-        for (key, stem_id, age) in audio {
-            if records.contains(&stem_id) {
-                continue;
-            }
-            if age >= ORPHAN_AGE {
-                self.delete(&self.key(&key)).await?;
-                tracing::info!(key, "removed a stem's audio left without its record");
-            } else {
-                next_due = next_due.min(ORPHAN_AGE - age);
-            }
+    }
+    let mut plan = SweepPlan { delete: Vec::new(), next_due: ORPHAN_AGE.min(retention) };
+    for (youngest, keys) in jobs.into_values() {
+        if youngest >= retention {
+            plan.delete.extend(keys);
+        } else {
+            plan.next_due = plan.next_due.min(retention - youngest);
         }
-        Ok(next_due)
+    }
+    for (key, stem_id, age) in audio {
+        if records.contains(&stem_id) {
+            continue;
+        }
+        if age >= ORPHAN_AGE {
+            plan.delete.push(key);
+        } else {
+            plan.next_due = plan.next_due.min(ORPHAN_AGE - age);
+        }
+    }
+    plan
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::jobs::model::StemId;
+
+    const MINUTE: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn a_sweep_deletes_whole_jobs_past_retention_and_only_old_audio_without_a_record() {
+        let project: ProjectId = "p1".parse().unwrap();
+        let (old_job, young_job) = (JobId::new(), JobId::new());
+        let (kept, orphan, fresh_orphan) = (StemId::new(), StemId::new(), StemId::new());
+        let listing = vec![
+            (keys::result(&project, old_job, 1, false), 50 * MINUTE),
+            (keys::result(&project, old_job, 2, false), 40 * MINUTE),
+            (keys::result(&project, old_job, 2, true), 40 * MINUTE),
+            // One young output keeps its whole job.
+            (keys::result(&project, young_job, 1, false), 45 * MINUTE),
+            (keys::result(&project, young_job, 2, false), 5 * MINUTE),
+            (keys::stem_audio(&project, kept, "wav"), 600 * MINUTE),
+            (keys::stem_record(&project, kept), 600 * MINUTE),
+            (keys::stem_audio(&project, orphan, "flac"), 61 * MINUTE),
+            (keys::stem_audio(&project, fresh_orphan, "wav"), 20 * MINUTE),
+            ("p1/unrelated.txt".to_string(), 900 * MINUTE),
+        ];
+        let plan = plan_sweep(listing, 30 * MINUTE);
+        let expected = vec![
+            keys::result(&project, old_job, 1, false),
+            keys::result(&project, old_job, 2, false),
+            keys::result(&project, old_job, 2, true),
+            keys::stem_audio(&project, orphan, "flac"),
+        ];
+        assert_eq!(plan, SweepPlan { delete: expected, next_due: 25 * MINUTE });
+        // With nothing due sooner, the next pass is an hour away at most (the orphan rule).
+        assert_eq!(plan_sweep(Vec::new(), Duration::from_secs(30 * 86_400)).next_due, ORPHAN_AGE);
+        assert_eq!(plan_sweep(Vec::new(), 2 * MINUTE).next_due, 2 * MINUTE);
+    }
+
+    #[test]
+    fn storage_urls_name_a_bucket_and_a_prefix() {
+        assert_eq!(StorageUrl::parse("s3://media/team/a/").unwrap(), StorageUrl { bucket: "media".into(), prefix: "team/a".into() });
+        assert_eq!(StorageUrl::parse("s3://media").unwrap(), StorageUrl { bucket: "media".into(), prefix: String::new() });
+        assert!(StorageUrl::parse("s3:///x").is_err());
+        assert!(StorageUrl::parse("gs://media/x").unwrap_err().starts_with("expected s3://bucket/prefix"));
+        assert_eq!(ObjectKey::new("team/a", "p1/stems/x.wav").location().as_ref(), "team/a/p1/stems/x.wav");
+        assert_eq!(ObjectKey::new("", "p1/stems/x.wav").location().as_ref(), "p1/stems/x.wav");
     }
 }

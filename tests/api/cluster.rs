@@ -63,15 +63,15 @@ async fn start(node: &Server, project: &str) -> String {
 }
 
 /// A Prometheus counter of `node`, by its full name with labels.
-async fn counter(node: &Server, series: &str) -> u64 {
+pub(crate) async fn counter(node: &Server, series: &str) -> u64 {
     let text = node.app.client.get(node.app.url("/metrics")).send().await.unwrap().text().await.unwrap();
     text.lines().find_map(|line| line.strip_prefix(series)?.trim().parse().ok()).unwrap_or_else(|| panic!("{series} in {text}"))
 }
 
-const CLAIMED: &str = "mixd_leases_total{event=\"claimed\"}";
+pub(crate) const CLAIMED: &str = "mixd_leases_total{event=\"claimed\"}";
 
 /// Every status of a job's SSE stream on `node`, until it ends.
-async fn statuses_over_sse(mut stream: SseStream) -> Vec<Value> {
+pub(crate) async fn statuses_over_sse(mut stream: SseStream) -> Vec<Value> {
     let mut statuses = Vec::new();
     while let Some(event) = stream.next_event().await {
         if event.event.as_deref() == Some("status") {
@@ -97,7 +97,7 @@ const STAGES: [&str; 9] = ["queued", "running", "loading_stems", "aligning_stems
 
 /// Reads SSE statuses until one is at `state` or a later stage (the stream may join past it),
 /// short of the end.
-async fn until_state(stream: &mut SseStream, state: &str) -> Vec<Value> {
+pub(crate) async fn until_state(stream: &mut SseStream, state: &str) -> Vec<Value> {
     let target = STAGES.iter().position(|stage| *stage == state).expect("a stage");
     let mut seen = Vec::new();
     loop {

@@ -6,7 +6,7 @@ use std::process::Command;
 
 use serde_json::Value;
 
-use crate::cluster::admin_url;
+use crate::cluster::{admin_url, counter, statuses_over_sse, until_state, CLAIMED};
 use crate::common::ScratchDatabase;
 use crate::helpers::{eventually_async, make_audio, start_server, start_server_with_env, S3Server, Server, ADMIN_KEY, TOKEN_KEY};
 
@@ -340,4 +340,62 @@ async fn a_bucket_that_cannot_be_used_is_a_start_up_error_naming_it() {
     let not_s3 = start("gs://bucket/x", bucket.s3.env());
     assert!(!not_s3.status.success());
     assert!(String::from_utf8_lossy(&not_s3.stderr).contains("expected s3://bucket/prefix"));
+}
+
+#[tokio::test]
+async fn a_stem_larger_than_a_part_is_stored_as_a_multipart_upload_and_read_back_whole() {
+    let bucket = Bucket::new().await;
+    let data = tempfile::tempdir().unwrap();
+    let node = bucket.node(data.path(), &[]).await;
+    // 70 s of 48 kHz stereo 16-bit: 13.4 MB, two parts of 8 MiB.
+    let large = make_audio(bucket.fixtures.path(), "large.wav", "sine=f=330:r=48000:d=70", &["-ac", "2"]);
+    let id = upload(&node, "p1", std::slice::from_ref(&large)).await[0]["stem_id"].as_str().unwrap().to_string();
+    let key = format!("{PREFIX}/p1/stems/{id}.wav");
+    let head = reqwest::Client::new().head(format!("{}/{BUCKET}/{key}", bucket.s3.endpoint())).send().await.unwrap();
+    // A multipart object's ETag is the digest of its parts' digests, suffixed with their count.
+    assert!(head.headers()["etag"].to_str().unwrap().ends_with("-2\""), "{:?}", head.headers()["etag"]);
+    let expected = std::fs::read(&large).unwrap();
+    assert_eq!(bucket.s3.object(BUCKET, &key).await.unwrap(), expected);
+    let ranged = get(&node, &format!("/media/p1/stems/{id}.wav"), Some("bytes=8388600-8388700")).await;
+    assert_eq!(ranged.status(), 206);
+    assert_eq!(ranged.bytes().await.unwrap(), expected[8_388_600..=8_388_700]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_stalled_past_its_lease_never_replaces_the_result_in_the_bucket() {
+    let bucket = Bucket::new().await;
+    let db = ScratchDatabase::create_on(admin_url()).await;
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let node = |dir: usize, slots: &'static str| {
+        let args = ["--database-url", db.url.as_str(), "--mix-slots", slots, "--lease", "2s"];
+        let data = dirs[dir].path().to_path_buf();
+        let bucket = &bucket;
+        async move { bucket.node(&data, &args).await }
+    };
+    let watcher = node(0, "0").await;
+    let stalled = node(1, "1").await;
+    let stems: Vec<PathBuf> = (1..=3).map(|i| make_audio(bucket.fixtures.path(), &format!("s{i}.wav"), &format!("sine=f={}:r=48000:d=40", 110 * i), &["-ac", "2"])).collect();
+    upload(&watcher, "p1", &stems).await;
+    let (_, started) = watcher.app.start_mix("p1", None).await;
+    let job_id = started["data"]["job_id"].as_str().unwrap().to_string();
+    let mut events = crate::helpers::SseStream::connect(&watcher.app.client, &watcher.app.url(&format!("/mix/p1/mix/job/{job_id}/events")), None).await;
+    until_state(&mut events, "processing_tracks").await;
+    stalled.process.signal("STOP");
+    let rescuer = node(2, "1").await;
+    let complete = statuses_over_sse(events).await.last().unwrap().clone();
+    assert_eq!(complete["state"], "complete", "{complete}");
+    assert_eq!(counter(&rescuer, CLAIMED).await, 1, "the job ran again elsewhere");
+    let rescued_outputs = [format!("p1/mix_outputs/{job_id}/attempt-2/analysis.json"), format!("p1/mix_outputs/{job_id}/attempt-2/final_mix.wav")];
+    let outputs = || async { bucket.objects().await.into_iter().map(|(key, _)| key).filter(|key| key.contains("mix_outputs")).collect::<Vec<_>>() };
+    assert_eq!(outputs().await, rescued_outputs);
+    let result_url = format!("/media/p1/mix_outputs/{job_id}/final_mix.wav");
+    let served = get(&watcher, &result_url, None).await.bytes().await.unwrap();
+
+    stalled.process.signal("CONT");
+    eventually_async("the stalled node saw its lease gone", || async { counter(&stalled, "mixd_leases_total{event=\"lost\"}").await == 1 }).await;
+    // Whatever the stale run stored under its own attempt is deleted again, and never served.
+    eventually_async("only the rescuer's outputs are left", || async { outputs().await == rescued_outputs }).await;
+    let (_, now) = watcher.app.get_json(&format!("/mix/p1/mix/job/{job_id}/status")).await;
+    assert_eq!(now["data"], complete, "the job is exactly as the rescuer left it");
+    assert_eq!(get(&stalled, &result_url, None).await.bytes().await.unwrap(), served);
 }
