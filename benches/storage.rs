@@ -32,7 +32,8 @@ fn main() {
         let binary = env!("CARGO_BIN_EXE_mixd");
         let local = start_mixd(binary, local_data.path(), &["--mix-slots", "1"], "warn");
         let warm = start_mixd_with_env(binary, warm_data.path(), &["--mix-slots", "1", "--storage", &format!("s3://{BUCKET}/warm")], "warn", &s3.env());
-        let cold = start_mixd_with_env(binary, cold_data.path(), &["--mix-slots", "1", "--storage", &format!("s3://{BUCKET}/cold"), "--cache-max-gb", "0"], "warn", &s3.env());
+        let cold =
+            start_mixd_with_env(binary, cold_data.path(), &["--mix-slots", "1", "--storage", &format!("s3://{BUCKET}/cold"), "--cache-max-gb", "0"], "warn", &s3.env());
         let client = reqwest::Client::new();
 
         let servers = [("data dir", &local), ("S3, warm cache", &warm), ("S3, no cache", &cold)];
@@ -66,7 +67,8 @@ fn median(values: &[f64]) -> f64 {
 
 fn make_audio(dir: &Path, name: &str, source: &str) -> PathBuf {
     let path = dir.join(name);
-    let status = std::process::Command::new("ffmpeg").args(["-nostdin", "-loglevel", "error", "-y", "-f", "lavfi", "-i", source, "-ac", "2"]).arg(&path).status().unwrap();
+    let status =
+        std::process::Command::new("ffmpeg").args(["-nostdin", "-loglevel", "error", "-y", "-f", "lavfi", "-i", source, "-ac", "2"]).arg(&path).status().unwrap();
     assert!(status.success());
     path
 }

@@ -52,7 +52,9 @@ async fn connect_objects(config: &Config, layout: &MediaLayout, url: StorageUrl)
     let max_bytes = (config.cache_max_gb * 1e9) as u64;
     let cache = StemCache::open(cache_dir.clone(), max_bytes).with_context(|| format!("opening the stem cache {}", cache_dir.display()))?;
     let shown = url.to_string();
-    let objects = ObjectMedia::connect(url, cache).await.with_context(|| format!("the object storage {shown} cannot be used (is it reachable, does the bucket exist, may these credentials read and write it?)"))?;
+    let objects = ObjectMedia::connect(url, cache)
+        .await
+        .with_context(|| format!("the object storage {shown} cannot be used (is it reachable, does the bucket exist, may these credentials read and write it?)"))?;
     tracing::info!(storage = shown, cache = %cache_dir.display(), cache_max_bytes = max_bytes, "media on object storage");
     Ok(objects)
 }
@@ -79,7 +81,9 @@ impl Application {
         }
         let objects = match &config.storage {
             Some(url) => Some(connect_objects(&config, &layout, url.clone()).await?),
-            None if config.media_redirect => anyhow::bail!("--media-redirect needs object storage (--storage s3://bucket/prefix): the data dir has no URL to redirect to"),
+            None if config.media_redirect => {
+                anyhow::bail!("--media-redirect needs object storage (--storage s3://bucket/prefix): the data dir has no URL to redirect to")
+            }
             None => None,
         };
         // With object storage, mixes are written in this node's own work directory, then stored.
@@ -121,7 +125,16 @@ impl Application {
             DispatcherConfig { secret: webhook_secret.clone(), allow_private: config.webhook_allow_private, concurrency: WEBHOOK_CONCURRENCY, timeout: WEBHOOK_TIMEOUT };
         let dispatcher = Dispatcher::new(jobs.outbox().clone(), jobs.metrics().clone(), dispatcher).context("building the webhook client")?;
         tokio::spawn(dispatcher.run(shutdown.clone()));
-        let state = AppState::new(App { jobs, stems: StemStore::new(layout.clone(), objects.clone()), layout, objects, keys, webhook_secret, config: Arc::new(config), shutdown });
+        let state = AppState::new(App {
+            jobs,
+            stems: StemStore::new(layout.clone(), objects.clone()),
+            layout,
+            objects,
+            keys,
+            webhook_secret,
+            config: Arc::new(config),
+            shutdown,
+        });
         Ok(Self { listener, state })
     }
 

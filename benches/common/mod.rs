@@ -61,10 +61,16 @@ impl S3Server {
 
     /// What `mixd` needs in its environment to reach this server.
     pub fn env(&self) -> Vec<(String, String)> {
-        [("AWS_ENDPOINT_URL", self.endpoint().as_str()), ("AWS_REGION", "us-east-1"), ("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"), ("AWS_ALLOW_HTTP", "true")]
-            .into_iter()
-            .map(|(name, value)| (name.to_string(), value.to_string()))
-            .collect()
+        [
+            ("AWS_ENDPOINT_URL", self.endpoint().as_str()),
+            ("AWS_REGION", "us-east-1"),
+            ("AWS_ACCESS_KEY_ID", "testing"),
+            ("AWS_SECRET_ACCESS_KEY", "testing"),
+            ("AWS_ALLOW_HTTP", "true"),
+        ]
+        .into_iter()
+        .map(|(name, value)| (name.to_string(), value.to_string()))
+        .collect()
     }
 
     /// Every key in `bucket` under `prefix` with its size, in key order (ListObjectsV2, read with a

@@ -54,10 +54,20 @@ pub struct MediaFile {
 #[derive(Debug, Clone, PartialEq)]
 pub enum MediaName {
     /// A job's result, or its analysis: immutable once the job is complete.
-    Result { project: ProjectId, job_id: JobId, analysis: bool },
+    Result {
+        project: ProjectId,
+        job_id: JobId,
+        analysis: bool,
+    },
     /// The legacy path of the project's newest complete mix.
-    Newest { project: ProjectId },
-    Stem { project: ProjectId, stem_id: StemId, format: String },
+    Newest {
+        project: ProjectId,
+    },
+    Stem {
+        project: ProjectId,
+        stem_id: StemId,
+        format: String,
+    },
 }
 
 /// Object keys on object storage, relative to the bucket's prefix: the same names as under the

@@ -17,9 +17,9 @@ use uuid::Uuid;
 
 use super::engine::EnginePool;
 use super::layout::MediaLayout;
-use super::objects::ObjectMedia;
 use super::metrics::Metrics;
 use super::model::{JobEvent, JobId, JobState, JobStatus, ProjectId};
+use super::objects::ObjectMedia;
 use super::outbox::Outbox;
 pub use super::store::JobError;
 use super::store::{NewJob, Store, StoreError, Submitted};

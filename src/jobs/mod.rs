@@ -19,13 +19,13 @@ mod stems;
 mod store;
 mod webhook;
 
-pub use feed::{feed, Resume, Scope};
 pub use cache::StemCache;
+pub use feed::{feed, Resume, Scope};
 pub use layout::{keys, MediaFile, MediaLayout, MediaName};
-pub use objects::{MediaError, ObjectInfo, ObjectKey, ObjectMedia, StorageUrl};
 pub use manager::{JobError, Jobs, JobsConfig, OpenError, EVENT_BUFFER};
 pub use metrics::{LeaseEvent, Metrics, SubscriberGuard, Transport, LEASE_EVENTS, MIX_DURATION_BUCKETS, WEBHOOK_OUTCOMES};
 pub use model::{ErrorCode, InvalidId, JobChange, JobEvent, JobId, JobState, JobStatus, Progress, ProjectId, StemId, Timestamp, FRAMINGS};
+pub use objects::{MediaError, ObjectInfo, ObjectKey, ObjectMedia, StorageUrl};
 pub use outbox::{AttemptResult, Outbox, PendingDelivery};
 pub use stems::{sanitize_file_name, Stem, StemStore};
 pub use store::{sqlite_file, unix_millis, Store, StoreError, StoreLocation, Submitted};

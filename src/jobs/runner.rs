@@ -18,10 +18,10 @@ use tracing::Instrument;
 
 use super::cache::CachedFile;
 use super::layout::{keys, MediaLayout};
-use super::objects::{MediaError, ObjectMedia};
 use super::manager::{Jobs, LocalRun};
 use super::metrics::{LeaseEvent, Metrics};
 use super::model::{ErrorCode, JobChange, JobId, JobState, JobStatus, Progress};
+use super::objects::{MediaError, ObjectMedia};
 use super::store::{Change, Claim, Lease, Store, StoreError};
 use super::webhook::WebhookSpec;
 use crate::audio::{self, AudioError, MixObserver, MixReport, Stage, StemSource};
@@ -125,10 +125,16 @@ impl JobRun {
                     stems.push(StemSource { path: file.path().to_path_buf(), ..stem.clone() });
                     held.push(file);
                 }
-                Err(MediaError::NotFound) => return Err(JobChange::Failed { code: ErrorCode::StemMissing, message: format!("Stem \"{}\" was deleted before the mix could use it", stem.name) }),
+                Err(MediaError::NotFound) => {
+                    return Err(JobChange::Failed { code: ErrorCode::StemMissing, message: format!("Stem \"{}\" was deleted before the mix could use it", stem.name) })
+                }
                 Err(err) => {
                     tracing::warn!(%err, stem = stem.name, "could not fetch a stem");
-                    let code = if matches!(&err, MediaError::Io(io) if io.kind() == std::io::ErrorKind::StorageFull) { ErrorCode::InsufficientStorage } else { ErrorCode::MediaUnavailable };
+                    let code = if matches!(&err, MediaError::Io(io) if io.kind() == std::io::ErrorKind::StorageFull) {
+                        ErrorCode::InsufficientStorage
+                    } else {
+                        ErrorCode::MediaUnavailable
+                    };
                     return Err(JobChange::Failed { code, message: format!("Stem \"{}\" could not be read from the media storage", stem.name) });
                 }
             }

@@ -108,7 +108,11 @@ impl StemStore {
     /// read in one blocking call rather than one per record.
     pub async fn list(&self, project: &ProjectId) -> Result<Vec<Stem>, MediaError> {
         if let Some(objects) = &self.objects {
-            let records: Vec<String> = objects.list(&keys::stems_prefix(project)).try_filter_map(|(key, _)| async move { Ok(keys::stem(&key).filter(|(.., is_record)| *is_record).map(|_| key)) }).try_collect().await?;
+            let records: Vec<String> = objects
+                .list(&keys::stems_prefix(project))
+                .try_filter_map(|(key, _)| async move { Ok(keys::stem(&key).filter(|(.., is_record)| *is_record).map(|_| key)) })
+                .try_collect()
+                .await?;
             let reads = records.into_iter().map(|key| async move { (objects.get_bytes(&objects.key(&key)).await, key) });
             let mut stems = Vec::new();
             let mut reads = futures_util::stream::iter(reads).buffer_unordered(RECORD_READS);

@@ -70,7 +70,9 @@ async fn get(node: &Server, path: &str, range: Option<&str>) -> reqwest::Respons
 }
 
 fn files_in(dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = std::fs::read_dir(dir).map(|entries| entries.filter_map(|e| e.ok()).filter(|e| e.path().is_file()).map(|e| e.file_name().to_string_lossy().into_owned()).collect()).unwrap_or_default();
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|entries| entries.filter_map(|e| e.ok()).filter(|e| e.path().is_file()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
     names.sort();
     names
 }
@@ -210,7 +212,8 @@ async fn the_storage_stopped_mid_mix_fails_the_job_with_media_unavailable_and_st
     let mut bucket = Bucket::new().await;
     let data = tempfile::tempdir().unwrap();
     let node = bucket.node(data.path(), &[]).await;
-    let stems: Vec<PathBuf> = (1..=3).map(|i| make_audio(bucket.fixtures.path(), &format!("s{i}.wav"), &format!("sine=f={}:r=48000:d=30", 100 * i), &["-ac", "2"])).collect();
+    let stems: Vec<PathBuf> =
+        (1..=3).map(|i| make_audio(bucket.fixtures.path(), &format!("s{i}.wav"), &format!("sine=f={}:r=48000:d=30", 100 * i), &["-ac", "2"])).collect();
     upload(&node, "p1", &stems).await;
 
     let (status, started) = node.app.start_mix("p1", None).await;
@@ -374,7 +377,8 @@ async fn a_node_stalled_past_its_lease_never_replaces_the_result_in_the_bucket()
     };
     let watcher = node(0, "0").await;
     let stalled = node(1, "1").await;
-    let stems: Vec<PathBuf> = (1..=3).map(|i| make_audio(bucket.fixtures.path(), &format!("s{i}.wav"), &format!("sine=f={}:r=48000:d=40", 110 * i), &["-ac", "2"])).collect();
+    let stems: Vec<PathBuf> =
+        (1..=3).map(|i| make_audio(bucket.fixtures.path(), &format!("s{i}.wav"), &format!("sine=f={}:r=48000:d=40", 110 * i), &["-ac", "2"])).collect();
     upload(&watcher, "p1", &stems).await;
     let (_, started) = watcher.app.start_mix("p1", None).await;
     let job_id = started["data"]["job_id"].as_str().unwrap().to_string();
