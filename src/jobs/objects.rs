@@ -9,9 +9,10 @@
 //! published result is the highest attempt that has one. A stale node, whose lease was taken over,
 //! only ever writes a lower attempt, which can never be the one served.
 
+use std::collections::HashMap;
 use std::ops::Range;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -111,7 +112,12 @@ pub struct ObjectMedia {
     store: Arc<AmazonS3>,
     url: Arc<StorageUrl>,
     cache: Arc<StemCache>,
+    /// The attempt each complete job's outputs were found under.
+    published: Arc<Mutex<HashMap<JobId, u32>>>,
 }
+
+/// Complete jobs whose published attempt is remembered at most.
+const PUBLISHED_REMEMBERED: usize = 10_000;
 
 impl ObjectMedia {
     /// Connects with the standard AWS variables (`AWS_ENDPOINT_URL`, `AWS_REGION`,
@@ -128,7 +134,7 @@ impl ObjectMedia {
             .with_config(AmazonS3ConfigKey::Client(ClientConfigKey::Timeout), "120s")
             .build()
             .map_err(|err| MediaError::Unavailable(err.to_string()))?;
-        let media = Self { store: Arc::new(store), url: Arc::new(url), cache };
+        let media = Self { store: Arc::new(store), url: Arc::new(url), cache, published: Arc::default() };
         media.ping().await?;
         Ok(media)
     }
@@ -251,6 +257,7 @@ impl ObjectMedia {
         let name = self.key(relative).file_name().to_string();
         if let Err(err) = self.cache.adopt(file, name).await {
             tracing::debug!(%err, "could not keep an upload in the stem cache");
+            let _ = tokio::fs::remove_file(file).await;
         }
     }
 
@@ -261,10 +268,24 @@ impl ObjectMedia {
         self.delete(&key).await
     }
 
-    /// The attempt whose outputs a complete job publishes: the highest one with a result.
+    /// The attempt whose outputs a complete job publishes: the highest one with a result. Asked
+    /// only once the job is complete, when it can no longer change, so it is remembered: a
+    /// player's range requests then cost no listing each.
     pub async fn published_attempt(&self, project: &ProjectId, job_id: JobId) -> Result<Option<u32>, MediaError> {
+        if let Some(attempt) = self.published.lock().expect("never poisoned").get(&job_id) {
+            return Ok(Some(*attempt));
+        }
         let outputs: Vec<(String, ObjectMeta)> = self.list(&keys::job_outputs(project, job_id)).try_collect().await?;
-        Ok(outputs.iter().filter_map(|(key, _)| keys::output_attempt(key)).filter(|(.., analysis)| !analysis).map(|(_, _, attempt, _)| attempt).max())
+        let attempt = outputs.iter().filter_map(|(key, _)| keys::output_attempt(key)).filter(|(.., analysis)| !analysis).map(|(_, _, attempt, _)| attempt).max();
+        if let Some(attempt) = attempt {
+            let mut published = self.published.lock().expect("never poisoned");
+            // Bounded without bookkeeping: forgetting costs one listing per job asked again.
+            if published.len() >= PUBLISHED_REMEMBERED {
+                published.clear();
+            }
+            published.insert(job_id, attempt);
+        }
+        Ok(attempt)
     }
 
     /// Deletes the outputs of every run of a job but `keep`'s (their nodes died, stalled or were
