@@ -216,7 +216,7 @@ impl JobRun {
             if !(finished && writer.status.state() == JobState::Complete) {
                 for analysis in [false, true] {
                     if let Err(err) = objects.delete(&objects.key(&keys::result(&project, job_id, attempt, analysis))).await {
-                        tracing::warn!(%err, "could not delete what this run stored; the storage sweep will");
+                        tracing::warn!(%err, "could not delete what this run stored; output retention will");
                     }
                 }
             }
