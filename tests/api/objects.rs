@@ -8,7 +8,7 @@ use serde_json::Value;
 
 use crate::cluster::{admin_url, counter, statuses_over_sse, until_state, CLAIMED};
 use crate::common::ScratchDatabase;
-use crate::helpers::{eventually_async, make_audio, start_server, start_server_with_env, S3Server, Server, ADMIN_KEY, TOKEN_KEY};
+use crate::helpers::{eventually, eventually_async, make_audio, start_server, start_server_with_env, S3Server, Server, ADMIN_KEY, TOKEN_KEY};
 
 const BUCKET: &str = "mixd-media";
 const PREFIX: &str = "team/a";
@@ -238,7 +238,11 @@ async fn the_storage_stopped_mid_mix_fails_the_job_with_media_unavailable_and_st
         ("error", "MEDIA_UNAVAILABLE", "The media storage is unavailable: the mix could not be stored")
     );
     assert_eq!(last["result_url"], Value::Null);
-    assert_eq!(files_in(&data.path().join(".mixd-cache/work")), Vec::<String>::new());
+    // The run's work directory (where the engine wrote the mix) goes once the run ends, just
+    // after the status is published.
+    assert!(data.path().join(".mixd-cache/work/p1/mix_outputs").is_dir());
+    let work = data.path().join(format!(".mixd-cache/work/p1/mix_outputs/{job_id}"));
+    eventually("the run's work directory is removed", || !work.exists()).await;
 
     bucket.s3.start_again();
     bucket.s3.create_bucket(BUCKET).await;
