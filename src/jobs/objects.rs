@@ -275,8 +275,7 @@ impl ObjectMedia {
         if let Some(attempt) = self.published.lock().expect("never poisoned").get(&job_id) {
             return Ok(Some(*attempt));
         }
-        let outputs: Vec<(String, ObjectMeta)> = self.list(&keys::job_outputs(project, job_id)).try_collect().await?;
-        let attempt = outputs.iter().filter_map(|(key, _)| keys::output_attempt(key)).filter(|(.., analysis)| !analysis).map(|(_, _, attempt, _)| attempt).max();
+        let attempt = self.job_outputs(project, job_id).await?.into_iter().filter(|(_, _, analysis)| !analysis).map(|(_, attempt, _)| attempt).max();
         if let Some(attempt) = attempt {
             let mut published = self.published.lock().expect("never poisoned");
             // Bounded without bookkeeping: forgetting costs one listing per job asked again.
@@ -291,13 +290,20 @@ impl ObjectMedia {
     /// Deletes the outputs of every run of a job but `keep`'s (their nodes died, stalled or were
     /// canceled: never published). `keep: None` deletes them all.
     pub async fn delete_attempts_except(&self, project: &ProjectId, job_id: JobId, keep: Option<u32>) -> Result<(), MediaError> {
-        let outputs: Vec<(String, ObjectMeta)> = self.list(&keys::job_outputs(project, job_id)).try_collect().await?;
-        for (key, _) in outputs {
-            if keys::output_attempt(&key).is_some_and(|(_, _, attempt, _)| Some(attempt) != keep) {
+        for (key, attempt, _) in self.job_outputs(project, job_id).await? {
+            if Some(attempt) != keep {
                 self.delete(&self.key(&key)).await?;
             }
         }
         Ok(())
+    }
+
+    /// Every output any run of a job stored: (key, attempt, whether it is the analysis).
+    async fn job_outputs(&self, project: &ProjectId, job_id: JobId) -> Result<Vec<(String, u32, bool)>, MediaError> {
+        self.list(&keys::job_outputs(project, job_id))
+            .try_filter_map(|(key, _)| async move { Ok(keys::output_attempt(&key).map(|(_, _, attempt, analysis)| (key, attempt, analysis))) })
+            .try_collect()
+            .await
     }
 }
 
