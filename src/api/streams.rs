@@ -116,7 +116,7 @@ pub async fn job_sse(
         // 204 is what stops an EventSource from reconnecting.
         return Ok(StatusCode::NO_CONTENT.into_response());
     }
-    sse(&app, &caller, Scope::Job(job_id), resume_after.map_or(Resume::Now, Resume::AfterSeq)).await
+    sse(&app, &caller, Scope::Job(project_id, job_id), resume_after.map_or(Resume::Now, Resume::AfterSeq)).await
 }
 
 /// SSE for every job of a project: snapshots of its live jobs, then every change. Stays open.
@@ -171,7 +171,7 @@ pub async fn job_ws(
     // An unknown job is a 404 whatever the request, a handshake or not.
     find_job(&app, &project_id, job_id).await?;
     let upgrade = accept(upgrade, &headers)?;
-    ws(&app, &caller, Scope::Job(job_id), Resume::Now, upgrade).await
+    ws(&app, &caller, Scope::Job(project_id, job_id), Resume::Now, upgrade).await
 }
 
 /// WebSocket for every job of a project. Stays open.
@@ -271,14 +271,14 @@ const _: () = assert!(Framing::WsTextWithCursor as usize + 1 == FRAMINGS);
 impl Framing {
     fn sse(scope: &Scope) -> Self {
         match scope {
-            Scope::Job(_) => Framing::SseBySeq,
+            Scope::Job(..) => Framing::SseBySeq,
             Scope::Project(_) | Scope::All => Framing::SseByCursor,
         }
     }
 
     fn ws(scope: &Scope) -> Self {
         match scope {
-            Scope::Job(_) => Framing::WsText,
+            Scope::Job(..) => Framing::WsText,
             Scope::Project(_) | Scope::All => Framing::WsTextWithCursor,
         }
     }

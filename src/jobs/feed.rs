@@ -1,7 +1,8 @@
 //! The one subscription core every stream adapter (SSE and WebSocket, per job, per project and
 //! for all projects) is built on: a snapshot first, then every later change.
 //!
-//! The broadcast receiver is created before the snapshot is read, and the snapshot is read under
+//! The broadcast receiver (of the scope's project's channel, or for the global scope of every
+//! change's) is created before the snapshot is read, and the snapshot is read under
 //! the lock the log follower publishes under; the snapshot reflects the log up to some cursor, so
 //! every change on the channel at or before that cursor is already in it and is dropped. A
 //! subscriber that lags behind the channel gets a fresh snapshot of every job in its scope that
@@ -24,8 +25,8 @@ use super::model::{JobEvent, JobId, JobStatus, ProjectId};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Scope {
-    /// One job, until its terminal event.
-    Job(JobId),
+    /// One job of a project, until its terminal event.
+    Job(ProjectId, JobId),
     /// Every job of a project; stays open.
     Project(ProjectId),
     /// Every job; stays open.
@@ -35,7 +36,7 @@ pub enum Scope {
 impl Scope {
     fn matches(&self, status: &JobStatus) -> bool {
         match self {
-            Scope::Job(id) => status.job_id() == *id,
+            Scope::Job(_, id) => status.job_id() == *id,
             Scope::Project(project) => status.project_id() == project,
             Scope::All => true,
         }
@@ -69,7 +70,10 @@ struct Feed {
 /// Snapshot, then changes, for `scope`, picking up at `resume`. A job stream for a job this node
 /// has not seen yet (just submitted on another node) starts from the store's copy.
 pub async fn feed(jobs: &Jobs, scope: Scope, resume: Resume, shutdown: CancellationToken) -> Result<impl Stream<Item = Arc<JobEvent>> + Send + 'static, JobError> {
-    let events = jobs.subscribe_events();
+    let events = jobs.subscribe_events(match &scope {
+        Scope::Job(project, _) | Scope::Project(project) => Some(project),
+        Scope::All => None,
+    });
     let after_seq = match resume {
         Resume::AfterSeq(seq) => seq,
         _ => 0,
@@ -80,7 +84,7 @@ pub async fn feed(jobs: &Jobs, scope: Scope, resume: Resume, shutdown: Cancellat
         _ => None,
     };
     feed.queue_snapshots(after_cursor);
-    if let (Scope::Job(job_id), true) = (&feed.scope, feed.pending.is_empty()) {
+    if let (Scope::Job(_, job_id), true) = (&feed.scope, feed.pending.is_empty()) {
         match jobs.find(*job_id).await? {
             // Not in memory yet: its changes after this copy come on the channel.
             Some(event) if jobs.published(*job_id).is_none() => {
@@ -135,7 +139,7 @@ impl Feed {
 
     /// Whether `status` is news to this subscriber.
     fn admit(&mut self, status: &JobStatus) -> bool {
-        if let Scope::Job(_) = self.scope {
+        if let Scope::Job(..) = self.scope {
             if status.seq() <= self.after_seq {
                 return false;
             }
@@ -159,7 +163,7 @@ impl Feed {
                 self.scope.matches(&event.status)
                     && match (after, &self.scope) {
                         (Some(cursor), _) => event.cursor > cursor,
-                        (None, Scope::Job(_)) => true,
+                        (None, Scope::Job(..)) => true,
                         (None, _) => !event.status.state().is_terminal(),
                     }
             })

@@ -111,6 +111,13 @@ fn publish(jobs: &Jobs, cache: &mut Cache, event: Arc<JobEvent>) -> Option<Arc<J
     // Sent under the lock: a subscriber reading memory under it sees each change either in its
     // snapshot or on its channel, never both nor neither.
     let _ = jobs.inner.events.send(event.clone());
+    let project = status.project_id();
+    if let Some(channel) = cache.projects.get(project) {
+        if channel.send(event.clone()).is_err() {
+            // Its subscribers have all left.
+            cache.projects.remove(project);
+        }
+    }
     Some(event)
 }
 

@@ -1,7 +1,7 @@
 //! The handle on all jobs. The store is the truth, shared by every node of a cluster; each node
 //! keeps the current status of every job in memory, fed only by the store's event log (see
 //! `follow.rs`), and answers status polls and new subscribers from it. The lock around that
-//! memory guards a map and a channel send, never a disk or network write, so readers never wait on
+//! memory guards maps and channel sends, never a disk or network write, so readers never wait on
 //! one. Writers (submit, cancel, the runner's fenced writes) go to the store; what they changed
 //! reaches the memory and every subscriber on every node through the log, once, in order.
 
@@ -28,6 +28,9 @@ use crate::audio::{StemSource, ValidSettings};
 
 /// Room for bursts of changes; a subscriber that falls further behind is resynchronised.
 pub const EVENT_BUFFER: usize = 4096;
+/// The same, for one project's changes: its channel is made for each project with subscribers,
+/// and a slot of it is allocated whether used or not.
+const PROJECT_EVENT_BUFFER: usize = 256;
 /// How long a write waits to see itself in this node's memory before answering anyway (the store
 /// has it; a poll that follows at once reads it from there).
 const READ_YOUR_WRITE: Duration = Duration::from_secs(2);
@@ -102,6 +105,13 @@ pub(super) struct Cache {
     pub jobs: HashMap<JobId, Cached>,
     /// The log position memory reflects: every entry up to it, none after.
     pub head: u64,
+    /// Each project's changes, on a channel of its own for the project's subscribers: on the one
+    /// channel of every change, each change woke every subscriber of every project, only for all
+    /// but the project's own to drop it. Made by the first subscriber; dropped at the first change
+    /// after the last one left, or by [`Jobs::subscribe_events`] now and then.
+    pub projects: HashMap<ProjectId, broadcast::Sender<Arc<JobEvent>>>,
+    /// How many project channels may exist before those without subscribers are dropped.
+    projects_limit: usize,
 }
 
 pub(super) struct Cached {
@@ -191,8 +201,22 @@ impl Jobs {
         self.inner.store.ping().await
     }
 
-    pub(super) fn subscribe_events(&self) -> broadcast::Receiver<Arc<JobEvent>> {
-        self.inner.events.subscribe()
+    /// Every change from now on, or with `project` only that project's.
+    pub(super) fn subscribe_events(&self, project: Option<&ProjectId>) -> broadcast::Receiver<Arc<JobEvent>> {
+        let Some(project) = project else { return self.inner.events.subscribe() };
+        let mut cache = self.cache();
+        if let Some(channel) = cache.projects.get(project) {
+            return channel.subscribe();
+        }
+        // A channel whose subscribers all left stays until its project's next change; projects
+        // that never change again are dropped here, each time the map has doubled.
+        if cache.projects.len() >= cache.projects_limit {
+            cache.projects.retain(|_, channel| channel.receiver_count() > 0);
+            cache.projects_limit = (cache.projects.len() * 2).max(64);
+        }
+        let (channel, receiver) = broadcast::channel(self.inner.config.event_buffer.min(PROJECT_EVENT_BUFFER));
+        cache.projects.insert(project.clone(), channel);
+        receiver
     }
 
     pub(super) fn cache(&self) -> std::sync::MutexGuard<'_, Cache> {
@@ -336,7 +360,11 @@ pub(super) mod tests {
     }
 
     pub async fn submit(jobs: &Jobs, key: Option<&str>) -> JobId {
-        match jobs.submit("p1".parse().unwrap(), MixSettings::default().validate(&[], 48_000).unwrap(), Vec::new(), key.map(String::from), None).await.unwrap() {
+        submit_to(jobs, "p1", key).await
+    }
+
+    pub async fn submit_to(jobs: &Jobs, project: &str, key: Option<&str>) -> JobId {
+        match jobs.submit(project.parse().unwrap(), MixSettings::default().validate(&[], 48_000).unwrap(), Vec::new(), key.map(String::from), None).await.unwrap() {
             Submitted::New(status) | Submitted::Existing(status) => status.job_id(),
         }
     }
@@ -391,6 +419,28 @@ pub(super) mod tests {
         for (key, job) in [("first", &failed), ("second", &crash_looping)] {
             assert_eq!(submit(&jobs, Some(key)).await, job.job_id(), "{key}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_project_channel_carries_only_its_projects_changes_and_goes_after_its_last_subscriber() {
+        use tokio::sync::broadcast::error::TryRecvError;
+        let dir = tempfile::tempdir().unwrap();
+        let jobs = open_jobs(dir.path(), 0, EVENT_BUFFER).await;
+        let p1: ProjectId = "p1".parse().unwrap();
+        let mut own = jobs.subscribe_events(Some(&p1));
+        let mut every = jobs.subscribe_events(None);
+        // A submit returns once its change is published.
+        let elsewhere = submit_to(&jobs, "p2", None).await;
+        let here = submit_to(&jobs, "p1", None).await;
+        assert_eq!(every.try_recv().unwrap().status.job_id(), elsewhere);
+        assert_eq!(every.try_recv().unwrap().status.job_id(), here);
+        assert_eq!(own.try_recv().unwrap().status.job_id(), here);
+        assert!(matches!(own.try_recv(), Err(TryRecvError::Empty)), "p2's change is not on p1's channel");
+        assert!(jobs.cache().projects.keys().eq([&p1]), "a channel only for the project with a subscriber");
+
+        drop(own);
+        jobs.cancel(&p1, here).await.unwrap();
+        assert!(jobs.cache().projects.is_empty(), "dropped at the first change after its last subscriber left");
     }
 
     #[tokio::test(start_paused = true)]
