@@ -11,10 +11,11 @@
 //! /proc), then the mixes start and every subscriber follows its project to the terminal event.
 //!
 //! The peer is nginx with the nchan module (Debian's packages, installed with apt-get when
-//! missing), one worker, the same client: it is sent, on one channel per project, the statuses
-//! mixd published in the same scenario just before, at the gaps mixd published them, each stamped
-//! with the time it is sent. So both servers deliver the same events at the same pace to the same
-//! subscribers; mixd's figure includes mixing, nchan's does not.
+//! missing), one worker (MIXD_FANOUT_NCHAN_WORKERS=2 for two), the same client: it is sent, on one
+//! channel per project, the statuses mixd published in the same scenario just before, at the gaps
+//! mixd published them, each stamped with the moment it is due. So both servers deliver the same
+//! events at the same pace to the same subscribers, each delay counted from the moment the event
+//! exists; mixd's figure includes mixing, nchan's does not.
 //!
 //! Server, load client and mixes share this machine's cores; the client's own work is inside the
 //! measured delay, so it is written to cost little: raw HTTP for SSE (the response is chunked and
@@ -80,14 +81,20 @@ fn main() {
     Nchan::install();
     println!("| scenario | subscribers | server | events delivered | p50 delay | p99 delay (SSE / WebSocket) | max delay | RSS per idle subscriber: SSE / WebSocket | CPU per delivery: server / client |");
     println!("|---|---|---|---|---|---|---|---|---|");
-    let mut ratios = Vec::new();
+    let (mut ratios, mut publishing) = (Vec::new(), Vec::new());
     for (projects, seconds) in [(1, seconds), (MANY_JOBS, 10)] {
         for &n in &sizes {
             let scenario = if projects == 1 { "one job".to_string() } else { format!("{projects} jobs") };
             let (mixd, published) = runtime.block_on(measure_mixd(n, projects, seconds));
-            let nchan = runtime.block_on(measure_nchan(n, projects, &published));
+            let (nchan, answers) = runtime.block_on(measure_nchan(n, projects, &published));
             println!("{}", mixd.row(&scenario, n, "mixd"));
             println!("{}", nchan.row(&scenario, n, "nchan"));
+            publishing.push(format!(
+                "| {scenario} | {n} | {:.1} ms | {:.1} ms | {:.1} ms |",
+                percentile(&answers, 0.5),
+                percentile(&answers, 0.99),
+                answers.last().unwrap()
+            ));
             ratios.push(format!(
                 "| {scenario} | {n} | {:.2}x | {:.2}x | {:.2}x / {:.2}x |",
                 mixd.percentile(0.5) / nchan.percentile(0.5),
@@ -97,6 +104,8 @@ fn main() {
             ));
         }
     }
+    println!("\nnchan's answer to each publish (it answers once the message is written to its subscribers):\n\n| scenario | subscribers | p50 | p99 | max |\n|---|---|---|---|---|");
+    publishing.iter().for_each(|row| println!("{row}"));
     println!("\nmixd / nchan:\n\n| scenario | subscribers | p50 | p99 | idle memory: SSE / WebSocket |\n|---|---|---|---|---|");
     ratios.iter().for_each(|row| println!("{row}"));
     let (mixd, nchan) = runtime.block_on(async { (storm_mixd(storm).await, storm_nchan(storm).await) });
@@ -149,8 +158,16 @@ struct Published {
 /// A server under test: where its subscribers connect, and how to count them.
 trait Target {
     fn address(&self) -> &str;
-    /// The process whose memory and CPU are the server's.
-    fn pid(&self) -> u32;
+    /// The processes whose memory and CPU are the server's.
+    fn pids(&self) -> Vec<u32>;
+
+    fn resident_kib(&self) -> u64 {
+        self.pids().into_iter().map(common::resident_kib).sum()
+    }
+
+    fn cpu_seconds(&self) -> f64 {
+        self.pids().into_iter().map(common::cpu_seconds).sum()
+    }
     fn path(&self, transport: Transport, project: usize) -> String;
     /// Subscribers the server counts as connected.
     async fn subscribers(&self) -> usize;
@@ -178,7 +195,7 @@ async fn subscribe(target: &impl Target, n: usize, projects: usize) -> (Vec<toki
     let mut subscribers = Vec::with_capacity(n);
     let mut idle_kib = [0.0; 2];
     for (slot, transport) in [Transport::Sse, Transport::WebSocket].into_iter().enumerate() {
-        let before = common::resident_kib(target.pid());
+        let before = target.resident_kib();
         let count = (0..n).filter(|i| Transport::of(*i) == transport).count();
         for i in (0..n).filter(|i| Transport::of(*i) == transport) {
             let (address, connecting) = (target.address().to_string(), connecting.clone());
@@ -194,7 +211,7 @@ async fn subscribe(target: &impl Target, n: usize, projects: usize) -> (Vec<toki
             }));
         }
         target.wait_for(subscribers.len(), &subscribers).await;
-        idle_kib[slot] = common::resident_kib(target.pid()).saturating_sub(before) as f64 / count as f64;
+        idle_kib[slot] = target.resident_kib().saturating_sub(before) as f64 / count as f64;
     }
     (subscribers, idle_kib)
 }
@@ -236,8 +253,8 @@ impl Target for MixdTarget {
         &self.server.address
     }
 
-    fn pid(&self) -> u32 {
-        self.server.pid()
+    fn pids(&self) -> Vec<u32> {
+        vec![self.server.pid()]
     }
 
     fn path(&self, transport: Transport, project: usize) -> String {
@@ -276,18 +293,17 @@ async fn measure_mixd(n: usize, projects: usize, seconds: u32) -> (Measured, Vec
     let data = tempfile::tempdir().unwrap();
     let target = MixdTarget::start(data.path(), projects, seconds).await;
     let (subscribers, idle_kib) = subscribe(&target, n, projects).await;
-    let pid = target.pid();
-    let cpu_before = (common::cpu_seconds(pid), common::cpu_seconds(std::process::id()));
+    let cpu_before = (target.cpu_seconds(), common::cpu_seconds(std::process::id()));
     let client = reqwest::Client::new();
     for project in 0..projects {
         assert!(client.post(format!("http://{}/mix/p{project}/mix/start", target.address())).send().await.unwrap().status().is_success());
     }
     let (delays, p99_by_transport, published) = gather(subscribers).await;
-    let cpu = (common::cpu_seconds(pid) - cpu_before.0, common::cpu_seconds(std::process::id()) - cpu_before.1);
+    let cpu = (target.cpu_seconds() - cpu_before.0, common::cpu_seconds(std::process::id()) - cpu_before.1);
     (Measured { delays, p99_by_transport, idle_kib, cpu }, published)
 }
 
-/// nginx with nchan, one worker, on a free loopback port; stopped when dropped.
+/// nginx with nchan, [`nchan_workers`] workers, on a free loopback port; stopped when dropped.
 struct Nchan {
     master: Child,
     address: String,
@@ -316,7 +332,7 @@ impl Nchan {
         let address = format!("127.0.0.1:{port}");
         let config = format!(
             "load_module /usr/lib/nginx/modules/ngx_nchan_module.so;
-worker_processes 1;
+worker_processes {workers};
 worker_rlimit_nofile 20000;
 daemon off;
 error_log stderr warn;
@@ -333,7 +349,8 @@ http {{
     }}
 }}
 ",
-            prefix = prefix.path().display()
+            prefix = prefix.path().display(),
+            workers = nchan_workers(),
         );
         let file = prefix.path().join("nginx.conf");
         std::fs::write(&file, config).unwrap();
@@ -345,11 +362,6 @@ http {{
         }
         Self { master, address, _prefix: prefix }
     }
-
-    async fn publish(&self, client: &reqwest::Client, channel: &str, message: String) {
-        let response = client.post(format!("http://{}/pub/{channel}", self.address)).header("content-type", "application/json").body(message).send().await.unwrap();
-        assert!(response.status().is_success(), "nchan refused a message: {}", response.status());
-    }
 }
 
 impl Target for Nchan {
@@ -357,13 +369,12 @@ impl Target for Nchan {
         &self.address
     }
 
-    /// The one worker, which holds the connections.
-    fn pid(&self) -> u32 {
+    /// The workers, which hold the connections.
+    fn pids(&self) -> Vec<u32> {
         let children = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", self.master.id())).unwrap();
-        let mut workers = children.split_whitespace();
-        let worker = workers.next().expect("nginx's worker").parse().unwrap();
-        assert!(workers.next().is_none(), "one worker");
-        worker
+        let workers: Vec<u32> = children.split_whitespace().map(|pid| pid.parse().unwrap()).collect();
+        assert_eq!(workers.len(), nchan_workers(), "nginx's workers");
+        workers
     }
 
     fn path(&self, _: Transport, project: usize) -> String {
@@ -385,27 +396,57 @@ impl Drop for Nchan {
     }
 }
 
-/// nchan, sent the statuses mixd published, at the gaps mixd published them.
-async fn measure_nchan(n: usize, projects: usize, published: &[Published]) -> Measured {
+/// nginx's worker processes: MIXD_FANOUT_NCHAN_WORKERS, 1 by default (the yardstick #17 set; mixd
+/// delivers on both cores).
+fn nchan_workers() -> usize {
+    std::env::var("MIXD_FANOUT_NCHAN_WORKERS").map_or(1, |workers| workers.parse().expect("MIXD_FANOUT_NCHAN_WORKERS is a number"))
+}
+
+/// nchan, sent the statuses mixd published, at the gaps mixd published them; and how long
+/// nchan took to answer each publish, ms, sorted.
+async fn measure_nchan(n: usize, projects: usize, published: &[Published]) -> (Measured, Vec<f64>) {
     let nchan = Nchan::start().await;
     let (subscribers, idle_kib) = subscribe(&nchan, n, projects).await;
-    let pid = nchan.pid();
-    let cpu_before = (common::cpu_seconds(pid), common::cpu_seconds(std::process::id()));
-    let client = reqwest::Client::new();
-    let (first, start) = (published[0].updated_at, Instant::now());
-    for status in published {
-        tokio::time::sleep_until(start + (status.updated_at - first).to_std().unwrap()).await;
-        // Stamped now, so the delay is measured from the moment it is sent, as mixd's is from the
-        // moment it is made; and framed as mixd's WebSocket frames are, which SSE carries as data.
-        let key = r#""updated_at":""#;
-        let value = status.json.find(key).unwrap() + key.len();
-        let end = value + status.json[value..].find('"').unwrap();
-        let json = format!("{}{}{}", &status.json[..value], Utc::now().to_rfc3339_opts(SecondsFormat::Micros, true), &status.json[end..]);
-        nchan.publish(&client, &format!("p{}", status.project), format!(r#"{{"type":"status","cursor":"0","data":{json}}}"#)).await;
-    }
+    let cpu_before = (nchan.cpu_seconds(), common::cpu_seconds(std::process::id()));
+    // Each message is stamped with the moment it is due, as mixd's statuses are with the moment
+    // they are made. nchan answers a publish once it has written the message to its subscribers,
+    // so a message due while the one before is still being written waits, inside the measured
+    // delay, as a status waits behind the one before in mixd. (Stamped when sent instead, as
+    // before 2026-12-03, that wait was left out: a burst, such as a job ending and every queued
+    // job's position changing at once, cost nchan nothing.) The publisher runs on a thread of its
+    // own, so that the subscribers' reads in this process never delay a send.
+    let messages: Vec<(String, DateTime<Utc>, String)> =
+        published.iter().map(|status| (format!("p{}", status.project), status.updated_at, status.json.clone())).collect();
+    let publish_url = format!("http://{}/pub", nchan.address());
+    let answers = tokio::task::spawn_blocking(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(async move {
+            let client = reqwest::Client::new();
+            let (first, start, wall_start) = (messages[0].1, Instant::now(), Utc::now());
+            let mut answers = Vec::with_capacity(messages.len());
+            for (channel, updated_at, json) in messages {
+                let since_first = updated_at - first;
+                tokio::time::sleep_until(start + since_first.to_std().unwrap()).await;
+                // Framed as mixd's WebSocket frames are, which SSE carries as data.
+                let key = r#""updated_at":""#;
+                let value = json.find(key).unwrap() + key.len();
+                let end = value + json[value..].find('"').unwrap();
+                let due = (wall_start + since_first).to_rfc3339_opts(SecondsFormat::Micros, true);
+                let message = format!(r#"{{"type":"status","cursor":"0","data":{}{due}{}}}"#, &json[..value], &json[end..]);
+                let sent = Instant::now();
+                let response = client.post(format!("{publish_url}/{channel}")).header("content-type", "application/json").body(message).send().await.unwrap();
+                assert!(response.status().is_success(), "nchan refused a message: {}", response.status());
+                answers.push(sent.elapsed().as_secs_f64() * 1e3);
+            }
+            answers.sort_by(f64::total_cmp);
+            answers
+        })
+    })
+    .await
+    .unwrap();
     let (delays, p99_by_transport, _) = gather(subscribers).await;
-    let cpu = (common::cpu_seconds(pid) - cpu_before.0, common::cpu_seconds(std::process::id()) - cpu_before.1);
-    Measured { delays, p99_by_transport, idle_kib, cpu }
+    let cpu = (nchan.cpu_seconds() - cpu_before.0, common::cpu_seconds(std::process::id()) - cpu_before.1);
+    (Measured { delays, p99_by_transport, idle_kib, cpu }, answers)
 }
 
 /// `total` SSE subscribers of one stream, connecting in bursts; how long until all have their
