@@ -4,7 +4,7 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::helpers::{assert_contract_step, eventually, ffmpeg_loudness, read_wav, spawn_app, spawn_app_with, SseStream, TestApp, DEADLINE};
+use crate::helpers::{assert_contract_step, eventually, eventually_async, ffmpeg_loudness, read_wav, spawn_app, spawn_app_with, SseStream, TestApp, DEADLINE};
 
 async fn project_with_stems(app: &TestApp, project: &str, seconds: u32) {
     let d = seconds.to_string();
@@ -182,9 +182,12 @@ async fn cancel_ends_queued_and_running_jobs_and_frees_the_slot() {
     let app = spawn_app_with(|config| config.mix_slots = Some(1)).await;
     project_with_stems(&app, "p1", 60).await;
     let (_, running) = app.start_mix("p1", None).await;
+    let running_id = running["data"]["job_id"].as_str().unwrap();
+    // The one slot takes it before the others queue: until then it is first in the queue itself.
+    let running_status = format!("/mix/p1/mix/job/{running_id}/status");
+    eventually_async("the first job runs", || async { app.get_json(&running_status).await.1["data"]["state"] != "queued" }).await;
     let (_, queued) = app.start_mix("p1", None).await;
     let (_, last) = app.start_mix("p1", None).await;
-    let running_id = running["data"]["job_id"].as_str().unwrap();
     let queued_id = queued["data"]["job_id"].as_str().unwrap();
     let last_id = last["data"]["job_id"].as_str().unwrap();
     assert_eq!(last["data"]["queue_position"], 2);
