@@ -48,7 +48,7 @@ pub async fn serve(State(app): State<AppState>, path: Result<Path<String>, PathR
     // A path that is not UTF-8 once percent-decoded names no file either.
     let Ok(Path(path)) = path else { return Err(ApiError::MediaNotFound) };
     let name = MediaLayout::media_name(&path).ok_or(ApiError::MediaNotFound)?;
-    let immutable = !matches!(name, MediaName::Newest { .. });
+    let immutable = name.is_immutable();
     let source = match &app.objects {
         Some(objects) => {
             let key = object_key(&app, objects, name).await?;
@@ -61,8 +61,7 @@ pub async fn serve(State(app): State<AppState>, path: Result<Path<String>, PathR
             Source::Object { objects: objects.clone(), key, info }
         }
         None => {
-            let media = app.layout.media_file(&path).ok_or(ApiError::MediaNotFound)?;
-            let file = tokio::fs::File::open(&media.path).await.map_err(|_| ApiError::MediaNotFound)?;
+            let file = tokio::fs::File::open(app.layout.media_file(&name)).await.map_err(|_| ApiError::MediaNotFound)?;
             let metadata = file.metadata().await.map_err(|_| ApiError::MediaNotFound)?;
             if !metadata.is_file() {
                 return Err(ApiError::MediaNotFound);

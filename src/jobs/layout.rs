@@ -42,14 +42,6 @@ pub struct MediaLayout {
     root: Arc<Path>,
 }
 
-/// A file the media route may serve.
-#[derive(Debug, Clone, PartialEq)]
-pub struct MediaFile {
-    pub path: PathBuf,
-    /// Its bytes never change once it exists: a job's result or a stem.
-    pub immutable: bool,
-}
-
 /// What a `/media` path names, whichever storage holds it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum MediaName {
@@ -68,6 +60,14 @@ pub enum MediaName {
         stem_id: StemId,
         format: String,
     },
+}
+
+impl MediaName {
+    /// Whether its bytes never change once it exists: a job's result or a stem, not the legacy
+    /// path of the newest mix.
+    pub fn is_immutable(&self) -> bool {
+        !matches!(self, MediaName::Newest { .. })
+    }
 }
 
 /// Object keys on object storage, relative to the bucket's prefix: the same names as under the
@@ -279,15 +279,14 @@ impl MediaLayout {
         }
     }
 
-    /// The file behind `/media/{path}` on the local data root.
-    pub fn media_file(&self, path: &str) -> Option<MediaFile> {
-        let (path, immutable) = match Self::media_name(path)? {
-            MediaName::Result { project, job_id, analysis: false } => (self.result(&project, job_id), true),
-            MediaName::Result { project, job_id, analysis: true } => (self.analysis(&project, job_id), true),
-            MediaName::Newest { project } => (self.newest_result(&project), false),
-            MediaName::Stem { project, stem_id, format } => (self.stem_audio(&project, stem_id, &format), true),
-        };
-        Some(MediaFile { path, immutable })
+    /// The file `name` is on the local data root.
+    pub fn media_file(&self, name: &MediaName) -> PathBuf {
+        match name {
+            MediaName::Result { project, job_id, analysis: false } => self.result(project, *job_id),
+            MediaName::Result { project, job_id, analysis: true } => self.analysis(project, *job_id),
+            MediaName::Newest { project } => self.newest_result(project),
+            MediaName::Stem { project, stem_id, format } => self.stem_audio(project, *stem_id, format),
+        }
     }
 
     /// Removes temporary files a crash left behind (uploads in progress, records, unfinished
@@ -353,13 +352,12 @@ mod tests {
         let layout = MediaLayout::new("/data");
         let project: ProjectId = "p1".parse().unwrap();
         let (job, stem) = (JobId::new(), StemId::new());
-        let result = layout.media_file(&format!("p1/mix_outputs/{job}/final_mix.wav")).unwrap();
-        assert_eq!(result, MediaFile { path: layout.result(&project, job), immutable: true });
+        let file = |path: &str| MediaLayout::media_name(path).map(|name| (layout.media_file(&name), name.is_immutable()));
+        assert_eq!(file(&format!("p1/mix_outputs/{job}/final_mix.wav")), Some((layout.result(&project, job), true)));
         assert_eq!(MediaLayout::result_url(&project, job), format!("/media/p1/mix_outputs/{job}/final_mix.wav"));
-        let newest = layout.media_file("p1/mix_outputs/final_mix.wav").unwrap();
-        assert_eq!(newest, MediaFile { path: PathBuf::from("/data/p1/mix_outputs/final_mix.wav"), immutable: false });
-        let audio = layout.media_file(&format!("p1/stems/{stem}.flac")).unwrap();
-        assert_eq!(audio, MediaFile { path: layout.stem_audio(&project, stem, "flac"), immutable: true });
+        assert_eq!(file(&format!("p1/mix_outputs/{job}/analysis.json")), Some((layout.analysis(&project, job), true)));
+        assert_eq!(file("p1/mix_outputs/final_mix.wav"), Some((PathBuf::from("/data/p1/mix_outputs/final_mix.wav"), false)));
+        assert_eq!(file(&format!("p1/stems/{stem}.flac")), Some((layout.stem_audio(&project, stem, "flac"), true)));
         let temporary = layout.result_temporary(&project, job, 1);
         let temporary_name = temporary.file_name().unwrap().to_string_lossy();
         for refused in [
@@ -373,7 +371,7 @@ mod tests {
             "p1/stems".to_string(),
             String::new(),
         ] {
-            assert_eq!(layout.media_file(&refused), None, "{refused}");
+            assert_eq!(MediaLayout::media_name(&refused), None, "{refused}");
         }
     }
 

@@ -21,7 +21,7 @@ mod webhook;
 
 pub use cache::StemCache;
 pub use feed::{feed, Resume, Scope};
-pub use layout::{keys, MediaFile, MediaLayout, MediaName};
+pub use layout::{keys, MediaLayout, MediaName};
 pub use manager::{JobError, Jobs, JobsConfig, OpenError, EVENT_BUFFER};
 pub use metrics::{LeaseEvent, Metrics, SubscriberGuard, Transport, LEASE_EVENTS, MIX_DURATION_BUCKETS, WEBHOOK_OUTCOMES};
 pub use model::{ErrorCode, InvalidId, JobChange, JobEvent, JobId, JobState, JobStatus, Progress, ProjectId, StemId, Timestamp, FRAMINGS};
