@@ -149,6 +149,7 @@ impl Measured {
 }
 
 /// A status as mixd published it: its project and its JSON.
+#[derive(Clone)]
 struct Published {
     project: usize,
     updated_at: DateTime<Utc>,
@@ -411,20 +412,19 @@ async fn measure_nchan(n: usize, projects: usize, published: &[Published]) -> (M
     // Each message is stamped with the moment it is due, as mixd's statuses are with the moment
     // they are made. nchan answers a publish once it has written the message to its subscribers,
     // so a message due while the one before is still being written waits, inside the measured
-    // delay, as a status waits behind the one before in mixd. (Stamped when sent instead, as
-    // before 2026-12-03, that wait was left out: a burst, such as a job ending and every queued
-    // job's position changing at once, cost nchan nothing.) The publisher runs on a thread of its
+    // delay, as a status waits behind the one before in mixd. (Stamped when sent, that wait was
+    // left out, and a burst such as a job ending and every queued job's position changing at
+    // once cost nchan nothing.) The publisher runs on a thread of its
     // own, so that the subscribers' reads in this process never delay a send.
-    let messages: Vec<(String, DateTime<Utc>, String)> =
-        published.iter().map(|status| (format!("p{}", status.project), status.updated_at, status.json.clone())).collect();
+    let messages = published.to_vec();
     let publish_url = format!("http://{}/pub", nchan.address());
     let answers = tokio::task::spawn_blocking(move || {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         runtime.block_on(async move {
             let client = reqwest::Client::new();
-            let (first, start, wall_start) = (messages[0].1, Instant::now(), Utc::now());
+            let (first, start, wall_start) = (messages[0].updated_at, Instant::now(), Utc::now());
             let mut answers = Vec::with_capacity(messages.len());
-            for (channel, updated_at, json) in messages {
+            for Published { project, updated_at, json } in messages {
                 let since_first = updated_at - first;
                 tokio::time::sleep_until(start + since_first.to_std().unwrap()).await;
                 // Framed as mixd's WebSocket frames are, which SSE carries as data.
@@ -434,7 +434,7 @@ async fn measure_nchan(n: usize, projects: usize, published: &[Published]) -> (M
                 let due = (wall_start + since_first).to_rfc3339_opts(SecondsFormat::Micros, true);
                 let message = format!(r#"{{"type":"status","cursor":"0","data":{}{due}{}}}"#, &json[..value], &json[end..]);
                 let sent = Instant::now();
-                let response = client.post(format!("{publish_url}/{channel}")).header("content-type", "application/json").body(message).send().await.unwrap();
+                let response = client.post(format!("{publish_url}/p{project}")).header("content-type", "application/json").body(message).send().await.unwrap();
                 assert!(response.status().is_success(), "nchan refused a message: {}", response.status());
                 answers.push(sent.elapsed().as_secs_f64() * 1e3);
             }

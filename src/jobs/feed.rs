@@ -1,8 +1,8 @@
 //! The one subscription core every stream adapter (SSE and WebSocket, per job, per project and
 //! for all projects) is built on: a snapshot first, then every later change.
 //!
-//! The broadcast receiver (of the scope's project's channel, or for the global scope of every
-//! change's) is created before the snapshot is read, and the snapshot is read under
+//! The broadcast receiver (on the project's channel, or for the global scope on the channel of
+//! every change) is created before the snapshot is read, and the snapshot is read under
 //! the lock the log follower publishes under; the snapshot reflects the log up to some cursor, so
 //! every change on the channel at or before that cursor is already in it and is dropped. A
 //! subscriber that lags behind the channel gets a fresh snapshot of every job in its scope that

@@ -42,7 +42,8 @@ pub struct JobsConfig {
     pub job_ttl: Duration,
     /// How long output files are kept; at least `job_ttl`, so a job never points at a deleted file.
     pub output_retention: Duration,
-    /// Changes the broadcast channel holds for a subscriber that falls behind ([`EVENT_BUFFER`]).
+    /// Changes the channel of every change holds for a subscriber that falls behind
+    /// ([`EVENT_BUFFER`]); a project's channel holds at most [`PROJECT_EVENT_BUFFER`] of them.
     pub event_buffer: usize,
     /// Where results go: the local data root, or with object storage this node's work directory.
     pub layout: MediaLayout,
