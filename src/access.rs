@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use crate::jobs::ProjectId;
+use crate::ids::ProjectId;
 
 /// The audience every token must name.
 pub const AUDIENCE: &str = "mixd";

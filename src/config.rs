@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::{Args, FromArgMatches, ValueEnum};
 
 use crate::access::{parse_api_key, parse_token_key, Secret, TokenKey};
-use crate::jobs::StorageUrl;
+use crate::media::StorageUrl;
 use crate::webhooks::WebhookSecret;
 
 #[derive(Debug, Clone, Args)]

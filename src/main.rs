@@ -10,7 +10,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use mixd::access::{Keys, Scope};
 use mixd::audio::{self, BitDepth, MixObserver, MixSettings, Stage, StemSource};
 use mixd::config::{parse_duration, Config, TokenKeys};
-use mixd::jobs::ProjectId;
+use mixd::ids::ProjectId;
 use mixd::startup::Application;
 
 #[derive(Parser)]

@@ -17,8 +17,9 @@ use tokio_util::task::TaskTracker;
 use crate::access::Keys;
 use crate::api::{router, serve_connection, App, AppState, ConnectionConfig};
 use crate::config::Config;
-use crate::jobs::{Jobs, JobsConfig, MediaLayout, ObjectMedia, StemCache, StemStore, StorageUrl, Store, StoreLocation, EVENT_BUFFER};
-use crate::webhooks::{Dispatcher, DispatcherConfig, WebhookSecret};
+use crate::jobs::{Jobs, JobsConfig, Store, StoreLocation, EVENT_BUFFER};
+use crate::media::{self, MediaLayout, ObjectMedia, StemCache, StemStore, StorageUrl};
+use crate::webhooks::{Dispatcher, DispatcherConfig, Outbox, WebhookSecret};
 
 /// Webhook deliveries in flight at once: a receiver that hangs holds one until the timeout.
 const WEBHOOK_CONCURRENCY: usize = 16;
@@ -101,7 +102,6 @@ impl Application {
             JobsConfig {
                 mix_slots: config.mix_slots(),
                 job_ttl: config.job_ttl,
-                output_retention: config.output_retention,
                 layout: work_layout,
                 objects: objects.clone(),
                 event_buffer: EVENT_BUFFER,
@@ -123,13 +123,18 @@ impl Application {
         };
         let dispatcher =
             DispatcherConfig { secret: webhook_secret.clone(), allow_private: config.webhook_allow_private, concurrency: WEBHOOK_CONCURRENCY, timeout: WEBHOOK_TIMEOUT };
-        let dispatcher = Dispatcher::new(jobs.outbox().clone(), jobs.metrics().clone(), dispatcher).context("building the webhook client")?;
+        let outbox = Arc::new(Outbox::new(jobs.store().clone(), jobs.delivery_wake()));
+        let dispatcher = Dispatcher::new(outbox.clone(), jobs.metrics().clone(), dispatcher).context("building the webhook client")?;
         tokio::spawn(dispatcher.run(shutdown.clone()));
+        // A job never points at a deleted file: outputs are kept at least as long as jobs.
+        let retention = config.output_retention.max(config.job_ttl);
+        tokio::spawn(media::remove_old_outputs(layout.clone(), objects.clone(), retention, shutdown.clone()));
         let state = AppState::new(App {
             jobs,
             stems: StemStore::new(layout.clone(), objects.clone()),
             layout,
             objects,
+            outbox,
             keys,
             webhook_secret,
             config: Arc::new(config),

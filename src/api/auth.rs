@@ -15,9 +15,9 @@ use axum::response::Response;
 use serde::Deserialize;
 
 use super::error::ApiError;
-use super::AppState;
+use super::state::AppState;
 use crate::access::{Caller, Right, Scope};
-use crate::jobs::ProjectId;
+use crate::ids::ProjectId;
 
 /// The cookie `POST /session` sets.
 pub const SESSION_COOKIE: &str = "mixd_token";

@@ -31,8 +31,6 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
-use super::may_be_event_stream;
-
 /// What the first read takes: a browser's EventSource request, cookies included, fits.
 const FIRST_READ: usize = 4096;
 /// Headers a request taken here may have; one with more is hyper's (which allows 100).
@@ -288,6 +286,13 @@ impl AsyncWrite for Prefixed {
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
+}
+
+/// Whether `path` may be an event stream: every SSE route ends so, and no other route does. The
+/// connection layer writes such responses itself (see `connection`); the router still decides
+/// what they are.
+fn may_be_event_stream(path: &str) -> bool {
+    path.ends_with("/events")
 }
 
 #[cfg(test)]

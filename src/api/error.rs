@@ -11,7 +11,9 @@ use axum::Json;
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::jobs::{InvalidId, JobError, MediaError, StoreError};
+use crate::ids::InvalidId;
+use crate::jobs::{JobError, StoreError};
+use crate::media::MediaError;
 
 /// `{ok, data, error, message}`: the legacy envelope, kept for every JSON response.
 #[derive(Debug, Serialize, ToSchema)]

@@ -16,8 +16,9 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio_util::io::ReaderStream;
 
 use super::error::{ApiError, ErrorEnvelope};
-use super::AppState;
-use crate::jobs::{keys, JobState, MediaLayout, MediaName, ObjectInfo, ObjectKey, ObjectMedia};
+use super::state::AppState;
+use crate::jobs::JobState;
+use crate::media::{keys, MediaLayout, MediaName, ObjectInfo, ObjectKey, ObjectMedia};
 
 /// A mixed WAV, its analysis, a stem, or the legacy newest mix.
 #[utoipa::path(get, path = "/media/{path}", tag = "media",

@@ -13,9 +13,10 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::error::{body_error, respond, ApiError, Envelope, ErrorEnvelope};
 use super::extract::{ApiQuery, JobPath, ProjectPath};
-use super::AppState;
+use super::state::AppState;
 use crate::audio::{MixReport, MixSettings};
-use crate::jobs::{Attempt, JobEvent, JobId, JobStatus, ProjectId, Submitted, WebhookSpec};
+use crate::ids::{JobId, ProjectId};
+use crate::jobs::{Attempt, JobEvent, JobStatus, Submitted, WebhookSpec};
 use crate::webhooks::check_url;
 
 const STATUS_MESSAGE: &str = "Job status retrieved successfully";
@@ -259,6 +260,6 @@ pub struct WebhookAttempts {
         (status = 500, body = ErrorEnvelope, description = "INTERNAL")))]
 pub async fn webhook_attempts(State(app): State<AppState>, JobPath { project_id, job_id }: JobPath) -> Result<Response, ApiError> {
     find_job(&app, &project_id, job_id).await?;
-    let attempts = app.jobs.outbox().attempts(job_id).await?;
+    let attempts = app.outbox.attempts(job_id).await?;
     Ok(respond(StatusCode::OK, WebhookAttempts { attempts }, "Webhook attempts retrieved successfully"))
 }

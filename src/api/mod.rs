@@ -11,60 +11,21 @@ mod openapi;
 mod projects;
 mod service;
 mod session;
+mod state;
 mod stems;
 mod streams;
-
-use std::sync::Arc;
 
 use axum::extract::DefaultBodyLimit;
 use axum::http::{header, HeaderName, HeaderValue, Method};
 use axum::middleware;
 use axum::routing::{delete, get, post};
 use axum::Router;
-use tokio_util::sync::CancellationToken;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::services::ServeDir;
 use tower_http::trace::TraceLayer;
 
-use crate::access::Keys;
-use crate::config::Config;
-use crate::jobs::{Jobs, MediaLayout, ObjectMedia, StemStore};
-use crate::webhooks::WebhookSecret;
-
 pub use connection::{serve as serve_connection, ConnectionConfig};
-
-/// What every handler shares. Each extractor of a request takes its own handle, so a handle is
-/// one reference count (cloning the parts, a cancellation token among them, cost 7% of the status
-/// route's time).
-#[derive(Clone)]
-pub struct AppState(Arc<App>);
-
-pub struct App {
-    pub jobs: Jobs,
-    pub stems: StemStore,
-    /// The local data root (with object storage: only the job database and the stem cache).
-    pub layout: MediaLayout,
-    /// Where stems and mixes are kept, when that is object storage.
-    pub objects: Option<ObjectMedia>,
-    pub keys: Keys,
-    pub webhook_secret: WebhookSecret,
-    pub config: Arc<Config>,
-    /// Cancelled when the server shuts down: every open stream ends.
-    pub shutdown: CancellationToken,
-}
-
-impl AppState {
-    pub fn new(app: App) -> Self {
-        Self(Arc::new(app))
-    }
-}
-
-impl std::ops::Deref for AppState {
-    type Target = App;
-    fn deref(&self) -> &App {
-        &self.0
-    }
-}
+pub use state::{App, AppState};
 
 /// Every route, served at its own path and under `/api` (the legacy frontend's base URL), with
 /// the dashboard from `static/` for everything else.
@@ -90,7 +51,7 @@ pub fn router(state: AppState) -> Router {
         .route("/media/{*path}", get(media::serve))
         .route("/healthz", get(service::healthz))
         .route("/metrics", get(service::metrics))
-        .route("/openapi.json", get(service::openapi))
+        .route("/openapi.json", get(openapi::openapi))
         .route("/session", post(session::create).get(session::show).delete(session::delete))
         .route("/tokens", post(session::mint))
         .route("/mix/{project_id}/mix/job/{job_id}/webhooks", get(mix::webhook_attempts))
@@ -110,13 +71,6 @@ pub fn router(state: AppState) -> Router {
                 .make_span_with(|request: &axum::http::Request<_>| tracing::info_span!("request", method = %request.method(), path = %request.uri().path())),
         )
         .with_state(state)
-}
-
-/// Whether `path` may be an event stream: every SSE route ends so, and no other route does. The
-/// connection layer writes such responses itself (see `connection`); the router still decides
-/// what they are.
-fn may_be_event_stream(path: &str) -> bool {
-    path.ends_with("/events")
 }
 
 /// CORS for the listed origins, with credentials (so never `*`); with none listed, no

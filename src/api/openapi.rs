@@ -1,11 +1,14 @@
-//! `/openapi.json`: the contract, generated from the handlers and types it describes.
+//! `/openapi.json`: the contract, generated from the handlers and types it describes, and the
+//! route that serves it.
 
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
 use utoipa::openapi::schema::Schema;
 use utoipa::openapi::{OpenApi as Document, RefOr, Required};
 use utoipa::{Modify, OpenApi};
 
 use super::{auth, error, media, mix, projects, service, session, stems, streams};
-use crate::jobs::{JobId, ProjectId, StemId};
+use crate::ids::{JobId, ProjectId, StemId};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -31,7 +34,7 @@ also sent as `cursor` in their WebSocket frames; /metrics adds mixd_leases_total
         mix::start, mix::job_status, mix::legacy_status, mix::project_status, mix::jobs, mix::cancel, mix::preview,
         streams::job_sse, streams::project_sse, streams::global_sse, streams::job_ws, streams::project_ws, streams::global_ws,
         media::serve,
-        service::healthz, service::metrics, service::openapi, service::webhook_secret,
+        service::healthz, service::metrics, openapi, service::webhook_secret,
         session::create, session::show, session::delete, session::mint, mix::webhook_attempts,
     ),
     // The ids are the types of the path and query parameters, and appear in no body of their own.
@@ -47,6 +50,14 @@ also sent as `cursor` in their WebSocket frames; /metrics adds mixd_leases_total
     )
 )]
 pub struct ApiDoc;
+
+/// This document.
+#[utoipa::path(get, path = "/openapi.json", tag = "service", responses((status = 200, content_type = "application/json", description = "OpenAPI 3.1")))]
+pub async fn openapi() -> Response {
+    // The document is fixed at build time: generated and serialised once.
+    static DOCUMENT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| ApiDoc::openapi().to_json().expect("the OpenAPI document serialises"));
+    ([(header::CONTENT_TYPE, "application/json")], DOCUMENT.as_str()).into_response()
+}
 
 /// The start route's settings body is optional (an empty body means the defaults) but, when
 /// present, a MixSettings object and never `null`: utoipa can only say "optional" with a

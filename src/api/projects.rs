@@ -9,9 +9,10 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::error::{respond, ApiError, Envelope, ErrorEnvelope};
-use super::AppState;
+use super::state::AppState;
 use crate::access::Caller;
-use crate::jobs::{JobStatus, ProjectId, Timestamp};
+use crate::ids::{ProjectId, Timestamp};
+use crate::jobs::JobStatus;
 
 #[derive(Serialize, ToSchema)]
 pub struct ProjectSummary {

@@ -1,4 +1,4 @@
-//! Health, metrics and the machine-readable contract.
+//! Health, metrics and the webhook secret.
 
 use std::fmt::Write;
 use std::time::Duration;
@@ -7,10 +7,10 @@ use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
-use utoipa::{OpenApi, ToSchema};
+use utoipa::ToSchema;
 
 use super::error::{respond, ApiError, Envelope, ErrorEnvelope};
-use super::AppState;
+use super::state::AppState;
 use crate::jobs::{JobState, Transport, LEASE_EVENTS, MIX_DURATION_BUCKETS, WEBHOOK_OUTCOMES};
 
 #[derive(Serialize, ToSchema)]
@@ -76,7 +76,7 @@ pub async fn metrics(State(app): State<AppState>) -> Response {
     for event in LEASE_EVENTS {
         let _ = writeln!(text, "mixd_leases_total{{event=\"{}\"}} {}", event.label(), metrics.leases(event));
     }
-    if let Ok((pending, oldest)) = app.jobs.outbox().backlog().await {
+    if let Ok((pending, oldest)) = app.outbox.backlog().await {
         let age = oldest.map_or(0.0, |created| (crate::jobs::unix_millis(std::time::SystemTime::now()) - created).max(0) as f64 / 1000.0);
         let _ = writeln!(text, "# HELP mixd_webhook_queue_length Webhook deliveries waiting to be sent or retried.\n# TYPE mixd_webhook_queue_length gauge\nmixd_webhook_queue_length {pending}");
         let _ = writeln!(text, "# HELP mixd_webhook_oldest_pending_seconds Age of the oldest undelivered webhook.\n# TYPE mixd_webhook_oldest_pending_seconds gauge\nmixd_webhook_oldest_pending_seconds {age}");
@@ -89,14 +89,6 @@ pub async fn metrics(State(app): State<AppState>) -> Response {
     let _ = writeln!(text, "mixd_mix_duration_seconds_bucket{{le=\"+Inf\"}} {}", histogram.count);
     let _ = writeln!(text, "mixd_mix_duration_seconds_sum {}\nmixd_mix_duration_seconds_count {}", histogram.sum, histogram.count);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
-}
-
-/// This document.
-#[utoipa::path(get, path = "/openapi.json", tag = "service", responses((status = 200, content_type = "application/json", description = "OpenAPI 3.1")))]
-pub async fn openapi() -> Response {
-    // The document is fixed at build time: generated and serialised once.
-    static DOCUMENT: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| super::openapi::ApiDoc::openapi().to_json().expect("the OpenAPI document serialises"));
-    ([(header::CONTENT_TYPE, "application/json")], DOCUMENT.as_str()).into_response()
 }
 
 #[derive(Serialize, ToSchema)]

@@ -14,9 +14,9 @@ use utoipa::ToSchema;
 use super::auth::SESSION_COOKIE;
 use super::error::{respond, ApiError, Envelope, ErrorEnvelope};
 use super::extract::ApiJson;
-use super::AppState;
+use super::state::AppState;
 use crate::access::{Caller, MintError, Scope, MAX_TOKEN_TTL};
-use crate::jobs::ProjectId;
+use crate::ids::ProjectId;
 
 #[derive(Deserialize, ToSchema)]
 pub struct SessionRequest {

@@ -16,9 +16,10 @@ use utoipa::{PartialSchema, ToSchema};
 
 use super::error::{multipart_error, respond, ApiError, Envelope, ErrorEnvelope};
 use super::extract::{ProjectPath, StemPath};
-use super::AppState;
+use super::state::AppState;
 use crate::audio::{probe_stem, MAX_PROBE_TIME};
-use crate::jobs::{sanitize_file_name, ProjectId, Stem, StemId};
+use crate::ids::{ProjectId, StemId};
+use crate::media::{sanitize_file_name, Stem};
 
 #[derive(Serialize, ToSchema)]
 pub struct StemList {

@@ -18,11 +18,12 @@ use utoipa::IntoParams;
 use super::error::{ApiError, ErrorEnvelope};
 use super::extract::{ApiQuery, JobPath, ProjectPath};
 use super::mix::find_job;
-use super::AppState;
+use super::state::AppState;
 use std::sync::Arc;
 
 use crate::access::Caller;
-use crate::jobs::{feed, JobEvent, ProjectId, Resume, Scope, Transport, FRAMINGS};
+use crate::ids::ProjectId;
+use crate::jobs::{feed, JobEvent, Resume, Scope, Transport, FRAMINGS};
 
 /// Tells EventSource to reconnect after 2 s; the first bytes of every SSE stream.
 const SSE_RETRY: &[u8] = b"retry: 2000\n\n";

@@ -21,7 +21,8 @@ use tokio::sync::broadcast::Receiver;
 use tokio_util::sync::CancellationToken;
 
 use super::manager::{JobError, Jobs};
-use super::model::{JobEvent, JobId, JobStatus, ProjectId};
+use super::model::{JobEvent, JobStatus};
+use crate::ids::{JobId, ProjectId};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Scope {
@@ -154,24 +155,10 @@ impl Feed {
     /// Queues snapshots of the jobs in scope, oldest change first: with `after`, every one that
     /// changed after that cursor; without, the live ones (a job stream: its job, whatever state).
     fn queue_snapshots(&mut self, after: Option<u64>) {
-        let cache = self.jobs.cache();
-        let mut snapshots: Vec<Arc<JobEvent>> = cache
-            .jobs
-            .values()
-            .map(|cached| &cached.published)
-            .filter(|event| {
-                self.scope.matches(&event.status)
-                    && match (after, &self.scope) {
-                        (Some(cursor), _) => event.cursor > cursor,
-                        (None, Scope::Job(..)) => true,
-                        (None, _) => !event.status.state().is_terminal(),
-                    }
-            })
-            .cloned()
-            .collect();
-        self.position = self.position.max(cache.head);
-        drop(cache);
-        snapshots.sort_by_key(|event| event.cursor);
+        let scope = &self.scope;
+        let live = |status: &JobStatus| matches!(scope, Scope::Job(..)) || !status.state().is_terminal();
+        let (snapshots, head) = self.jobs.live().snapshots(|status| scope.matches(status), after, live);
+        self.position = self.position.max(head);
         self.pending.extend(snapshots);
     }
 }

@@ -6,11 +6,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::time::Instant;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use super::manager::{Cache, Cached, Jobs};
+use super::live::LiveView;
+use super::metrics::Metrics;
 use super::model::{JobEvent, JobState};
+use super::runs::LocalRuns;
+use super::store::{Store, StoreError};
 
 /// The longest a change can wait to be seen when every notification is lost.
 const POLL: Duration = Duration::from_secs(1);
@@ -38,106 +41,82 @@ pub(super) fn spawn_on_own_thread(follow: impl std::future::Future<Output = ()> 
     Ok(())
 }
 
-pub(super) async fn follow(jobs: Jobs, shutdown: CancellationToken) {
-    let store = jobs.inner.store.clone();
-    let mut failing = false;
-    loop {
-        match read_log(&jobs).await {
-            Ok(()) if failing => {
-                tracing::info!("the job store answers again");
-                failing = false;
-            }
-            Ok(()) => {}
-            Err(err) => {
-                if !failing {
-                    tracing::warn!(%err, "cannot read the job log; retrying");
-                }
-                failing = true;
-            }
-        }
-        let wait = if failing { RETRY } else { POLL };
-        tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => return,
-            _ = store.changed() => {}
-            _ = tokio::time::sleep(wait) => {}
-        }
-        if shutdown.is_cancelled() {
-            return;
-        }
-    }
+/// What the log is read into, and what a published change sets going on this node.
+pub(super) struct Follower {
+    pub store: Store,
+    pub live: Arc<LiveView>,
+    pub runs: Arc<LocalRuns>,
+    pub metrics: Arc<Metrics>,
+    /// A job was queued: a slot may take it.
+    pub wake_runner: Arc<Notify>,
+    /// A job finished: its TTL starts.
+    pub wake_expiry: Arc<Notify>,
+    /// A change that may have stored a webhook delivery.
+    pub wake_deliveries: Arc<Notify>,
 }
 
-async fn read_log(jobs: &Jobs) -> Result<(), super::store::StoreError> {
-    loop {
-        let head = jobs.cache().head;
-        let entries = jobs.inner.store.events_after(head, BATCH).await?;
-        let full = entries.len() == BATCH as usize;
-        let Some(last) = entries.last().map(|entry| entry.cursor) else { return Ok(()) };
-        // A batch goes into memory at once: a write's changes (a cancel and the queue it moves)
-        // are in one transaction, and whoever reads memory sees all of them or none.
-        let mut published = Vec::with_capacity(entries.len());
-        {
-            let mut cache = jobs.cache();
-            for entry in entries {
-                let cursor = entry.cursor;
-                match entry.parse() {
-                    Ok(event) => published.extend(publish(jobs, &mut cache, event)),
-                    Err(err) => {
-                        tracing::error!(cursor, %err, "skipping a log entry that cannot be read");
-                        cache.head = cursor;
+impl Follower {
+    pub async fn follow(self, shutdown: CancellationToken) {
+        let mut failing = false;
+        loop {
+            match self.read_log().await {
+                Ok(()) if failing => {
+                    tracing::info!("the job store answers again");
+                    failing = false;
+                }
+                Ok(()) => {}
+                Err(err) => {
+                    if !failing {
+                        tracing::warn!(%err, "cannot read the job log; retrying");
                     }
+                    failing = true;
                 }
             }
-        }
-        published.iter().for_each(|event| react(jobs, event));
-        jobs.inner.head.send_replace(last);
-        if !full {
-            return Ok(());
+            let wait = if failing { RETRY } else { POLL };
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return,
+                _ = self.store.changed() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+            if shutdown.is_cancelled() {
+                return;
+            }
         }
     }
-}
 
-/// Takes one logged change into memory and sends it to every subscriber, unless memory already
-/// holds it or a later one (it was read at start); the change, when it was news.
-fn publish(jobs: &Jobs, cache: &mut Cache, event: Arc<JobEvent>) -> Option<Arc<JobEvent>> {
-    let status = &event.status;
-    cache.head = event.cursor;
-    if cache.jobs.get(&status.job_id()).is_some_and(|cached| cached.published.status.seq() >= status.seq()) {
-        return None;
-    }
-    let finished_at = status.state().is_terminal().then(Instant::now);
-    cache.jobs.insert(status.job_id(), Cached { published: event.clone(), finished_at });
-    // Sent under the lock: a subscriber reading memory under it sees each change either in its
-    // snapshot or on its channel, never both nor neither.
-    let _ = jobs.inner.events.send(event.clone());
-    let project = status.project_id();
-    if let Some(channel) = cache.projects.get(project) {
-        if channel.send(event.clone()).is_err() {
-            // Its subscribers have all left.
-            cache.projects.remove(project);
+    async fn read_log(&self) -> Result<(), StoreError> {
+        loop {
+            let entries = self.store.events_after(self.live.head(), BATCH).await?;
+            let full = entries.len() == BATCH as usize;
+            if entries.is_empty() {
+                return Ok(());
+            }
+            for event in self.live.take_in(entries) {
+                self.react(&event);
+            }
+            if !full {
+                return Ok(());
+            }
         }
     }
-    Some(event)
-}
 
-/// What a published change sets going on this node.
-fn react(jobs: &Jobs, event: &JobEvent) {
-    let (state, job_id) = (event.status.state(), event.status.job_id());
-    if state.is_terminal() {
-        jobs.inner.expiry_wake.notify_one();
-    }
-    if state.is_terminal() || state == JobState::Running {
-        // Such a change may have queued a webhook delivery, on whichever node made it.
-        jobs.inner.outbox.wake();
-    }
-    if state.is_terminal() || state == JobState::Queued {
-        // A run of it here ends: canceled, or rescued after this node lost its lease.
-        if let Some(run) = jobs.inner.local_runs.lock().expect("never poisoned").get(&job_id).filter(|run| event.status.seq() > run.started_seq) {
-            super::runner::lose_lease(jobs.metrics(), &run.stop);
+    /// What a published change sets going on this node.
+    fn react(&self, event: &JobEvent) {
+        let (state, job_id) = (event.status.state(), event.status.job_id());
+        if state.is_terminal() {
+            self.wake_expiry.notify_one();
         }
-    }
-    if state == JobState::Queued {
-        jobs.inner.runner_wake.notify_one();
+        if state.is_terminal() || state == JobState::Running {
+            // Such a change may have queued a webhook delivery, on whichever node made it.
+            self.wake_deliveries.notify_one();
+        }
+        if state.is_terminal() || state == JobState::Queued {
+            // A run of it here ends: canceled, or rescued after this node lost its lease.
+            self.runs.superseded(job_id, event.status.seq(), &self.metrics);
+        }
+        if state == JobState::Queued {
+            self.wake_runner.notify_one();
+        }
     }
 }

@@ -1,36 +1,37 @@
 //! The handle on all jobs. The store is the truth, shared by every node of a cluster; each node
-//! keeps the current status of every job in memory, fed only by the store's event log (see
-//! `follow.rs`), and answers status polls and new subscribers from it. The lock around that
-//! memory guards maps and channel sends, never a disk or network write, so readers never wait on
-//! one. Writers (submit, cancel, the runner's fenced writes) go to the store; what they changed
-//! reaches the memory and every subscriber on every node through the log, once, in order.
+//! keeps the current status of every job in its live view (`live`), fed only by the store's event
+//! log (`follow`), and answers status polls and new subscribers from it. Writers (submit, cancel,
+//! the runner's fenced writes) go to the store; what they changed reaches the view and every
+//! subscriber on every node through the log, once, in order.
+//!
+//! This is the one module that points down at the others: it opens the store's snapshot into the
+//! view and starts the log reader, the runner and expiry, each given only the parts it uses.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{broadcast, watch, Notify};
-use tokio::time::Instant;
+use tokio::sync::{broadcast, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 use super::engine::EnginePool;
-use super::layout::MediaLayout;
+use super::follow::{spawn_on_own_thread, Follower};
+use super::live::LiveView;
 use super::metrics::Metrics;
-use super::model::{JobEvent, JobId, JobState, JobStatus, ProjectId};
-use super::objects::ObjectMedia;
-use super::outbox::Outbox;
+use super::model::{JobEvent, JobState, JobStatus};
+use super::runner::{run_slots, FaultHook, Runner};
+use super::runs::LocalRuns;
 pub use super::store::JobError;
 use super::store::{NewJob, Store, StoreError, Submitted};
 use super::webhook::WebhookSpec;
 use crate::audio::{StemSource, ValidSettings};
+use crate::ids::{JobId, ProjectId};
+use crate::media::{MediaLayout, ObjectMedia};
 
 /// Room for bursts of changes; a subscriber that falls further behind is resynchronised.
 pub const EVENT_BUFFER: usize = 4096;
-/// The same, for one project's changes: its channel is made for each project with subscribers,
-/// and a slot of it is allocated whether used or not.
-const PROJECT_EVENT_BUFFER: usize = 256;
 /// How long a write waits to see itself in this node's memory before answering anyway (the store
 /// has it; a poll that follows at once reads it from there).
 const READ_YOUR_WRITE: Duration = Duration::from_secs(2);
@@ -39,11 +40,10 @@ const READ_YOUR_WRITE: Duration = Duration::from_secs(2);
 pub struct JobsConfig {
     /// Mixes this node runs at once; 0 takes none.
     pub mix_slots: usize,
+    /// How long a finished job stays queryable.
     pub job_ttl: Duration,
-    /// How long output files are kept; at least `job_ttl`, so a job never points at a deleted file.
-    pub output_retention: Duration,
     /// Changes the channel of every change holds for a subscriber that falls behind
-    /// ([`EVENT_BUFFER`]); a project's channel holds at most [`PROJECT_EVENT_BUFFER`] of them.
+    /// ([`EVENT_BUFFER`]); a project's channel holds fewer.
     pub event_buffer: usize,
     /// Where results go: the local data root, or with object storage this node's work directory.
     pub layout: MediaLayout,
@@ -67,105 +67,80 @@ pub enum OpenError {
 /// A handle on all jobs; cheap to clone.
 #[derive(Clone)]
 pub struct Jobs {
-    pub(super) inner: Arc<Inner>,
+    inner: Arc<Inner>,
 }
 
-pub(super) struct Inner {
-    pub config: JobsConfig,
-    pub store: Store,
-    pub cache: Mutex<Cache>,
-    pub events: broadcast::Sender<Arc<JobEvent>>,
-    /// The log position the cache has reached, for writers waiting to see their change.
-    pub head: watch::Sender<u64>,
-    pub metrics: Arc<Metrics>,
-    pub engine: EnginePool,
-    pub outbox: Arc<Outbox>,
+struct Inner {
+    store: Store,
+    live: Arc<LiveView>,
+    metrics: Arc<Metrics>,
     /// This process run's lease owner id.
-    pub owner: Uuid,
-    /// Wakes the runner: a job was queued, or a slot came free.
-    pub runner_wake: Notify,
-    /// Wakes expiry: a job finished.
-    pub expiry_wake: Notify,
-    /// Runs on this node, by job.
-    pub local_runs: Mutex<HashMap<JobId, LocalRun>>,
-    /// The runner, the log follower and the sweeps; done once runs are handed back.
-    pub tasks: TaskTracker,
-}
-
-pub(super) struct LocalRun {
-    /// Stops the mix.
-    pub stop: Arc<std::sync::atomic::AtomicBool>,
-    /// The seq its start was written at: a later `queued` or final status not written by the run
-    /// means it no longer holds the job.
-    pub started_seq: u64,
-    pub lease: super::store::Lease,
-}
-
-#[derive(Default)]
-pub(super) struct Cache {
-    pub jobs: HashMap<JobId, Cached>,
-    /// The log position memory reflects: every entry up to it, none after.
-    pub head: u64,
-    /// Each project's changes, on a channel of its own for the project's subscribers: on the one
-    /// channel of every change, each change woke every subscriber of every project, only for all
-    /// but the project's own to drop it. Made by the first subscriber; dropped at the first change
-    /// after the last one left, or by [`Jobs::subscribe_events`] now and then.
-    pub projects: HashMap<ProjectId, broadcast::Sender<Arc<JobEvent>>>,
-    /// How many project channels may exist before those without subscribers are dropped.
-    projects_limit: usize,
-}
-
-pub(super) struct Cached {
-    /// As last published: snapshots and resyncs send this same serialisation.
-    pub published: Arc<JobEvent>,
-    pub finished_at: Option<Instant>,
+    owner: Uuid,
+    /// Woken when a published change may have stored a webhook delivery.
+    deliveries: Arc<Notify>,
+    /// The log reader, the runner and expiry; done once runs are handed back.
+    tasks: TaskTracker,
+    #[cfg(test)]
+    runs: Arc<LocalRuns>,
 }
 
 impl Jobs {
     /// Reads every job into memory, then starts following the log, the runner (which rescues
-    /// jobs whose node died, those of an earlier run of this one included) and the sweeps. They all
+    /// jobs whose node died, those of an earlier run of this one included) and expiry. They all
     /// end with `shutdown`; [`Jobs::stopped`] waits for that.
     pub async fn open(config: JobsConfig, store: Store, shutdown: CancellationToken) -> Result<Self, OpenError> {
+        Self::open_with(config, store, shutdown, FaultHook::default()).await
+    }
+
+    async fn open_with(config: JobsConfig, store: Store, shutdown: CancellationToken, faults: FaultHook) -> Result<Self, OpenError> {
         let snapshot = store.snapshot().await?;
         let engine = EnginePool::new(config.mix_slots).map_err(OpenError::Engine)?;
-        let (events, _) = broadcast::channel(config.event_buffer);
-        let mut cache = Cache { head: snapshot.head, ..Cache::default() };
-        for logged in snapshot.jobs {
-            match logged.parse() {
-                Ok(event) => {
-                    let finished_at =
-                        event.status.state().is_terminal().then(|| Instant::now().checked_sub(event.status.updated_at().elapsed()).unwrap_or_else(Instant::now));
-                    cache.jobs.insert(event.status.job_id(), Cached { published: event, finished_at });
-                }
-                Err(err) => tracing::error!(%err, "skipping a job record that cannot be read"),
-            }
-        }
-        let jobs = Self {
-            inner: Arc::new(Inner {
-                config,
-                outbox: Arc::new(Outbox::new(store.clone())),
-                store,
-                cache: Mutex::new(cache),
-                events,
-                head: watch::Sender::new(snapshot.head),
-                metrics: Arc::default(),
-                engine,
-                owner: Uuid::new_v4(),
-                runner_wake: Notify::new(),
-                expiry_wake: Notify::new(),
-                local_runs: Mutex::default(),
-                tasks: TaskTracker::new(),
-            }),
+        let live = Arc::new(LiveView::new(snapshot.jobs, snapshot.head, config.event_buffer));
+        let (runs, metrics) = (Arc::<LocalRuns>::default(), Arc::<Metrics>::default());
+        let (wake_runner, wake_expiry, deliveries) = (Arc::new(Notify::new()), Arc::new(Notify::new()), Arc::new(Notify::new()));
+        let tasks = TaskTracker::new();
+
+        let follower = Follower {
+            store: store.clone(),
+            live: live.clone(),
+            runs: runs.clone(),
+            metrics: metrics.clone(),
+            wake_runner: wake_runner.clone(),
+            wake_expiry: wake_expiry.clone(),
+            wake_deliveries: deliveries.clone(),
         };
-        let tasks = &jobs.inner.tasks;
         let follow_stop = shutdown.child_token();
-        let follow = tasks.track_future(super::follow::follow(jobs.clone(), follow_stop.clone()));
-        super::follow::spawn_on_own_thread(follow, follow_stop).map_err(OpenError::Follower)?;
-        tasks.spawn(super::runner::run_slots(jobs.clone(), shutdown.clone()));
-        tasks.spawn(super::retention::expire_finished_jobs(jobs.clone(), shutdown.clone()));
-        tasks.spawn(super::retention::remove_old_outputs(jobs.clone(), shutdown));
+        spawn_on_own_thread(tasks.track_future(follower.follow(follow_stop.clone())), follow_stop).map_err(OpenError::Follower)?;
+        let runner = Runner {
+            store: store.clone(),
+            live: live.clone(),
+            runs: runs.clone(),
+            metrics: metrics.clone(),
+            engine,
+            owner: Uuid::new_v4(),
+            slots: config.mix_slots,
+            lease: config.lease,
+            layout: config.layout,
+            objects: config.objects,
+            wake: wake_runner,
+            faults,
+        };
+        let owner = runner.owner;
+        tasks.spawn(run_slots(Arc::new(runner), shutdown.clone()));
+        tasks.spawn(super::retention::expire_finished_jobs(live.clone(), store.clone(), config.job_ttl, wake_expiry, shutdown));
         tasks.close();
-        Ok(jobs)
+        Ok(Self {
+            inner: Arc::new(Inner {
+                store,
+                live,
+                metrics,
+                owner,
+                deliveries,
+                tasks,
+                #[cfg(test)]
+                runs,
+            }),
+        })
     }
 
     /// Waits until the background tasks have ended after shutdown, this node's runs handed back.
@@ -177,9 +152,14 @@ impl Jobs {
         &self.inner.metrics
     }
 
-    /// The webhook outbox, for the dispatcher and the attempts route.
-    pub fn outbox(&self) -> &Arc<Outbox> {
-        &self.inner.outbox
+    /// The job store, for the webhook outbox that drains its deliveries.
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    /// Notified whenever a published change may have stored a webhook delivery, on any node.
+    pub fn delivery_wake(&self) -> Arc<Notify> {
+        self.inner.deliveries.clone()
     }
 
     /// Whether several nodes share this store.
@@ -202,26 +182,14 @@ impl Jobs {
         self.inner.store.ping().await
     }
 
-    /// Every change from now on, or with `project` only that project's.
-    pub(super) fn subscribe_events(&self, project: Option<&ProjectId>) -> broadcast::Receiver<Arc<JobEvent>> {
-        let Some(project) = project else { return self.inner.events.subscribe() };
-        let mut cache = self.cache();
-        if let Some(channel) = cache.projects.get(project) {
-            return channel.subscribe();
-        }
-        // A channel whose subscribers all left stays until its project's next change; projects
-        // that never change again are dropped here, each time the map has doubled.
-        if cache.projects.len() >= cache.projects_limit {
-            cache.projects.retain(|_, channel| channel.receiver_count() > 0);
-            cache.projects_limit = (cache.projects.len() * 2).max(64);
-        }
-        let (channel, receiver) = broadcast::channel(self.inner.config.event_buffer.min(PROJECT_EVENT_BUFFER));
-        cache.projects.insert(project.clone(), channel);
-        receiver
+    /// This node's view of every job, for the subscription core.
+    pub(super) fn live(&self) -> &LiveView {
+        &self.inner.live
     }
 
-    pub(super) fn cache(&self) -> std::sync::MutexGuard<'_, Cache> {
-        self.inner.cache.lock().expect("the cache is never left half-changed")
+    /// Every change from now on, or with `project` only that project's.
+    pub(super) fn subscribe_events(&self, project: Option<&ProjectId>) -> broadcast::Receiver<Arc<JobEvent>> {
+        self.inner.live.subscribe(project)
     }
 
     /// Queues a mix of `stems`. With an idempotency key already used for this project (on any
@@ -252,8 +220,8 @@ impl Jobs {
     /// Waits (briefly) until this node's memory holds `status` or later, so that a poll right
     /// after a write reads what it wrote.
     async fn seen(&self, status: &JobStatus) {
-        let mut head = self.inner.head.subscribe();
-        let reached = || self.cache().jobs.get(&status.job_id()).is_some_and(|cached| cached.published.status.seq() >= status.seq());
+        let mut head = self.inner.live.watch_head();
+        let reached = || self.inner.live.has_seen(status.job_id(), status.seq());
         let _ = tokio::time::timeout(READ_YOUR_WRITE, async {
             while !reached() {
                 if head.changed().await.is_err() {
@@ -278,51 +246,31 @@ impl Jobs {
 
     /// A job's status as this node last published it.
     pub fn published(&self, job_id: JobId) -> Option<Arc<JobEvent>> {
-        self.cache().jobs.get(&job_id).map(|cached| cached.published.clone())
+        self.inner.live.published(job_id)
     }
 
     /// The project's newest job, as last published.
     pub fn newest_published(&self, project: &ProjectId) -> Option<Arc<JobEvent>> {
-        self.cache()
-            .jobs
-            .values()
-            .map(|cached| &cached.published)
-            .filter(|event| event.status.project_id() == project)
-            .max_by_key(|event| event.status.created_at())
-            .cloned()
+        self.inner.live.newest(project)
     }
 
     /// The project's jobs, newest first.
     pub fn for_project(&self, project: &ProjectId) -> Vec<JobStatus> {
-        let mut jobs: Vec<JobStatus> =
-            self.cache().jobs.values().map(|cached| &cached.published.status).filter(|status| status.project_id() == project).cloned().collect();
-        jobs.sort_by_key(|status| std::cmp::Reverse(status.created_at()));
-        jobs
+        self.inner.live.for_project(project)
     }
 
     /// Every project that has jobs, with its newest job as last published.
     pub fn newest_by_project(&self) -> HashMap<ProjectId, Arc<JobEvent>> {
-        let mut newest: HashMap<ProjectId, Arc<JobEvent>> = HashMap::new();
-        for cached in self.cache().jobs.values() {
-            let event = &cached.published;
-            let slot = newest.entry(event.status.project_id().clone()).or_insert_with(|| event.clone());
-            if event.status.created_at() > slot.status.created_at() {
-                *slot = event.clone();
-            }
-        }
-        newest
+        self.inner.live.newest_by_project()
     }
 
     pub fn has_project(&self, project: &ProjectId) -> bool {
-        self.cache().jobs.values().any(|cached| cached.published.status.project_id() == project)
+        self.inner.live.has_project(project)
     }
 
     /// How many jobs are in each state, and how many wait for a slot (cluster-wide).
     pub fn counts(&self) -> (HashMap<JobState, usize>, usize) {
-        let mut counts = HashMap::new();
-        for cached in self.cache().jobs.values() {
-            *counts.entry(cached.published.status.state()).or_default() += 1;
-        }
+        let counts = self.inner.live.counts();
         let queued = counts.get(&JobState::Queued).copied().unwrap_or(0);
         (counts, queued)
     }
@@ -346,18 +294,14 @@ pub(super) mod tests {
     use crate::jobs::store::StoreLocation;
 
     pub async fn open_jobs(dir: &Path, mix_slots: usize, event_buffer: usize) -> Jobs {
+        open_jobs_with(dir, mix_slots, event_buffer, FaultHook::default()).await
+    }
+
+    async fn open_jobs_with(dir: &Path, mix_slots: usize, event_buffer: usize, faults: FaultHook) -> Jobs {
         let layout = MediaLayout::new(dir);
         let store = Store::open(&StoreLocation::Sqlite(layout.database_dir())).await.unwrap();
-        let config = JobsConfig {
-            mix_slots,
-            job_ttl: Duration::from_secs(3600),
-            output_retention: Duration::from_secs(3600),
-            event_buffer,
-            layout,
-            objects: None,
-            lease: Duration::from_secs(15),
-        };
-        Jobs::open(config, store, CancellationToken::new()).await.unwrap()
+        let config = JobsConfig { mix_slots, job_ttl: Duration::from_secs(3600), event_buffer, layout, objects: None, lease: Duration::from_secs(15) };
+        Jobs::open_with(config, store, CancellationToken::new(), faults).await.unwrap()
     }
 
     pub async fn submit(jobs: &Jobs, key: Option<&str>) -> JobId {
@@ -437,11 +381,11 @@ pub(super) mod tests {
         assert_eq!(every.try_recv().unwrap().status.job_id(), here);
         assert_eq!(own.try_recv().unwrap().status.job_id(), here);
         assert!(matches!(own.try_recv(), Err(TryRecvError::Empty)), "p2's change is not on p1's channel");
-        assert!(jobs.cache().projects.keys().eq([&p1]), "a channel only for the project with a subscriber");
+        assert_eq!(jobs.inner.live.project_channels(), [p1.clone()], "a channel only for the project with a subscriber");
 
         drop(own);
         jobs.cancel(&p1, here).await.unwrap();
-        assert!(jobs.cache().projects.is_empty(), "dropped at the first change after its last subscriber left");
+        assert!(jobs.inner.live.project_channels().is_empty(), "dropped at the first change after its last subscriber left");
     }
 
     #[tokio::test(start_paused = true)]
@@ -451,20 +395,82 @@ pub(super) mod tests {
         let canceled = submit(&jobs, Some("key")).await;
         let unfinished = submit(&jobs, None).await;
         jobs.cancel(&"p1".parse().unwrap(), canceled).await.unwrap();
-        // Published on the log reader's own thread, which the paused clock does not wait for: the
-        // clock stays put while this task is busy, so it reads the end time as now.
+        // Published on the log reader's own thread, which the paused clock does not wait for.
         while !status_of(&jobs, canceled).is_some_and(|status| status.state().is_terminal()) {
             tokio::task::yield_now().await;
         }
 
-        // Sleeping lets the expiry task run up to the paused clock.
-        tokio::time::sleep(Duration::from_millis(3_599_900)).await;
+        // Its TTL runs from the moment its end was stamped. Sleeping lets the expiry task run up
+        // to the paused clock.
+        let finished_at = jobs.inner.live.finished_at(canceled).expect("a finished job has an end time");
+        tokio::time::sleep_until(finished_at + Duration::from_secs(3600) - Duration::from_millis(1)).await;
         assert!(status_of(&jobs, canceled).is_some(), "kept until its TTL has passed");
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(2)).await;
         assert_eq!(status_of(&jobs, canceled), None, "gone once it has");
         assert_eq!(jobs.find(canceled).await.unwrap().map(|event| event.status.job_id()), None, "from the store too");
         assert_ne!(submit(&jobs, Some("key")).await, canceled, "its Idempotency-Key is free again");
         tokio::time::sleep(Duration::from_secs(7 * 24 * 3600)).await;
         assert!(status_of(&jobs, unfinished).is_some(), "a job that has not finished never expires");
+    }
+    /// A one-second stereo tone at 48 kHz, written as a WAV in `dir`.
+    fn tone_stem(dir: &Path) -> StemSource {
+        let path = dir.join("tone.wav");
+        let spec = hound::WavSpec { channels: 2, sample_rate: 48_000, bits_per_sample: 16, sample_format: hound::SampleFormat::Int };
+        let mut writer = hound::WavWriter::create(&path, spec).unwrap();
+        for n in 0..48_000 {
+            let sample = ((n as f64 * 440.0 * std::f64::consts::TAU / 48_000.0).sin() * 8_000.0) as i16;
+            writer.write_sample(sample).unwrap();
+            writer.write_sample(sample).unwrap();
+        }
+        writer.finalize().unwrap();
+        StemSource { id: "s1".into(), name: "tone.wav".into(), path }
+    }
+
+    async fn submit_stem(jobs: &Jobs, stem: &StemSource) -> JobId {
+        let settings = MixSettings::default().validate(std::slice::from_ref(stem), 48_000).unwrap();
+        match jobs.submit("p1".parse().unwrap(), settings, vec![stem.clone()], None, None).await.unwrap() {
+            Submitted::New(status) | Submitted::Existing(status) => status.job_id(),
+        }
+    }
+
+    async fn ended(jobs: &Jobs, job_id: JobId) -> JobStatus {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = status_of(jobs, job_id).filter(|status| status.state().is_terminal()) {
+                return status;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "job {job_id} never ended");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Review found that a panic after a run's background work started (in its writer, or as it
+    /// publishes its ending) left the lease keeper renewing for ever: the job stayed `running` on
+    /// every node and rescue never took it. Now the panic ends the job at once (`INTERNAL`), the
+    /// run's entry and lease go, and the slot takes the next job.
+    #[tokio::test]
+    async fn a_panic_in_a_run_ends_its_job_and_the_slot_runs_the_next() {
+        let points: [(&str, fn(&JobChange) -> bool); 2] =
+            [("the writer", |change| matches!(change, JobChange::Progress { .. })), ("the ending", |change| matches!(change, JobChange::Completed { .. }))];
+        for (point, at) in points {
+            let dir = tempfile::tempdir().unwrap();
+            let stem = tone_stem(dir.path());
+            let armed = Arc::new(std::sync::atomic::AtomicBool::new(true));
+            let trigger = armed.clone();
+            let hook = FaultHook::new(move |change| {
+                if at(change) && trigger.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                    panic!("injected in {point}");
+                }
+            });
+            let jobs = open_jobs_with(dir.path(), 1, EVENT_BUFFER, hook).await;
+            let panicked = submit_stem(&jobs, &stem).await;
+            let status = ended(&jobs, panicked).await;
+            assert_eq!((status.state(), status.error_code(), status.message()), (JobState::Error, Some(ErrorCode::Internal), "The mix failed unexpectedly"), "{point}");
+            assert!(!armed.load(std::sync::atomic::Ordering::SeqCst), "{point}: the fault was hit");
+            // The job is ended only once the panicked run's task is gone.
+            assert!(jobs.inner.runs.is_empty(), "{point}: the panicked run left no entry");
+            let next = submit_stem(&jobs, &stem).await;
+            assert_eq!(ended(&jobs, next).await.state(), JobState::Complete, "{point}: the slot took the next job");
+        }
     }
 }

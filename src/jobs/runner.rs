@@ -5,48 +5,100 @@
 //! run lands. The result is written under an attempt-specific name and linked into place just
 //! before the fenced completion. The runner also rescues jobs whose lease expired (their node died
 //! or stalled), and on shutdown hands this node's runs back to the queue at once.
+//!
+//! A run's background work (the lease keeper, the writer) is owned by the run and aborted with
+//! it, and its entry among this node's runs goes with it, however it ends. A run that panics
+//! ends its job in `error` (`INTERNAL`) at once, fenced on its lease; should the store not take
+//! that, the lease, no longer renewed, expires and another run rescues the job.
 
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
-use tokio::task::JoinSet;
+use tokio::sync::{mpsc, Notify};
+use tokio::task::{JoinError, JoinSet};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 use tracing::Instrument;
+use uuid::Uuid;
 
-use super::cache::CachedFile;
-use super::layout::{keys, MediaLayout};
-use super::manager::{Jobs, LocalRun};
+use super::engine::EnginePool;
+use super::live::LiveView;
 use super::metrics::{LeaseEvent, Metrics};
-use super::model::{ErrorCode, JobChange, JobId, JobState, JobStatus, Progress};
-use super::objects::{MediaError, ObjectMedia};
+use super::model::{ErrorCode, JobChange, JobState, JobStatus, Progress};
+use super::runs::{lose_lease, LocalRuns, RunGuard};
 use super::store::{Change, Claim, Lease, Store, StoreError};
 use super::webhook::WebhookSpec;
 use crate::audio::{self, AudioError, MixObserver, MixReport, Stage, StemSource};
+use crate::ids::JobId;
+use crate::media::{keys, CachedFile, MediaError, MediaLayout, ObjectMedia};
 
 /// How often the queue is checked without a wake-up (a notification may be lost).
 const CLAIM_POLL: Duration = Duration::from_secs(1);
 /// Pause after the store failed before the runner tries again.
 const STORE_RETRY: Duration = Duration::from_millis(250);
 
-pub(super) async fn run_slots(jobs: Jobs, shutdown: CancellationToken) {
-    let slots = jobs.inner.config.mix_slots;
-    let lease = jobs.inner.config.lease;
+/// What this node's slots run with.
+pub(super) struct Runner {
+    pub store: Store,
+    pub live: Arc<LiveView>,
+    pub runs: Arc<LocalRuns>,
+    pub metrics: Arc<Metrics>,
+    pub engine: EnginePool,
+    /// This process run's lease owner id.
+    pub owner: Uuid,
+    pub slots: usize,
+    /// How long a node holds a job without renewing it.
+    pub lease: Duration,
+    /// Where results are written: the local data root, or with object storage this node's work
+    /// directory.
+    pub layout: MediaLayout,
+    pub objects: Option<ObjectMedia>,
+    /// A job was queued, or a slot may be free.
+    pub wake: Arc<Notify>,
+    pub faults: FaultHook,
+}
+
+/// A test's way to make a run panic where a bug would (in the writer, or as the run ends), to show
+/// that no panic wedges a job. Without `cfg(test)` it holds nothing and does nothing.
+#[derive(Clone, Default)]
+pub(super) struct FaultHook(#[cfg(test)] Option<Arc<dyn Fn(&JobChange) + Send + Sync>>);
+
+impl FaultHook {
+    #[cfg(test)]
+    pub fn new(hook: impl Fn(&JobChange) + Send + Sync + 'static) -> Self {
+        Self(Some(Arc::new(hook)))
+    }
+
+    /// Called before each change a run writes.
+    fn before_write(&self, _change: &JobChange) {
+        #[cfg(test)]
+        if let Some(hook) = &self.0 {
+            hook(_change)
+        }
+    }
+}
+
+pub(super) async fn run_slots(runner: Arc<Runner>, shutdown: CancellationToken) {
     let mut runs: JoinSet<()> = JoinSet::new();
+    let mut running: HashMap<tokio::task::Id, (JobId, Lease)> = HashMap::new();
     // Expired leases are looked for three times per lease: a dead node's job runs again within
     // about a lease and a third of its last renewal.
-    let mut rescue = tokio::time::interval(lease / 3);
+    let mut rescue = tokio::time::interval(runner.lease / 3);
     rescue.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        while runs.len() < slots && !shutdown.is_cancelled() {
-            match jobs.inner.store.claim(jobs.inner.owner, lease).await {
+        while runs.len() < runner.slots && !shutdown.is_cancelled() {
+            match runner.store.claim(runner.owner, runner.lease).await {
                 Ok(Some(claim)) => {
-                    jobs.metrics().count_lease(LeaseEvent::Claimed, 1);
+                    runner.metrics.count_lease(LeaseEvent::Claimed, 1);
                     let span =
                         tracing::info_span!(parent: None, "mix", job_id = %claim.status.job_id(), project = %claim.status.project_id(), attempt = claim.lease.attempt);
-                    runs.spawn(JobRun::start(jobs.clone(), claim).run().instrument(span));
+                    let ran = (claim.status.job_id(), claim.lease);
+                    let task = runs.spawn(JobRun::start(runner.clone(), claim).run().instrument(span));
+                    running.insert(task.id(), ran);
                 }
                 Ok(None) => break,
                 Err(err) => {
@@ -57,67 +109,178 @@ pub(super) async fn run_slots(jobs: Jobs, shutdown: CancellationToken) {
             }
         }
         tokio::select! {
-            Some(_) = runs.join_next(), if !runs.is_empty() => {}
-            _ = jobs.inner.runner_wake.notified() => {}
-            _ = rescue.tick() => match jobs.inner.store.rescue().await {
+            Some(ended) = runs.join_next_with_id(), if !runs.is_empty() => runner.run_ended(ended, &mut running).await,
+            _ = runner.wake.notified() => {}
+            _ = rescue.tick() => match runner.store.rescue().await {
                 Ok(0) => {}
-                Ok(rescued) => jobs.metrics().count_lease(LeaseEvent::Rescued, rescued as u64),
+                Ok(rescued) => runner.metrics.count_lease(LeaseEvent::Rescued, rescued as u64),
                 Err(err) => tracing::warn!(%err, "cannot rescue jobs with expired leases"),
             },
-            _ = tokio::time::sleep(CLAIM_POLL), if runs.len() < slots => {}
+            _ = tokio::time::sleep(CLAIM_POLL), if runs.len() < runner.slots => {}
             _ = shutdown.cancelled() => break,
         }
     }
-    hand_back(&jobs).await;
+    runner.hand_back().await;
     // The runs stop at their next check; their writes are fenced out already.
-    while runs.join_next().await.is_some() {}
+    while let Some(ended) = runs.join_next_with_id().await {
+        runner.run_ended(ended, &mut running).await;
+    }
 }
 
-/// Gives this node's runs back to the queue, so that another node starts them at once.
-async fn hand_back(jobs: &Jobs) {
-    let runs: Vec<(JobId, Lease, Arc<AtomicBool>)> =
-        jobs.inner.local_runs.lock().expect("never poisoned").iter().map(|(id, run)| (*id, run.lease, run.stop.clone())).collect();
-    for (job_id, lease, stop) in runs {
-        stop.store(true, Ordering::Relaxed);
-        match jobs.inner.store.hand_back(job_id, lease).await {
-            Ok(true) => {
-                jobs.metrics().count_lease(LeaseEvent::HandedBack, 1);
-                tracing::info!(%job_id, "handed a running job back to the queue");
+impl Runner {
+    /// Gives this node's runs back to the queue, so that another node starts them at once.
+    async fn hand_back(&self) {
+        for (job_id, lease, stop) in self.runs.all() {
+            stop.store(true, Ordering::Relaxed);
+            match self.store.hand_back(job_id, lease).await {
+                Ok(true) => {
+                    self.metrics.count_lease(LeaseEvent::HandedBack, 1);
+                    tracing::info!(%job_id, "handed a running job back to the queue");
+                }
+                Ok(false) => {}
+                Err(err) => tracing::warn!(%job_id, %err, "could not hand a job back; it runs again once its lease expires"),
             }
-            Ok(false) => {}
-            Err(err) => tracing::warn!(%job_id, %err, "could not hand a job back; it runs again once its lease expires"),
+        }
+    }
+
+    /// A run's task is done. One that panicked (a bug) ends its job now, rather than leave it to
+    /// the lease's expiry: the same panic would most likely come back on every run.
+    async fn run_ended(&self, ended: Result<(tokio::task::Id, ()), JoinError>, running: &mut HashMap<tokio::task::Id, (JobId, Lease)>) {
+        let (task, panic) = match ended {
+            Ok((task, ())) => (task, None),
+            Err(err) => (err.id(), err.try_into_panic().ok()),
+        };
+        let Some((job_id, lease)) = running.remove(&task) else { return };
+        let Some(panic) = panic else { return };
+        tracing::error!(%job_id, panic = %audio::panic_message(&*panic), "a mix run panicked");
+        match self.store.fail_run(job_id, lease).await {
+            Ok(true) => {}
+            Ok(false) => tracing::info!(%job_id, "the panicked run no longer held its job"),
+            Err(err) => tracing::warn!(%job_id, %err, "could not end the panicked run's job; its lease expires and it is rescued"),
+        }
+    }
+
+    /// Whether the job has ended (in this node's view, or in the store for one it does not hold).
+    async fn has_ended(&self, job_id: JobId) -> bool {
+        match self.live.published(job_id) {
+            Some(event) => event.status.state().is_terminal(),
+            None => match self.store.find(job_id).await {
+                Ok(Some(logged)) => logged.parse().is_ok_and(|event| event.status.state().is_terminal()),
+                _ => false,
+            },
         }
     }
 }
 
 /// One run of a claimed job.
 struct JobRun {
-    jobs: Jobs,
+    runner: Arc<Runner>,
     claim: Claim,
-    stop: Arc<AtomicBool>,
+    /// Its place among this node's runs, and what stops it.
+    guard: RunGuard,
+}
+
+enum Ending {
+    Mixed(MixReport),
+    Failed(JobChange),
+}
+
+/// Where one run writes its result and analysis before they are published.
+struct Staged {
+    result: PathBuf,
+    analysis: PathBuf,
+    temporary: PathBuf,
 }
 
 impl JobRun {
-    fn start(jobs: Jobs, claim: Claim) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let run = LocalRun { stop: stop.clone(), started_seq: claim.status.seq(), lease: claim.lease };
-        jobs.inner.local_runs.lock().expect("never poisoned").insert(claim.status.job_id(), run);
-        Self { jobs, claim, stop }
+    fn start(runner: Arc<Runner>, claim: Claim) -> Self {
+        let guard = runner.runs.register(claim.status.job_id(), claim.lease, claim.status.seq());
+        Self { runner, claim, guard }
     }
 
-    /// The local data root, or on object storage the node's own work directory.
-    fn layout(&self) -> &MediaLayout {
-        &self.jobs.inner.config.layout
+    fn project(&self) -> &crate::ids::ProjectId {
+        self.claim.status.project_id()
     }
 
-    fn objects(&self) -> Option<&ObjectMedia> {
-        self.jobs.inner.config.objects.as_ref()
+    fn job_id(&self) -> JobId {
+        self.claim.status.job_id()
+    }
+
+    fn stopped(&self) -> bool {
+        self.guard.stop.load(Ordering::Relaxed)
+    }
+
+    fn staged(&self) -> Staged {
+        let (layout, project, job_id, attempt) = (&self.runner.layout, self.project(), self.job_id(), self.claim.lease.attempt);
+        Staged {
+            result: layout.result_staged(project, job_id, attempt),
+            analysis: layout.analysis_staged(project, job_id, attempt),
+            temporary: layout.result_temporary(project, job_id, attempt),
+        }
+    }
+
+    /// The run, step by step: clear what earlier runs left, mix, write the ending, clean up.
+    async fn run(self) {
+        let started = Instant::now();
+        let (changes, pending) = mpsc::unbounded_channel();
+        let writing = AbortOnDropHandle::new(tokio::spawn(self.writer().write_all(pending).in_current_span()));
+        let _keeper = AbortOnDropHandle::new(tokio::spawn(keep_lease(self.runner.clone(), self.job_id(), self.claim.lease, self.guard.stop.clone()).in_current_span()));
+        self.clear_earlier_attempts().await;
+        let staged = self.staged();
+        let ending = self.mix(&staged, changes).await;
+        // Every progress change is written before the ending; a writer that panicked takes the
+        // run with it.
+        let mut writer = match writing.await {
+            Ok(writer) => writer,
+            Err(err) => std::panic::resume_unwind(err.try_into_panic().unwrap_or_else(|err| Box::new(err.to_string()))),
+        };
+        let finished = match ending {
+            Some(ending) if !self.stopped() => self.end(&mut writer, &staged, ending).await,
+            _ => false,
+        };
+        let completed = finished && writer.status.state() == JobState::Complete;
+        self.clean_up(&staged, completed).await;
+        if finished {
+            tracing::info!(state = writer.status.state().as_str(), seconds = started.elapsed().as_secs_f64(), "job finished");
+            if completed {
+                self.runner.metrics.observe_mix(started.elapsed());
+            }
+        } else {
+            tracing::info!("run stopped: the job was canceled or is no longer this node's");
+        }
+    }
+
+    fn writer(&self) -> Writer {
+        Writer {
+            store: self.runner.store.clone(),
+            metrics: self.runner.metrics.clone(),
+            lease: self.claim.lease,
+            lease_length: self.runner.lease,
+            status: self.claim.status.clone(),
+            webhook: self.claim.webhook.clone(),
+            stop: self.guard.stop.clone(),
+            faults: self.runner.faults.clone(),
+        }
+    }
+
+    /// Removes what earlier runs of the job left (their nodes died, stalled or were canceled:
+    /// never published), off the runtime.
+    async fn clear_earlier_attempts(&self) {
+        let (layout, project, job_id, attempt) = (self.runner.layout.clone(), self.project().clone(), self.job_id(), self.claim.lease.attempt);
+        if let Ok(Err(err)) = tokio::task::spawn_blocking(move || layout.remove_earlier_attempts(&project, job_id, attempt)).await {
+            tracing::warn!(%err, "could not remove what earlier runs of the job left");
+        }
+        if let Some(objects) = &self.runner.objects {
+            if let Err(err) = objects.delete_attempts_except(self.project(), self.job_id(), Some(attempt)).await {
+                tracing::warn!(%err, "could not delete what earlier runs of the job stored");
+            }
+        }
     }
 
     /// The stems as local files: as they are on the local storage, or fetched into this node's
     /// cache from object storage and held there until the mix is done.
     async fn local_stems(&self) -> Result<(Vec<StemSource>, Vec<CachedFile>), JobChange> {
-        let Some(objects) = self.objects() else { return Ok((self.claim.stems.clone(), Vec::new())) };
+        let Some(objects) = &self.runner.objects else { return Ok((self.claim.stems.clone(), Vec::new())) };
         let (mut stems, mut held) = (Vec::new(), Vec::new());
         for stem in &self.claim.stems {
             match objects.fetch_stem(&stem.path.to_string_lossy()).await {
@@ -142,109 +305,42 @@ impl JobRun {
         Ok((stems, held))
     }
 
-    async fn run(self) {
-        let started = Instant::now();
-        let (job_id, project) = (self.claim.status.job_id(), self.claim.status.project_id().clone());
-        let attempt = self.claim.lease.attempt;
-        let writer = Writer {
-            store: self.jobs.inner.store.clone(),
-            metrics: self.jobs.metrics().clone(),
-            lease: self.claim.lease,
-            lease_length: self.jobs.inner.config.lease,
-            status: self.claim.status.clone(),
-            webhook: self.claim.webhook.clone(),
-            stop: self.stop.clone(),
+    /// Mixes on the engine's threads, its progress going to the writer through `changes`; `None`
+    /// when the run was stopped.
+    async fn mix(&self, staged: &Staged, changes: mpsc::UnboundedSender<JobChange>) -> Option<Ending> {
+        let (stems, _held) = match self.local_stems().await {
+            Ok(local) => local,
+            Err(failed) => return Some(Ending::Failed(failed)),
         };
-        let (changes, pending) = mpsc::unbounded_channel();
-        let writing = tokio::spawn(writer.write_all(pending).in_current_span());
-        let keeper = tokio::spawn(keep_lease(self.jobs.clone(), job_id, self.claim.lease, self.stop.clone()).in_current_span());
-
-        let layout = self.layout().clone();
-        let _ = layout.remove_earlier_attempts(&project, job_id, attempt);
-        if let Some(objects) = self.objects() {
-            if let Err(err) = objects.delete_attempts_except(&project, job_id, Some(attempt)).await {
-                tracing::warn!(%err, "could not delete what earlier runs of the job stored");
+        let observer = JobObserver::new(changes, self.guard.stop.clone());
+        let span = tracing::Span::current();
+        let (settings, output, temporary) = (self.claim.settings.clone(), staged.result.clone(), staged.temporary.clone());
+        let outcome = self.runner.engine.run(move || span.in_scope(|| audio::mix(&stems, &settings, &output, &temporary, &observer))).await;
+        match outcome {
+            Ok(Ok(_)) | Ok(Err(AudioError::Canceled)) if self.stopped() => None,
+            Ok(Ok(report)) => {
+                self.analyse(&staged.result, staged.analysis.clone()).await;
+                Some(Ending::Mixed(report))
             }
-        }
-        let staged = layout.result_staged(&project, job_id, attempt);
-        let temporary = layout.result_temporary(&project, job_id, attempt);
-        let ending = match self.local_stems().await {
-            Err(failed) => Some(Ending::Failed(failed)),
-            Ok((stems, _held)) => {
-                let observer = JobObserver::new(changes.clone(), self.stop.clone());
-                let span = tracing::Span::current();
-                let (settings, engine_output) = (self.claim.settings.clone(), staged.clone());
-                let outcome = self.jobs.inner.engine.run(move || span.in_scope(|| audio::mix(&stems, &settings, &engine_output, &temporary, &observer))).await;
-                let stopped = self.stop.load(Ordering::Relaxed);
-                match outcome {
-                    Ok(Ok(report)) if !stopped => {
-                        self.analyse(&staged, layout.analysis_staged(&project, job_id, attempt)).await;
-                        Some(Ending::Mixed(report))
-                    }
-                    Ok(Ok(_)) | Ok(Err(AudioError::Canceled)) => None,
-                    Ok(Err(err)) => {
-                        tracing::warn!(error = %err, "mix failed");
-                        Some(Ending::Failed(failure(&err)))
-                    }
-                    Err(panic) => {
-                        let panic = audio::panic_message(&*panic);
-                        tracing::error!(%panic, "mix engine panicked");
-                        Some(Ending::Failed(JobChange::Failed { code: ErrorCode::Internal, message: "The mix engine failed unexpectedly".into() }))
-                    }
-                }
+            Ok(Err(AudioError::Canceled)) => None,
+            Ok(Err(err)) => {
+                tracing::warn!(error = %err, "mix failed");
+                Some(Ending::Failed(failure(&err)))
             }
-        };
-        // Every progress change is written before the ending.
-        drop(changes);
-        let mut writer = writing.await.expect("the writer does not panic");
-        let finished = match ending {
-            Some(Ending::Mixed(report)) if !self.stop.load(Ordering::Relaxed) => match self.objects() {
-                Some(objects) => self.publish_objects(objects, &mut writer, &staged, report).await,
-                None => self.publish(&mut writer, &staged, report).await,
-            },
-            Some(Ending::Failed(change)) if !self.stop.load(Ordering::Relaxed) => writer.write(change).await,
-            _ => false,
-        };
-        keeper.abort();
-        let _ = tokio::fs::remove_file(&staged).await;
-        let _ = tokio::fs::remove_file(layout.analysis_staged(&project, job_id, attempt)).await;
-        self.jobs.inner.local_runs.lock().expect("never poisoned").remove(&job_id);
-        if let Some(objects) = self.objects() {
-            // The work files were this node's own; what the run stored is published only if the
-            // job completed here.
-            let _ = tokio::fs::remove_dir(layout.job_outputs(&project, job_id)).await;
-            if !(finished && writer.status.state() == JobState::Complete) {
-                for analysis in [false, true] {
-                    if let Err(err) = objects.delete(&objects.key(&keys::result(&project, job_id, attempt, analysis))).await {
-                        tracing::warn!(%err, "could not delete what this run stored; output retention will");
-                    }
-                }
+            Err(panic) => {
+                let panic = audio::panic_message(&*panic);
+                tracing::error!(%panic, "mix engine panicked");
+                Some(Ending::Failed(JobChange::Failed { code: ErrorCode::Internal, message: "The mix engine failed unexpectedly".into() }))
             }
-        }
-        if finished {
-            tracing::info!(state = writer.status.state().as_str(), seconds = started.elapsed().as_secs_f64(), "job finished");
-            if writer.status.state() == JobState::Complete {
-                self.jobs.metrics().observe_mix(started.elapsed());
-            }
-        } else {
-            // A canceled job leaves no empty directory behind (one holding a result stays). A run
-            // handed back or lost leaves it alone: the job's next run, maybe on another node, may
-            // be writing there already (its spill is an unnamed file, so the directory looks empty).
-            let ended = matches!(self.jobs.find(job_id).await, Ok(Some(event)) if event.status.state().is_terminal());
-            if ended && self.objects().is_none() {
-                let _ = tokio::fs::remove_dir(layout.job_outputs(&project, job_id)).await;
-            }
-            tracing::info!("run stopped: the job was canceled or is no longer this node's");
         }
     }
 
     /// Writes the result's analysis to `target` (on the engine's threads: it reads the whole file).
     /// A failure is logged and the mix still completes: the page then draws no waveform.
-    async fn analyse(&self, result: &std::path::Path, target: std::path::PathBuf) {
+    async fn analyse(&self, result: &Path, target: PathBuf) {
         let (result, ceiling) = (result.to_path_buf(), self.claim.settings.settings().master.true_peak_dbtp);
         let written = self
-            .jobs
-            .inner
+            .runner
             .engine
             .run(move || -> Result<(), String> {
                 let analysis = audio::analyse(&result, ceiling).map_err(|err| err.to_string())?;
@@ -259,23 +355,34 @@ impl JobRun {
         }
     }
 
+    /// Writes the run's ending: publishes a mix, or records the failure. False when it was not
+    /// written (the lease is gone).
+    async fn end(&self, writer: &mut Writer, staged: &Staged, ending: Ending) -> bool {
+        match ending {
+            Ending::Mixed(report) => match &self.runner.objects {
+                Some(objects) => self.publish_objects(objects, writer, staged, report).await,
+                None => self.publish(writer, staged, report).await,
+            },
+            Ending::Failed(change) => writer.write(change).await,
+        }
+    }
+
     /// Links the staged result into place and completes the job, if the lease still holds.
     /// A result already in place came from an earlier run of the same job and inputs, which a
     /// node finished but did not get to report: it is kept.
-    async fn publish(&self, writer: &mut Writer, staged: &std::path::Path, report: MixReport) -> bool {
-        let (project, job_id) = (self.claim.status.project_id(), self.claim.status.job_id());
+    async fn publish(&self, writer: &mut Writer, staged: &Staged, report: MixReport) -> bool {
+        let (layout, project, job_id) = (&self.runner.layout, self.project(), self.job_id());
         if !writer.still_held().await {
             return false;
         }
-        let output = self.layout().result(project, job_id);
+        let output = layout.result(project, job_id);
         // The analysis first: a page that sees the result finds its analysis too.
-        let analysis = self.layout().analysis_staged(project, job_id, self.claim.lease.attempt);
-        match tokio::fs::hard_link(&analysis, self.layout().analysis(project, job_id)).await {
+        match tokio::fs::hard_link(&staged.analysis, layout.analysis(project, job_id)).await {
             Ok(()) => {}
             Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {}
             Err(err) => tracing::warn!(%err, "could not publish the mix's analysis"),
         }
-        match tokio::fs::hard_link(staged, &output).await {
+        match tokio::fs::hard_link(&staged.result, &output).await {
             Ok(()) => {}
             Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => tracing::info!("the result was already in place from an earlier run"),
             Err(err) => {
@@ -287,24 +394,23 @@ impl JobRun {
         // reported complete: whoever sees it complete finds exactly the result, on both paths.
         // (Should the lease be lost between the check above and the write, the path points at a
         // result the rescuer keeps: it finds it in place.)
-        let _ = tokio::fs::remove_file(staged).await;
-        let _ = tokio::fs::remove_file(&analysis).await;
+        let _ = tokio::fs::remove_file(&staged.result).await;
+        let _ = tokio::fs::remove_file(&staged.analysis).await;
         self.point_newest_at(&output).await;
         writer.write(JobChange::Completed { result_url: MediaLayout::result_url(project, job_id), report: Box::new(report) }).await
     }
 
     /// Stores this run's result and analysis under its own keys, then completes the job, which is
-    /// what publishes them ([`super::objects`]): should the write be fenced out, they are deleted
-    /// and were never served.
-    async fn publish_objects(&self, objects: &ObjectMedia, writer: &mut Writer, staged: &std::path::Path, report: MixReport) -> bool {
-        let (project, job_id, attempt) = (self.claim.status.project_id(), self.claim.status.job_id(), self.claim.lease.attempt);
-        let analysis = self.layout().analysis_staged(project, job_id, attempt);
-        if tokio::fs::try_exists(&analysis).await.unwrap_or(false) {
-            if let Err(err) = objects.put_file(&analysis, &objects.key(&keys::result(project, job_id, attempt, true))).await {
+    /// what publishes them ([`crate::media::ObjectMedia`]): should the write be fenced out, they are
+    /// deleted and were never served.
+    async fn publish_objects(&self, objects: &ObjectMedia, writer: &mut Writer, staged: &Staged, report: MixReport) -> bool {
+        let (project, job_id, attempt) = (self.project(), self.job_id(), self.claim.lease.attempt);
+        if tokio::fs::try_exists(&staged.analysis).await.unwrap_or(false) {
+            if let Err(err) = objects.put_file(&staged.analysis, &objects.key(&keys::result(project, job_id, attempt, true))).await {
                 tracing::warn!(%err, "could not store the mix's analysis");
             }
         }
-        if let Err(err) = objects.put_file(staged, &objects.key(&keys::result(project, job_id, attempt, false))).await {
+        if let Err(err) = objects.put_file(&staged.result, &objects.key(&keys::result(project, job_id, attempt, false))).await {
             tracing::warn!(%err, "could not store the mix");
             let message = "The media storage is unavailable: the mix could not be stored".to_string();
             return writer.write(JobChange::Failed { code: ErrorCode::MediaUnavailable, message }).await;
@@ -313,10 +419,10 @@ impl JobRun {
     }
 
     /// Points the legacy "newest mix" path at this output.
-    async fn point_newest_at(&self, output: &std::path::Path) {
-        let (project, job_id) = (self.claim.status.project_id(), self.claim.status.job_id());
-        let legacy = self.layout().newest_result(project);
-        let staging = self.layout().newest_result_temporary(project, job_id);
+    async fn point_newest_at(&self, output: &Path) {
+        let (layout, project, job_id) = (&self.runner.layout, self.project(), self.job_id());
+        let legacy = layout.newest_result(project);
+        let staging = layout.newest_result_temporary(project, job_id);
         let linked = async {
             let _ = tokio::fs::remove_file(&staging).await;
             if tokio::fs::hard_link(output, &staging).await.is_err() {
@@ -328,42 +434,77 @@ impl JobRun {
             tracing::warn!(%err, "could not update the legacy final_mix.wav");
         }
     }
-}
 
-enum Ending {
-    Mixed(MixReport),
-    Failed(JobChange),
-}
-
-/// Renews the lease every third of its length; stops the run when it is gone, or when the
-/// store cannot be reached for longer than the lease (another node may have it by then).
-async fn keep_lease(jobs: Jobs, job_id: JobId, lease: Lease, stop: Arc<AtomicBool>) {
-    let length = jobs.inner.config.lease;
-    let mut renewed = Instant::now();
-    loop {
-        tokio::time::sleep(length / 3).await;
-        match jobs.inner.store.renew(job_id, lease, length).await {
-            Ok(true) => renewed = Instant::now(),
-            Ok(false) => {
-                tracing::warn!("the lease is gone: stopping the mix");
-                lose_lease(jobs.metrics(), &stop);
-                return;
+    /// Removes the run's own files. On object storage the work files were this node's own, and
+    /// what the run stored is kept only if the job completed here. On the data root a job that
+    /// ended without this run (canceled) leaves no empty directory behind (one holding a result
+    /// stays); a run handed back or lost leaves it alone: the job's next run, maybe on another
+    /// node, may be writing there already (its spill is an unnamed file, so it looks empty).
+    async fn clean_up(&self, staged: &Staged, completed: bool) {
+        let _ = tokio::fs::remove_file(&staged.result).await;
+        let _ = tokio::fs::remove_file(&staged.analysis).await;
+        let outputs = self.runner.layout.job_outputs(self.project(), self.job_id());
+        match &self.runner.objects {
+            Some(objects) => {
+                let _ = tokio::fs::remove_dir(&outputs).await;
+                if !completed {
+                    for analysis in [false, true] {
+                        if let Err(err) = objects.delete(&objects.key(&keys::result(self.project(), self.job_id(), self.claim.lease.attempt, analysis))).await {
+                            tracing::warn!(%err, "could not delete what this run stored; output retention will");
+                        }
+                    }
+                }
             }
-            Err(err) if renewed.elapsed() >= length => {
-                tracing::warn!(%err, "could not renew the lease for its whole length: stopping the mix");
-                lose_lease(jobs.metrics(), &stop);
-                return;
+            None if !completed && self.runner.has_ended(self.job_id()).await => {
+                let _ = tokio::fs::remove_dir(&outputs).await;
             }
-            Err(err) => tracing::warn!(%err, "could not renew the lease; trying again"),
+            None => {}
         }
     }
 }
 
-/// Stops a run whose lease is gone, counting it once. A run stopped on purpose (handed back at
-/// shutdown) was stopped before, and is not counted.
-pub(super) fn lose_lease(metrics: &Metrics, stop: &AtomicBool) {
-    if !stop.swap(true, Ordering::Relaxed) {
-        metrics.count_lease(LeaseEvent::Lost, 1);
+/// How long the store has been out of reach for a run. Past a lease length another node may hold
+/// the job, so the run gives up (the rule for renewals and writes alike).
+struct Outage {
+    since: Instant,
+    length: Duration,
+}
+
+impl Outage {
+    fn new(length: Duration) -> Self {
+        Self { since: Instant::now(), length }
+    }
+
+    fn reached(&mut self) {
+        self.since = Instant::now();
+    }
+
+    fn too_long(&self) -> bool {
+        self.since.elapsed() >= self.length
+    }
+}
+
+/// Renews the lease every third of its length; stops the run when it is gone, or when the
+/// store cannot be reached for longer than the lease.
+async fn keep_lease(runner: Arc<Runner>, job_id: JobId, lease: Lease, stop: Arc<AtomicBool>) {
+    let length = runner.lease;
+    let mut outage = Outage::new(length);
+    loop {
+        tokio::time::sleep(length / 3).await;
+        match runner.store.renew(job_id, lease, length).await {
+            Ok(true) => outage.reached(),
+            Ok(false) => {
+                tracing::warn!("the lease is gone: stopping the mix");
+                lose_lease(&runner.metrics, &stop);
+                return;
+            }
+            Err(err) if outage.too_long() => {
+                tracing::warn!(%err, "could not renew the lease for its whole length: stopping the mix");
+                lose_lease(&runner.metrics, &stop);
+                return;
+            }
+            Err(err) => tracing::warn!(%err, "could not renew the lease; trying again"),
+        }
     }
 }
 
@@ -377,6 +518,7 @@ struct Writer {
     status: JobStatus,
     webhook: Option<WebhookSpec>,
     stop: Arc<AtomicBool>,
+    faults: FaultHook,
 }
 
 impl Writer {
@@ -392,6 +534,7 @@ impl Writer {
 
     /// Writes `change`; false when it was not (refused by the rules, or the lease is gone).
     async fn write(&mut self, change: JobChange) -> bool {
+        self.faults.before_write(&change);
         let next = match self.status.apply(change) {
             Ok(next) => next,
             Err(err) => {
@@ -416,14 +559,14 @@ impl Writer {
         self.retry(move |store, lease, _| async move { store.renew(job_id, lease, length).await }).await == Some(true)
     }
 
-    /// Runs `attempt` until the store answers, for at most one lease length (after that another
-    /// node may have the job). `Some(false)` and giving up both stop the run.
+    /// Runs `attempt` until the store answers, for at most one lease length ([`Outage`]).
+    /// `Some(false)` and giving up both stop the run.
     async fn retry<F, Fut>(&mut self, attempt: F) -> Option<bool>
     where
         F: Fn(Store, Lease, u64) -> Fut,
         Fut: std::future::Future<Output = Result<bool, StoreError>>,
     {
-        let deadline = Instant::now() + self.lease_length;
+        let outage = Outage::new(self.lease_length);
         loop {
             match attempt(self.store.clone(), self.lease, self.status.seq()).await {
                 Ok(true) => return Some(true),
@@ -432,7 +575,7 @@ impl Writer {
                     lose_lease(&self.metrics, &self.stop);
                     return Some(false);
                 }
-                Err(err) if Instant::now() < deadline => {
+                Err(err) if !outage.too_long() => {
                     tracing::warn!(%err, "could not write a job change; trying again");
                     tokio::time::sleep(STORE_RETRY).await;
                 }
@@ -499,7 +642,7 @@ impl MixObserver for JobObserver {
         let state = JobState::from(stage);
         let progress = Progress::running(stage.percent(fraction));
         {
-            let mut published = self.published.lock().expect("never poisoned");
+            let mut published = self.published.lock().unwrap_or_else(PoisonError::into_inner);
             // tokio's clock: the engine's threads are outside the runtime and read the system
             // clock through it, while a test that pauses time controls it.
             let now = Instant::now();

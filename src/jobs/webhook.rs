@@ -5,7 +5,8 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::model::{JobEvent, JobId, JobState, Timestamp};
+use super::model::{JobEvent, JobState};
+use crate::ids::{JobId, Timestamp};
 
 /// Where a job's notifications go, as `POST .../mix/start` carries it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]

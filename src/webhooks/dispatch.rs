@@ -13,8 +13,9 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::outbox::Outbox;
 use super::{check_url, is_public, retry_delay, WebhookSecret};
-use crate::jobs::{AttemptResult, Metrics, Outbox, PendingDelivery, StoreError};
+use crate::jobs::{AttemptResult, Metrics, PendingDelivery, StoreError};
 
 /// A receiver's answer is read this far and no further: only its status matters.
 const MAX_RESPONSE_BYTES: usize = 4 * 1024;
@@ -246,7 +247,9 @@ mod tests {
     use axum::routing::post;
 
     use super::*;
-    use crate::jobs::{Attempt, Delivery, JobId, MediaLayout, Store, StoreLocation};
+    use crate::ids::JobId;
+    use crate::jobs::{Attempt, Delivery, Store, StoreLocation};
+    use crate::media::MediaLayout;
 
     /// What a receiver saw of each request: when (on tokio's clock), its webhook-id and whether
     /// its signature is the one the reference library computes.
@@ -304,7 +307,7 @@ mod tests {
     async fn harness() -> Harness {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&StoreLocation::Sqlite(MediaLayout::new(dir.path()).database_dir())).await.unwrap();
-        let outbox = Arc::new(Outbox::new(store.clone()));
+        let outbox = Arc::new(Outbox::new(store.clone(), Arc::default()));
         Harness { _dir: dir, store, outbox, metrics: Arc::default(), shutdown: CancellationToken::new() }
     }
 

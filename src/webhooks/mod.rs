@@ -5,9 +5,11 @@
 //! actually connected to).
 //!
 //! - this module: the secret and signing, the URL rules, the retry schedule;
+//! - [`outbox`]: the handle on the job store's deliveries;
 //! - [`dispatch`]: the task that sends what the outbox holds.
 
 mod dispatch;
+mod outbox;
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -18,6 +20,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 pub use dispatch::{Dispatcher, DispatcherConfig};
+pub use outbox::Outbox;
 
 const SECRET_PREFIX: &str = "whsec_";
 

@@ -1,6 +1,7 @@
 //! Where jobs are kept, for one node or for a cluster: the embedded SQLite file in the data dir,
-//! or PostgreSQL shared by every node. Both keep the same records and follow the same rules,
-//! which live here; the two submodules only speak their database's SQL.
+//! or PostgreSQL shared by every node, behind one [`Store`]. Both keep the same records
+//! (`records`) and follow the same rules (`rules`); `sqlite` and `postgres` only speak their
+//! database's SQL.
 //!
 //! Every change of a job is a row in the job table and an entry in the event log, written in
 //! one transaction with the webhook delivery it causes. The log's cursor is handed out in commit
@@ -12,23 +13,22 @@
 //! rescued, canceled, handed back), nothing the old run writes lands.
 
 mod postgres;
+mod records;
+mod rules;
 mod sqlite;
 
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use uuid::Uuid;
 
-use super::model::{ErrorCode, JobChange, JobEvent, JobId, JobState, JobStatus, ProjectId};
-use super::outbox::{AttemptResult, PendingDelivery};
-use super::webhook::{Attempt, Delivery, WebhookSpec};
-use crate::audio::{StemSource, ValidSettings};
+pub use records::{sqlite_file, unix_millis, AttemptResult, Change, Claim, JobError, Lease, LoggedEvent, NewJob, PendingDelivery, Snapshot, StoreError, Submitted};
 
-/// Runs a job may begin without ending (its node died or stalled each time) before it is given up.
-pub const MAX_INTERRUPTED_RUNS: u32 = 3;
-/// How long a node has to finish sending a webhook before another may send it again.
-pub const DELIVERY_CLAIM: Duration = Duration::from_secs(60);
+use super::model::JobStatus;
+use super::webhook::Attempt;
+#[cfg(test)]
+use super::webhook::Delivery;
+use crate::ids::{JobId, ProjectId};
 
 /// Which job store, and where.
 #[derive(Debug, Clone)]
@@ -38,172 +38,6 @@ pub enum StoreLocation {
     /// `postgres://...`, shared by every node.
     Postgres(String),
 }
-
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("job database: {0}")]
-    Sqlite(#[from] rusqlite::Error),
-    #[error("job database: {0}")]
-    Postgres(#[from] sqlx::Error),
-    #[error("job database migration: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
-    #[error("job database record: {0}")]
-    Json(#[from] serde_json::Error),
-    #[error("job database directory: {0}")]
-    Io(#[from] std::io::Error),
-    #[error("job database record: {0}")]
-    Corrupt(String),
-}
-
-impl StoreError {
-    /// Whether the database could not be reached at all (rather than refusing a statement).
-    pub fn is_unavailable(&self) -> bool {
-        match self {
-            StoreError::Postgres(err) => {
-                matches!(err, sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_) | sqlx::Error::WorkerCrashed)
-                    // 57P: shut down or terminated; 08: connection failures; 25P03: a session
-                    // ended for idling in a transaction (this node stalled inside one).
-                    || err.as_database_error().and_then(|db| db.code()).is_some_and(|code| code.starts_with("57P") || code.starts_with("08") || code == "25P03")
-            }
-            StoreError::Sqlite(rusqlite::Error::SqliteFailure(err, _)) => {
-                matches!(err.code, rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked | rusqlite::ErrorCode::CannotOpen)
-            }
-            _ => false,
-        }
-    }
-}
-
-/// The run of a job one node holds: every write of that run is fenced on both.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Lease {
-    /// Unique per process run.
-    pub owner: Uuid,
-    /// Runs begun so far, this one included.
-    pub attempt: u32,
-}
-
-/// A job to queue.
-pub struct NewJob {
-    pub job_id: JobId,
-    pub project: ProjectId,
-    pub settings: ValidSettings,
-    pub stems: Vec<StemSource>,
-    pub idempotency_key: Option<String>,
-    pub webhook: Option<WebhookSpec>,
-}
-
-/// What a submit came to, with the event-log cursor it was written at (or found at).
-pub enum Submitted {
-    New(JobStatus),
-    Existing(JobStatus),
-}
-
-/// A job this node now runs.
-pub struct Claim {
-    pub lease: Lease,
-    /// Its status after the start.
-    pub status: JobStatus,
-    pub settings: ValidSettings,
-    pub stems: Vec<StemSource>,
-    pub webhook: Option<WebhookSpec>,
-}
-
-/// One entry of the event log: a job's status as it was published.
-#[derive(Debug, Clone)]
-pub struct LoggedEvent {
-    pub cursor: u64,
-    pub json: String,
-}
-
-impl LoggedEvent {
-    pub fn parse(self) -> Result<Arc<JobEvent>, StoreError> {
-        let status: JobStatus = serde_json::from_str(&self.json)?;
-        Ok(JobEvent::logged(status, self.json.into_boxed_str(), self.cursor))
-    }
-}
-
-/// Every job's current status, and the log position they were read at.
-pub struct Snapshot {
-    pub head: u64,
-    pub jobs: Vec<LoggedEvent>,
-}
-
-/// Why a job operation failed.
-#[derive(Debug, thiserror::Error)]
-pub enum JobError {
-    #[error("job not found")]
-    NotFound,
-    #[error("the job has already finished")]
-    Finished,
-    #[error(transparent)]
-    Store(#[from] StoreError),
-}
-
-/// A status change about to be written, serialised once, with the delivery it causes.
-pub struct Change {
-    pub event: Arc<JobEvent>,
-    pub delivery: Option<Delivery>,
-}
-
-impl Change {
-    /// `first_run`: the job had not been started before (a re-run is not a new start).
-    pub fn new(status: JobStatus, webhook: Option<&WebhookSpec>, first_run: bool) -> Self {
-        let event = JobEvent::new(status);
-        let delivery = webhook.and_then(|webhook| Delivery::caused_by(webhook, &event, first_run));
-        Self { event, delivery }
-    }
-
-    pub fn status(&self) -> &JobStatus {
-        &self.event.status
-    }
-}
-
-/// A row in the queue, or one about to rejoin it.
-pub(super) struct QueueEntry {
-    pub order: i64,
-    pub status: JobStatus,
-    pub webhook: Option<WebhookSpec>,
-    /// Running until now: rejoins the queue in its old place (it was submitted then).
-    pub rejoining: bool,
-}
-
-/// The changes that put `entries` in queue order with 1-based positions: a rejoining job says it
-/// was re-queued, a waiting one whose position moved says where it is now.
-pub(super) fn reposition(mut entries: Vec<QueueEntry>) -> Vec<Change> {
-    entries.sort_by_key(|entry| entry.order);
-    let mut changes = Vec::new();
-    for (index, entry) in entries.into_iter().enumerate() {
-        let position = index as u32 + 1;
-        let change = if entry.rejoining { JobChange::Requeued(position) } else { JobChange::QueuePosition(position) };
-        if let Ok(next) = entry.status.apply(change) {
-            changes.push(Change::new(next, entry.webhook.as_ref(), false));
-        }
-    }
-    changes
-}
-
-/// What happens to a job whose run ended without finishing it: `Ok` it rejoins the queue, `Err`
-/// the change that gives it up after [`MAX_INTERRUPTED_RUNS`].
-pub(super) fn after_interrupted_run(status: &JobStatus, webhook: Option<&WebhookSpec>, interrupted_runs: u32) -> Result<(), Change> {
-    if interrupted_runs < MAX_INTERRUPTED_RUNS {
-        return Ok(());
-    }
-    let message = format!("The node running this mix stopped {interrupted_runs} times; it was not run again");
-    let failed = status.apply(JobChange::Failed { code: ErrorCode::Interrupted, message }).expect("an unfinished job can fail");
-    Err(Change::new(failed, webhook, false))
-}
-
-/// The start of a claimed job's run number `attempt`.
-pub(super) fn started(status: &JobStatus, webhook: Option<&WebhookSpec>, attempt: u32) -> Option<Change> {
-    status.apply(JobChange::Started).ok().map(|next| Change::new(next, webhook, attempt == 1))
-}
-
-/// The end of a canceled job, or why it cannot be canceled.
-pub(super) fn canceled(status: &JobStatus, webhook: Option<&WebhookSpec>) -> Result<Change, JobError> {
-    status.apply(JobChange::canceled()).map(|next| Change::new(next, webhook, false)).map_err(|_| JobError::Finished)
-}
-
-pub(super) const TERMINAL_STATES: [&str; 2] = [JobState::Complete.as_str(), JobState::Error.as_str()];
 
 /// The job store: one of the two, behind the same operations.
 #[derive(Clone)]
@@ -265,6 +99,11 @@ impl Store {
     /// Puts a leased job back in the queue at once, not counted as an interrupted run.
     pub async fn hand_back(&self, job_id: JobId, lease: Lease) -> Result<bool, StoreError> {
         each_store!(self, store => store.hand_back(job_id, lease).await)
+    }
+
+    /// Ends a leased job whose run failed unexpectedly (`INTERNAL`); `false` when the lease is gone.
+    pub async fn fail_run(&self, job_id: JobId, lease: Lease) -> Result<bool, StoreError> {
+        each_store!(self, store => store.fail_run(job_id, lease).await)
     }
 
     /// Re-queues (or gives up on) every job whose lease has expired; returns how many.
@@ -335,39 +174,4 @@ impl Store {
     pub async fn add_delivery(&self, delivery: Delivery) {
         each_store!(self, store => store.add_delivery(delivery).await)
     }
-}
-
-/// The SQLite file inside the layout's database directory.
-pub fn sqlite_file(dir: &Path) -> std::path::PathBuf {
-    dir.join("jobs.sqlite3")
-}
-
-/// The settings column. Rows written before settings were stored validated hold plain
-/// [`crate::audio::MixSettings`]; `ValidSettings` refuses unknown fields, so neither passes for the other.
-#[derive(serde::Deserialize)]
-#[serde(untagged)]
-enum StoredSettings {
-    Valid(ValidSettings),
-    Legacy(crate::audio::MixSettings),
-}
-
-/// A job's settings and stems as stored, ready to run. Legacy settings are planned against the
-/// stems, as the version that wrote them would have done.
-pub(super) fn parse_job_inputs(settings: &str, stems: &str, webhook: Option<&str>) -> Result<(ValidSettings, Vec<StemSource>, Option<WebhookSpec>), StoreError> {
-    let stems: Vec<StemSource> = serde_json::from_str(stems)?;
-    let settings = match serde_json::from_str(settings)? {
-        StoredSettings::Valid(settings) => settings,
-        StoredSettings::Legacy(settings) => crate::audio::plan(&stems, settings).map_err(|err| StoreError::Corrupt(format!("legacy settings do not plan: {err}")))?,
-    };
-    let webhook = webhook.map(serde_json::from_str).transpose()?;
-    Ok((settings, stems, webhook))
-}
-
-pub fn unix_millis(at: std::time::SystemTime) -> i64 {
-    at.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
-}
-
-pub(super) fn rfc3339(millis: i64) -> String {
-    use chrono::{DateTime, SecondsFormat, Utc};
-    DateTime::<Utc>::from_timestamp_millis(millis).unwrap_or_default().to_rfc3339_opts(SecondsFormat::Millis, true)
 }

@@ -15,13 +15,14 @@ use sqlx::{PgPool, Postgres, Row, Transaction};
 use tokio::sync::Mutex;
 use uuid::Uuid;
 
-use super::{
-    after_interrupted_run, canceled, parse_job_inputs, reposition, rfc3339, started, unix_millis, Change, Claim, JobError, Lease, LoggedEvent, NewJob, QueueEntry,
-    Snapshot, StoreError, Submitted, DELIVERY_CLAIM, TERMINAL_STATES,
+use super::records::{
+    rfc3339, unix_millis, AttemptResult, Change, Claim, JobError, Lease, LoggedEvent, NewJob, PendingDelivery, QueueEntry, Snapshot, StoreError, Submitted,
+    DELIVERY_CLAIM,
 };
-use crate::jobs::model::{ErrorCode, JobChange, JobId, JobState, JobStatus, ProjectId};
-use crate::jobs::outbox::{AttemptResult, PendingDelivery};
-use crate::jobs::webhook::{Attempt, Delivery, WebhookSpec};
+use super::rules::{after_interrupted_run, canceled, damaged, parse_job_inputs, parse_webhook, reposition, run_failed, started, TERMINAL_STATES};
+use crate::ids::{JobId, ProjectId};
+use crate::jobs::model::{JobState, JobStatus};
+use crate::jobs::webhook::{Attempt, Delivery};
 
 static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
 
@@ -113,10 +114,7 @@ impl PgStore {
         let (settings, stems, webhook) = match parse_job_inputs(row.get(2), row.get(3), row.get(4)) {
             Ok(inputs) => inputs,
             Err(err) => {
-                // Unrunnable: it ends in error rather than blocking the queue.
-                tracing::error!(%job_id, %err, "a queued job's record cannot be run");
-                let failed = status.apply(JobChange::Failed { code: ErrorCode::Internal, message: "The job's record is damaged".into() }).expect("a queued job can fail");
-                write_status(&mut tx, &Change::new(failed, None, false), true).await?;
+                write_status(&mut tx, &damaged(&job_id.to_string(), &status, &err), true).await?;
                 requeue(&mut tx, Vec::new()).await?;
                 commit(tx).await?;
                 return Ok(None);
@@ -176,8 +174,23 @@ impl PgStore {
             .await?;
         let Some(row) = row else { return Ok(false) };
         sqlx::query("UPDATE jobs SET handed_back = handed_back + 1 WHERE job_id = $1").bind(job_id.as_uuid()).execute(&mut *tx).await?;
-        let entry = QueueEntry { order: row.get(2), status: serde_json::from_str(row.get(0))?, webhook: parse_webhook(row.get(1))?, rejoining: true };
+        let entry = QueueEntry { order: row.get(2), status: serde_json::from_str(row.get(0))?, webhook: parse_webhook(row.get::<Option<&str>, _>(1))?, rejoining: true };
         requeue(&mut tx, vec![entry]).await?;
+        commit(tx).await?;
+        Ok(true)
+    }
+
+    pub async fn fail_run(&self, job_id: JobId, lease: Lease) -> Result<bool, StoreError> {
+        let mut tx = self.begin(false).await?;
+        let row = sqlx::query("SELECT status, webhook FROM jobs WHERE job_id = $1 AND lease_owner = $2 AND attempts = $3 FOR UPDATE")
+            .bind(job_id.as_uuid())
+            .bind(lease.owner)
+            .bind(lease.attempt as i32)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(row) = row else { return Ok(false) };
+        let Some(change) = run_failed(&serde_json::from_str(row.get(0))?, parse_webhook(row.get::<Option<&str>, _>(1))?.as_ref()) else { return Ok(false) };
+        write_status(&mut tx, &change, true).await?;
         commit(tx).await?;
         Ok(true)
     }
@@ -194,7 +207,7 @@ impl PgStore {
         let rescued = rows.len();
         let mut rejoining = Vec::new();
         for row in rows {
-            let (status, webhook): (JobStatus, _) = (serde_json::from_str(row.get(0))?, parse_webhook(row.get(1))?);
+            let (status, webhook): (JobStatus, _) = (serde_json::from_str(row.get(0))?, parse_webhook(row.get::<Option<&str>, _>(1))?);
             let interrupted_runs = row.get::<i32, _>(3) as u32;
             tracing::info!(job_id = %status.job_id(), interrupted_runs, "rescuing a job whose lease expired");
             match after_interrupted_run(&status, webhook.as_ref(), interrupted_runs) {
@@ -217,7 +230,7 @@ impl PgStore {
             .map_err(StoreError::from)?;
         let Some(row) = row else { return Err(JobError::NotFound) };
         let status: JobStatus = serde_json::from_str(row.get(0)).map_err(StoreError::from)?;
-        let change = canceled(&status, parse_webhook(row.get(1))?.as_ref())?;
+        let change = canceled(&status, parse_webhook(row.get::<Option<&str>, _>(1))?.as_ref())?;
         write_status(&mut tx, &change, true).await?;
         if status.state() == JobState::Queued {
             requeue(&mut tx, Vec::new()).await?;
@@ -408,10 +421,6 @@ impl PgStore {
     }
 }
 
-fn parse_webhook(webhook: Option<String>) -> Result<Option<WebhookSpec>, StoreError> {
-    Ok(webhook.as_deref().map(serde_json::from_str).transpose()?)
-}
-
 /// Wakes every node's reader, then commits: the notification is delivered only if the commit is.
 async fn commit(mut tx: Tx) -> Result<(), StoreError> {
     sqlx::query("SELECT pg_notify($1, '')").bind(CHANNEL).execute(&mut *tx).await?;
@@ -466,7 +475,7 @@ async fn requeue(tx: &mut Tx, rejoining: Vec<QueueEntry>) -> Result<(), StoreErr
     let mut entries = rows
         .into_iter()
         .map(|row| -> Result<QueueEntry, StoreError> {
-            Ok(QueueEntry { order: row.get(2), status: serde_json::from_str(row.get(0))?, webhook: parse_webhook(row.get(1))?, rejoining: false })
+            Ok(QueueEntry { order: row.get(2), status: serde_json::from_str(row.get(0))?, webhook: parse_webhook(row.get::<Option<&str>, _>(1))?, rejoining: false })
         })
         .collect::<Result<Vec<_>, _>>()?;
     entries.extend(rejoining);

@@ -13,13 +13,14 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBe
 use tokio::sync::Notify;
 use uuid::Uuid;
 
-use super::{
-    after_interrupted_run, canceled, parse_job_inputs, reposition, rfc3339, sqlite_file, started, unix_millis, Change, Claim, JobError, Lease, LoggedEvent, NewJob,
-    QueueEntry, Snapshot, StoreError, Submitted, DELIVERY_CLAIM, TERMINAL_STATES,
+use super::records::{
+    rfc3339, sqlite_file, unix_millis, AttemptResult, Change, Claim, JobError, Lease, LoggedEvent, NewJob, PendingDelivery, QueueEntry, Snapshot, StoreError, Submitted,
+    DELIVERY_CLAIM,
 };
-use crate::jobs::model::{JobId, JobStatus, ProjectId};
-use crate::jobs::outbox::{AttemptResult, PendingDelivery};
-use crate::jobs::webhook::{Attempt, Delivery, WebhookSpec};
+use super::rules::{after_interrupted_run, canceled, damaged, parse_job_inputs, parse_webhook, reposition, run_failed, started, TERMINAL_STATES};
+use crate::ids::{JobId, ProjectId};
+use crate::jobs::model::{JobState, JobStatus};
+use crate::jobs::webhook::{Attempt, Delivery};
 
 pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
@@ -118,7 +119,10 @@ impl SqliteStore {
     /// Runs `work` on the connection, off the runtime.
     async fn run<T: Send + 'static>(&self, work: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static) -> Result<T, StoreError> {
         let conn = self.conn.clone();
-        tokio::task::spawn_blocking(move || work(&mut conn.lock().expect("no panics while the connection is held"))).await.expect("a statement does not panic")
+        // A panic while the connection is held unwinds through the open transaction, whose drop
+        // rolls it back: the connection is whole again, and the panic costs its one call.
+        let ran = tokio::task::spawn_blocking(move || work(&mut conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner))).await;
+        ran.unwrap_or_else(|panic| Err(StoreError::Panicked(panic.to_string())))
     }
 
     /// Runs `work` in one write transaction and wakes the log's reader as it commits: from the
@@ -199,12 +203,7 @@ impl SqliteStore {
             let (settings, stems, webhook) = match parse_job_inputs(&settings, &stems, webhook.as_deref()) {
                 Ok(inputs) => inputs,
                 Err(err) => {
-                    // Unrunnable: it ends in error rather than blocking the queue.
-                    tracing::error!(%job_id, %err, "a queued job's record cannot be run");
-                    let failed = status
-                        .apply(crate::jobs::model::JobChange::Failed { code: crate::jobs::model::ErrorCode::Internal, message: "The job's record is damaged".into() })
-                        .expect("a queued job can fail");
-                    write_status(tx, &Change::new(failed, None, false), true)?;
+                    write_status(tx, &damaged(&job_id, &status, &err), true)?;
                     requeue(tx, Vec::new())?;
                     return Ok(None);
                 }
@@ -268,8 +267,22 @@ impl SqliteStore {
                 .optional()?;
             let Some((status, webhook, order)) = row else { return Ok(false) };
             tx.prepare_cached("UPDATE jobs SET handed_back = handed_back + 1 WHERE job_id = ?1")?.execute(params![job_id.to_string()])?;
-            let entry = QueueEntry { order, status: serde_json::from_str(&status)?, webhook: parse_webhook(webhook)?, rejoining: true };
+            let entry = QueueEntry { order, status: serde_json::from_str(&status)?, webhook: parse_webhook(webhook.as_deref())?, rejoining: true };
             requeue(tx, vec![entry])?;
+            Ok(true)
+        })
+        .await
+    }
+
+    pub async fn fail_run(&self, job_id: JobId, lease: Lease) -> Result<bool, StoreError> {
+        self.write_transaction(move |tx| {
+            let row = tx
+                .prepare_cached("SELECT status, webhook FROM jobs WHERE job_id = ?1 AND lease_owner = ?2 AND attempts = ?3")?
+                .query_row(params![job_id.to_string(), lease.owner.to_string(), lease.attempt], |row| Ok((row.get::<_, String>(0)?, row.get::<_, Option<String>>(1)?)))
+                .optional()?;
+            let Some((status, webhook)) = row else { return Ok(false) };
+            let Some(change) = run_failed(&serde_json::from_str(&status)?, parse_webhook(webhook.as_deref())?.as_ref()) else { return Ok(false) };
+            write_status(tx, &change, true)?;
             Ok(true)
         })
         .await
@@ -289,7 +302,7 @@ impl SqliteStore {
             let mut rejoining = Vec::new();
             let rescued = rows.len();
             for (status, webhook, order, interrupted_runs) in rows {
-                let (status, webhook): (JobStatus, _) = (serde_json::from_str(&status)?, parse_webhook(webhook)?);
+                let (status, webhook): (JobStatus, _) = (serde_json::from_str(&status)?, parse_webhook(webhook.as_deref())?);
                 tracing::info!(job_id = %status.job_id(), interrupted_runs, "rescuing a job whose lease expired");
                 match after_interrupted_run(&status, webhook.as_ref(), interrupted_runs) {
                     Ok(()) => rejoining.push(QueueEntry { order, status, webhook, rejoining: true }),
@@ -312,12 +325,12 @@ impl SqliteStore {
                     .optional()?;
                 let Some((status, webhook)) = row else { return Ok(Err(JobError::NotFound)) };
                 let status: JobStatus = serde_json::from_str(&status)?;
-                let change = match canceled(&status, parse_webhook(webhook)?.as_ref()) {
+                let change = match canceled(&status, parse_webhook(webhook.as_deref())?.as_ref()) {
                     Ok(change) => change,
                     Err(err) => return Ok(Err(err)),
                 };
                 write_status(tx, &change, true)?;
-                if status.state() == crate::jobs::model::JobState::Queued {
+                if status.state() == JobState::Queued {
                     requeue(tx, Vec::new())?;
                 }
                 Ok(Ok(change.event.status.clone()))
@@ -509,10 +522,6 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn parse_webhook(webhook: Option<String>) -> Result<Option<WebhookSpec>, StoreError> {
-    Ok(webhook.as_deref().map(serde_json::from_str).transpose()?)
-}
-
 /// Stores a status and logs it with the delivery it causes. `ends_run`: the job leaves its lease.
 fn write_status(tx: &Transaction, change: &Change, ends_run: bool) -> Result<(), StoreError> {
     let status = change.status();
@@ -546,7 +555,7 @@ fn requeue(tx: &Transaction, rejoining: Vec<QueueEntry>) -> Result<(), StoreErro
         .query_map([], |row| Ok((row.get::<_, String>(0)?, row.get::<_, Option<String>>(1)?, row.get::<_, i64>(2)?)))?
         .map(|row| -> Result<QueueEntry, StoreError> {
             let (status, webhook, order) = row?;
-            Ok(QueueEntry { order, status: serde_json::from_str(&status)?, webhook: parse_webhook(webhook)?, rejoining: false })
+            Ok(QueueEntry { order, status: serde_json::from_str(&status)?, webhook: parse_webhook(webhook.as_deref())?, rejoining: false })
         })
         .collect::<Result<Vec<_>, _>>()?;
     entries.extend(rejoining);

@@ -26,35 +26,15 @@ use object_store::{ClientConfigKey, GetOptions, GetRange, ObjectMeta, ObjectStor
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::cache::{CachedFile, StemCache};
+use super::error::MediaError;
 use super::layout::keys;
-use super::model::{JobId, ProjectId};
+use crate::ids::{JobId, ProjectId};
 
 /// Parts of a multipart upload, and the size past which a put becomes one.
 const PART_BYTES: usize = 8 * 1024 * 1024;
 /// A request that fails on the network or with a 5xx is tried again, for at most this long in
 /// all: an upload then fails with 503 instead of holding the client for minutes.
 const RETRY_TIMEOUT: Duration = Duration::from_secs(10);
-
-#[derive(Debug, thiserror::Error)]
-pub enum MediaError {
-    #[error("no such object")]
-    NotFound,
-    #[error(transparent)]
-    Io(#[from] std::io::Error),
-    /// The storage did not answer, or refused: the cause may name the endpoint, so it is logged
-    /// and never sent to a client.
-    #[error("object storage: {0}")]
-    Unavailable(String),
-}
-
-impl From<object_store::Error> for MediaError {
-    fn from(err: object_store::Error) -> Self {
-        match err {
-            object_store::Error::NotFound { .. } => MediaError::NotFound,
-            other => MediaError::Unavailable(other.to_string()),
-        }
-    }
-}
 
 /// `s3://bucket/prefix`, as given to `--storage`.
 #[derive(Debug, Clone, PartialEq)]
@@ -249,7 +229,7 @@ impl ObjectMedia {
 
     /// The stem at `relative` key, from the local cache or fetched into it.
     pub async fn fetch_stem(&self, relative: &str) -> Result<CachedFile, MediaError> {
-        self.cache.fetch(self.store.as_ref(), &self.key(relative)).await
+        self.cache.fetch(self.store.as_ref(), self.key(relative).location()).await
     }
 
     /// Keeps a just-uploaded stem's file in the cache: the first mix of it then needs no download.
@@ -264,7 +244,7 @@ impl ObjectMedia {
     /// Deletes a stem's audio, and this node's cached copy.
     pub async fn delete_stem_audio(&self, relative: &str) -> Result<(), MediaError> {
         let key = self.key(relative);
-        self.cache.forget(key.file_name());
+        self.cache.forget(key.file_name()).await;
         self.delete(&key).await
     }
 
@@ -272,12 +252,12 @@ impl ObjectMedia {
     /// only once the job is complete, when it can no longer change, so it is remembered: a
     /// player's range requests then cost no listing each.
     pub async fn published_attempt(&self, project: &ProjectId, job_id: JobId) -> Result<Option<u32>, MediaError> {
-        if let Some(attempt) = self.published.lock().expect("never poisoned").get(&job_id) {
+        if let Some(attempt) = self.published.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&job_id) {
             return Ok(Some(*attempt));
         }
         let attempt = self.job_outputs(project, job_id).await?.into_iter().filter(|(_, _, analysis)| !analysis).map(|(_, attempt, _)| attempt).max();
         if let Some(attempt) = attempt {
-            let mut published = self.published.lock().expect("never poisoned");
+            let mut published = self.published.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             // Bounded without bookkeeping: forgetting costs one listing per job asked again.
             if published.len() >= PUBLISHED_REMEMBERED {
                 published.clear();
@@ -377,7 +357,7 @@ fn plan_sweep(listing: Vec<(String, Duration)>, retention: Duration) -> SweepPla
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::jobs::model::StemId;
+    use crate::ids::StemId;
 
     const MINUTE: Duration = Duration::from_secs(60);
 

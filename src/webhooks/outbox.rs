@@ -1,45 +1,24 @@
 //! The webhook outbox as the dispatcher sees it: due deliveries, and what each attempt came to.
-//! The deliveries themselves are written by the job store, in the transaction of the change that
-//! causes them; in a cluster every node's dispatcher drains the one outbox, each delivery claimed
-//! by one node at a time.
+//! The deliveries themselves are rows of the job store, written in the transaction of the change
+//! that causes them; in a cluster every node's dispatcher drains the one outbox, each delivery
+//! claimed by one node at a time.
+
+use std::sync::Arc;
 
 use tokio::sync::Notify;
 
-use super::model::JobId;
-use super::store::{Store, StoreError};
-use super::webhook::Attempt;
-
-/// A delivery waiting for its next attempt.
-#[derive(Debug, Clone, PartialEq)]
-pub struct PendingDelivery {
-    pub id: String,
-    pub job_id: String,
-    pub url: String,
-    pub message_type: String,
-    pub body: String,
-    /// Attempts made so far.
-    pub attempts: u32,
-}
-
-/// What one attempt came to.
-#[derive(Debug, Clone, PartialEq)]
-pub struct AttemptResult {
-    pub attempted_at_ms: i64,
-    pub http_status: Option<u16>,
-    pub error: Option<String>,
-    /// When to try again; None ends the delivery with `outcome`.
-    pub next_attempt_at_ms: Option<i64>,
-    pub outcome: Option<&'static str>,
-}
+use crate::ids::JobId;
+use crate::jobs::{Attempt, AttemptResult, PendingDelivery, Store, StoreError};
 
 pub struct Outbox {
     store: Store,
-    wake: Notify,
+    /// Woken by the job layer when a published change may have stored a delivery.
+    wake: Arc<Notify>,
 }
 
 impl Outbox {
-    pub fn new(store: Store) -> Self {
-        Self { store, wake: Notify::new() }
+    pub fn new(store: Store, wake: Arc<Notify>) -> Self {
+        Self { store, wake }
     }
 
     /// Wakes the dispatcher: a delivery was just stored.

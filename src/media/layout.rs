@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::model::{JobId, ProjectId, StemId};
+use crate::ids::{JobId, ProjectId, StemId};
 
 const DATABASE_DIR: &str = ".mixd";
 const STEMS_DIR: &str = "stems";

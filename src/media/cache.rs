@@ -10,13 +10,14 @@
 use std::collections::HashMap;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use futures_util::StreamExt;
+use object_store::path::Path as Location;
 use object_store::ObjectStore;
 use tokio::io::AsyncWriteExt;
 
-use super::objects::{MediaError, ObjectKey};
+use super::error::MediaError;
 
 const TEMPORARY_PREFIX: &str = ".fetch-";
 
@@ -59,13 +60,18 @@ impl CachedFile {
 impl Drop for CachedFile {
     fn drop(&mut self) {
         let victims = {
-            let mut state = self.cache.state.lock().expect("never poisoned");
+            let mut state = self.cache.state();
             if let Some(entry) = state.entries.get_mut(&self.name) {
                 entry.holders -= 1;
             }
             state.evict(self.cache.max_bytes)
         };
-        self.cache.remove_files(victims);
+        // A drop cannot wait: the files go on the blocking pool (or here, outside a runtime).
+        let dir = self.cache.dir.clone();
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(move || remove_files(&dir, victims))),
+            Err(_) => remove_files(&dir, victims),
+        }
     }
 }
 
@@ -117,9 +123,8 @@ impl StemCache {
             state.entries.insert(name, Entry { bytes, last_used, holders: 0 });
         }
         let victims = state.evict(max_bytes);
-        let cache = Arc::new(Self { dir, max_bytes, state: Mutex::new(state) });
-        cache.remove_files(victims);
-        Ok(cache)
+        remove_files(&dir, victims);
+        Ok(Arc::new(Self { dir, max_bytes, state: Mutex::new(state) }))
     }
 
     pub fn dir(&self) -> &Path {
@@ -132,15 +137,15 @@ impl StemCache {
         self.dir.join(format!("{TEMPORARY_PREFIX}{}.partial", uuid::Uuid::new_v4()))
     }
 
-    /// The object at `key`, fetched into the cache unless it is there already.
-    pub async fn fetch(self: &Arc<Self>, store: &dyn ObjectStore, key: &ObjectKey) -> Result<CachedFile, MediaError> {
-        let name = key.file_name().to_string();
+    /// The object at `location`, fetched into the cache unless it is there already.
+    pub async fn fetch(self: &Arc<Self>, store: &dyn ObjectStore, location: &Location) -> Result<CachedFile, MediaError> {
+        let name = location.filename().unwrap_or_default().to_string();
         if let Some(held) = self.hold(&name) {
             return Ok(held);
         }
         let temporary = self.temporary();
         let fetched = async {
-            let mut body = store.get(key.location()).await?.into_stream();
+            let mut body = store.get(location).await?.into_stream();
             let mut file = tokio::fs::File::create(&temporary).await?;
             while let Some(chunk) = body.next().await {
                 file.write_all(&chunk?).await?;
@@ -161,7 +166,7 @@ impl StemCache {
         let path = self.dir.join(&name);
         tokio::fs::rename(file, &path).await?;
         let victims = {
-            let mut state = self.state.lock().expect("never poisoned");
+            let mut state = self.state();
             let last_used = state.tick();
             // Two mixes may fetch the same stem at once: the second rename replaced the first's
             // file with the same bytes, and both hold the one entry.
@@ -172,12 +177,12 @@ impl StemCache {
             state.total_bytes = state.total_bytes - previous + bytes;
             state.evict(self.max_bytes)
         };
-        self.remove_files(victims);
+        self.remove_files_off_runtime(victims).await;
         Ok(CachedFile { cache: self.clone(), name, path })
     }
 
     fn hold(self: &Arc<Self>, name: &str) -> Option<CachedFile> {
-        let mut state = self.state.lock().expect("never poisoned");
+        let mut state = self.state();
         let last_used = state.tick();
         let entry = state.entries.get_mut(name)?;
         entry.holders += 1;
@@ -187,9 +192,9 @@ impl StemCache {
 
     /// Drops a file whose object was deleted (a stem). A mix reading it keeps its open file; other
     /// nodes' caches let it age out, as a stem id is never reused.
-    pub fn forget(&self, name: &str) {
+    pub async fn forget(&self, name: &str) {
         let removed = {
-            let mut state = self.state.lock().expect("never poisoned");
+            let mut state = self.state();
             let entry = state.entries.remove(name);
             if let Some(entry) = &entry {
                 state.total_bytes -= entry.bytes;
@@ -197,25 +202,41 @@ impl StemCache {
             entry.is_some()
         };
         if removed {
-            self.remove_files(vec![name.to_string()]);
+            self.remove_files_off_runtime(vec![name.to_string()]).await;
         }
     }
 
     /// Bytes the cache holds now.
     pub fn size(&self) -> u64 {
-        self.state.lock().expect("never poisoned").total_bytes
+        self.state().total_bytes
     }
 
-    fn remove_files(&self, names: Vec<String>) {
-        for name in names {
-            // A mix that had the file open keeps reading it: only the name goes.
-            if let Err(err) = std::fs::remove_file(self.dir.join(&name)) {
-                if err.kind() != io::ErrorKind::NotFound {
-                    tracing::warn!(%err, name, "could not remove an evicted cache file");
-                }
-            }
-            tracing::debug!(name, "evicted from the stem cache");
+    /// The bookkeeping: a panic while it was held (a bug) costs the operation that panicked, not
+    /// every later fetch; each change under the lock leaves the counts whole.
+    fn state(&self) -> MutexGuard<'_, CacheState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    async fn remove_files_off_runtime(&self, names: Vec<String>) {
+        if names.is_empty() {
+            return;
         }
+        let dir = self.dir.clone();
+        if let Err(err) = tokio::task::spawn_blocking(move || remove_files(&dir, names)).await {
+            tracing::error!(%err, "removing evicted cache files failed");
+        }
+    }
+}
+
+fn remove_files(dir: &Path, names: Vec<String>) {
+    for name in names {
+        // A mix that had the file open keeps reading it: only the name goes.
+        if let Err(err) = std::fs::remove_file(dir.join(&name)) {
+            if err.kind() != io::ErrorKind::NotFound {
+                tracing::warn!(%err, name, "could not remove an evicted cache file");
+            }
+        }
+        tracing::debug!(name, "evicted from the stem cache");
     }
 }
 
@@ -246,7 +267,7 @@ mod tests {
         let (_bucket, store) = bucket_with(&[("p/stems/a.wav", 400), ("p/stems/b.wav", 400), ("p/stems/c.wav", 400)]).await;
         let dir = tempfile::tempdir().unwrap();
         let cache = StemCache::open(dir.path().join("cache"), 1000).unwrap();
-        let key = |name: &str| ObjectKey::new("", &format!("p/stems/{name}"));
+        let key = |name: &str| ObjectPath::from(format!("p/stems/{name}"));
 
         let a = cache.fetch(&store, &key("a.wav")).await.unwrap();
         drop(cache.fetch(&store, &key("b.wav")).await.unwrap());
@@ -256,7 +277,7 @@ mod tests {
         assert_eq!(names_in(cache.dir()), ["a.wav", "c.wav"]);
         assert_eq!(cache.size(), 800);
         drop((a, c));
-        // Now a is the least recently used: fetching b again evicts it.
+        // Now a is the least recently used: fetching b again evicts it (before it returns).
         drop(cache.fetch(&store, &key("b.wav")).await.unwrap());
         assert_eq!(names_in(cache.dir()), ["b.wav", "c.wav"]);
         // A cached file is served without the bucket: gone from the bucket, still read.
@@ -269,10 +290,13 @@ mod tests {
         let (_bucket, store) = bucket_with(&[("p/stems/big.wav", 5000)]).await;
         let dir = tempfile::tempdir().unwrap();
         let cache = StemCache::open(dir.path().join("cache"), 1000).unwrap();
-        let big = cache.fetch(&store, &ObjectKey::new("", "p/stems/big.wav")).await.unwrap();
+        let big = cache.fetch(&store, &ObjectPath::from("p/stems/big.wav")).await.unwrap();
         assert_eq!(std::fs::metadata(big.path()).unwrap().len(), 5000);
         drop(big);
-        assert_eq!(names_in(cache.dir()), Vec::<String>::new());
+        // Dropped on the runtime, the file goes on the blocking pool.
+        while !names_in(cache.dir()).is_empty() {
+            tokio::task::yield_now().await;
+        }
         assert_eq!(cache.size(), 0);
     }
 
@@ -282,9 +306,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cache_dir = dir.path().join("cache");
         let cache = StemCache::open(cache_dir.clone(), 1000).unwrap();
-        let missing = cache.fetch(&store, &ObjectKey::new("", "p/stems/missing.wav")).await.unwrap_err();
+        let missing = cache.fetch(&store, &ObjectPath::from("p/stems/missing.wav")).await.unwrap_err();
         assert!(matches!(missing, MediaError::NotFound), "{missing:?}");
-        drop(cache.fetch(&store, &ObjectKey::new("", "p/stems/a.wav")).await.unwrap());
+        drop(cache.fetch(&store, &ObjectPath::from("p/stems/a.wav")).await.unwrap());
         std::fs::write(cache_dir.join(".fetch-crashed.partial"), b"half").unwrap();
         assert_eq!(names_in(&cache_dir), [".fetch-crashed.partial", "a.wav"]);
 

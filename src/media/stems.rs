@@ -12,10 +12,11 @@ use futures_util::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use super::error::MediaError;
 use super::layout::{keys, MediaLayout};
-use super::model::{ProjectId, StemId, Timestamp};
-use super::objects::{MediaError, ObjectMedia};
+use super::objects::ObjectMedia;
 use crate::audio::{StemInfo, StemSource};
+use crate::ids::{ProjectId, StemId, Timestamp};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct Stem {

@@ -1,0 +1,46 @@
+//! What every handler shares: the job layer, the media, the keys and the configuration.
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::access::Keys;
+use crate::config::Config;
+use crate::jobs::Jobs;
+use crate::media::{MediaLayout, ObjectMedia, StemStore};
+use crate::webhooks::{Outbox, WebhookSecret};
+
+/// What every handler shares. Each extractor of a request takes its own handle, so a handle is
+/// one reference count (cloning the parts, a cancellation token among them, cost 7% of the status
+/// route's time).
+#[derive(Clone)]
+pub struct AppState(Arc<App>);
+
+pub struct App {
+    pub jobs: Jobs,
+    pub stems: StemStore,
+    /// The local data root (with object storage: only the job database and the stem cache).
+    pub layout: MediaLayout,
+    /// Where stems and mixes are kept, when that is object storage.
+    pub objects: Option<ObjectMedia>,
+    /// The webhook outbox, for the attempts route and `/metrics`.
+    pub outbox: Arc<Outbox>,
+    pub keys: Keys,
+    pub webhook_secret: WebhookSecret,
+    pub config: Arc<Config>,
+    /// Cancelled when the server shuts down: every open stream ends.
+    pub shutdown: CancellationToken,
+}
+
+impl AppState {
+    pub fn new(app: App) -> Self {
+        Self(Arc::new(app))
+    }
+}
+
+impl std::ops::Deref for AppState {
+    type Target = App;
+    fn deref(&self) -> &App {
+        &self.0
+    }
+}
