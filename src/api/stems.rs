@@ -106,12 +106,33 @@ pub async fn upload(
     Ok(respond(StatusCode::CREATED, StemList { stems: stored }, message))
 }
 
-async fn receive_file(app: &AppState, project: &ProjectId, mut field: Field<'_>) -> Result<Stem, ApiError> {
+async fn receive_file(app: &AppState, project: &ProjectId, field: Field<'_>) -> Result<Stem, ApiError> {
     let name = sanitize_file_name(field.file_name().unwrap_or_default());
     let path = app.stems.upload_path(project).await.map_err(ApiError::storage)?;
-    // Removes the partial file on every way out but success, a dropped request included.
+    // Removes the partial file should the request be dropped half-way; a refused file is
+    // removed before the answer goes out.
     let partial = PartialFile(Some(path.clone()));
-    let mut file = tokio::fs::File::create(&path).await.map_err(ApiError::storage)?;
+    match store_file(app, project, field, &path, name).await {
+        Ok(stem) => {
+            partial.keep();
+            tracing::info!(stem_id = %stem.stem_id, name = %stem.name, "stem stored");
+            Ok(stem)
+        }
+        Err(err) => {
+            partial.keep();
+            if let Err(io) = tokio::fs::remove_file(&path).await {
+                if io.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!(path = %path.display(), err = %io, "could not remove a refused upload");
+                }
+            }
+            Err(err)
+        }
+    }
+}
+
+/// Streams one file part to `path`, decodes it in full and stores it as a stem.
+async fn store_file(app: &AppState, project: &ProjectId, mut field: Field<'_>, path: &Path, name: String) -> Result<Stem, ApiError> {
+    let mut file = tokio::fs::File::create(path).await.map_err(ApiError::storage)?;
     let mut size = 0u64;
     while let Some(chunk) = field.chunk().await.map_err(|e| multipart_error(e, app.config.max_upload_mb))? {
         size += chunk.len() as u64;
@@ -124,7 +145,7 @@ async fn receive_file(app: &AppState, project: &ProjectId, mut field: Field<'_>)
         return Err(ApiError::UnsupportedAudio(format!("\"{name}\" is empty")));
     }
 
-    let (probe_path, probe_name) = (path.clone(), name.clone());
+    let (probe_path, probe_name) = (path.to_path_buf(), name.clone());
     // The probe checks its own clock between packets; this outer deadline covers a decoder stuck
     // inside one packet, whose thread cannot be stopped but whose request still gets an answer.
     let probe = tokio::task::spawn_blocking(move || probe_stem(&probe_path, &probe_name));
@@ -133,10 +154,7 @@ async fn receive_file(app: &AppState, project: &ProjectId, mut field: Field<'_>)
         .map_err(|_| ApiError::UnsupportedAudio(format!("Stem \"{name}\" could not be decoded in time; the file looks malformed")))?
         .map_err(|err| ApiError::Internal(format!("probe task: {err}")))?
         .map_err(|err| ApiError::UnsupportedAudio(err.to_string()))?;
-    let stem = app.stems.commit(project, &path, name, info, size).await.map_err(ApiError::media)?;
-    partial.keep();
-    tracing::info!(stem_id = %stem.stem_id, name = %stem.name, "stem stored");
-    Ok(stem)
+    app.stems.commit(project, path, name, info, size).await.map_err(ApiError::media)
 }
 
 struct PartialFile(Option<PathBuf>);
@@ -150,7 +168,11 @@ impl PartialFile {
 impl Drop for PartialFile {
     fn drop(&mut self) {
         if let Some(path) = self.0.take() {
-            remove_quietly(&path);
+            // A drop cannot wait: the file goes on the blocking pool, off the request's thread.
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => drop(runtime.spawn_blocking(move || remove_quietly(&path))),
+                Err(_) => remove_quietly(&path),
+            }
         }
     }
 }

@@ -381,7 +381,7 @@ pub(super) mod tests {
         assert_eq!(every.try_recv().unwrap().status.job_id(), here);
         assert_eq!(own.try_recv().unwrap().status.job_id(), here);
         assert!(matches!(own.try_recv(), Err(TryRecvError::Empty)), "p2's change is not on p1's channel");
-        assert_eq!(jobs.inner.live.project_channels(), [p1.clone()], "a channel only for the project with a subscriber");
+        assert_eq!(jobs.inner.live.project_channels(), std::slice::from_ref(&p1), "a channel only for the project with a subscriber");
 
         drop(own);
         jobs.cancel(&p1, here).await.unwrap();
@@ -450,7 +450,8 @@ pub(super) mod tests {
     /// run's entry and lease go, and the slot takes the next job.
     #[tokio::test]
     async fn a_panic_in_a_run_ends_its_job_and_the_slot_runs_the_next() {
-        let points: [(&str, fn(&JobChange) -> bool); 2] =
+        type Point = (&'static str, fn(&JobChange) -> bool);
+        let points: [Point; 2] =
             [("the writer", |change| matches!(change, JobChange::Progress { .. })), ("the ending", |change| matches!(change, JobChange::Completed { .. }))];
         for (point, at) in points {
             let dir = tempfile::tempdir().unwrap();

@@ -302,7 +302,8 @@ pub enum JobChange {
     QueuePosition(u32),
     /// Got a mixer slot.
     Started,
-    /// Waiting again after a server restart cut its run short: the one move back to `queued`.
+    /// Waiting again after its run was interrupted (its node died, stalled or was shut down and
+    /// handed it back): the one move back to `queued`.
     /// Progress stays where it was (it never falls) until the new run passes it.
     Requeued(u32),
     /// The engine reports `state` at `progress`.
@@ -423,7 +424,8 @@ impl JobStatus {
     }
 
     /// The status after `change`, with `seq` bumped and `updated_at` stamped, or why the change
-    /// is not allowed. States only move forward, progress never falls, and a terminal job is final.
+    /// is not allowed. States move forward (but for [`JobChange::Requeued`], the one way back to
+    /// `queued`), progress never falls, and a terminal job is final.
     pub fn apply(&self, change: JobChange) -> Result<JobStatus, TransitionError> {
         let state = self.state();
         if state.is_terminal() {

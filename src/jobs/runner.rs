@@ -65,7 +65,10 @@ pub(super) struct Runner {
 /// A test's way to make a run panic where a bug would (in the writer, or as the run ends), to show
 /// that no panic wedges a job. Without `cfg(test)` it holds nothing and does nothing.
 #[derive(Clone, Default)]
-pub(super) struct FaultHook(#[cfg(test)] Option<Arc<dyn Fn(&JobChange) + Send + Sync>>);
+pub(super) struct FaultHook(#[cfg(test)] Option<Arc<Fault>>);
+
+#[cfg(test)]
+type Fault = dyn Fn(&JobChange) + Send + Sync;
 
 impl FaultHook {
     #[cfg(test)]

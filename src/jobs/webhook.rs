@@ -1,5 +1,5 @@
 //! A job's webhook, and the deliveries its changes cause. A delivery is created in the same
-//! database transaction as the status change that causes it (see `db.rs`), so a crash can lose
+//! database transaction as the status change that causes it (see `store`), so a crash can lose
 //! neither: this is the outbox the dispatcher in `crate::webhooks` drains.
 
 use serde::{Deserialize, Serialize};

@@ -192,6 +192,10 @@ async fn cancel_ends_queued_and_running_jobs_and_frees_the_slot() {
     let last_id = last["data"]["job_id"].as_str().unwrap();
     assert_eq!(last["data"]["queue_position"], 2);
 
+    // The running job is writing into its output directory (its spill is there) when it is
+    // canceled: the directory must go with the run, not merely never have been made.
+    let outputs = app.data_dir.path().join(format!("p1/mix_outputs/{running_id}"));
+    eventually("the running job writes into its output directory", || outputs.is_dir()).await;
     for id in [queued_id, running_id] {
         let response = app.client.delete(app.url(&format!("/mix/p1/mix/job/{id}"))).send().await.unwrap();
         assert_eq!(response.status(), 200);
@@ -206,7 +210,7 @@ async fn cancel_ends_queued_and_running_jobs_and_frees_the_slot() {
     assert_eq!(again.status(), 409);
     assert_eq!(again.json::<Value>().await.unwrap()["error"], "JOB_FINISHED");
     // A canceled job leaves no output behind.
-    eventually("the canceled job's output is gone", || !app.data_dir.path().join(format!("p1/mix_outputs/{running_id}")).exists()).await;
+    eventually("the canceled job's output directory is gone", || !outputs.exists()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -22,7 +22,7 @@ use super::records::{
 use super::rules::{after_interrupted_run, canceled, damaged, parse_job_inputs, parse_webhook, reposition, run_failed, started, TERMINAL_STATES};
 use crate::ids::{JobId, ProjectId};
 use crate::jobs::model::{JobState, JobStatus};
-use crate::jobs::webhook::{Attempt, Delivery};
+use crate::jobs::webhook::{Attempt, Delivery, WebhookSpec};
 
 static MIGRATIONS: sqlx::migrate::Migrator = sqlx::migrate!("migrations/postgres");
 
@@ -166,30 +166,17 @@ impl PgStore {
 
     pub async fn hand_back(&self, job_id: JobId, lease: Lease) -> Result<bool, StoreError> {
         let mut tx = self.begin(true).await?;
-        let row = sqlx::query("SELECT status, webhook, queue_order FROM jobs WHERE job_id = $1 AND lease_owner = $2 AND attempts = $3 FOR UPDATE")
-            .bind(job_id.as_uuid())
-            .bind(lease.owner)
-            .bind(lease.attempt as i32)
-            .fetch_optional(&mut *tx)
-            .await?;
-        let Some(row) = row else { return Ok(false) };
+        let Some((status, webhook, order)) = leased(&mut tx, job_id, lease).await? else { return Ok(false) };
         sqlx::query("UPDATE jobs SET handed_back = handed_back + 1 WHERE job_id = $1").bind(job_id.as_uuid()).execute(&mut *tx).await?;
-        let entry = QueueEntry { order: row.get(2), status: serde_json::from_str(row.get(0))?, webhook: parse_webhook(row.get::<Option<&str>, _>(1))?, rejoining: true };
-        requeue(&mut tx, vec![entry]).await?;
+        requeue(&mut tx, vec![QueueEntry { order, status, webhook, rejoining: true }]).await?;
         commit(tx).await?;
         Ok(true)
     }
 
     pub async fn fail_run(&self, job_id: JobId, lease: Lease) -> Result<bool, StoreError> {
         let mut tx = self.begin(false).await?;
-        let row = sqlx::query("SELECT status, webhook FROM jobs WHERE job_id = $1 AND lease_owner = $2 AND attempts = $3 FOR UPDATE")
-            .bind(job_id.as_uuid())
-            .bind(lease.owner)
-            .bind(lease.attempt as i32)
-            .fetch_optional(&mut *tx)
-            .await?;
-        let Some(row) = row else { return Ok(false) };
-        let Some(change) = run_failed(&serde_json::from_str(row.get(0))?, parse_webhook(row.get::<Option<&str>, _>(1))?.as_ref()) else { return Ok(false) };
+        let Some((status, webhook, _)) = leased(&mut tx, job_id, lease).await? else { return Ok(false) };
+        let Some(change) = run_failed(&status, webhook.as_ref()) else { return Ok(false) };
         write_status(&mut tx, &change, true).await?;
         commit(tx).await?;
         Ok(true)
@@ -419,6 +406,18 @@ impl PgStore {
         insert_delivery(&mut tx, &delivery).await.unwrap();
         tx.commit().await.unwrap();
     }
+}
+
+/// The status, webhook and queue place of a job still held under `lease`, locked for the change.
+async fn leased(tx: &mut Tx, job_id: JobId, lease: Lease) -> Result<Option<(JobStatus, Option<WebhookSpec>, i64)>, StoreError> {
+    let row = sqlx::query("SELECT status, webhook, queue_order FROM jobs WHERE job_id = $1 AND lease_owner = $2 AND attempts = $3 FOR UPDATE")
+        .bind(job_id.as_uuid())
+        .bind(lease.owner)
+        .bind(lease.attempt as i32)
+        .fetch_optional(&mut **tx)
+        .await?;
+    let Some(row) = row else { return Ok(None) };
+    Ok(Some((serde_json::from_str(row.get(0))?, parse_webhook(row.get::<Option<&str>, _>(1))?, row.get(2))))
 }
 
 /// Wakes every node's reader, then commits: the notification is delivered only if the commit is.

@@ -71,7 +71,7 @@ pub struct NewJob {
     pub webhook: Option<WebhookSpec>,
 }
 
-/// What a submit came to, with the event-log cursor it was written at (or found at).
+/// What a submit came to: the job it queued, or the one its Idempotency-Key had made before.
 pub enum Submitted {
     New(JobStatus),
     Existing(JobStatus),

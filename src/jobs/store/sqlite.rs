@@ -20,7 +20,7 @@ use super::records::{
 use super::rules::{after_interrupted_run, canceled, damaged, parse_job_inputs, parse_webhook, reposition, run_failed, started, TERMINAL_STATES};
 use crate::ids::{JobId, ProjectId};
 use crate::jobs::model::{JobState, JobStatus};
-use crate::jobs::webhook::{Attempt, Delivery};
+use crate::jobs::webhook::{Attempt, Delivery, WebhookSpec};
 
 pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
@@ -259,16 +259,9 @@ impl SqliteStore {
 
     pub async fn hand_back(&self, job_id: JobId, lease: Lease) -> Result<bool, StoreError> {
         self.write_transaction(move |tx| {
-            let row = tx
-                .prepare_cached("SELECT status, webhook, queue_order FROM jobs WHERE job_id = ?1 AND lease_owner = ?2 AND attempts = ?3")?
-                .query_row(params![job_id.to_string(), lease.owner.to_string(), lease.attempt], |row| {
-                    Ok((row.get::<_, String>(0)?, row.get::<_, Option<String>>(1)?, row.get::<_, i64>(2)?))
-                })
-                .optional()?;
-            let Some((status, webhook, order)) = row else { return Ok(false) };
+            let Some((status, webhook, order)) = leased(tx, job_id, lease)? else { return Ok(false) };
             tx.prepare_cached("UPDATE jobs SET handed_back = handed_back + 1 WHERE job_id = ?1")?.execute(params![job_id.to_string()])?;
-            let entry = QueueEntry { order, status: serde_json::from_str(&status)?, webhook: parse_webhook(webhook.as_deref())?, rejoining: true };
-            requeue(tx, vec![entry])?;
+            requeue(tx, vec![QueueEntry { order, status, webhook, rejoining: true }])?;
             Ok(true)
         })
         .await
@@ -276,12 +269,8 @@ impl SqliteStore {
 
     pub async fn fail_run(&self, job_id: JobId, lease: Lease) -> Result<bool, StoreError> {
         self.write_transaction(move |tx| {
-            let row = tx
-                .prepare_cached("SELECT status, webhook FROM jobs WHERE job_id = ?1 AND lease_owner = ?2 AND attempts = ?3")?
-                .query_row(params![job_id.to_string(), lease.owner.to_string(), lease.attempt], |row| Ok((row.get::<_, String>(0)?, row.get::<_, Option<String>>(1)?)))
-                .optional()?;
-            let Some((status, webhook)) = row else { return Ok(false) };
-            let Some(change) = run_failed(&serde_json::from_str(&status)?, parse_webhook(webhook.as_deref())?.as_ref()) else { return Ok(false) };
+            let Some((status, webhook, _)) = leased(tx, job_id, lease)? else { return Ok(false) };
+            let Some(change) = run_failed(&status, webhook.as_ref()) else { return Ok(false) };
             write_status(tx, &change, true)?;
             Ok(true)
         })
@@ -520,6 +509,18 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     }
     add_webhook_column(conn)?;
     Ok(())
+}
+
+/// The status, webhook and queue place of a job still held under `lease`.
+fn leased(tx: &Transaction, job_id: JobId, lease: Lease) -> Result<Option<(JobStatus, Option<WebhookSpec>, i64)>, StoreError> {
+    let row = tx
+        .prepare_cached("SELECT status, webhook, queue_order FROM jobs WHERE job_id = ?1 AND lease_owner = ?2 AND attempts = ?3")?
+        .query_row(params![job_id.to_string(), lease.owner.to_string(), lease.attempt], |row| {
+            Ok((row.get::<_, String>(0)?, row.get::<_, Option<String>>(1)?, row.get::<_, i64>(2)?))
+        })
+        .optional()?;
+    let Some((status, webhook, order)) = row else { return Ok(None) };
+    Ok(Some((serde_json::from_str(&status)?, parse_webhook(webhook.as_deref())?, order)))
 }
 
 /// Stores a status and logs it with the delivery it causes. `ends_run`: the job leaves its lease.
