@@ -68,7 +68,7 @@ fn node(data: &Path, database: Option<&str>, slots: &str, lease: &str) -> Mixd {
     if let Some(url) = database {
         args.extend(["--database-url", url]);
     }
-    start_mixd(env!("CARGO_BIN_EXE_mixd"), data, &args, "warn")
+    start_mixd(&common::server_binary(), data, &args, "warn")
 }
 
 async fn upload(client: &reqwest::Client, base: &str, project: &str, files: &[&Path]) {

@@ -13,6 +13,8 @@
 //!    file, listed 16 times: every listing is its own decoder and track). Skipped with
 //!    MIXD_BENCH_QUICK=1.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -68,7 +70,7 @@ fn main() {
 }
 
 fn mixd(stems: &[PathBuf], out: &Path) -> Command {
-    let mut mixd = Command::new(env!("CARGO_BIN_EXE_mixd"));
+    let mut mixd = Command::new(common::server_binary());
     mixd.arg("mix").args(stems).arg("-o").arg(out).args(["--rate", "48000", "--target-lufs", "-14", "--true-peak", "-1"]);
     mixd
 }

@@ -274,8 +274,7 @@ impl Target for MixdTarget {
 impl MixdTarget {
     /// `mixd serve` with `projects` projects of two `seconds`-long stems each.
     async fn start(data: &Path, projects: usize, seconds: u32) -> Self {
-        // MIXD_BENCH_SERVER: another build of the server (a reference commit) under the same client.
-        let binary = std::env::var("MIXD_BENCH_SERVER").unwrap_or_else(|_| env!("CARGO_BIN_EXE_mixd").into());
+        let binary = common::server_binary();
         let server = common::start_mixd(&binary, data, &[], "warn");
         let base = format!("http://{}", server.address);
         let client = reqwest::Client::new();

@@ -28,7 +28,7 @@ fn main() {
     let keyed = tempfile::tempdir().unwrap();
     let admin = format!("authorization: Bearer {ADMIN_KEY}");
     let (mixd, keyed_url, _) = finished_job(keyed.path(), &["--api-key", ADMIN_KEY, "--token-key", TOKEN_KEY], &["-H", &admin]);
-    let token = capture(env!("CARGO_BIN_EXE_mixd"), &["token", "--project", "p1", "--scope", "read", "--ttl", "1h", "--token-key", TOKEN_KEY]);
+    let token = capture(&common::server_binary(), &["token", "--project", "p1", "--scope", "read", "--ttl", "1h", "--token-key", TOKEN_KEY]);
     let with_token = wrk(&keyed_url, Some(&format!("authorization: Bearer {}", token.trim())));
     let with_key = wrk(&keyed_url, Some(&admin));
     drop(mixd);
@@ -92,7 +92,7 @@ fn main() {
 /// A mixd started with `args`, a finished job on it, that job's status URL and id. `auth` are
 /// curl's arguments for the credential, if the server wants one.
 fn finished_job(data: &Path, args: &[&str], auth: &[&str]) -> (common::Mixd, String, String) {
-    let mixd = common::start_mixd(env!("CARGO_BIN_EXE_mixd"), data, args, "warn");
+    let mixd = common::start_mixd(&common::server_binary(), data, args, "warn");
     let address = mixd.address.clone();
     let stem = data.join("stem.wav");
     run("ffmpeg", &["-nostdin", "-loglevel", "error", "-y", "-f", "lavfi", "-i", "sine=f=440:r=48000:d=2", stem.to_str().unwrap()]);

@@ -29,7 +29,7 @@ fn main() {
         let s3 = S3Server::start();
         s3.create_bucket(BUCKET).await;
         let (local_data, warm_data, cold_data) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let binary = env!("CARGO_BIN_EXE_mixd");
+        let binary = &common::server_binary();
         let local = start_mixd(binary, local_data.path(), &["--mix-slots", "1"], "warn");
         let warm = start_mixd_with_env(binary, warm_data.path(), &["--mix-slots", "1", "--storage", &format!("s3://{BUCKET}/warm")], "warn", &s3.env());
         let cold =

@@ -248,3 +248,10 @@ impl Drop for ScratchDatabase {
         .join();
     }
 }
+
+/// The server binary a bench runs: this build's, or `MIXD_BENCH_SERVER` (another build, such as
+/// the landed commit, to compare under the same client in the same run).
+#[allow(dead_code)]
+pub fn server_binary() -> String {
+    std::env::var("MIXD_BENCH_SERVER").unwrap_or_else(|_| env!("CARGO_BIN_EXE_mixd").to_string())
+}
