@@ -18,7 +18,7 @@ use crate::access::Keys;
 use crate::api::{router, serve_connection, App, AppState, ConnectionConfig};
 use crate::config::Config;
 use crate::jobs::{Jobs, JobsConfig, Store, StoreLocation, EVENT_BUFFER};
-use crate::media::{self, MediaLayout, ObjectMedia, StemCache, StemStore, StorageUrl};
+use crate::media::{remove_old_outputs, Media, MediaLayout, ObjectMedia, StemCache, StemStore, StorageUrl};
 use crate::webhooks::{Dispatcher, DispatcherConfig, Outbox, WebhookSecret};
 
 /// Webhook deliveries in flight at once: a receiver that hangs holds one until the timeout.
@@ -80,33 +80,24 @@ impl Application {
         if removed > 0 {
             tracing::info!(removed, "removed partial files left by an earlier run");
         }
-        let objects = match &config.storage {
-            Some(url) => Some(connect_objects(&config, &layout, url.clone()).await?),
+        // The one decision of where media live. With object storage, mixes are written in this
+        // node's own work directory, then stored.
+        let media = match &config.storage {
+            Some(url) => {
+                let objects = connect_objects(&config, &layout, url.clone()).await?;
+                let work = MediaLayout::new(objects.cache().dir().join(WORK_DIR));
+                work.remove_partials(Duration::ZERO).context("cleaning the work directory")?;
+                Media::Object { objects, work }
+            }
             None if config.media_redirect => {
                 anyhow::bail!("--media-redirect needs object storage (--storage s3://bucket/prefix): the data dir has no URL to redirect to")
             }
-            None => None,
-        };
-        // With object storage, mixes are written in this node's own work directory, then stored.
-        let work_layout = match &objects {
-            Some(objects) => {
-                let work = MediaLayout::new(objects.cache().dir().join(WORK_DIR));
-                work.remove_partials(Duration::ZERO).context("cleaning the work directory")?;
-                work
-            }
-            None => layout.clone(),
+            None => Media::Local(layout.clone()),
         };
         let store = Store::open(&location).await.context("opening the job database")?;
         let shutdown = CancellationToken::new();
         let jobs = Jobs::open(
-            JobsConfig {
-                mix_slots: config.mix_slots(),
-                job_ttl: config.job_ttl,
-                layout: work_layout,
-                objects: objects.clone(),
-                event_buffer: EVENT_BUFFER,
-                lease: config.lease,
-            },
+            JobsConfig { mix_slots: config.mix_slots(), job_ttl: config.job_ttl, media: media.clone(), event_buffer: EVENT_BUFFER, lease: config.lease },
             store,
             shutdown.clone(),
         )
@@ -128,18 +119,8 @@ impl Application {
         tokio::spawn(dispatcher.run(shutdown.clone()));
         // A job never points at a deleted file: outputs are kept at least as long as jobs.
         let retention = config.output_retention.max(config.job_ttl);
-        tokio::spawn(media::remove_old_outputs(layout.clone(), objects.clone(), retention, shutdown.clone()));
-        let state = AppState::new(App {
-            jobs,
-            stems: StemStore::new(layout.clone(), objects.clone()),
-            layout,
-            objects,
-            outbox,
-            keys,
-            webhook_secret,
-            config: Arc::new(config),
-            shutdown,
-        });
+        tokio::spawn(remove_old_outputs(media.clone(), retention, shutdown.clone()));
+        let state = AppState::new(App { jobs, stems: StemStore::new(media.clone()), media, outbox, keys, webhook_secret, config: Arc::new(config), shutdown });
         Ok(Self { listener, state })
     }
 

@@ -47,6 +47,14 @@ pub fn respond<T: Serialize>(status: StatusCode, data: T, message: impl Into<Str
     (status, Json(Envelope { ok: true, data, error: None, message: message.into() })).into_response()
 }
 
+/// The same envelope around `data` already serialised (a status as it was published, sent to
+/// every poll without cloning or serialising it again): the bytes [`respond`] would write.
+pub fn respond_serialised(status: StatusCode, data: &str, message: &'static str) -> Response {
+    let message = serde_json::to_string(message).expect("a string serialises");
+    let body = format!(r#"{{"ok":true,"data":{data},"error":null,"message":{message}}}"#);
+    (status, [(axum::http::header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error("Invalid project id: use 1-64 letters, digits, '_' or '-', starting with a letter or digit")]
@@ -270,5 +278,21 @@ pub fn multipart_error(err: MultipartError, limit_mb: u64) -> ApiError {
         ApiError::PayloadTooLarge(limit_mb)
     } else {
         ApiError::BadRequest(format!("the upload was interrupted or malformed: {}", err.body_text()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_serialised_status_wears_exactly_the_envelope_respond_writes() {
+        let data = serde_json::json!({"job_id": "j1", "message": "quote \" and \\ inside", "report": null});
+        let message = "Job status retrieved successfully";
+        let typed = respond(StatusCode::OK, &data, message);
+        let serialised = respond_serialised(StatusCode::OK, &serde_json::to_string(&data).unwrap(), message);
+        assert_eq!(typed.headers().get("content-type"), serialised.headers().get("content-type"));
+        let body = |response: Response| async { axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap() };
+        assert_eq!(body(typed).await, body(serialised).await);
     }
 }

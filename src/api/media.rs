@@ -4,21 +4,18 @@
 //! prefix, and nothing outside it, is reachable, and directories are never listed. Multi-range requests get the whole file: answering them costs quadratic time in
 //! tower-http's implementation (tower-http#660) and players never send them.
 
-use std::io::SeekFrom;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
-use tokio_util::io::ReaderStream;
 
 use super::error::{ApiError, ErrorEnvelope};
 use super::state::AppState;
 use crate::jobs::JobState;
-use crate::media::{keys, MediaLayout, MediaName, ObjectInfo, ObjectKey, ObjectMedia};
+use crate::media::{MediaFile, MediaLayout, MediaName, ObjectInfo};
 
 /// A mixed WAV, its analysis, a stem, or the legacy newest mix.
 #[utoipa::path(get, path = "/media/{path}", tag = "media",
@@ -50,28 +47,15 @@ pub async fn serve(State(app): State<AppState>, path: Result<Path<String>, PathR
     let Ok(Path(path)) = path else { return Err(ApiError::MediaNotFound) };
     let name = MediaLayout::media_name(&path).ok_or(ApiError::MediaNotFound)?;
     let immutable = name.is_immutable();
-    let source = match &app.objects {
-        Some(objects) => {
-            let key = object_key(&app, objects, name).await?;
-            let info = objects.info(&key).await.map_err(ApiError::media)?;
-            if app.config.media_redirect {
-                let url = objects.presigned_url(&key, REDIRECT_VALIDITY).await.map_err(ApiError::media)?;
-                let location = HeaderValue::from_str(url.as_str()).map_err(|err| ApiError::Internal(err.to_string()))?;
-                return Ok((StatusCode::FOUND, [(header::LOCATION, location), (header::CACHE_CONTROL, HeaderValue::from_static("no-store"))]).into_response());
-            }
-            Source::Object { objects: objects.clone(), key, info }
+    let source = app.media.open(&media_file(&app, name).await?).await.map_err(ApiError::media)?;
+    if app.config.media_redirect {
+        if let Some(url) = source.presigned_url(REDIRECT_VALIDITY).await {
+            let url = url.map_err(ApiError::media)?;
+            let location = HeaderValue::from_str(url.as_str()).map_err(|err| ApiError::Internal(err.to_string()))?;
+            return Ok((StatusCode::FOUND, [(header::LOCATION, location), (header::CACHE_CONTROL, HeaderValue::from_static("no-store"))]).into_response());
         }
-        None => {
-            let file = tokio::fs::File::open(app.layout.media_file(&name)).await.map_err(|_| ApiError::MediaNotFound)?;
-            let metadata = file.metadata().await.map_err(|_| ApiError::MediaNotFound)?;
-            if !metadata.is_file() {
-                return Err(ApiError::MediaNotFound);
-            }
-            let modified_nanos = metadata.modified().ok().and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map_or(0, |d| d.as_nanos());
-            Source::File { file, info: ObjectInfo { bytes: metadata.len(), modified_nanos } }
-        }
-    };
-    let ObjectInfo { bytes: length, modified_nanos } = *source.info();
+    }
+    let ObjectInfo { bytes: length, modified_nanos } = source.info();
     let etag = format!("\"{length:x}-{modified_nanos:x}\"");
 
     let mut response_headers = HeaderMap::new();
@@ -100,15 +84,7 @@ pub async fn serve(State(app): State<AppState>, path: Result<Path<String>, PathR
         }
     };
     response_headers.insert(header::CONTENT_LENGTH, HeaderValue::from(count));
-    let body = match source {
-        Source::File { mut file, .. } => {
-            file.seek(SeekFrom::Start(start)).await.map_err(ApiError::storage)?;
-            Body::from_stream(ReaderStream::with_capacity(file.take(count), 64 * 1024))
-        }
-        // An empty object has no range to ask for.
-        Source::Object { .. } if count == 0 => Body::empty(),
-        Source::Object { objects, key, .. } => Body::from_stream(objects.read(&key, start..start + count).await.map_err(ApiError::media)?),
-    };
+    let body = Body::from_stream(source.read(start..start + count).await.map_err(ApiError::media)?);
     Ok((status, response_headers, body).into_response())
 }
 
@@ -116,41 +92,23 @@ pub async fn serve(State(app): State<AppState>, path: Result<Path<String>, PathR
 /// that a leaked URL soon stops working.
 const REDIRECT_VALIDITY: Duration = Duration::from_secs(300);
 
-enum Source {
-    File { file: tokio::fs::File, info: ObjectInfo },
-    Object { objects: ObjectMedia, key: ObjectKey, info: ObjectInfo },
-}
-
-impl Source {
-    fn info(&self) -> &ObjectInfo {
-        match self {
-            Source::File { info, .. } | Source::Object { info, .. } => info,
-        }
-    }
-}
-
-/// The object behind a `/media` name. A job's outputs are served only once the job is complete,
-/// and then from the run that completed it (the highest attempt with a result,
-/// [`crate::jobs::ObjectMedia::published_attempt`]). A job forgotten after its TTL is complete or
-/// gone: its outputs, while kept, are found the same way. The legacy newest-mix path is the
-/// newest complete job's result, as `/mix/{p}/mix/preview` names it.
-async fn object_key(app: &AppState, objects: &ObjectMedia, name: MediaName) -> Result<ObjectKey, ApiError> {
-    let (project, job_id, analysis) = match name {
-        MediaName::Stem { project, stem_id, format } => return Ok(objects.key(&keys::stem_audio(&project, stem_id, &format))),
+/// The file behind a `/media` name, by one rule on every storage and node. A job's outputs are
+/// served only once the job is complete (and then, on object storage, from the run that completed
+/// it); a job forgotten after its TTL is complete or gone, so its outputs, while kept, are served.
+/// The legacy newest-mix path is the newest complete job's result, as `/mix/{p}/mix/preview`
+/// names it ([`crate::jobs::Jobs::newest_complete`]).
+async fn media_file(app: &AppState, name: MediaName) -> Result<MediaFile, ApiError> {
+    match name {
+        MediaName::Stem { project, stem_id, format } => Ok(MediaFile::Stem { project, stem_id, format }),
         MediaName::Newest { project } => {
-            let newest = app.jobs.for_project(&project).into_iter().find(|status| status.state() == JobState::Complete).ok_or(ApiError::MediaNotFound)?;
-            (project, newest.job_id(), false)
+            let newest = app.jobs.newest_complete(&project).ok_or(ApiError::MediaNotFound)?;
+            Ok(MediaFile::Result { project, job_id: newest.status.job_id(), analysis: false })
         }
-        MediaName::Result { project, job_id, analysis } => {
-            match app.jobs.find(job_id).await? {
-                Some(event) if event.status.project_id() != &project || event.status.state() != JobState::Complete => return Err(ApiError::MediaNotFound),
-                _ => {}
-            }
-            (project, job_id, analysis)
-        }
-    };
-    let attempt = objects.published_attempt(&project, job_id).await.map_err(ApiError::media)?.ok_or(ApiError::MediaNotFound)?;
-    Ok(objects.key(&keys::result(&project, job_id, attempt, analysis)))
+        MediaName::Result { project, job_id, analysis } => match app.jobs.find(job_id).await? {
+            Some(event) if event.status.project_id() != &project || event.status.state() != JobState::Complete => Err(ApiError::MediaNotFound),
+            _ => Ok(MediaFile::Result { project, job_id, analysis }),
+        },
+    }
 }
 
 fn content_type(path: &str) -> &'static str {

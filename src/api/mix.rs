@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use super::error::{body_error, respond, ApiError, Envelope, ErrorEnvelope};
+use super::error::{body_error, respond, respond_serialised, ApiError, Envelope, ErrorEnvelope};
 use super::extract::{ApiQuery, JobPath, ProjectPath};
 use super::state::AppState;
 use crate::audio::{MixReport, MixSettings};
@@ -214,12 +214,10 @@ pub async fn cancel(State(app): State<AppState>, JobPath { project_id, job_id }:
         (status = 400, body = ErrorEnvelope, description = "INVALID_PROJECT_ID"),
         (status = 404, body = ErrorEnvelope, description = "NO_MIX_AVAILABLE")))]
 pub async fn preview(State(app): State<AppState>, ProjectPath { project_id }: ProjectPath) -> Result<Response, ApiError> {
-    let newest = app
-        .jobs
-        .for_project(&project_id)
-        .into_iter()
-        .find_map(|status| Some(Preview { job_id: status.job_id(), result_url: status.result_url()?.to_string(), report: status.report().cloned() }))
-        .ok_or(ApiError::NoMixAvailable)?;
+    let newest = app.jobs.newest_complete(&project_id).ok_or(ApiError::NoMixAvailable)?;
+    let status = &newest.status;
+    let result_url = status.result_url().expect("a complete job has a result").to_string();
+    let newest = Preview { job_id: status.job_id(), result_url, report: status.report().cloned() };
     Ok(respond(StatusCode::OK, newest, "Mix preview retrieved successfully"))
 }
 
@@ -232,11 +230,9 @@ fn newest_job(app: &AppState, project: &ProjectId) -> Result<Arc<JobEvent>, ApiE
     app.jobs.newest_published(project).ok_or(ApiError::NoMixJobs)
 }
 
-/// The envelope around the status's published JSON: the same bytes `respond` would write, without
-/// cloning or serialising the status again for every poll.
+/// The envelope around the status's published JSON.
 fn status_response(event: Arc<JobEvent>) -> Response {
-    let body = format!(r#"{{"ok":true,"data":{},"error":null,"message":"{STATUS_MESSAGE}"}}"#, event.json);
-    let response = ([(header::CONTENT_TYPE, "application/json")], body).into_response();
+    let response = respond_serialised(StatusCode::OK, &event.json, STATUS_MESSAGE);
     if event.status.state().is_terminal() {
         response
     } else {

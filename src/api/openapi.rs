@@ -19,14 +19,17 @@ Every route is also served under the /api prefix. Differences from shared/CONTRA
 `report.stems` lists each stem's applied offset; report loudness fields are null for a silent mix; \
 extra codes TOO_MANY_FILES, BAD_REQUEST, MEDIA_NOT_FOUND, NOT_FOUND and job error codes \
 OUTPUT_TOO_LONG, INSUFFICIENT_STORAGE, EXPORT_FAILED and INVALID_SETTINGS (the start route refuses such settings with 422 first); \
-progress within a stage is published at most every 100 ms per job (a new stage at once). \
+progress within a stage is published at most every 100 ms per job (a new stage at once); \
+queue_position is exact for the first 10 places, and further back is published again when the place has halved since last shown \
+or moved back (never below the real place); the legacy /media/{p}/mix_outputs/final_mix.wav is the newest-created complete job's result, \
+as the preview names it, on every storage. \
 Access (see the security schemes): GET /session says who a credential is; POST /tokens takes an optional `subject` and answers \
 INVALID_REQUEST (422) for an out-of-range ttl_s and NO_TOKEN_KEY (409) without a token key; a token without `kid` is accepted \
 only when exactly one token key is configured; /openapi.json and GET /session need any valid credential; /media serves job \
 results, their analysis (schema Analysis), the newest mix and stem audio only. Without keys every route answers 403 to a non-loopback Host, and state changes \
 and WebSocket upgrades to a foreign Origin. Webhooks: `webhook` in the start body; GET .../webhooks lists the attempts. \
 Cluster mode: 503 STORE_UNAVAILABLE while the job database cannot be reached (and 503 MEDIA_UNAVAILABLE from /healthz); \
-the start route's 202 carries the job as stored (queued, with its position); project and global streams' ids are decimal cursors, \
+the start route's 202 carries the job as stored (queued, with its position); project and global streams' ids are cursors `{epoch}:{position}` (a cursor of another epoch, from beyond the log, or malformed gets the full snapshot of the scope), \
 also sent as `cursor` in their WebSocket frames; /metrics adds mixd_leases_total by event."
     ),
     paths(

@@ -38,13 +38,7 @@ pub struct ProjectList {
     responses((status = 200, body = Envelope<ProjectList>), (status = 500, body = ErrorEnvelope, description = "INTERNAL"),
         (status = 503, body = ErrorEnvelope, description = "MEDIA_UNAVAILABLE: the object storage did not answer", headers(("Retry-After" = u32)))))]
 pub async fn list(State(app): State<AppState>, Extension(caller): Extension<Caller>) -> Result<Response, ApiError> {
-    let stored = match &app.objects {
-        Some(objects) => objects.projects().await.map_err(ApiError::media)?,
-        None => {
-            let layout = app.layout.clone();
-            tokio::task::spawn_blocking(move || layout.projects()).await.map_err(|err| ApiError::Internal(err.to_string()))?.map_err(ApiError::storage)?
-        }
-    };
+    let stored = app.media.projects().await.map_err(ApiError::media)?;
     let mut newest = app.jobs.newest_by_project();
     let mut ids: HashSet<ProjectId> = stored.into_iter().chain(newest.keys().cloned()).collect();
     if let Some(only) = caller.only_project() {

@@ -33,14 +33,7 @@ pub async fn healthz(State(app): State<AppState>) -> Result<Response, ApiError> 
         Ok(Err(err)) => return Err(ApiError::StoreUnavailable(err.to_string())),
         Err(_) => return Err(ApiError::StoreUnavailable("no answer within the health check's timeout".into())),
     }
-    let reachable = match &app.objects {
-        Some(objects) => matches!(tokio::time::timeout(HEALTH_TIMEOUT, objects.ping()).await, Ok(Ok(()))),
-        None => {
-            let root = app.layout.root().to_path_buf();
-            let media = tokio::time::timeout(HEALTH_TIMEOUT, tokio::task::spawn_blocking(move || std::fs::metadata(root).map(|meta| meta.is_dir()))).await;
-            matches!(media, Ok(Ok(Ok(true))))
-        }
-    };
+    let reachable = matches!(tokio::time::timeout(HEALTH_TIMEOUT, app.media.ping()).await, Ok(Ok(())));
     if reachable {
         Ok(respond(StatusCode::OK, Health { status: "ok", version: env!("CARGO_PKG_VERSION") }, "OK"))
     } else {

@@ -7,7 +7,7 @@ use tokio_util::sync::CancellationToken;
 use crate::access::Keys;
 use crate::config::Config;
 use crate::jobs::Jobs;
-use crate::media::{MediaLayout, ObjectMedia, StemStore};
+use crate::media::{Media, StemStore};
 use crate::webhooks::{Outbox, WebhookSecret};
 
 /// What every handler shares. Each extractor of a request takes its own handle, so a handle is
@@ -19,10 +19,8 @@ pub struct AppState(Arc<App>);
 pub struct App {
     pub jobs: Jobs,
     pub stems: StemStore,
-    /// The local data root (with object storage: only the job database and the stem cache).
-    pub layout: MediaLayout,
-    /// Where stems and mixes are kept, when that is object storage.
-    pub objects: Option<ObjectMedia>,
+    /// Where stems and mixes are kept: the data root or object storage.
+    pub media: Media,
     /// The webhook outbox, for the attempts route and `/metrics`.
     pub outbox: Arc<Outbox>,
     pub keys: Keys,

@@ -23,7 +23,7 @@ use std::sync::Arc;
 
 use crate::access::Caller;
 use crate::ids::ProjectId;
-use crate::jobs::{feed, JobEvent, Resume, Scope, Transport, FRAMINGS};
+use crate::jobs::{feed, JobEvent, Jobs, Resume, Scope, Transport, FRAMINGS};
 
 /// Tells EventSource to reconnect after 2 s; the first bytes of every SSE stream.
 const SSE_RETRY: &[u8] = b"retry: 2000\n\n";
@@ -65,11 +65,10 @@ pub struct CursorQuery {
 }
 
 /// Where a project or global stream picks up: `Last-Event-ID`, else `?last_event_id=`, else now.
-/// A cursor this server never handed out resumes from the start of what it holds.
-fn cursor_resume(headers: &HeaderMap, query: CursorQuery) -> Resume {
+fn cursor_resume(jobs: &Jobs, headers: &HeaderMap, query: CursorQuery) -> Resume {
     let given = headers.get("last-event-id").and_then(|value| value.to_str().ok()).map(str::to_string).or(query.last_event_id);
     match given {
-        Some(cursor) => Resume::AfterCursor(cursor.trim().parse().unwrap_or(0)),
+        Some(cursor) => jobs.resume_from(&cursor),
         None => Resume::Now,
     }
 }
@@ -137,7 +136,7 @@ pub async fn project_sse(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     ensure_project(&app, &project_id).await?;
-    sse(&app, &caller, Scope::Project(project_id), cursor_resume(&headers, query)).await
+    sse(&app, &caller, Scope::Project(project_id), cursor_resume(&app.jobs, &headers, query)).await
 }
 
 /// SSE for every job of every project. Stays open.
@@ -151,7 +150,7 @@ pub async fn global_sse(
     ApiQuery(query): ApiQuery<CursorQuery>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    sse(&app, &caller, Scope::All, cursor_resume(&headers, query)).await
+    sse(&app, &caller, Scope::All, cursor_resume(&app.jobs, &headers, query)).await
 }
 
 /// WebSocket for one job: `{"type": "status", "data": JobStatus}` text frames; closes with 1000
@@ -193,7 +192,7 @@ pub async fn project_ws(
 ) -> Result<Response, ApiError> {
     ensure_project(&app, &project_id).await?;
     let upgrade = accept(upgrade, &headers)?;
-    ws(&app, &caller, Scope::Project(project_id), cursor_resume(&HeaderMap::new(), query), upgrade).await
+    ws(&app, &caller, Scope::Project(project_id), cursor_resume(&app.jobs, &HeaderMap::new(), query), upgrade).await
 }
 
 /// WebSocket for every job of every project. Stays open.
@@ -210,7 +209,7 @@ pub async fn global_ws(
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     let upgrade = accept(upgrade, &headers)?;
-    ws(&app, &caller, Scope::All, cursor_resume(&HeaderMap::new(), query), upgrade).await
+    ws(&app, &caller, Scope::All, cursor_resume(&app.jobs, &HeaderMap::new(), query), upgrade).await
 }
 
 /// A handshake checked in full. axum checks the method, `Connection`, `Upgrade` and the version,
@@ -286,14 +285,17 @@ impl Framing {
 
     /// The event's bytes in this framing. The JSON is serde_json's compact form, which escapes
     /// every line break inside strings, so it is one SSE `data:` line.
-    fn frame(self, event: &JobEvent) -> Bytes {
+    ///
+    /// A cursor is the store's epoch and the event's log position (`{epoch}:{position}`): every
+    /// node of a store frames an event alike, so the bytes are built once.
+    fn frame(self, event: &JobEvent, jobs: &Jobs) -> Bytes {
         event.framed(self as usize, |event| {
             let json = &event.json;
             Bytes::from(match self {
                 Framing::SseBySeq => format!("id: {}\nevent: status\ndata: {json}\n\n", event.status.seq()),
-                Framing::SseByCursor => format!("id: {}\nevent: status\ndata: {json}\n\n", event.cursor),
+                Framing::SseByCursor => format!("id: {}\nevent: status\ndata: {json}\n\n", jobs.cursor(event.cursor)),
                 Framing::WsText => format!(r#"{{"type":"status","data":{json}}}"#),
-                Framing::WsTextWithCursor => format!(r#"{{"type":"status","cursor":"{}","data":{json}}}"#, event.cursor),
+                Framing::WsTextWithCursor => format!(r#"{{"type":"status","cursor":"{}","data":{json}}}"#, jobs.cursor(event.cursor)),
             })
         })
     }
@@ -303,9 +305,10 @@ async fn sse(app: &AppState, caller: &Caller, scope: Scope, resume: Resume) -> R
     let guard = app.jobs.metrics().subscriber(Transport::Sse);
     let framing = Framing::sse(&scope);
     let statuses = feed(&app.jobs, scope, resume, app.shutdown.clone()).await?.take_until(credential_expiry(caller));
+    let jobs = app.jobs.clone();
     let frames = statuses.map(move |event| {
         let _counted = &guard;
-        framing.frame(&event)
+        framing.frame(&event, &jobs)
     });
     let body = futures_util::stream::once(async { Bytes::from_static(SSE_RETRY) }).chain(with_keep_alive(frames)).map(Ok::<_, Infallible>);
     let headers = [(header::CONTENT_TYPE, "text/event-stream"), (header::CACHE_CONTROL, "no-cache"), (header::HeaderName::from_static("x-accel-buffering"), "no")];
@@ -332,7 +335,7 @@ async fn ws(app: &AppState, caller: &Caller, scope: Scope, resume: Resume, upgra
     let statuses = feed(&app.jobs, scope, resume, app.shutdown.clone()).await?;
     let expiry = credential_expiry(caller);
     let guard = app.jobs.metrics().subscriber(Transport::WebSocket);
-    let shutdown = app.shutdown.clone();
+    let (shutdown, jobs) = (app.shutdown.clone(), app.jobs.clone());
     Ok(upgrade
         .max_message_size(WS_MAX_MESSAGE)
         .max_frame_size(WS_MAX_MESSAGE)
@@ -341,7 +344,7 @@ async fn ws(app: &AppState, caller: &Caller, scope: Scope, resume: Resume, upgra
         .max_write_buffer_size(WS_MAX_WRITE_BUFFER)
         .on_upgrade(move |socket| async move {
             let _counted = guard;
-            pump(socket, statuses, framing, shutdown, expiry).await;
+            pump(socket, statuses, framing, &jobs, shutdown, expiry).await;
         }))
 }
 
@@ -351,6 +354,7 @@ async fn pump(
     mut socket: WebSocket,
     statuses: impl Stream<Item = Arc<JobEvent>>,
     framing: Framing,
+    jobs: &Jobs,
     shutdown: CancellationToken,
     expiry: impl std::future::Future<Output = ()>,
 ) {
@@ -365,7 +369,7 @@ async fn pump(
                 // subscribers fall behind together, each catches up in one system call.
                 let send = async {
                     for _ in 0..WS_BATCH {
-                        let text = Utf8Bytes::try_from(framing.frame(&event)).expect("a frame is JSON, so UTF-8");
+                        let text = Utf8Bytes::try_from(framing.frame(&event, jobs)).expect("a frame is JSON, so UTF-8");
                         socket.feed(Message::Text(text)).await?;
                         match statuses.next().now_or_never() {
                             Some(Some(waiting)) => event = waiting,

@@ -44,7 +44,10 @@ impl EnginePool {
 fn lower_priority() {
     // On Linux, PRIO_PROCESS with a thread id is that one thread's nice value. Relative to the
     // current one, so a server started under `nice` keeps its engine below its runtime too.
+    // SAFETY: gettid takes no arguments and cannot fail.
     let thread = unsafe { libc::gettid() } as libc::id_t;
+    // SAFETY: getpriority and setpriority take plain integers and touch no memory of ours; a
+    // failure is reported through the return value and errno, which is read below.
     let lowered = (unsafe { libc::getpriority(libc::PRIO_PROCESS, thread) } + ENGINE_NICE).min(19);
     if unsafe { libc::setpriority(libc::PRIO_PROCESS, thread, lowered) } != 0 {
         tracing::warn!(error = %std::io::Error::last_os_error(), "could not lower the engine threads' priority");
@@ -63,6 +66,7 @@ mod tests {
         let engine = EnginePool::new(1).unwrap();
         #[cfg(target_os = "linux")]
         {
+            // SAFETY: as in `lower_priority`, plain integers in and out.
             let niceness = || unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) };
             let runtime_nice = niceness();
             // The engine's threads, and the rayon work a mix spawns from them (as the track workers

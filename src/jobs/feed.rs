@@ -55,6 +55,26 @@ pub enum Resume {
     AfterCursor(u64),
 }
 
+/// Project and global streams' cursors: the store's epoch and a log position within it.
+impl Jobs {
+    /// A project or global stream's cursor for log position `position`: `{epoch}:{position}`.
+    pub fn cursor(&self, position: u64) -> String {
+        format!("{}:{position}", self.epoch())
+    }
+
+    /// Where a stream resumes from `cursor`. A cursor of another epoch (the store was replaced: a
+    /// new database, a reset file), from the future (beyond what this node has read of the log),
+    /// or that is not a cursor at all, gets the full snapshot of the scope: a client could only
+    /// miss jobs by being trusted.
+    pub fn resume_from(&self, cursor: &str) -> Resume {
+        let within_epoch = cursor.trim().split_once(':').filter(|(epoch, _)| *epoch == self.epoch());
+        match within_epoch.and_then(|(_, position)| position.parse::<u64>().ok()) {
+            Some(position) if position <= self.live().head() => Resume::AfterCursor(position),
+            _ => Resume::AfterCursor(0),
+        }
+    }
+}
+
 struct Feed {
     jobs: Jobs,
     scope: Scope,
@@ -157,7 +177,11 @@ impl Feed {
     fn queue_snapshots(&mut self, after: Option<u64>) {
         let scope = &self.scope;
         let live = |status: &JobStatus| matches!(scope, Scope::Job(..)) || !status.state().is_terminal();
-        let (snapshots, head) = self.jobs.live().snapshots(|status| scope.matches(status), after, live);
+        let project = match scope {
+            Scope::Job(project, _) | Scope::Project(project) => Some(project),
+            Scope::All => None,
+        };
+        let (snapshots, head) = self.jobs.live().snapshots(project, |status| scope.matches(status), after, live);
         self.position = self.position.max(head);
         self.pending.extend(snapshots);
     }

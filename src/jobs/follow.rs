@@ -89,12 +89,11 @@ impl Follower {
         loop {
             let entries = self.store.events_after(self.live.head(), BATCH).await?;
             let full = entries.len() == BATCH as usize;
-            if entries.is_empty() {
-                return Ok(());
-            }
+            let Some(last) = entries.last().map(|entry| entry.cursor) else { return Ok(()) };
             for event in self.live.take_in(entries) {
                 self.react(&event);
             }
+            self.live.reached(last);
             if !full {
                 return Ok(());
             }

@@ -4,7 +4,7 @@
 //! never a disk or network write, so readers never wait on one; and a panic under it (a bug)
 //! costs that one call: each change under the lock leaves the maps whole.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -13,7 +13,7 @@ use tokio::time::Instant;
 
 use super::model::{JobEvent, JobState, JobStatus};
 use super::store::LoggedEvent;
-use crate::ids::{JobId, ProjectId};
+use crate::ids::{JobId, ProjectId, Timestamp};
 
 /// A project's channel is made for each project with subscribers, and a slot of it is allocated
 /// whether used or not: it holds at most this many changes.
@@ -31,6 +31,9 @@ pub(super) struct LiveView {
 #[derive(Default)]
 struct Cache {
     jobs: HashMap<JobId, Cached>,
+    /// Each project's jobs, oldest first: a poll, a list or a subscribe costs what its project
+    /// holds, not what the server holds.
+    by_project: HashMap<ProjectId, BTreeSet<(Timestamp, JobId)>>,
     /// The log position memory reflects: every entry up to it, none after.
     head: u64,
     /// Each project's changes, on a channel of its own for the project's subscribers: on the one
@@ -40,6 +43,30 @@ struct Cache {
     projects: HashMap<ProjectId, broadcast::Sender<Arc<JobEvent>>>,
     /// How many project channels may exist before those without subscribers are dropped.
     projects_limit: usize,
+}
+
+impl Cache {
+    fn insert(&mut self, cached: Cached) {
+        let status = &cached.published.status;
+        self.by_project.entry(status.project_id().clone()).or_default().insert((status.created_at(), status.job_id()));
+        self.jobs.insert(status.job_id(), cached);
+    }
+
+    fn remove(&mut self, job_id: JobId) {
+        let Some(cached) = self.jobs.remove(&job_id) else { return };
+        let status = &cached.published.status;
+        if let Some(project) = self.by_project.get_mut(status.project_id()) {
+            project.remove(&(status.created_at(), job_id));
+            if project.is_empty() {
+                self.by_project.remove(status.project_id());
+            }
+        }
+    }
+
+    /// The project's jobs, newest first.
+    fn project(&self, project: &ProjectId) -> impl Iterator<Item = &Arc<JobEvent>> {
+        self.by_project.get(project).into_iter().flat_map(|ids| ids.iter().rev()).filter_map(|(_, id)| self.jobs.get(id)).map(|cached| &cached.published)
+    }
 }
 
 struct Cached {
@@ -69,9 +96,7 @@ impl LiveView {
         let mut cache = Cache { head, ..Cache::default() };
         for logged in jobs {
             match logged.parse() {
-                Ok(event) => {
-                    cache.jobs.insert(event.status.job_id(), Cached::new(event));
-                }
+                Ok(event) => cache.insert(Cached::new(event)),
                 Err(err) => tracing::error!(%err, "skipping a job record that cannot be read"),
             }
         }
@@ -95,9 +120,9 @@ impl LiveView {
 
     /// Takes a batch of log entries in at once and sends every one that is news to its
     /// subscribers; returns those. A write's changes (a cancel and the queue it moves) are in one
-    /// transaction, and whoever reads the view sees all of them or none.
+    /// transaction, and whoever reads the view sees all of them or none. Writers waiting to see
+    /// their change learn of it from [`Self::reached`], once what it sets going is under way.
     pub fn take_in(&self, entries: Vec<LoggedEvent>) -> Vec<Arc<JobEvent>> {
-        let Some(last) = entries.last().map(|entry| entry.cursor) else { return Vec::new() };
         let mut published = Vec::with_capacity(entries.len());
         {
             let mut cache = self.cache();
@@ -112,8 +137,12 @@ impl LiveView {
                 }
             }
         }
-        self.head.send_replace(last);
         published
+    }
+
+    /// Tells writers waiting on [`Self::watch_head`] that the view has reached log position `last`.
+    pub fn reached(&self, last: u64) {
+        self.head.send_replace(last);
     }
 
     /// Takes one logged change in and sends it to every subscriber, unless the view already holds
@@ -124,7 +153,7 @@ impl LiveView {
         if cache.jobs.get(&status.job_id()).is_some_and(|cached| cached.published.status.seq() >= status.seq()) {
             return None;
         }
-        cache.jobs.insert(status.job_id(), Cached::new(event.clone()));
+        cache.insert(Cached::new(event.clone()));
         // Sent under the lock: a subscriber reading the view under it sees each change either in
         // its snapshot or on its channel, never both nor neither.
         let _ = self.events.send(event.clone());
@@ -156,14 +185,22 @@ impl LiveView {
         receiver
     }
 
-    /// The jobs `matches` picks, oldest change first, with the log position the view had reached:
-    /// with `after`, every one that changed after that cursor; without, those `live` picks.
-    pub fn snapshots(&self, matches: impl Fn(&JobStatus) -> bool, after: Option<u64>, live: impl Fn(&JobStatus) -> bool) -> (Vec<Arc<JobEvent>>, u64) {
+    /// The jobs `matches` picks (of `project` only, when given), oldest change first, with the log
+    /// position the view had reached: with `after`, every one that changed after that cursor;
+    /// without, those `live` picks.
+    pub fn snapshots(
+        &self,
+        project: Option<&ProjectId>,
+        matches: impl Fn(&JobStatus) -> bool,
+        after: Option<u64>,
+        live: impl Fn(&JobStatus) -> bool,
+    ) -> (Vec<Arc<JobEvent>>, u64) {
         let cache = self.cache();
-        let mut snapshots: Vec<Arc<JobEvent>> = cache
-            .jobs
-            .values()
-            .map(|cached| &cached.published)
+        let candidates: Box<dyn Iterator<Item = &Arc<JobEvent>>> = match project {
+            Some(project) => Box::new(cache.project(project)),
+            None => Box::new(cache.jobs.values().map(|cached| &cached.published)),
+        };
+        let mut snapshots: Vec<Arc<JobEvent>> = candidates
             .filter(|event| {
                 matches(&event.status)
                     && match after {
@@ -191,38 +228,28 @@ impl LiveView {
 
     /// The project's newest job.
     pub fn newest(&self, project: &ProjectId) -> Option<Arc<JobEvent>> {
-        self.cache()
-            .jobs
-            .values()
-            .map(|cached| &cached.published)
-            .filter(|event| event.status.project_id() == project)
-            .max_by_key(|event| event.status.created_at())
-            .cloned()
+        self.cache().project(project).next().cloned()
+    }
+
+    /// The project's newest complete job: the one "the newest mix" names, on every path that
+    /// does (the preview, the legacy `mix_outputs/final_mix.wav`), on every node and storage.
+    pub fn newest_complete(&self, project: &ProjectId) -> Option<Arc<JobEvent>> {
+        self.cache().project(project).find(|event| event.status.state() == JobState::Complete).cloned()
     }
 
     /// The project's jobs, newest first.
     pub fn for_project(&self, project: &ProjectId) -> Vec<JobStatus> {
-        let mut jobs: Vec<JobStatus> =
-            self.cache().jobs.values().map(|cached| &cached.published.status).filter(|status| status.project_id() == project).cloned().collect();
-        jobs.sort_by_key(|status| std::cmp::Reverse(status.created_at()));
-        jobs
+        self.cache().project(project).map(|event| event.status.clone()).collect()
     }
 
     /// Every project that has jobs, with its newest job.
     pub fn newest_by_project(&self) -> HashMap<ProjectId, Arc<JobEvent>> {
-        let mut newest: HashMap<ProjectId, Arc<JobEvent>> = HashMap::new();
-        for cached in self.cache().jobs.values() {
-            let event = &cached.published;
-            let slot = newest.entry(event.status.project_id().clone()).or_insert_with(|| event.clone());
-            if event.status.created_at() > slot.status.created_at() {
-                *slot = event.clone();
-            }
-        }
-        newest
+        let cache = self.cache();
+        cache.by_project.keys().filter_map(|project| Some((project.clone(), cache.project(project).next()?.clone()))).collect()
     }
 
     pub fn has_project(&self, project: &ProjectId) -> bool {
-        self.cache().jobs.values().any(|cached| cached.published.status.project_id() == project)
+        self.cache().by_project.contains_key(project)
     }
 
     /// How many jobs are in each state.
@@ -248,7 +275,7 @@ impl LiveView {
     pub fn forget(&self, job_ids: &[JobId]) {
         let mut cache = self.cache();
         for job_id in job_ids {
-            cache.jobs.remove(job_id);
+            cache.remove(*job_id);
             tracing::debug!(%job_id, "job expired");
         }
     }
@@ -263,5 +290,26 @@ impl LiveView {
     #[cfg(test)]
     pub fn finished_at(&self, job_id: JobId) -> Option<Instant> {
         self.cache().jobs.get(&job_id).and_then(|cached| cached.finished_at)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::jobs::model::JobChange;
+
+    /// A job's TTL runs from the moment its end was stamped, however late a node reads it (at
+    /// start, or behind another node's write): every node then expires it at the same time.
+    #[test]
+    fn a_finished_job_s_ttl_runs_from_its_stamp_not_from_when_it_was_read() {
+        let ended = JobStatus::queued(JobId::new(), "p1".parse().unwrap(), 1).apply(JobChange::canceled()).unwrap();
+        let mut json = serde_json::to_value(&ended).unwrap();
+        let ten_minutes_ago = chrono::Utc::now() - chrono::Duration::minutes(10);
+        json["updated_at"] = ten_minutes_ago.to_rfc3339_opts(chrono::SecondsFormat::Micros, true).into();
+        let read_late: JobStatus = serde_json::from_value(json).unwrap();
+        let started = finished_at(&read_late).expect("a finished job has an end");
+        let behind = Instant::now().duration_since(started);
+        assert!(behind >= Duration::from_secs(599) && behind < Duration::from_secs(602), "{behind:?}");
+        assert_eq!(finished_at(&JobStatus::queued(JobId::new(), "p1".parse().unwrap(), 1)), None, "an unfinished job has no end");
     }
 }

@@ -28,7 +28,7 @@ use super::store::{NewJob, Store, StoreError, Submitted};
 use super::webhook::WebhookSpec;
 use crate::audio::{StemSource, ValidSettings};
 use crate::ids::{JobId, ProjectId};
-use crate::media::{MediaLayout, ObjectMedia};
+use crate::media::Media;
 
 /// Room for bursts of changes; a subscriber that falls further behind is resynchronised.
 pub const EVENT_BUFFER: usize = 4096;
@@ -45,10 +45,8 @@ pub struct JobsConfig {
     /// Changes the channel of every change holds for a subscriber that falls behind
     /// ([`EVENT_BUFFER`]); a project's channel holds fewer.
     pub event_buffer: usize,
-    /// Where results go: the local data root, or with object storage this node's work directory.
-    pub layout: MediaLayout,
-    /// The object storage, when media are kept there.
-    pub objects: Option<ObjectMedia>,
+    /// Where stems are read and results kept.
+    pub media: Media,
     /// How long a node holds a job without renewing it.
     pub lease: Duration,
 }
@@ -120,8 +118,7 @@ impl Jobs {
             owner: Uuid::new_v4(),
             slots: config.mix_slots,
             lease: config.lease,
-            layout: config.layout,
-            objects: config.objects,
+            media: config.media,
             wake: wake_runner,
             faults,
         };
@@ -180,6 +177,11 @@ impl Jobs {
     /// Answers when the store can be reached.
     pub async fn ping_store(&self) -> Result<(), StoreError> {
         self.inner.store.ping().await
+    }
+
+    /// The store's epoch: log positions mean something only within it.
+    pub(super) fn epoch(&self) -> &str {
+        self.inner.store.epoch()
     }
 
     /// This node's view of every job, for the subscription core.
@@ -254,6 +256,11 @@ impl Jobs {
         self.inner.live.newest(project)
     }
 
+    /// The project's newest complete job: "the newest mix", wherever it is named.
+    pub fn newest_complete(&self, project: &ProjectId) -> Option<Arc<JobEvent>> {
+        self.inner.live.newest_complete(project)
+    }
+
     /// The project's jobs, newest first.
     pub fn for_project(&self, project: &ProjectId) -> Vec<JobStatus> {
         self.inner.live.for_project(project)
@@ -298,9 +305,9 @@ pub(super) mod tests {
     }
 
     async fn open_jobs_with(dir: &Path, mix_slots: usize, event_buffer: usize, faults: FaultHook) -> Jobs {
-        let layout = MediaLayout::new(dir);
+        let layout = crate::media::MediaLayout::new(dir);
         let store = Store::open(&StoreLocation::Sqlite(layout.database_dir())).await.unwrap();
-        let config = JobsConfig { mix_slots, job_ttl: Duration::from_secs(3600), event_buffer, layout, objects: None, lease: Duration::from_secs(15) };
+        let config = JobsConfig { mix_slots, job_ttl: Duration::from_secs(3600), event_buffer, media: Media::Local(layout), lease: Duration::from_secs(15) };
         Jobs::open_with(config, store, CancellationToken::new(), faults).await.unwrap()
     }
 
@@ -331,7 +338,7 @@ pub(super) mod tests {
     #[tokio::test]
     async fn a_first_release_database_is_migrated_its_finished_jobs_kept_and_crash_loops_given_up() {
         let dir = tempfile::tempdir().unwrap();
-        let database_dir = MediaLayout::new(dir.path()).database_dir();
+        let database_dir = crate::media::MediaLayout::new(dir.path()).database_dir();
         std::fs::create_dir_all(&database_dir).unwrap();
         let queued = JobStatus::queued(JobId::new(), "p1".parse().unwrap(), 1);
         let failed = queued.apply(JobChange::Failed { code: ErrorCode::DecodeFailed, message: "broken".into() }).unwrap();
@@ -473,5 +480,25 @@ pub(super) mod tests {
             let next = submit_stem(&jobs, &stem).await;
             assert_eq!(ended(&jobs, next).await.state(), JobState::Complete, "{point}: the slot took the next job");
         }
+    }
+
+    /// Draining a queue writes a status per move that is news, not one per move: 40 jobs queued
+    /// and canceled from the front leave 40 submits, 40 ends and 364 positions in the event log
+    /// (`store::rules`), where rewriting every waiting job on each change left 40 + 40 + 780.
+    #[tokio::test]
+    async fn draining_a_queue_logs_the_moves_that_are_news() {
+        let dir = tempfile::tempdir().unwrap();
+        let jobs = open_jobs(dir.path(), 0, EVENT_BUFFER).await;
+        let mut queued = Vec::new();
+        for _ in 0..40 {
+            queued.push(submit(&jobs, None).await);
+        }
+        let project: ProjectId = "p1".parse().unwrap();
+        for job in &queued {
+            jobs.cancel(&project, *job).await.unwrap();
+        }
+        assert_eq!(jobs.inner.store.events_after(0, 100_000).await.unwrap().len(), 444);
+        let last = status_of(&jobs, *queued.last().unwrap()).unwrap();
+        assert_eq!((last.state(), last.seq()), (JobState::Error, 1 + 10 + 1 + 1), "the last job: queued at 40, shown at 20 and each of 10..1, then canceled");
     }
 }

@@ -30,11 +30,11 @@ use super::live::LiveView;
 use super::metrics::{LeaseEvent, Metrics};
 use super::model::{ErrorCode, JobChange, JobState, JobStatus, Progress};
 use super::runs::{lose_lease, LocalRuns, RunGuard};
-use super::store::{Change, Claim, Lease, Store, StoreError};
+use super::store::{Change, Claim, Lease, Store, StoreError, StoredSettings};
 use super::webhook::WebhookSpec;
 use crate::audio::{self, AudioError, MixObserver, MixReport, Stage, StemSource};
 use crate::ids::JobId;
-use crate::media::{keys, CachedFile, MediaError, MediaLayout, ObjectMedia};
+use crate::media::{CachedFile, Media, MediaError, MediaLayout};
 
 /// How often the queue is checked without a wake-up (a notification may be lost).
 const CLAIM_POLL: Duration = Duration::from_secs(1);
@@ -53,10 +53,8 @@ pub(super) struct Runner {
     pub slots: usize,
     /// How long a node holds a job without renewing it.
     pub lease: Duration,
-    /// Where results are written: the local data root, or with object storage this node's work
-    /// directory.
-    pub layout: MediaLayout,
-    pub objects: Option<ObjectMedia>,
+    /// Where stems are read and results kept.
+    pub media: Media,
     /// A job was queued, or a slot may be free.
     pub wake: Arc<Notify>,
     pub faults: FaultHook,
@@ -214,7 +212,7 @@ impl JobRun {
     }
 
     fn staged(&self) -> Staged {
-        let (layout, project, job_id, attempt) = (&self.runner.layout, self.project(), self.job_id(), self.claim.lease.attempt);
+        let (layout, project, job_id, attempt) = (self.runner.media.work(), self.project(), self.job_id(), self.claim.lease.attempt);
         Staged {
             result: layout.result_staged(project, job_id, attempt),
             analysis: layout.analysis_staged(project, job_id, attempt),
@@ -227,7 +225,7 @@ impl JobRun {
         let started = Instant::now();
         let (changes, pending) = mpsc::unbounded_channel();
         let writing = AbortOnDropHandle::new(tokio::spawn(self.writer().write_all(pending).in_current_span()));
-        let _keeper = AbortOnDropHandle::new(tokio::spawn(keep_lease(self.runner.clone(), self.job_id(), self.claim.lease, self.guard.stop.clone()).in_current_span()));
+        let keeper = AbortOnDropHandle::new(tokio::spawn(keep_lease(self.runner.clone(), self.job_id(), self.claim.lease, self.guard.stop.clone()).in_current_span()));
         self.clear_earlier_attempts().await;
         let staged = self.staged();
         let ending = self.mix(&staged, changes).await;
@@ -241,8 +239,12 @@ impl JobRun {
             Some(ending) if !self.stopped() => self.end(&mut writer, &staged, ending).await,
             _ => false,
         };
+        // The job is no longer this run's: nothing renews its lease, nor takes its last change
+        // through the log for another node's.
+        drop(keeper);
+        self.guard.release();
         let completed = finished && writer.status.state() == JobState::Complete;
-        self.clean_up(&staged, completed).await;
+        self.clean_up(&staged, finished, completed).await;
         if finished {
             tracing::info!(state = writer.status.state().as_str(), seconds = started.elapsed().as_secs_f64(), "job finished");
             if completed {
@@ -267,45 +269,28 @@ impl JobRun {
     }
 
     /// Removes what earlier runs of the job left (their nodes died, stalled or were canceled:
-    /// never published), off the runtime.
+    /// never published).
     async fn clear_earlier_attempts(&self) {
-        let (layout, project, job_id, attempt) = (self.runner.layout.clone(), self.project().clone(), self.job_id(), self.claim.lease.attempt);
-        if let Ok(Err(err)) = tokio::task::spawn_blocking(move || layout.remove_earlier_attempts(&project, job_id, attempt)).await {
+        if let Err(err) = self.runner.media.clear_earlier_attempts(self.project(), self.job_id(), self.claim.lease.attempt).await {
             tracing::warn!(%err, "could not remove what earlier runs of the job left");
-        }
-        if let Some(objects) = &self.runner.objects {
-            if let Err(err) = objects.delete_attempts_except(self.project(), self.job_id(), Some(attempt)).await {
-                tracing::warn!(%err, "could not delete what earlier runs of the job stored");
-            }
         }
     }
 
-    /// The stems as local files: as they are on the local storage, or fetched into this node's
-    /// cache from object storage and held there until the mix is done.
+    /// The stems as local files, held (on object storage, in this node's cache) until the mix is
+    /// done.
     async fn local_stems(&self) -> Result<(Vec<StemSource>, Vec<CachedFile>), JobChange> {
-        let Some(objects) = &self.runner.objects else { return Ok((self.claim.stems.clone(), Vec::new())) };
-        let (mut stems, mut held) = (Vec::new(), Vec::new());
-        for stem in &self.claim.stems {
-            match objects.fetch_stem(&stem.path.to_string_lossy()).await {
-                Ok(file) => {
-                    stems.push(StemSource { path: file.path().to_path_buf(), ..stem.clone() });
-                    held.push(file);
-                }
-                Err(MediaError::NotFound) => {
-                    return Err(JobChange::Failed { code: ErrorCode::StemMissing, message: format!("Stem \"{}\" was deleted before the mix could use it", stem.name) })
-                }
-                Err(err) => {
-                    tracing::warn!(%err, stem = stem.name, "could not fetch a stem");
-                    let code = if matches!(&err, MediaError::Io(io) if io.kind() == std::io::ErrorKind::StorageFull) {
-                        ErrorCode::InsufficientStorage
-                    } else {
-                        ErrorCode::MediaUnavailable
-                    };
-                    return Err(JobChange::Failed { code, message: format!("Stem \"{}\" could not be read from the media storage", stem.name) });
-                }
+        self.runner.media.local_stems(&self.claim.stems).await.map_err(|(err, stem)| match err {
+            MediaError::NotFound => JobChange::Failed { code: ErrorCode::StemMissing, message: format!("Stem \"{stem}\" was deleted before the mix could use it") },
+            err => {
+                tracing::warn!(%err, stem, "could not fetch a stem");
+                let code = if matches!(&err, MediaError::Io(io) if io.kind() == std::io::ErrorKind::StorageFull) {
+                    ErrorCode::InsufficientStorage
+                } else {
+                    ErrorCode::MediaUnavailable
+                };
+                JobChange::Failed { code, message: format!("Stem \"{stem}\" could not be read from the media storage") }
             }
-        }
-        Ok((stems, held))
+        })
     }
 
     /// Mixes on the engine's threads, its progress going to the writer through `changes`; `None`
@@ -315,14 +300,19 @@ impl JobRun {
             Ok(local) => local,
             Err(failed) => return Some(Ending::Failed(failed)),
         };
+        let settings = match self.settings(&stems).await {
+            Ok(settings) => settings,
+            Err(failed) => return Some(Ending::Failed(failed)),
+        };
+        let ceiling = settings.settings().master.true_peak_dbtp;
         let observer = JobObserver::new(changes, self.guard.stop.clone());
         let span = tracing::Span::current();
-        let (settings, output, temporary) = (self.claim.settings.clone(), staged.result.clone(), staged.temporary.clone());
+        let (output, temporary) = (staged.result.clone(), staged.temporary.clone());
         let outcome = self.runner.engine.run(move || span.in_scope(|| audio::mix(&stems, &settings, &output, &temporary, &observer))).await;
         match outcome {
             Ok(Ok(_)) | Ok(Err(AudioError::Canceled)) if self.stopped() => None,
             Ok(Ok(report)) => {
-                self.analyse(&staged.result, staged.analysis.clone()).await;
+                self.analyse(&staged.result, staged.analysis.clone(), ceiling).await;
                 Some(Ending::Mixed(report))
             }
             Ok(Err(AudioError::Canceled)) => None,
@@ -338,10 +328,26 @@ impl JobRun {
         }
     }
 
+    /// The job's settings, validated. A job stored by the first release holds plain settings,
+    /// planned here against its stems (on the engine's threads: it opens their files), as that
+    /// version would have done at start.
+    async fn settings(&self, stems: &[StemSource]) -> Result<audio::ValidSettings, JobChange> {
+        let legacy = match &self.claim.settings {
+            StoredSettings::Valid(settings) => return Ok(settings.clone()),
+            StoredSettings::Legacy(settings) => settings.clone(),
+        };
+        let stems = stems.to_vec();
+        match self.runner.engine.run(move || audio::plan(&stems, legacy)).await {
+            Ok(Ok(settings)) => Ok(settings),
+            Ok(Err(err)) => Err(failure(&err)),
+            Err(_) => Err(JobChange::Failed { code: ErrorCode::Internal, message: "The mix engine failed unexpectedly".into() }),
+        }
+    }
+
     /// Writes the result's analysis to `target` (on the engine's threads: it reads the whole file).
     /// A failure is logged and the mix still completes: the page then draws no waveform.
-    async fn analyse(&self, result: &Path, target: PathBuf) {
-        let (result, ceiling) = (result.to_path_buf(), self.claim.settings.settings().master.true_peak_dbtp);
+    async fn analyse(&self, result: &Path, target: PathBuf, ceiling: f64) {
+        let result = result.to_path_buf();
         let written = self
             .runner
             .engine
@@ -362,107 +368,44 @@ impl JobRun {
     /// written (the lease is gone).
     async fn end(&self, writer: &mut Writer, staged: &Staged, ending: Ending) -> bool {
         match ending {
-            Ending::Mixed(report) => match &self.runner.objects {
-                Some(objects) => self.publish_objects(objects, writer, staged, report).await,
-                None => self.publish(writer, staged, report).await,
-            },
+            Ending::Mixed(report) => self.publish(writer, staged, report).await,
             Ending::Failed(change) => writer.write(change).await,
         }
     }
 
-    /// Links the staged result into place and completes the job, if the lease still holds.
-    /// A result already in place came from an earlier run of the same job and inputs, which a
-    /// node finished but did not get to report: it is kept.
+    /// Makes the staged result the job's and completes it, if the lease still holds: whoever sees
+    /// the job complete finds exactly its result. (Should the lease be lost between the check and
+    /// the write, the result in place is the rescuer's to keep: it finds it there.)
     async fn publish(&self, writer: &mut Writer, staged: &Staged, report: MixReport) -> bool {
-        let (layout, project, job_id) = (&self.runner.layout, self.project(), self.job_id());
+        let (project, job_id) = (self.project(), self.job_id());
         if !writer.still_held().await {
             return false;
         }
-        let output = layout.result(project, job_id);
-        // The analysis first: a page that sees the result finds its analysis too.
-        match tokio::fs::hard_link(&staged.analysis, layout.analysis(project, job_id)).await {
-            Ok(()) => {}
-            Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(err) => tracing::warn!(%err, "could not publish the mix's analysis"),
-        }
-        match tokio::fs::hard_link(&staged.result, &output).await {
-            Ok(()) => {}
-            Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => tracing::info!("the result was already in place from an earlier run"),
-            Err(err) => {
-                let code = if err.kind() == std::io::ErrorKind::StorageFull { ErrorCode::InsufficientStorage } else { ErrorCode::ExportFailed };
-                return writer.write(JobChange::Failed { code, message: format!("Could not publish the mix: {err}") }).await;
-            }
-        }
-        // The staged names go, and the legacy newest-mix path points here, before the job is
-        // reported complete: whoever sees it complete finds exactly the result, on both paths.
-        // (Should the lease be lost between the check above and the write, the path points at a
-        // result the rescuer keeps: it finds it in place.)
-        let _ = tokio::fs::remove_file(&staged.result).await;
-        let _ = tokio::fs::remove_file(&staged.analysis).await;
-        self.point_newest_at(&output).await;
-        writer.write(JobChange::Completed { result_url: MediaLayout::result_url(project, job_id), report: Box::new(report) }).await
-    }
-
-    /// Stores this run's result and analysis under its own keys, then completes the job, which is
-    /// what publishes them ([`crate::media::ObjectMedia`]): should the write be fenced out, they are
-    /// deleted and were never served.
-    async fn publish_objects(&self, objects: &ObjectMedia, writer: &mut Writer, staged: &Staged, report: MixReport) -> bool {
-        let (project, job_id, attempt) = (self.project(), self.job_id(), self.claim.lease.attempt);
-        if tokio::fs::try_exists(&staged.analysis).await.unwrap_or(false) {
-            if let Err(err) = objects.put_file(&staged.analysis, &objects.key(&keys::result(project, job_id, attempt, true))).await {
-                tracing::warn!(%err, "could not store the mix's analysis");
-            }
-        }
-        if let Err(err) = objects.put_file(&staged.result, &objects.key(&keys::result(project, job_id, attempt, false))).await {
-            tracing::warn!(%err, "could not store the mix");
-            let message = "The media storage is unavailable: the mix could not be stored".to_string();
-            return writer.write(JobChange::Failed { code: ErrorCode::MediaUnavailable, message }).await;
+        if let Err(err) = self.runner.media.publish_result(project, job_id, self.claim.lease.attempt, &staged.result, &staged.analysis).await {
+            tracing::warn!(%err, "could not publish the mix");
+            return writer.write(publish_failure(err)).await;
         }
         writer.write(JobChange::Completed { result_url: MediaLayout::result_url(project, job_id), report: Box::new(report) }).await
     }
 
-    /// Points the legacy "newest mix" path at this output.
-    async fn point_newest_at(&self, output: &Path) {
-        let (layout, project, job_id) = (&self.runner.layout, self.project(), self.job_id());
-        let legacy = layout.newest_result(project);
-        let staging = layout.newest_result_temporary(project, job_id);
-        let linked = async {
-            let _ = tokio::fs::remove_file(&staging).await;
-            if tokio::fs::hard_link(output, &staging).await.is_err() {
-                tokio::fs::copy(output, &staging).await?;
-            }
-            tokio::fs::rename(&staging, &legacy).await
-        };
-        if let Err(err) = linked.await {
-            tracing::warn!(%err, "could not update the legacy final_mix.wav");
-        }
+    /// Removes the run's own files, and on object storage what it stored unless it completed the job.
+    async fn clean_up(&self, staged: &Staged, finished: bool, completed: bool) {
+        let files = [staged.result.clone(), staged.analysis.clone()];
+        let ended = self.runner.has_ended(self.job_id());
+        self.runner.media.end_run(self.project(), self.job_id(), self.claim.lease.attempt, &files, (finished, completed), ended).await;
     }
+}
 
-    /// Removes the run's own files. On object storage the work files were this node's own, and
-    /// what the run stored is kept only if the job completed here. On the data root a job that
-    /// ended without this run (canceled) leaves no empty directory behind (one holding a result
-    /// stays); a run handed back or lost leaves it alone: the job's next run, maybe on another
-    /// node, may be writing there already (its spill is an unnamed file, so it looks empty).
-    async fn clean_up(&self, staged: &Staged, completed: bool) {
-        let _ = tokio::fs::remove_file(&staged.result).await;
-        let _ = tokio::fs::remove_file(&staged.analysis).await;
-        let outputs = self.runner.layout.job_outputs(self.project(), self.job_id());
-        match &self.runner.objects {
-            Some(objects) => {
-                let _ = tokio::fs::remove_dir(&outputs).await;
-                if !completed {
-                    for analysis in [false, true] {
-                        if let Err(err) = objects.delete(&objects.key(&keys::result(self.project(), self.job_id(), self.claim.lease.attempt, analysis))).await {
-                            tracing::warn!(%err, "could not delete what this run stored; output retention will");
-                        }
-                    }
-                }
-            }
-            None if !completed && self.runner.has_ended(self.job_id()).await => {
-                let _ = tokio::fs::remove_dir(&outputs).await;
-            }
-            None => {}
+/// What a result that could not be published makes of the job.
+fn publish_failure(err: MediaError) -> JobChange {
+    match err {
+        MediaError::Io(io) if io.kind() == std::io::ErrorKind::StorageFull => {
+            JobChange::Failed { code: ErrorCode::InsufficientStorage, message: format!("Could not publish the mix: {io}") }
         }
+        MediaError::Unavailable(_) => {
+            JobChange::Failed { code: ErrorCode::MediaUnavailable, message: "The media storage is unavailable: the mix could not be stored".into() }
+        }
+        other => JobChange::Failed { code: ErrorCode::ExportFailed, message: format!("Could not publish the mix: {other}") },
     }
 }
 

@@ -23,16 +23,30 @@ struct LocalRun {
     lease: Lease,
 }
 
-/// A run's place in [`LocalRuns`]: removed when this is dropped.
+/// A run's place in [`LocalRuns`]: removed by [`RunGuard::release`] as the run's ending is
+/// written, or when this is dropped (a run that panicked) at the latest.
 pub(super) struct RunGuard {
     runs: Arc<LocalRuns>,
     job_id: JobId,
+    lease: Lease,
     pub stop: Arc<AtomicBool>,
+}
+
+impl RunGuard {
+    /// Takes the run out of this node's runs: its own final change, arriving through the log, is
+    /// then not taken for another's, nor is the run handed back. Only this run's entry goes: a
+    /// later run of the same job on this node (rescued meanwhile) keeps its own.
+    pub fn release(&self) {
+        let mut runs = self.runs.runs();
+        if runs.get(&self.job_id).is_some_and(|run| run.lease == self.lease) {
+            runs.remove(&self.job_id);
+        }
+    }
 }
 
 impl Drop for RunGuard {
     fn drop(&mut self) {
-        self.runs.runs().remove(&self.job_id);
+        self.release();
     }
 }
 
@@ -45,7 +59,7 @@ impl LocalRuns {
     pub fn register(self: &Arc<Self>, job_id: JobId, lease: Lease, started_seq: u64) -> RunGuard {
         let stop = Arc::new(AtomicBool::new(false));
         self.runs().insert(job_id, LocalRun { stop: stop.clone(), started_seq, lease });
-        RunGuard { runs: self.clone(), job_id, stop }
+        RunGuard { runs: self.clone(), job_id, lease, stop }
     }
 
     /// A change at `seq` that this node's run of `job_id` did not write (the job was canceled, or

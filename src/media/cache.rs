@@ -26,6 +26,10 @@ pub struct StemCache {
     dir: PathBuf,
     max_bytes: u64,
     state: Mutex<CacheState>,
+    /// Held while a file is moved in or an evicted one removed (on the blocking pool, never by a
+    /// reader of `state`), so that a removal decided a moment ago cannot take away the same name
+    /// fetched again meanwhile.
+    files: Mutex<()>,
 }
 
 #[derive(Debug, Default)]
@@ -67,10 +71,10 @@ impl Drop for CachedFile {
             state.evict(self.cache.max_bytes)
         };
         // A drop cannot wait: the files go on the blocking pool (or here, outside a runtime).
-        let dir = self.cache.dir.clone();
+        let cache = self.cache.clone();
         match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => drop(runtime.spawn_blocking(move || remove_files(&dir, victims))),
-            Err(_) => remove_files(&dir, victims),
+            Ok(runtime) => drop(runtime.spawn_blocking(move || cache.remove_evicted(victims))),
+            Err(_) => cache.remove_evicted(victims),
         }
     }
 }
@@ -123,8 +127,9 @@ impl StemCache {
             state.entries.insert(name, Entry { bytes, last_used, holders: 0 });
         }
         let victims = state.evict(max_bytes);
-        remove_files(&dir, victims);
-        Ok(Arc::new(Self { dir, max_bytes, state: Mutex::new(state) }))
+        let cache = Arc::new(Self { dir, max_bytes, state: Mutex::new(state), files: Mutex::new(()) });
+        cache.remove_evicted(victims);
+        Ok(cache)
     }
 
     pub fn dir(&self) -> &Path {
@@ -162,22 +167,29 @@ impl StemCache {
 
     /// Moves a finished file (a stem just uploaded, say) into the cache under `name`, and holds it.
     pub async fn adopt(self: &Arc<Self>, file: &Path, name: String) -> io::Result<CachedFile> {
-        let bytes = tokio::fs::metadata(file).await?.len();
-        let path = self.dir.join(&name);
-        tokio::fs::rename(file, &path).await?;
-        let victims = {
-            let mut state = self.state();
-            let last_used = state.tick();
-            // Two mixes may fetch the same stem at once: the second rename replaced the first's
-            // file with the same bytes, and both hold the one entry.
-            let entry = state.entries.entry(name.clone()).or_insert(Entry { bytes: 0, last_used, holders: 0 });
-            let previous = std::mem::replace(&mut entry.bytes, bytes);
-            entry.holders += 1;
-            entry.last_used = last_used;
-            state.total_bytes = state.total_bytes - previous + bytes;
-            state.evict(self.max_bytes)
-        };
-        self.remove_files_off_runtime(victims).await;
+        let (cache, file, entry_name) = (self.clone(), file.to_path_buf(), name.clone());
+        let path = tokio::task::spawn_blocking(move || -> io::Result<PathBuf> {
+            let _files = cache.files();
+            let bytes = std::fs::metadata(&file)?.len();
+            let path = cache.dir.join(&entry_name);
+            std::fs::rename(&file, &path)?;
+            let victims = {
+                let mut state = cache.state();
+                let last_used = state.tick();
+                // Two mixes may fetch the same stem at once: the second rename replaced the first's
+                // file with the same bytes, and both hold the one entry.
+                let entry = state.entries.entry(entry_name).or_insert(Entry { bytes: 0, last_used, holders: 0 });
+                let previous = std::mem::replace(&mut entry.bytes, bytes);
+                entry.holders += 1;
+                entry.last_used = last_used;
+                state.total_bytes = state.total_bytes - previous + bytes;
+                state.evict(cache.max_bytes)
+            };
+            remove_files(&cache.dir, victims);
+            Ok(path)
+        })
+        .await
+        .map_err(io::Error::other)??;
         Ok(CachedFile { cache: self.clone(), name, path })
     }
 
@@ -192,7 +204,7 @@ impl StemCache {
 
     /// Drops a file whose object was deleted (a stem). A mix reading it keeps its open file; other
     /// nodes' caches let it age out, as a stem id is never reused.
-    pub async fn forget(&self, name: &str) {
+    pub async fn forget(self: &Arc<Self>, name: &str) {
         let removed = {
             let mut state = self.state();
             let entry = state.entries.remove(name);
@@ -202,7 +214,10 @@ impl StemCache {
             entry.is_some()
         };
         if removed {
-            self.remove_files_off_runtime(vec![name.to_string()]).await;
+            let (cache, name) = (self.clone(), name.to_string());
+            if let Err(err) = tokio::task::spawn_blocking(move || cache.remove_evicted(vec![name])).await {
+                tracing::error!(%err, "removing a forgotten cache file failed");
+            }
         }
     }
 
@@ -217,14 +232,19 @@ impl StemCache {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    async fn remove_files_off_runtime(&self, names: Vec<String>) {
-        if names.is_empty() {
-            return;
+    fn files(&self) -> MutexGuard<'_, ()> {
+        self.files.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Removes the files of `names`, taken out of the cache a moment ago, unless a name was
+    /// fetched again since (it has an entry once more). Blocking.
+    fn remove_evicted(&self, mut names: Vec<String>) {
+        let _files = self.files();
+        {
+            let state = self.state();
+            names.retain(|name| !state.entries.contains_key(name));
         }
-        let dir = self.dir.clone();
-        if let Err(err) = tokio::task::spawn_blocking(move || remove_files(&dir, names)).await {
-            tracing::error!(%err, "removing evicted cache files failed");
-        }
+        remove_files(&self.dir, names);
     }
 }
 

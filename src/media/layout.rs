@@ -8,7 +8,7 @@
 //! {root}/{project}/stems/{stem_id}.json           its record, written after the audio
 //! {root}/{project}/mix_outputs/{job}/final_mix.wav  a job's result, immutable
 //! {root}/{project}/mix_outputs/{job}/analysis.json  its waveform and loudness, immutable
-//! {root}/{project}/mix_outputs/final_mix.wav      the legacy "newest mix", replaced by each new result
+//! {root}/{project}/mix_outputs/final_mix.wav      (not a file) the legacy path of the newest complete mix
 //! ```
 //!
 //! Files being written carry a dot-prefixed temporary name ending in `.partial` and are renamed
@@ -244,16 +244,6 @@ impl MediaLayout {
         Ok(())
     }
 
-    /// The legacy path of the project's newest complete mix.
-    pub fn newest_result(&self, project: &ProjectId) -> PathBuf {
-        self.root.join(project.as_str()).join(OUTPUTS_DIR).join(RESULT_FILE)
-    }
-
-    /// Where the newest result is staged before it replaces [`Self::newest_result`] in one rename.
-    pub fn newest_result_temporary(&self, project: &ProjectId, job_id: JobId) -> PathBuf {
-        self.root.join(project.as_str()).join(OUTPUTS_DIR).join(format!("{RESULT_PREFIX}{job_id}{PARTIAL_SUFFIX}"))
-    }
-
     /// The URL a job's result is served at.
     pub fn result_url(project: &ProjectId, job_id: JobId) -> String {
         format!("/media/{project}/{OUTPUTS_DIR}/{job_id}/{RESULT_FILE}")
@@ -276,16 +266,6 @@ impl MediaLayout {
                 Some(MediaName::Stem { project: project.parse().ok()?, stem_id: stem.parse().ok()?, format: format.to_string() })
             }
             _ => None,
-        }
-    }
-
-    /// The file `name` is on the local data root.
-    pub fn media_file(&self, name: &MediaName) -> PathBuf {
-        match name {
-            MediaName::Result { project, job_id, analysis: false } => self.result(project, *job_id),
-            MediaName::Result { project, job_id, analysis: true } => self.analysis(project, *job_id),
-            MediaName::Newest { project } => self.newest_result(project),
-            MediaName::Stem { project, stem_id, format } => self.stem_audio(project, *stem_id, format),
         }
     }
 
@@ -321,7 +301,7 @@ impl MediaLayout {
     }
 
     /// Removes job result directories whose result is older than `retention`; returns how long
-    /// until the oldest one left is due. The newest result is its own file and stays.
+    /// until the oldest one left is due.
     pub fn remove_old_results(&self, retention: Duration) -> io::Result<Option<Duration>> {
         let mut next_due: Option<Duration> = None;
         for project in std::fs::read_dir(&*self.root)? {
@@ -352,12 +332,12 @@ mod tests {
         let layout = MediaLayout::new("/data");
         let project: ProjectId = "p1".parse().unwrap();
         let (job, stem) = (JobId::new(), StemId::new());
-        let file = |path: &str| MediaLayout::media_name(path).map(|name| (layout.media_file(&name), name.is_immutable()));
-        assert_eq!(file(&format!("p1/mix_outputs/{job}/final_mix.wav")), Some((layout.result(&project, job), true)));
+        let file = |path: &str| MediaLayout::media_name(path).map(|name| (name.is_immutable(), name));
+        assert_eq!(file(&format!("p1/mix_outputs/{job}/final_mix.wav")), Some((true, MediaName::Result { project: project.clone(), job_id: job, analysis: false })));
         assert_eq!(MediaLayout::result_url(&project, job), format!("/media/p1/mix_outputs/{job}/final_mix.wav"));
-        assert_eq!(file(&format!("p1/mix_outputs/{job}/analysis.json")), Some((layout.analysis(&project, job), true)));
-        assert_eq!(file("p1/mix_outputs/final_mix.wav"), Some((PathBuf::from("/data/p1/mix_outputs/final_mix.wav"), false)));
-        assert_eq!(file(&format!("p1/stems/{stem}.flac")), Some((layout.stem_audio(&project, stem, "flac"), true)));
+        assert_eq!(file(&format!("p1/mix_outputs/{job}/analysis.json")), Some((true, MediaName::Result { project: project.clone(), job_id: job, analysis: true })));
+        assert_eq!(file("p1/mix_outputs/final_mix.wav"), Some((false, MediaName::Newest { project: project.clone() })));
+        assert_eq!(file(&format!("p1/stems/{stem}.flac")), Some((true, MediaName::Stem { project: project.clone(), stem_id: stem, format: "flac".into() })));
         let temporary = layout.result_temporary(&project, job, 1);
         let temporary_name = temporary.file_name().unwrap().to_string_lossy();
         for refused in [
@@ -389,9 +369,8 @@ mod tests {
             MediaLayout::record_temporary(&record),
             layout.result_temporary(&project, job, 1),
             layout.result_staged(&project, job, 2),
-            layout.newest_result_temporary(&project, job),
         ];
-        let kept = [record, layout.result(&project, job), layout.newest_result(&project)];
+        let kept = [record, layout.result(&project, job), layout.analysis(&project, job)];
         for path in partials.iter().chain(&kept) {
             std::fs::write(path, b"x").unwrap();
         }
@@ -412,12 +391,10 @@ mod tests {
         }
         let an_hour_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
         std::fs::File::options().write(true).open(layout.result(&project, old)).unwrap().set_modified(an_hour_ago).unwrap();
-        std::fs::write(layout.newest_result(&project), b"legacy").unwrap();
 
         let next = layout.remove_old_results(Duration::from_secs(1800)).unwrap().unwrap();
         assert!(!layout.job_outputs(&project, old).exists());
         assert!(layout.result(&project, fresh).exists());
-        assert!(layout.newest_result(&project).exists(), "the legacy newest mix stays");
         assert!(next > Duration::from_secs(1790) && next <= Duration::from_secs(1800), "{next:?}");
     }
 }

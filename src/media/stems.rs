@@ -14,7 +14,7 @@ use utoipa::ToSchema;
 
 use super::error::MediaError;
 use super::layout::{keys, MediaLayout};
-use super::objects::ObjectMedia;
+use super::storage::Media;
 use crate::audio::{StemInfo, StemSource};
 use crate::ids::{ProjectId, StemId, Timestamp};
 
@@ -37,35 +37,32 @@ pub struct Stem {
 
 #[derive(Debug, Clone)]
 pub struct StemStore {
-    layout: MediaLayout,
-    /// Where stems are kept when that is object storage; `layout` then holds only uploads in
-    /// progress.
-    objects: Option<ObjectMedia>,
+    media: Media,
 }
 
 /// Records read at once when listing a project on object storage.
 const RECORD_READS: usize = 16;
 
 impl StemStore {
-    pub fn new(layout: MediaLayout, objects: Option<ObjectMedia>) -> Self {
-        Self { layout, objects }
+    pub fn new(media: Media) -> Self {
+        Self { media }
     }
 
     fn audio_path(&self, project: &ProjectId, stem: &Stem) -> PathBuf {
-        self.layout.stem_audio(project, stem.stem_id, &stem.format)
+        self.media.work().stem_audio(project, stem.stem_id, &stem.format)
     }
 
     fn record_path(&self, project: &ProjectId, stem_id: StemId) -> PathBuf {
-        self.layout.stem_record(project, stem_id)
+        self.media.work().stem_record(project, stem_id)
     }
 
     /// A fresh temporary path for an upload into `project`.
     pub async fn upload_path(&self, project: &ProjectId) -> io::Result<PathBuf> {
-        if let Some(objects) = &self.objects {
+        if let Some(objects) = self.media.objects() {
             return Ok(objects.cache().temporary());
         }
-        tokio::fs::create_dir_all(self.layout.stems_dir(project)).await?;
-        Ok(self.layout.upload_temporary(project))
+        tokio::fs::create_dir_all(self.media.work().stems_dir(project)).await?;
+        Ok(self.media.work().upload_temporary(project))
     }
 
     /// Moves a probed upload into place and records it.
@@ -83,7 +80,7 @@ impl StemStore {
             skipped_packets: info.skipped_packets,
         };
         let json = serde_json::to_vec_pretty(&stem).expect("a stem serialises");
-        if let Some(objects) = &self.objects {
+        if let Some(objects) = self.media.objects() {
             let audio = keys::stem_audio(project, stem.stem_id, &stem.format);
             objects.put_file(upload, &objects.key(&audio)).await?;
             if let Err(err) = objects.put_bytes(&objects.key(&keys::stem_record(project, stem.stem_id)), json).await {
@@ -108,7 +105,7 @@ impl StemStore {
     /// The project's stems, oldest first. A project that has none does not exist. Listed and
     /// read in one blocking call rather than one per record.
     pub async fn list(&self, project: &ProjectId) -> Result<Vec<Stem>, MediaError> {
-        if let Some(objects) = &self.objects {
+        if let Some(objects) = self.media.objects() {
             let records: Vec<String> = objects
                 .list(&keys::stems_prefix(project))
                 .try_filter_map(|(key, _)| async move { Ok(keys::stem(&key).filter(|(.., is_record)| *is_record).map(|_| key)) })
@@ -129,7 +126,7 @@ impl StemStore {
             sort_stems(&mut stems);
             return Ok(stems);
         }
-        let dir = self.layout.stems_dir(project);
+        let dir = self.media.work().stems_dir(project);
         blocking(move || {
             let mut stems = Vec::new();
             for path in stem_records(&dir)? {
@@ -149,7 +146,7 @@ impl StemStore {
     /// Whether `project` has a stem, without reading any record (every subscriber of a project
     /// without jobs asks, all at once after a restart).
     pub async fn has_any(&self, project: &ProjectId) -> Result<bool, MediaError> {
-        if let Some(objects) = &self.objects {
+        if let Some(objects) = self.media.objects() {
             let mut listing = objects.list(&keys::stems_prefix(project));
             while let Some((key, _)) = listing.try_next().await? {
                 if keys::stem(&key).is_some_and(|(.., is_record)| is_record) {
@@ -158,14 +155,14 @@ impl StemStore {
             }
             return Ok(false);
         }
-        let dir = self.layout.stems_dir(project);
+        let dir = self.media.work().stems_dir(project);
         blocking(move || stem_records(&dir)?.next().transpose().map(|first| first.is_some())).await.map_err(MediaError::from)
     }
 
     /// What the engine needs to mix this stem. On object storage the path is the stem's key, which
     /// the node that runs the mix fetches into its cache.
     pub fn source(&self, project: &ProjectId, stem: &Stem) -> StemSource {
-        let path = match &self.objects {
+        let path = match self.media.objects() {
             Some(_) => PathBuf::from(keys::stem_audio(project, stem.stem_id, &stem.format)),
             None => self.audio_path(project, stem),
         };
@@ -174,7 +171,7 @@ impl StemStore {
 
     /// Removes a stem; false when there was no such stem.
     pub async fn delete(&self, project: &ProjectId, stem_id: StemId) -> Result<bool, MediaError> {
-        if let Some(objects) = &self.objects {
+        if let Some(objects) = self.media.objects() {
             let record = objects.key(&keys::stem_record(project, stem_id));
             let stem: Stem = match objects.get_bytes(&record).await {
                 Ok(bytes) => serde_json::from_slice(&bytes).map_err(io::Error::other)?,

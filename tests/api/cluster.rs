@@ -311,7 +311,7 @@ async fn resume_after_the_end(watcher: &Server, starter: &Server) {
     drop(first);
     eventually_async("the job completed", || async { watcher.app.get_json(&format!("/mix/p1/mix/job/{job_id}/status")).await.1["data"]["state"] == "complete" }).await;
 
-    let mut resumed = SseStream::connect(&watcher.app.client, &url, Some(cursor.parse().unwrap())).await;
+    let mut resumed = SseStream::connect(&watcher.app.client, &url, Some(&cursor)).await;
     let event = loop {
         let event = resumed.next_event().await.unwrap();
         if event.event.as_deref() == Some("status") {
@@ -320,7 +320,11 @@ async fn resume_after_the_end(watcher: &Server, starter: &Server) {
     };
     let status: Value = serde_json::from_str(&event.data).unwrap();
     assert_eq!((status["job_id"].as_str(), status["state"].as_str()), (Some(job_id.as_str()), Some("complete")));
-    assert!(event.id.unwrap().parse::<u64>().unwrap() > cursor.parse::<u64>().unwrap(), "the cursor grew");
+    let (epoch, position) = cursor.split_once(':').expect("a cursor is {epoch}:{position}");
+    let resumed_at = event.id.unwrap();
+    let (resumed_epoch, resumed_position) = resumed_at.split_once(':').unwrap();
+    assert_eq!(resumed_epoch, epoch, "one store, one epoch, on every node");
+    assert!(resumed_position.parse::<u64>().unwrap() > position.parse::<u64>().unwrap(), "the cursor grew");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -114,11 +114,12 @@ async fn a_mix_is_watched_over_sse_websocket_and_polling_at_once() {
     let loudest = analysis["waveform"][0]["max"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).fold(0.0, f64::max);
     assert!(loudest > 0.5 && loudest <= 1.0, "{loudest}");
 
-    // The legacy path now holds the newest mix, and preview points at this job.
+    // The legacy path now serves the newest mix, and preview points at this job.
     let (status, preview) = app.get_json("/mix/p1/mix/preview").await;
     assert_eq!((status, preview["data"]["job_id"].as_str()), (200, Some(job_id.as_str())));
-    let legacy = std::fs::read(app.data_dir.path().join("p1/mix_outputs/final_mix.wav")).unwrap();
-    assert_eq!(legacy, std::fs::read(&file).unwrap());
+    let legacy = app.client.get(app.url("/media/p1/mix_outputs/final_mix.wav")).send().await.unwrap();
+    assert_eq!((legacy.status().as_u16(), legacy.headers()["cache-control"].to_str().unwrap()), (200, "no-cache"));
+    assert_eq!(legacy.bytes().await.unwrap(), std::fs::read(&file).unwrap());
     let (status, jobs) = app.get_json("/mix/p1/mix/jobs").await;
     assert_eq!((status, jobs["data"]["jobs"].as_array().unwrap().len()), (200, 1));
     let (_, newest) = app.get_json("/mix/p1/mix/status").await;
@@ -152,7 +153,7 @@ async fn queued_jobs_publish_their_positions_and_run_in_order() {
         let status: Value = serde_json::from_str(&event.data).unwrap();
         let id = status["job_id"].as_str().unwrap().to_string();
         // A project stream's id is its cursor, which only grows.
-        let id_cursor: u64 = event.id.as_deref().unwrap().parse().unwrap();
+        let id_cursor: u64 = event.id.as_deref().and_then(|id| id.split_once(':')).unwrap().1.parse().unwrap();
         assert!(id_cursor > cursor, "{id_cursor} after {cursor}");
         cursor = id_cursor;
         let history = by_job.entry(id.clone()).or_default();

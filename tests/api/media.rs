@@ -97,3 +97,31 @@ async fn service_routes_describe_and_report_the_server() {
     let body: Value = app.client.get(app.url("/nope.html")).send().await.unwrap().json().await.unwrap();
     assert_eq!(body["error"], "NOT_FOUND");
 }
+
+/// "The newest mix" is one rule on every storage and node: the newest-created complete job. With
+/// two slots, a job made first can complete last (here its stem is delayed two minutes into the
+/// mix, so it is the longer one); the legacy path and the preview must both name the newer job.
+/// The data dir's legacy path was a link to whichever job completed last.
+pub async fn the_newest_mix_is_the_newest_complete_job(app: &crate::helpers::TestApp) {
+    let stem = app.fixture("a.wav", "sine=f=440:r=48000:d=1", &["-ac", "2"]);
+    assert_eq!(app.upload("p1", &[&stem]).await.0, 201);
+    let (_, older) = app.start_mix("p1", Some(serde_json::json!({"tracks": {"a.wav": {"offset_ms": 120000}}}))).await;
+    let (_, newer) = app.start_mix("p1", None).await;
+    let (older, newer) = (older["data"]["job_id"].as_str().unwrap().to_string(), newer["data"]["job_id"].as_str().unwrap().to_string());
+    let (older_end, newer_end) = (app.follow_job("p1", &older).await.pop().unwrap(), app.follow_job("p1", &newer).await.pop().unwrap());
+    assert_eq!((older_end["state"].as_str(), newer_end["state"].as_str()), (Some("complete"), Some("complete")));
+    assert!(older_end["updated_at"].as_str() > newer_end["updated_at"].as_str(), "the older job completed last: {older_end} {newer_end}");
+
+    let (_, preview) = app.get_json("/mix/p1/mix/preview").await;
+    assert_eq!(preview["data"]["job_id"].as_str(), Some(newer.as_str()));
+    let bytes = |path: String| async move { app.client.get(app.url(&path)).send().await.unwrap().bytes().await.unwrap() };
+    let legacy = bytes("/media/p1/mix_outputs/final_mix.wav".into()).await;
+    assert_eq!(legacy, bytes(newer_end["result_url"].as_str().unwrap().to_string()).await, "the legacy path serves the newer job's mix");
+    assert_ne!(legacy, bytes(older_end["result_url"].as_str().unwrap().to_string()).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_newest_mix_is_the_newest_complete_job_on_the_data_dir() {
+    let app = crate::helpers::spawn_app_with(|config| config.mix_slots = Some(2)).await;
+    the_newest_mix_is_the_newest_complete_job(&app).await;
+}

@@ -407,3 +407,11 @@ async fn a_node_stalled_past_its_lease_never_replaces_the_result_in_the_bucket()
     assert_eq!(now["data"], complete, "the job is exactly as the rescuer left it");
     assert_eq!(get(&stalled, &result_url, None).await.bytes().await.unwrap(), served);
 }
+
+#[tokio::test]
+async fn the_newest_mix_is_the_newest_complete_job_on_object_storage() {
+    let bucket = Bucket::new().await;
+    let data = tempfile::tempdir().unwrap();
+    let node = bucket.node(data.path(), &["--mix-slots", "2"]).await;
+    crate::media::the_newest_mix_is_the_newest_complete_job(&node.app).await;
+}

@@ -56,7 +56,7 @@ async fn jobs_survive_kill_9_and_resume_under_the_same_id() {
 
     // The reconnecting client resumes with its Last-Event-ID; seq and progress carry on.
     let seq = last_seen["seq"].as_u64().unwrap();
-    let mut resumed = SseStream::connect(&app.client, &app.url(&format!("/mix/long/mix/job/{running_id}/events")), Some(seq)).await;
+    let mut resumed = SseStream::connect(&app.client, &app.url(&format!("/mix/long/mix/job/{running_id}/events")), Some(&seq.to_string())).await;
     assert_eq!(resumed.status, 200);
     let mut previous = last_seen.clone();
     let mut states = Vec::new();
@@ -179,9 +179,9 @@ pub async fn streams_come_back_across_a_restart(subscribers: usize) {
 /// whenever the stream ends or the server cannot be reached, until the terminal status (or a 204,
 /// which says the client already has it). Returns the statuses and the connections it took.
 async fn follow_through_restarts(client: &reqwest::Client, url: &str, job_id: &str, ready: tokio::sync::mpsc::Sender<()>) -> (Vec<Value>, usize) {
-    let (mut statuses, mut last_id, mut connections) = (Vec::<Value>::new(), None, 0);
+    let (mut statuses, mut last_id, mut connections) = (Vec::<Value>::new(), None::<String>, 0);
     loop {
-        let mut stream = match SseStream::try_connect(client, url, last_id).await {
+        let mut stream = match SseStream::try_connect(client, url, last_id.as_deref()).await {
             Ok(stream) => stream,
             Err(_) => {
                 // Not listening yet: EventSource waits its retry time; this client, less.
@@ -198,7 +198,7 @@ async fn follow_through_restarts(client: &reqwest::Client, url: &str, job_id: &s
             if event.event.as_deref() != Some("status") {
                 continue;
             }
-            last_id = Some(event.id.expect("every status has an id").parse().unwrap());
+            last_id = Some(event.id.expect("every status has an id"));
             let status: Value = serde_json::from_str(&event.data).unwrap();
             if status["job_id"] != job_id {
                 continue;

@@ -24,15 +24,15 @@ pub struct SseStream {
 }
 
 impl SseStream {
-    pub async fn connect(client: &reqwest::Client, url: &str, last_event_id: Option<u64>) -> Self {
+    pub async fn connect(client: &reqwest::Client, url: &str, last_event_id: Option<&str>) -> Self {
         Self::try_connect(client, url, last_event_id).await.expect("SSE request")
     }
 
     /// As an EventSource reconnecting: the server may not be listening yet.
-    pub async fn try_connect(client: &reqwest::Client, url: &str, last_event_id: Option<u64>) -> reqwest::Result<Self> {
+    pub async fn try_connect(client: &reqwest::Client, url: &str, last_event_id: Option<&str>) -> reqwest::Result<Self> {
         let mut request = client.get(url).header("accept", "text/event-stream");
         if let Some(id) = last_event_id {
-            request = request.header("last-event-id", id.to_string());
+            request = request.header("last-event-id", id);
         }
         let response = request.send().await?;
         Ok(Self { status: response.status().as_u16(), headers: response.headers().clone(), body: Box::pin(response.bytes_stream()), buffer: String::new() })

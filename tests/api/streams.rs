@@ -31,11 +31,11 @@ async fn sse_frames_headers_and_resume_follow_the_contract() {
     assert!(stream.next_event().await.is_none(), "closes after the terminal event");
 
     // Already at the terminal seq: 204, header or query.
-    assert_eq!(SseStream::connect(&app.client, &url, Some(terminal_seq)).await.status, 204);
+    assert_eq!(SseStream::connect(&app.client, &url, Some(&terminal_seq.to_string())).await.status, 204);
     let response = app.client.get(format!("{url}?last_event_id={terminal_seq}")).send().await.unwrap();
     assert_eq!(response.status(), 204);
     // An older id gets the current snapshot.
-    let mut resumed = SseStream::connect(&app.client, &url, Some(terminal_seq - 3)).await;
+    let mut resumed = SseStream::connect(&app.client, &url, Some(&(terminal_seq - 3).to_string())).await;
     assert_eq!(resumed.status, 200);
     resumed.next_event().await.unwrap();
     let event = resumed.next_event().await.unwrap();
@@ -219,4 +219,59 @@ async fn a_subscriber_that_hangs_up_on_an_idle_stream_is_let_go_at_once() {
     // Nothing will be sent on this stream for 15 s (the keep-alive), yet the server notices.
     drop(socket);
     crate::helpers::eventually_async("the stream is closed", || async { sse_subscribers().await == 0 }).await;
+}
+
+/// The job ids and cursors of the statuses a project stream sends, until it has sent `count`.
+async fn next_statuses(stream: &mut SseStream, count: usize) -> Vec<(String, String)> {
+    let mut seen = Vec::new();
+    while seen.len() < count {
+        let event = stream.next_event().await.expect("the project stream stays open");
+        if event.event.as_deref() == Some("status") {
+            let status: Value = serde_json::from_str(&event.data).unwrap();
+            seen.push((status["job_id"].as_str().unwrap().to_string(), event.id.unwrap()));
+        }
+    }
+    seen
+}
+
+/// Cursors carry the store's epoch. After the store is replaced (a new database, a reset file) a
+/// client may come back with a cursor of the old store, or with one beyond the new store's log:
+/// both get the full snapshot of the scope, finished jobs included, where a bare position would
+/// have resumed to nothing. A cursor this store handed out resumes right after itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cursor_of_another_epoch_or_from_the_future_gets_the_full_snapshot() {
+    // No mixer slot: jobs stay queued until canceled.
+    let app = crate::helpers::spawn_app_with(|config| config.mix_slots = Some(0)).await;
+    let stem = app.fixture("a.wav", "sine=f=440:r=48000:d=1", &[]);
+    app.upload("p1", &[&stem]).await;
+    let (_, ended) = app.start_mix("p1", None).await;
+    let (_, waiting) = app.start_mix("p1", None).await;
+    let (ended, waiting) = (ended["data"]["job_id"].as_str().unwrap().to_string(), waiting["data"]["job_id"].as_str().unwrap().to_string());
+    assert_eq!(app.client.delete(app.url(&format!("/mix/p1/mix/job/{ended}"))).send().await.unwrap().status(), 200);
+
+    let url = app.url("/mix/p1/mix/events");
+    let mut live = SseStream::connect(&app.client, &url, None).await;
+    let first = next_statuses(&mut live, 1).await;
+    assert_eq!(first[0].0, waiting, "without a cursor: the live jobs only");
+    let (epoch, position) = first[0].1.split_once(':').expect("a cursor is {epoch}:{position}");
+    assert_eq!(epoch.len(), 8, "{epoch}");
+    let position: u64 = position.parse().unwrap();
+
+    let other_epoch = if epoch == "00000000" { "11111111" } else { "00000000" };
+    for foreign in [format!("{other_epoch}:{position}"), format!("{epoch}:{}", position + 1_000_000), position.to_string()] {
+        let mut resumed = SseStream::connect(&app.client, &url, Some(&foreign)).await;
+        let mut jobs: Vec<String> = next_statuses(&mut resumed, 2).await.into_iter().map(|(job, _)| job).collect();
+        jobs.sort();
+        let mut expected = vec![ended.clone(), waiting.clone()];
+        expected.sort();
+        assert_eq!(jobs, expected, "{foreign}: every job of the project, the finished one included");
+    }
+
+    // The cursor this store handed out: nothing is sent again, and the next change comes first.
+    let mut resumed = SseStream::connect(&app.client, &url, Some(&first[0].1)).await;
+    assert_eq!(app.client.delete(app.url(&format!("/mix/p1/mix/job/{waiting}"))).send().await.unwrap().status(), 200);
+    let next = next_statuses(&mut resumed, 1).await;
+    assert_eq!(next[0].0, waiting);
+    let (next_epoch, next_position) = next[0].1.split_once(':').unwrap();
+    assert_eq!((next_epoch, next_position.parse::<u64>().unwrap() > position), (epoch, true));
 }

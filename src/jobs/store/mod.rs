@@ -22,7 +22,9 @@ use std::time::Duration;
 
 use uuid::Uuid;
 
-pub use records::{sqlite_file, unix_millis, AttemptResult, Change, Claim, JobError, Lease, LoggedEvent, NewJob, PendingDelivery, Snapshot, StoreError, Submitted};
+pub use records::{
+    sqlite_file, unix_millis, AttemptResult, Change, Claim, JobError, Lease, LoggedEvent, NewJob, PendingDelivery, Snapshot, StoreError, StoredSettings, Submitted,
+};
 
 use super::model::JobStatus;
 use super::webhook::Attempt;
@@ -65,6 +67,11 @@ impl Store {
             StoreLocation::Sqlite(dir) => Store::Sqlite(Arc::new(sqlite::SqliteStore::open(dir).await?)),
             StoreLocation::Postgres(url) => Store::Postgres(postgres::PgStore::open(url).await?),
         })
+    }
+
+    /// The store's epoch: event-log cursors mean something only within it.
+    pub fn epoch(&self) -> &str {
+        each_store!(self, store => store.epoch())
     }
 
     pub fn is_shared(&self) -> bool {

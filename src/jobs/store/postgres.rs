@@ -16,10 +16,10 @@ use tokio::sync::Mutex;
 use uuid::Uuid;
 
 use super::records::{
-    rfc3339, unix_millis, AttemptResult, Change, Claim, JobError, Lease, LoggedEvent, NewJob, PendingDelivery, QueueEntry, Snapshot, StoreError, Submitted,
-    DELIVERY_CLAIM,
+    new_epoch, rfc3339, unix_millis, AttemptResult, Change, Claim, JobError, Lease, LoggedEvent, NewJob, PendingDelivery, QueueEntry, Snapshot, StoreError, Submitted,
+    DELIVERY_CLAIM, EPOCH_KEY,
 };
-use super::rules::{after_interrupted_run, canceled, damaged, parse_job_inputs, parse_webhook, reposition, run_failed, started, TERMINAL_STATES};
+use super::rules::{after_interrupted_run, canceled, damaged, moved, parse_job_inputs, parse_webhook, reposition, run_failed, started, Waiting, TERMINAL_STATES};
 use crate::ids::{JobId, ProjectId};
 use crate::jobs::model::{JobState, JobStatus};
 use crate::jobs::webhook::{Attempt, Delivery, WebhookSpec};
@@ -42,6 +42,7 @@ const STALLED_TRANSACTION: &str = "5s";
 pub struct PgStore {
     pool: PgPool,
     listener: Arc<Mutex<Option<PgListener>>>,
+    epoch: Arc<str>,
 }
 
 type Tx = Transaction<'static, Postgres>;
@@ -51,7 +52,14 @@ impl PgStore {
         let options = url.parse::<PgConnectOptions>()?.options([("idle_in_transaction_session_timeout", STALLED_TRANSACTION)]);
         let pool = PgPoolOptions::new().max_connections(16).acquire_timeout(ACQUIRE_TIMEOUT).connect_with(options).await?;
         MIGRATIONS.run(&pool).await?;
-        Ok(Self { pool, listener: Arc::default() })
+        // Nodes starting together agree on one epoch: the first insert wins.
+        sqlx::query("INSERT INTO server_settings (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING").bind(EPOCH_KEY).bind(new_epoch()).execute(&pool).await?;
+        let epoch: String = sqlx::query_scalar("SELECT value FROM server_settings WHERE key = $1").bind(EPOCH_KEY).fetch_one(&pool).await?;
+        Ok(Self { pool, listener: Arc::default(), epoch: epoch.into() })
+    }
+
+    pub fn epoch(&self) -> &str {
+        &self.epoch
     }
 
     async fn begin(&self, queue: bool) -> Result<Tx, StoreError> {
@@ -77,7 +85,8 @@ impl PgStore {
         let waiting: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM jobs WHERE state = 'queued'").fetch_one(&mut *tx).await?;
         let change = Change::new(JobStatus::queued(job.job_id, job.project.clone(), waiting as u32 + 1), None, false);
         sqlx::query(
-            "INSERT INTO jobs (job_id, project_id, state, seq, status, settings, stems, idempotency_key, webhook) VALUES ($1, $2, 'queued', $3, $4, $5, $6, $7, $8)",
+            "INSERT INTO jobs (job_id, project_id, state, seq, status, settings, stems, idempotency_key, webhook, queue_position)
+             VALUES ($1, $2, 'queued', $3, $4, $5, $6, $7, $8, $9)",
         )
         .bind(job.job_id.as_uuid())
         .bind(job.project.as_str())
@@ -87,6 +96,7 @@ impl PgStore {
         .bind(serde_json::to_string(&job.stems)?)
         .bind(&job.idempotency_key)
         .bind(job.webhook.as_ref().map(serde_json::to_string).transpose()?)
+        .bind(change.status().queue_position().map(|position| position as i32))
         .execute(&mut *tx)
         .await?;
         append_event(&mut tx, &change).await?;
@@ -431,7 +441,7 @@ async fn commit(mut tx: Tx) -> Result<(), StoreError> {
 async fn write_status(tx: &mut Tx, change: &Change, ends_run: bool) -> Result<(), StoreError> {
     let status = change.status();
     sqlx::query(
-        "UPDATE jobs SET status = $2, state = $3, seq = $4,
+        "UPDATE jobs SET status = $2, state = $3, seq = $4, queue_position = $6,
             lease_owner = CASE WHEN $5 THEN NULL ELSE lease_owner END, lease_expires_at = CASE WHEN $5 THEN NULL ELSE lease_expires_at END
          WHERE job_id = $1",
     )
@@ -440,6 +450,7 @@ async fn write_status(tx: &mut Tx, change: &Change, ends_run: bool) -> Result<()
     .bind(status.state().as_str())
     .bind(status.seq() as i64)
     .bind(ends_run)
+    .bind(status.queue_position().map(|position| position as i32))
     .execute(&mut **tx)
     .await?;
     append_event(tx, change).await
@@ -468,18 +479,31 @@ async fn insert_delivery(tx: &mut Tx, delivery: &Delivery) -> Result<(), StoreEr
     Ok(())
 }
 
-/// Re-positions the queue, with `rejoining` jobs back in their places; their leases end.
+/// Where a job about to move in the queue is: still a row, or rejoining with its status in hand.
+enum Slot {
+    Row(Uuid),
+    Rejoining(QueueEntry),
+}
+
+/// Re-positions the queue, with `rejoining` jobs back in their places; their leases end. Only the
+/// queue's order and shown positions are read for every waiting job; a status is read and written
+/// only for the jobs whose move is news ([`super::rules::position_is_news`]).
 async fn requeue(tx: &mut Tx, rejoining: Vec<QueueEntry>) -> Result<(), StoreError> {
-    let rows = sqlx::query("SELECT status, webhook, queue_order FROM jobs WHERE state = 'queued' ORDER BY queue_order FOR UPDATE").fetch_all(&mut **tx).await?;
-    let mut entries = rows
-        .into_iter()
-        .map(|row| -> Result<QueueEntry, StoreError> {
-            Ok(QueueEntry { order: row.get(2), status: serde_json::from_str(row.get(0))?, webhook: parse_webhook(row.get::<Option<&str>, _>(1))?, rejoining: false })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    entries.extend(rejoining);
-    for change in reposition(entries) {
-        write_status(tx, &change, true).await?;
+    let rows = sqlx::query("SELECT job_id, queue_order, queue_position FROM jobs WHERE state = 'queued' ORDER BY queue_order FOR UPDATE").fetch_all(&mut **tx).await?;
+    let mut queue: Vec<Waiting<Slot>> =
+        rows.into_iter().map(|row| Waiting { key: Slot::Row(row.get(0)), order: row.get(1), shown: Some(row.get::<Option<i32>, _>(2).unwrap_or(0) as u32) }).collect();
+    queue.extend(rejoining.into_iter().map(|entry| Waiting { order: entry.order, shown: None, key: Slot::Rejoining(entry) }));
+    for (slot, position) in reposition(queue) {
+        let entry = match slot {
+            Slot::Rejoining(entry) => entry,
+            Slot::Row(job_id) => {
+                let row = sqlx::query("SELECT status, webhook, queue_order FROM jobs WHERE job_id = $1").bind(job_id).fetch_one(&mut **tx).await?;
+                QueueEntry { order: row.get(2), status: serde_json::from_str(row.get(0))?, webhook: parse_webhook(row.get::<Option<&str>, _>(1))?, rejoining: false }
+            }
+        };
+        if let Some(change) = moved(entry, position) {
+            write_status(tx, &change, true).await?;
+        }
     }
     Ok(())
 }

@@ -82,9 +82,19 @@ pub struct Claim {
     pub lease: Lease,
     /// Its status after the start.
     pub status: JobStatus,
-    pub settings: ValidSettings,
+    pub settings: StoredSettings,
     pub stems: Vec<StemSource>,
     pub webhook: Option<WebhookSpec>,
+}
+
+/// The settings column. Rows written before settings were stored validated hold plain
+/// [`crate::audio::MixSettings`], which the run plans against the stems as the version that wrote
+/// them would have; `ValidSettings` refuses unknown fields, so neither passes for the other.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(untagged)]
+pub enum StoredSettings {
+    Valid(ValidSettings),
+    Legacy(crate::audio::MixSettings),
 }
 
 /// One entry of the event log: a job's status as it was published.
@@ -172,6 +182,16 @@ pub struct AttemptResult {
 /// The SQLite file inside the layout's database directory.
 pub fn sqlite_file(dir: &Path) -> std::path::PathBuf {
     dir.join("jobs.sqlite3")
+}
+
+/// Where a store keeps its epoch: made once, when the store is made, so that a store that is
+/// replaced (a new database, a reset file) starts a new epoch and cursors of the old one are known
+/// to be foreign.
+pub(super) const EPOCH_KEY: &str = "store_epoch";
+
+/// A fresh epoch: eight hex digits of a v4 UUID's random bits.
+pub(super) fn new_epoch() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..8].to_string()
 }
 
 pub fn unix_millis(at: std::time::SystemTime) -> i64 {

@@ -3,27 +3,52 @@
 //! and how a stored row becomes a job to run (or a damaged one that fails instead of blocking the
 //! queue). The backends only read and write rows; every decision about them is made here.
 
+use super::records::StoredSettings;
 use super::records::{Change, JobError, QueueEntry, StoreError};
-use crate::audio::{StemSource, ValidSettings};
+use crate::audio::StemSource;
 use crate::jobs::model::{ErrorCode, JobChange, JobState, JobStatus};
 use crate::jobs::webhook::WebhookSpec;
 
 /// Runs a job may begin without ending (its node died or stalled each time) before it is given up.
 pub const MAX_INTERRUPTED_RUNS: u32 = 3;
 
-/// The changes that put `entries` in queue order with 1-based positions: a rejoining job says it
-/// was re-queued, a waiting one whose position moved says where it is now.
-pub(super) fn reposition(mut entries: Vec<QueueEntry>) -> Vec<Change> {
-    entries.sort_by_key(|entry| entry.order);
-    let mut changes = Vec::new();
-    for (index, entry) in entries.into_iter().enumerate() {
-        let position = index as u32 + 1;
-        let change = if entry.rejoining { JobChange::Requeued(position) } else { JobChange::QueuePosition(position) };
-        if let Ok(next) = entry.status.apply(change) {
-            changes.push(Change::new(next, entry.webhook.as_ref(), false));
-        }
-    }
-    changes
+/// Queue positions up to this are published exactly, each move of each job.
+pub const EXACT_POSITIONS: u32 = 10;
+
+/// Whether a waiting job shown at `shown` and now at `actual` gets a new status. Publishing every
+/// move of every job made draining N queued jobs write and send N²/2 statuses (each claim moved
+/// every job behind it); so a job's position is published exactly near the front of the queue,
+/// and further back each time it has halved since it was last shown, or whenever it moved back.
+/// A job's subscribers still see it move (about log₂ N + 10 times on its way through a queue of
+/// N), a shown position is never below the real one, and a drain writes O(N log N) statuses.
+pub fn position_is_news(shown: u32, actual: u32) -> bool {
+    actual != shown && (actual <= EXACT_POSITIONS || actual > shown || actual * 2 <= shown)
+}
+
+/// A job in the queue, as the queue's order and its shown position tell of it.
+pub(super) struct Waiting<K> {
+    pub key: K,
+    pub order: i64,
+    /// The position its status shows; `None` for a job rejoining the queue (its run ended).
+    pub shown: Option<u32>,
+}
+
+/// Which jobs of the queue get a new status, and at which 1-based position: every rejoining one,
+/// and each waiting one whose move is news ([`position_is_news`]).
+pub(super) fn reposition<K>(mut queue: Vec<Waiting<K>>) -> Vec<(K, u32)> {
+    queue.sort_by_key(|waiting| waiting.order);
+    queue
+        .into_iter()
+        .zip(1..)
+        .filter(|(waiting, position)| waiting.shown.is_none_or(|shown| position_is_news(shown, *position)))
+        .map(|(waiting, position)| (waiting.key, position))
+        .collect()
+}
+
+/// The status of a job that has moved to `position`: re-queued if its run ended, else waiting.
+pub(super) fn moved(entry: QueueEntry, position: u32) -> Option<Change> {
+    let change = if entry.rejoining { JobChange::Requeued(position) } else { JobChange::QueuePosition(position) };
+    entry.status.apply(change).ok().map(|next| Change::new(next, entry.webhook.as_ref(), false))
 }
 
 /// What happens to a job whose run ended without finishing it: `Ok` it rejoins the queue, `Err`
@@ -55,24 +80,10 @@ pub(super) fn canceled(status: &JobStatus, webhook: Option<&WebhookSpec>) -> Res
 
 pub(super) const TERMINAL_STATES: [&str; 2] = [JobState::Complete.as_str(), JobState::Error.as_str()];
 
-/// The settings column. Rows written before settings were stored validated hold plain
-/// [`crate::audio::MixSettings`]; `ValidSettings` refuses unknown fields, so neither passes for the other.
-#[derive(serde::Deserialize)]
-#[serde(untagged)]
-enum StoredSettings {
-    Valid(ValidSettings),
-    Legacy(crate::audio::MixSettings),
-}
-
-/// A job's settings and stems as stored, ready to run. Legacy settings are planned against the
-/// stems, as the version that wrote them would have done.
-pub(super) fn parse_job_inputs(settings: &str, stems: &str, webhook: Option<&str>) -> Result<(ValidSettings, Vec<StemSource>, Option<WebhookSpec>), StoreError> {
-    let stems: Vec<StemSource> = serde_json::from_str(stems)?;
-    let settings = match serde_json::from_str(settings)? {
-        StoredSettings::Valid(settings) => settings,
-        StoredSettings::Legacy(settings) => crate::audio::plan(&stems, settings).map_err(|err| StoreError::Corrupt(format!("legacy settings do not plan: {err}")))?,
-    };
-    Ok((settings, stems, parse_webhook(webhook)?))
+/// A job's settings and stems as stored. Legacy settings stay unplanned: planning opens the
+/// stems' files, which is no work for a transaction holding the queue's lock; the run plans them.
+pub(super) fn parse_job_inputs(settings: &str, stems: &str, webhook: Option<&str>) -> Result<(StoredSettings, Vec<StemSource>, Option<WebhookSpec>), StoreError> {
+    Ok((serde_json::from_str(settings)?, serde_json::from_str(stems)?, parse_webhook(webhook)?))
 }
 
 /// The webhook column.
@@ -86,4 +97,51 @@ pub(super) fn damaged(job_id: &str, status: &JobStatus, err: &StoreError) -> Cha
     tracing::error!(%job_id, %err, "a queued job's record cannot be run");
     let failed = status.apply(JobChange::Failed { code: ErrorCode::Internal, message: "The job's record is damaged".into() }).expect("a queued job can fail");
     Change::new(failed, None, false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_position_is_news_near_the_front_when_it_has_halved_or_when_it_moved_back() {
+        let news: Vec<(u32, u32)> = [(11, 10), (10, 9), (2, 1), (40, 20), (40, 21), (40, 39), (13, 12), (5, 6), (30, 31), (7, 7), (100, 50), (100, 51)]
+            .into_iter()
+            .filter(|(shown, actual)| position_is_news(*shown, *actual))
+            .collect();
+        assert_eq!(news, [(11, 10), (10, 9), (2, 1), (40, 20), (5, 6), (30, 31), (100, 50)]);
+    }
+
+    /// Draining a queue of 40 from the front. Job j waits behind j - 1 others, so it is shown
+    /// each place from min(j - 1, 10) down to 1; jobs 22 to 40 are also shown once on the way, at
+    /// half their first place (11 to 20). That is 55 + 10 × 10 + 19 × 11 = 364 statuses, where
+    /// publishing every move was 39 × 40 / 2 = 780.
+    #[test]
+    fn draining_a_queue_publishes_each_position_near_the_front_and_each_halving_further_back() {
+        let mut queue: Vec<(i64, u32)> = (1..=40).map(|job| (job, job as u32)).collect();
+        let mut published = 0;
+        while !queue.is_empty() {
+            queue.remove(0);
+            let waiting = queue.iter().map(|&(order, shown)| Waiting { key: order, order, shown: Some(shown) }).collect();
+            for (order, position) in reposition(waiting) {
+                published += 1;
+                queue.iter_mut().find(|(o, _)| *o == order).unwrap().1 = position;
+            }
+            // Shown positions never understate: every job is shown at or behind its real place.
+            assert!(queue.iter().zip(1..).all(|((_, shown), place)| *shown >= place));
+        }
+        assert_eq!(published, 364);
+    }
+
+    #[test]
+    fn a_rejoining_job_is_always_repositioned_and_moves_the_queue_behind_it_back() {
+        // Far back, "b" is shown ahead of its new place and moves back; "c" was shown well behind
+        // its place and still is, which is not news.
+        let mut queue = vec![Waiting { key: "a", order: 1, shown: Some(1) }, Waiting { key: "rejoining", order: 2, shown: None }];
+        queue.extend((3..=30).map(|order| Waiting { key: "", order, shown: Some(order as u32 - 1) }));
+        queue.push(Waiting { key: "b", order: 31, shown: Some(30) });
+        queue.push(Waiting { key: "c", order: 32, shown: Some(60) });
+        let moved: Vec<(&str, u32)> = reposition(queue).into_iter().filter(|(key, position)| !key.is_empty() || *position > 30).collect();
+        assert_eq!(moved, [("rejoining", 2), ("b", 31)]);
+    }
 }

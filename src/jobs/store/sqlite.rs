@@ -14,10 +14,10 @@ use tokio::sync::Notify;
 use uuid::Uuid;
 
 use super::records::{
-    rfc3339, sqlite_file, unix_millis, AttemptResult, Change, Claim, JobError, Lease, LoggedEvent, NewJob, PendingDelivery, QueueEntry, Snapshot, StoreError, Submitted,
-    DELIVERY_CLAIM,
+    new_epoch, rfc3339, sqlite_file, unix_millis, AttemptResult, Change, Claim, JobError, Lease, LoggedEvent, NewJob, PendingDelivery, QueueEntry, Snapshot, StoreError,
+    Submitted, DELIVERY_CLAIM, EPOCH_KEY,
 };
-use super::rules::{after_interrupted_run, canceled, damaged, parse_job_inputs, parse_webhook, reposition, run_failed, started, TERMINAL_STATES};
+use super::rules::{after_interrupted_run, canceled, damaged, moved, parse_job_inputs, parse_webhook, reposition, run_failed, started, Waiting, TERMINAL_STATES};
 use crate::ids::{JobId, ProjectId};
 use crate::jobs::model::{JobState, JobStatus};
 use crate::jobs::webhook::{Attempt, Delivery, WebhookSpec};
@@ -25,11 +25,12 @@ use crate::jobs::webhook::{Attempt, Delivery, WebhookSpec};
 pub struct SqliteStore {
     conn: Arc<Mutex<Connection>>,
     written: Arc<Notify>,
+    epoch: String,
 }
 
 /// Schema versions, applied in order inside one transaction each; `PRAGMA user_version` says how
 /// many have been. Version 1 is the layout of the first release, created if missing.
-const MIGRATIONS: [&str; 2] = [
+const MIGRATIONS: [&str; 3] = [
     "CREATE TABLE IF NOT EXISTS jobs (
         job_id TEXT PRIMARY KEY,
         status TEXT NOT NULL,
@@ -80,6 +81,10 @@ const MIGRATIONS: [&str; 2] = [
     INSERT INTO job_events (job_id, status) SELECT job_id, status FROM jobs ORDER BY queue_order;
     ALTER TABLE webhook_deliveries ADD COLUMN claimed_until INTEGER;
     CREATE INDEX IF NOT EXISTS webhook_deliveries_due ON webhook_deliveries (next_attempt_at) WHERE next_attempt_at IS NOT NULL;",
+    // The position a waiting job's status shows, so that a queue change reads the queue's order
+    // and positions without parsing every waiting job's status.
+    "ALTER TABLE jobs ADD COLUMN queue_position INTEGER;
+    UPDATE jobs SET queue_position = json_extract(status, '$.queue_position') WHERE state = 'queued';",
 ];
 
 /// Adds the `webhook` column to a first-release database that predates it, before the migrations.
@@ -99,7 +104,7 @@ fn now_ms() -> i64 {
 impl SqliteStore {
     pub async fn open(dir: &Path) -> Result<Self, StoreError> {
         let dir = dir.to_path_buf();
-        let conn = tokio::task::spawn_blocking(move || -> Result<Connection, StoreError> {
+        let conn = tokio::task::spawn_blocking(move || -> Result<(Connection, String), StoreError> {
             std::fs::create_dir_all(&dir)?;
             let mut conn = Connection::open(sqlite_file(&dir))?;
             conn.pragma_update(None, "journal_mode", "WAL")?;
@@ -109,11 +114,18 @@ impl SqliteStore {
             // Whatever held a lease or a delivery in here was an earlier run of this process.
             conn.execute("UPDATE jobs SET lease_expires_at = 0 WHERE lease_owner IS NOT NULL", [])?;
             conn.execute("UPDATE webhook_deliveries SET claimed_until = NULL", [])?;
-            Ok(conn)
+            conn.execute("INSERT OR IGNORE INTO server_settings (key, value) VALUES (?1, ?2)", params![EPOCH_KEY, new_epoch()])?;
+            let epoch = conn.query_row("SELECT value FROM server_settings WHERE key = ?1", params![EPOCH_KEY], |row| row.get(0))?;
+            Ok((conn, epoch))
         })
         .await
         .expect("opening the database does not panic")?;
-        Ok(Self { conn: Arc::new(Mutex::new(conn)), written: Arc::default() })
+        let (conn, epoch) = conn;
+        Ok(Self { conn: Arc::new(Mutex::new(conn)), written: Arc::default(), epoch })
+    }
+
+    pub fn epoch(&self) -> &str {
+        &self.epoch
     }
 
     /// Runs `work` on the connection, off the runtime.
@@ -154,8 +166,8 @@ impl SqliteStore {
             let waiting: u32 = tx.prepare_cached("SELECT COUNT(*) FROM jobs WHERE state = 'queued'")?.query_row([], |row| row.get(0))?;
             let change = Change::new(JobStatus::queued(job.job_id, job.project.clone(), waiting + 1), None, false);
             tx.prepare_cached(
-                "INSERT INTO jobs (job_id, project_id, state, seq, status, settings, stems, idempotency_key, webhook, queue_order)
-                 VALUES (?1, ?2, 'queued', ?3, ?4, ?5, ?6, ?7, ?8, (SELECT COALESCE(MAX(queue_order), 0) + 1 FROM jobs))",
+                "INSERT INTO jobs (job_id, project_id, state, seq, status, settings, stems, idempotency_key, webhook, queue_position, queue_order)
+                 VALUES (?1, ?2, 'queued', ?3, ?4, ?5, ?6, ?7, ?8, ?9, (SELECT COALESCE(MAX(queue_order), 0) + 1 FROM jobs))",
             )?
             .execute(params![
                 job.job_id.to_string(),
@@ -165,7 +177,8 @@ impl SqliteStore {
                 serde_json::to_string(&job.settings)?,
                 serde_json::to_string(&job.stems)?,
                 job.idempotency_key,
-                job.webhook.as_ref().map(serde_json::to_string).transpose()?
+                job.webhook.as_ref().map(serde_json::to_string).transpose()?,
+                change.status().queue_position()
             ])?;
             append_event(tx, &change)?;
             Ok(Submitted::New(change.event.status.clone()))
@@ -527,11 +540,11 @@ fn leased(tx: &Transaction, job_id: JobId, lease: Lease) -> Result<Option<(JobSt
 fn write_status(tx: &Transaction, change: &Change, ends_run: bool) -> Result<(), StoreError> {
     let status = change.status();
     tx.prepare_cached(
-        "UPDATE jobs SET status = ?2, state = ?3, seq = ?4,
+        "UPDATE jobs SET status = ?2, state = ?3, seq = ?4, queue_position = ?6,
             lease_owner = CASE WHEN ?5 THEN NULL ELSE lease_owner END, lease_expires_at = CASE WHEN ?5 THEN NULL ELSE lease_expires_at END
          WHERE job_id = ?1",
     )?
-    .execute(params![status.job_id().to_string(), &*change.event.json, status.state().as_str(), status.seq(), ends_run])?;
+    .execute(params![status.job_id().to_string(), &*change.event.json, status.state().as_str(), status.seq(), ends_run, status.queue_position()])?;
     append_event(tx, change)
 }
 
@@ -549,19 +562,36 @@ fn insert_delivery(tx: &Transaction, delivery: &Delivery) -> Result<(), StoreErr
     Ok(())
 }
 
-/// Re-positions the queue, with `rejoining` jobs back in their places; their leases end.
+/// Where a job about to move in the queue is: still a row, or rejoining with its status in hand.
+enum Slot {
+    Row(String),
+    Rejoining(QueueEntry),
+}
+
+/// Re-positions the queue, with `rejoining` jobs back in their places; their leases end. Only the
+/// queue's order and shown positions are read for every waiting job; a status is read and written
+/// only for the jobs whose move is news ([`super::rules::position_is_news`]).
 fn requeue(tx: &Transaction, rejoining: Vec<QueueEntry>) -> Result<(), StoreError> {
-    let mut entries = tx
-        .prepare_cached("SELECT status, webhook, queue_order FROM jobs WHERE state = 'queued' ORDER BY queue_order")?
-        .query_map([], |row| Ok((row.get::<_, String>(0)?, row.get::<_, Option<String>>(1)?, row.get::<_, i64>(2)?)))?
-        .map(|row| -> Result<QueueEntry, StoreError> {
-            let (status, webhook, order) = row?;
-            Ok(QueueEntry { order, status: serde_json::from_str(&status)?, webhook: parse_webhook(webhook.as_deref())?, rejoining: false })
-        })
+    // 'queued' as a literal, as the partial index on the queue has it: a bound state would not
+    // let SQLite use the index.
+    let mut queue = tx
+        .prepare_cached("SELECT job_id, queue_order, queue_position FROM jobs WHERE state = 'queued' ORDER BY queue_order")?
+        .query_map([], |row| Ok(Waiting { key: Slot::Row(row.get(0)?), order: row.get(1)?, shown: Some(row.get::<_, Option<u32>>(2)?.unwrap_or(0)) }))?
         .collect::<Result<Vec<_>, _>>()?;
-    entries.extend(rejoining);
-    for change in reposition(entries) {
-        write_status(tx, &change, true)?;
+    queue.extend(rejoining.into_iter().map(|entry| Waiting { order: entry.order, shown: None, key: Slot::Rejoining(entry) }));
+    for (slot, position) in reposition(queue) {
+        let entry = match slot {
+            Slot::Rejoining(entry) => entry,
+            Slot::Row(job_id) => {
+                let (status, webhook, order) = tx
+                    .prepare_cached("SELECT status, webhook, queue_order FROM jobs WHERE job_id = ?1")?
+                    .query_row(params![job_id], |row| Ok((row.get::<_, String>(0)?, row.get::<_, Option<String>>(1)?, row.get::<_, i64>(2)?)))?;
+                QueueEntry { order, status: serde_json::from_str(&status)?, webhook: parse_webhook(webhook.as_deref())?, rejoining: false }
+            }
+        };
+        if let Some(change) = moved(entry, position) {
+            write_status(tx, &change, true)?;
+        }
     }
     Ok(())
 }
