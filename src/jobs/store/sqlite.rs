@@ -1,15 +1,16 @@
-//! The embedded store: one SQLite file in WAL mode, one connection, every statement off the
-//! runtime. WAL with `synchronous=NORMAL` makes each commit survive a crash of the process (kill -9
+//! The embedded store: one SQLite file in WAL mode, one writing connection and two reading
+//! ones beside it, every statement off the runtime. WAL with `synchronous=NORMAL` makes each commit survive a crash of the process (kill -9
 //! included) without an fsync per progress update; a power cut may lose the last commits, which a
 //! restart then re-runs. The file lives in the layout's database directory, which `/media` cannot
 //! reach. One process owns the file, so leases use this machine's clock and every lease found at
 //! start is from a dead run.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior};
 use tokio::sync::Notify;
 use uuid::Uuid;
 
@@ -23,10 +24,19 @@ use crate::jobs::model::{JobState, JobStatus};
 use crate::jobs::webhook::{Attempt, Delivery, WebhookSpec};
 
 pub struct SqliteStore {
+    /// The one writer: SQLite takes one write transaction at a time anyway.
     conn: Arc<Mutex<Connection>>,
+    /// Connections for reads, which under WAL go on beside the writer instead of queueing behind
+    /// it on one mutex: the log reader's read of a change waited for the write transaction after
+    /// it, and every status poll that misses memory for the claim before it.
+    readers: Arc<[Mutex<Connection>]>,
+    next_reader: AtomicUsize,
     written: Arc<Notify>,
     epoch: String,
 }
+
+/// Read connections: the log reader, and a poll or an outbox read at a time beside it.
+const READERS: usize = 2;
 
 /// Schema versions, applied in order inside one transaction each; `PRAGMA user_version` says how
 /// many have been. Version 1 is the layout of the first release, created if missing.
@@ -104,7 +114,7 @@ fn now_ms() -> i64 {
 impl SqliteStore {
     pub async fn open(dir: &Path) -> Result<Self, StoreError> {
         let dir = dir.to_path_buf();
-        let conn = tokio::task::spawn_blocking(move || -> Result<(Connection, String), StoreError> {
+        let conn = tokio::task::spawn_blocking(move || -> Result<(Connection, Vec<Mutex<Connection>>, String), StoreError> {
             std::fs::create_dir_all(&dir)?;
             let mut conn = Connection::open(sqlite_file(&dir))?;
             conn.pragma_update(None, "journal_mode", "WAL")?;
@@ -116,12 +126,19 @@ impl SqliteStore {
             conn.execute("UPDATE webhook_deliveries SET claimed_until = NULL", [])?;
             conn.execute("INSERT OR IGNORE INTO server_settings (key, value) VALUES (?1, ?2)", params![EPOCH_KEY, new_epoch()])?;
             let epoch = conn.query_row("SELECT value FROM server_settings WHERE key = ?1", params![EPOCH_KEY], |row| row.get(0))?;
-            Ok((conn, epoch))
+            let readers = (0..READERS)
+                .map(|_| -> Result<Mutex<Connection>, StoreError> {
+                    let reader = Connection::open_with_flags(sqlite_file(&dir), OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)?;
+                    reader.busy_timeout(Duration::from_secs(5))?;
+                    Ok(Mutex::new(reader))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok((conn, readers, epoch))
         })
         .await
         .expect("opening the database does not panic")?;
-        let (conn, epoch) = conn;
-        Ok(Self { conn: Arc::new(Mutex::new(conn)), written: Arc::default(), epoch })
+        let (conn, readers, epoch) = conn;
+        Ok(Self { conn: Arc::new(Mutex::new(conn)), readers: readers.into(), next_reader: AtomicUsize::new(0), written: Arc::default(), epoch })
     }
 
     pub fn epoch(&self) -> &str {
@@ -134,6 +151,15 @@ impl SqliteStore {
         // A panic while the connection is held unwinds through the open transaction, whose drop
         // rolls it back: the connection is whole again, and the panic costs its one call.
         let ran = tokio::task::spawn_blocking(move || work(&mut conn.lock().unwrap_or_else(std::sync::PoisonError::into_inner))).await;
+        ran.unwrap_or_else(|panic| Err(StoreError::Panicked(panic.to_string())))
+    }
+
+    /// Runs `work`, which only reads, on a read connection off the runtime. Under WAL a read sees
+    /// every transaction committed before it began, whichever connection wrote it.
+    async fn read<T: Send + 'static>(&self, work: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static) -> Result<T, StoreError> {
+        let readers = self.readers.clone();
+        let reader = self.next_reader.fetch_add(1, Ordering::Relaxed) % readers.len();
+        let ran = tokio::task::spawn_blocking(move || work(&mut readers[reader].lock().unwrap_or_else(std::sync::PoisonError::into_inner))).await;
         ran.unwrap_or_else(|panic| Err(StoreError::Panicked(panic.to_string())))
     }
 
@@ -187,7 +213,7 @@ impl SqliteStore {
     }
 
     pub async fn find(&self, job_id: JobId) -> Result<Option<LoggedEvent>, StoreError> {
-        self.run(move |conn| {
+        self.read(move |conn| {
             Ok(conn
                 .prepare_cached("SELECT status, (SELECT MAX(cursor) FROM job_events e WHERE e.job_id = j.job_id) FROM jobs j WHERE job_id = ?1")?
                 .query_row(params![job_id.to_string()], |row| Ok(LoggedEvent { json: row.get(0)?, cursor: row.get::<_, Option<i64>>(1)?.unwrap_or(0) as u64 }))
@@ -342,7 +368,7 @@ impl SqliteStore {
     }
 
     pub async fn events_after(&self, cursor: u64, limit: u32) -> Result<Vec<LoggedEvent>, StoreError> {
-        self.run(move |conn| {
+        self.read(move |conn| {
             let mut statement = conn.prepare_cached("SELECT cursor, status FROM job_events WHERE cursor > ?1 ORDER BY cursor LIMIT ?2")?;
             let rows = statement.query_map(params![cursor as i64, limit], |row| Ok(LoggedEvent { cursor: row.get::<_, i64>(0)? as u64, json: row.get(1)? }))?;
             Ok(rows.collect::<Result<_, _>>()?)
@@ -351,7 +377,7 @@ impl SqliteStore {
     }
 
     pub async fn snapshot(&self) -> Result<Snapshot, StoreError> {
-        self.run(move |conn| {
+        self.read(move |conn| {
             let transaction = conn.transaction()?;
             let head: i64 = transaction.query_row("SELECT COALESCE(MAX(cursor), 0) FROM job_events", [], |row| row.get(0))?;
             let mut statement =
@@ -393,7 +419,7 @@ impl SqliteStore {
     }
 
     pub async fn ping(&self) -> Result<(), StoreError> {
-        self.run(|conn| Ok(conn.query_row("SELECT 1", [], |_| Ok(()))?)).await
+        self.read(|conn| Ok(conn.query_row("SELECT 1", [], |_| Ok(()))?)).await
     }
 
     pub async fn changed(&self) -> bool {
@@ -439,7 +465,7 @@ impl SqliteStore {
     }
 
     pub async fn next_delivery_due(&self) -> Result<Option<i64>, StoreError> {
-        self.run(|conn| {
+        self.read(|conn| {
             Ok(conn.query_row("SELECT MIN(MAX(next_attempt_at, COALESCE(claimed_until, 0))) FROM webhook_deliveries WHERE next_attempt_at IS NOT NULL", [], |row| {
                 row.get(0)
             })?)
@@ -467,7 +493,7 @@ impl SqliteStore {
     }
 
     pub async fn attempts(&self, job_id: JobId) -> Result<Vec<Attempt>, StoreError> {
-        self.run(move |conn| {
+        self.read(move |conn| {
             let mut statement = conn.prepare_cached(
                 "SELECT a.delivery_id, d.message_type, d.url, a.attempt, a.attempted_at, a.http_status, a.error, a.next_attempt_at
                  FROM webhook_attempts a JOIN webhook_deliveries d ON d.id = a.delivery_id
@@ -491,7 +517,7 @@ impl SqliteStore {
     }
 
     pub async fn delivery_backlog(&self) -> Result<(u64, Option<i64>), StoreError> {
-        self.run(|conn| {
+        self.read(|conn| {
             Ok(conn.query_row("SELECT COUNT(*), MIN(created_at) FROM webhook_deliveries WHERE next_attempt_at IS NOT NULL", [], |row| Ok((row.get(0)?, row.get(1)?)))?)
         })
         .await
