@@ -18,6 +18,11 @@ use crate::ids::ProjectId;
 
 /// The audience every token must name.
 pub const AUDIENCE: &str = "mixd";
+/// The audience of a session, which the server signs for itself: a scoped token never passes for
+/// one, whatever key signed it.
+const SESSION_AUDIENCE: &str = "mixd-session";
+/// How long a session lives unless `--session-ttl` says otherwise.
+pub const DEFAULT_SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
 /// Secrets shorter than this are refused at start: they could be guessed.
 pub const MIN_SECRET_LEN: usize = 32;
 /// The longest a token minted here lives.
@@ -79,6 +84,10 @@ pub enum Caller {
     /// No keys are configured: the server is open to whoever can reach it.
     Open,
     Admin,
+    /// A browser session opened with an admin key: the key's rights until `expires_at`.
+    Session {
+        expires_at: SystemTime,
+    },
     Token(Arc<Grant>),
 }
 
@@ -103,7 +112,7 @@ impl Caller {
     /// Whether this caller has `right` on `project` (None: a right not tied to a project).
     pub fn may(&self, right: Right, project: Option<&ProjectId>) -> bool {
         match self {
-            Caller::Open | Caller::Admin => true,
+            Caller::Open | Caller::Admin | Caller::Session { .. } => true,
             Caller::Token(grant) => {
                 let scope_suffices = match right {
                     Right::Read => true,
@@ -119,7 +128,7 @@ impl Caller {
     pub fn only_project(&self) -> Option<&ProjectId> {
         match self {
             Caller::Token(grant) => Some(&grant.project),
-            Caller::Open | Caller::Admin => None,
+            Caller::Open | Caller::Admin | Caller::Session { .. } => None,
         }
     }
 
@@ -127,6 +136,7 @@ impl Caller {
     pub fn expires_at(&self) -> Option<SystemTime> {
         match self {
             Caller::Token(grant) => Some(grant.expires_at),
+            Caller::Session { expires_at } => Some(*expires_at),
             Caller::Open | Caller::Admin => None,
         }
     }
@@ -142,6 +152,14 @@ struct Claims {
     scope: Scope,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     sub: Option<String>,
+}
+
+/// A session's claims: no project and no scope, an audience of its own.
+#[derive(Debug, Serialize, Deserialize)]
+struct SessionClaims {
+    aud: String,
+    exp: u64,
+    iat: u64,
 }
 
 /// A credential that did not verify. Deliberately says nothing more.
@@ -160,6 +178,8 @@ struct KeySet {
     admin: Vec<[u8; 32]>,
     tokens: Vec<SigningKey>,
     verified: VerifiedTokens,
+    /// What browser sessions are signed with, and how long they live.
+    sessions: Option<(SigningKey, Duration)>,
 }
 
 /// Tokens that already verified, with their grants: a client that polls or reconnects with the
@@ -211,7 +231,46 @@ impl Keys {
             })
             .collect();
         let admin = admin_keys.iter().map(|key| digest(key.expose())).collect();
-        Self { inner: Arc::new(KeySet { admin, tokens, verified: VerifiedTokens::default() }) }
+        Self { inner: Arc::new(KeySet { admin, tokens, verified: VerifiedTokens::default(), sessions: None }) }
+    }
+
+    /// These keys, with browser sessions signed with `secret` and living `ttl`. Replacing the
+    /// secret ends every session signed with the old one.
+    pub fn with_sessions(self, secret: &[u8], ttl: Duration) -> Self {
+        let key = SigningKey {
+            kid: "session".into(),
+            encoding: EncodingKey::from_secret(secret).expect("a session secret is long enough for HS256"),
+            decoding: DecodingKey::from_secret(secret).expect("a session secret is long enough for HS256"),
+        };
+        let KeySet { admin, tokens, verified, .. } = Arc::try_unwrap(self.inner).unwrap_or_else(|shared| KeySet {
+            admin: shared.admin.clone(),
+            tokens: shared.tokens.clone(),
+            verified: VerifiedTokens::default(),
+            sessions: None,
+        });
+        Self { inner: Arc::new(KeySet { admin, tokens, verified, sessions: Some((key, ttl)) }) }
+    }
+
+    /// A browser session with an admin key's rights: what the session cookie holds instead of the
+    /// key itself, so that a stolen cookie expires and cannot be used as the key elsewhere.
+    pub fn open_session(&self) -> Option<(String, SystemTime)> {
+        let (key, ttl) = self.inner.sessions.as_ref()?;
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+        let exp = now + ttl.as_secs().max(1);
+        let claims = SessionClaims { aud: SESSION_AUDIENCE.into(), exp, iat: now };
+        let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &key.encoding).expect("HS256 signs any claims");
+        Some((token, UNIX_EPOCH + Duration::from_secs(exp)))
+    }
+
+    fn verify_session(&self, token: &str) -> Result<Caller, Unverified> {
+        let (key, _) = self.inner.sessions.as_ref().ok_or(Unverified)?;
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.set_audience(&[SESSION_AUDIENCE]);
+        validation.set_required_spec_claims(&["exp", "aud"]);
+        validation.leeway = 0;
+        let claims = jsonwebtoken::decode::<SessionClaims>(token, &key.decoding, &validation).map_err(|_| Unverified)?.claims;
+        let expires_at = UNIX_EPOCH.checked_add(Duration::from_secs(claims.exp)).ok_or(Unverified)?;
+        Ok(Caller::Session { expires_at })
     }
 
     /// Whether any key is configured: without one, access control is off.
@@ -230,7 +289,10 @@ impl Keys {
         if let Some(grant) = self.inner.verified.get(credential) {
             return if grant.expires_at > SystemTime::now() { Ok(Caller::Token(grant)) } else { Err(Unverified) };
         }
-        let grant = Arc::new(self.verify_token(credential)?);
+        let grant = match self.verify_token(credential) {
+            Ok(grant) => Arc::new(grant),
+            Err(unverified) => return self.verify_session(credential).map_err(|_| unverified),
+        };
         self.inner.verified.insert(credential, grant.clone());
         Ok(Caller::Token(grant))
     }
@@ -347,5 +409,29 @@ mod tests {
         assert!(parse_token_key(SECRET).is_err(), "no kid");
         let key = parse_token_key(&format!("k1={SECRET}")).unwrap();
         assert!(!format!("{key:?}").contains(SECRET));
+    }
+
+    #[test]
+    fn a_session_is_signed_by_the_server_expires_and_passes_for_nothing_else() {
+        let session_secret = b"session-secret-0123456789abcdef-01234";
+        let signing = keys().with_sessions(session_secret, Duration::from_secs(600));
+        let (session, expires_at) = signing.open_session().unwrap();
+        assert_eq!(signing.verify(&session), Ok(Caller::Session { expires_at }));
+        assert!(signing.verify(&session).unwrap().may(Right::Admin, None));
+        // Another session key (rotated) refuses it; keys without sessions open none.
+        assert_eq!(keys().with_sessions(b"another-secret-0123456789abcdef-0123", Duration::from_secs(600)).verify(&session), Err(Unverified));
+        assert!(keys().open_session().is_none());
+        // Expired: signed with the right key, but its exp has passed.
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+        let expired = SessionClaims { aud: SESSION_AUDIENCE.into(), exp: now - 5, iat: now - 600 };
+        let expired = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &expired, &EncodingKey::from_secret(session_secret).unwrap()).unwrap();
+        assert_eq!(signing.verify(&expired), Err(Unverified));
+        // A scoped token signed with the session secret is still no session (its audience), and a
+        // session signed with a token key is no token.
+        let as_token = Keys::new(&[], &[parse_token_key(&format!("s={}", std::str::from_utf8(session_secret).unwrap())).unwrap()]);
+        let (token, _) = as_token.mint(&"p1".parse().unwrap(), Scope::Read, Duration::from_secs(60), None).unwrap();
+        assert_eq!(signing.verify(&token), Err(Unverified));
+        let (session_by_token_key, _) = as_token.with_sessions(SECRET.as_bytes(), Duration::from_secs(60)).open_session().unwrap();
+        assert!(!matches!(signing.verify(&session_by_token_key), Ok(Caller::Token(_))));
     }
 }

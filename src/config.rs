@@ -86,6 +86,14 @@ pub struct Config {
     pub api_keys: Vec<Secret>,
     #[command(flatten)]
     pub token_keys: TokenKeys,
+    /// The key browser sessions opened with an admin key are signed with (at least 32
+    /// characters); default: one generated at the first start and kept in the job store. Setting
+    /// a new one signs every such session out.
+    #[arg(long, env = "MIXD_SESSION_KEY", value_parser = parse_session_key)]
+    pub session_key: Option<Secret>,
+    /// How long a browser session opened with an admin key lasts (e.g. 30m, 12h).
+    #[arg(long, env = "MIXD_SESSION_TTL", default_value = "12h", value_parser = parse_session_ttl)]
+    pub session_ttl: Duration,
     /// Serve without access control on a non-loopback address (only where nobody else can reach it).
     #[arg(long, env = "MIXD_NO_AUTH")]
     pub no_auth: bool,
@@ -139,6 +147,18 @@ fn parse_cache_size(text: &str) -> Result<f64, String> {
         Ok(gb) if gb.is_finite() && gb >= 0.0 => Ok(gb),
         _ => Err("expected a size in GB, e.g. 10 or 0.5".into()),
     }
+}
+
+fn parse_session_key(text: &str) -> Result<Secret, String> {
+    parse_api_key(text).map_err(|_| format!("a session key must be at least {} characters", crate::access::MIN_SECRET_LEN))
+}
+
+fn parse_session_ttl(text: &str) -> Result<Duration, String> {
+    let ttl = parse_duration(text)?;
+    if ttl < Duration::from_secs(1) {
+        return Err("a session lasts at least 1s".into());
+    }
+    Ok(ttl)
 }
 
 fn parse_lease(text: &str) -> Result<Duration, String> {

@@ -104,11 +104,17 @@ impl Application {
         .await
         .context("opening the job store")?;
         let listener = listen(config.addr, config.listen_backlog).with_context(|| format!("binding {}", config.addr))?;
-        let keys = Keys::new(&config.api_keys, &config.token_keys.token_keys);
+        // Browser sessions opened with an admin key are signed with `--session-key`, or one made at
+        // the first start and kept in the job store, so that every node verifies them.
+        let session_key = match &config.session_key {
+            Some(key) => key.expose().to_string(),
+            None => jobs.server_secret("session_key", || WebhookSecret::generate().as_str().to_string()).await.context("reading the session key")?,
+        };
+        let keys = Keys::new(&config.api_keys, &config.token_keys.token_keys).with_sessions(session_key.as_bytes(), config.session_ttl);
         let webhook_secret = match &config.webhook_secret {
             Some(secret) => secret.clone(),
             None => {
-                let stored = jobs.webhook_secret(|| WebhookSecret::generate().as_str().to_string()).await.context("reading the webhook secret")?;
+                let stored = jobs.server_secret("webhook_secret", || WebhookSecret::generate().as_str().to_string()).await.context("reading the webhook secret")?;
                 WebhookSecret::parse(&stored).map_err(|err| anyhow::anyhow!("the stored webhook secret: {err}"))?
             }
         };

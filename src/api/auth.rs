@@ -11,6 +11,8 @@
 use axum::extract::{FromRequestParts, MatchedPath, Query, RawPathParams, Request, State};
 use axum::http::{header, HeaderMap, Method};
 use axum::middleware::Next;
+use std::net::IpAddr;
+
 use axum::response::Response;
 use serde::Deserialize;
 
@@ -99,9 +101,10 @@ pub async fn authorize(State(app): State<AppState>, request: Request, next: Next
         rule(&parts.method, route.strip_prefix("/api").unwrap_or(route))
     };
     let is_upgrade = rule.websocket && parts.headers.get(header::UPGRADE).is_some();
+    let authority = request_authority(&parts)?;
 
     let caller = if app.keys.any() {
-        if is_upgrade && !origin_allowed(&app, &parts.headers) {
+        if is_upgrade && !origin_allowed(&app, &parts.headers, authority.as_ref()) {
             return Err(ApiError::Forbidden);
         }
         match authenticate(&app, &parts, rule) {
@@ -111,11 +114,11 @@ pub async fn authorize(State(app): State<AppState>, request: Request, next: Next
             Err(refused) => return Err(refused),
         }
     } else {
-        if app.config.addr.ip().is_loopback() && !host_is_loopback(&parts) {
+        if app.config.addr.ip().is_loopback() && !host_is_loopback(authority.as_ref()) {
             return Err(ApiError::Forbidden);
         }
         let changes_state = matches!(parts.method, Method::POST | Method::DELETE | Method::PUT | Method::PATCH);
-        if (changes_state || is_upgrade) && !origin_allowed(&app, &parts.headers) {
+        if (changes_state || is_upgrade) && !origin_allowed(&app, &parts.headers, authority.as_ref()) {
             return Err(ApiError::Forbidden);
         }
         Caller::Open
@@ -156,7 +159,13 @@ fn authenticate(app: &AppState, parts: &axum::http::request::Parts, rule: Rule) 
         return app.keys.verify(credential).map_err(|_| ApiError::Unauthorized);
     }
     if let Some(credential) = session_cookie(&parts.headers) {
-        return app.keys.verify(credential).map_err(|_| ApiError::Unauthorized);
+        // The server never puts an admin key in the cookie (`POST /session` signs a session in
+        // its stead): one found there was put by someone else, or by an older server, and is not
+        // taken.
+        return match app.keys.verify(credential) {
+            Ok(Caller::Admin) | Err(_) => Err(ApiError::Unauthorized),
+            Ok(caller) => Ok(caller),
+        };
     }
     let from_query = Query::<AccessTokenQuery>::try_from_uri(&parts.uri).ok().and_then(|Query(q)| q.access_token);
     if let Some(credential) = from_query {
@@ -190,29 +199,102 @@ fn session_cookie(headers: &HeaderMap) -> Option<&str> {
         .filter(|value| !value.is_empty())
 }
 
-/// Whether the request is addressed to a loopback name or address (its `Host`, or the authority
-/// of an HTTP/2 request), port aside.
-fn host_is_loopback(parts: &axum::http::request::Parts) -> bool {
-    let authority = parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).or_else(|| parts.uri.authority().map(|a| a.as_str()));
-    let Some(authority) = authority else { return false };
-    let host = match authority.strip_prefix('[') {
-        Some(bracketed) => bracketed.split(']').next().unwrap_or_default(),
-        None => authority.rsplit_once(':').map_or(authority, |(host, _)| host),
-    };
-    let ends_with = |suffix: &str| host.len() >= suffix.len() && host[host.len() - suffix.len()..].eq_ignore_ascii_case(suffix);
-    host.eq_ignore_ascii_case("localhost") || ends_with(".localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+/// A request's authority as RFC 3986 has it: a host (a bracketed IPv6 address, or an IPv4
+/// address or a name of letters, digits, `-` and `.`), then an optional `:port` of digits, and
+/// nothing else.
+#[derive(Debug, PartialEq)]
+struct Authority<'a> {
+    host: Host<'a>,
+    port: Option<u16>,
 }
 
-/// No `Origin` (not a browser), the server's own, or one listed with `--allowed-origin`.
-fn origin_allowed(app: &AppState, headers: &HeaderMap) -> bool {
+#[derive(Debug, PartialEq)]
+enum Host<'a> {
+    Ip(IpAddr),
+    Name(&'a str),
+}
+
+impl Host<'_> {
+    fn same(&self, other: &Host) -> bool {
+        match (self, other) {
+            (Host::Ip(a), Host::Ip(b)) => a == b,
+            (Host::Name(a), Host::Name(b)) => a.eq_ignore_ascii_case(b),
+            _ => false,
+        }
+    }
+}
+
+fn parse_authority(text: &str) -> Option<Authority<'_>> {
+    let (host, rest) = match text.strip_prefix('[') {
+        Some(bracketed) => {
+            let (inside, rest) = bracketed.split_once(']')?;
+            (Host::Ip(IpAddr::V6(inside.parse().ok()?)), rest)
+        }
+        None => {
+            let (name, rest) = text.split_at(text.find(':').unwrap_or(text.len()));
+            if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.') {
+                return None;
+            }
+            (name.parse().map_or(Host::Name(name), |ip: std::net::Ipv4Addr| Host::Ip(IpAddr::V4(ip))), rest)
+        }
+    };
+    let port = match rest {
+        "" => None,
+        _ => {
+            let digits = rest.strip_prefix(':')?;
+            if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            Some(digits.parse().ok()?)
+        }
+    };
+    Some(Authority { host, port })
+}
+
+/// The authority the request is addressed to (its `Host`, or an HTTP/2 request's authority);
+/// `Err` when it is there but is not one (two `Host` headers, or one that no client should send:
+/// `[::1].evil.com`, `localhost:80, evil.com`).
+fn request_authority(parts: &axum::http::request::Parts) -> Result<Option<Authority<'_>>, ApiError> {
+    let malformed = || ApiError::BadRequest("the Host header is not a host with an optional port".into());
+    let mut hosts = parts.headers.get_all(header::HOST).iter();
+    let text = match (hosts.next(), hosts.next()) {
+        (Some(_), Some(_)) => return Err(malformed()),
+        (Some(host), None) => host.to_str().map_err(|_| malformed())?,
+        (None, _) => match parts.uri.authority() {
+            Some(authority) => authority.as_str(),
+            None => return Ok(None),
+        },
+    };
+    parse_authority(text).map(Some).ok_or_else(malformed)
+}
+
+/// Whether the request is addressed to a loopback name or address, port aside.
+fn host_is_loopback(authority: Option<&Authority>) -> bool {
+    match authority.map(|authority| &authority.host) {
+        Some(Host::Name(name)) => {
+            let ends_with = |suffix: &str| name.len() >= suffix.len() && name[name.len() - suffix.len()..].eq_ignore_ascii_case(suffix);
+            name.eq_ignore_ascii_case("localhost") || ends_with(".localhost")
+        }
+        Some(Host::Ip(ip)) => ip.to_canonical().is_loopback(),
+        None => false,
+    }
+}
+
+/// No `Origin` (not a browser), one listed with `--allowed-origin`, or the server's own: `http`,
+/// and the host and port the request is addressed to. The whole origin is compared: a page at
+/// `https://127.0.0.1:P` or `x://127.0.0.1:P` is not the server at `http://127.0.0.1:P`. A server
+/// reached over TLS (behind a proxy) lists its `https://` origin with `--allowed-origin`.
+fn origin_allowed(app: &AppState, headers: &HeaderMap, authority: Option<&Authority>) -> bool {
     let Some(origin) = headers.get(header::ORIGIN) else { return true };
     let Ok(origin) = origin.to_str() else { return false };
     if app.config.allowed_origins.iter().any(|allowed| allowed.trim_end_matches('/').eq_ignore_ascii_case(origin)) {
         return true;
     }
-    let own_host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
-    let origin_host = origin.split_once("://").map(|(_, rest)| rest);
-    matches!((own_host, origin_host), (Some(own), Some(origin)) if own.eq_ignore_ascii_case(origin))
+    let Some(own) = authority else { return false };
+    let Some((scheme, rest)) = origin.split_once("://") else { return false };
+    let Some(origin) = parse_authority(rest) else { return false };
+    let default_port = |port: Option<u16>| port.unwrap_or(80);
+    scheme.eq_ignore_ascii_case("http") && origin.host.same(&own.host) && default_port(origin.port) == default_port(own.port)
 }
 
 #[cfg(test)]
@@ -244,5 +326,37 @@ mod tests {
         assert_eq!(session_cookie(&headers), Some("t0k"));
         headers.insert(header::COOKIE, "mixd_tokenx=1; mixd_token=".parse().unwrap());
         assert_eq!(session_cookie(&headers), None);
+    }
+
+    #[test]
+    fn a_host_is_an_authority_and_nothing_else() {
+        let ip = |text: &str| Host::Ip(text.parse().unwrap());
+        assert_eq!(parse_authority("localhost"), Some(Authority { host: Host::Name("localhost"), port: None }));
+        assert_eq!(parse_authority("127.0.0.1:8080"), Some(Authority { host: ip("127.0.0.1"), port: Some(8080) }));
+        assert_eq!(parse_authority("[::1]:80"), Some(Authority { host: ip("::1"), port: Some(80) }));
+        assert_eq!(parse_authority("Mixd.Localhost"), Some(Authority { host: Host::Name("Mixd.Localhost"), port: None }));
+        for refused in [
+            "[::1].evil.com",
+            "[::1]evil.com:80",
+            "localhost:80, evil.com",
+            "localhost:",
+            "localhost:99999",
+            "[::1",
+            "[evil]",
+            "",
+            ":80",
+            "a b",
+            "user@localhost",
+            "localhost:8o",
+        ] {
+            assert_eq!(parse_authority(refused), None, "{refused}");
+        }
+        let loopback = |text: &str| host_is_loopback(parse_authority(text).as_ref());
+        for host in ["localhost", "LOCALHOST:1", "a.localhost", "127.0.0.2", "[::1]", "[::ffff:127.0.0.1]:8080"] {
+            assert!(loopback(host), "{host}");
+        }
+        for host in ["localhost.evil.com", "evil.com", "10.0.0.1", "[::2]", "localhostx"] {
+            assert!(!loopback(host), "{host}");
+        }
     }
 }

@@ -32,7 +32,8 @@ pub struct Identity {
     pub project_id: Option<ProjectId>,
     pub scope: Option<Scope>,
     pub subject: Option<String>,
-    /// RFC 3339; null for an admin key or an open server.
+    /// RFC 3339; null for an admin key sent as itself (a session opened with one expires) or an
+    /// open server.
     pub expires_at: Option<String>,
 }
 
@@ -41,6 +42,7 @@ impl Identity {
         match caller {
             Caller::Open => Self { kind: "open", project_id: None, scope: None, subject: None, expires_at: None },
             Caller::Admin => Self { kind: "admin", project_id: None, scope: None, subject: None, expires_at: None },
+            Caller::Session { expires_at } => Self { kind: "admin", project_id: None, scope: None, subject: None, expires_at: Some(rfc3339(*expires_at)) },
             Caller::Token(grant) => Self {
                 kind: "token",
                 project_id: Some(grant.project.clone()),
@@ -52,19 +54,30 @@ impl Identity {
     }
 }
 
-/// Trades a token or key for the `mixd_token` cookie (`HttpOnly; SameSite=Strict`).
+/// Trades a token or key for the `mixd_token` cookie (`HttpOnly; SameSite=Strict`). For an admin
+/// key the cookie holds a session the server signs, with the key's rights until it expires
+/// (`--session-ttl`), never the key itself.
 #[utoipa::path(post, path = "/session", tag = "access",
     request_body = SessionRequest,
     responses((status = 200, body = Envelope<Identity>, headers(("Set-Cookie" = String))), (status = 400, body = ErrorEnvelope, description = "BAD_REQUEST"),
         (status = 401, body = ErrorEnvelope, description = "UNAUTHORIZED")))]
 pub async fn create(State(app): State<AppState>, ApiJson(request): ApiJson<SessionRequest>) -> Result<Response, ApiError> {
     let caller = app.keys.verify(&request.token).map_err(|_| ApiError::Unauthorized)?;
-    let cookie_safe = request.token.chars().all(|c| c.is_ascii_graphic() && !";,\"\\".contains(c));
+    // An admin key is never kept in the cookie: a session the server signs stands in for it, so a
+    // stolen cookie expires, is not the key, and ends for everyone when the session key changes.
+    let (caller, value) = match caller {
+        Caller::Admin => {
+            let (session, expires_at) = app.keys.open_session().ok_or_else(|| ApiError::Internal("no session key".into()))?;
+            (Caller::Session { expires_at }, session)
+        }
+        other => (other, request.token),
+    };
+    let cookie_safe = value.chars().all(|c| c.is_ascii_graphic() && !";,\"\\".contains(c));
     if !cookie_safe {
         return Err(ApiError::BadRequest("this credential cannot be kept in a cookie: send it in the Authorization header".into()));
     }
     let max_age = caller.expires_at().map(|at| at.duration_since(SystemTime::now()).unwrap_or_default().as_secs());
-    Ok(with_session_cookie(&app, respond(StatusCode::OK, Identity::of(&caller), "Signed in"), &request.token, max_age))
+    Ok(with_session_cookie(&app, respond(StatusCode::OK, Identity::of(&caller), "Signed in"), &value, max_age))
 }
 
 /// Sets the session cookie: `HttpOnly` (no script reads it), `SameSite=Strict` (no other site's

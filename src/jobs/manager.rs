@@ -169,9 +169,10 @@ impl Jobs {
         self.inner.owner
     }
 
-    /// The webhook secret kept in the job store, made by `generate` at the first start.
-    pub async fn webhook_secret(&self, generate: impl FnOnce() -> String + Send + 'static) -> Result<String, JobError> {
-        Ok(self.inner.store.webhook_secret(generate).await?)
+    /// A secret kept in the job store for every node (`webhook_secret`, `session_key`), made by
+    /// `generate` at the first start.
+    pub async fn server_secret(&self, name: &'static str, generate: impl FnOnce() -> String + Send + 'static) -> Result<String, JobError> {
+        Ok(self.inner.store.setting(name, generate).await?)
     }
 
     /// Answers when the store can be reached.

@@ -10,6 +10,7 @@
 
 mod dispatch;
 mod outbox;
+mod special;
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -98,39 +99,11 @@ pub fn check_url(text: &str, allow_private: bool) -> Result<url::Url, UrlError> 
     }
 }
 
-/// Whether a webhook may connect to `ip`: not loopback, private, link-local, CGNAT, unique-local,
-/// IPv4-mapped (an IPv6 spelling of any IPv4 address), unspecified, multicast or reserved.
+/// Whether a webhook may connect to `ip`: not in any block of the special-purpose registries
+/// ([`special::special_purpose`]: loopback, private, link-local, CGNAT, unique-local, the blocks
+/// that embed or lead to an IPv4 address, documentation, benchmarking, discard, multicast, ...).
 pub fn is_public(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => {
-            let [a, b, ..] = v4.octets();
-            !(v4.is_loopback()
-                || v4.is_private()
-                || v4.is_link_local()
-                || v4.is_unspecified()
-                || v4.is_broadcast()
-                || v4.is_multicast()
-                || v4.is_documentation()
-                || a == 0
-                || (a == 100 && (64..128).contains(&b))
-                || (a == 192 && b == 0 && v4.octets()[2] == 0)
-                || (a == 198 && (18..20).contains(&b))
-                || a >= 240)
-        }
-        IpAddr::V6(v6) => {
-            let first = v6.segments()[0];
-            !(v6.is_loopback()
-                || v6.is_unspecified()
-                || v6.is_multicast()
-                || v6.to_ipv4_mapped().is_some()
-                || v6.to_ipv4().is_some()
-                || (first & 0xfe00) == 0xfc00
-                || (first & 0xffc0) == 0xfe80
-                || (first & 0xffc0) == 0xfec0
-                || first == 0x2001 && v6.segments()[1] == 0x0db8
-                || first == 0x0064 && v6.segments()[1] == 0xff9b)
-        }
-    }
+    special::special_purpose(ip).is_none()
 }
 
 /// The waits before each retry: about 5 s, 5 min, 30 min, 2 h, 5 h, 10 h, 10 h; a delivery not
@@ -202,6 +175,16 @@ mod tests {
             "http://0x7f000001/",
             "http://2130706433/",
             "http://0.0.0.0/",
+            // IPv6 forms that embed IPv4 or lead elsewhere: 6to4 of 127.0.0.1, Teredo, NAT64, discard.
+            "http://[2002:7f00:1::]/",
+            "http://[2001:0:4136:e378:8000:63bf:3fff:fdd2]/",
+            "http://[64:ff9b::a00:1]/",
+            "http://[64:ff9b:1::1]/",
+            "http://[100::1]/",
+            "http://[3fff::1]/",
+            "http://[ff02::1]/",
+            "http://198.18.0.1/",
+            "http://224.0.0.1/",
         ] {
             assert!(matches!(check_url(refused, false), Err(UrlError::NotPublic(_))), "{refused}");
             check_url(refused, true).expect("allowed with --webhook-allow-private");

@@ -279,6 +279,14 @@ async fn a_session_cookie_signs_a_browser_in_and_a_foreign_origin_cannot_use_it_
         Err(tokio_tungstenite::tungstenite::Error::Http(response)) => assert_eq!(response.status(), 403),
         other => panic!("a foreign origin upgraded: {other:?}"),
     }
+    // The same host and port under another scheme is another origin.
+    let mut request = url.as_str().into_client_request().unwrap();
+    request.headers_mut().insert("cookie", format!("mixd_token={read}").parse().unwrap());
+    request.headers_mut().insert("origin", app.address.replace("http://", "https://").parse().unwrap());
+    match tokio_tungstenite::connect_async(request).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => assert_eq!(response.status(), 403),
+        other => panic!("an https origin upgraded on an http server: {other:?}"),
+    }
     // From the server's own page it opens.
     let mut request = url.as_str().into_client_request().unwrap();
     request.headers_mut().insert("cookie", format!("mixd_token={read}").parse().unwrap());
@@ -371,6 +379,19 @@ async fn open_on_loopback_means_open_to_this_machine_only() {
     for host in ["localhost", "127.0.0.1", "[::1]:8080", "mixd.localhost:1"] {
         assert_eq!(anonymous().get(app.url("/mix/p1/mix/jobs")).header("host", host).send().await.unwrap().status(), 200, "{host}");
     }
+    // Authorities no client sends, which a loose reading took for loopback: 400, not served.
+    for host in ["[::1].evil.com", "[::1]evil.com:80", "localhost:80, evil.com", "localhost:8o", "127.0.0.1:99999"] {
+        let response = anonymous().get(app.url("/mix/p1/mix/jobs")).header("host", host).send().await.unwrap();
+        assert_eq!(response.status(), 400, "{host}");
+        assert_eq!(response.json::<Value>().await.unwrap()["error"], "BAD_REQUEST", "{host}");
+    }
+    // The whole origin is compared, scheme included: a page at https:// or x:// on the same host
+    // and port is not the server at http://.
+    let (host, port) = app.address.trim_start_matches("http://").split_once(':').unwrap();
+    for origin in [format!("https://{host}:{port}"), format!("x://{host}:{port}"), format!("http://{host}:{}", port.parse::<u16>().unwrap() - 1)] {
+        let response = anonymous().post(app.url("/mix/p1/mix/start")).header("origin", &origin).send().await.unwrap();
+        assert_eq!(response.status(), 403, "{origin}");
+    }
     // A page elsewhere posting to the server: refused; the server's own page: accepted.
     let foreign = anonymous().post(app.url("/mix/p1/mix/start")).header("origin", "https://evil.example").send().await.unwrap();
     assert_eq!(foreign.status(), 403);
@@ -400,4 +421,35 @@ async fn credentials_never_reach_the_log() {
     for line in &lines {
         assert!(!line.contains(signature) && !line.contains(ADMIN_KEY) && !line.contains("access_token"), "{line}");
     }
+}
+
+/// `POST /session` with an admin key used to keep the key itself in the cookie, with no expiry:
+/// a stolen cookie was the key, for ever. The cookie now holds a session the server signs, which
+/// expires (12 h by default), is not the key, and ends when the session key changes; a cookie
+/// holding a raw key is not taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_signs_in_with_a_session_that_is_not_the_key_and_ends_with_its_key() {
+    const SESSION_KEY: &str = "session-key-a-0123456789abcdef-0123456789";
+    let with_key = |key: &'static str| move |config: &mut mixd::config::Config| config.session_key = Some(mixd::access::parse_api_key(key).unwrap());
+    let app = spawn_app_with(with_key(SESSION_KEY)).await;
+    let response = anonymous().post(app.url("/session")).json(&json!({"token": ADMIN_KEY})).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let cookie = response.headers()["set-cookie"].to_str().unwrap().to_string();
+    assert!(!cookie.contains(ADMIN_KEY), "the key itself is not in the cookie: {cookie}");
+    let max_age: u64 = cookie.split("Max-Age=").nth(1).expect("the cookie expires").parse().unwrap();
+    assert!((12 * 3600 - 5..=12 * 3600).contains(&max_age), "{cookie}");
+    let session = cookie.strip_prefix("mixd_token=").unwrap().split(';').next().unwrap().to_string();
+    let identity: Value = response.json().await.unwrap();
+    assert_eq!(identity["data"]["kind"], "admin");
+    assert!(identity["data"]["expires_at"].is_string(), "{identity}");
+
+    let metrics = |app: &TestApp, cookie: String| anonymous().get(app.url("/metrics")).header("cookie", cookie).send();
+    assert_eq!(metrics(&app, format!("mixd_token={session}")).await.unwrap().status(), 200, "the session has the key's rights");
+    assert_eq!(metrics(&app, format!("mixd_token={ADMIN_KEY}")).await.unwrap().status(), 401, "a raw key in the cookie is not taken");
+    // Revoked by rotating the session key: a server signing with another key refuses the session,
+    // one with the same key takes it.
+    let rotated = spawn_app_with(with_key("session-key-b-0123456789abcdef-0123456789")).await;
+    assert_eq!(metrics(&rotated, format!("mixd_token={session}")).await.unwrap().status(), 401);
+    let same = spawn_app_with(with_key(SESSION_KEY)).await;
+    assert_eq!(metrics(&same, format!("mixd_token={session}")).await.unwrap().status(), 200);
 }

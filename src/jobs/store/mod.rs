@@ -148,9 +148,10 @@ impl Store {
         each_store!(self, store => store.changed().await)
     }
 
-    /// The webhook secret kept in the store, made by `generate` the first time.
-    pub async fn webhook_secret(&self, generate: impl FnOnce() -> String + Send + 'static) -> Result<String, StoreError> {
-        each_store!(self, store => store.webhook_secret(generate).await)
+    /// The server setting `name` kept in the store (a generated secret), made by `generate` the
+    /// first time; nodes starting together agree on one.
+    pub async fn setting(&self, name: &'static str, generate: impl FnOnce() -> String + Send + 'static) -> Result<String, StoreError> {
+        each_store!(self, store => store.setting(name, generate).await)
     }
 
     /// Claims up to `limit` deliveries due at `now_ms` for [`DELIVERY_CLAIM`].

@@ -319,10 +319,10 @@ impl PgStore {
         Ok(listener)
     }
 
-    pub async fn webhook_secret(&self, generate: impl FnOnce() -> String + Send + 'static) -> Result<String, StoreError> {
+    pub async fn setting(&self, name: &'static str, generate: impl FnOnce() -> String + Send + 'static) -> Result<String, StoreError> {
         // Nodes starting together agree on one secret: the first insert wins.
-        sqlx::query("INSERT INTO server_settings (key, value) VALUES ('webhook_secret', $1) ON CONFLICT (key) DO NOTHING").bind(generate()).execute(&self.pool).await?;
-        Ok(sqlx::query_scalar("SELECT value FROM server_settings WHERE key = 'webhook_secret'").fetch_one(&self.pool).await?)
+        sqlx::query("INSERT INTO server_settings (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING").bind(name).bind(generate()).execute(&self.pool).await?;
+        Ok(sqlx::query_scalar("SELECT value FROM server_settings WHERE key = $1").bind(name).fetch_one(&self.pool).await?)
     }
 
     pub async fn due_deliveries(&self, now_ms: i64, limit: usize) -> Result<Vec<PendingDelivery>, StoreError> {

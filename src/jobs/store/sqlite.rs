@@ -427,15 +427,15 @@ impl SqliteStore {
         true
     }
 
-    pub async fn webhook_secret(&self, generate: impl FnOnce() -> String + Send + 'static) -> Result<String, StoreError> {
+    pub async fn setting(&self, name: &'static str, generate: impl FnOnce() -> String + Send + 'static) -> Result<String, StoreError> {
         self.run(move |conn| {
-            let stored: Option<String> = conn.query_row("SELECT value FROM server_settings WHERE key = 'webhook_secret'", [], |row| row.get(0)).optional()?;
-            if let Some(secret) = stored {
-                return Ok(secret);
+            let stored: Option<String> = conn.query_row("SELECT value FROM server_settings WHERE key = ?1", params![name], |row| row.get(0)).optional()?;
+            if let Some(value) = stored {
+                return Ok(value);
             }
-            let secret = generate();
-            conn.execute("INSERT INTO server_settings (key, value) VALUES ('webhook_secret', ?1)", params![secret])?;
-            Ok(secret)
+            let value = generate();
+            conn.execute("INSERT INTO server_settings (key, value) VALUES (?1, ?2)", params![name, value])?;
+            Ok(value)
         })
         .await
     }
