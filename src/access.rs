@@ -25,6 +25,9 @@ const SESSION_AUDIENCE: &str = "mixd-session";
 pub const DEFAULT_SESSION_TTL: Duration = Duration::from_secs(12 * 3600);
 /// Secrets shorter than this are refused at start: they could be guessed.
 pub const MIN_SECRET_LEN: usize = 32;
+/// The latest expiry any credential may claim, 9999-12-31T23:59:59Z: a time claim past it (2^63,
+/// 10^15) would overflow the clocks streams are timed with, and is no credential anyone minted.
+const LATEST_EXPIRY: u64 = 253_402_300_799;
 /// The longest a token minted here lives.
 pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
 
@@ -269,8 +272,7 @@ impl Keys {
         validation.set_required_spec_claims(&["exp", "aud"]);
         validation.leeway = 0;
         let claims = jsonwebtoken::decode::<SessionClaims>(token, &key.decoding, &validation).map_err(|_| Unverified)?.claims;
-        let expires_at = UNIX_EPOCH.checked_add(Duration::from_secs(claims.exp)).ok_or(Unverified)?;
-        Ok(Caller::Session { expires_at })
+        Ok(Caller::Session { expires_at: expiry(claims.exp)? })
     }
 
     /// Whether any key is configured: without one, access control is off.
@@ -313,7 +315,7 @@ impl Keys {
         validation.validate_nbf = true;
         validation.leeway = 0;
         let claims = jsonwebtoken::decode::<Claims>(token, &key.decoding, &validation).map_err(|_| Unverified)?.claims;
-        Ok(Grant { project: claims.prj, scope: claims.scope, subject: claims.sub, expires_at: UNIX_EPOCH + Duration::from_secs(claims.exp) })
+        Ok(Grant { project: claims.prj, scope: claims.scope, subject: claims.sub, expires_at: expiry(claims.exp)? })
     }
 
     /// A token for `project` with `scope`, living `ttl`, signed with the first token key.
@@ -338,6 +340,11 @@ pub enum MintError {
     NoTokenKey,
     #[error("a token lives 1 second to 24 hours")]
     Ttl,
+}
+
+/// An `exp` claim as a time, if it is one a credential may have.
+fn expiry(exp: u64) -> Result<SystemTime, Unverified> {
+    (exp <= LATEST_EXPIRY).then(|| UNIX_EPOCH + Duration::from_secs(exp)).ok_or(Unverified)
 }
 
 fn digest(text: &str) -> [u8; 32] {

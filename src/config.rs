@@ -84,6 +84,10 @@ pub struct Config {
     /// listens on loopback.
     #[arg(long = "api-key", env = "MIXD_API_KEYS", value_delimiter = ',', value_parser = parse_api_key)]
     pub api_keys: Vec<Secret>,
+    /// A file of admin keys, one per line (blank lines and `#` comments skipped): unlike
+    /// `--api-key`, keys read from a file do not show in `ps`.
+    #[arg(long, env = "MIXD_API_KEY_FILE")]
+    pub api_key_file: Option<PathBuf>,
     #[command(flatten)]
     pub token_keys: TokenKeys,
     /// The key browser sessions opened with an admin key are signed with (at least 32
@@ -97,6 +101,12 @@ pub struct Config {
     /// Serve without access control on a non-loopback address (only where nobody else can reach it).
     #[arg(long, env = "MIXD_NO_AUTH")]
     pub no_auth: bool,
+    /// Host names or addresses an open server (no keys) answers to besides loopback ones and the
+    /// address it listens on, e.g. its LAN name or address with --no-auth on 0.0.0.0
+    /// (comma-separated in the environment). Any other Host gets 403: a DNS-rebinding page
+    /// addresses the server under a name of its own.
+    #[arg(long = "allowed-host", env = "MIXD_ALLOWED_HOSTS", value_delimiter = ',')]
+    pub allowed_hosts: Vec<String>,
     /// Origins allowed to call from a browser (CORS, with credentials) and to open WebSockets,
     /// e.g. https://app.example.com (comma-separated in the environment).
     #[arg(long = "allowed-origin", env = "MIXD_ALLOWED_ORIGINS", value_delimiter = ',')]
@@ -194,15 +204,39 @@ impl Config {
         self.max_upload_mb * 1024 * 1024
     }
 
+    /// Whether the server listens on a loopback address, however it is spelled (`::ffff:127.0.0.1`
+    /// is 127.0.0.1).
+    pub fn on_loopback(&self) -> bool {
+        self.addr.ip().to_canonical().is_loopback()
+    }
+
     /// Access control is on when any key is configured.
     pub fn has_keys(&self) -> bool {
         !self.api_keys.is_empty() || !self.token_keys.token_keys.is_empty()
     }
 
+    /// Checks every flag whose value clap cannot judge alone, before anything is bound or opened:
+    /// a mistake is a start-up error naming the flag, never a panic after the server said it
+    /// listens.
+    pub fn check(&mut self) -> Result<(), String> {
+        if let Some(file) = &self.api_key_file {
+            let text = std::fs::read_to_string(file).map_err(|err| format!("--api-key-file {}: {err}", file.display()))?;
+            for (number, line) in text.lines().enumerate().filter(|(_, line)| !line.trim().is_empty() && !line.trim_start().starts_with('#')) {
+                let key = parse_api_key(line).map_err(|err| format!("--api-key-file {} line {}: {err}", file.display(), number + 1))?;
+                self.api_keys.push(key);
+            }
+        }
+        self.check_exposure()?;
+        for origin in &self.allowed_origins {
+            check_origin(origin).map_err(|reason| format!("--allowed-origin {origin:?}: {reason}"))?;
+        }
+        Ok(())
+    }
+
     /// Refuses to serve open beyond this machine unless told to: an open server on a network
     /// lets anyone upload, mix, read and delete every project.
     pub fn check_exposure(&self) -> Result<(), String> {
-        if self.has_keys() || self.no_auth || self.addr.ip().is_loopback() {
+        if self.has_keys() || self.no_auth || self.on_loopback() {
             return Ok(());
         }
         Err(format!(
@@ -211,6 +245,25 @@ impl Config {
             self.addr
         ))
     }
+}
+
+/// A browser origin as `--allowed-origin` takes it: `http(s)://host[:port]`, nothing more. CORS
+/// with credentials cannot allow `*`, and a path or a wildcard matches no origin a browser sends.
+fn check_origin(origin: &str) -> Result<(), String> {
+    let origin = origin.trim_end_matches('/');
+    let url = url::Url::parse(origin).map_err(|_| "not an origin: write it as http(s)://host[:port]".to_string())?;
+    if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+        return Err("an origin is http(s)://host[:port]".into());
+    }
+    if let Some(url::Host::Domain(name)) = url.host() {
+        if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.') {
+            return Err("a host name is letters, digits, '-' and '.': no wildcard matches an origin".into());
+        }
+    }
+    if url.origin().ascii_serialization() != origin.to_ascii_lowercase() {
+        return Err("an origin is a scheme, a host and an optional port, with no path, query or credentials".into());
+    }
+    Ok(())
 }
 
 /// `90`, `90s`, `15m`, `24h` or `7d`.
@@ -251,6 +304,37 @@ mod tests {
         config.no_auth = false;
         config.api_keys = vec![parse_api_key(&"k".repeat(32)).unwrap()];
         config.check_exposure().expect("with a key, any address");
+    }
+
+    #[test]
+    fn allowed_origins_are_origins_or_the_server_does_not_start() {
+        let mut config = Config::with_data_dir("somewhere");
+        for good in ["https://app.example.com", "http://localhost:3000", "https://app.example.com/"] {
+            config.allowed_origins = vec![good.into()];
+            config.check().unwrap_or_else(|err| panic!("{good}: {err}"));
+        }
+        for bad in ["*", "https://*.example.com", "app.example.com", "https://app.example.com/path", "ftp://example.com", "https://user@example.com", "null"] {
+            config.allowed_origins = vec![bad.into()];
+            let err = config.check().unwrap_err();
+            assert!(err.starts_with(&format!("--allowed-origin {bad:?}")), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn admin_keys_are_read_from_a_file_line_by_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("keys");
+        std::fs::write(&file, format!("# the ops team\n{}\n\n  {}  \n", "a".repeat(32), "b".repeat(40))).unwrap();
+        let mut config = Config::with_data_dir("somewhere");
+        config.api_key_file = Some(file.clone());
+        config.check().unwrap();
+        assert_eq!(config.api_keys, [parse_api_key(&"a".repeat(32)).unwrap(), parse_api_key(&"b".repeat(40)).unwrap()]);
+        assert!(config.has_keys());
+        std::fs::write(&file, "short\n").unwrap();
+        let mut config = Config::with_data_dir("somewhere");
+        config.api_key_file = Some(file);
+        let err = config.check().unwrap_err();
+        assert!(err.contains("line 1") && err.contains("at least 32") && !err.contains("short"), "{err}");
     }
 
     #[test]

@@ -66,8 +66,8 @@ pub struct Application {
 }
 
 impl Application {
-    pub async fn build(config: Config) -> anyhow::Result<Self> {
-        config.check_exposure().map_err(anyhow::Error::msg)?;
+    pub async fn build(mut config: Config) -> anyhow::Result<Self> {
+        config.check().map_err(anyhow::Error::msg)?;
         std::fs::create_dir_all(&config.data_dir).with_context(|| format!("creating the data root {}", config.data_dir.display()))?;
         let layout = MediaLayout::new(&config.data_dir);
         let location = match &config.database_url {

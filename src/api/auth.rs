@@ -114,7 +114,9 @@ pub async fn authorize(State(app): State<AppState>, request: Request, next: Next
             Err(refused) => return Err(refused),
         }
     } else {
-        if app.config.addr.ip().is_loopback() && !host_is_loopback(authority.as_ref()) {
+        // On any address, loopback or not (`--no-auth`): a DNS-rebinding page addresses the
+        // server under a name of its own.
+        if !host_allowed(&app, authority.as_ref()) {
             return Err(ApiError::Forbidden);
         }
         let changes_state = matches!(parts.method, Method::POST | Method::DELETE | Method::PUT | Method::PATCH);
@@ -266,6 +268,24 @@ fn request_authority(parts: &axum::http::request::Parts) -> Result<Option<Author
         },
     };
     parse_authority(text).map(Some).ok_or_else(malformed)
+}
+
+/// Whether an open server answers a request addressed to `authority`: a loopback name or
+/// address, the address it listens on, or a name listed with `--allowed-host`.
+fn host_allowed(app: &AppState, authority: Option<&Authority>) -> bool {
+    if host_is_loopback(authority) {
+        return true;
+    }
+    match authority.map(|authority| &authority.host) {
+        Some(Host::Ip(ip)) => {
+            let ip = ip.to_canonical();
+            let bound = app.config.addr.ip();
+            (!bound.is_unspecified() && ip == bound.to_canonical())
+                || app.config.allowed_hosts.iter().any(|allowed| allowed.trim_matches(['[', ']']).parse::<IpAddr>().is_ok_and(|allowed| allowed.to_canonical() == ip))
+        }
+        Some(Host::Name(name)) => app.config.allowed_hosts.iter().any(|allowed| allowed.eq_ignore_ascii_case(name)),
+        None => false,
+    }
 }
 
 /// Whether the request is addressed to a loopback name or address, port aside.

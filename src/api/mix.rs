@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::State;
+use axum::extract::{Extension, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
@@ -14,10 +14,11 @@ use utoipa::{IntoParams, ToSchema};
 use super::error::{body_error, respond, respond_serialised, ApiError, Envelope, ErrorEnvelope};
 use super::extract::{ApiQuery, JobPath, ProjectPath};
 use super::state::AppState;
+use crate::access::{Caller, Right};
 use crate::audio::{MixReport, MixSettings};
 use crate::ids::{JobId, ProjectId};
 use crate::jobs::{Attempt, JobEvent, JobStatus, Submitted, WebhookSpec};
-use crate::webhooks::check_url;
+use crate::webhooks::{check_url, redacted};
 
 const STATUS_MESSAGE: &str = "Job status retrieved successfully";
 const MAX_IDEMPOTENCY_KEY: usize = 256;
@@ -254,8 +255,14 @@ pub struct WebhookAttempts {
         (status = 400, body = ErrorEnvelope, description = "INVALID_PROJECT_ID"),
         (status = 404, body = ErrorEnvelope, description = "JOB_NOT_FOUND"),
         (status = 500, body = ErrorEnvelope, description = "INTERNAL")))]
-pub async fn webhook_attempts(State(app): State<AppState>, JobPath { project_id, job_id }: JobPath) -> Result<Response, ApiError> {
+pub async fn webhook_attempts(State(app): State<AppState>, Extension(caller): Extension<Caller>, JobPath { project_id, job_id }: JobPath) -> Result<Response, ApiError> {
     find_job(&app, &project_id, job_id).await?;
-    let attempts = app.outbox.attempts(job_id).await?;
+    let mut attempts = app.outbox.attempts(job_id).await?;
+    // A read token (handed to browsers) sees where deliveries go, not the receiver's secrets.
+    if !caller.may(Right::Write, Some(&project_id)) {
+        for attempt in &mut attempts {
+            attempt.url = redacted(&attempt.url);
+        }
+    }
     Ok(respond(StatusCode::OK, WebhookAttempts { attempts }, "Webhook attempts retrieved successfully"))
 }

@@ -22,10 +22,16 @@ use axum::routing::{delete, get, post};
 use axum::Router;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::services::ServeDir;
+use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::trace::TraceLayer;
 
 pub use connection::{serve as serve_connection, ConnectionConfig};
 pub use state::{App, AppState};
+
+/// The dashboard loads only its own scripts, styles and media and talks only to its own server;
+/// no page may frame it (clickjacking), and nothing it serves is sniffed into another type.
+pub const DASHBOARD_POLICY: &str =
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; media-src 'self'; connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'";
 
 /// Every route, served at its own path and under `/api` (the legacy frontend's base URL), with
 /// the dashboard from `static/` for everything else.
@@ -58,7 +64,11 @@ pub fn router(state: AppState) -> Router {
         .route("/webhooks/secret", get(service::webhook_secret))
         // After routing, so the check knows the route; before every handler and upgrade.
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::authorize));
-    let dashboard = ServeDir::new(&state.config.static_dir).not_found_service(get(service::not_found).with_state(state.clone()));
+    let dashboard = tower::ServiceBuilder::new()
+        .layer(SetResponseHeaderLayer::overriding(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(DASHBOARD_POLICY)))
+        .layer(SetResponseHeaderLayer::overriding(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff")))
+        .layer(SetResponseHeaderLayer::overriding(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY")))
+        .service(ServeDir::new(&state.config.static_dir).not_found_service(get(service::not_found).with_state(state.clone())));
     let cors = cors(&state.config.allowed_origins);
     Router::new()
         .merge(routes.clone())

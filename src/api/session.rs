@@ -83,7 +83,7 @@ pub async fn create(State(app): State<AppState>, ApiJson(request): ApiJson<Sessi
 /// Sets the session cookie: `HttpOnly` (no script reads it), `SameSite=Strict` (no other site's
 /// page sends it), `Secure` unless the server is on loopback (where there is no TLS to require).
 fn with_session_cookie(app: &AppState, mut response: Response, value: &str, max_age: Option<u64>) -> Response {
-    let secure = if app.config.addr.ip().is_loopback() { "" } else { "; Secure" };
+    let secure = if app.config.on_loopback() { "" } else { "; Secure" };
     let lifetime = max_age.map(|seconds| format!("; Max-Age={seconds}")).unwrap_or_default();
     let cookie = format!("{SESSION_COOKIE}={value}; HttpOnly; SameSite=Strict; Path=/{secure}{lifetime}");
     response.headers_mut().insert(header::SET_COOKIE, HeaderValue::from_str(&cookie).expect("callers pass cookie-safe values"));

@@ -84,6 +84,8 @@ pub struct Attempt {
     pub webhook_id: String,
     #[serde(rename = "type")]
     pub message_type: String,
+    /// Where it was sent. A caller with only read rights on the project sees the origin and path
+    /// only: a receiver's secret may ride in the query or the userinfo.
     pub url: String,
     /// 1 for the first attempt of a delivery.
     pub attempt: u32,

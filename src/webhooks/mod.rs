@@ -99,6 +99,15 @@ pub fn check_url(text: &str, allow_private: bool) -> Result<url::Url, UrlError> 
     }
 }
 
+/// A webhook URL as a reader who may not change the job is shown it: its origin and path only. A
+/// receiver's secret often rides in the query (`?token=...`) or the userinfo.
+pub fn redacted(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(url) => format!("{}{}", url.origin().ascii_serialization(), url.path()),
+        Err(_) => String::new(),
+    }
+}
+
 /// Whether a webhook may connect to `ip`: not in any block of the special-purpose registries
 /// ([`special::special_purpose`]: loopback, private, link-local, CGNAT, unique-local, the blocks
 /// that embed or lead to an IPv4 address, documentation, benchmarking, discard, multicast, ...).
@@ -195,6 +204,13 @@ mod tests {
         for allowed in ["https://hooks.example.com/mixd", "http://8.8.8.8/", "https://[2606:4700::1111]/"] {
             check_url(allowed, false).unwrap_or_else(|err| panic!("{allowed}: {err}"));
         }
+    }
+
+    #[test]
+    fn a_redacted_url_keeps_the_origin_and_path_and_drops_secrets() {
+        assert_eq!(redacted("https://user:pw@hooks.example.com:8443/mixd/hook?token=s3cret#frag"), "https://hooks.example.com:8443/mixd/hook");
+        assert_eq!(redacted("http://8.8.8.8/?key=1"), "http://8.8.8.8/");
+        assert_eq!(redacted("not a url"), "");
     }
 
     #[test]

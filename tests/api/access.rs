@@ -453,3 +453,92 @@ async fn an_admin_signs_in_with_a_session_that_is_not_the_key_and_ends_with_its_
     let same = spawn_app_with(with_key(SESSION_KEY)).await;
     assert_eq!(metrics(&same, format!("mixd_token={session}")).await.unwrap().status(), 200);
 }
+
+/// A token whose time claims no clock can hold (`exp` of 2^63 or 10^15), signed with a real token
+/// key as a careless backend might: it used to panic the request (an overflowing instant, chrono's
+/// "no such local time" on `GET /session`) and drop the connection. It is refused with 401, and
+/// the server answers on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn absurd_time_claims_are_refused_with_401_not_a_panic() {
+    let app = spawn_app().await;
+    mixed_project(&app, "p1").await;
+    for exp in [json!(1u64 << 63), json!(1_000_000_000_000_000u64), json!(u64::MAX)] {
+        let absurd = sign(Algorithm::HS256, Some("t1"), SECRET, json!({"aud": "mixd", "exp": exp, "prj": "p1", "scope": "read"}));
+        for path in ["/session", "/mix/p1/mix/jobs", "/mix/p1/mix/events"] {
+            let (status, headers, body) = send(&app, "GET", path, Some(&format!("Bearer {absurd}"))).await;
+            assert_eq!((status, body["error"].as_str()), (401, Some("UNAUTHORIZED")), "{path} with exp {exp}");
+            assert_eq!(headers["www-authenticate"], "Bearer");
+        }
+    }
+    assert_eq!(app.get_json("/healthz").await.0, 200);
+}
+
+/// `--allowed-origin '*'` used to panic in the CORS layer after the server had logged that it was
+/// listening. Every flag is now checked before anything is bound: a clear message, exit 1.
+#[test]
+fn a_wildcard_allowed_origin_stops_the_server_before_it_listens() {
+    let data = tempfile::tempdir().unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_mixd"))
+        .args(["serve", "--addr", "127.0.0.1:0", "--allowed-origin", "*", "--data-dir"])
+        .arg(data.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("error: --allowed-origin \"*\""), "{stderr}");
+    assert!(!stderr.contains("listening") && !stderr.contains("panicked"), "{stderr}");
+}
+
+/// The dashboard is served with a policy that lets it load only its own scripts, styles and media
+/// and talk only to its own server, is never framed, and is never sniffed into another type.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_is_served_with_a_content_security_policy_nosniff_and_no_framing() {
+    let app = spawn_app().await;
+    for path in ["/", "/app.js", "/style.css"] {
+        let response = anonymous().get(app.url(path)).send().await.unwrap();
+        assert_eq!(response.status(), 200, "{path}");
+        let headers = response.headers();
+        assert_eq!(
+            headers["content-security-policy"],
+            "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; media-src 'self'; connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+            "{path}"
+        );
+        assert_eq!((headers["x-content-type-options"].to_str().unwrap(), headers["x-frame-options"].to_str().unwrap()), ("nosniff", "DENY"), "{path}");
+    }
+}
+
+/// `--no-auth` on an address that is loopback but not spelled 127.x or ::1 used to skip the Host
+/// check (a rebinding page got 202); and on a network address it skipped it altogether. Without
+/// keys the Host allow-list now holds on every address: loopback names and addresses, the address
+/// listened on, and `--allowed-host` names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_server_answers_only_its_own_hosts_on_every_address() {
+    for (addr, allowed) in [("[::ffff:127.0.0.1]:0", Vec::new()), ("0.0.0.0:0", vec!["mixd.lan".to_string(), "192.0.2.7".to_string()])] {
+        let app = spawn_app_with(|config| {
+            config.api_keys.clear();
+            config.token_keys.token_keys.clear();
+            config.no_auth = true;
+            config.addr = addr.parse().unwrap();
+            config.allowed_hosts = allowed.clone();
+        })
+        .await;
+        let stem = app.fixture("a.wav", "sine=f=440:r=48000:d=1", &[]);
+        let port = app.address.rsplit(':').next().unwrap().to_string();
+        let url = app.url("/mix/p1/mix/start").replace("[::ffff:127.0.0.1]", "127.0.0.1").replace("0.0.0.0", "127.0.0.1");
+        let start = |host: String| anonymous().post(&url).header("host", host).header("origin", "http://attacker.example").send();
+        // A rebinding page: its own name as Host, and as Origin.
+        assert_eq!(start(format!("attacker.example:{port}")).await.unwrap().status(), 403, "{addr}");
+        let upload = anonymous()
+            .post(url.replace("/mix/p1/mix/start", "/projects/p1/stems"))
+            .header("host", format!("localhost:{port}"))
+            .multipart(reqwest::multipart::Form::new().part("file", reqwest::multipart::Part::bytes(std::fs::read(&stem).unwrap()).file_name("a.wav")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(upload.status(), 201, "{addr}: loopback names are the server's own");
+        for host in &allowed {
+            let listed = anonymous().get(url.replace("/mix/p1/mix/start", "/mix/p1/mix/jobs")).header("host", format!("{host}:{port}")).send().await.unwrap();
+            assert_eq!(listed.status(), 200, "{addr}: --allowed-host {host}");
+        }
+    }
+}

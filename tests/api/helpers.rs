@@ -286,3 +286,10 @@ pub fn test_media() -> PathBuf {
     assert!(dir.join("usr/share/hydrogen/data/drumkits/GMRockKit/Kick-Hardest.wav").exists(), "{} lacks the hydrogen-data drum kit", dir.display());
     dir
 }
+
+/// POSTs `body` as JSON with the admin key: (status, envelope).
+pub async fn post_json(app: &TestApp, path: &str, body: Value) -> (u16, Value) {
+    let response = app.client.post(app.url(path)).json(&body).send().await.expect("request");
+    let status = response.status().as_u16();
+    (status, response.json().await.expect("a JSON envelope"))
+}

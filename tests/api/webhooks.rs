@@ -148,3 +148,43 @@ async fn webhook_urls_that_reach_this_machine_or_a_private_network_are_refused_a
     let (_, jobs) = app.get_json("/mix/p1/mix/jobs").await;
     assert_eq!(jobs["data"]["jobs"].as_array().unwrap().len(), 0, "no refused start made a job");
 }
+
+/// A read token (the kind handed to browsers) may list a job's webhook attempts, but a receiver's
+/// URL often carries its secret (`?token=...`, or userinfo): a read token sees the origin and path
+/// only; a write token and an admin see the URL as given.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_token_sees_a_webhook_url_without_its_query_or_userinfo() {
+    let app = crate::helpers::spawn_app_with(|config| config.webhook_allow_private = true).await;
+    let receiver = Receiver::default();
+    let url = receiver.start().await;
+    let secret_url = format!("{}?token=s3cret", url.replace("http://", "http://user:pw@"));
+    let stem = app.fixture("a.wav", "sine=f=440:r=48000:d=1", &[]);
+    assert_eq!(app.upload("p1", &[&stem]).await.0, 201);
+    let (status, started) = app.start_mix("p1", Some(json!({"webhook": {"url": secret_url}}))).await;
+    assert_eq!(status, 202, "{started}");
+    let job_id = started["data"]["job_id"].as_str().unwrap().to_string();
+    receiver.wait_for(1).await;
+
+    let attempts_path = format!("/mix/p1/mix/job/{job_id}/webhooks");
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while app.get_json(&attempts_path).await.1["data"]["attempts"].as_array().unwrap().is_empty() {
+        assert!(tokio::time::Instant::now() < deadline, "the attempt is recorded");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let url_seen = |credential: String| {
+        let (app, path) = (&app, attempts_path.clone());
+        async move {
+            let response = reqwest::Client::new().get(app.url(&path)).header("authorization", format!("Bearer {credential}")).send().await.unwrap();
+            assert_eq!(response.status(), 200);
+            response.json::<Value>().await.unwrap()["data"]["attempts"][0]["url"].as_str().unwrap().to_string()
+        }
+    };
+    let app_ref = &app;
+    let mint = |scope: &'static str| async move {
+        let (_, minted) = crate::helpers::post_json(app_ref, "/tokens", json!({"project_id": "p1", "scope": scope, "ttl_s": 600})).await;
+        minted["data"]["token"].as_str().unwrap().to_string()
+    };
+    assert_eq!(url_seen(mint("read").await).await, url, "origin and path only");
+    assert_eq!(url_seen(mint("write").await).await, secret_url);
+    assert_eq!(url_seen(crate::helpers::ADMIN_KEY.to_string()).await, secret_url);
+}
