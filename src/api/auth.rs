@@ -102,13 +102,19 @@ pub async fn authorize(State(app): State<AppState>, request: Request, next: Next
     };
     let is_upgrade = rule.websocket && parts.headers.get(header::UPGRADE).is_some();
     let authority = request_authority(&parts)?;
+    let changes_state = matches!(parts.method, Method::POST | Method::DELETE | Method::PUT | Method::PATCH);
+    // A browser attaches the cookie to a request any page sends (SameSite=Strict does not tell a
+    // sibling port or subdomain from the server's own page): what the cookie authenticates must
+    // come from the server's own page, or from an origin listed with `--allowed-origin`.
+    let from_own_page = |parts: &axum::http::request::Parts| origin_allowed(&app, &parts.headers, authority.as_ref()) && fetch_site_allowed(&app, &parts.headers);
 
     let caller = if app.keys.any() {
         if is_upgrade && !origin_allowed(&app, &parts.headers, authority.as_ref()) {
             return Err(ApiError::Forbidden);
         }
         match authenticate(&app, &parts, rule) {
-            Ok(caller) => caller,
+            Ok((_, Credential::Cookie)) if changes_state && !from_own_page(&parts) => return Err(ApiError::Forbidden),
+            Ok((caller, _)) => caller,
             // Signing in or out must work with a stale cookie still in the browser.
             Err(_) if rule.need == Need::Nothing => Caller::Open,
             Err(refused) => return Err(refused),
@@ -119,8 +125,7 @@ pub async fn authorize(State(app): State<AppState>, request: Request, next: Next
         if !host_allowed(&app, authority.as_ref()) {
             return Err(ApiError::Forbidden);
         }
-        let changes_state = matches!(parts.method, Method::POST | Method::DELETE | Method::PUT | Method::PATCH);
-        if (changes_state || is_upgrade) && !origin_allowed(&app, &parts.headers, authority.as_ref()) {
+        if (changes_state || is_upgrade) && !from_own_page(&parts) {
             return Err(ApiError::Forbidden);
         }
         Caller::Open
@@ -152,13 +157,22 @@ pub async fn authorize(State(app): State<AppState>, request: Request, next: Next
     Ok(next.run(Request::from_parts(parts, body)).await)
 }
 
+/// Where a request's credential came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Credential {
+    Header,
+    /// The session cookie, which a browser attaches to whatever page sends the request.
+    Cookie,
+    Query,
+}
+
 /// The caller behind the request's credential: the `Authorization` header, else the session
 /// cookie, else (on the routes that allow it) a read token in `?access_token=`.
-fn authenticate(app: &AppState, parts: &axum::http::request::Parts, rule: Rule) -> Result<Caller, ApiError> {
+fn authenticate(app: &AppState, parts: &axum::http::request::Parts, rule: Rule) -> Result<(Caller, Credential), ApiError> {
     if let Some(value) = parts.headers.get(header::AUTHORIZATION) {
         // A header that is there but not a bearer credential is refused, not skipped.
         let credential = value.to_str().ok().and_then(bearer).ok_or(ApiError::Unauthorized)?;
-        return app.keys.verify(credential).map_err(|_| ApiError::Unauthorized);
+        return app.keys.verify(credential).map(|caller| (caller, Credential::Header)).map_err(|_| ApiError::Unauthorized);
     }
     if let Some(credential) = session_cookie(&parts.headers) {
         // The server never puts an admin key in the cookie (`POST /session` signs a session in
@@ -166,7 +180,7 @@ fn authenticate(app: &AppState, parts: &axum::http::request::Parts, rule: Rule) 
         // taken.
         return match app.keys.verify(credential) {
             Ok(Caller::Admin) | Err(_) => Err(ApiError::Unauthorized),
-            Ok(caller) => Ok(caller),
+            Ok(caller) => Ok((caller, Credential::Cookie)),
         };
     }
     let from_query = Query::<AccessTokenQuery>::try_from_uri(&parts.uri).ok().and_then(|Query(q)| q.access_token);
@@ -177,7 +191,7 @@ fn authenticate(app: &AppState, parts: &axum::http::request::Parts, rule: Rule) 
             return Err(ApiError::Unauthorized);
         }
         return match app.keys.verify(&credential) {
-            Ok(Caller::Token(grant)) if grant.scope == Scope::Read => Ok(Caller::Token(grant)),
+            Ok(Caller::Token(grant)) if grant.scope == Scope::Read => Ok((Caller::Token(grant), Credential::Query)),
             _ => Err(ApiError::Unauthorized),
         };
     }
@@ -297,6 +311,19 @@ fn host_is_loopback(authority: Option<&Authority>) -> bool {
         }
         Some(Host::Ip(ip)) => ip.to_canonical().is_loopback(),
         None => false,
+    }
+}
+
+/// What `Sec-Fetch-Site` says, where a browser sends it: the server's own page (`same-origin`), the
+/// user's own action (`none`), or an origin listed with `--allowed-origin`. A page on a sibling
+/// port or subdomain is `same-site`, one elsewhere `cross-site`.
+fn fetch_site_allowed(app: &AppState, headers: &HeaderMap) -> bool {
+    match headers.get("sec-fetch-site").map(|value| value.to_str().unwrap_or_default()) {
+        None | Some("same-origin" | "none") => true,
+        Some(_) => {
+            let origin = headers.get(header::ORIGIN).and_then(|origin| origin.to_str().ok());
+            origin.is_some_and(|origin| app.config.allowed_origins.iter().any(|allowed| allowed.trim_end_matches('/').eq_ignore_ascii_case(origin)))
+        }
     }
 }
 

@@ -79,6 +79,9 @@ pub enum ApiError {
     PayloadTooLarge(u64),
     #[error("{0}")]
     UnsupportedAudio(String),
+    /// A JSON route sent something that does not say it is JSON.
+    #[error("The request body must be JSON, sent as Content-Type: application/json")]
+    UnsupportedMediaType,
     #[error("The disk is full: the file could not be stored")]
     InsufficientStorage,
     #[error("Invalid settings: {0}")]
@@ -125,6 +128,7 @@ impl ApiError {
             ApiError::TooManyFiles(_) => (StatusCode::BAD_REQUEST, "TOO_MANY_FILES"),
             ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "PAYLOAD_TOO_LARGE"),
             ApiError::UnsupportedAudio(_) => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "UNSUPPORTED_AUDIO"),
+            ApiError::UnsupportedMediaType => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "UNSUPPORTED_MEDIA_TYPE"),
             ApiError::InsufficientStorage => (StatusCode::INSUFFICIENT_STORAGE, "INSUFFICIENT_STORAGE"),
             ApiError::InvalidSettings(_) => (StatusCode::UNPROCESSABLE_ENTITY, "INVALID_SETTINGS"),
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "BAD_REQUEST"),
@@ -246,8 +250,17 @@ impl From<QueryRejection> for ApiError {
 
 impl From<JsonRejection> for ApiError {
     fn from(rejection: JsonRejection) -> Self {
-        ApiError::BadRequest(rejection.body_text())
+        match rejection {
+            JsonRejection::MissingJsonContentType(_) => ApiError::UnsupportedMediaType,
+            other => ApiError::BadRequest(other.body_text()),
+        }
     }
+}
+
+/// Whether `headers` say the body is JSON (`application/json`, parameters aside).
+pub fn is_json(headers: &axum::http::HeaderMap) -> bool {
+    let content_type = headers.get(axum::http::header::CONTENT_TYPE).and_then(|value| value.to_str().ok()).unwrap_or_default();
+    content_type.split(';').next().unwrap_or_default().trim().eq_ignore_ascii_case("application/json")
 }
 
 /// A request to a WebSocket route that is not a WebSocket handshake.

@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
-use super::error::{body_error, respond, respond_serialised, ApiError, Envelope, ErrorEnvelope};
+use super::error::{body_error, is_json, respond, respond_serialised, ApiError, Envelope, ErrorEnvelope};
 use super::extract::{ApiQuery, JobPath, ProjectPath};
 use super::state::AppState;
 use crate::access::{Caller, Right};
@@ -81,6 +81,7 @@ pub struct StatusQuery {
         (status = 400, body = ErrorEnvelope, description = "INVALID_PROJECT_ID, or BAD_REQUEST for a malformed Idempotency-Key"),
         (status = 404, body = ErrorEnvelope, description = "PROJECT_NOT_FOUND: the project has no stems"),
         (status = 413, body = ErrorEnvelope, description = "PAYLOAD_TOO_LARGE: the body is over 1 MiB"),
+        (status = 415, body = ErrorEnvelope, description = "UNSUPPORTED_MEDIA_TYPE: a body not sent as application/json"),
         (status = 422, body = ErrorEnvelope, description = "INVALID_SETTINGS naming the field, also for a body that is not JSON"),
         (status = 500, body = ErrorEnvelope, description = "INTERNAL"),
         (status = 503, body = ErrorEnvelope, description = "MEDIA_UNAVAILABLE: the object storage did not answer (with --storage)", headers(("Retry-After" = u32)))))]
@@ -91,6 +92,11 @@ pub async fn start(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
     let body = body.map_err(|rejection| body_error(rejection, MAX_SETTINGS_MB))?;
+    // A body that is not declared JSON is refused before anything reads it: a form or a
+    // `text/plain` POST is what a page elsewhere can send without asking (no CORS preflight).
+    if !body.is_empty() && !is_json(&headers) {
+        return Err(ApiError::UnsupportedMediaType);
+    }
     let stems = app.stems.list(&project_id).await.map_err(ApiError::media)?;
     let Some(highest_rate) = stems.iter().map(|s| s.sample_rate).max() else { return Err(ApiError::ProjectNotFound) };
     let sources: Vec<_> = stems.iter().map(|stem| app.stems.source(&project_id, stem)).collect();

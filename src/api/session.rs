@@ -60,7 +60,8 @@ impl Identity {
 #[utoipa::path(post, path = "/session", tag = "access",
     request_body = SessionRequest,
     responses((status = 200, body = Envelope<Identity>, headers(("Set-Cookie" = String))), (status = 400, body = ErrorEnvelope, description = "BAD_REQUEST"),
-        (status = 401, body = ErrorEnvelope, description = "UNAUTHORIZED")))]
+        (status = 401, body = ErrorEnvelope, description = "UNAUTHORIZED"),
+        (status = 415, body = ErrorEnvelope, description = "UNSUPPORTED_MEDIA_TYPE: a body not sent as application/json")))]
 pub async fn create(State(app): State<AppState>, ApiJson(request): ApiJson<SessionRequest>) -> Result<Response, ApiError> {
     let caller = app.keys.verify(&request.token).map_err(|_| ApiError::Unauthorized)?;
     // An admin key is never kept in the cookie: a session the server signs stands in for it, so a
@@ -127,7 +128,8 @@ pub struct MintedToken {
 #[utoipa::path(post, path = "/tokens", tag = "access",
     request_body = TokenRequest,
     responses((status = 201, body = Envelope<MintedToken>), (status = 400, body = ErrorEnvelope, description = "BAD_REQUEST"),
-        (status = 409, body = ErrorEnvelope, description = "NO_TOKEN_KEY"), (status = 422, body = ErrorEnvelope, description = "INVALID_REQUEST")))]
+        (status = 409, body = ErrorEnvelope, description = "NO_TOKEN_KEY"), (status = 422, body = ErrorEnvelope, description = "INVALID_REQUEST"),
+        (status = 415, body = ErrorEnvelope, description = "UNSUPPORTED_MEDIA_TYPE: a body not sent as application/json")))]
 pub async fn mint(State(app): State<AppState>, ApiJson(request): ApiJson<TokenRequest>) -> Result<Response, ApiError> {
     let ttl_s = request.ttl_s;
     if ttl_s.fract() != 0.0 || !(1.0..=MAX_TOKEN_TTL.as_secs_f64()).contains(&ttl_s) {

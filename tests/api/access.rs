@@ -542,3 +542,52 @@ async fn an_open_server_answers_only_its_own_hosts_on_every_address() {
         }
     }
 }
+
+/// A page on another localhost port (or a sibling subdomain: SameSite=Strict does not separate
+/// those) used to start a mix with the signed-in user's cookie, by a `text/plain` POST (no CORS
+/// preflight). Every state change the cookie authenticates now needs the server's own origin, and
+/// `Sec-Fetch-Site: same-origin` where the browser sends it; a JSON body needs `application/json`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cookie_authenticates_state_changes_only_from_the_server_s_own_page() {
+    let app = spawn_app().await;
+    mixed_project(&app, "p1").await;
+    let write = token("p1", "write");
+    let start = |origin: Option<String>, site: Option<&'static str>, content_type: &'static str, credential: &str| {
+        let mut request = anonymous().post(app.url("/mix/p1/mix/start")).header("content-type", content_type).body("{}");
+        request =
+            if credential.starts_with("Bearer ") { request.header("authorization", credential) } else { request.header("cookie", format!("mixd_token={credential}")) };
+        if let Some(origin) = origin {
+            request = request.header("origin", origin);
+        }
+        if let Some(site) = site {
+            request = request.header("sec-fetch-site", site);
+        }
+        async move {
+            let response = request.send().await.unwrap();
+            (response.status().as_u16(), response.json::<Value>().await.unwrap()["error"].as_str().map(String::from))
+        }
+    };
+    let forbidden = (403, Some("FORBIDDEN".to_string()));
+    let other_port = Some("http://localhost:1".to_string());
+    assert_eq!(start(other_port.clone(), Some("same-site"), "text/plain", &write).await, forbidden, "the attack as reported");
+    assert_eq!(start(other_port.clone(), None, "application/json", &write).await, forbidden);
+    assert_eq!(start(None, Some("same-site"), "application/json", &write).await, forbidden, "a sibling port without Origin");
+    assert_eq!(start(None, Some("cross-site"), "application/json", &write).await, forbidden);
+    let upload = anonymous()
+        .post(app.url("/projects/p1/stems"))
+        .header("cookie", format!("mixd_token={write}"))
+        .header("origin", "http://localhost:1")
+        .multipart(reqwest::multipart::Form::new().part("file", reqwest::multipart::Part::bytes(b"RIFF".to_vec()).file_name("x.wav")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(upload.status(), 403, "an upload from another page");
+
+    let own = Some(app.address.clone());
+    assert_eq!(start(own.clone(), Some("same-origin"), "application/json", &write).await, (202, None), "the server's own page");
+    assert_eq!(start(own, Some("same-origin"), "text/plain", &write).await, (415, Some("UNSUPPORTED_MEDIA_TYPE".to_string())));
+    // A bearer credential is no cookie: a script that holds it needs no forgery.
+    assert_eq!(start(other_port, Some("cross-site"), "application/json", &format!("Bearer {write}")).await, (202, None));
+    let (_, jobs) = app.get_json("/mix/p1/mix/jobs").await;
+    assert_eq!(jobs["data"]["jobs"].as_array().unwrap().len(), 3, "the first mix and the two accepted starts, nothing else");
+}

@@ -8,6 +8,7 @@ import { mkdirSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
+import http from 'node:http';
 import net from 'node:net';
 import { chromium } from 'playwright-core';
 
@@ -230,6 +231,59 @@ test('with keys configured the page asks for a credential, shows who is signed i
     await page.waitForSelector('#sign-in:not([hidden])', { timeout: DEADLINE_MS });
     await page.close();
   } finally {
+    secured.child.kill('SIGTERM');
+  }
+});
+
+test('a page on another port of the same host cannot use the signed-in cookie to start a mix', async () => {
+  const adminKey = 'browser-test-admin-key-0123456789abcdef';
+  const tokenKey = 'k1=browser-test-token-secret-0123456789abcdef';
+  const secured = await startServer(['--api-key', adminKey, '--token-key', tokenKey]);
+  // Another server on the same host: a same-site page, to which Chromium attaches the server's
+  // SameSite=Strict cookie.
+  const elsewhere = http.createServer((request, response) => {
+    response.writeHead(200, { 'content-type': 'text/html' });
+    response.end('<!doctype html><title>elsewhere</title>');
+  });
+  await new Promise((resolve) => elsewhere.listen(0, '127.0.0.1', resolve));
+  try {
+    const admin = { authorization: `Bearer ${adminKey}` };
+    const form = new FormData();
+    form.append('file', new Blob([readFileSync(stems[0])]), path.basename(stems[0]));
+    assert.equal((await fetch(`${secured.base}/projects/csrf/stems`, { method: 'POST', body: form, headers: admin })).status, 201);
+    const jobs = async () => (await (await fetch(`${secured.base}/mix/csrf/mix/jobs`, { headers: admin })).json()).data.jobs.length;
+    const token = execFileSync(binary, ['token', '--project', 'csrf', '--scope', 'write', '--ttl', '10m', '--token-key', tokenKey]).toString().trim();
+    const page = await context.newPage();
+    await page.goto(`${secured.base}/`);
+    const signedIn = await page.evaluate(async (token) => (await fetch('/session', { method: 'POST', headers: { 'content-type': 'application/json' }, body: JSON.stringify({ token }) })).status, token);
+    assert.equal(signedIn, 200);
+
+    // The forgery: simple requests (no preflight) with the cookie, from the other page.
+    await page.goto(`http://127.0.0.1:${elsewhere.address().port}/`);
+    const sent = await page.evaluate(async (base) => {
+      const outcomes = [];
+      for (const type of ['text/plain', 'application/x-www-form-urlencoded']) {
+        try {
+          await fetch(`${base}/mix/csrf/mix/start`, { method: 'POST', mode: 'no-cors', credentials: 'include', headers: { 'content-type': type }, body: '{}' });
+          outcomes.push('sent');
+        } catch (error) {
+          outcomes.push(String(error));
+        }
+      }
+      return outcomes;
+    }, secured.base);
+    assert.deepEqual(sent, ['sent', 'sent']);
+    assert.equal(await jobs(), 0, 'no mix was started from the other page');
+
+    // From the server's own page the cookie alone starts one: it was there to forge with.
+    await page.goto(`${secured.base}/`);
+    const own = await page.evaluate(async () => (await fetch('/mix/csrf/mix/start', { method: 'POST', headers: { 'content-type': 'application/json' }, body: '{}' })).status);
+    assert.equal(own, 202);
+    assert.equal(await jobs(), 1);
+    await page.evaluate(async () => fetch('/session', { method: 'DELETE' }));
+    await page.close();
+  } finally {
+    elsewhere.close();
     secured.child.kill('SIGTERM');
   }
 });
