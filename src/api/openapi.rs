@@ -17,7 +17,8 @@ use crate::ids::{JobId, ProjectId, StemId};
         description = "Mixes and masters uploaded stems and pushes every step of each mix job live. \
 Every route is also served under the /api prefix. Differences from shared/CONTRACT.md: \
 `report.stems` lists each stem's applied offset; report loudness fields are null for a silent mix; \
-extra codes TOO_MANY_FILES, BAD_REQUEST, MEDIA_NOT_FOUND, NOT_FOUND and job error codes \
+extra codes TOO_MANY_FILES, BAD_REQUEST (also a Host that is not a host[:port]), MEDIA_NOT_FOUND, NOT_FOUND, \
+UNSUPPORTED_MEDIA_TYPE (415: a JSON route's body not sent as application/json) and job error codes \
 OUTPUT_TOO_LONG, INSUFFICIENT_STORAGE, EXPORT_FAILED and INVALID_SETTINGS (the start route refuses such settings with 422 first); \
 progress within a stage is published at most every 100 ms per job (a new stage at once); \
 queue_position is exact for the first 10 places, and further back is published again when the place has halved since last shown \
