@@ -157,12 +157,15 @@ struct Claims {
     sub: Option<String>,
 }
 
-/// A session's claims: no project and no scope, an audience of its own.
+/// A session's claims: no project and no scope, an audience of its own, and `adm`, which ties it
+/// to the admin key it was opened with: a session outlives neither that key's removal nor a
+/// reader of the job store who knows the session secret but no admin key.
 #[derive(Debug, Serialize, Deserialize)]
 struct SessionClaims {
     aud: String,
     exp: u64,
     iat: u64,
+    adm: String,
 }
 
 /// A credential that did not verify. Deliberately says nothing more.
@@ -181,8 +184,9 @@ struct KeySet {
     admin: Vec<[u8; 32]>,
     tokens: Vec<SigningKey>,
     verified: VerifiedTokens,
-    /// What browser sessions are signed with, and how long they live.
-    sessions: Option<(SigningKey, Duration)>,
+    /// What browser sessions are signed with, how long they live, and the secret that ties each
+    /// to its admin key.
+    sessions: Option<(SigningKey, Duration, Vec<u8>)>,
 }
 
 /// Tokens that already verified, with their grants: a client that polls or reconnects with the
@@ -251,27 +255,47 @@ impl Keys {
             verified: VerifiedTokens::default(),
             sessions: None,
         });
-        Self { inner: Arc::new(KeySet { admin, tokens, verified, sessions: Some((key, ttl)) }) }
+        Self { inner: Arc::new(KeySet { admin, tokens, verified, sessions: Some((key, ttl, secret.to_vec())) }) }
     }
 
-    /// A browser session with an admin key's rights: what the session cookie holds instead of the
-    /// key itself, so that a stolen cookie expires and cannot be used as the key elsewhere.
-    pub fn open_session(&self) -> Option<(String, SystemTime)> {
-        let (key, ttl) = self.inner.sessions.as_ref()?;
+    /// What ties a session to the admin key whose digest is `admin`: an HMAC of it under the session
+    /// secret, so that it names the key without revealing it.
+    fn session_binding(secret: &[u8], admin: &[u8; 32]) -> String {
+        use hmac::{Hmac, Mac};
+        let mut mac = Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes a key of any length");
+        mac.update(admin);
+        mac.finalize().into_bytes().iter().map(|byte| format!("{byte:02x}")).collect()
+    }
+
+    /// A browser session with the rights of `admin_key` (which the caller verified): what the
+    /// session cookie holds instead of the key itself, so that a stolen cookie expires, cannot be
+    /// used as the key elsewhere, and ends when the key is removed.
+    pub fn open_session(&self, admin_key: &str) -> Option<(String, SystemTime)> {
+        let (key, ttl, secret) = self.inner.sessions.as_ref()?;
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
-        let exp = now + ttl.as_secs().max(1);
-        let claims = SessionClaims { aud: SESSION_AUDIENCE.into(), exp, iat: now };
+        let exp = now.checked_add(ttl.as_secs().max(1)).filter(|exp| *exp <= LATEST_EXPIRY)?;
+        let claims = SessionClaims { aud: SESSION_AUDIENCE.into(), exp, iat: now, adm: Self::session_binding(secret, &digest(admin_key)) };
         let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &key.encoding).expect("HS256 signs any claims");
         Some((token, UNIX_EPOCH + Duration::from_secs(exp)))
     }
 
     fn verify_session(&self, token: &str) -> Result<Caller, Unverified> {
-        let (key, _) = self.inner.sessions.as_ref().ok_or(Unverified)?;
+        let (key, ttl, secret) = self.inner.sessions.as_ref().ok_or(Unverified)?;
         let mut validation = Validation::new(Algorithm::HS256);
         validation.set_audience(&[SESSION_AUDIENCE]);
         validation.set_required_spec_claims(&["exp", "aud"]);
         validation.leeway = 0;
         let claims = jsonwebtoken::decode::<SessionClaims>(token, &key.decoding, &validation).map_err(|_| Unverified)?.claims;
+        // No session lives longer than the server opens them for.
+        if claims.exp.saturating_sub(claims.iat) > ttl.as_secs().max(1) {
+            return Err(Unverified);
+        }
+        // Opened with an admin key that is still configured: every key is compared.
+        let presented = claims.adm.as_bytes();
+        let current = self.inner.admin.iter().fold(subtle::Choice::from(0), |found, admin| found | Self::session_binding(secret, admin).as_bytes().ct_eq(presented));
+        if !bool::from(current) {
+            return Err(Unverified);
+        }
         Ok(Caller::Session { expires_at: expiry(claims.exp)? })
     }
 
@@ -422,23 +446,31 @@ mod tests {
     fn a_session_is_signed_by_the_server_expires_and_passes_for_nothing_else() {
         let session_secret = b"session-secret-0123456789abcdef-01234";
         let signing = keys().with_sessions(session_secret, Duration::from_secs(600));
-        let (session, expires_at) = signing.open_session().unwrap();
+        let (session, expires_at) = signing.open_session(&"k".repeat(32)).unwrap();
         assert_eq!(signing.verify(&session), Ok(Caller::Session { expires_at }));
         assert!(signing.verify(&session).unwrap().may(Right::Admin, None));
         // Another session key (rotated) refuses it; keys without sessions open none.
         assert_eq!(keys().with_sessions(b"another-secret-0123456789abcdef-0123", Duration::from_secs(600)).verify(&session), Err(Unverified));
-        assert!(keys().open_session().is_none());
+        assert!(keys().open_session(&"k".repeat(32)).is_none());
+        // The admin key it was opened with removed: the session ends with it.
+        let without_that_key = Keys::new(&[parse_api_key(&"z".repeat(32)).unwrap()], &[]).with_sessions(session_secret, Duration::from_secs(600));
+        assert_eq!(without_that_key.verify(&session), Err(Unverified));
         // Expired: signed with the right key, but its exp has passed.
         let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
-        let expired = SessionClaims { aud: SESSION_AUDIENCE.into(), exp: now - 5, iat: now - 600 };
-        let expired = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &expired, &EncodingKey::from_secret(session_secret).unwrap()).unwrap();
-        assert_eq!(signing.verify(&expired), Err(Unverified));
+        let adm = Keys::session_binding(session_secret, &digest(&"k".repeat(32)));
+        let forged = |exp: u64, iat: u64| {
+            let claims = SessionClaims { aud: SESSION_AUDIENCE.into(), exp, iat, adm: adm.clone() };
+            jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(session_secret).unwrap()).unwrap()
+        };
+        assert!(signing.verify(&forged(now + 60, now)).is_ok(), "well made, it verifies");
+        assert_eq!(signing.verify(&forged(now - 5, now - 600)), Err(Unverified), "expired");
+        assert_eq!(signing.verify(&forged(now + 100 * 365 * 86_400, now)), Err(Unverified), "longer than sessions are opened for");
         // A scoped token signed with the session secret is still no session (its audience), and a
         // session signed with a token key is no token.
         let as_token = Keys::new(&[], &[parse_token_key(&format!("s={}", std::str::from_utf8(session_secret).unwrap())).unwrap()]);
         let (token, _) = as_token.mint(&"p1".parse().unwrap(), Scope::Read, Duration::from_secs(60), None).unwrap();
         assert_eq!(signing.verify(&token), Err(Unverified));
-        let (session_by_token_key, _) = as_token.with_sessions(SECRET.as_bytes(), Duration::from_secs(60)).open_session().unwrap();
-        assert!(!matches!(signing.verify(&session_by_token_key), Ok(Caller::Token(_))));
+        let (session_by_token_key, _) = as_token.with_sessions(SECRET.as_bytes(), Duration::from_secs(60)).open_session(&"k".repeat(32)).unwrap();
+        assert_eq!(signing.verify(&session_by_token_key), Err(Unverified));
     }
 }

@@ -165,8 +165,8 @@ fn parse_session_key(text: &str) -> Result<Secret, String> {
 
 fn parse_session_ttl(text: &str) -> Result<Duration, String> {
     let ttl = parse_duration(text)?;
-    if ttl < Duration::from_secs(1) {
-        return Err("a session lasts at least 1s".into());
+    if !(Duration::from_secs(1)..=Duration::from_secs(30 * 86_400)).contains(&ttl) {
+        return Err("a session lasts 1s to 30d".into());
     }
     Ok(ttl)
 }
@@ -227,6 +227,13 @@ impl Config {
             }
         }
         self.check_exposure()?;
+        for host in &self.allowed_hosts {
+            let name = host.trim_matches(['[', ']']);
+            let is_host = name.parse::<std::net::IpAddr>().is_ok() || (!name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.'));
+            if !is_host {
+                return Err(format!("--allowed-host {host:?}: a host name or address, with no port, scheme or wildcard"));
+            }
+        }
         for origin in &self.allowed_origins {
             check_origin(origin).map_err(|reason| format!("--allowed-origin {origin:?}: {reason}"))?;
         }
@@ -335,6 +342,19 @@ mod tests {
         config.api_key_file = Some(file);
         let err = config.check().unwrap_err();
         assert!(err.contains("line 1") && err.contains("at least 32") && !err.contains("short"), "{err}");
+    }
+
+    #[test]
+    fn sessions_last_at_most_thirty_days_and_allowed_hosts_are_hosts() {
+        assert_eq!(parse_session_ttl("30d"), Ok(Duration::from_secs(30 * 86_400)));
+        assert!(parse_session_ttl("31d").is_err() && parse_session_ttl("0s").is_err());
+        let mut config = Config::with_data_dir("somewhere");
+        config.allowed_hosts = vec!["mixd.lan".into(), "192.0.2.7".into(), "[2001:db8::1]".into()];
+        config.check().unwrap();
+        for bad in ["mixd.lan:8080", "*.lan", "http://mixd.lan", ""] {
+            config.allowed_hosts = vec![bad.into()];
+            assert!(config.check().unwrap_err().starts_with(&format!("--allowed-host {bad:?}")), "{bad}");
+        }
     }
 
     #[test]

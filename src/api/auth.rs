@@ -96,9 +96,10 @@ struct AccessTokenQuery {
 /// The layer: checks the request against its route's rule, then runs it with its [`Caller`].
 pub async fn authorize(State(app): State<AppState>, request: Request, next: Next) -> Result<Response, ApiError> {
     let (mut parts, body) = request.into_parts();
-    let rule = {
+    let (rule, is_health) = {
         let route = parts.extensions.get::<MatchedPath>().map_or("", MatchedPath::as_str);
-        rule(&parts.method, route.strip_prefix("/api").unwrap_or(route))
+        let route = route.strip_prefix("/api").unwrap_or(route);
+        (rule(&parts.method, route), route == "/healthz")
     };
     let is_upgrade = rule.websocket && parts.headers.get(header::UPGRADE).is_some();
     let authority = request_authority(&parts)?;
@@ -122,7 +123,9 @@ pub async fn authorize(State(app): State<AppState>, request: Request, next: Next
     } else {
         // On any address, loopback or not (`--no-auth`): a DNS-rebinding page addresses the
         // server under a name of its own.
-        if !host_allowed(&app, authority.as_ref()) {
+        // The health check says nothing a rebinding page could use, and a load balancer's probe
+        // addresses a node by whatever address it knows it by.
+        if !is_health && !host_allowed(&app, authority.as_ref()) {
             return Err(ApiError::Forbidden);
         }
         if (changes_state || is_upgrade) && !from_own_page(&parts) {
@@ -136,7 +139,7 @@ pub async fn authorize(State(app): State<AppState>, request: Request, next: Next
         Need::Global(right) => caller.may(right, None),
         // An admin (or an open server) passes even a malformed id, which its handler refuses
         // with its own code; a token names one valid project, so a bad id is not it.
-        Need::Project(_) if matches!(caller, Caller::Admin | Caller::Open) => true,
+        Need::Project(_) if matches!(caller, Caller::Admin | Caller::Session { .. } | Caller::Open) => true,
         Need::Project(right) => {
             let params = RawPathParams::from_request_parts(&mut parts, &app).await.ok();
             let project = params.as_ref().and_then(|params| {

@@ -29,9 +29,17 @@ pub use connection::{serve as serve_connection, ConnectionConfig};
 pub use state::{App, AppState};
 
 /// The dashboard loads only its own scripts, styles and media and talks only to its own server;
-/// no page may frame it (clickjacking), and nothing it serves is sniffed into another type.
-pub const DASHBOARD_POLICY: &str =
-    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; media-src 'self'; connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'";
+/// no page may frame it (clickjacking), and nothing it serves is sniffed into another type. With
+/// `--media-redirect`, `/media` answers with a redirect to the bucket, which the browser checks
+/// against the policy again: media and the analysis may then come from any https origin.
+fn dashboard_policy(media_redirect: bool) -> HeaderValue {
+    let elsewhere = if media_redirect { " https:" } else { "" };
+    let policy = format!(
+        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; media-src 'self'{elsewhere}; connect-src 'self'{elsewhere}; \
+         object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'"
+    );
+    HeaderValue::from_str(&policy).expect("the policy is ASCII")
+}
 
 /// Every route, served at its own path and under `/api` (the legacy frontend's base URL), with
 /// the dashboard from `static/` for everything else.
@@ -65,7 +73,7 @@ pub fn router(state: AppState) -> Router {
         // After routing, so the check knows the route; before every handler and upgrade.
         .route_layer(middleware::from_fn_with_state(state.clone(), auth::authorize));
     let dashboard = tower::ServiceBuilder::new()
-        .layer(SetResponseHeaderLayer::overriding(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static(DASHBOARD_POLICY)))
+        .layer(SetResponseHeaderLayer::overriding(header::CONTENT_SECURITY_POLICY, dashboard_policy(state.config.media_redirect)))
         .layer(SetResponseHeaderLayer::overriding(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff")))
         .layer(SetResponseHeaderLayer::overriding(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY")))
         .service(ServeDir::new(&state.config.static_dir).not_found_service(get(service::not_found).with_state(state.clone())));
@@ -94,4 +102,17 @@ fn cors(origins: &[String]) -> CorsLayer {
         .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, HeaderName::from_static("idempotency-key"), HeaderName::from_static("last-event-id")])
         .expose_headers([header::LOCATION, header::RETRY_AFTER, header::ETAG, header::CONTENT_RANGE])
         .max_age(std::time::Duration::from_secs(600))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn with_media_redirects_the_dashboard_may_play_and_read_from_the_bucket() {
+        let policy = |redirect| dashboard_policy(redirect).to_str().unwrap().to_string();
+        assert!(policy(false).contains("media-src 'self'; connect-src 'self';"));
+        assert!(policy(true).contains("media-src 'self' https:; connect-src 'self' https:;"));
+        assert!(policy(true).ends_with("frame-ancestors 'none'"));
+    }
 }

@@ -68,7 +68,7 @@ pub async fn create(State(app): State<AppState>, ApiJson(request): ApiJson<Sessi
     // stolen cookie expires, is not the key, and ends for everyone when the session key changes.
     let (caller, value) = match caller {
         Caller::Admin => {
-            let (session, expires_at) = app.keys.open_session().ok_or_else(|| ApiError::Internal("no session key".into()))?;
+            let (session, expires_at) = app.keys.open_session(&request.token).ok_or_else(|| ApiError::Internal("no session could be opened".into()))?;
             (Caller::Session { expires_at }, session)
         }
         other => (other, request.token),

@@ -248,7 +248,8 @@ impl Media {
                     }
                 }
             }
-            Media::Local(_) if !finished && ended.await => {
+            // A run that ended the job (in error) leaves nothing for a later run either.
+            Media::Local(_) if !completed && (finished || ended.await) => {
                 let _ = tokio::fs::remove_dir(&outputs).await;
             }
             Media::Local(_) => {}

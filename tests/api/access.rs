@@ -528,6 +528,9 @@ async fn an_open_server_answers_only_its_own_hosts_on_every_address() {
         let start = |host: String| anonymous().post(&url).header("host", host).header("origin", "http://attacker.example").send();
         // A rebinding page: its own name as Host, and as Origin.
         assert_eq!(start(format!("attacker.example:{port}")).await.unwrap().status(), 403, "{addr}");
+        // The health check answers a load balancer's probe by whatever name it uses.
+        let health = anonymous().get(url.replace("/mix/p1/mix/start", "/healthz")).header("host", format!("10.1.2.3:{port}")).send().await.unwrap();
+        assert_eq!(health.status(), 200, "{addr}");
         let upload = anonymous()
             .post(url.replace("/mix/p1/mix/start", "/projects/p1/stems"))
             .header("host", format!("localhost:{port}"))
