@@ -50,8 +50,13 @@ pub fn respond<T: Serialize>(status: StatusCode, data: T, message: impl Into<Str
 /// The same envelope around `data` already serialised (a status as it was published, sent to
 /// every poll without cloning or serialising it again): the bytes [`respond`] would write.
 pub fn respond_serialised(status: StatusCode, data: &str, message: &'static str) -> Response {
-    let message = serde_json::to_string(message).expect("a string serialises");
-    let body = format!(r#"{{"ok":true,"data":{data},"error":null,"message":{message}}}"#);
+    // One buffer, written once: this is every status poll's answer.
+    let mut body = Vec::with_capacity(data.len() + message.len() + 48);
+    body.extend_from_slice(br#"{"ok":true,"data":"#);
+    body.extend_from_slice(data.as_bytes());
+    body.extend_from_slice(br#","error":null,"message":"#);
+    serde_json::to_writer(&mut body, message).expect("a string serialises");
+    body.push(b'}');
     (status, [(axum::http::header::CONTENT_TYPE, "application/json")], body).into_response()
 }
 

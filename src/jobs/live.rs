@@ -12,7 +12,7 @@ use tokio::sync::{broadcast, watch};
 use tokio::time::Instant;
 
 use super::model::{JobEvent, JobState, JobStatus};
-use super::store::LoggedEvent;
+use super::store::{LoggedEvent, Store, StoreError};
 use crate::ids::{JobId, ProjectId, Timestamp};
 
 /// A project's channel is made for each project with subscribers, and a slot of it is allocated
@@ -219,6 +219,15 @@ impl LiveView {
     /// A job's status as last published.
     pub fn published(&self, job_id: JobId) -> Option<Arc<JobEvent>> {
         self.cache().jobs.get(&job_id).map(|cached| cached.published.clone())
+    }
+
+    /// A job's status as last published, or for one the view does not hold yet (another node's
+    /// brand-new job its log reader has not reached) as the store has it.
+    pub async fn find(&self, store: &Store, job_id: JobId) -> Result<Option<Arc<JobEvent>>, StoreError> {
+        if let Some(event) = self.published(job_id) {
+            return Ok(Some(event));
+        }
+        store.find(job_id).await?.map(LoggedEvent::parse).transpose()
     }
 
     /// Whether the view holds `job_id` at `seq` or later.

@@ -238,13 +238,7 @@ impl Jobs {
     /// A job's status as last published. Another node's brand-new job this node's log reader has
     /// not reached yet is read from the store.
     pub async fn find(&self, job_id: JobId) -> Result<Option<Arc<JobEvent>>, JobError> {
-        if let Some(event) = self.published(job_id) {
-            return Ok(Some(event));
-        }
-        match self.inner.store.find(job_id).await? {
-            Some(logged) => Ok(Some(logged.parse()?)),
-            None => Ok(None),
-        }
+        Ok(self.inner.live.find(&self.inner.store, job_id).await?)
     }
 
     /// A job's status as this node last published it.

@@ -163,13 +163,7 @@ impl Runner {
 
     /// Whether the job has ended (in this node's view, or in the store for one it does not hold).
     async fn has_ended(&self, job_id: JobId) -> bool {
-        match self.live.published(job_id) {
-            Some(event) => event.status.state().is_terminal(),
-            None => match self.store.find(job_id).await {
-                Ok(Some(logged)) => logged.parse().is_ok_and(|event| event.status.state().is_terminal()),
-                _ => false,
-            },
-        }
+        matches!(self.live.find(&self.store, job_id).await, Ok(Some(event)) if event.status.state().is_terminal())
     }
 }
 
