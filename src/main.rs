@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use mixd::access::{Keys, Scope};
-use mixd::audio::{self, BitDepth, MixObserver, MixSettings, Stage, StemSource};
+use mixd::audio::{self, BitDepth, Format, FormatSettings, MixObserver, MixSettings, Outputs, Stage, StemSource};
 use mixd::config::{parse_duration, Config, TokenKeys};
 use mixd::ids::ProjectId;
 use mixd::startup::Application;
@@ -55,9 +55,13 @@ struct MixArgs {
     /// Stem files (WAV, FLAC, MP3, OGG, AAC/M4A, ALAC, AIFF).
     #[arg(required = true)]
     stems: Vec<PathBuf>,
-    /// Where to write the mastered WAV.
+    /// Where to write the mix: its extension (.wav, .flac, .mp3, .opus) picks the format.
     #[arg(short, long)]
     output: PathBuf,
+    /// Several formats at once (wav, flac, mp3, opus; comma-separated or repeated): each is written
+    /// beside --output, with its own extension. Bitrates come from --settings' output.formats.
+    #[arg(long, value_delimiter = ',', value_parser = parse_format)]
+    format: Vec<Format>,
     /// Mix settings as JSON (the contract's MixSettings); the flags below override its master/output.
     #[arg(long)]
     settings: Option<PathBuf>,
@@ -160,19 +164,45 @@ fn run_mix(args: MixArgs) -> Result<(), String> {
             StemSource { id: name.clone(), name, path: path.clone() }
         })
         .collect();
+    settings.output.formats = formats(&args, &settings.output.formats)?;
     let settings = audio::plan(&stems, settings).map_err(|err| err.to_string())?;
-    // A hidden sibling of the output: the mix is renamed over the output only once it is whole.
-    let file_name = args.output.file_name().ok_or_else(|| format!("{}: --output must name a file", args.output.display()))?;
-    let temporary = args.output.with_file_name(format!(".{}.partial", file_name.to_string_lossy()));
+    // Each file is written under a hidden sibling name and renamed over its path once whole. The
+    // WAV the others are made from, when not asked for, stays hidden and is removed at the end.
+    let file_name = args.output.file_stem().ok_or_else(|| format!("{}: --output must name a file", args.output.display()))?.to_string_lossy().into_owned();
+    let asked = &settings.settings().output.formats;
+    let wav_asked = asked.iter().any(|format| format.format == Format::Wav);
+    let outputs = Outputs::new(asked, |format| {
+        let extension = format.extension();
+        if format == Format::Wav && !wav_asked {
+            (args.output.with_file_name(format!(".{file_name}.master.wav.partial")), args.output.with_file_name(format!(".{file_name}.master.wav.writing.partial")))
+        } else {
+            (args.output.with_extension(extension), args.output.with_file_name(format!(".{file_name}.{extension}.partial")))
+        }
+    });
 
     let bar = ProgressBar::new(100);
     bar.set_style(ProgressStyle::with_template("{spinner} {msg:18} [{bar:40}] {pos:>3}% {elapsed}").expect("valid template").progress_chars("=> "));
     let observer = BarObserver { bar, position: Mutex::new(0) };
-    let report = audio::mix(&stems, &settings, &args.output, &temporary, &observer).map_err(|err| err.to_string())?;
+    let mixed = audio::mix(&stems, &settings, &outputs, &observer);
+    if !wav_asked {
+        let _ = std::fs::remove_file(&outputs.master);
+    }
+    let (report, delivered) = mixed.map_err(|err| err.to_string())?;
     observer.bar.finish_with_message("Complete");
 
     let value = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.2}"));
-    println!("{}", args.output.display());
+    for (file, delivered) in outputs.files.iter().zip(&delivered) {
+        let bitrate = delivered.bitrate_kbps.map_or(String::new(), |kbps| format!(", {kbps} kbps"));
+        println!("{} ({}{bitrate})", file.path.display(), delivered.format.extension());
+        println!(
+            "  decoded         {:.3} s, {} LUFS, {} dBTP, {} bytes",
+            delivered.duration_s,
+            value(delivered.integrated_lufs),
+            value(delivered.true_peak_dbtp),
+            delivered.bytes
+        );
+    }
+    println!("master");
     println!("  duration        {:.3} s", report.duration_s);
     println!("  format          {} Hz, {}-bit, {} channels", report.sample_rate, report.bit_depth, report.channels);
     println!("  integrated      {} LUFS", value(report.loudness.integrated_lufs));
@@ -183,6 +213,24 @@ fn run_mix(args: MixArgs) -> Result<(), String> {
         println!("  stem {:24} offset {:+.2} ms{state}", stem.name, stem.offset_ms);
     }
     Ok(())
+}
+
+/// The formats to write: `--format`'s, else the one `--output`'s extension names. A format the
+/// settings file lists keeps its bitrate.
+fn formats(args: &MixArgs, from_settings: &[FormatSettings]) -> Result<Vec<FormatSettings>, String> {
+    let named = if args.format.is_empty() {
+        let extension = args.output.extension().map(|e| e.to_string_lossy().into_owned()).unwrap_or_default();
+        let format = Format::from_extension(&extension)
+            .ok_or_else(|| format!("{}: the extension names no format (wav, flac, mp3, opus); give --format", args.output.display()))?;
+        vec![format]
+    } else {
+        args.format.clone()
+    };
+    Ok(named.into_iter().map(|format| from_settings.iter().find(|asked| asked.format == format).copied().unwrap_or(FormatSettings::new(format))).collect())
+}
+
+fn parse_format(name: &str) -> Result<Format, String> {
+    Format::from_extension(name).ok_or_else(|| format!("{name} is not one of wav, flac, mp3, opus"))
 }
 
 struct BarObserver {

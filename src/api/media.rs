@@ -14,8 +14,9 @@ use axum::response::{IntoResponse, Response};
 
 use super::error::{ApiError, ErrorEnvelope};
 use super::state::AppState;
-use crate::jobs::JobState;
-use crate::media::{MediaFile, MediaLayout, MediaName, ObjectInfo};
+use crate::audio::Format;
+use crate::jobs::{JobState, JobStatus};
+use crate::media::{JobFile, MediaFile, MediaLayout, MediaName, ObjectInfo};
 
 /// A mixed WAV, its analysis, a stem, or the legacy newest mix.
 #[utoipa::path(get, path = "/media/{path}", tag = "media",
@@ -102,20 +103,34 @@ async fn media_file(app: &AppState, name: MediaName) -> Result<MediaFile, ApiErr
         MediaName::Stem { project, stem_id, format } => Ok(MediaFile::Stem { project, stem_id, format }),
         MediaName::Newest { project } => {
             let newest = app.jobs.newest_complete(&project).ok_or(ApiError::MediaNotFound)?;
-            Ok(MediaFile::Result { project, job_id: newest.status.job_id(), analysis: false })
+            if !delivered(&newest.status, Format::Wav) {
+                return Err(ApiError::MediaNotFound);
+            }
+            Ok(MediaFile::Result { project, job_id: newest.status.job_id(), file: JobFile::Mix(Format::Wav) })
         }
-        MediaName::Result { project, job_id, analysis } => match app.jobs.find(job_id).await? {
+        MediaName::Result { project, job_id, file } => match app.jobs.find(job_id).await? {
             Some(event) if event.status.project_id() != &project || event.status.state() != JobState::Complete => Err(ApiError::MediaNotFound),
-            _ => Ok(MediaFile::Result { project, job_id, analysis }),
+            Some(event) if matches!(file, JobFile::Mix(format) if !delivered(&event.status, format)) => Err(ApiError::MediaNotFound),
+            _ => Ok(MediaFile::Result { project, job_id, file }),
         },
     }
 }
 
+/// Whether a complete job delivered its mix in `format` (a job completed before formats delivered
+/// the WAV alone).
+fn delivered(status: &JobStatus, format: Format) -> bool {
+    match status.results() {
+        Some(results) => results.iter().any(|result| result.format == format),
+        None => format == Format::Wav,
+    }
+}
+
 fn content_type(path: &str) -> &'static str {
-    match path.rsplit('.').next().unwrap_or_default().to_ascii_lowercase().as_str() {
-        "wav" => "audio/wav",
-        "flac" => "audio/flac",
-        "mp3" => "audio/mpeg",
+    let extension = path.rsplit('.').next().unwrap_or_default().to_ascii_lowercase();
+    if let Some(format) = Format::from_extension(&extension) {
+        return format.content_type();
+    }
+    match extension.as_str() {
         "ogg" => "audio/ogg",
         "m4a" => "audio/mp4",
         "aac" => "audio/aac",

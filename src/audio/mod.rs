@@ -13,6 +13,7 @@ mod analysis;
 mod buffer;
 mod container;
 mod decode;
+mod deliver;
 mod downmix;
 mod dsp;
 mod export;
@@ -29,9 +30,13 @@ use std::path::PathBuf;
 pub use analysis::{analyse, Analysis};
 pub use buffer::StereoBuffer;
 pub use decode::{probe_stem, StemInfo, StemReader, MAX_PROBE_TIME};
+pub use deliver::{Delivered, OutputFile, Outputs};
 pub use master::Loudness;
 pub use pipeline::{mix, plan, MixReport, StemReport};
-pub use settings::{AlignMode, BitDepth, CompressorSettings, EqBand, EqType, MasterSettings, MixSettings, OutputSettings, SettingsError, TrackSettings, ValidSettings};
+pub use settings::{
+    AlignMode, BitDepth, CompressorSettings, EqBand, EqType, Format, FormatSettings, MasterSettings, MixSettings, OutputSettings, SettingsError, TrackSettings,
+    ValidSettings,
+};
 
 /// A stem to mix: its identity and where its file is.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -63,8 +68,9 @@ impl Stage {
             Stage::ProcessingTracks => (8.0, 65.0),
             Stage::Mixing => (65.0, 66.0),
             // The gain solve and pass two, which writes the file.
-            Stage::Mastering => (66.0, 98.0),
-            Stage::Exporting => (98.0, 99.0),
+            Stage::Mastering => (66.0, 90.0),
+            // The files beside the WAV: encoding each, and reading it back to measure.
+            Stage::Exporting => (90.0, 99.0),
         }
     }
 
@@ -116,6 +122,8 @@ pub enum AudioError {
     Canceled,
     #[error("Writing the mix failed: {0}")]
     Export(#[source] std::io::Error),
+    #[error("Encoding the {format} file failed: {reason}")]
+    Encode { format: &'static str, reason: String },
     #[error("Internal engine error: {0}")]
     Internal(String),
 }

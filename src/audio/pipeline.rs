@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use super::align::estimate_lag;
 use super::buffer::{StereoBuffer, BLOCK};
 use super::decode::StemReader;
+use super::deliver::{Delivered, Outputs};
 use super::dsp::audible;
 use super::export::max_frames;
 use super::master::{Loudness, Premaster, Premastered};
@@ -67,13 +68,14 @@ pub fn plan(stems: &[StemSource], settings: MixSettings) -> Result<ValidSettings
     Ok(settings.validate(stems, highest_rate)?)
 }
 
-/// Mixes `stems` into a stereo WAV at `output`. `settings` were validated for these stems (by
-/// [`MixSettings::validate`] or [`plan`]) and are not checked again.
+/// Mixes `stems` into a stereo WAV at `outputs.master`, and the other files of `outputs` from it.
+/// `settings` were validated for these stems (by [`MixSettings::validate`] or [`plan`]) and are
+/// not checked again. Returns the report and each file of `outputs` as delivered, in order.
 ///
-/// The file is written to `temporary`, a name the caller owns in the same directory as `output`,
-/// then renamed into place: `output` is never seen half-written, and a failed or canceled mix
-/// leaves neither file behind.
-pub fn mix(stems: &[StemSource], settings: &ValidSettings, output: &Path, temporary: &Path, observer: &dyn MixObserver) -> Result<MixReport, AudioError> {
+/// Each file is written to its temporary, a name the caller owns in the same directory, then
+/// renamed into place: no file is ever seen half-written, and a failed or canceled mix leaves no
+/// temporary behind (the files already renamed are the caller's to remove).
+pub fn mix(stems: &[StemSource], settings: &ValidSettings, outputs: &Outputs, observer: &dyn MixObserver) -> Result<(MixReport, Vec<Delivered>), AudioError> {
     if stems.is_empty() {
         return Err(AudioError::NoStems);
     }
@@ -83,16 +85,16 @@ pub fn mix(stems: &[StemSource], settings: &ValidSettings, output: &Path, tempor
     let mut tracks = load_stems(stems, settings, rate, observer)?;
     align_stems(&mut tracks, settings, rate, observer)?;
     // The spill and the result's temporary share the result's directory (and its disk).
-    let scratch = match temporary.parent() {
+    let scratch = match outputs.master_temporary.parent() {
         Some(parent) if !parent.as_os_str().is_empty() => parent,
         _ => Path::new("."),
     };
     std::fs::create_dir_all(scratch).map_err(AudioError::Export)?;
     let (premastered, skipped) = render_bus(&tracks, &settings.master, rate, scratch, observer)?;
     let duration_s = premastered.frames() as f64 / f64::from(rate);
-    let loudness = premastered.master(&settings.master, settings.output.bit_depth, output, temporary, observer)?;
+    let (loudness, delivered) = premastered.master(&settings.master, settings.output.bit_depth, outputs, observer)?;
 
-    Ok(MixReport {
+    let report = MixReport {
         duration_s,
         sample_rate: rate,
         bit_depth: settings.output.bit_depth.bits(),
@@ -109,7 +111,8 @@ pub fn mix(stems: &[StemSource], settings: &ValidSettings, output: &Path, tempor
                 skipped_packets,
             })
             .collect(),
-    })
+    };
+    Ok((report, delivered))
 }
 
 /// Opens and probes every stem, and checks that the mix at `rate` fits in a WAV file.

@@ -112,12 +112,92 @@ impl Default for MasterSettings {
 pub struct OutputSettings {
     /// None: the highest stem rate.
     pub sample_rate: Option<u32>,
+    /// Of the WAV and the FLAC; 32 is float, which FLAC cannot hold.
     pub bit_depth: BitDepth,
+    /// The files to deliver, in this order (`results` keeps it). Each format at most once.
+    #[schema(min_items = 1, max_items = 4)]
+    pub formats: Vec<FormatSettings>,
 }
 
 impl Default for OutputSettings {
     fn default() -> Self {
-        Self { sample_rate: None, bit_depth: BitDepth::Int24 }
+        Self { sample_rate: None, bit_depth: BitDepth::Int24, formats: vec![FormatSettings::new(Format::Wav), FormatSettings::new(Format::Opus)] }
+    }
+}
+
+/// A file format a mix is delivered in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Format {
+    Wav,
+    Flac,
+    Mp3,
+    Opus,
+}
+
+impl Format {
+    pub const ALL: [Format; 4] = [Format::Wav, Format::Flac, Format::Mp3, Format::Opus];
+
+    /// The file name extension, which is also the format's name on the wire.
+    pub fn extension(self) -> &'static str {
+        match self {
+            Format::Wav => "wav",
+            Format::Flac => "flac",
+            Format::Mp3 => "mp3",
+            Format::Opus => "opus",
+        }
+    }
+
+    pub fn from_extension(extension: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|format| format.extension().eq_ignore_ascii_case(extension))
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::Wav => "audio/wav",
+            Format::Flac => "audio/flac",
+            Format::Mp3 => "audio/mpeg",
+            Format::Opus => "audio/ogg; codecs=opus",
+        }
+    }
+
+    pub fn is_lossy(self) -> bool {
+        matches!(self, Format::Mp3 | Format::Opus)
+    }
+
+    /// The bitrates a format takes (kbps) and its default; `None` for the lossless ones.
+    fn bitrates(self) -> Option<(u32, u32, u32)> {
+        match self {
+            Format::Mp3 => Some((96, 320, 320)),
+            Format::Opus => Some((64, 256, 160)),
+            Format::Wav | Format::Flac => None,
+        }
+    }
+}
+
+/// The bitrates an MP3 frame header can say (MPEG-1 layer III) within the range the contract allows.
+pub const MP3_BITRATES: [u32; 8] = [96, 112, 128, 160, 192, 224, 256, 320];
+
+/// One file to deliver. `bitrate_kbps` is for the lossy formats only: mp3 96-320 (a layer III
+/// bitrate, CBR; default 320), opus 64-256 (default 160).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FormatSettings {
+    pub format: Format,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(minimum = 64, maximum = 320)]
+    pub bitrate_kbps: Option<u32>,
+}
+
+impl FormatSettings {
+    pub fn new(format: Format) -> Self {
+        Self { format, bitrate_kbps: None }
+    }
+
+    /// The bitrate in kbps (the default where none was given); `None` for lossless formats.
+    pub fn bitrate(&self) -> Option<u32> {
+        let (_, _, default) = self.format.bitrates()?;
+        Some(self.bitrate_kbps.unwrap_or(default))
     }
 }
 
@@ -240,6 +320,7 @@ impl MixSettings {
                 return Err(SettingsError::new("output.sample_rate", format!("must be between {MIN_OUTPUT_RATE} and {MAX_OUTPUT_RATE} Hz")));
             }
         }
+        validate_formats(&self.output)?;
         let output_rate = self.output.sample_rate.unwrap_or(highest_stem_rate);
         let nyquist = f64::from(output_rate) / 2.0;
         let bands = self
@@ -283,6 +364,32 @@ fn validate_eq(bands: &[EqBand], field: &str) -> Result<(), SettingsError> {
     Ok(())
 }
 
+fn validate_formats(output: &OutputSettings) -> Result<(), SettingsError> {
+    if output.formats.is_empty() {
+        return Err(SettingsError::new("output.formats", "at least one format"));
+    }
+    for (i, settings) in output.formats.iter().enumerate() {
+        let at = |name: &str| format!("output.formats[{i}].{name}");
+        if output.formats[..i].iter().any(|earlier| earlier.format == settings.format) {
+            return Err(SettingsError::new(at("format"), format!("{} is asked for twice", settings.format.extension())));
+        }
+        match (settings.format.bitrates(), settings.bitrate_kbps) {
+            (None, Some(_)) => return Err(SettingsError::new(at("bitrate_kbps"), format!("{} is lossless and takes no bitrate", settings.format.extension()))),
+            (Some((min, max, _)), Some(kbps)) if !(min..=max).contains(&kbps) => {
+                return Err(SettingsError::new(at("bitrate_kbps"), format!("{kbps} is outside {min}..={max} for {}", settings.format.extension())));
+            }
+            (Some(_), Some(kbps)) if settings.format == Format::Mp3 && !MP3_BITRATES.contains(&kbps) => {
+                return Err(SettingsError::new(at("bitrate_kbps"), format!("{kbps} is not an MP3 bitrate (one of {MP3_BITRATES:?})")));
+            }
+            _ => {}
+        }
+        if settings.format == Format::Flac && output.bit_depth == BitDepth::Float32 {
+            return Err(SettingsError::new("output.bit_depth", "FLAC holds 16 or 24 bits, not 32-bit float"));
+        }
+    }
+    Ok(())
+}
+
 fn validate_compressor(comp: &CompressorSettings, field: &str) -> Result<(), SettingsError> {
     let at = |name: &str| format!("{field}.{name}");
     check_range(comp.threshold_db, -96.0, 0.0, &at("threshold_db"))?;
@@ -306,6 +413,9 @@ mod tests {
         assert_eq!(settings, MixSettings::default());
         assert_eq!(settings.master.target_lufs, -14.0);
         assert_eq!(settings.output.bit_depth, BitDepth::Int24);
+        assert_eq!(settings.output.formats, [FormatSettings { format: Format::Wav, bitrate_kbps: None }, FormatSettings { format: Format::Opus, bitrate_kbps: None }]);
+        assert_eq!(settings.output.formats[1].bitrate(), Some(160));
+        assert_eq!(FormatSettings::new(Format::Mp3).bitrate(), Some(320));
         assert_eq!(MixSettings::from_json(b"{}").unwrap(), MixSettings::default());
     }
 
@@ -323,7 +433,15 @@ mod tests {
 
     #[test]
     fn errors_name_the_field() {
-        let cases: [(&[u8], &str); 8] = [
+        let cases: [(&[u8], &str); 16] = [
+            (br#"{"output": {"formats": []}}"#, "output.formats"),
+            (br#"{"output": {"formats": [{"format": "aac"}]}}"#, "output.formats[0].format"),
+            (br#"{"output": {"formats": [{"format": "wav"}, {"format": "mp3"}, {"format": "mp3", "bitrate_kbps": 128}]}}"#, "output.formats[2].format"),
+            (br#"{"output": {"formats": [{"format": "mp3", "bitrate_kbps": 330}]}}"#, "output.formats[0].bitrate_kbps"),
+            (br#"{"output": {"formats": [{"format": "mp3", "bitrate_kbps": 100}]}}"#, "output.formats[0].bitrate_kbps"),
+            (br#"{"output": {"formats": [{"format": "opus", "bitrate_kbps": 32}]}}"#, "output.formats[0].bitrate_kbps"),
+            (br#"{"output": {"formats": [{"format": "flac", "bitrate_kbps": 900}]}}"#, "output.formats[0].bitrate_kbps"),
+            (br#"{"output": {"formats": [{"format": "flac"}], "bit_depth": 32}}"#, "output.bit_depth"),
             (br#"{"tracks": {"a1": {"pan": 1.5}}}"#, "tracks.a1.pan"),
             (br#"{"tracks": {"a1": {"eq": [{"type": "notch", "freq_hz": 100}]}}}"#, "tracks.a1.eq[0].type"),
             (br#"{"tracks": {"a1": {"compressor": {"ratio": 0.5}}}}"#, "tracks.a1.compressor.ratio"),

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize, Serializer};
 use utoipa::ToSchema;
 
-use crate::audio::{AudioError, MixReport, Stage};
+use crate::audio::{AudioError, Delivered, Format, MixReport, Stage};
 use crate::ids::{JobId, ProjectId, Timestamp};
 
 /// A job's state; the declaration order is the order a job walks them.
@@ -137,11 +137,36 @@ enum Phase {
     Complete {
         result_url: String,
         report: Box<MixReport>,
+        /// `None` only in the records of jobs completed before mixes were delivered in several
+        /// formats (their one file is the WAV at `result_url`).
+        results: Option<Vec<ResultFile>>,
     },
     /// The status's `message` is the error.
     Failed {
         code: ErrorCode,
     },
+}
+
+/// One file a complete job delivered, measured as a decoder reads it back.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ResultFile {
+    pub format: Format,
+    /// Where `/media` serves it.
+    pub url: String,
+    #[schema(minimum = 1)]
+    pub bytes: u64,
+    pub duration_s: f64,
+    /// Null for silence.
+    pub integrated_lufs: Option<f64>,
+    /// Null for silence.
+    pub true_peak_dbtp: Option<f64>,
+}
+
+impl ResultFile {
+    pub fn new(url: String, delivered: Delivered) -> Self {
+        let Delivered { format, bytes, duration_s, integrated_lufs, true_peak_dbtp, .. } = delivered;
+        Self { format, url, bytes, duration_s, integrated_lufs, true_peak_dbtp }
+    }
 }
 
 /// A job as clients see it: the `data` of status routes and the payload of every pushed event.
@@ -185,6 +210,11 @@ pub struct JobStatusFields {
     pub updated_at: Timestamp,
     /// The loudness report, when complete.
     pub report: Option<MixReport>,
+    /// Non-null exactly when `state == "complete"`: every file delivered, in the order
+    /// `output.formats` asked for them; `result_url` is the first one's `url`. (Null also for a
+    /// job completed by a release before formats, whose one file is the WAV at `result_url`.)
+    #[serde(default)]
+    pub results: Option<Vec<ResultFile>>,
 }
 
 impl Serialize for JobStatus {
@@ -204,6 +234,7 @@ impl Serialize for JobStatus {
             created_at: Timestamp,
             updated_at: Timestamp,
             report: Option<&'a MixReport>,
+            results: Option<&'a [ResultFile]>,
         }
         Fields {
             job_id: self.job_id,
@@ -219,6 +250,7 @@ impl Serialize for JobStatus {
             created_at: self.created_at,
             updated_at: self.updated_at,
             report: self.report(),
+            results: self.results(),
         }
         .serialize(serializer)
     }
@@ -229,14 +261,17 @@ impl TryFrom<JobStatusFields> for JobStatus {
 
     /// Accepts exactly the combinations a status can have; anything else is a corrupt record.
     fn try_from(fields: JobStatusFields) -> Result<Self, String> {
-        let JobStatusFields { job_id, project_id, state, progress, message, error, error_code, result_url, queue_position, seq, created_at, updated_at, report } = fields;
-        let phase = match (state, queue_position, error_code, error, result_url, report) {
-            (JobState::Queued, Some(position), None, None, None, None) if position >= 1 => Phase::Queued { position },
-            (JobState::Complete, None, None, None, Some(result_url), Some(report)) if progress == Progress::COMPLETE => {
-                Phase::Complete { result_url, report: Box::new(report) }
+        let JobStatusFields { job_id, project_id, state, progress, message, error, error_code, result_url, queue_position, seq, created_at, updated_at, report, results } =
+            fields;
+        let phase = match (state, queue_position, error_code, error, result_url, report, results) {
+            (JobState::Queued, Some(position), None, None, None, None, None) if position >= 1 => Phase::Queued { position },
+            (JobState::Complete, None, None, None, Some(result_url), Some(report), results)
+                if progress == Progress::COMPLETE && results.as_ref().is_none_or(|results| results.first().is_some_and(|first| first.url == result_url)) =>
+            {
+                Phase::Complete { result_url, report: Box::new(report), results }
             }
-            (JobState::Error, None, Some(code), Some(error), None, None) if error == message => Phase::Failed { code },
-            (state, None, None, None, None, None) if state > JobState::Queued && !state.is_terminal() && progress < Progress::COMPLETE => Phase::Working(state),
+            (JobState::Error, None, Some(code), Some(error), None, None, None) if error == message => Phase::Failed { code },
+            (state, None, None, None, None, None, None) if state > JobState::Queued && !state.is_terminal() && progress < Progress::COMPLETE => Phase::Working(state),
             _ => return Err(format!("job {job_id}: the fields of a {} status do not fit together", state.as_str())),
         };
         if seq == 0 {
@@ -312,8 +347,9 @@ pub enum JobChange {
         progress: Progress,
         message: String,
     },
+    /// Every file delivered (at least one; `result_url` is the first's).
     Completed {
-        result_url: String,
+        results: Vec<ResultFile>,
         report: Box<MixReport>,
     },
     Failed {
@@ -337,6 +373,8 @@ pub enum TransitionError {
     Backwards { from: JobState, to: JobState },
     #[error("nothing changed")]
     Unchanged,
+    #[error("a complete job delivers at least one file")]
+    NoResults,
 }
 
 impl JobStatus {
@@ -423,6 +461,13 @@ impl JobStatus {
         }
     }
 
+    pub fn results(&self) -> Option<&[ResultFile]> {
+        match &self.phase {
+            Phase::Complete { results, .. } => results.as_deref(),
+            _ => None,
+        }
+    }
+
     /// The status after `change`, with `seq` bumped and `updated_at` stamped, or why the change
     /// is not allowed. States move forward (but for [`JobChange::Requeued`], the one way back to
     /// `queued`), progress never falls, and a terminal job is final.
@@ -459,11 +504,12 @@ impl JobStatus {
                 }
                 next.move_to(to, progress, message)?;
             }
-            JobChange::Completed { result_url, report } => {
+            JobChange::Completed { results, report } => {
+                let Some(result_url) = results.first().map(|first| first.url.clone()) else { return Err(TransitionError::NoResults) };
                 if state < JobState::Running {
                     return Err(TransitionError::Backwards { from: state, to: JobState::Complete });
                 }
-                next.phase = Phase::Complete { result_url, report };
+                next.phase = Phase::Complete { result_url, report, results: Some(results) };
                 next.progress = Progress::COMPLETE;
                 next.message = "Mix complete".to_string();
             }

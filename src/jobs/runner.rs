@@ -28,13 +28,13 @@ use uuid::Uuid;
 use super::engine::EnginePool;
 use super::live::LiveView;
 use super::metrics::{LeaseEvent, Metrics};
-use super::model::{ErrorCode, JobChange, JobState, JobStatus, Progress};
+use super::model::{ErrorCode, JobChange, JobState, JobStatus, Progress, ResultFile};
 use super::runs::{lose_lease, LocalRuns, RunGuard};
 use super::store::{Change, Claim, Lease, Store, StoreError, StoredSettings};
 use super::webhook::WebhookSpec;
-use crate::audio::{self, AudioError, MixObserver, MixReport, Stage, StemSource};
-use crate::ids::JobId;
-use crate::media::{CachedFile, Media, MediaError, MediaLayout};
+use crate::audio::{self, AudioError, Delivered, Format, FormatSettings, MixObserver, MixReport, Outputs, Stage, StemSource};
+use crate::ids::{JobId, ProjectId};
+use crate::media::{CachedFile, JobFile, Media, MediaError, MediaLayout};
 
 /// How often the queue is checked without a wake-up (a notification may be lost).
 const CLAIM_POLL: Duration = Duration::from_secs(1);
@@ -176,15 +176,41 @@ struct JobRun {
 }
 
 enum Ending {
-    Mixed(MixReport),
+    Mixed { report: MixReport, delivered: Vec<Delivered>, outputs: Outputs },
     Failed(JobChange),
 }
 
-/// Where one run writes its result and analysis before they are published.
+/// Where one run writes its files and analysis before they are published: names of its own
+/// (attempt-specific), in the job's directory.
 struct Staged {
-    result: PathBuf,
-    analysis: PathBuf,
-    temporary: PathBuf,
+    layout: MediaLayout,
+    project: ProjectId,
+    job_id: JobId,
+    attempt: u32,
+}
+
+impl Staged {
+    fn outputs(&self, formats: &[FormatSettings]) -> Outputs {
+        let file = |format| JobFile::Mix(format);
+        Outputs::new(formats, |format| {
+            (
+                self.layout.result_staged(&self.project, self.job_id, self.attempt, file(format)),
+                self.layout.result_temporary(&self.project, self.job_id, self.attempt, file(format)),
+            )
+        })
+    }
+
+    fn analysis(&self) -> PathBuf {
+        self.layout.result_staged(&self.project, self.job_id, self.attempt, JobFile::Analysis)
+    }
+
+    /// Every name the run may have written under.
+    fn every_file(&self) -> Vec<PathBuf> {
+        let outputs = self.outputs(&Format::ALL.map(FormatSettings::new));
+        let mut files = vec![self.analysis(), outputs.master_temporary];
+        files.extend(outputs.files.into_iter().flat_map(|file| [file.path, file.temporary]));
+        files
+    }
 }
 
 impl JobRun {
@@ -206,12 +232,7 @@ impl JobRun {
     }
 
     fn staged(&self) -> Staged {
-        let (layout, project, job_id, attempt) = (self.runner.media.work(), self.project(), self.job_id(), self.claim.lease.attempt);
-        Staged {
-            result: layout.result_staged(project, job_id, attempt),
-            analysis: layout.analysis_staged(project, job_id, attempt),
-            temporary: layout.result_temporary(project, job_id, attempt),
-        }
+        Staged { layout: self.runner.media.work().clone(), project: self.project().clone(), job_id: self.job_id(), attempt: self.claim.lease.attempt }
     }
 
     /// The run, step by step: clear what earlier runs left, mix, write the ending, clean up.
@@ -299,15 +320,16 @@ impl JobRun {
             Err(failed) => return Some(Ending::Failed(failed)),
         };
         let ceiling = settings.settings().master.true_peak_dbtp;
+        let outputs = staged.outputs(&settings.settings().output.formats);
         let observer = JobObserver::new(changes, self.guard.stop.clone());
         let span = tracing::Span::current();
-        let (output, temporary) = (staged.result.clone(), staged.temporary.clone());
-        let outcome = self.runner.engine.run(move || span.in_scope(|| audio::mix(&stems, &settings, &output, &temporary, &observer))).await;
+        let engine_outputs = outputs.clone();
+        let outcome = self.runner.engine.run(move || span.in_scope(|| audio::mix(&stems, &settings, &engine_outputs, &observer))).await;
         match outcome {
             Ok(Ok(_)) | Ok(Err(AudioError::Canceled)) if self.stopped() => None,
-            Ok(Ok(report)) => {
-                self.analyse(&staged.result, staged.analysis.clone(), ceiling).await;
-                Some(Ending::Mixed(report))
+            Ok(Ok((report, delivered))) => {
+                self.analyse(&outputs.master, staged.analysis(), ceiling).await;
+                Some(Ending::Mixed { report, delivered, outputs })
             }
             Ok(Err(AudioError::Canceled)) => None,
             Ok(Err(err)) => {
@@ -362,31 +384,40 @@ impl JobRun {
     /// written (the lease is gone).
     async fn end(&self, writer: &mut Writer, staged: &Staged, ending: Ending) -> bool {
         match ending {
-            Ending::Mixed(report) => self.publish(writer, staged, report).await,
+            Ending::Mixed { report, delivered, outputs } => self.publish(writer, staged, report, delivered, outputs).await,
             Ending::Failed(change) => writer.write(change).await,
         }
     }
 
-    /// Makes the staged result the job's and completes it, if the lease still holds: whoever sees
-    /// the job complete finds exactly its result. (Should the lease be lost between the check and
-    /// the write, the result in place is the rescuer's to keep: it finds it there.)
-    async fn publish(&self, writer: &mut Writer, staged: &Staged, report: MixReport) -> bool {
+    /// Makes the staged files the job's and completes it, if the lease still holds: whoever sees
+    /// the job complete finds exactly its files. (Should the lease be lost between the check and
+    /// the write, the files in place are the rescuer's to keep: it finds them there.)
+    async fn publish(&self, writer: &mut Writer, staged: &Staged, report: MixReport, delivered: Vec<Delivered>, outputs: Outputs) -> bool {
         let (project, job_id) = (self.project(), self.job_id());
         if !writer.still_held().await {
             return false;
         }
-        if let Err(err) = self.runner.media.publish_result(project, job_id, self.claim.lease.attempt, &staged.result, &staged.analysis).await {
+        // The analysis first: a page that sees the mix finds its analysis too.
+        let files: Vec<(JobFile, PathBuf)> = std::iter::once((JobFile::Analysis, staged.analysis()))
+            .chain(outputs.files.iter().map(|file| (JobFile::Mix(file.format.format), file.path.clone())))
+            .collect();
+        if let Err(err) = self.runner.media.publish_result(project, job_id, self.claim.lease.attempt, &files).await {
             tracing::warn!(%err, "could not publish the mix");
             return writer.write(publish_failure(err)).await;
         }
-        writer.write(JobChange::Completed { result_url: MediaLayout::result_url(project, job_id), report: Box::new(report) }).await
+        // The WAV the other files came from, when not asked for, goes before anyone sees the job
+        // complete.
+        if !outputs.files.iter().any(|file| file.path == outputs.master) {
+            let _ = tokio::fs::remove_file(&outputs.master).await;
+        }
+        let results = delivered.into_iter().map(|delivered| ResultFile::new(MediaLayout::result_url(project, job_id, delivered.format), delivered)).collect();
+        writer.write(JobChange::Completed { results, report: Box::new(report) }).await
     }
 
     /// Removes the run's own files, and on object storage what it stored unless it completed the job.
     async fn clean_up(&self, staged: &Staged, finished: bool, completed: bool) {
-        let files = [staged.result.clone(), staged.analysis.clone()];
         let ended = self.runner.has_ended(self.job_id());
-        self.runner.media.end_run(self.project(), self.job_id(), self.claim.lease.attempt, &files, (finished, completed), ended).await;
+        self.runner.media.end_run(self.project(), self.job_id(), self.claim.lease.attempt, &staged.every_file(), (finished, completed), ended).await;
     }
 }
 
@@ -540,7 +571,7 @@ fn failure(err: &AudioError) -> JobChange {
         AudioError::TooLong { .. } => ErrorCode::OutputTooLong,
         AudioError::Canceled => ErrorCode::Canceled,
         AudioError::Export(io) if io.kind() == std::io::ErrorKind::StorageFull => ErrorCode::InsufficientStorage,
-        AudioError::Export(_) => ErrorCode::ExportFailed,
+        AudioError::Export(_) | AudioError::Encode { .. } => ErrorCode::ExportFailed,
     };
     let message = match err {
         AudioError::Internal(_) => "The mix engine failed unexpectedly".to_string(),

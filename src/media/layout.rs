@@ -6,7 +6,7 @@
 //! {root}/.mixd/                                   the job database (never served)
 //! {root}/{project}/stems/{stem_id}.{format}       a stem's audio
 //! {root}/{project}/stems/{stem_id}.json           its record, written after the audio
-//! {root}/{project}/mix_outputs/{job}/final_mix.wav  a job's result, immutable
+//! {root}/{project}/mix_outputs/{job}/final_mix.{wav,flac,mp3,opus}  a job's files, immutable
 //! {root}/{project}/mix_outputs/{job}/analysis.json  its waveform and loudness, immutable
 //! {root}/{project}/mix_outputs/final_mix.wav      (not a file) the legacy path of the newest complete mix
 //! ```
@@ -20,12 +20,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::audio::Format;
 use crate::ids::{JobId, ProjectId, StemId};
 
 const DATABASE_DIR: &str = ".mixd";
 const STEMS_DIR: &str = "stems";
 const OUTPUTS_DIR: &str = "mix_outputs";
-const RESULT_FILE: &str = "final_mix.wav";
+/// A job's mix in each format is `{RESULT_STEM}.{extension}`.
+const RESULT_STEM: &str = "final_mix";
+/// The legacy path of a project's newest mix (`{project}/mix_outputs/final_mix.wav`).
+const NEWEST_FILE: &str = "final_mix.wav";
 const ANALYSIS_FILE: &str = "analysis.json";
 const PARTIAL_SUFFIX: &str = ".partial";
 const ATTEMPT_PREFIX: &str = "attempt-";
@@ -42,14 +46,50 @@ pub struct MediaLayout {
     root: Arc<Path>,
 }
 
+/// One of a job's files: its mix in one format, or its analysis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum JobFile {
+    Mix(Format),
+    Analysis,
+}
+
+impl JobFile {
+    pub fn file_name(self) -> String {
+        match self {
+            JobFile::Mix(format) => format!("{RESULT_STEM}.{}", format.extension()),
+            JobFile::Analysis => ANALYSIS_FILE.to_string(),
+        }
+    }
+
+    fn parse(name: &str) -> Option<Self> {
+        if name == ANALYSIS_FILE {
+            return Some(JobFile::Analysis);
+        }
+        let (stem, extension) = name.split_once('.')?;
+        // Exactly as written: `final_mix.WAV` names nothing.
+        Format::from_extension(extension).filter(|format| stem == RESULT_STEM && format.extension() == extension).map(JobFile::Mix)
+    }
+
+    /// Where run `attempt` leaves the file before it is published, and the temporary name it is
+    /// written under before that: dot-prefixed and ending in `.partial`, never served.
+    fn staged_names(self, job_id: JobId, attempt: u32) -> (String, String) {
+        let kind = match self {
+            JobFile::Mix(format) => format.extension(),
+            JobFile::Analysis => "analysis",
+        };
+        let base = format!("{RESULT_PREFIX}{job_id}.{attempt}.{kind}");
+        (format!("{base}{PARTIAL_SUFFIX}"), format!("{base}.writing{PARTIAL_SUFFIX}"))
+    }
+}
+
 /// What a `/media` path names, whichever storage holds it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum MediaName {
-    /// A job's result, or its analysis: immutable once the job is complete.
+    /// One of a job's files: immutable once the job is complete.
     Result {
         project: ProjectId,
         job_id: JobId,
-        analysis: bool,
+        file: JobFile,
     },
     /// The legacy path of the project's newest complete mix.
     Newest {
@@ -107,22 +147,16 @@ pub mod keys {
         format!("{project}/{OUTPUTS_DIR}/{job_id}/{ATTEMPT_PREFIX}{attempt}/")
     }
 
-    pub fn result(project: &ProjectId, job_id: JobId, attempt: u32, analysis: bool) -> String {
-        let file = if analysis { ANALYSIS_FILE } else { RESULT_FILE };
-        format!("{}{file}", attempt_outputs(project, job_id, attempt))
+    pub fn result(project: &ProjectId, job_id: JobId, attempt: u32, file: JobFile) -> String {
+        format!("{}{}", attempt_outputs(project, job_id, attempt), file.file_name())
     }
 
-    /// Which run and which file a key under a job's outputs is: (job, attempt, is the analysis).
-    pub fn output_attempt(key: &str) -> Option<(ProjectId, JobId, u32, bool)> {
+    /// Which run and which file a key under a job's outputs is: (job, attempt, file).
+    pub fn output_attempt(key: &str) -> Option<(ProjectId, JobId, u32, JobFile)> {
         match key.split('/').collect::<Vec<_>>().as_slice() {
             [project, OUTPUTS_DIR, job, attempt, file] => {
                 let attempt = attempt.strip_prefix(ATTEMPT_PREFIX)?.parse().ok()?;
-                let analysis = match *file {
-                    RESULT_FILE => false,
-                    ANALYSIS_FILE => true,
-                    _ => return None,
-                };
-                Some((project.parse().ok()?, job.parse().ok()?, attempt, analysis))
+                Some((project.parse().ok()?, job.parse().ok()?, attempt, JobFile::parse(file)?))
             }
             _ => None,
         }
@@ -203,50 +237,41 @@ impl MediaLayout {
         self.root.join(project.as_str()).join(OUTPUTS_DIR).join(job_id.to_string())
     }
 
-    /// Where a job's result is, once complete.
-    pub fn result(&self, project: &ProjectId, job_id: JobId) -> PathBuf {
-        self.job_outputs(project, job_id).join(RESULT_FILE)
+    /// Where one of a job's files is, once the job is complete.
+    pub fn result(&self, project: &ProjectId, job_id: JobId, file: JobFile) -> PathBuf {
+        self.job_outputs(project, job_id).join(file.file_name())
     }
 
-    /// Where run number `attempt` of a job leaves its finished result, before the run (if it still
-    /// holds the job) links it into place as [`Self::result`].
-    pub fn result_staged(&self, project: &ProjectId, job_id: JobId, attempt: u32) -> PathBuf {
-        self.job_outputs(project, job_id).join(format!("{RESULT_PREFIX}{job_id}.{attempt}{PARTIAL_SUFFIX}"))
+    /// Where run number `attempt` of a job leaves one of its finished files, before the run (if
+    /// it still holds the job) links it into place as [`Self::result`].
+    pub fn result_staged(&self, project: &ProjectId, job_id: JobId, attempt: u32, file: JobFile) -> PathBuf {
+        self.job_outputs(project, job_id).join(file.staged_names(job_id, attempt).0)
     }
 
-    /// A job's analysis (waveform peaks, loudness over time), beside its result.
-    pub fn analysis(&self, project: &ProjectId, job_id: JobId) -> PathBuf {
-        self.job_outputs(project, job_id).join(ANALYSIS_FILE)
-    }
-
-    /// Where run number `attempt` leaves the analysis before it is linked into place with the result.
-    pub fn analysis_staged(&self, project: &ProjectId, job_id: JobId, attempt: u32) -> PathBuf {
-        self.job_outputs(project, job_id).join(format!("{RESULT_PREFIX}{job_id}.{attempt}.analysis{PARTIAL_SUFFIX}"))
-    }
-
-    /// Where run number `attempt` of a job writes its result, before renaming it to the staged name.
-    pub fn result_temporary(&self, project: &ProjectId, job_id: JobId, attempt: u32) -> PathBuf {
-        self.job_outputs(project, job_id).join(format!("{RESULT_PREFIX}{job_id}.{attempt}.writing{PARTIAL_SUFFIX}"))
+    /// Where run number `attempt` of a job writes one of its files, before renaming it to the
+    /// staged name.
+    pub fn result_temporary(&self, project: &ProjectId, job_id: JobId, attempt: u32, file: JobFile) -> PathBuf {
+        self.job_outputs(project, job_id).join(file.staged_names(job_id, attempt).1)
     }
 
     /// Removes what earlier runs of a job left in its directory (their nodes died or stalled; a
     /// stalled one writing on finds its file gone, and its writes are fenced out anyway).
     pub fn remove_earlier_attempts(&self, project: &ProjectId, job_id: JobId, attempt: u32) -> io::Result<()> {
-        let keep = [self.result_staged(project, job_id, attempt), self.result_temporary(project, job_id, attempt), self.analysis_staged(project, job_id, attempt)];
+        let own = format!("{RESULT_PREFIX}{job_id}.{attempt}.");
         let Ok(entries) = std::fs::read_dir(self.job_outputs(project, job_id)) else { return Ok(()) };
         for entry in entries {
             let path = entry?.path();
             let name = path.file_name().map(|name| name.to_string_lossy().into_owned()).unwrap_or_default();
-            if name.starts_with(RESULT_PREFIX) && name.ends_with(PARTIAL_SUFFIX) && !keep.contains(&path) {
+            if name.starts_with(RESULT_PREFIX) && name.ends_with(PARTIAL_SUFFIX) && !name.starts_with(&own) {
                 let _ = std::fs::remove_file(&path);
             }
         }
         Ok(())
     }
 
-    /// The URL a job's result is served at.
-    pub fn result_url(project: &ProjectId, job_id: JobId) -> String {
-        format!("/media/{project}/{OUTPUTS_DIR}/{job_id}/{RESULT_FILE}")
+    /// The URL a job's mix in `format` is served at.
+    pub fn result_url(project: &ProjectId, job_id: JobId, format: Format) -> String {
+        format!("/media/{project}/{OUTPUTS_DIR}/{job_id}/{}", JobFile::Mix(format).file_name())
     }
 
     /// What `/media/{path}` names, if it names something the media route serves: a job's result
@@ -255,9 +280,8 @@ impl MediaLayout {
     pub fn media_name(path: &str) -> Option<MediaName> {
         let segments: Vec<&str> = path.split('/').collect();
         match segments.as_slice() {
-            [project, OUTPUTS_DIR, job, RESULT_FILE] => Some(MediaName::Result { project: project.parse().ok()?, job_id: job.parse().ok()?, analysis: false }),
-            [project, OUTPUTS_DIR, job, ANALYSIS_FILE] => Some(MediaName::Result { project: project.parse().ok()?, job_id: job.parse().ok()?, analysis: true }),
-            [project, OUTPUTS_DIR, RESULT_FILE] => Some(MediaName::Newest { project: project.parse().ok()? }),
+            [project, OUTPUTS_DIR, NEWEST_FILE] => Some(MediaName::Newest { project: project.parse().ok()? }),
+            [project, OUTPUTS_DIR, job, file] => Some(MediaName::Result { project: project.parse().ok()?, job_id: job.parse().ok()?, file: JobFile::parse(file)? }),
             [project, STEMS_DIR, file] => {
                 let (stem, format) = file.split_once('.')?;
                 if format == "json" || !format.chars().all(|c| c.is_ascii_alphanumeric()) {
@@ -300,15 +324,17 @@ impl MediaLayout {
         Ok(removed)
     }
 
-    /// Removes job result directories whose result is older than `retention`; returns how long
-    /// until the oldest one left is due.
+    /// Removes job result directories whose files are older than `retention` (by the newest of
+    /// them); returns how long until the oldest one left is due.
     pub fn remove_old_results(&self, retention: Duration) -> io::Result<Option<Duration>> {
         let mut next_due: Option<Duration> = None;
         for project in std::fs::read_dir(&*self.root)? {
             let Ok(jobs) = std::fs::read_dir(project?.path().join(OUTPUTS_DIR)) else { continue };
             for job in jobs {
                 let dir = job?.path();
-                let Ok(modified) = std::fs::metadata(dir.join(RESULT_FILE)).and_then(|m| m.modified()) else { continue };
+                let published =
+                    Format::ALL.into_iter().filter_map(|format| std::fs::metadata(dir.join(JobFile::Mix(format).file_name())).and_then(|m| m.modified()).ok());
+                let Some(modified) = published.max() else { continue };
                 let age = modified.elapsed().unwrap_or_default();
                 if age >= retention {
                     std::fs::remove_dir_all(&dir)?;
@@ -333,16 +359,29 @@ mod tests {
         let project: ProjectId = "p1".parse().unwrap();
         let (job, stem) = (JobId::new(), StemId::new());
         let file = |path: &str| MediaLayout::media_name(path).map(|name| (name.is_immutable(), name));
-        assert_eq!(file(&format!("p1/mix_outputs/{job}/final_mix.wav")), Some((true, MediaName::Result { project: project.clone(), job_id: job, analysis: false })));
-        assert_eq!(MediaLayout::result_url(&project, job), format!("/media/p1/mix_outputs/{job}/final_mix.wav"));
-        assert_eq!(file(&format!("p1/mix_outputs/{job}/analysis.json")), Some((true, MediaName::Result { project: project.clone(), job_id: job, analysis: true })));
+        for format in Format::ALL {
+            let name = format!("p1/mix_outputs/{job}/final_mix.{}", format.extension());
+            assert_eq!(file(&name), Some((true, MediaName::Result { project: project.clone(), job_id: job, file: JobFile::Mix(format) })));
+            assert_eq!(MediaLayout::result_url(&project, job, format), format!("/media/{name}"));
+        }
+        assert_eq!(
+            file(&format!("p1/mix_outputs/{job}/analysis.json")),
+            Some((true, MediaName::Result { project: project.clone(), job_id: job, file: JobFile::Analysis }))
+        );
         assert_eq!(file("p1/mix_outputs/final_mix.wav"), Some((false, MediaName::Newest { project: project.clone() })));
         assert_eq!(file(&format!("p1/stems/{stem}.flac")), Some((true, MediaName::Stem { project: project.clone(), stem_id: stem, format: "flac".into() })));
-        let temporary = layout.result_temporary(&project, job, 1);
+        let temporary = layout.result_temporary(&project, job, 1, JobFile::Mix(Format::Opus));
         let temporary_name = temporary.file_name().unwrap().to_string_lossy();
+        let staged = layout.result_staged(&project, job, 1, JobFile::Mix(Format::Flac));
+        let staged_name = staged.file_name().unwrap().to_string_lossy();
         for refused in [
             format!("p1/stems/{stem}.json"),
             format!("p1/mix_outputs/{job}/{temporary_name}"),
+            format!("p1/mix_outputs/{job}/{staged_name}"),
+            format!("p1/mix_outputs/{job}/final_mix.WAV"),
+            format!("p1/mix_outputs/{job}/final_mix.ogg"),
+            format!("p1/mix_outputs/{job}/other.mp3"),
+            "p1/mix_outputs/final_mix.opus".to_string(),
             ".mixd/jobs.sqlite3".to_string(),
             "../etc/passwd".to_string(),
             "p1/mix_outputs/not-a-uuid/final_mix.wav".to_string(),
@@ -367,10 +406,16 @@ mod tests {
         let partials = [
             layout.upload_temporary(&project),
             MediaLayout::record_temporary(&record),
-            layout.result_temporary(&project, job, 1),
-            layout.result_staged(&project, job, 2),
+            layout.result_temporary(&project, job, 1, JobFile::Mix(Format::Wav)),
+            layout.result_staged(&project, job, 2, JobFile::Mix(Format::Mp3)),
+            layout.result_staged(&project, job, 2, JobFile::Analysis),
         ];
-        let kept = [record, layout.result(&project, job), layout.analysis(&project, job)];
+        let kept = [
+            record,
+            layout.result(&project, job, JobFile::Mix(Format::Wav)),
+            layout.result(&project, job, JobFile::Mix(Format::Opus)),
+            layout.result(&project, job, JobFile::Analysis),
+        ];
         for path in partials.iter().chain(&kept) {
             std::fs::write(path, b"x").unwrap();
         }
@@ -385,16 +430,20 @@ mod tests {
         let layout = MediaLayout::new(root.path());
         let project: ProjectId = "p1".parse().unwrap();
         let (old, fresh) = (JobId::new(), JobId::new());
-        for job in [old, fresh] {
+        // A job delivered as Opus alone is kept and removed by its Opus file's age.
+        let (wav, opus) = (JobFile::Mix(Format::Wav), JobFile::Mix(Format::Opus));
+        for (job, file) in [(old, wav), (old, opus), (fresh, opus)] {
             std::fs::create_dir_all(layout.job_outputs(&project, job)).unwrap();
-            std::fs::write(layout.result(&project, job), b"RIFF").unwrap();
+            std::fs::write(layout.result(&project, job, file), b"RIFF").unwrap();
         }
         let an_hour_ago = std::time::SystemTime::now() - Duration::from_secs(3600);
-        std::fs::File::options().write(true).open(layout.result(&project, old)).unwrap().set_modified(an_hour_ago).unwrap();
+        for file in [wav, opus] {
+            std::fs::File::options().write(true).open(layout.result(&project, old, file)).unwrap().set_modified(an_hour_ago).unwrap();
+        }
 
         let next = layout.remove_old_results(Duration::from_secs(1800)).unwrap().unwrap();
         assert!(!layout.job_outputs(&project, old).exists());
-        assert!(layout.result(&project, fresh).exists());
+        assert!(layout.result(&project, fresh, opus).exists());
         assert!(next > Duration::from_secs(1790) && next <= Duration::from_secs(1800), "{next:?}");
     }
 }

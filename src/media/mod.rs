@@ -19,7 +19,7 @@ mod sweep;
 
 pub use cache::{CachedFile, StemCache};
 pub use error::MediaError;
-pub use layout::{keys, MediaLayout, MediaName};
+pub use layout::{keys, JobFile, MediaLayout, MediaName};
 pub use objects::{ObjectInfo, ObjectKey, ObjectMedia, StorageUrl};
 pub use stems::{sanitize_file_name, Stem, StemStore};
 pub use storage::{Media, MediaFile, Opened};

@@ -27,7 +27,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::cache::{CachedFile, StemCache};
 use super::error::MediaError;
-use super::layout::keys;
+use super::layout::{keys, JobFile};
 use crate::ids::{JobId, ProjectId};
 
 /// Parts of a multipart upload, and the size past which a put becomes one.
@@ -255,7 +255,7 @@ impl ObjectMedia {
         if let Some(attempt) = self.published.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&job_id) {
             return Ok(Some(*attempt));
         }
-        let attempt = self.job_outputs(project, job_id).await?.into_iter().filter(|(_, _, analysis)| !analysis).map(|(_, attempt, _)| attempt).max();
+        let attempt = self.job_outputs(project, job_id).await?.into_iter().filter(|(_, _, file)| *file != JobFile::Analysis).map(|(_, attempt, _)| attempt).max();
         if let Some(attempt) = attempt {
             let mut published = self.published.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             // Bounded without bookkeeping: forgetting costs one listing per job asked again.
@@ -278,10 +278,10 @@ impl ObjectMedia {
         Ok(())
     }
 
-    /// Every output any run of a job stored: (key, attempt, whether it is the analysis).
-    async fn job_outputs(&self, project: &ProjectId, job_id: JobId) -> Result<Vec<(String, u32, bool)>, MediaError> {
+    /// Every output any run of a job stored: (key, attempt, which file).
+    async fn job_outputs(&self, project: &ProjectId, job_id: JobId) -> Result<Vec<(String, u32, JobFile)>, MediaError> {
         self.list(&keys::job_outputs(project, job_id))
-            .try_filter_map(|(key, _)| async move { Ok(keys::output_attempt(&key).map(|(_, _, attempt, analysis)| (key, attempt, analysis))) })
+            .try_filter_map(|(key, _)| async move { Ok(keys::output_attempt(&key).map(|(_, _, attempt, file)| (key, attempt, file))) })
             .try_collect()
             .await
     }
@@ -366,13 +366,15 @@ mod tests {
         let project: ProjectId = "p1".parse().unwrap();
         let (old_job, young_job) = (JobId::new(), JobId::new());
         let (kept, orphan, fresh_orphan) = (StemId::new(), StemId::new(), StemId::new());
+        let (wav, opus) = (JobFile::Mix(crate::audio::Format::Wav), JobFile::Mix(crate::audio::Format::Opus));
         let listing = vec![
-            (keys::result(&project, old_job, 1, false), 50 * MINUTE),
-            (keys::result(&project, old_job, 2, false), 40 * MINUTE),
-            (keys::result(&project, old_job, 2, true), 40 * MINUTE),
+            (keys::result(&project, old_job, 1, wav), 50 * MINUTE),
+            (keys::result(&project, old_job, 2, wav), 40 * MINUTE),
+            (keys::result(&project, old_job, 2, opus), 40 * MINUTE),
+            (keys::result(&project, old_job, 2, JobFile::Analysis), 40 * MINUTE),
             // One young output keeps its whole job.
-            (keys::result(&project, young_job, 1, false), 45 * MINUTE),
-            (keys::result(&project, young_job, 2, false), 5 * MINUTE),
+            (keys::result(&project, young_job, 1, wav), 45 * MINUTE),
+            (keys::result(&project, young_job, 2, opus), 5 * MINUTE),
             (keys::stem_audio(&project, kept, "wav"), 600 * MINUTE),
             (keys::stem_record(&project, kept), 600 * MINUTE),
             (keys::stem_audio(&project, orphan, "flac"), 61 * MINUTE),
@@ -381,9 +383,10 @@ mod tests {
         ];
         let plan = plan_sweep(listing, 30 * MINUTE);
         let expected = vec![
-            keys::result(&project, old_job, 1, false),
-            keys::result(&project, old_job, 2, false),
-            keys::result(&project, old_job, 2, true),
+            keys::result(&project, old_job, 1, wav),
+            keys::result(&project, old_job, 2, wav),
+            keys::result(&project, old_job, 2, opus),
+            keys::result(&project, old_job, 2, JobFile::Analysis),
             keys::stem_audio(&project, orphan, "flac"),
         ];
         assert_eq!(plan, SweepPlan { delete: expected, next_due: 25 * MINUTE });

@@ -3,7 +3,7 @@
 //! here, with both cases side by side, so that they cannot drift.
 
 use std::ops::Range;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -13,9 +13,9 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use super::cache::CachedFile;
 use super::error::MediaError;
-use super::layout::{keys, MediaLayout};
+use super::layout::{keys, JobFile, MediaLayout};
 use super::objects::{ObjectInfo, ObjectKey, ObjectMedia};
-use crate::audio::StemSource;
+use crate::audio::{Format, StemSource};
 use crate::ids::{JobId, ProjectId, StemId};
 
 /// Where stems and mixes are kept. Cheap to clone.
@@ -30,11 +30,11 @@ pub enum Media {
 /// A file `/media` serves, once the job layer has decided which job's result a name means.
 #[derive(Debug, Clone, PartialEq)]
 pub enum MediaFile {
-    /// A complete job's result, or its analysis.
+    /// One of a complete job's files.
     Result {
         project: ProjectId,
         job_id: JobId,
-        analysis: bool,
+        file: JobFile,
     },
     Stem {
         project: ProjectId,
@@ -130,8 +130,7 @@ impl Media {
         match self {
             Media::Local(layout) => {
                 let path = match file {
-                    MediaFile::Result { project, job_id, analysis: false } => layout.result(project, *job_id),
-                    MediaFile::Result { project, job_id, analysis: true } => layout.analysis(project, *job_id),
+                    MediaFile::Result { project, job_id, file } => layout.result(project, *job_id, *file),
                     MediaFile::Stem { project, stem_id, format } => layout.stem_audio(project, *stem_id, format),
                 };
                 let file = tokio::fs::File::open(path).await.map_err(not_found)?;
@@ -145,9 +144,9 @@ impl Media {
             Media::Object { objects, .. } => {
                 let relative = match file {
                     MediaFile::Stem { project, stem_id, format } => keys::stem_audio(project, *stem_id, format),
-                    MediaFile::Result { project, job_id, analysis } => {
+                    MediaFile::Result { project, job_id, file } => {
                         let attempt = objects.published_attempt(project, *job_id).await?.ok_or(MediaError::NotFound)?;
-                        keys::result(project, *job_id, attempt, *analysis)
+                        keys::result(project, *job_id, attempt, *file)
                     }
                 };
                 let key = objects.key(&relative);
@@ -184,38 +183,35 @@ impl Media {
         Ok(())
     }
 
-    /// Makes run `attempt`'s staged result and analysis the job's, just before the job is reported
-    /// complete. On the data root they are linked into place (a result already there came from an
-    /// earlier run of the same job and inputs, which a node finished but did not get to report: it
-    /// is kept); on object storage they are stored under the run's own keys, which the job's final
-    /// update publishes. A missing or failed analysis is logged: the page then draws no waveform.
-    pub async fn publish_result(&self, project: &ProjectId, job_id: JobId, attempt: u32, result: &Path, analysis: &Path) -> Result<(), MediaError> {
-        match self {
-            Media::Local(layout) => {
-                // The analysis first: a page that sees the result finds its analysis too.
-                match tokio::fs::hard_link(analysis, layout.analysis(project, job_id)).await {
-                    Ok(()) => {}
-                    Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {}
-                    Err(err) => tracing::warn!(%err, "could not publish the mix's analysis"),
-                }
-                match tokio::fs::hard_link(result, layout.result(project, job_id)).await {
-                    Ok(()) => {}
-                    Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => tracing::info!("the result was already in place from an earlier run"),
-                    Err(err) => return Err(MediaError::Io(err)),
-                }
-                let _ = tokio::fs::remove_file(result).await;
-                let _ = tokio::fs::remove_file(analysis).await;
-                Ok(())
-            }
-            Media::Object { objects, .. } => {
-                if tokio::fs::try_exists(analysis).await.unwrap_or(false) {
-                    if let Err(err) = objects.put_file(analysis, &objects.key(&keys::result(project, job_id, attempt, true))).await {
-                        tracing::warn!(%err, "could not store the mix's analysis");
+    /// Makes run `attempt`'s staged files the job's, just before the job is reported complete.
+    /// On the data root they are linked into place (a file already there came from an earlier run
+    /// of the same job and inputs, which a node finished but did not get to report: it is kept);
+    /// on object storage they are stored under the run's own keys, which the job's final update
+    /// publishes. Either way nobody is served them before the job is complete, and then all at
+    /// once. A missing or failed analysis is logged: the page then draws no waveform.
+    pub async fn publish_result(&self, project: &ProjectId, job_id: JobId, attempt: u32, files: &[(JobFile, PathBuf)]) -> Result<(), MediaError> {
+        for (file, staged) in files {
+            let published = match self {
+                Media::Local(layout) => match tokio::fs::hard_link(staged, layout.result(project, job_id, *file)).await {
+                    Ok(()) => {
+                        let _ = tokio::fs::remove_file(staged).await;
+                        Ok(())
                     }
-                }
-                objects.put_file(result, &objects.key(&keys::result(project, job_id, attempt, false))).await
+                    Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {
+                        tracing::info!(file = file.file_name(), "the file was already in place from an earlier run");
+                        Ok(())
+                    }
+                    Err(err) => Err(MediaError::Io(err)),
+                },
+                Media::Object { objects, .. } if *file == JobFile::Analysis && !tokio::fs::try_exists(staged).await.unwrap_or(false) => Ok(()),
+                Media::Object { objects, .. } => objects.put_file(staged, &objects.key(&keys::result(project, job_id, attempt, *file))).await,
+            };
+            match published {
+                Err(err) if *file == JobFile::Analysis => tracing::warn!(%err, "could not publish the mix's analysis"),
+                other => other?,
             }
         }
+        Ok(())
     }
 
     /// Removes what run `attempt` leaves behind once it is over. On object storage its work files
@@ -241,8 +237,8 @@ impl Media {
             Media::Object { objects, .. } => {
                 let _ = tokio::fs::remove_dir(&outputs).await;
                 if !completed {
-                    for analysis in [false, true] {
-                        if let Err(err) = objects.delete(&objects.key(&keys::result(project, job_id, attempt, analysis))).await {
+                    for file in Format::ALL.map(JobFile::Mix).into_iter().chain([JobFile::Analysis]) {
+                        if let Err(err) = objects.delete(&objects.key(&keys::result(project, job_id, attempt, file))).await {
                             tracing::warn!(%err, "could not delete what this run stored; output retention will");
                         }
                     }

@@ -175,7 +175,7 @@ async fn a_node_killed_mid_mix_loses_its_job_to_another_which_completes_it_under
     assert_eq!(counter(&second, CLAIMED).await, 1);
     assert_eq!(counter(&watcher, "mixd_leases_total{event=\"rescued\"}").await + counter(&second, "mixd_leases_total{event=\"rescued\"}").await, 1);
     // The result exists once, and nothing of the killed run is left beside it.
-    assert_eq!(files_in(&cluster.data.path().join(format!("p1/mix_outputs/{job_id}"))), ["analysis.json", "final_mix.wav"]);
+    assert_eq!(files_in(&cluster.data.path().join(format!("p1/mix_outputs/{job_id}"))), ["analysis.json", "final_mix.opus", "final_mix.wav"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -203,7 +203,7 @@ async fn a_node_stalled_past_its_lease_changes_nothing_when_it_wakes() {
     let (_, now) = watcher.app.get_json(&format!("{path}/status")).await;
     assert_eq!(now["data"], complete, "the job is exactly as the rescuer left it");
     assert_eq!(std::fs::read(&result).unwrap(), bytes, "the result is untouched");
-    assert_eq!(files_in(result.parent().unwrap()), ["analysis.json", "final_mix.wav"], "the stale run removed its own files");
+    assert_eq!(files_in(result.parent().unwrap()), ["analysis.json", "final_mix.opus", "final_mix.wav"], "the stale run removed its own files");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

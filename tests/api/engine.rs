@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use mixd::audio::{self, AudioError, MixObserver, MixSettings, Stage, StemReader, StemSource, StereoBuffer};
+use mixd::audio::{self, AudioError, Format, FormatSettings, MixObserver, MixReport, MixSettings, Outputs, Stage, StemReader, StemSource, StereoBuffer};
 
 use crate::helpers::{crate_true_peak, ffmpeg_loudness, ffmpeg_true_peak, make_audio, read_wav, test_media};
 
@@ -18,6 +18,15 @@ impl MixObserver for Quiet {
     fn is_cancelled(&self) -> bool {
         false
     }
+}
+
+/// Mixes into a WAV alone at `output` (the other formats are `deliverables.rs`'s).
+fn mix_wav(stems: &[StemSource], mut settings: MixSettings, output: &Path) -> MixReport {
+    settings.output.formats = vec![FormatSettings::new(Format::Wav)];
+    let outputs = Outputs::new(&settings.output.formats, |_| (output.to_path_buf(), output.with_file_name(".mix.partial")));
+    let (report, delivered) = audio::mix(stems, &audio::plan(stems, settings).unwrap(), &outputs, &Quiet).unwrap();
+    assert_eq!(delivered.len(), 1);
+    report
 }
 
 fn decode(path: &Path) -> Result<StereoBuffer, AudioError> {
@@ -115,7 +124,7 @@ fn the_master_hits_loudness_targets_under_the_true_peak_ceiling_by_ffmpegs_meter
         settings.master.target_lufs = target;
         settings.master.true_peak_dbtp = ceiling;
         let output = dir.path().join(format!("mix{target}{ceiling}.wav"));
-        let report = audio::mix(&sources, &audio::plan(&sources, settings).unwrap(), &output, &dir.path().join(".mix.partial"), &Quiet).unwrap();
+        let report = mix_wav(&sources, settings, &output);
         let (integrated, peak) = ffmpeg_loudness(&output);
         assert!((integrated - target).abs() <= 0.5, "target {target}: ffmpeg measures {integrated} LUFS");
         assert!(peak <= ceiling + 0.2, "ceiling {ceiling}: ffmpeg measures {peak} dBTP");
@@ -200,7 +209,7 @@ fn the_true_peak_ceiling_holds_on_recordings_and_adversarial_signals_at_every_ra
                 )
                 .unwrap();
                 let output = dir.path().join(format!("{}-{rate}-{bits}.wav", sources[0].id));
-                let report = audio::mix(sources, &audio::plan(sources, settings).unwrap(), &output, &dir.path().join(".mix.partial"), &Quiet).unwrap();
+                let report = mix_wav(sources, settings, &output);
                 let by_crate = crate_true_peak(&output);
                 let by_ffmpeg = ffmpeg_true_peak(&output);
                 let reported = report.loudness.true_peak_dbtp.unwrap();
@@ -226,7 +235,7 @@ fn every_bit_depth_and_output_rate_is_written() {
     for (bits, rate) in [(16u16, 44_100u32), (24, 96_000), (32, 48_000)] {
         let settings = MixSettings::from_json(format!(r#"{{"output": {{"bit_depth": {bits}, "sample_rate": {rate}}}}}"#).as_bytes()).unwrap();
         let output = dir.path().join(format!("out{bits}.wav"));
-        audio::mix(&stems, &audio::plan(&stems, settings).unwrap(), &output, &dir.path().join(".mix.partial"), &Quiet).unwrap();
+        mix_wav(&stems, settings, &output);
         let (spec, samples) = read_wav(&output);
         assert_eq!((spec.bits_per_sample, spec.sample_rate), (bits, rate));
         assert_eq!(samples.len() as u32, 2 * 2 * rate, "two seconds, stereo");
@@ -242,8 +251,7 @@ fn offsets_and_auto_alignment_move_stems_in_time() {
     let late = make_audio(dir.path(), "late.wav", noise, &["-af", "adelay=120"]);
     let stems = [StemSource { id: "ref".into(), name: "ref.wav".into(), path: reference }, StemSource { id: "late".into(), name: "late.wav".into(), path: late }];
     let settings = MixSettings::from_json(br#"{"align": "auto", "tracks": {"ref.wav": {"offset_ms": 10}}}"#).unwrap();
-    let (output, temporary) = (dir.path().join("aligned.wav"), dir.path().join(".aligned.wav.partial"));
-    let report = audio::mix(&stems, &audio::plan(&stems, settings).unwrap(), &output, &temporary, &Quiet).unwrap();
+    let report = mix_wav(&stems, settings, &dir.path().join("aligned.wav"));
     assert_eq!(report.stems[0].offset_ms, 10.0);
     assert!((report.stems[1].offset_ms - -120.0).abs() <= 1.0, "found {} ms", report.stems[1].offset_ms);
 }

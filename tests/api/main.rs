@@ -7,6 +7,7 @@ mod cluster;
 #[path = "../../benches/common/mod.rs"]
 mod common;
 mod corpus;
+mod deliverables;
 mod disk_full;
 mod engine;
 mod errors;

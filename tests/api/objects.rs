@@ -113,15 +113,25 @@ async fn stems_and_mixes_live_in_the_bucket_and_are_served_exactly_as_from_the_d
     let result_url = format!("/media/p1/mix_outputs/{job_id}/final_mix.wav");
     assert_eq!(last["result_url"], result_url);
     let outputs: Vec<String> = bucket.objects().await.into_iter().map(|(key, _)| key).filter(|key| key.contains("mix_outputs")).collect();
-    assert_eq!(outputs, [format!("p1/mix_outputs/{job_id}/attempt-1/analysis.json"), format!("p1/mix_outputs/{job_id}/attempt-1/final_mix.wav")]);
+    let stored = |name: &str| format!("p1/mix_outputs/{job_id}/attempt-1/{name}");
+    assert_eq!(outputs, [stored("analysis.json"), stored("final_mix.opus"), stored("final_mix.wav")]);
 
     // The same stems mixed on the data dir: the same bytes, over the same ranges and headers.
     upload(&local, "p1", &stems).await;
     let (local_job, local_last) = mix(&local, "p1").await;
     assert_eq!(local_last["state"], "complete");
     let local_url = format!("/media/p1/mix_outputs/{local_job}/final_mix.wav");
-    for range in [None, Some("bytes=44-100043"), Some("bytes=-4096")] {
-        let (from_bucket, from_disk) = (get(&node, &result_url, range).await, get(&local, &local_url, range).await);
+    let opus = |job: &str| format!("/media/p1/mix_outputs/{job}/final_mix.opus");
+    for (bucket_url, disk_url, range) in [
+        (result_url.clone(), local_url.clone(), None),
+        (result_url.clone(), local_url.clone(), Some("bytes=44-100043")),
+        (result_url.clone(), local_url.clone(), Some("bytes=-4096")),
+        (opus(&job_id), opus(&local_job), None),
+        (opus(&job_id), opus(&local_job), Some("bytes=0-999")),
+    ] {
+        let (from_bucket, from_disk) = (get(&node, &bucket_url, range).await, get(&local, &disk_url, range).await);
+        let expected_type = if bucket_url.ends_with(".opus") { "audio/ogg; codecs=opus" } else { "audio/wav" };
+        assert_eq!(from_bucket.headers()["content-type"], expected_type);
         assert_eq!(from_bucket.status(), from_disk.status(), "{range:?}");
         for header in ["content-type", "content-length", "content-range", "accept-ranges", "cache-control"] {
             assert_eq!(from_bucket.headers().get(header), from_disk.headers().get(header), "{header} for {range:?}");
@@ -283,7 +293,7 @@ async fn outputs_past_their_retention_are_deleted_from_the_bucket() {
     let (job_id, last) = mix(&node, "p1").await;
     assert_eq!(last["state"], "complete");
     let outputs = || async { bucket.objects().await.into_iter().filter(|(key, _)| key.contains(&job_id)).count() };
-    assert_eq!(outputs().await, 2);
+    assert_eq!(outputs().await, 3, "the WAV, the Opus file and the analysis");
     eventually_async("the outputs are deleted", || async { outputs().await == 0 }).await;
     let status_url = format!("/mix/p1/mix/job/{job_id}/status");
     eventually_async("the job expires", || async { node.app.get_json(&status_url).await.0 == 404 }).await;
@@ -393,7 +403,7 @@ async fn a_node_stalled_past_its_lease_never_replaces_the_result_in_the_bucket()
     let complete = statuses_over_sse(events).await.last().unwrap().clone();
     assert_eq!(complete["state"], "complete", "{complete}");
     assert_eq!(counter(&rescuer, CLAIMED).await, 1, "the job ran again elsewhere");
-    let rescued_outputs = [format!("p1/mix_outputs/{job_id}/attempt-2/analysis.json"), format!("p1/mix_outputs/{job_id}/attempt-2/final_mix.wav")];
+    let rescued_outputs = ["analysis.json", "final_mix.opus", "final_mix.wav"].map(|name| format!("p1/mix_outputs/{job_id}/attempt-2/{name}"));
     let outputs = || async { bucket.objects().await.into_iter().map(|(key, _)| key).filter(|key| key.contains("mix_outputs")).collect::<Vec<_>>() };
     assert_eq!(outputs().await, rescued_outputs);
     let result_url = format!("/media/p1/mix_outputs/{job_id}/final_mix.wav");

@@ -482,7 +482,7 @@ async fn insert_delivery(tx: &mut Tx, delivery: &Delivery) -> Result<(), StoreEr
 /// Where a job about to move in the queue is: still a row, or rejoining with its status in hand.
 enum Slot {
     Row(Uuid),
-    Rejoining(QueueEntry),
+    Rejoining(Box<QueueEntry>),
 }
 
 /// Re-positions the queue, with `rejoining` jobs back in their places; their leases end. Only the
@@ -492,10 +492,10 @@ async fn requeue(tx: &mut Tx, rejoining: Vec<QueueEntry>) -> Result<(), StoreErr
     let rows = sqlx::query("SELECT job_id, queue_order, queue_position FROM jobs WHERE state = 'queued' ORDER BY queue_order FOR UPDATE").fetch_all(&mut **tx).await?;
     let mut queue: Vec<Waiting<Slot>> =
         rows.into_iter().map(|row| Waiting { key: Slot::Row(row.get(0)), order: row.get(1), shown: Some(row.get::<Option<i32>, _>(2).unwrap_or(0) as u32) }).collect();
-    queue.extend(rejoining.into_iter().map(|entry| Waiting { order: entry.order, shown: None, key: Slot::Rejoining(entry) }));
+    queue.extend(rejoining.into_iter().map(|entry| Waiting { order: entry.order, shown: None, key: Slot::Rejoining(Box::new(entry)) }));
     for (slot, position) in reposition(queue) {
         let entry = match slot {
-            Slot::Rejoining(entry) => entry,
+            Slot::Rejoining(entry) => *entry,
             Slot::Row(job_id) => {
                 let row = sqlx::query("SELECT status, webhook, queue_order FROM jobs WHERE job_id = $1").bind(job_id).fetch_one(&mut **tx).await?;
                 QueueEntry { order: row.get(2), status: serde_json::from_str(row.get(0))?, webhook: parse_webhook(row.get::<Option<&str>, _>(1))?, rejoining: false }

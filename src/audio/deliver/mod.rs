@@ -1,0 +1,221 @@
+//! The files a mix is delivered in, beside the WAV: FLAC, MP3 and Opus, each encoded by the
+//! field's library for it (flacenc, LAME, libopus in Ogg), written under a temporary name and
+//! renamed into place only once whole, and each measured as a decoder reads it back.
+//!
+//! Lossy coding moves peaks: a master at the ceiling decodes over it. So a lossy file is made from
+//! the master's own pass two with its limiter held lower by a margin (and the gain solved again so
+//! that the loudness stays), decoded, and measured; were it still over the ceiling, or off the
+//! WAV's loudness, it is made again with the limit lowered by what it was over ([`super::master`]).
+
+mod flac;
+mod mp3;
+mod opus;
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use ebur128::{EbuR128, Mode};
+use serde::{Deserialize, Serialize};
+
+use super::buffer::{StereoBuffer, BLOCK};
+use super::decode::StemReader;
+use super::dsp::gain_to_db;
+use super::settings::{Format, FormatSettings};
+use super::true_peak::PeakDetector;
+use super::AudioError;
+
+pub(super) use flac::encode_wav;
+pub(super) use mp3::Mp3Encoder;
+pub(super) use opus::OpusEncoder;
+
+/// Where one delivered file goes: written at `temporary` (a name the caller owns, in the same
+/// directory), renamed to `path` once whole.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutputFile {
+    pub format: FormatSettings,
+    pub path: PathBuf,
+    pub temporary: PathBuf,
+}
+
+/// Every file of a mix. The WAV is the master every other file comes from: it is written (at
+/// `master`) even when it is not among `files`, and is then the caller's to remove.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outputs {
+    pub master: PathBuf,
+    pub master_temporary: PathBuf,
+    /// In the order asked; a WAV among them is the file at `master`.
+    pub files: Vec<OutputFile>,
+}
+
+impl Outputs {
+    /// `master` and its temporary, and the other formats beside it, named by `name(format)`:
+    /// each a path and a temporary.
+    pub fn new(formats: &[FormatSettings], name: impl Fn(Format) -> (PathBuf, PathBuf)) -> Self {
+        let (master, master_temporary) = name(Format::Wav);
+        let files = formats
+            .iter()
+            .map(|format| {
+                let (path, temporary) = name(format.format);
+                OutputFile { format: *format, path, temporary }
+            })
+            .collect();
+        Self { master, master_temporary, files }
+    }
+}
+
+/// A delivered file, measured as a decoder reads it back.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Delivered {
+    pub format: Format,
+    /// `None` for the lossless formats.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub bitrate_kbps: Option<u32>,
+    pub bytes: u64,
+    pub duration_s: f64,
+    pub integrated_lufs: Option<f64>,
+    pub true_peak_dbtp: Option<f64>,
+}
+
+/// A lossy encoder: segments of the master at the mix's rate in, a file out.
+pub(super) trait LossyEncoder {
+    fn write(&mut self, segment: &StereoBuffer) -> Result<(), AudioError>;
+    /// Flushes, completes the file's headers and fsyncs it.
+    fn finish(self: Box<Self>) -> Result<(), AudioError>;
+}
+
+pub(super) fn lossy_encoder(format: FormatSettings, rate: u32, temporary: &Path) -> Result<Box<dyn LossyEncoder>, AudioError> {
+    let kbps = format.bitrate().unwrap_or_default();
+    match format.format {
+        Format::Mp3 => Ok(Box::new(Mp3Encoder::create(temporary, rate, kbps)?)),
+        Format::Opus => Ok(Box::new(OpusEncoder::create(temporary, rate, kbps)?)),
+        Format::Wav | Format::Flac => Err(AudioError::Internal(format!("{} is not a lossy format", format.format.extension()))),
+    }
+}
+
+/// A file being written, removed if dropped before it was kept: an error or a cancel leaves
+/// nothing behind.
+pub(super) struct PartialFile {
+    pub file: File,
+    path: PathBuf,
+    kept: bool,
+}
+
+impl PartialFile {
+    pub fn create(path: &Path) -> Result<Self, AudioError> {
+        Ok(Self { file: File::create(path).map_err(AudioError::Export)?, path: path.to_path_buf(), kept: false })
+    }
+
+    /// Fsyncs the file and keeps it.
+    pub fn keep(mut self) -> Result<(), AudioError> {
+        self.file.sync_all().map_err(AudioError::Export)?;
+        self.kept = true;
+        Ok(())
+    }
+}
+
+impl Drop for PartialFile {
+    fn drop(&mut self) {
+        if !self.kept {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// What a decoder reads back from a file: its length and rate, loudness and true peak.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) struct Measured {
+    pub frames: u64,
+    pub rate: u32,
+    pub integrated_lufs: Option<f64>,
+    /// Linear.
+    pub peak: f32,
+}
+
+impl Measured {
+    pub fn delivered(&self, format: FormatSettings, bytes: u64) -> Delivered {
+        let finite = |value: f64| value.is_finite().then_some(value);
+        Delivered {
+            format: format.format,
+            bitrate_kbps: format.bitrate(),
+            bytes,
+            duration_s: self.frames as f64 / f64::from(self.rate),
+            integrated_lufs: self.integrated_lufs,
+            true_peak_dbtp: finite(gain_to_db(f64::from(self.peak))),
+        }
+    }
+}
+
+/// Decodes `path` as `format` and measures it: MP3 through symphonia with the LAME tag's delay
+/// and padding trimmed, Opus through libopus with its pre-skip and end trimming, as players do.
+pub(super) fn measure(path: &Path, format: Format) -> Result<Measured, AudioError> {
+    let mut meter = Meter::default();
+    match format {
+        Format::Opus => opus::decode(path, &mut |segment, rate| meter.push(segment, rate))?,
+        Format::Wav | Format::Flac | Format::Mp3 => {
+            let name = format!("final_mix.{}", format.extension());
+            let mut reader = StemReader::open(path, &name)?;
+            let rate = reader.info.sample_rate;
+            let mut chunk = StereoBuffer::default();
+            while reader.next_chunk(&mut chunk)? {
+                meter.push(&chunk, rate)?;
+            }
+        }
+    }
+    meter.finish().ok_or_else(|| AudioError::Internal(format!("the {} file decodes to nothing", format.extension())))?
+}
+
+/// Loudness and true peak of decoded audio, gathered a block at a time (a decoder's packets are
+/// a few hundred frames, too few to measure in parallel).
+#[derive(Default)]
+struct Meter {
+    state: Option<(EbuR128, PeakDetector, u32)>,
+    pending: StereoBuffer,
+    peaks: Vec<f32>,
+    peak: f32,
+    frames: u64,
+}
+
+impl Meter {
+    fn push(&mut self, segment: &StereoBuffer, rate: u32) -> Result<(), AudioError> {
+        if self.state.is_none() {
+            self.state = Some((EbuR128::new(2, rate, Mode::I).map_err(meter_error)?, PeakDetector::new(rate), rate));
+        }
+        self.pending.left.extend_from_slice(&segment.left);
+        self.pending.right.extend_from_slice(&segment.right);
+        if self.pending.len() >= BLOCK {
+            self.measure_pending()?;
+        }
+        Ok(())
+    }
+
+    fn measure_pending(&mut self) -> Result<(), AudioError> {
+        let Some((meter, detector, _)) = &mut self.state else { return Ok(()) };
+        let (pending, peaks) = (&self.pending, &mut self.peaks);
+        let (metered, ()) = rayon::join(|| meter.add_frames_planar_f32(&[&pending.left, &pending.right]), || detector.push(&pending.left, &pending.right, peaks));
+        metered.map_err(meter_error)?;
+        self.peak = self.peaks.drain(..).fold(self.peak, f32::max);
+        self.frames += self.pending.len() as u64;
+        self.pending.clear();
+        Ok(())
+    }
+
+    /// `None` when nothing was decoded.
+    fn finish(mut self) -> Option<Result<Measured, AudioError>> {
+        if let Err(err) = self.measure_pending() {
+            return Some(Err(err));
+        }
+        let (meter, mut detector, rate) = self.state?;
+        detector.finish(&mut self.peaks);
+        let peak = self.peaks.into_iter().fold(self.peak, f32::max);
+        Some(Ok(Measured { frames: self.frames, rate, integrated_lufs: meter.loudness_global().ok().filter(|v| v.is_finite()), peak }))
+    }
+}
+
+fn meter_error(err: ebur128::Error) -> AudioError {
+    AudioError::Internal(format!("loudness meter: {err}"))
+}
+
+/// An encoder's failure, naming the format: the job ends `EXPORT_FAILED` with it.
+pub(super) fn encoder_error(format: Format, err: impl std::fmt::Display) -> AudioError {
+    AudioError::Encode { format: format.extension(), reason: err.to_string() }
+}
