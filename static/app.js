@@ -310,13 +310,41 @@ function reportRows(report = {}) {
   });
 }
 
+/** The file a player should stream: the smallest lossy one, else the first delivered. */
+function playable(status) {
+  const lossy = (status.results || []).filter((file) => file.format === 'opus' || file.format === 'mp3');
+  lossy.sort((a, b) => a.bytes - b.bytes);
+  return lossy.length ? lossy[0].url : status.result_url;
+}
+
+function formatBytes(bytes) {
+  return bytes >= 1e6 ? `${(bytes / 1e6).toFixed(1)} MB` : `${Math.max(1, Math.round(bytes / 1e3))} kB`;
+}
+
+/** One line per delivered file: a download link with its size, and its loudness as decoded. */
+function downloadItems(status) {
+  const number = (value, unit) => (value === null || value === undefined ? '–' : `${value.toFixed(1)} ${unit}`);
+  return (status.results || [{ format: 'wav', url: status.result_url }]).map((file) => {
+    const item = document.createElement('li');
+    const link = Object.assign(document.createElement('a'), { href: file.url, textContent: file.format.toUpperCase() });
+    link.download = `${status.project_id}-${status.job_id.slice(0, 8)}.${file.format}`;
+    link.dataset.format = file.format;
+    const figures = file.bytes ? ` ${formatBytes(file.bytes)} · ${number(file.integrated_lufs, 'LUFS')} · ${number(file.true_peak_dbtp, 'dBTP')}` : '';
+    item.append(link, figures);
+    return item;
+  });
+}
+
 async function showResult(node, status) {
   const result = $('.result', node);
   result.hidden = false;
-  $('.player', node).src = status.result_url;
+  $('.player', node).src = playable(status);
   const download = $('.download', node);
   download.href = status.result_url;
-  download.download = `${status.project_id}-${status.job_id.slice(0, 8)}.wav`;
+  const first = (status.results && status.results[0]?.format) || 'wav';
+  download.textContent = `Download ${first.toUpperCase()}`;
+  download.download = `${status.project_id}-${status.job_id.slice(0, 8)}.${first}`;
+  $('.downloads', node).replaceChildren(...downloadItems(status));
   $('.report', node).replaceChildren(...reportRows(status.report));
   try {
     const analysis = await loadAnalysis(status.result_url);
@@ -351,7 +379,7 @@ function renderCompare() {
   if (picked.length !== 2) return;
   const players = [$('#compare-a'), $('#compare-b')];
   picked.forEach((status, i) => {
-    if (players[i].getAttribute('src') !== status.result_url) players[i].src = status.result_url;
+    if (players[i].getAttribute('src') !== playable(status)) players[i].src = playable(status);
     $(`#compare-report-${i ? 'b' : 'a'}`).replaceChildren(...reportRows(status.report));
     $(`#compare-name-${i ? 'b' : 'a'}`).textContent = `${i ? 'B' : 'A'}: mix of ${new Date(status.created_at).toLocaleTimeString()}`;
   });

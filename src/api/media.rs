@@ -22,7 +22,7 @@ use crate::media::{JobFile, MediaFile, MediaLayout, MediaName, ObjectInfo};
 #[utoipa::path(get, path = "/media/{path}", tag = "media",
     params(
         ("path" = String, Path, pattern = "^[A-Za-z0-9_-][A-Za-z0-9_.-]*(/[A-Za-z0-9_-][A-Za-z0-9_.-]*)*$",
-            description = "Plain names (at most 255 characters each) joined by `/`, e.g. p1/mix_outputs/{job_id}/final_mix.wav, \
+            description = "Plain names (at most 255 characters each) joined by `/`, e.g. p1/mix_outputs/{job_id}/final_mix.wav (or .flac, .mp3, .opus: the files `results` lists), \
 p1/mix_outputs/{job_id}/analysis.json (waveform peaks per column at 4096/1024/256 columns, short-term loudness once a second, \
 true-peak ceiling hits), or p1/mix_outputs/final_mix.wav for the newest mix"),
         ("Range" = Option<String>, Header, nullable = false, description = "One byte range, `bytes=first-last`, `bytes=first-` or `bytes=-suffix`; anything else gets the whole file"),

@@ -5,7 +5,7 @@ const accent = () => getComputedStyle(document.documentElement).getPropertyValue
 const warning = () => getComputedStyle(document.documentElement).getPropertyValue('--warning').trim() || '#ff7a59';
 
 export async function loadAnalysis(resultUrl) {
-  const url = resultUrl.replace(/final_mix\.wav$/, 'analysis.json');
+  const url = resultUrl.replace(/final_mix\.(wav|flac|mp3|opus)$/, 'analysis.json');
   const response = await fetch(url);
   if (!response.ok) throw new Error(`analysis: ${response.status}`);
   return response.json();

@@ -138,7 +138,14 @@ async function mixThroughThePage({ project, hide, transport, screenshot }) {
   assert.ok(litPixels > 5000, `the waveform is drawn (${litPixels} pixels)`);
   const loudness = await page.textContent('.job[data-state=complete] .report');
   assert.match(loudness, /-1[56]\.\d LUFS/);
-  assert.equal(await page.getAttribute('.job[data-state=complete] a.download', 'href'), await page.getAttribute('.job[data-state=complete] audio', 'src'));
+  // The player streams the small Opus file; the menu offers every file, with its size.
+  const src = await page.getAttribute('.job[data-state=complete] audio', 'src');
+  assert.match(src, /\/final_mix\.opus$/);
+  assert.match(await page.getAttribute('.job[data-state=complete] a.download', 'href'), /\/final_mix\.wav$/);
+  const files = await page.$$eval('.job[data-state=complete] .downloads li', (items) => items.map((item) => item.textContent));
+  assert.equal(files.length, 2, `${files}`);
+  assert.match(files[0], /^WAV \d+(\.\d)? (MB|kB) · -1[56]\.\d LUFS · -\d+\.\d dBTP$/);
+  assert.match(files[1], /^OPUS \d+ kB · -1[56]\.\d LUFS · -\d+\.\d dBTP$/);
 
   if (screenshot) {
     mkdirSync(artifacts, { recursive: true });
