@@ -319,6 +319,33 @@ fn the_offline_command_mixes_with_a_report_and_fails_cleanly() {
     assert!(String::from_utf8_lossy(&run.stderr).contains("junk.wav"));
 }
 
+#[test]
+fn the_offline_command_picks_formats_from_the_extension_or_format() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = make_audio(dir.path(), "a.wav", "sine=f=220:r=44100:d=2", &[]);
+    let listing = || {
+        let mut names: Vec<String> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with("out")).collect();
+        names.sort();
+        names
+    };
+    let mix = |args: &[&str]| Command::new(env!("CARGO_BIN_EXE_mixd")).arg("mix").arg(&a).args(args).current_dir(dir.path()).output().unwrap();
+    let run = mix(&["-o", "out.mp3"]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    assert_eq!(listing(), ["out.mp3"], "the MP3 alone, and no hidden WAV left");
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().starts_with('.')).count(), 0);
+    let run = mix(&["-o", "out.wav", "--format", "flac,opus", "--format", "wav"]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    assert_eq!(listing(), ["out.flac", "out.mp3", "out.opus", "out.wav"]);
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(stdout.contains("out.opus (opus, 160 kbps)"), "{stdout}");
+    let run = mix(&["-o", "out.aac"]);
+    assert_eq!(run.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&run.stderr).contains("the extension names no format"), "{}", String::from_utf8_lossy(&run.stderr));
+    let run = mix(&["-o", "out.wav", "--format", "wma"]);
+    assert!(!run.status.success());
+    assert!(String::from_utf8_lossy(&run.stderr).contains("wma is not one of wav, flac, mp3, opus"));
+}
+
 /// Memory does not grow with the mix: a ten-minute mix at 48 kHz, whose bus alone is 222 MB of
 /// f32, is made with the process's data capped at 64 MiB. RLIMIT_DATA counts every private
 /// writable mapping, malloc's large ones included; the control shows the cap is enforced here.
