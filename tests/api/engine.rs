@@ -324,7 +324,8 @@ fn the_offline_command_picks_formats_from_the_extension_or_format() {
     let dir = tempfile::tempdir().unwrap();
     let a = make_audio(dir.path(), "a.wav", "sine=f=220:r=44100:d=2", &[]);
     let listing = || {
-        let mut names: Vec<String> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with("out")).collect();
+        let mut names: Vec<String> =
+            std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with("out")).collect();
         names.sort();
         names
     };
