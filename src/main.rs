@@ -137,6 +137,8 @@ fn print_token(args: TokenArgs) -> Result<(), String> {
 }
 
 fn run_mix(args: MixArgs) -> Result<(), String> {
+    // The engine's debug lines (each lossy encode's measured peak and loudness) under RUST_LOG.
+    mixd::telemetry::init(mixd::config::LogFormat::Text);
     let mut settings = match &args.settings {
         Some(path) => {
             let bytes = std::fs::read(path).map_err(|err| format!("{}: {err}", path.display()))?;

@@ -103,14 +103,14 @@ async fn media_file(app: &AppState, name: MediaName) -> Result<MediaFile, ApiErr
         MediaName::Stem { project, stem_id, format } => Ok(MediaFile::Stem { project, stem_id, format }),
         MediaName::Newest { project } => {
             let newest = app.jobs.newest_complete(&project).ok_or(ApiError::MediaNotFound)?;
-            if !delivered(&newest.status, Format::Wav) {
+            if !has_mix(&newest.status, Format::Wav) {
                 return Err(ApiError::MediaNotFound);
             }
             Ok(MediaFile::Result { project, job_id: newest.status.job_id(), file: JobFile::Mix(Format::Wav) })
         }
         MediaName::Result { project, job_id, file } => match app.jobs.find(job_id).await? {
             Some(event) if event.status.project_id() != &project || event.status.state() != JobState::Complete => Err(ApiError::MediaNotFound),
-            Some(event) if matches!(file, JobFile::Mix(format) if !delivered(&event.status, format)) => Err(ApiError::MediaNotFound),
+            Some(event) if matches!(file, JobFile::Mix(format) if !has_mix(&event.status, format)) => Err(ApiError::MediaNotFound),
             _ => Ok(MediaFile::Result { project, job_id, file }),
         },
     }
@@ -118,7 +118,7 @@ async fn media_file(app: &AppState, name: MediaName) -> Result<MediaFile, ApiErr
 
 /// Whether a complete job delivered its mix in `format` (a job completed before formats delivered
 /// the WAV alone).
-fn delivered(status: &JobStatus, format: Format) -> bool {
+fn has_mix(status: &JobStatus, format: Format) -> bool {
     match status.results() {
         Some(results) => results.iter().any(|result| result.format == format),
         None => format == Format::Wav,

@@ -17,14 +17,42 @@ pub fn max_frames(depth: BitDepth) -> u64 {
     (u64::from(u32::MAX) - WAV_HEADER_BYTES) / (2 * u64::from(depth.bits() / 8))
 }
 
+/// A file being written under a temporary name, removed if dropped before it was kept: an error
+/// or a cancel leaves nothing behind. Every file a mix writes is one.
+pub(super) struct PartialFile {
+    pub file: File,
+    path: PathBuf,
+    kept: bool,
+}
+
+impl PartialFile {
+    pub fn create(path: &Path) -> Result<Self, AudioError> {
+        Ok(Self { file: File::create(path).map_err(AudioError::Export)?, path: path.to_path_buf(), kept: false })
+    }
+
+    /// Fsyncs the file and keeps it.
+    pub fn keep(mut self) -> Result<(), AudioError> {
+        self.file.sync_all().map_err(AudioError::Export)?;
+        self.kept = true;
+        Ok(())
+    }
+}
+
+impl Drop for PartialFile {
+    fn drop(&mut self) {
+        if !self.kept {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
 /// A WAV file being written at `temporary`, a name the caller owns in the same directory as the
 /// final path, so that it knows what a crash can leave behind. Dropped before [`WavSink::finish`]
 /// (an error, a cancel), it removes the file.
 pub struct WavSink {
-    writer: Option<WavWriter<BufWriter<File>>>,
-    /// The same file, to fsync once the writer is done with it.
-    file: File,
-    path: PathBuf,
+    writer: WavWriter<BufWriter<File>>,
+    /// Declared after the writer, so dropped after it: what the writer flushes is removed too.
+    partial: PartialFile,
     depth: BitDepth,
     dither: Tpdf,
 }
@@ -37,16 +65,16 @@ impl WavSink {
             bits_per_sample: depth.bits(),
             sample_format: if depth == BitDepth::Float32 { SampleFormat::Float } else { SampleFormat::Int },
         };
-        let file = File::create(temporary).map_err(AudioError::Export)?;
-        let mut sink = Self { writer: None, file: file.try_clone().map_err(AudioError::Export)?, path: temporary.to_path_buf(), depth, dither: Tpdf::new(0x6d69_7864) };
-        sink.writer = Some(WavWriter::new(BufWriter::with_capacity(1 << 20, file), spec).map_err(hound_error)?);
-        Ok(sink)
+        let partial = PartialFile::create(temporary)?;
+        let file = partial.file.try_clone().map_err(AudioError::Export)?;
+        let writer = WavWriter::new(BufWriter::with_capacity(1 << 20, file), spec).map_err(hound_error)?;
+        Ok(Self { writer, partial, depth, dither: Tpdf::new(0x6d69_7864) })
     }
 
     /// Writes the frames, and leaves in `segment` exactly what a reader of the file will get
     /// back: the samples after quantisation and dither.
     pub fn write(&mut self, segment: &mut StereoBuffer) -> Result<(), AudioError> {
-        let writer = self.writer.as_mut().expect("written only before finish");
+        let writer = &mut self.writer;
         for (l, r) in segment.left.iter_mut().zip(segment.right.iter_mut()) {
             for x in [l, r] {
                 match self.depth {
@@ -68,18 +96,10 @@ impl WavSink {
     }
 
     /// Completes the header and fsyncs the file.
-    pub fn finish(mut self) -> Result<(), AudioError> {
-        self.writer.take().expect("finished once").finalize().map_err(hound_error)?;
-        self.file.sync_all().map_err(AudioError::Export)
-    }
-}
-
-impl Drop for WavSink {
-    fn drop(&mut self) {
-        if let Some(writer) = self.writer.take() {
-            drop(writer);
-            let _ = std::fs::remove_file(&self.path);
-        }
+    pub fn finish(self) -> Result<(), AudioError> {
+        let Self { writer, partial, .. } = self;
+        writer.finalize().map_err(hound_error)?;
+        partial.keep()
     }
 }
 

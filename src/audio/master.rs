@@ -63,9 +63,9 @@ const MAX_ENCODES: usize = 4;
 const LOSSY_STEP_DB: f64 = 0.03;
 
 /// How far under the master's limit a lossy file's limiter starts: lossy coding raises true
-/// peaks, the more the fewer bits it has. Chosen from what the drum, clipped-synth and game-music
-/// recordings of the tests read over their master when encoded at a given bitrate (README,
-/// "Deliverables"); a file still over is encoded again.
+/// peaks, the more the fewer bits it has. Chosen from what the asc-music recordings read over
+/// their limiter's level once encoded (README, "Choices"), more for fewer bits; a file still over
+/// is encoded again.
 fn lossy_margin_db(format: FormatSettings) -> f64 {
     let kbps = f64::from(format.bitrate().unwrap_or(320));
     match format.format {

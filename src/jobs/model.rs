@@ -135,16 +135,22 @@ enum Phase {
     /// `running` up to `exporting`.
     Working(JobState),
     Complete {
-        result_url: String,
         report: Box<MixReport>,
-        /// `None` only in the records of jobs completed before mixes were delivered in several
-        /// formats (their one file is the WAV at `result_url`).
-        results: Option<Vec<ResultFile>>,
+        files: Delivery,
     },
     /// The status's `message` is the error.
     Failed {
         code: ErrorCode,
     },
+}
+
+/// What a complete job delivered. `result_url` is derived from it, never stored beside it.
+#[derive(Debug, Clone, PartialEq)]
+enum Delivery {
+    /// Every file, in the order asked; never empty.
+    Files(Vec<ResultFile>),
+    /// A job completed before mixes were delivered in several formats: one WAV, at this URL.
+    LegacyWav(String),
 }
 
 /// One file a complete job delivered, measured as a decoder reads it back.
@@ -265,10 +271,13 @@ impl TryFrom<JobStatusFields> for JobStatus {
             fields;
         let phase = match (state, queue_position, error_code, error, result_url, report, results) {
             (JobState::Queued, Some(position), None, None, None, None, None) if position >= 1 => Phase::Queued { position },
-            (JobState::Complete, None, None, None, Some(result_url), Some(report), results)
-                if progress == Progress::COMPLETE && results.as_ref().is_none_or(|results| results.first().is_some_and(|first| first.url == result_url)) =>
-            {
-                Phase::Complete { result_url, report: Box::new(report), results }
+            (JobState::Complete, None, None, None, Some(result_url), Some(report), results) if progress == Progress::COMPLETE => {
+                let files = match results {
+                    None => Delivery::LegacyWav(result_url),
+                    Some(results) if results.first().is_some_and(|first| first.url == result_url) => Delivery::Files(results),
+                    Some(_) => return Err(format!("job {job_id}: result_url is not the first of its results")),
+                };
+                Phase::Complete { report: Box::new(report), files }
             }
             (JobState::Error, None, Some(code), Some(error), None, None, None) if error == message => Phase::Failed { code },
             (state, None, None, None, None, None, None) if state > JobState::Queued && !state.is_terminal() && progress < Progress::COMPLETE => Phase::Working(state),
@@ -449,7 +458,8 @@ impl JobStatus {
 
     pub fn result_url(&self) -> Option<&str> {
         match &self.phase {
-            Phase::Complete { result_url, .. } => Some(result_url),
+            Phase::Complete { files: Delivery::Files(files), .. } => files.first().map(|first| first.url.as_str()),
+            Phase::Complete { files: Delivery::LegacyWav(url), .. } => Some(url),
             _ => None,
         }
     }
@@ -463,7 +473,7 @@ impl JobStatus {
 
     pub fn results(&self) -> Option<&[ResultFile]> {
         match &self.phase {
-            Phase::Complete { results, .. } => results.as_deref(),
+            Phase::Complete { files: Delivery::Files(files), .. } => Some(files),
             _ => None,
         }
     }
@@ -505,11 +515,13 @@ impl JobStatus {
                 next.move_to(to, progress, message)?;
             }
             JobChange::Completed { results, report } => {
-                let Some(result_url) = results.first().map(|first| first.url.clone()) else { return Err(TransitionError::NoResults) };
+                if results.is_empty() {
+                    return Err(TransitionError::NoResults);
+                }
                 if state < JobState::Running {
                     return Err(TransitionError::Backwards { from: state, to: JobState::Complete });
                 }
-                next.phase = Phase::Complete { result_url, report, results: Some(results) };
+                next.phase = Phase::Complete { report, files: Delivery::Files(results) };
                 next.progress = Progress::COMPLETE;
                 next.message = "Mix complete".to_string();
             }
@@ -600,6 +612,32 @@ mod tests {
             (Some("The mix was canceled"), Some("CANCELED"), Some("The mix was canceled"))
         );
         assert_eq!(serde_json::from_value::<JobStatus>(json).unwrap(), failed);
+    }
+
+    #[test]
+    fn a_complete_status_derives_result_url_from_its_first_file_and_reads_records_from_before_formats() {
+        let report: MixReport = serde_json::from_value(serde_json::json!({"duration_s": 1.0, "sample_rate": 48000, "bit_depth": 24, "channels": 2,
+            "integrated_lufs": -14.0, "true_peak_dbtp": -1.1, "loudness_range_lu": 3.0, "stems": []}))
+        .unwrap();
+        let file =
+            |format: Format, url: &str| ResultFile { format, url: url.into(), bytes: 1000, duration_s: 1.0, integrated_lufs: Some(-14.0), true_peak_dbtp: Some(-1.2) };
+        let running = job().apply(JobChange::Started).unwrap();
+        assert_eq!(running.apply(JobChange::Completed { results: Vec::new(), report: Box::new(report.clone()) }).unwrap_err(), TransitionError::NoResults);
+        let results = vec![file(Format::Opus, "/media/p1/mix_outputs/j/final_mix.opus"), file(Format::Wav, "/media/p1/mix_outputs/j/final_mix.wav")];
+        let complete = running.apply(JobChange::Completed { results: results.clone(), report: Box::new(report) }).unwrap();
+        assert_eq!(complete.result_url(), Some("/media/p1/mix_outputs/j/final_mix.opus"));
+        let json = serde_json::to_value(&complete).unwrap();
+        assert_eq!(json["results"], serde_json::to_value(&results).unwrap());
+        assert_eq!(serde_json::from_value::<JobStatus>(json.clone()).unwrap(), complete);
+
+        let mut elsewhere = json.clone();
+        elsewhere["result_url"] = serde_json::json!("/media/p1/mix_outputs/j/final_mix.wav");
+        assert!(serde_json::from_value::<JobStatus>(elsewhere).is_err(), "result_url must be the first file's");
+        let mut legacy = json;
+        legacy.as_object_mut().unwrap().remove("results");
+        let legacy = serde_json::from_value::<JobStatus>(legacy).unwrap();
+        assert_eq!((legacy.result_url(), legacy.results()), (Some("/media/p1/mix_outputs/j/final_mix.opus"), None));
+        assert_eq!(serde_json::to_value(&legacy).unwrap()["results"], serde_json::Value::Null);
     }
 
     #[test]

@@ -191,12 +191,9 @@ struct Staged {
 
 impl Staged {
     fn outputs(&self, formats: &[FormatSettings]) -> Outputs {
-        let file = |format| JobFile::Mix(format);
         Outputs::new(formats, |format| {
-            (
-                self.layout.result_staged(&self.project, self.job_id, self.attempt, file(format)),
-                self.layout.result_temporary(&self.project, self.job_id, self.attempt, file(format)),
-            )
+            let file = JobFile::Mix(format);
+            (self.layout.result_staged(&self.project, self.job_id, self.attempt, file), self.layout.result_temporary(&self.project, self.job_id, self.attempt, file))
         })
     }
 

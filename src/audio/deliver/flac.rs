@@ -13,7 +13,8 @@ use std::path::Path;
 
 use libflac_sys as ffi;
 
-use super::{encoder_error, PartialFile};
+use super::encoder_error;
+use crate::audio::export::PartialFile;
 use crate::audio::settings::Format;
 use crate::audio::AudioError;
 

@@ -1,6 +1,6 @@
 //! The files a mix is delivered in, beside the WAV: FLAC, MP3 and Opus, each encoded by the
-//! field's library for it (flacenc, LAME, libopus in Ogg), written under a temporary name and
-//! renamed into place only once whole, and each measured as a decoder reads it back.
+//! field's library for it (libFLAC, LAME, libopus in Ogg), written under a temporary name and
+//! renamed into place only once whole, the lossy ones measured as a decoder reads them back.
 //!
 //! Lossy coding moves peaks: a master at the ceiling decodes over it. So a lossy file is made from
 //! the master's own pass two with its limiter held lower by a margin (and the gain solved again so
@@ -11,11 +11,9 @@ mod flac;
 mod mp3;
 mod opus;
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use ebur128::{EbuR128, Mode};
-use serde::{Deserialize, Serialize};
 
 use super::buffer::{StereoBuffer, BLOCK};
 use super::decode::StemReader;
@@ -25,8 +23,6 @@ use super::true_peak::PeakDetector;
 use super::AudioError;
 
 pub(super) use flac::encode_wav;
-pub(super) use mp3::Mp3Encoder;
-pub(super) use opus::OpusEncoder;
 
 /// Where one delivered file goes: written at `temporary` (a name the caller owns, in the same
 /// directory), renamed to `path` once whole.
@@ -64,11 +60,10 @@ impl Outputs {
 }
 
 /// A delivered file, measured as a decoder reads it back.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Delivered {
     pub format: Format,
     /// `None` for the lossless formats.
-    #[serde(skip_serializing_if = "Option::is_none", default)]
     pub bitrate_kbps: Option<u32>,
     pub bytes: u64,
     pub duration_s: f64,
@@ -86,38 +81,9 @@ pub(super) trait LossyEncoder {
 pub(super) fn lossy_encoder(format: FormatSettings, rate: u32, temporary: &Path) -> Result<Box<dyn LossyEncoder>, AudioError> {
     let kbps = format.bitrate().unwrap_or_default();
     match format.format {
-        Format::Mp3 => Ok(Box::new(Mp3Encoder::create(temporary, rate, kbps)?)),
-        Format::Opus => Ok(Box::new(OpusEncoder::create(temporary, rate, kbps)?)),
+        Format::Mp3 => Ok(Box::new(mp3::Mp3Encoder::create(temporary, rate, kbps)?)),
+        Format::Opus => Ok(Box::new(opus::OpusEncoder::create(temporary, rate, kbps)?)),
         Format::Wav | Format::Flac => Err(AudioError::Internal(format!("{} is not a lossy format", format.format.extension()))),
-    }
-}
-
-/// A file being written, removed if dropped before it was kept: an error or a cancel leaves
-/// nothing behind.
-pub(super) struct PartialFile {
-    pub file: File,
-    path: PathBuf,
-    kept: bool,
-}
-
-impl PartialFile {
-    pub fn create(path: &Path) -> Result<Self, AudioError> {
-        Ok(Self { file: File::create(path).map_err(AudioError::Export)?, path: path.to_path_buf(), kept: false })
-    }
-
-    /// Fsyncs the file and keeps it.
-    pub fn keep(mut self) -> Result<(), AudioError> {
-        self.file.sync_all().map_err(AudioError::Export)?;
-        self.kept = true;
-        Ok(())
-    }
-}
-
-impl Drop for PartialFile {
-    fn drop(&mut self) {
-        if !self.kept {
-            let _ = std::fs::remove_file(&self.path);
-        }
     }
 }
 
@@ -147,7 +113,16 @@ impl Measured {
 
 /// Decodes `path` as `format` and measures it: MP3 through symphonia with the LAME tag's delay
 /// and padding trimmed, Opus through libopus with its pre-skip and end trimming, as players do.
+/// A file that cannot be read back is the encoder's failure (`EXPORT_FAILED` naming the format),
+/// not a stem's.
 pub(super) fn measure(path: &Path, format: Format) -> Result<Measured, AudioError> {
+    read_back(path, format).map_err(|err| match err {
+        AudioError::Unsupported { reason, .. } | AudioError::Decode { reason, .. } => encoder_error(format, format!("reading it back: {reason}")),
+        other => other,
+    })
+}
+
+fn read_back(path: &Path, format: Format) -> Result<Measured, AudioError> {
     let mut meter = Meter::default();
     match format {
         Format::Opus => opus::decode(path, &mut |segment, rate| meter.push(segment, rate))?,

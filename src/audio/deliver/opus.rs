@@ -10,8 +10,9 @@ use std::path::Path;
 use ogg::{PacketReader, PacketWriteEndInfo, PacketWriter};
 use opus::{Application, Bitrate, Channels};
 
-use super::{encoder_error, LossyEncoder, PartialFile};
+use super::{encoder_error, LossyEncoder};
 use crate::audio::buffer::StereoBuffer;
+use crate::audio::export::PartialFile;
 use crate::audio::resample::RateConverter;
 use crate::audio::settings::Format;
 use crate::audio::AudioError;
