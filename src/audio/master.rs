@@ -400,7 +400,9 @@ impl Premastered {
             if peak <= aim {
                 super::export::publish(&outputs.master_temporary, &outputs.master)?;
                 let master = Measured { frames: self.frames, rate: self.rate, integrated_lufs: loudness.integrated_lufs, peak };
-                let delivered = self.deliver(plan, aim, max_gain_db, &master, outputs, observer)?;
+                // All or nothing: a file that fails (a full disk, a cancel) takes the ones
+                // already in place with it.
+                let delivered = self.deliver(plan, aim, max_gain_db, &master, outputs, observer).inspect_err(|_| outputs.remove_all())?;
                 return Ok((loudness, delivered));
             }
             tracing::debug!(render, peak_dbtp = gain_to_db(f64::from(peak)), "the written mix read over the ceiling; writing it again");

@@ -73,8 +73,8 @@ pub fn plan(stems: &[StemSource], settings: MixSettings) -> Result<ValidSettings
 /// not checked again. Returns the report and each file of `outputs` as delivered, in order.
 ///
 /// Each file is written to its temporary, a name the caller owns in the same directory, then
-/// renamed into place: no file is ever seen half-written, and a failed or canceled mix leaves no
-/// temporary behind (the files already renamed are the caller's to remove).
+/// renamed into place: no file is ever seen half-written, and a failed or canceled mix leaves none
+/// of its files behind, whole or not.
 pub fn mix(stems: &[StemSource], settings: &ValidSettings, outputs: &Outputs, observer: &dyn MixObserver) -> Result<(MixReport, Vec<Delivered>), AudioError> {
     if stems.is_empty() {
         return Err(AudioError::NoStems);

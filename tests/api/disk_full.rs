@@ -95,3 +95,49 @@ async fn a_full_disk_fails_the_spill_the_export_or_the_upload_cleanly_and_the_se
     assert_eq!(statuses.last().unwrap()["state"], "complete");
     drop(app);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_while_encoding_fails_the_job_in_exporting_and_publishes_nothing() {
+    const MOUNT: u64 = 16 * 1024 * 1024;
+    let disk = Tmpfs::mount(MOUNT);
+    let data = disk.path().to_path_buf();
+    let app = spawn_app_with(|config| config.data_dir = data).await;
+    // White noise, which FLAC can hardly shrink: 8 s at 48 kHz.
+    let seconds = 8;
+    let stem = make_audio(app.fixtures.path(), "noise.wav", &format!("anoisesrc=c=white:a=0.5:r=48000:d={seconds}"), &["-ac", "2"]);
+    assert_eq!(app.upload("p1", &[&stem]).await.0, 201);
+    // Room for the spill (8 bytes a frame) and the 24-bit WAV (6) with 384 KiB to spare for the
+    // job's events, not for the FLAC of noise (over 1.5 MB) that comes after the WAV.
+    let frames = seconds * 48_000;
+    let size = MOUNT - free_bytes(disk.path()) + frames * (8 + 6) + 384 * 1024;
+    let remount = |bytes: u64| {
+        let status = Command::new("mount").args(["-o", &format!("remount,size={bytes}")]).arg(disk.path()).status().unwrap();
+        assert!(status.success(), "remounting the tmpfs");
+    };
+    remount(size);
+    let settings = json!({"output": {"formats": [{"format": "wav"}, {"format": "flac"}]}});
+    let (_, started) = app.start_mix("p1", Some(settings.clone())).await;
+    let job_id = started["data"]["job_id"].as_str().unwrap().to_string();
+    let statuses = app.follow_job("p1", &job_id).await;
+    let last = statuses.last().unwrap();
+    assert_eq!((last["state"].as_str(), last["error_code"].as_str()), (Some("error"), Some("INSUFFICIENT_STORAGE")), "{last}");
+    assert_eq!(statuses[statuses.len() - 2]["state"], "exporting", "it failed while encoding: {statuses:?}");
+    // Nothing of the job is published or left half-written: not even the WAV that was whole.
+    let left: Vec<_> = walk(disk.path()).into_iter().filter(|p| p.is_file() && p.to_string_lossy().contains(&job_id)).collect();
+    assert!(left.is_empty(), "{left:?}");
+    let outputs = disk.path().join(format!("p1/mix_outputs/{job_id}"));
+    crate::helpers::eventually("the failed job's empty directory is removed", || !outputs.exists()).await;
+    let wav = app.client.get(app.url(&format!("/media/p1/mix_outputs/{job_id}/final_mix.wav"))).send().await.unwrap();
+    assert_eq!(wav.status(), 404);
+    assert_eq!(app.get_json("/healthz").await.0, 200);
+
+    // With room again, the same mix delivers both files.
+    remount(MOUNT);
+    let (_, started) = app.start_mix("p1", Some(settings)).await;
+    let statuses = app.follow_job("p1", started["data"]["job_id"].as_str().unwrap()).await;
+    let last = statuses.last().unwrap();
+    assert_eq!(last["state"], "complete", "{last}");
+    let formats: Vec<&str> = last["results"].as_array().unwrap().iter().map(|r| r["format"].as_str().unwrap()).collect();
+    assert_eq!(formats, ["wav", "flac"]);
+    drop(app);
+}

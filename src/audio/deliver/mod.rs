@@ -57,6 +57,13 @@ impl Outputs {
             .collect();
         Self { master, master_temporary, files }
     }
+
+    /// Removes every file of the mix that is in place (each temporary removes itself).
+    pub(super) fn remove_all(&self) {
+        for path in std::iter::once(&self.master).chain(self.files.iter().map(|file| &file.path)) {
+            let _ = std::fs::remove_file(path);
+        }
+    }
 }
 
 /// A delivered file, measured as a decoder reads it back.
