@@ -510,6 +510,12 @@ function wire() {
   });
   $('#project-search').addEventListener('input', renderProjects);
   $('#mix-form').addEventListener('submit', startMix);
+  // A double click's second click can come after the first one's answer, when the button is
+  // enabled again and the key spent: the browser counts it (detail 2), and it starts nothing.
+  // Two separate clicks start two mixes.
+  $('#start-mix').addEventListener('click', (event) => {
+    if (event.detail > 1) event.preventDefault();
+  });
   $('#compare-switch').addEventListener('click', switchCompare);
   $('#file-input').addEventListener('change', (event) => { uploadFiles(event.target.files); event.target.value = ''; });
   const zone = $('#drop-zone');
