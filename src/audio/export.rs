@@ -30,6 +30,10 @@ impl PartialFile {
         Ok(Self { file: File::create(path).map_err(AudioError::Export)?, path: path.to_path_buf(), kept: false })
     }
 
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     /// Fsyncs the file and keeps it.
     pub fn keep(mut self) -> Result<(), AudioError> {
         self.file.sync_all().map_err(AudioError::Export)?;

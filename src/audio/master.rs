@@ -23,7 +23,7 @@ use ebur128::{EbuR128, Mode};
 use serde::{Deserialize, Serialize};
 
 use super::buffer::{StereoBuffer, BLOCK};
-use super::deliver::{encode_wav, lossy_encoder, measure, Delivered, Measured, OutputFile, Outputs};
+use super::deliver::{encode_wav, lossy_encoder, Delivered, Measured, OutputFile, Outputs};
 use super::dsp::{db_to_gain, gain_to_db, ChannelStrip};
 use super::export::{max_quantisation_error, WavSink};
 use super::loudness::{step_frames, Gating, KWeighting};
@@ -58,6 +58,9 @@ const LOSSY_LOUDNESS_TOLERANCE_LU: f64 = 0.25;
 const LOSSY_TRIM_DB: f64 = 0.15;
 /// Encodes of one lossy file, at most.
 const MAX_ENCODES: usize = 4;
+/// How far a lossy file's decoded length may be from the master's: the contract's gapless
+/// promise.
+const GAPLESS_TOLERANCE_S: f64 = 0.001;
 /// What an encode that read over takes off beyond its excess, so that the next is not over again
 /// by a hair.
 const LOSSY_STEP_DB: f64 = 0.03;
@@ -473,8 +476,13 @@ impl Premastered {
                 pass(0.9 * done as f64 / frames);
                 encoder.write(segment)
             })?;
-            encoder.finish()?;
-            let measured = measure(&file.temporary, format.format)?;
+            let measured = encoder.finish()?;
+            // Gapless: a player plays exactly the master's length, whatever the codec's frames.
+            let (length_s, master_s) = (measured.frames as f64 / f64::from(measured.rate), master.frames as f64 / f64::from(master.rate));
+            if (length_s - master_s).abs() > GAPLESS_TOLERANCE_S {
+                let _ = std::fs::remove_file(&file.temporary);
+                return Err(AudioError::Encode { format: format.format.extension(), reason: format!("it decodes to {length_s:.4} s, the master lasts {master_s:.4} s") });
+            }
             let loudness_error = match (master.integrated_lufs, measured.integrated_lufs) {
                 (Some(wanted), Some(got)) => got - wanted,
                 _ => 0.0,

@@ -179,6 +179,44 @@ async fn a_node_killed_mid_mix_loses_its_job_to_another_which_completes_it_under
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_killed_while_encoding_loses_its_job_to_another_which_delivers_every_format() {
+    let cluster = Cluster::new().await;
+    let watcher = cluster.node(0).await;
+    let mut first = cluster.node(1).await;
+    cluster.upload(&watcher, "p1", 120).await;
+    let formats = serde_json::json!({"output": {"formats": [{"format": "wav"}, {"format": "flac"}, {"format": "mp3"}, {"format": "opus"}]}});
+    let (status, started) = watcher.app.start_mix("p1", Some(formats)).await;
+    assert_eq!(status, 202, "{started}");
+    let job_id = started["data"]["job_id"].as_str().unwrap().to_string();
+    let path = format!("/mix/p1/mix/job/{job_id}");
+    let mut events = SseStream::connect(&watcher.app.client, &watcher.app.url(&format!("{path}/events")), None).await;
+    let mut seen = until_state(&mut events, "exporting").await;
+    let second = cluster.node(1).await;
+    first.kill();
+
+    // The kill came mid-export: the first run had put its WAV aside, not yet its Opus file.
+    let outputs = cluster.data.path().join(format!("p1/mix_outputs/{job_id}"));
+    let staged: Vec<String> =
+        files_in(&outputs).into_iter().filter(|name| name.starts_with(&format!(".final_mix.{job_id}.")) && !name.ends_with(".writing.partial")).collect();
+    assert!(staged.iter().any(|name| name.ends_with(".wav.partial")), "{staged:?}");
+    assert!(!staged.iter().any(|name| name.ends_with(".opus.partial")), "{staged:?}");
+
+    seen.extend(statuses_over_sse(events).await);
+    let complete = seen.last().unwrap();
+    assert_eq!(complete["state"], "complete", "{seen:?}");
+    assert_eq!(counter(&second, CLAIMED).await, 1);
+    let formats: Vec<&str> = complete["results"].as_array().unwrap().iter().map(|file| file["format"].as_str().unwrap()).collect();
+    assert_eq!(formats, ["wav", "flac", "mp3", "opus"]);
+    // Every file whole, and nothing of either run's temporaries left beside them.
+    assert_eq!(files_in(&outputs), ["analysis.json", "final_mix.flac", "final_mix.mp3", "final_mix.opus", "final_mix.wav"]);
+    for file in complete["results"].as_array().unwrap() {
+        let served = watcher.app.client.get(watcher.app.url(file["url"].as_str().unwrap())).send().await.unwrap();
+        assert_eq!(served.status(), 200, "{file}");
+        assert_eq!(served.bytes().await.unwrap().len() as u64, file["bytes"].as_u64().unwrap(), "{file}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_stalled_past_its_lease_changes_nothing_when_it_wakes() {
     let cluster = Cluster::new().await;
     let watcher = cluster.node(0).await;

@@ -20,6 +20,8 @@ use crate::audio::AudioError;
 
 /// libFLAC's default, as `flac` and ffmpeg use.
 const COMPRESSION_LEVEL: u32 = 5;
+/// Threads libFLAC encodes on, at most: other mixes share the machine.
+const MAX_THREADS: usize = 4;
 /// Frames handed to the encoder at a time.
 const CHUNK: usize = 1 << 14;
 
@@ -69,6 +71,14 @@ pub fn encode_wav(wav: &Path, temporary: &Path, progress: &dyn Fn(f64), cancelle
     };
     if !configured {
         return Err(error(&"libFLAC refused the stream's parameters"));
+    }
+    // Frames are encoded apart and written in order, so the file is the same on any number of
+    // threads; a libFLAC built without pthreads refuses, and encodes on one.
+    let threads = std::thread::available_parallelism().map_or(1, |cores| cores.get().min(MAX_THREADS)) as u32;
+    // SAFETY: as for the setters above.
+    let threaded = unsafe { ffi::FLAC__stream_encoder_set_num_threads(encoder.0, threads) };
+    if threaded != ffi::FLAC__STREAM_ENCODER_SET_NUM_THREADS_OK {
+        tracing::debug!(threads, threaded, "libFLAC encodes on one thread");
     }
     let client = (&mut *sink as *mut Sink).cast::<libc::c_void>();
     // SAFETY: the callbacks match libFLAC's signatures and `client` points at `sink`, which lives

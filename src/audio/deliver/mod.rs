@@ -81,8 +81,9 @@ pub struct Delivered {
 /// A lossy encoder: segments of the master at the mix's rate in, a file out.
 pub(super) trait LossyEncoder {
     fn write(&mut self, segment: &StereoBuffer) -> Result<(), AudioError>;
-    /// Flushes, completes the file's headers and fsyncs it.
-    fn finish(self: Box<Self>) -> Result<(), AudioError>;
+    /// Flushes, completes the file's headers and fsyncs it; returns the file measured as its
+    /// decoder reads it back. Failing, it removes the file.
+    fn finish(self: Box<Self>) -> Result<Measured, AudioError>;
 }
 
 pub(super) fn lossy_encoder(format: FormatSettings, rate: u32, temporary: &Path) -> Result<Box<dyn LossyEncoder>, AudioError> {
@@ -200,4 +201,42 @@ fn meter_error(err: ebur128::Error) -> AudioError {
 /// An encoder's failure, naming the format: the job ends `EXPORT_FAILED` with it.
 pub(super) fn encoder_error(format: Format, err: impl std::fmt::Display) -> AudioError {
     AudioError::Encode { format: format.extension(), reason: err.to_string() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audio::buffer::test_noise;
+
+    /// Two seconds of quiet noise encoded as Opus at 96 kbps, at `path`, measured as it was made.
+    fn encode_opus(path: &Path) -> Measured {
+        let noise = test_noise(96_000, 7);
+        let quiet: Vec<f32> = noise.iter().map(|x| 0.25 * x).collect();
+        let mut encoder = lossy_encoder(FormatSettings { bitrate_kbps: Some(96), ..FormatSettings::new(Format::Opus) }, 48_000, path).unwrap();
+        for start in (0..quiet.len()).step_by(BLOCK) {
+            let end = (start + BLOCK).min(quiet.len());
+            encoder.write(&StereoBuffer { left: quiet[start..end].to_vec(), right: quiet[start..end].to_vec() }).unwrap();
+        }
+        encoder.finish().unwrap()
+    }
+
+    #[test]
+    fn an_opus_file_measured_while_encoded_reads_back_the_same_and_a_damaged_one_fails_the_encoder_not_a_stem() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("final_mix.opus");
+        let while_encoded = encode_opus(&path);
+        let measured = measure(&path, Format::Opus).unwrap();
+        assert_eq!((measured.frames, measured.rate), (96_000, 48_000), "pre-skip and end trimming give the input's length");
+        assert_eq!(measured, while_encoded, "the packets measured as they were made are the file's");
+
+        // One byte flipped in the middle of an audio page: its checksum no longer holds.
+        let mut bytes = std::fs::read(&path).unwrap();
+        let middle = bytes.len() / 2;
+        bytes[middle] ^= 0x5a;
+        std::fs::write(&path, &bytes).unwrap();
+        match measure(&path, Format::Opus) {
+            Err(AudioError::Encode { format: "opus", reason }) => assert!(reason.starts_with("reading it back: "), "{reason}"),
+            other => panic!("expected the Opus encoder's failure, got {other:?}"),
+        }
+    }
 }

@@ -10,7 +10,7 @@ use std::path::Path;
 
 use mp3lame_encoder::{Bitrate, Builder, DualPcm, Encoder, FlushGap, Mode, VbrMode};
 
-use super::{encoder_error, LossyEncoder};
+use super::{encoder_error, measure, LossyEncoder, Measured};
 use crate::audio::buffer::StereoBuffer;
 use crate::audio::export::PartialFile;
 use crate::audio::resample::RateConverter;
@@ -72,7 +72,7 @@ impl LossyEncoder for Mp3Encoder {
         self.encode_converted()
     }
 
-    fn finish(mut self: Box<Self>) -> Result<(), AudioError> {
+    fn finish(mut self: Box<Self>) -> Result<Measured, AudioError> {
         let mut tail = StereoBuffer::default();
         self.converter.finish(&mut tail)?;
         self.converted = tail;
@@ -88,7 +88,9 @@ impl LossyEncoder for Mp3Encoder {
         self.partial.file.write_all_at(&tag, 0).map_err(AudioError::Export)?;
         let Self { partial, out, .. } = *self;
         drop(out);
-        partial.keep()
+        let measured = measure(partial.path(), Format::Mp3)?;
+        partial.keep()?;
+        Ok(measured)
     }
 }
 

@@ -3,14 +3,21 @@
 //! frames, VBR at the asked bitrate with libopus's default complexity, as ffmpeg's libopus
 //! encodes. The header's pre-skip is the encoder's lookahead and the last page's granule position
 //! ends the stream at the master's length, so a decoder trims both ends: gapless.
+//!
+//! The file is measured as it is made: each packet goes to a thread that decodes and meters it
+//! as a player would, on the core the encoder leaves idle, and once the file is written its
+//! packets are read back and checked to be exactly those measured.
 
+use std::hash::Hasher;
 use std::io::{BufReader, BufWriter, Write};
 use std::path::Path;
+use std::sync::mpsc::{sync_channel, SyncSender};
+use std::thread::JoinHandle;
 
 use ogg::{PacketReader, PacketWriteEndInfo, PacketWriter};
 use opus::{Application, Bitrate, Channels};
 
-use super::{encoder_error, LossyEncoder};
+use super::{encoder_error, LossyEncoder, Measured, Meter};
 use crate::audio::buffer::StereoBuffer;
 use crate::audio::export::PartialFile;
 use crate::audio::resample::RateConverter;
@@ -26,6 +33,14 @@ const PACKETS_PER_PAGE: u64 = 50;
 /// The largest packet libopus makes (RFC 6716 § 3.4: 1275 bytes per frame, plus framing).
 const MAX_PACKET: usize = 4000;
 const SERIAL: u32 = 0x6d69_7864;
+/// Packets on their way to the measuring thread, at most: a second of audio.
+const PACKETS_IN_FLIGHT: usize = 50;
+
+/// One packet of the stream, and where the stream ends if it is the last.
+struct Packet {
+    data: Vec<u8>,
+    end: Option<u64>,
+}
 
 pub struct OpusEncoder {
     encoder: opus::Encoder,
@@ -39,6 +54,10 @@ pub struct OpusEncoder {
     packet: Vec<u8>,
     writer: PacketWriter<'static, BufWriter<std::fs::File>>,
     partial: PartialFile,
+    /// Of every packet written, to check the file against.
+    digest: PacketDigest,
+    measuring: SyncSender<Packet>,
+    meter: JoinHandle<Result<Measured, AudioError>>,
 }
 
 impl OpusEncoder {
@@ -69,17 +88,36 @@ impl OpusEncoder {
         tags.extend_from_slice(vendor.as_bytes());
         tags.extend_from_slice(&0u32.to_le_bytes());
         writer.write_packet(tags, SERIAL, PacketWriteEndInfo::EndPage, 0).map_err(AudioError::Export)?;
+        let (measuring, packets) = sync_channel::<Packet>(PACKETS_IN_FLIGHT);
+        let pre_skip = pre_skip as u64;
+        let meter = std::thread::Builder::new()
+            .name("mixd-opus-meter".into())
+            .spawn(move || {
+                let mut decoder = PlayerDecoder::new(pre_skip)?;
+                let mut meter = Meter::default();
+                for packet in packets {
+                    let segment = decoder.decode(&packet.data, packet.end)?;
+                    if !segment.is_empty() {
+                        meter.push(segment, OPUS_RATE)?;
+                    }
+                }
+                meter.finish().ok_or_else(|| encoder_error(Format::Opus, "it decodes to nothing"))?
+            })
+            .map_err(AudioError::Export)?;
         Ok(Self {
             encoder,
             converter: RateConverter::new(rate, OPUS_RATE)?,
             converted: StereoBuffer::default(),
             interleaved: Vec::new(),
-            pre_skip: pre_skip as u64,
+            pre_skip,
             frames_in: 0,
             packets: 0,
             packet: vec![0; MAX_PACKET],
             writer,
             partial,
+            digest: PacketDigest::default(),
+            measuring,
+            meter,
         })
     }
 
@@ -113,7 +151,12 @@ impl OpusEncoder {
             } else {
                 (PacketWriteEndInfo::NormalPacket, granule)
             };
-            self.writer.write_packet(self.packet[..bytes].to_vec(), SERIAL, info, granule).map_err(AudioError::Export)?;
+            let data = self.packet[..bytes].to_vec();
+            let end = (info == PacketWriteEndInfo::EndStream).then_some(granule);
+            self.digest.add(&data, end);
+            // The meter gone means it failed: its error is what `finish` reports.
+            let _ = self.measuring.send(Packet { data: data.clone(), end });
+            self.writer.write_packet(data, SERIAL, info, granule).map_err(AudioError::Export)?;
             if info == PacketWriteEndInfo::EndStream {
                 break;
             }
@@ -129,50 +172,121 @@ impl LossyEncoder for OpusEncoder {
         self.encode(false)
     }
 
-    fn finish(mut self: Box<Self>) -> Result<(), AudioError> {
+    fn finish(mut self: Box<Self>) -> Result<Measured, AudioError> {
         let mut tail = StereoBuffer::default();
         self.converter.finish(&mut tail)?;
         self.converted = tail;
         self.encode(true)?;
-        let Self { writer, partial, .. } = *self;
+        let Self { writer, partial, digest, measuring, meter, pre_skip, .. } = *self;
         writer.into_inner().flush().map_err(AudioError::Export)?;
-        partial.keep()
+        drop(measuring);
+        let measured = meter.join().map_err(|panic| AudioError::Internal(format!("the Opus meter panicked: {}", crate::audio::panic_message(&*panic))))??;
+        // What was measured is what a player of the file hears only if the file holds exactly
+        // those packets.
+        let (mut file, mut read) = (OggOpusReader::open(partial.path())?, PacketDigest::default());
+        while let Some(packet) = file.next_packet()? {
+            read.add(&packet.data, packet.end);
+        }
+        if read != digest || file.pre_skip != pre_skip {
+            return Err(encoder_error(Format::Opus, "reading it back: the file's packets are not those encoded"));
+        }
+        partial.keep()?;
+        Ok(measured)
     }
 }
 
-/// Decodes an Ogg Opus file as a player does, handing its audio to `take` in pieces: the
-/// pre-skip dropped from the start and the stream cut at its last granule position.
-pub fn decode(path: &Path, take: &mut dyn FnMut(&StereoBuffer, u32) -> Result<(), AudioError>) -> Result<(), AudioError> {
-    let error = |err: &dyn std::fmt::Display| encoder_error(Format::Opus, format!("reading it back: {err}"));
-    let mut reader = PacketReader::new(BufReader::new(std::fs::File::open(path).map_err(AudioError::Export)?));
-    let head = reader.read_packet_expected().map_err(|err| error(&err))?;
-    if head.data.len() < 19 || &head.data[..8] != b"OpusHead" || head.data[9] != 2 {
-        return Err(error(&"no stereo OpusHead"));
+/// An Ogg Opus file's audio packets, each with where the stream ends if it is the last.
+struct OggOpusReader {
+    reader: PacketReader<BufReader<std::fs::File>>,
+    pre_skip: u64,
+    ended: bool,
+}
+
+impl OggOpusReader {
+    fn open(path: &Path) -> Result<Self, AudioError> {
+        let mut reader = PacketReader::new(BufReader::new(std::fs::File::open(path).map_err(AudioError::Export)?));
+        let head = reader.read_packet_expected().map_err(read_back_error)?;
+        if head.data.len() < 19 || &head.data[..8] != b"OpusHead" || head.data[9] != 2 {
+            return Err(read_back_error("no stereo OpusHead"));
+        }
+        let pre_skip = u64::from(u16::from_le_bytes([head.data[10], head.data[11]]));
+        reader.read_packet_expected().map_err(read_back_error)?;
+        Ok(Self { reader, pre_skip, ended: false })
     }
-    let pre_skip = u64::from(u16::from_le_bytes([head.data[10], head.data[11]]));
-    reader.read_packet_expected().map_err(|err| error(&err))?;
-    let mut decoder = opus::Decoder::new(OPUS_RATE, Channels::Stereo).map_err(|err| error(&err))?;
-    let mut pcm = vec![0f32; 2 * 5760];
-    let mut segment = StereoBuffer::default();
-    // Samples decoded so far, counted from the stream's start (pre-skip included).
-    let mut position = 0u64;
-    while let Some(packet) = reader.read_packet().map_err(|err| error(&err))? {
-        let frames = decoder.decode_float(&packet.data, &mut pcm, false).map_err(|err| error(&err))? as u64;
-        // The last page's granule position is where the stream ends.
-        let end = if packet.last_in_stream() { packet.absgp_page() } else { u64::MAX };
-        let from = pre_skip.saturating_sub(position).min(frames);
-        let to = end.saturating_sub(position).min(frames);
-        segment.clear();
-        for i in from..to.max(from) {
-            segment.left.push(pcm[2 * i as usize]);
-            segment.right.push(pcm[2 * i as usize + 1]);
+
+    fn next_packet(&mut self) -> Result<Option<Packet>, AudioError> {
+        if self.ended {
+            return Ok(None);
         }
-        position += frames;
+        let Some(packet) = self.reader.read_packet().map_err(read_back_error)? else { return Ok(None) };
+        self.ended = packet.last_in_stream();
+        let end = self.ended.then(|| packet.absgp_page());
+        Ok(Some(Packet { data: packet.data, end }))
+    }
+}
+
+fn read_back_error(err: impl std::fmt::Display) -> AudioError {
+    encoder_error(Format::Opus, format!("reading it back: {err}"))
+}
+
+/// Packets and end positions, hashed in order: equal digests, equal streams.
+#[derive(Default, PartialEq)]
+struct PacketDigest {
+    packets: u64,
+    hash: u64,
+}
+
+impl PacketDigest {
+    fn add(&mut self, data: &[u8], end: Option<u64>) {
+        let mut hasher = std::hash::DefaultHasher::new();
+        hasher.write_u64(self.hash);
+        hasher.write(data);
+        hasher.write_u64(end.map_or(u64::MAX, |end| end));
+        self.hash = hasher.finish();
+        self.packets += 1;
+    }
+}
+
+/// Decodes an Opus stream's packets as a player does: the pre-skip dropped from the start, and
+/// the stream cut at the end position its last packet carries.
+struct PlayerDecoder {
+    decoder: opus::Decoder,
+    pcm: Vec<f32>,
+    segment: StereoBuffer,
+    pre_skip: u64,
+    /// Samples decoded so far, counted from the stream's start (pre-skip included).
+    position: u64,
+}
+
+impl PlayerDecoder {
+    fn new(pre_skip: u64) -> Result<Self, AudioError> {
+        let decoder = opus::Decoder::new(OPUS_RATE, Channels::Stereo).map_err(read_back_error)?;
+        // 120 ms, the longest an Opus packet lasts.
+        Ok(Self { decoder, pcm: vec![0f32; 2 * 5760], segment: StereoBuffer::default(), pre_skip, position: 0 })
+    }
+
+    fn decode(&mut self, packet: &[u8], end: Option<u64>) -> Result<&StereoBuffer, AudioError> {
+        let frames = self.decoder.decode_float(packet, &mut self.pcm, false).map_err(read_back_error)? as u64;
+        let from = self.pre_skip.saturating_sub(self.position).min(frames);
+        let to = end.unwrap_or(u64::MAX).saturating_sub(self.position).min(frames);
+        self.segment.clear();
+        for i in from as usize..to.max(from) as usize {
+            self.segment.left.push(self.pcm[2 * i]);
+            self.segment.right.push(self.pcm[2 * i + 1]);
+        }
+        self.position += frames;
+        Ok(&self.segment)
+    }
+}
+
+/// Decodes an Ogg Opus file as a player does, handing its audio to `take` in pieces.
+pub fn decode(path: &Path, take: &mut dyn FnMut(&StereoBuffer, u32) -> Result<(), AudioError>) -> Result<(), AudioError> {
+    let mut file = OggOpusReader::open(path)?;
+    let mut decoder = PlayerDecoder::new(file.pre_skip)?;
+    while let Some(packet) = file.next_packet()? {
+        let segment = decoder.decode(&packet.data, packet.end)?;
         if !segment.is_empty() {
-            take(&segment, OPUS_RATE)?;
-        }
-        if packet.last_in_stream() {
-            break;
+            take(segment, OPUS_RATE)?;
         }
     }
     Ok(())
