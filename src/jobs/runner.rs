@@ -636,6 +636,24 @@ impl MixObserver for JobObserver {
 mod tests {
     use super::*;
 
+    #[test]
+    fn an_encoder_failure_ends_the_job_export_failed_naming_the_format_and_a_full_disk_insufficient_storage() {
+        let encode = AudioError::Encode { format: "opus", reason: "reading it back: invalid packet".into() };
+        match failure(&encode) {
+            JobChange::Failed { code, message } => {
+                assert_eq!(code, ErrorCode::ExportFailed);
+                assert_eq!(message, "Encoding the opus file failed: reading it back: invalid packet");
+            }
+            other => panic!("{other:?}"),
+        }
+        match failure(&AudioError::Export(std::io::Error::from(std::io::ErrorKind::StorageFull))) {
+            JobChange::Failed { code, message } => {
+                assert_eq!((code, message.as_str()), (ErrorCode::InsufficientStorage, "The disk is full: the mix could not be written"))
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn progress_within_a_stage_is_published_at_most_once_per_interval_and_every_stage_at_once() {
         let (changes, mut sent) = mpsc::unbounded_channel();
