@@ -169,7 +169,8 @@ trait Target {
     fn cpu_seconds(&self) -> f64 {
         self.pids().into_iter().map(common::cpu_seconds).sum()
     }
-    fn path(&self, transport: Transport, project: usize) -> String;
+    /// Where subscriber number `subscriber` of `project` connects.
+    fn path(&self, transport: Transport, project: usize, subscriber: usize) -> String;
     /// Subscribers the server counts as connected.
     async fn subscribers(&self) -> usize;
 
@@ -201,7 +202,7 @@ async fn subscribe(target: &impl Target, n: usize, projects: usize) -> (Vec<toki
         for i in (0..n).filter(|i| Transport::of(*i) == transport) {
             let (address, connecting) = (target.address().to_string(), connecting.clone());
             let project = i / 2 % projects;
-            let path = target.path(transport, project);
+            let path = target.path(transport, project, i);
             let witness = i / 2 < projects && transport == Transport::Sse;
             subscribers.push(tokio::spawn(async move {
                 let followed = Followed { transport, project, keep: witness.then(Vec::new), ..Followed::default() };
@@ -258,15 +259,18 @@ impl Target for MixdTarget {
         vec![self.server.pid()]
     }
 
-    fn path(&self, transport: Transport, project: usize) -> String {
+    /// Each subscriber with a read token of its own, in the query as a browser's EventSource
+    /// sends it: one credential per listener, as a music app hands them out.
+    fn path(&self, transport: Transport, project: usize, subscriber: usize) -> String {
+        let token = read_token(project, subscriber);
         match transport {
-            Transport::Sse => format!("/mix/p{project}/mix/events"),
-            Transport::WebSocket => format!("/mix/p{project}/mix/ws"),
+            Transport::Sse => format!("/mix/p{project}/mix/events?access_token={token}"),
+            Transport::WebSocket => format!("/mix/p{project}/mix/ws?access_token={token}"),
         }
     }
 
     async fn subscribers(&self) -> usize {
-        let (sse, ws) = common::subscribers(&reqwest::Client::new(), &format!("http://{}", self.address())).await;
+        let (sse, ws) = common::subscribers(&admin_client(), &format!("http://{}", self.address())).await;
         sse + ws
     }
 }
@@ -275,9 +279,9 @@ impl MixdTarget {
     /// `mixd serve` with `projects` projects of two `seconds`-long stems each.
     async fn start(data: &Path, projects: usize, seconds: u32) -> Self {
         let binary = common::server_binary();
-        let server = common::start_mixd(&binary, data, &[], "warn");
+        let server = common::start_mixd(&binary, data, &["--api-key", ADMIN_KEY, "--token-key", TOKEN_KEY], "warn");
         let base = format!("http://{}", server.address);
-        let client = reqwest::Client::new();
+        let client = admin_client();
         let stems: Vec<Vec<u8>> = (0..2).map(|i| sine_wav(&data.join(format!("s{i}.wav")), 110 * (i + 1), seconds)).collect();
         for project in 0..projects {
             for (i, stem) in stems.iter().enumerate() {
@@ -294,7 +298,7 @@ async fn measure_mixd(n: usize, projects: usize, seconds: u32) -> (Measured, Vec
     let target = MixdTarget::start(data.path(), projects, seconds).await;
     let (subscribers, idle_kib) = subscribe(&target, n, projects).await;
     let cpu_before = (target.cpu_seconds(), common::cpu_seconds(std::process::id()));
-    let client = reqwest::Client::new();
+    let client = admin_client();
     for project in 0..projects {
         assert!(client.post(format!("http://{}/mix/p{project}/mix/start", target.address())).send().await.unwrap().status().is_success());
     }
@@ -377,7 +381,7 @@ impl Target for Nchan {
         workers
     }
 
-    fn path(&self, _: Transport, project: usize) -> String {
+    fn path(&self, _: Transport, project: usize, _: usize) -> String {
         format!("/sub/p{project}")
     }
 
@@ -450,12 +454,12 @@ async fn measure_nchan(n: usize, projects: usize, published: &[Published]) -> (M
 
 /// `total` SSE subscribers of one stream, connecting in bursts; how long until all have their
 /// response head, from the first burst, and how many connections failed and were retried.
-async fn storm(address: &str, path: &str, total: usize) -> (Duration, usize, Vec<TcpStream>) {
+async fn storm(address: &str, path: impl Fn(usize) -> String, total: usize) -> (Duration, usize, Vec<TcpStream>) {
     let start = Instant::now();
     let retried = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let clients: Vec<_> = (0..total)
         .map(|i| {
-            let (address, path, retried) = (address.to_string(), path.to_string(), retried.clone());
+            let (address, path, retried) = (address.to_string(), path(i), retried.clone());
             let at = start + STORM_GAP * (i / STORM_BURST) as u32;
             tokio::spawn(async move {
                 tokio::time::sleep_until(at).await;
@@ -498,9 +502,10 @@ async fn open_sse(address: &str, path: &str) -> std::io::Result<TcpStream> {
 async fn storm_mixd(total: usize) -> (Duration, usize) {
     let data = tempfile::tempdir().unwrap();
     let target = MixdTarget::start(data.path(), 1, 1).await;
+    let paths: Vec<String> = (0..total).map(|i| target.path(Transport::Sse, 0, i)).collect();
     let stormed = tokio::spawn({
-        let (address, path) = (target.address().to_string(), target.path(Transport::Sse, 0));
-        async move { storm(&address, &path, total).await }
+        let address = target.address().to_string();
+        async move { storm(&address, |i| paths[i].clone(), total).await }
     })
     .await;
     // What the server had to say, if a subscriber failed.
@@ -514,7 +519,7 @@ async fn storm_mixd(total: usize) -> (Duration, usize) {
 
 async fn storm_nchan(total: usize) -> (Duration, usize) {
     let nchan = Nchan::start().await;
-    let (took, retried, sockets) = storm(nchan.address(), &nchan.path(Transport::Sse, 0), total).await;
+    let (took, retried, sockets) = storm(nchan.address(), |i| nchan.path(Transport::Sse, 0, i), total).await;
     nchan.wait_for_subscribers(sockets.len()).await;
     (took, retried)
 }
@@ -639,4 +644,24 @@ fn field<'a>(json: &'a str, name: &str, end: char) -> &'a str {
     let start = json.find(&key).expect("a status field") + key.len();
     let value = json[start..].trim_start_matches('"');
     &value[..value.find(end).unwrap()]
+}
+
+/// The bench server's admin key, and the key its tokens are signed with (`kid=secret`).
+const ADMIN_KEY: &str = "bench-admin-key-0123456789abcdef-0123456789";
+const TOKEN_KEY: &str = "b1=bench-token-secret-0123456789abcdef-0123";
+
+/// A client that sends the admin key: it uploads, starts mixes and reads `/metrics`.
+fn admin_client() -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(reqwest::header::AUTHORIZATION, format!("Bearer {ADMIN_KEY}").parse().unwrap());
+    reqwest::Client::builder().default_headers(headers).build().unwrap()
+}
+
+/// A read token of project `p{project}` for one subscriber, signed as an app's backend would.
+fn read_token(project: usize, subscriber: usize) -> String {
+    let (kid, secret) = TOKEN_KEY.split_once('=').unwrap();
+    let exp = chrono::Utc::now().timestamp() + 3600;
+    let claims = serde_json::json!({"aud": "mixd", "exp": exp, "prj": format!("p{project}"), "scope": "read", "sub": format!("listener-{subscriber}")});
+    let header = jsonwebtoken::Header { kid: Some(kid.into()), ..jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256) };
+    jsonwebtoken::encode(&header, &claims, &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()).unwrap()).unwrap()
 }

@@ -23,6 +23,17 @@ pub struct Config {
     /// The kernel caps it at `net.core.somaxconn`.
     #[arg(long, env = "MIXD_LISTEN_BACKLOG", default_value_t = 16_384)]
     pub listen_backlog: u32,
+    /// Connections served at once; default: the open-file limit (raised to its hard limit) less
+    /// 512 kept for files and the database. Past it 64 more are accepted, each for one request,
+    /// serving only /healthz and admin keys (others get 503 SERVER_BUSY); past those, new
+    /// connections wait in the listen queue.
+    #[arg(long, env = "MIXD_MAX_CONNECTIONS", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: Option<u32>,
+    /// Event streams (SSE and WebSocket) one credential may hold open at once, or one client
+    /// address on an open server; past it 429 TOO_MANY_STREAMS. Admin keys are not counted.
+    /// 0: no limit.
+    #[arg(long, env = "MIXD_MAX_STREAMS_PER_CLIENT", default_value_t = 100)]
+    pub max_streams_per_client: usize,
     /// Data root: stems, mix outputs. Served under /media.
     #[arg(long, env = "MIXD_DATA_DIR", default_value = "media")]
     pub data_dir: PathBuf,

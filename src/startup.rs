@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::access::Keys;
-use crate::api::{router, serve_connection, App, AppState, ConnectionConfig};
+use crate::api::{default_max_connections, router, serve_connection, App, AppState, ConnectionConfig, ConnectionLimits, StreamLimits};
 use crate::config::Config;
 use crate::jobs::{Jobs, JobsConfig, Store, StoreLocation, EVENT_BUFFER};
 use crate::media::{remove_old_outputs, Media, MediaLayout, ObjectMedia, StemCache, StemStore, StorageUrl};
@@ -63,6 +63,7 @@ async fn connect_objects(config: &Config, layout: &MediaLayout, url: StorageUrl)
 pub struct Application {
     listener: TcpListener,
     state: AppState,
+    connection_limits: ConnectionLimits,
 }
 
 impl Application {
@@ -103,6 +104,9 @@ impl Application {
         )
         .await
         .context("opening the job store")?;
+        // Before binding: raising the open-file limit is part of deciding the cap.
+        let max_connections = config.max_connections.map_or_else(default_max_connections, |max| max as usize);
+        let connection_limits = ConnectionLimits::new(max_connections);
         let listener = listen(config.addr, config.listen_backlog).with_context(|| format!("binding {}", config.addr))?;
         // Browser sessions opened with an admin key are signed with `--session-key`, or one made at
         // the first start and kept in the job store, so that every node verifies them.
@@ -126,8 +130,9 @@ impl Application {
         // A job never points at a deleted file: outputs are kept at least as long as jobs.
         let retention = config.output_retention.max(config.job_ttl);
         tokio::spawn(remove_old_outputs(media.clone(), retention, shutdown.clone()));
-        let state = AppState::new(App { jobs, stems: StemStore::new(media.clone()), media, outbox, keys, webhook_secret, config: Arc::new(config), shutdown });
-        Ok(Self { listener, state })
+        let streams = StreamLimits::new(config.max_streams_per_client);
+        let state = AppState::new(App { jobs, stems: StemStore::new(media.clone()), media, outbox, keys, webhook_secret, streams, config: Arc::new(config), shutdown });
+        Ok(Self { listener, state, connection_limits })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
@@ -160,11 +165,15 @@ impl Application {
         let connection = ConnectionConfig { header_timeout };
         let connections = TaskTracker::new();
         loop {
+            let admission = tokio::select! {
+                admission = self.connection_limits.admit() => admission,
+                _ = shutdown.cancelled() => break,
+            };
             let accepted = tokio::select! {
                 accepted = self.listener.accept() => accepted,
                 _ = shutdown.cancelled() => break,
             };
-            let (stream, _) = match accepted {
+            let (stream, peer) = match accepted {
                 Ok(connection) => connection,
                 Err(err) => {
                     // Out of file descriptors and the like: pass, and keep serving.
@@ -179,7 +188,11 @@ impl Application {
                 tracing::debug!(%err, "could not disable Nagle's algorithm on a connection");
             }
             let (app, shutdown) = (app.clone(), shutdown.clone());
-            connections.spawn(async move { serve_connection(stream, app, connection, shutdown).await });
+            connections.spawn(async move {
+                let reserved = admission.reserved;
+                serve_connection(stream, peer.ip(), reserved, app, connection, shutdown).await;
+                drop(admission);
+            });
         }
         connections.close();
         let deadline = tokio::time::Instant::now() + grace;

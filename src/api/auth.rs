@@ -17,6 +17,7 @@ use axum::response::Response;
 use serde::Deserialize;
 
 use super::error::ApiError;
+use super::limits::{Client, ClientKey, PeerAddr, Reserved};
 use super::state::AppState;
 use crate::access::{Caller, Right, Scope};
 use crate::ids::ProjectId;
@@ -109,18 +110,29 @@ pub async fn authorize(State(app): State<AppState>, request: Request, next: Next
     // come from the server's own page, or from an origin listed with `--allowed-origin`.
     let from_own_page = |parts: &axum::http::request::Parts| origin_allowed(&app, &parts.headers, authority.as_ref()) && fetch_site_allowed(&app, &parts.headers);
 
-    let caller = if app.keys.any() {
+    let peer = parts.extensions.get::<PeerAddr>().map(|PeerAddr(address)| *address);
+    let reserved = parts.extensions.get::<Reserved>().is_some();
+    let (caller, client) = if app.keys.any() {
         if is_upgrade && !origin_allowed(&app, &parts.headers, authority.as_ref()) {
             return Err(ApiError::Forbidden);
         }
-        match authenticate(&app, &parts, rule) {
-            Ok((_, Credential::Cookie)) if changes_state && !from_own_page(&parts) => return Err(ApiError::Forbidden),
-            Ok((caller, _)) => caller,
+        let authenticated = authenticate(&app, &parts, rule);
+        // Past the connection cap, the reserve answers only the health check and admins.
+        if reserved && !is_health && !matches!(authenticated, Ok((Caller::Admin | Caller::Session { .. }, _, _))) {
+            return Err(ApiError::ServerBusy);
+        }
+        match authenticated {
+            Ok((_, Credential::Cookie, _)) if changes_state && !from_own_page(&parts) => return Err(ApiError::Forbidden),
+            Ok((Caller::Admin, _, _)) => (Caller::Admin, None),
+            Ok((caller, _, client)) => (caller, Some(client)),
             // Signing in or out must work with a stale cookie still in the browser.
-            Err(_) if rule.need == Need::Nothing => Caller::Open,
+            Err(_) if rule.need == Need::Nothing => (Caller::Open, peer.map(ClientKey::Address)),
             Err(refused) => return Err(refused),
         }
     } else {
+        if reserved && !is_health {
+            return Err(ApiError::ServerBusy);
+        }
         // On any address, loopback or not (`--no-auth`): a DNS-rebinding page addresses the
         // server under a name of its own.
         // The health check says nothing a rebinding page could use, and a load balancer's probe
@@ -131,7 +143,7 @@ pub async fn authorize(State(app): State<AppState>, request: Request, next: Next
         if (changes_state || is_upgrade) && !from_own_page(&parts) {
             return Err(ApiError::Forbidden);
         }
-        Caller::Open
+        (Caller::Open, peer.map(ClientKey::Address))
     };
 
     let allowed = match rule.need {
@@ -157,6 +169,7 @@ pub async fn authorize(State(app): State<AppState>, request: Request, next: Next
         return Err(ApiError::Forbidden);
     }
     parts.extensions.insert(caller);
+    parts.extensions.insert(Client(client));
     Ok(next.run(Request::from_parts(parts, body)).await)
 }
 
@@ -171,11 +184,11 @@ enum Credential {
 
 /// The caller behind the request's credential: the `Authorization` header, else the session
 /// cookie, else (on the routes that allow it) a read token in `?access_token=`.
-fn authenticate(app: &AppState, parts: &axum::http::request::Parts, rule: Rule) -> Result<(Caller, Credential), ApiError> {
+fn authenticate(app: &AppState, parts: &axum::http::request::Parts, rule: Rule) -> Result<(Caller, Credential, ClientKey), ApiError> {
     if let Some(value) = parts.headers.get(header::AUTHORIZATION) {
         // A header that is there but not a bearer credential is refused, not skipped.
         let credential = value.to_str().ok().and_then(bearer).ok_or(ApiError::Unauthorized)?;
-        return app.keys.verify(credential).map(|caller| (caller, Credential::Header)).map_err(|_| ApiError::Unauthorized);
+        return app.keys.verify(credential).map(|caller| (caller, Credential::Header, app.streams.credential(credential))).map_err(|_| ApiError::Unauthorized);
     }
     if let Some(credential) = session_cookie(&parts.headers) {
         // The server never puts an admin key in the cookie (`POST /session` signs a session in
@@ -183,7 +196,7 @@ fn authenticate(app: &AppState, parts: &axum::http::request::Parts, rule: Rule) 
         // taken.
         return match app.keys.verify(credential) {
             Ok(Caller::Admin) | Err(_) => Err(ApiError::Unauthorized),
-            Ok(caller) => Ok((caller, Credential::Cookie)),
+            Ok(caller) => Ok((caller, Credential::Cookie, app.streams.credential(credential))),
         };
     }
     let from_query = Query::<AccessTokenQuery>::try_from_uri(&parts.uri).ok().and_then(|Query(q)| q.access_token);
@@ -194,7 +207,7 @@ fn authenticate(app: &AppState, parts: &axum::http::request::Parts, rule: Rule) 
             return Err(ApiError::Unauthorized);
         }
         return match app.keys.verify(&credential) {
-            Ok(Caller::Token(grant)) if grant.scope == Scope::Read => Ok((Caller::Token(grant), Credential::Query)),
+            Ok(Caller::Token(grant)) if grant.scope == Scope::Read => Ok((Caller::Token(grant), Credential::Query, app.streams.credential(&credential))),
             _ => Err(ApiError::Unauthorized),
         };
     }

@@ -14,6 +14,7 @@
 //! odd client sends, is hyper's, with the bytes already read handed over first.
 
 use std::io::{IoSlice, Write};
+use std::net::IpAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -31,6 +32,8 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
+use super::limits::{PeerAddr, Reserved};
+
 /// What the first read takes: a browser's EventSource request, cookies included, fits.
 const FIRST_READ: usize = 4096;
 /// Headers a request taken here may have; one with more is hyper's (which allows 100).
@@ -47,8 +50,12 @@ pub struct ConnectionConfig {
     pub header_timeout: Duration,
 }
 
-/// Serves `stream` until the client leaves or the server shuts down.
-pub async fn serve(mut stream: TcpStream, app: Router, config: ConnectionConfig, shutdown: CancellationToken) {
+/// Serves `stream`, from `peer`, until the client leaves or the server shuts down. A `reserved`
+/// connection (past the connection cap) serves one request, through hyper, marked [`Reserved`].
+pub async fn serve(mut stream: TcpStream, peer: IpAddr, reserved: bool, app: Router, config: ConnectionConfig, shutdown: CancellationToken) {
+    if reserved {
+        return Box::pin(serve_with_hyper(Prefixed { prefix: Bytes::new(), inner: stream }, peer, true, app, config, shutdown)).await;
+    }
     let mut first = Vec::with_capacity(FIRST_READ);
     match tokio::time::timeout(config.header_timeout, stream.read_buf(&mut first)).await {
         Ok(Ok(read)) if read > 0 => {}
@@ -60,9 +67,11 @@ pub async fn serve(mut stream: TcpStream, app: Router, config: ConnectionConfig,
         // Copied to its own size: the read buffer is not kept for the connection's life.
         let prefix = Bytes::copy_from_slice(&first);
         drop(first);
-        return Box::pin(serve_with_hyper(Prefixed { prefix, inner: stream }, app, config, shutdown)).await;
+        return Box::pin(serve_with_hyper(Prefixed { prefix, inner: stream }, peer, false, app, config, shutdown)).await;
     };
     drop(first);
+    let mut request = request;
+    request.extensions_mut().insert(PeerAddr(peer));
     // Boxed too: the router's future is large, and only lives until the response is made.
     let response = Box::pin(app.clone().oneshot(request)).await.unwrap_or_else(|never| match never {});
     let answered = if is_event_stream(&response) {
@@ -76,7 +85,7 @@ pub async fn serve(mut stream: TcpStream, app: Router, config: ConnectionConfig,
         write_whole(&mut stream, response).await
     };
     if answered && !close && !shutdown.is_cancelled() {
-        Box::pin(serve_with_hyper(Prefixed { prefix: Bytes::new(), inner: stream }, app, config, shutdown)).await;
+        Box::pin(serve_with_hyper(Prefixed { prefix: Bytes::new(), inner: stream }, peer, false, app, config, shutdown)).await;
     }
 }
 
@@ -230,10 +239,16 @@ async fn client_gone(stream: &TcpStream) -> bool {
     }
 }
 
-async fn serve_with_hyper(io: Prefixed, app: Router, config: ConnectionConfig, shutdown: CancellationToken) {
-    let service = TowerToHyperService::new(app);
+async fn serve_with_hyper(io: Prefixed, peer: IpAddr, reserved: bool, app: Router, config: ConnectionConfig, shutdown: CancellationToken) {
+    let service = TowerToHyperService::new(app.map_request(move |mut request: Request<hyper::body::Incoming>| {
+        request.extensions_mut().insert(PeerAddr(peer));
+        if reserved {
+            request.extensions_mut().insert(Reserved);
+        }
+        request
+    }));
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(config.header_timeout);
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(config.header_timeout).keep_alive(!reserved);
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     let mut connection = std::pin::pin!(connection);
     tokio::select! {

@@ -108,6 +108,11 @@ pub enum ApiError {
     NoTokenKey,
     #[error("The media storage is unavailable; try again shortly")]
     MediaUnavailable,
+    #[error("This client already holds {0} open event streams, the most one credential (or address, on an open server) may; close one first")]
+    TooManyStreams(usize),
+    /// Past the connection cap: the reserve serves only the health check and admins.
+    #[error("The server is at its connection limit; try again shortly")]
+    ServerBusy,
     /// The job database cannot be reached; the cause is logged, never sent (it may name hosts).
     #[error("The job database is unavailable; try again shortly")]
     StoreUnavailable(String),
@@ -145,6 +150,8 @@ impl ApiError {
             ApiError::NoTokenKey => (StatusCode::CONFLICT, "NO_TOKEN_KEY"),
             ApiError::StoreUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "STORE_UNAVAILABLE"),
             ApiError::MediaUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "MEDIA_UNAVAILABLE"),
+            ApiError::TooManyStreams(_) => (StatusCode::TOO_MANY_REQUESTS, "TOO_MANY_STREAMS"),
+            ApiError::ServerBusy => (StatusCode::SERVICE_UNAVAILABLE, "SERVER_BUSY"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL"),
             ApiError::JobStatus(_) => (StatusCode::INTERNAL_SERVER_ERROR, "JOB_STATUS_ERROR"),
         }
@@ -189,7 +196,7 @@ impl IntoResponse for ApiError {
         }
         let body = ErrorEnvelope { ok: false, data: NoData {}, error: code, message: self.to_string() };
         let mut response = (status, Json(body)).into_response();
-        if status == StatusCode::SERVICE_UNAVAILABLE {
+        if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS {
             response.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static("5"));
         }
         if status == StatusCode::UNAUTHORIZED {

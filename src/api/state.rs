@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
+use super::limits::StreamLimits;
 use crate::access::Keys;
 use crate::config::Config;
 use crate::jobs::Jobs;
@@ -25,6 +26,8 @@ pub struct App {
     pub outbox: Arc<Outbox>,
     pub keys: Keys,
     pub webhook_secret: WebhookSecret,
+    /// Event streams open per client.
+    pub streams: Arc<StreamLimits>,
     pub config: Arc<Config>,
     /// Cancelled when the server shuts down: every open stream ends.
     pub shutdown: CancellationToken,

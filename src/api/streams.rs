@@ -21,6 +21,7 @@ use super::mix::find_job;
 use super::state::AppState;
 use std::sync::Arc;
 
+use super::limits::Client;
 use crate::access::Caller;
 use crate::ids::ProjectId;
 use crate::jobs::{feed, JobEvent, Jobs, Resume, Scope, Transport, FRAMINGS};
@@ -106,6 +107,7 @@ struct Handshake {
 pub async fn job_sse(
     State(app): State<AppState>,
     Extension(caller): Extension<Caller>,
+    Extension(client): Extension<Client>,
     JobPath { project_id, job_id }: JobPath,
     ApiQuery(query): ApiQuery<ResumeQuery>,
     headers: HeaderMap,
@@ -116,7 +118,7 @@ pub async fn job_sse(
         // 204 is what stops an EventSource from reconnecting.
         return Ok(StatusCode::NO_CONTENT.into_response());
     }
-    sse(&app, &caller, Scope::Job(project_id, job_id), resume_after.map_or(Resume::Now, Resume::AfterSeq)).await
+    sse(&app, &caller, client, Scope::Job(project_id, job_id), resume_after.map_or(Resume::Now, Resume::AfterSeq)).await
 }
 
 /// SSE for every job of a project: snapshots of its live jobs, then every change. Stays open.
@@ -131,12 +133,13 @@ pub async fn job_sse(
 pub async fn project_sse(
     State(app): State<AppState>,
     Extension(caller): Extension<Caller>,
+    Extension(client): Extension<Client>,
     ProjectPath { project_id }: ProjectPath,
     ApiQuery(query): ApiQuery<CursorQuery>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     ensure_project(&app, &project_id).await?;
-    sse(&app, &caller, Scope::Project(project_id), cursor_resume(&app.jobs, &headers, query)).await
+    sse(&app, &caller, client, Scope::Project(project_id), cursor_resume(&app.jobs, &headers, query)).await
 }
 
 /// SSE for every job of every project. Stays open.
@@ -147,10 +150,11 @@ pub async fn project_sse(
 pub async fn global_sse(
     State(app): State<AppState>,
     Extension(caller): Extension<Caller>,
+    Extension(client): Extension<Client>,
     ApiQuery(query): ApiQuery<CursorQuery>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    sse(&app, &caller, Scope::All, cursor_resume(&app.jobs, &headers, query)).await
+    sse(&app, &caller, client, Scope::All, cursor_resume(&app.jobs, &headers, query)).await
 }
 
 /// WebSocket for one job: `{"type": "status", "data": JobStatus}` text frames; closes with 1000
@@ -164,6 +168,7 @@ pub async fn global_sse(
 pub async fn job_ws(
     State(app): State<AppState>,
     Extension(caller): Extension<Caller>,
+    Extension(client): Extension<Client>,
     JobPath { project_id, job_id }: JobPath,
     headers: HeaderMap,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
@@ -171,7 +176,7 @@ pub async fn job_ws(
     // An unknown job is a 404 whatever the request, a handshake or not.
     find_job(&app, &project_id, job_id).await?;
     let upgrade = accept(upgrade, &headers)?;
-    ws(&app, &caller, Scope::Job(project_id, job_id), Resume::Now, upgrade).await
+    ws(&app, &caller, client, Scope::Job(project_id, job_id), Resume::Now, upgrade).await
 }
 
 /// WebSocket for every job of a project. Stays open.
@@ -185,6 +190,7 @@ pub async fn job_ws(
 pub async fn project_ws(
     State(app): State<AppState>,
     Extension(caller): Extension<Caller>,
+    Extension(client): Extension<Client>,
     ProjectPath { project_id }: ProjectPath,
     ApiQuery(query): ApiQuery<CursorQuery>,
     headers: HeaderMap,
@@ -192,7 +198,7 @@ pub async fn project_ws(
 ) -> Result<Response, ApiError> {
     ensure_project(&app, &project_id).await?;
     let upgrade = accept(upgrade, &headers)?;
-    ws(&app, &caller, Scope::Project(project_id), cursor_resume(&app.jobs, &HeaderMap::new(), query), upgrade).await
+    ws(&app, &caller, client, Scope::Project(project_id), cursor_resume(&app.jobs, &HeaderMap::new(), query), upgrade).await
 }
 
 /// WebSocket for every job of every project. Stays open.
@@ -204,12 +210,13 @@ pub async fn project_ws(
 pub async fn global_ws(
     State(app): State<AppState>,
     Extension(caller): Extension<Caller>,
+    Extension(client): Extension<Client>,
     ApiQuery(query): ApiQuery<CursorQuery>,
     headers: HeaderMap,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     let upgrade = accept(upgrade, &headers)?;
-    ws(&app, &caller, Scope::All, cursor_resume(&app.jobs, &HeaderMap::new(), query), upgrade).await
+    ws(&app, &caller, client, Scope::All, cursor_resume(&app.jobs, &HeaderMap::new(), query), upgrade).await
 }
 
 /// A handshake checked in full. axum checks the method, `Connection`, `Upgrade` and the version,
@@ -301,8 +308,9 @@ impl Framing {
     }
 }
 
-async fn sse(app: &AppState, caller: &Caller, scope: Scope, resume: Resume) -> Result<Response, ApiError> {
-    let guard = app.jobs.metrics().subscriber(Transport::Sse);
+async fn sse(app: &AppState, caller: &Caller, client: Client, scope: Scope, resume: Resume) -> Result<Response, ApiError> {
+    let permit = app.streams.open(client)?;
+    let guard = (app.jobs.metrics().subscriber(Transport::Sse), permit);
     let framing = Framing::sse(&scope);
     let statuses = feed(&app.jobs, scope, resume, app.shutdown.clone()).await?.take_until(credential_expiry(caller));
     let jobs = app.jobs.clone();
@@ -330,11 +338,12 @@ fn with_keep_alive(frames: impl Stream<Item = Bytes> + Send + 'static) -> impl S
     })
 }
 
-async fn ws(app: &AppState, caller: &Caller, scope: Scope, resume: Resume, upgrade: WebSocketUpgrade) -> Result<Response, ApiError> {
+async fn ws(app: &AppState, caller: &Caller, client: Client, scope: Scope, resume: Resume, upgrade: WebSocketUpgrade) -> Result<Response, ApiError> {
+    let permit = app.streams.open(client)?;
     let framing = Framing::ws(&scope);
     let statuses = feed(&app.jobs, scope, resume, app.shutdown.clone()).await?;
     let expiry = credential_expiry(caller);
-    let guard = app.jobs.metrics().subscriber(Transport::WebSocket);
+    let guard = (app.jobs.metrics().subscriber(Transport::WebSocket), permit);
     let (shutdown, jobs) = (app.shutdown.clone(), app.jobs.clone());
     Ok(upgrade
         .max_message_size(WS_MAX_MESSAGE)

@@ -13,6 +13,7 @@ mod engine;
 mod errors;
 mod helpers;
 mod jobs;
+mod limits;
 mod load;
 mod media;
 mod objects;

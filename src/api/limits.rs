@@ -1,0 +1,169 @@
+//! What one client may hold open, and the server overall.
+//!
+//! Event streams are counted per client: per credential (a token or a browser session; each
+//! token on its own), or per address on an open server. Admin keys are the operator's and are
+//! not counted. Past the cap a stream is refused 429 `TOO_MANY_STREAMS`: a read token handed to
+//! a browser cannot hold the server's file descriptors.
+//!
+//! Connections are capped overall, as mini-redis caps them, with a semaphore taken before each
+//! accept; past the cap a small reserve of connections is still accepted, each for one request,
+//! and serves only `/healthz` and admins: the load balancer and the operator still get answers
+//! while the cap holds. Past the reserve too, connections wait in the listen queue.
+
+use std::collections::HashMap;
+use std::hash::BuildHasher;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use super::error::ApiError;
+
+/// Who a request counts against: a credential (by a keyed hash of it: the map holds no secret),
+/// or a client address on an open server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ClientKey {
+    Credential(u64),
+    Address(IpAddr),
+}
+
+/// The request's client, as `authorize` found it: `None` for an admin, who is not counted.
+#[derive(Debug, Clone, Copy)]
+pub struct Client(pub Option<ClientKey>);
+
+/// The address a connection came from, on each of its requests.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerAddr(pub IpAddr);
+
+/// On each request of a connection accepted from the reserve: only `/healthz` and admins.
+#[derive(Debug, Clone, Copy)]
+pub struct Reserved;
+
+/// Open event streams per client.
+pub struct StreamLimits {
+    per_client: usize,
+    open: Mutex<HashMap<ClientKey, usize>>,
+    /// Keyed at random per process: a credential's hash says nothing outside it.
+    hasher: std::hash::RandomState,
+}
+
+impl StreamLimits {
+    /// `per_client` streams at most per client; 0: no limit.
+    pub fn new(per_client: usize) -> Arc<Self> {
+        Arc::new(Self { per_client, open: Mutex::default(), hasher: std::hash::RandomState::new() })
+    }
+
+    pub fn credential(&self, credential: &str) -> ClientKey {
+        ClientKey::Credential(self.hasher.hash_one(credential))
+    }
+
+    /// A stream for `client`, counted until the permit is dropped; refused past the cap.
+    pub fn open(self: &Arc<Self>, client: Client) -> Result<StreamPermit, ApiError> {
+        let Client(Some(key)) = client else { return Ok(StreamPermit(None)) };
+        if self.per_client == 0 {
+            return Ok(StreamPermit(None));
+        }
+        let mut open = self.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let count = open.entry(key).or_default();
+        if *count >= self.per_client {
+            return Err(ApiError::TooManyStreams(self.per_client));
+        }
+        *count += 1;
+        Ok(StreamPermit(Some((self.clone(), key))))
+    }
+}
+
+/// One open stream of a client; dropping it closes the count.
+pub struct StreamPermit(Option<(Arc<StreamLimits>, ClientKey)>);
+
+impl Drop for StreamPermit {
+    fn drop(&mut self) {
+        let Some((limits, key)) = self.0.take() else { return };
+        let mut open = limits.open.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(count) = open.get_mut(&key) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&key);
+            }
+        }
+    }
+}
+
+/// Connections the reserve holds beyond the cap, for `/healthz` and admins.
+pub const RESERVED_CONNECTIONS: usize = 64;
+/// File descriptors the default connection cap leaves for everything else: stems and mixes being
+/// read and written, the database, object storage, the reserve.
+const DESCRIPTORS_KEPT: u64 = 512;
+
+/// The connection cap when none is configured: the open-file limit, raised to its hard limit
+/// first, less what the server needs besides connections; at least 64.
+pub fn default_max_connections() -> usize {
+    let descriptors = rlimit::increase_nofile_limit(u64::MAX).unwrap_or(1024);
+    descriptors.saturating_sub(DESCRIPTORS_KEPT).max(64) as usize
+}
+
+/// The connections being served, and the reserve.
+pub struct ConnectionLimits {
+    general: Arc<Semaphore>,
+    reserve: Arc<Semaphore>,
+}
+
+/// A connection's place: held for as long as it is open.
+pub struct Admission {
+    /// From the reserve: one request, `/healthz` or an admin's.
+    pub reserved: bool,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl ConnectionLimits {
+    pub fn new(max_connections: usize) -> Self {
+        Self { general: Arc::new(Semaphore::new(max_connections)), reserve: Arc::new(Semaphore::new(RESERVED_CONNECTIONS)) }
+    }
+
+    /// A place for the next connection, waiting while the cap and the reserve are both taken.
+    pub async fn admit(&self) -> Admission {
+        if let Ok(permit) = self.general.clone().try_acquire_owned() {
+            return Admission { reserved: false, _permit: permit };
+        }
+        if let Ok(permit) = self.reserve.clone().try_acquire_owned() {
+            return Admission { reserved: true, _permit: permit };
+        }
+        // Neither semaphore is ever closed.
+        tokio::select! {
+            biased;
+            Ok(permit) = self.general.clone().acquire_owned() => Admission { reserved: false, _permit: permit },
+            Ok(permit) = self.reserve.clone().acquire_owned() => Admission { reserved: true, _permit: permit },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_client_holds_at_most_its_cap_and_a_closed_stream_frees_its_place() {
+        let limits = StreamLimits::new(2);
+        let (token, other) = (Client(Some(limits.credential("token-a"))), Client(Some(limits.credential("token-b"))));
+        let first = limits.open(token).unwrap();
+        let _second = limits.open(token).unwrap();
+        assert!(matches!(limits.open(token), Err(ApiError::TooManyStreams(2))));
+        assert!(limits.open(other).is_ok(), "another credential has its own count");
+        assert!(limits.open(Client(None)).is_ok(), "an admin is not counted");
+        drop(first);
+        assert!(limits.open(token).is_ok());
+    }
+
+    #[tokio::test]
+    async fn past_the_cap_a_connection_takes_the_reserve_and_past_that_it_waits() {
+        let limits = ConnectionLimits::new(1);
+        let general = limits.admit().await;
+        assert!(!general.reserved);
+        let reserve: Vec<Admission> = futures_util::future::join_all((0..RESERVED_CONNECTIONS).map(|_| limits.admit())).await;
+        assert!(reserve.iter().all(|admission| admission.reserved));
+        let mut waiting = std::pin::pin!(limits.admit());
+        assert!(futures_util::poll!(waiting.as_mut()).is_pending());
+        drop(general);
+        assert!(!waiting.await.reserved);
+    }
+}
