@@ -18,7 +18,9 @@ use crate::ids::{JobId, ProjectId, StemId};
 Every route is also served under the /api prefix. Differences from shared/CONTRACT.md: \
 `report.stems` lists each stem's applied offset; report loudness fields are null for a silent mix; \
 extra codes TOO_MANY_FILES, BAD_REQUEST (also a Host that is not a host[:port]), MEDIA_NOT_FOUND, NOT_FOUND, \
-UNSUPPORTED_MEDIA_TYPE (415: a JSON route's body not sent as application/json) and job error codes \
+UNSUPPORTED_MEDIA_TYPE (415: a JSON route's body not sent as application/json), \
+TOO_MANY_STREAMS (429 on the stream routes, past --max-streams-per-client for one credential or, on an open server, one address; admin keys are not counted), \
+SERVER_BUSY (503 past --max-connections: a reserve of connections answers only /healthz and admin keys), and job error codes \
 OUTPUT_TOO_LONG, INSUFFICIENT_STORAGE, EXPORT_FAILED and INVALID_SETTINGS (the start route refuses such settings with 422 first); \
 progress within a stage is published at most every 100 ms per job (a new stage at once); \
 queue_position is exact for the first 10 places, and further back is published again when the place has halved since last shown \
@@ -43,7 +45,7 @@ also sent as `cursor` in their WebSocket frames; /metrics adds mixd_leases_total
     ),
     // The ids are the types of the path and query parameters, and appear in no body of their own.
     components(schemas(ProjectId, JobId, StemId, error::ErrorEnvelope, crate::audio::Analysis)),
-    modifiers(&OptionalSettings, &ProjectIdLength, &AccessRequirements, &StoreAvailability),
+    modifiers(&OptionalSettings, &ProjectIdLength, &AccessRequirements, &StoreAvailability, &ClientLimits),
     tags(
         (name = "stems", description = "Upload and manage a project's stems"),
         (name = "mix", description = "Mix jobs and the legacy polling status"),
@@ -151,6 +153,50 @@ impl Modify for StoreAvailability {
             }
             for operation in [&mut item.get, &mut item.post, &mut item.delete].into_iter().flatten() {
                 operation.responses.responses.entry("503".into()).or_insert_with(|| unavailable.clone().into());
+            }
+        }
+    }
+}
+
+/// The caps of `api::limits` on every route: past the connection cap, 503 `SERVER_BUSY` from the
+/// reserve (all but `/healthz` and admins); past a client's stream cap, 429 `TOO_MANY_STREAMS` on
+/// the stream routes.
+struct ClientLimits;
+
+impl Modify for ClientLimits {
+    fn modify(&self, document: &mut Document) {
+        use utoipa::openapi::{HeaderBuilder, Ref, ResponseBuilder};
+        let envelope = || utoipa::openapi::ContentBuilder::new().schema(Some(Ref::from_schema_name("ErrorEnvelope"))).build();
+        let retry_after = || {
+            HeaderBuilder::new()
+                .schema(utoipa::openapi::schema::ObjectBuilder::new().schema_type(utoipa::openapi::schema::Type::Integer))
+                .description(Some("Seconds to wait"))
+                .build()
+        };
+        const BUSY: &str = "SERVER_BUSY: the server is at its connection limit (only /healthz and admin keys are answered)";
+        let too_many = ResponseBuilder::new()
+            .description("TOO_MANY_STREAMS: this credential (or address, on an open server) holds the most streams one may")
+            .content("application/json", envelope())
+            .header("Retry-After", retry_after())
+            .build();
+        for (path, item) in document.paths.paths.iter_mut() {
+            let is_stream = path.ends_with("/events") || path.ends_with("/ws");
+            for operation in [&mut item.get, &mut item.post, &mut item.delete, &mut item.put, &mut item.patch].into_iter().flatten() {
+                if path != "/healthz" {
+                    match operation
+                        .responses
+                        .responses
+                        .entry("503".into())
+                        .or_insert_with(|| ResponseBuilder::new().content("application/json", envelope()).build().into())
+                    {
+                        RefOr::T(response) if response.description.is_empty() => response.description = BUSY.into(),
+                        RefOr::T(response) => response.description = format!("{}; or {BUSY}", response.description),
+                        RefOr::Ref(_) => {}
+                    }
+                }
+                if is_stream {
+                    operation.responses.responses.entry("429".into()).or_insert_with(|| too_many.clone().into());
+                }
             }
         }
     }
