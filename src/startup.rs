@@ -77,6 +77,10 @@ impl Application {
         };
         // Alone, every partial file is an earlier run's; on storage other nodes share, only old ones are.
         let partial_age = if config.database_url.is_some() { CLUSTER_PARTIAL_AGE } else { Duration::ZERO };
+        let renamed = layout.rename_legacy_project_dirs().context("renaming project directories")?;
+        if renamed > 0 {
+            tracing::info!(renamed, "renamed the directories of projects with capital letters to their case-safe names");
+        }
         let removed = layout.remove_partials(partial_age).context("cleaning partial files")?;
         if removed > 0 {
             tracing::info!(removed, "removed partial files left by an earlier run");

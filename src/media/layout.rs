@@ -4,6 +4,8 @@
 //!
 //! ```text
 //! {root}/.mixd/                                   the job database (never served)
+//! {root}/{project}/...                            {project} written so that case cannot collide:
+//!                                                 `pA` is `p+a` (see `project_dir_name`)
 //! {root}/{project}/stems/{stem_id}.{format}       a stem's audio
 //! {root}/{project}/stems/{stem_id}.json           its record, written after the audio
 //! {root}/{project}/mix_outputs/{job}/final_mix.{wav,flac,mp3,opus}  a job's files, immutable
@@ -39,6 +41,42 @@ const UPLOAD_PREFIX: &str = ".upload-";
 const RECORD_PREFIX: &str = ".record-";
 const RESULT_PREFIX: &str = ".final_mix.";
 const TEMPORARY_PREFIXES: [&str; 3] = [UPLOAD_PREFIX, RECORD_PREFIX, RESULT_PREFIX];
+
+/// The marker of a capital letter in a project's directory name; in no project id.
+const CAPITAL: char = '+';
+
+/// A project's directory name: its id with each capital letter written as `+` and the letter in
+/// lower case (`pA` is `p+a`). Ids are case-sensitive, but many filesystems are not (macOS's and
+/// Windows' by default, ext4 and tmpfs with casefold): there `pA` and `pa` would be one directory,
+/// and a token for one would read the other's stems. No name stands for two ids, and no two names
+/// differ only in case.
+fn project_dir_name(project: &ProjectId) -> String {
+    let mut name = String::with_capacity(project.as_str().len() + 4);
+    for c in project.as_str().chars() {
+        if c.is_ascii_uppercase() {
+            name.push(CAPITAL);
+            name.push(c.to_ascii_lowercase());
+        } else {
+            name.push(c);
+        }
+    }
+    name
+}
+
+/// The project a directory name stands for; `None` for any other name (a capital letter, `+`
+/// before anything but a small letter, no id).
+fn project_of_dir_name(name: &str) -> Option<ProjectId> {
+    let mut id = String::with_capacity(name.len());
+    let mut chars = name.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            CAPITAL => id.push(chars.next().filter(char::is_ascii_lowercase)?.to_ascii_uppercase()),
+            c if c.is_ascii_uppercase() => return None,
+            c => id.push(c),
+        }
+    }
+    id.parse().ok()
+}
 
 /// Cheap to clone: every request's state holds one.
 #[derive(Debug, Clone)]
@@ -186,6 +224,36 @@ impl MediaLayout {
         self.root.join(CACHE_DIR)
     }
 
+    fn project_dir(&self, project: &ProjectId) -> PathBuf {
+        self.root.join(project_dir_name(project))
+    }
+
+    /// Renames the directories of projects whose ids have capital letters from the plain id an
+    /// earlier release used (`pA`) to [`project_dir_name`] (`p+a`); returns how many. Run at start,
+    /// before anything reads the root. A directory under both names is left alone and reported.
+    pub fn rename_legacy_project_dirs(&self) -> io::Result<usize> {
+        let entries = match std::fs::read_dir(&*self.root) {
+            Ok(entries) => entries,
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(err) => return Err(err),
+        };
+        let mut renamed = 0;
+        for entry in entries {
+            let entry = entry?;
+            let Some(project) = entry.file_name().to_str().and_then(|name| name.parse::<ProjectId>().ok()) else { continue };
+            if !entry.file_type()?.is_dir() || !project.as_str().bytes().any(|b| b.is_ascii_uppercase()) {
+                continue;
+            }
+            let target = self.project_dir(&project);
+            if target.exists() {
+                return Err(io::Error::other(format!("project {project} has a directory under its old name and its new one, {}: merge them by hand", target.display())));
+            }
+            std::fs::rename(entry.path(), &target)?;
+            renamed += 1;
+        }
+        Ok(renamed)
+    }
+
     /// Every project that has a directory under the root (the database's directory is not one:
     /// its name is not a project id).
     pub fn projects(&self) -> io::Result<Vec<ProjectId>> {
@@ -198,7 +266,7 @@ impl MediaLayout {
         for entry in entries {
             let entry = entry?;
             if entry.file_type()?.is_dir() {
-                if let Some(project) = entry.file_name().to_str().and_then(|name| name.parse().ok()) {
+                if let Some(project) = entry.file_name().to_str().and_then(project_of_dir_name) {
                     projects.push(project);
                 }
             }
@@ -207,7 +275,7 @@ impl MediaLayout {
     }
 
     pub fn stems_dir(&self, project: &ProjectId) -> PathBuf {
-        self.root.join(project.as_str()).join(STEMS_DIR)
+        self.project_dir(project).join(STEMS_DIR)
     }
 
     pub fn stem_audio(&self, project: &ProjectId, stem_id: StemId, format: &str) -> PathBuf {
@@ -234,7 +302,7 @@ impl MediaLayout {
     }
 
     pub fn job_outputs(&self, project: &ProjectId, job_id: JobId) -> PathBuf {
-        self.root.join(project.as_str()).join(OUTPUTS_DIR).join(job_id.to_string())
+        self.project_dir(project).join(OUTPUTS_DIR).join(job_id.to_string())
     }
 
     /// Where one of a job's files is, once the job is complete.
@@ -352,6 +420,22 @@ impl MediaLayout {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn project_directories_never_differ_only_in_case_and_name_one_id_each() {
+        let ids = ["pa", "pA", "PA", "Pa", "p-a_9", "Mix-2024_B"];
+        let names: Vec<String> = ids.iter().map(|id| project_dir_name(&id.parse().unwrap())).collect();
+        assert_eq!(names, ["pa", "p+a", "+p+a", "+pa", "p-a_9", "+mix-2024_+b"]);
+        for (id, name) in ids.iter().zip(&names) {
+            assert_eq!(project_of_dir_name(name).unwrap().as_str(), *id, "round trip");
+            assert!(!name.bytes().any(|b| b.is_ascii_uppercase()));
+        }
+        let folded: std::collections::HashSet<String> = names.iter().map(|name| name.to_lowercase()).collect();
+        assert_eq!(folded.len(), ids.len(), "distinct on a case-insensitive filesystem");
+        for other in ["pA", "p+", "p+A", "p+1", ".mixd", "+"] {
+            assert_eq!(project_of_dir_name(other), None, "{other}");
+        }
+    }
 
     #[test]
     fn the_media_route_reaches_results_and_stems_only() {

@@ -13,7 +13,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::common::start_mixd;
-use crate::helpers::{spawn_app, spawn_app_with, SseStream, TestApp, ADMIN_KEY, TOKEN_KEY};
+use crate::helpers::{spawn_app, spawn_app_with, start_server, SseStream, TestApp, ADMIN_KEY, TOKEN_KEY};
 
 const SECRET: &str = "test-token-secret-0123456789abcdef-0123";
 
@@ -593,4 +593,36 @@ async fn a_cookie_authenticates_state_changes_only_from_the_server_s_own_page() 
     assert_eq!(start(other_port, Some("cross-site"), "application/json", &format!("Bearer {write}")).await, (202, None));
     let (_, jobs) = app.get_json("/mix/p1/mix/jobs").await;
     assert_eq!(jobs["data"]["jobs"].as_array().unwrap().len(), 3, "the first mix and the two accepted starts, nothing else");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn projects_differing_only_in_case_never_share_a_directory_and_an_older_layout_is_renamed() {
+    let (data, fixtures) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut first = start_server(data.path(), fixtures.path(), &[]).await;
+    for project in ["pa", "pA"] {
+        let stem = first.app.fixture(&format!("{project}.wav"), "sine=f=440:r=48000:d=1", &[]);
+        assert_eq!(first.app.upload(project, &[&stem]).await.0, 201);
+    }
+    // On a case-insensitive filesystem (macOS, Windows, casefold) `pa` and `pA` would be one
+    // directory: their names differ beyond case.
+    let mut names: Vec<String> =
+        std::fs::read_dir(data.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| !n.starts_with('.')).collect();
+    names.sort();
+    assert_eq!(names, ["p+a", "pa"]);
+    let token = sign(Algorithm::HS256, Some("t1"), SECRET, claims("pa", "read", 600));
+    let (status, _, listed) = send(&first.app, "GET", "/projects/pa/stems", Some(&format!("Bearer {token}"))).await;
+    assert_eq!((status, listed["data"]["stems"][0]["name"].as_str()), (200, Some("pa.wav")));
+    assert_eq!(send(&first.app, "GET", "/projects/pA/stems", Some(&format!("Bearer {token}"))).await.0, 403);
+
+    // A data dir an earlier release wrote, the capital in the directory's name, is renamed at start.
+    first.kill();
+    std::fs::rename(data.path().join("p+a"), data.path().join("pA")).unwrap();
+    let second = start_server(data.path(), fixtures.path(), &[]).await;
+    assert!(data.path().join("p+a").is_dir() && !data.path().join("pA").exists());
+    let (_, listed) = second.app.get_json("/projects/pA/stems").await;
+    assert_eq!(listed["data"]["stems"][0]["name"], "pA.wav");
+    let (_, projects) = second.app.get_json("/projects").await;
+    let mut ids: Vec<&str> = projects["data"]["projects"].as_array().unwrap().iter().map(|p| p["project_id"].as_str().unwrap()).collect();
+    ids.sort();
+    assert_eq!(ids, ["pA", "pa"]);
 }
