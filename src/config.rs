@@ -67,6 +67,19 @@ pub struct Config {
     /// runs it again (it renews every third of this).
     #[arg(long, env = "MIXD_LEASE", default_value = "15s", value_parser = parse_lease)]
     pub lease: Duration,
+    /// The most mix jobs one project may have waiting in the queue, across the cluster; a start
+    /// past it gets 429 TOO_MANY_JOBS.
+    #[arg(long, env = "MIXD_MAX_QUEUED_PER_PROJECT", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_queued_per_project: u32,
+    /// The longest mix a start may ask for, in minutes (its latest-ending stem, after offsets);
+    /// past it 422 INVALID_SETTINGS.
+    #[arg(long, env = "MIXD_MAX_MIX_MINUTES", default_value_t = 180, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_mix_minutes: u32,
+    /// POST and DELETE requests one credential may send (one client address on an open server),
+    /// `N/s` or `N/m`, with bursts of N; past it 429 RATE_LIMITED. Reads and streams are never
+    /// limited, nor are admin keys. Per node.
+    #[arg(long, env = "MIXD_RATE_LIMIT", value_parser = RateLimit::parse)]
+    pub rate_limit: Option<RateLimit>,
     /// How long a finished job stays queryable (e.g. 90s, 15m, 24h, 7d).
     #[arg(long, env = "MIXD_JOB_TTL", default_value = "24h", value_parser = parse_duration)]
     pub job_ttl: Duration,
@@ -188,6 +201,26 @@ fn parse_lease(text: &str) -> Result<Duration, String> {
         return Err("a lease shorter than 1s would expire between renewals under load".into());
     }
     Ok(lease)
+}
+
+/// `--rate-limit`: `requests` per `period`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    pub requests: std::num::NonZeroU32,
+    pub period: Duration,
+}
+
+impl RateLimit {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (count, unit) = text.trim().split_once('/').ok_or_else(|| format!("{text:?} is not a rate like 10/s or 100/m"))?;
+        let requests = count.trim().parse().map_err(|_| format!("{count:?} in {text:?} is not a whole number of requests above 0"))?;
+        let period = match unit.trim() {
+            "s" => Duration::from_secs(1),
+            "m" => Duration::from_secs(60),
+            other => return Err(format!("unknown period {other:?} in {text:?}: use s or m")),
+        };
+        Ok(Self { requests, period })
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::access::Keys;
-use crate::api::{default_max_connections, router, serve_connection, App, AppState, ConnectionConfig, ConnectionLimits, StreamLimits};
+use crate::api::{default_max_connections, router, serve_connection, App, AppState, ConnectionConfig, ConnectionLimits, RateLimits, StreamLimits};
 use crate::config::Config;
 use crate::jobs::{Jobs, JobsConfig, Store, StoreLocation, EVENT_BUFFER};
 use crate::media::{remove_old_outputs, Media, MediaLayout, ObjectMedia, StemCache, StemStore, StorageUrl};
@@ -102,7 +102,14 @@ impl Application {
         let store = Store::open(&location).await.context("opening the job database")?;
         let shutdown = CancellationToken::new();
         let jobs = Jobs::open(
-            JobsConfig { mix_slots: config.mix_slots(), job_ttl: config.job_ttl, media: media.clone(), event_buffer: EVENT_BUFFER, lease: config.lease },
+            JobsConfig {
+                mix_slots: config.mix_slots(),
+                job_ttl: config.job_ttl,
+                media: media.clone(),
+                event_buffer: EVENT_BUFFER,
+                lease: config.lease,
+                max_queued_per_project: config.max_queued_per_project,
+            },
             store,
             shutdown.clone(),
         )
@@ -135,7 +142,22 @@ impl Application {
         let retention = config.output_retention.max(config.job_ttl);
         tokio::spawn(remove_old_outputs(media.clone(), retention, shutdown.clone()));
         let streams = StreamLimits::new(config.max_streams_per_client);
-        let state = AppState::new(App { jobs, stems: StemStore::new(media.clone()), media, outbox, keys, webhook_secret, streams, config: Arc::new(config), shutdown });
+        let rate_limits = config.rate_limit.map(|limit| Arc::new(RateLimits::new(limit)));
+        if let Some(limits) = &rate_limits {
+            tokio::spawn(forget_idle_clients(limits.clone(), shutdown.clone()));
+        }
+        let state = AppState::new(App {
+            jobs,
+            stems: StemStore::new(media.clone()),
+            media,
+            outbox,
+            keys,
+            webhook_secret,
+            streams,
+            rate_limits,
+            config: Arc::new(config),
+            shutdown,
+        });
         Ok(Self { listener, state, connection_limits })
     }
 
@@ -208,5 +230,16 @@ impl Application {
             tracing::warn!("the job runner had not stopped by the end of the grace period");
         }
         Ok(())
+    }
+}
+
+/// Every minute, forgets the rate-limited clients that could send a full burst again.
+async fn forget_idle_clients(limits: Arc<RateLimits>, shutdown: CancellationToken) {
+    let mut every = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = every.tick() => limits.forget_idle(),
+            _ = shutdown.cancelled() => return,
+        }
     }
 }

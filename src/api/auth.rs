@@ -13,10 +13,10 @@ use axum::http::{header, HeaderMap, Method};
 use axum::middleware::Next;
 use std::net::IpAddr;
 
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
-use super::error::ApiError;
+use super::error::{ApiError, ErrorCodeOf};
 use super::limits::{Client, ClientKey, PeerAddr, Reserved};
 use super::state::AppState;
 use crate::access::{Caller, Right, Scope};
@@ -94,8 +94,17 @@ struct AccessTokenQuery {
     access_token: Option<String>,
 }
 
-/// The layer: checks the request against its route's rule, then runs it with its [`Caller`].
-pub async fn authorize(State(app): State<AppState>, request: Request, next: Next) -> Result<Response, ApiError> {
+/// The layer: checks the request against its route's rule and the client's limits, then runs it
+/// with its [`Caller`]; counts what the limits refused, here or in the handler.
+pub async fn authorize(State(app): State<AppState>, request: Request, next: Next) -> Response {
+    let response = check_and_run(&app, request, next).await.unwrap_or_else(IntoResponse::into_response);
+    if let Some(ErrorCodeOf(code)) = response.extensions().get() {
+        app.jobs.metrics().count_refusal(code);
+    }
+    response
+}
+
+async fn check_and_run(app: &AppState, request: Request, next: Next) -> Result<Response, ApiError> {
     let (mut parts, body) = request.into_parts();
     let (rule, is_health) = {
         let route = parts.extensions.get::<MatchedPath>().map_or("", MatchedPath::as_str);
@@ -108,15 +117,15 @@ pub async fn authorize(State(app): State<AppState>, request: Request, next: Next
     // A browser attaches the cookie to a request any page sends (SameSite=Strict does not tell a
     // sibling port or subdomain from the server's own page): what the cookie authenticates must
     // come from the server's own page, or from an origin listed with `--allowed-origin`.
-    let from_own_page = |parts: &axum::http::request::Parts| origin_allowed(&app, &parts.headers, authority.as_ref()) && fetch_site_allowed(&app, &parts.headers);
+    let from_own_page = |parts: &axum::http::request::Parts| origin_allowed(app, &parts.headers, authority.as_ref()) && fetch_site_allowed(app, &parts.headers);
 
     let peer = parts.extensions.get::<PeerAddr>().map(|PeerAddr(address)| *address);
     let reserved = parts.extensions.get::<Reserved>().is_some();
     let (caller, client) = if app.keys.any() {
-        if is_upgrade && !origin_allowed(&app, &parts.headers, authority.as_ref()) {
+        if is_upgrade && !origin_allowed(app, &parts.headers, authority.as_ref()) {
             return Err(ApiError::Forbidden);
         }
-        let authenticated = authenticate(&app, &parts, rule);
+        let authenticated = authenticate(app, &parts, rule);
         // Past the connection cap, the reserve answers only the health check and admins.
         if reserved && !is_health && !matches!(authenticated, Ok((Caller::Admin | Caller::Session { .. }, _, _))) {
             return Err(ApiError::ServerBusy);
@@ -137,7 +146,7 @@ pub async fn authorize(State(app): State<AppState>, request: Request, next: Next
         // server under a name of its own.
         // The health check says nothing a rebinding page could use, and a load balancer's probe
         // addresses a node by whatever address it knows it by.
-        if !is_health && !host_allowed(&app, authority.as_ref()) {
+        if !is_health && !host_allowed(app, authority.as_ref()) {
             return Err(ApiError::Forbidden);
         }
         if (changes_state || is_upgrade) && !from_own_page(&parts) {
@@ -153,7 +162,7 @@ pub async fn authorize(State(app): State<AppState>, request: Request, next: Next
         // with its own code; a token names one valid project, so a bad id is not it.
         Need::Project(_) if matches!(caller, Caller::Admin | Caller::Session { .. } | Caller::Open) => true,
         Need::Project(right) => {
-            let params = RawPathParams::from_request_parts(&mut parts, &app).await.ok();
+            let params = RawPathParams::from_request_parts(&mut parts, app).await.ok();
             let project = params.as_ref().and_then(|params| {
                 params.iter().find_map(|(name, value)| match name {
                     "project_id" => Some(value),
@@ -168,9 +177,18 @@ pub async fn authorize(State(app): State<AppState>, request: Request, next: Next
     if !allowed {
         return Err(ApiError::Forbidden);
     }
+    // Reads and streams are never limited; a state change is, per client (admins are not).
+    let rate = match (&app.rate_limits, client) {
+        (Some(limits), Some(client)) if changes_state => Some(limits.check(&client)?),
+        _ => None,
+    };
     parts.extensions.insert(caller);
     parts.extensions.insert(Client(client));
-    Ok(next.run(Request::from_parts(parts, body)).await)
+    let mut response = next.run(Request::from_parts(parts, body)).await;
+    if let Some(rate) = rate {
+        rate.apply(response.headers_mut());
+    }
+    Ok(response)
 }
 
 /// Where a request's credential came from.

@@ -108,6 +108,10 @@ pub enum ApiError {
     NoTokenKey,
     #[error("The media storage is unavailable; try again shortly")]
     MediaUnavailable,
+    #[error("Too many requests from this client; try again in {} s", .0.retry_after.unwrap_or(1))]
+    RateLimited(super::limits::RateHeaders),
+    #[error("This project already has {0} mix jobs waiting, the most one may; start another once one of them has begun")]
+    TooManyJobs(u32),
     #[error("This client already holds {0} open event streams, the most one credential (or address, on an open server) may; close one first")]
     TooManyStreams(usize),
     /// Past the connection cap: the reserve serves only the health check and admins.
@@ -124,7 +128,25 @@ pub enum ApiError {
     JobStatus(String),
 }
 
+/// The code of an error response, for the layers that count refusals.
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorCodeOf(pub &'static str);
+
+/// How long a client is told to wait before trying again.
+const RETRY_UNAVAILABLE_S: u64 = 5;
+/// A project's queue drains one mix at a time: a mix of a few minutes takes some tens of seconds.
+const RETRY_QUEUE_FULL_S: u64 = 30;
+
 impl ApiError {
+    fn retry_after(&self) -> Option<u64> {
+        match self {
+            ApiError::RateLimited(headers) => headers.retry_after,
+            ApiError::TooManyJobs(_) => Some(RETRY_QUEUE_FULL_S),
+            _ if matches!(self.status_and_code().0, StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS) => Some(RETRY_UNAVAILABLE_S),
+            _ => None,
+        }
+    }
+
     fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
             ApiError::InvalidProjectId => (StatusCode::BAD_REQUEST, "INVALID_PROJECT_ID"),
@@ -151,6 +173,8 @@ impl ApiError {
             ApiError::StoreUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "STORE_UNAVAILABLE"),
             ApiError::MediaUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "MEDIA_UNAVAILABLE"),
             ApiError::TooManyStreams(_) => (StatusCode::TOO_MANY_REQUESTS, "TOO_MANY_STREAMS"),
+            ApiError::TooManyJobs(_) => (StatusCode::TOO_MANY_REQUESTS, "TOO_MANY_JOBS"),
+            ApiError::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "RATE_LIMITED"),
             ApiError::ServerBusy => (StatusCode::SERVICE_UNAVAILABLE, "SERVER_BUSY"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL"),
             ApiError::JobStatus(_) => (StatusCode::INTERNAL_SERVER_ERROR, "JOB_STATUS_ERROR"),
@@ -196,9 +220,13 @@ impl IntoResponse for ApiError {
         }
         let body = ErrorEnvelope { ok: false, data: NoData {}, error: code, message: self.to_string() };
         let mut response = (status, Json(body)).into_response();
-        if status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS {
-            response.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from_static("5"));
+        if let Some(seconds) = self.retry_after() {
+            response.headers_mut().insert(axum::http::header::RETRY_AFTER, axum::http::HeaderValue::from(seconds));
         }
+        if let ApiError::RateLimited(headers) = &self {
+            headers.apply(response.headers_mut());
+        }
+        response.extensions_mut().insert(ErrorCodeOf(code));
         if status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(axum::http::header::WWW_AUTHENTICATE, axum::http::HeaderValue::from_static("Bearer"));
         }

@@ -5,6 +5,10 @@
 //! not counted. Past the cap a stream is refused 429 `TOO_MANY_STREAMS`: a read token handed to
 //! a browser cannot hold the server's file descriptors.
 //!
+//! State changes (POST, DELETE) are rate-limited per client with `--rate-limit`, by the
+//! `governor` crate's GCRA: past it 429 `RATE_LIMITED` with `Retry-After` and the IETF
+//! `RateLimit-Policy` / `RateLimit` headers, which every allowed state change carries too.
+//!
 //! Connections are capped overall, as mini-redis caps them, with a semaphore taken before each
 //! accept; past the cap a small reserve of connections is still accepted, each for one request,
 //! and serves only `/healthz` and admins: the load balancer and the operator still get answers
@@ -15,9 +19,14 @@ use std::hash::BuildHasher;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
+use governor::clock::{Clock, DefaultClock};
+use governor::middleware::StateInformationMiddleware;
+use governor::{DefaultKeyedRateLimiter, Quota};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::error::ApiError;
+use crate::config::RateLimit;
 
 /// Who a request counts against: a credential (by a keyed hash of it: the map holds no secret),
 /// or a client address on an open server.
@@ -89,6 +98,69 @@ impl Drop for StreamPermit {
     }
 }
 
+/// State changes per client, by `--rate-limit`.
+pub struct RateLimits {
+    limiter: DefaultKeyedRateLimiter<ClientKey, StateInformationMiddleware>,
+    clock: DefaultClock,
+    limit: RateLimit,
+    policy: HeaderValue,
+}
+
+/// The rate-limit headers of one request (draft-ietf-httpapi-ratelimit-headers): the policy, and
+/// what is left of it and in how many seconds it is whole again.
+#[derive(Debug, Clone)]
+pub struct RateHeaders {
+    policy: HeaderValue,
+    state: HeaderValue,
+    /// For a refused request: whole seconds until one more would pass.
+    pub retry_after: Option<u64>,
+}
+
+impl RateHeaders {
+    pub fn apply(&self, headers: &mut HeaderMap) {
+        headers.insert(HeaderName::from_static("ratelimit-policy"), self.policy.clone());
+        headers.insert(HeaderName::from_static("ratelimit"), self.state.clone());
+    }
+}
+
+impl RateLimits {
+    pub fn new(limit: RateLimit) -> Self {
+        let quota =
+            Quota::with_period(limit.period / limit.requests.get()).expect("a period of at least a second over at most 2^32 requests").allow_burst(limit.requests);
+        let policy = HeaderValue::from_str(&format!("\"default\";q={};w={}", limit.requests, limit.period.as_secs())).expect("ASCII");
+        Self { limiter: DefaultKeyedRateLimiter::keyed(quota).with_middleware::<StateInformationMiddleware>(), clock: DefaultClock::default(), limit, policy }
+    }
+
+    /// One state change by `client`: its headers, or 429 past the limit.
+    pub fn check(&self, client: &ClientKey) -> Result<RateHeaders, ApiError> {
+        let per_request = self.limit.period.as_secs_f64() / f64::from(self.limit.requests.get());
+        match self.limiter.check_key(client) {
+            Ok(snapshot) => {
+                let remaining = snapshot.remaining_burst_capacity();
+                let reset = (f64::from(self.limit.requests.get() - remaining) * per_request).ceil() as u64;
+                Ok(self.headers(remaining, reset, None))
+            }
+            Err(not_until) => {
+                let wait = not_until.wait_time_from(self.clock.now()).as_secs_f64().ceil().max(1.0) as u64;
+                let reset = (f64::from(self.limit.requests.get()) * per_request).ceil() as u64;
+                Err(ApiError::RateLimited(self.headers(0, reset, Some(wait))))
+            }
+        }
+    }
+
+    fn headers(&self, remaining: u32, reset: u64, retry_after: Option<u64>) -> RateHeaders {
+        let state = HeaderValue::from_str(&format!("\"default\";r={remaining};t={reset}")).expect("ASCII");
+        RateHeaders { policy: self.policy.clone(), state, retry_after }
+    }
+
+    /// Forgets the clients whose limits are whole again: the map would otherwise hold every
+    /// client ever seen.
+    pub fn forget_idle(&self) {
+        self.limiter.retain_recent();
+        self.limiter.shrink_to_fit();
+    }
+}
+
 /// Connections the reserve holds beyond the cap, for `/healthz` and admins.
 pub const RESERVED_CONNECTIONS: usize = 64;
 /// File descriptors the default connection cap leaves for everything else: stems and mixes being
@@ -152,6 +224,25 @@ mod tests {
         assert!(limits.open(Client(None)).is_ok(), "an admin is not counted");
         drop(first);
         assert!(limits.open(token).is_ok());
+    }
+
+    #[test]
+    fn a_client_past_its_rate_gets_429_with_when_to_retry_and_every_answer_carries_the_policy() {
+        let limits = RateLimits::new(RateLimit::parse("2/m").unwrap());
+        let (client, other) = (ClientKey::Address([10, 0, 0, 1].into()), ClientKey::Address([10, 0, 0, 2].into()));
+        let state = |headers: &RateHeaders| headers.state.to_str().unwrap().to_string();
+        let first = limits.check(&client).unwrap();
+        assert_eq!((first.policy.to_str().unwrap(), state(&first).as_str()), ("\"default\";q=2;w=60", "\"default\";r=1;t=30"));
+        assert_eq!(state(&limits.check(&client).unwrap()), "\"default\";r=0;t=60");
+        match limits.check(&client) {
+            Err(ApiError::RateLimited(refused)) => {
+                assert_eq!(state(&refused), "\"default\";r=0;t=60");
+                // The next request is due 30 s after the first: a little less has passed.
+                assert!((29..=30).contains(&refused.retry_after.unwrap()), "{:?}", refused.retry_after);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(limits.check(&other).is_ok(), "each client has its own limit");
     }
 
     #[tokio::test]

@@ -27,7 +27,7 @@ use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::trace::TraceLayer;
 
 pub use connection::{serve as serve_connection, ConnectionConfig};
-pub use limits::{default_max_connections, ConnectionLimits, StreamLimits};
+pub use limits::{default_max_connections, ConnectionLimits, RateLimits, StreamLimits};
 pub use state::{App, AppState};
 
 /// The dashboard loads only its own scripts, styles and media and talks only to its own server;

@@ -11,7 +11,11 @@ use utoipa::ToSchema;
 
 use super::error::{respond, ApiError, Envelope, ErrorEnvelope};
 use super::state::AppState;
-use crate::jobs::{JobState, Transport, LEASE_EVENTS, MIX_DURATION_BUCKETS, WEBHOOK_OUTCOMES};
+use crate::jobs::{JobState, Transport, LEASE_EVENTS, MIX_DURATION_BUCKETS, REFUSALS, WEBHOOK_OUTCOMES};
+
+/// Projects `/metrics` names in `mixd_queued_jobs_by_project`: the most queued first. A label per
+/// project would grow without bound.
+const QUEUED_PROJECTS_SHOWN: usize = 10;
 
 #[derive(Serialize, ToSchema)]
 pub struct Health {
@@ -44,7 +48,8 @@ pub async fn healthz(State(app): State<AppState>) -> Result<Response, ApiError> 
 /// Prometheus text: jobs by state, queue depth, open subscribers by transport, mix durations.
 #[utoipa::path(get, path = "/metrics", tag = "service", responses((status = 200, body = String, content_type = "text/plain", description = "Prometheus text format 0.0.4")))]
 pub async fn metrics(State(app): State<AppState>) -> Response {
-    let (counts, queued) = app.jobs.counts();
+    let (counts, queued_by_project) = app.jobs.counts(QUEUED_PROJECTS_SHOWN);
+    let queued = counts.get(&JobState::Queued).copied().unwrap_or(0);
     let metrics = app.jobs.metrics();
     let mut text = String::new();
     let _ = writeln!(text, "# HELP mixd_jobs Jobs held, by state.\n# TYPE mixd_jobs gauge");
@@ -52,6 +57,17 @@ pub async fn metrics(State(app): State<AppState>) -> Response {
         let _ = writeln!(text, "mixd_jobs{{state=\"{}\"}} {}", state.as_str(), counts.get(&state).copied().unwrap_or(0));
     }
     let _ = writeln!(text, "# HELP mixd_queue_depth Jobs waiting for a mixer slot.\n# TYPE mixd_queue_depth gauge\nmixd_queue_depth {queued}");
+    let _ = writeln!(
+        text,
+        "# HELP mixd_queued_jobs_by_project Jobs waiting, for the {QUEUED_PROJECTS_SHOWN} projects with the most (a bounded set of labels).\n# TYPE mixd_queued_jobs_by_project gauge"
+    );
+    for (project, count) in queued_by_project {
+        let _ = writeln!(text, "mixd_queued_jobs_by_project{{project=\"{project}\"}} {count}");
+    }
+    let _ = writeln!(text, "# HELP mixd_refusals_total Requests refused by a limit, by error code.\n# TYPE mixd_refusals_total counter");
+    for code in REFUSALS {
+        let _ = writeln!(text, "mixd_refusals_total{{code=\"{code}\"}} {}", metrics.refusals(code));
+    }
     let _ = writeln!(text, "# HELP mixd_subscribers Open live-event subscribers.\n# TYPE mixd_subscribers gauge");
     for transport in [Transport::Sse, Transport::WebSocket] {
         let _ = writeln!(text, "mixd_subscribers{{transport=\"{}\"}} {}", transport.label(), metrics.subscribers(transport));

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-use super::limits::StreamLimits;
+use super::limits::{RateLimits, StreamLimits};
 use crate::access::Keys;
 use crate::config::Config;
 use crate::jobs::Jobs;
@@ -28,6 +28,8 @@ pub struct App {
     pub webhook_secret: WebhookSecret,
     /// Event streams open per client.
     pub streams: Arc<StreamLimits>,
+    /// State changes per client, with `--rate-limit`.
+    pub rate_limits: Option<Arc<RateLimits>>,
     pub config: Arc<Config>,
     /// Cancelled when the server shuts down: every open stream ends.
     pub shutdown: CancellationToken,

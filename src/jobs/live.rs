@@ -262,12 +262,17 @@ impl LiveView {
     }
 
     /// How many jobs are in each state.
-    pub fn counts(&self) -> HashMap<JobState, usize> {
-        let mut counts = HashMap::new();
+    /// Jobs by state, and the queued ones by project.
+    pub fn counts(&self) -> (HashMap<JobState, usize>, HashMap<ProjectId, usize>) {
+        let (mut counts, mut queued) = (HashMap::new(), HashMap::new());
         for cached in self.cache().jobs.values() {
-            *counts.entry(cached.published.status.state()).or_default() += 1;
+            let status = &cached.published.status;
+            *counts.entry(status.state()).or_default() += 1;
+            if status.state() == JobState::Queued {
+                *queued.entry(status.project_id().clone()).or_default() += 1;
+            }
         }
-        counts
+        (counts, queued)
     }
 
     /// The finished jobs whose `ttl` has passed.

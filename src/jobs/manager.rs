@@ -49,6 +49,8 @@ pub struct JobsConfig {
     pub media: Media,
     /// How long a node holds a job without renewing it.
     pub lease: Duration,
+    /// The most jobs one project may have waiting, across the cluster.
+    pub max_queued_per_project: u32,
 }
 
 /// Why the job layer could not start.
@@ -78,6 +80,8 @@ struct Inner {
     deliveries: Arc<Notify>,
     /// The log reader, the runner and expiry; done once runs are handed back.
     tasks: TaskTracker,
+    /// The most jobs one project may have waiting.
+    max_queued_per_project: u32,
     #[cfg(test)]
     runs: Arc<LocalRuns>,
 }
@@ -134,6 +138,7 @@ impl Jobs {
                 owner,
                 deliveries,
                 tasks,
+                max_queued_per_project: config.max_queued_per_project,
                 #[cfg(test)]
                 runs,
             }),
@@ -206,7 +211,7 @@ impl Jobs {
         idempotency_key: Option<String>,
         webhook: Option<WebhookSpec>,
     ) -> Result<Submitted, JobError> {
-        let job = NewJob { job_id: JobId::new(), project, settings, stems, idempotency_key, webhook };
+        let job = NewJob { job_id: JobId::new(), project, settings, stems, idempotency_key, webhook, queue_cap: self.inner.max_queued_per_project };
         let submitted = self.inner.store.submit(job).await?;
         let status = match &submitted {
             Submitted::New(status) => {
@@ -215,6 +220,7 @@ impl Jobs {
             }
             // Perhaps made a moment ago on another node: this one's lists should hold it too.
             Submitted::Existing(status) => status,
+            Submitted::QueueFull { .. } => return Ok(submitted),
         };
         self.seen(status).await;
         Ok(submitted)
@@ -271,9 +277,12 @@ impl Jobs {
     }
 
     /// How many jobs are in each state, and how many wait for a slot (cluster-wide).
-    pub fn counts(&self) -> (HashMap<JobState, usize>, usize) {
-        let counts = self.inner.live.counts();
-        let queued = counts.get(&JobState::Queued).copied().unwrap_or(0);
+    /// Jobs by state, and the projects with the most jobs queued (at most `top`, most first).
+    pub fn counts(&self, top: usize) -> (HashMap<JobState, usize>, Vec<(ProjectId, usize)>) {
+        let (counts, queued) = self.inner.live.counts();
+        let mut queued: Vec<(ProjectId, usize)> = queued.into_iter().collect();
+        queued.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.as_str().cmp(b.0.as_str())));
+        queued.truncate(top);
         (counts, queued)
     }
 
@@ -302,7 +311,15 @@ pub(super) mod tests {
     async fn open_jobs_with(dir: &Path, mix_slots: usize, event_buffer: usize, faults: FaultHook) -> Jobs {
         let layout = crate::media::MediaLayout::new(dir);
         let store = Store::open(&StoreLocation::Sqlite(layout.database_dir())).await.unwrap();
-        let config = JobsConfig { mix_slots, job_ttl: Duration::from_secs(3600), event_buffer, media: Media::Local(layout), lease: Duration::from_secs(15) };
+        let config = JobsConfig {
+            mix_slots,
+            job_ttl: Duration::from_secs(3600),
+            event_buffer,
+            media: Media::Local(layout),
+            lease: Duration::from_secs(15),
+            // These tests queue dozens of jobs in one project; the cap is tested through the API.
+            max_queued_per_project: 1000,
+        };
         Jobs::open_with(config, store, CancellationToken::new(), faults).await.unwrap()
     }
 
@@ -313,6 +330,7 @@ pub(super) mod tests {
     pub async fn submit_to(jobs: &Jobs, project: &str, key: Option<&str>) -> JobId {
         match jobs.submit(project.parse().unwrap(), MixSettings::default().validate(&[], 48_000).unwrap(), Vec::new(), key.map(String::from), None).await.unwrap() {
             Submitted::New(status) | Submitted::Existing(status) => status.job_id(),
+            Submitted::QueueFull { cap } => panic!("the project already has {cap} jobs waiting"),
         }
     }
 
@@ -432,6 +450,7 @@ pub(super) mod tests {
         let settings = MixSettings::default().validate(std::slice::from_ref(stem), 48_000).unwrap();
         match jobs.submit("p1".parse().unwrap(), settings, vec![stem.clone()], None, None).await.unwrap() {
             Submitted::New(status) | Submitted::Existing(status) => status.job_id(),
+            Submitted::QueueFull { cap } => panic!("the project already has {cap} jobs waiting"),
         }
     }
 

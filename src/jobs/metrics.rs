@@ -30,6 +30,7 @@ pub struct Metrics {
     resyncs: AtomicU64,
     webhook_outcomes: [AtomicU64; WEBHOOK_OUTCOMES.len()],
     lease_events: [AtomicU64; LEASE_EVENTS.len()],
+    refusals: [AtomicU64; REFUSALS.len()],
 }
 
 /// What a webhook attempt can come to: `retry` when another attempt follows.
@@ -126,6 +127,22 @@ impl Metrics {
         WEBHOOK_OUTCOMES.iter().position(|o| *o == outcome).map_or(0, |index| self.webhook_outcomes[index].load(Ordering::Relaxed))
     }
 }
+
+impl Metrics {
+    /// A request refused by a limit, by its error code (one of [`REFUSALS`]; others are not counted).
+    pub fn count_refusal(&self, code: &str) {
+        if let Some(index) = REFUSALS.iter().position(|c| *c == code) {
+            self.refusals[index].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub fn refusals(&self, code: &str) -> u64 {
+        REFUSALS.iter().position(|c| *c == code).map_or(0, |index| self.refusals[index].load(Ordering::Relaxed))
+    }
+}
+
+/// The error codes of the limits on what one client or project may do, counted in `/metrics`.
+pub const REFUSALS: [&str; 5] = ["TOO_MANY_JOBS", "RATE_LIMITED", "QUOTA_EXCEEDED", "TOO_MANY_STREAMS", "SERVER_BUSY"];
 
 pub struct SubscriberGuard {
     metrics: Arc<Metrics>,

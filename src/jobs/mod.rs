@@ -22,7 +22,7 @@ mod webhook;
 
 pub use feed::{feed, Resume, Scope};
 pub use manager::{JobError, Jobs, JobsConfig, OpenError, EVENT_BUFFER};
-pub use metrics::{LeaseEvent, Metrics, SubscriberGuard, Transport, LEASE_EVENTS, MIX_DURATION_BUCKETS, WEBHOOK_OUTCOMES};
+pub use metrics::{LeaseEvent, Metrics, SubscriberGuard, Transport, LEASE_EVENTS, MIX_DURATION_BUCKETS, REFUSALS, WEBHOOK_OUTCOMES};
 pub use model::{ErrorCode, JobChange, JobEvent, JobState, JobStatus, Progress, FRAMINGS};
 pub use store::{sqlite_file, unix_millis, AttemptResult, PendingDelivery, Store, StoreError, StoreLocation, Submitted};
 #[cfg(test)]

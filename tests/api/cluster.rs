@@ -334,6 +334,57 @@ async fn one_idempotency_key_sent_to_two_nodes_at_once_makes_one_job() {
     assert_eq!(listed["data"]["jobs"].as_array().unwrap().len(), 1);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_starts_at_once_on_three_nodes_never_queue_more_than_the_project_cap() {
+    let cluster = Cluster::new().await;
+    let mut nodes = Vec::new();
+    for _ in 0..3 {
+        nodes.push(cluster.node_with(0, &["--max-queued-per-project", "5"]).await);
+    }
+    cluster.upload(&nodes[0], "p1", 1).await;
+    let sends = (0..20).map(|i| {
+        let node = &nodes[i % 3];
+        async move {
+            let response = node.app.client.post(node.app.url("/mix/p1/mix/start")).send().await.unwrap();
+            (response.status().as_u16(), response.headers().get("retry-after").map(|v| v.to_str().unwrap().to_string()))
+        }
+    });
+    let answers = futures_util::future::join_all(sends).await;
+    let accepted = answers.iter().filter(|(status, _)| *status == 202).count();
+    let refused: Vec<_> = answers.iter().filter(|(status, _)| *status != 202).collect();
+    assert_eq!(accepted, 5, "{answers:?}");
+    assert!(refused.iter().all(|(status, retry)| *status == 429 && retry.as_deref() == Some("30")), "{answers:?}");
+    let mut db = PgConnection::connect(&cluster.db.url).await.unwrap();
+    let queued: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM jobs WHERE project_id = 'p1' AND state = 'queued'").fetch_one(&mut db).await.unwrap();
+    assert_eq!(queued, 5);
+    let mut counted = 0;
+    for node in &nodes {
+        counted += counter(node, "mixd_refusals_total{code=\"TOO_MANY_JOBS\"}").await;
+    }
+    assert_eq!(counted, 15, "each node counts its own refusals");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_two_nodes_a_project_queueing_many_delays_another_by_one_mix_per_slot_at_most() {
+    let cluster = Cluster::new().await;
+    let watcher = cluster.node(0).await;
+    cluster.upload(&watcher, "pa", 2).await;
+    cluster.upload(&watcher, "pb", 2).await;
+    let mut stream = SseStream::connect(&watcher.app.client, &watcher.app.url("/events"), None).await;
+    let mut a = Vec::new();
+    for _ in 0..6 {
+        a.push(start(&watcher, "pa").await);
+    }
+    let b = start(&watcher, "pb").await;
+    // Only now do mixing nodes exist: two slots, one on each.
+    let _nodes = (cluster.node(1).await, cluster.node(1).await);
+    let order = crate::fair_use::run_order(&mut stream, 7).await;
+    // The first two claims take one job each; pb, never claimed, is next: before pa's third.
+    let at = |job: &String| order.iter().position(|run| run == job).unwrap();
+    assert!(at(&b) < at(&a[2]), "pb's job ran {}th: {order:?}", at(&b) + 1);
+    assert_eq!(order.iter().filter(|job| **job != b).cloned().collect::<Vec<_>>(), a, "pa's jobs in the order they came");
+}
+
 /// A dashboard-style subscriber on project `p1` of `watcher` that leaves before the job it saw
 /// ends, and comes back with its cursor after: it gets the terminal status first thing.
 async fn resume_after_the_end(watcher: &Server, starter: &Server) {
@@ -402,7 +453,7 @@ async fn nodes_started_at_once_on_a_fresh_database_migrate_it_once_and_all_serve
     }
     let mut db = PgConnection::connect(&cluster.db.url).await.unwrap();
     let applied: Vec<i64> = sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version").fetch_all(&mut db).await.unwrap();
-    assert_eq!(applied, [1, 2], "each migration applied once");
+    assert_eq!(applied, [1, 2, 3], "each migration applied once");
     cluster.upload(&nodes[2], "p1", 2).await;
     let job_id = start(&nodes[2], "p1").await;
     for node in &nodes {

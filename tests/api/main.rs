@@ -11,6 +11,7 @@ mod deliverables;
 mod disk_full;
 mod engine;
 mod errors;
+mod fair_use;
 mod helpers;
 mod jobs;
 mod limits;

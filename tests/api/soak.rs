@@ -18,7 +18,8 @@ async fn hundreds_of_queued_jobs_all_complete_and_each_costs_the_same() {
     let data = tempfile::tempdir().unwrap();
     let fixtures = tempfile::tempdir().unwrap();
     let stem = make_audio(fixtures.path(), "blip.wav", "sine=f=440:r=8000:d=0.05", &[]);
-    let server = start_server(data.path(), fixtures.path(), &["--mix-slots", "1", "--job-ttl", "3s"]).await;
+    // One project queues a whole round: past the default cap of 20 waiting jobs.
+    let server = start_server(data.path(), fixtures.path(), &["--mix-slots", "1", "--job-ttl", "3s", "--max-queued-per-project", "1000"]).await;
     let app = &server.app;
     assert_eq!(app.upload("soak", &[&stem]).await.0, 201);
 

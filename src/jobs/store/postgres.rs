@@ -19,7 +19,10 @@ use super::records::{
     new_epoch, rfc3339, unix_millis, AttemptResult, Change, Claim, JobError, Lease, LoggedEvent, NewJob, PendingDelivery, QueueEntry, Snapshot, StoreError, Submitted,
     DELIVERY_CLAIM, EPOCH_KEY,
 };
-use super::rules::{after_interrupted_run, canceled, damaged, moved, parse_job_inputs, parse_webhook, reposition, run_failed, started, Waiting, TERMINAL_STATES};
+use super::rules::{
+    after_interrupted_run, canceled, damaged, moved, parse_job_inputs, parse_webhook, place_of_new_job, reposition, run_failed, started, LastClaims, Waiting,
+    TERMINAL_STATES,
+};
 use crate::ids::{JobId, ProjectId};
 use crate::jobs::model::{JobState, JobStatus};
 use crate::jobs::webhook::{Attempt, Delivery, WebhookSpec};
@@ -82,8 +85,20 @@ impl PgStore {
                 return Ok(Submitted::Existing(serde_json::from_str(&status)?));
             }
         }
-        let waiting: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM jobs WHERE state = 'queued'").fetch_one(&mut *tx).await?;
-        let change = Change::new(JobStatus::queued(job.job_id, job.project.clone(), waiting as u32 + 1), None, false);
+        // Under the queue's lock: twenty starts at once on three nodes count one after another.
+        let in_project: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM jobs WHERE state = 'queued' AND project_id = $1").bind(job.project.as_str()).fetch_one(&mut *tx).await?;
+        if in_project >= i64::from(job.queue_cap) {
+            return Ok(Submitted::QueueFull { cap: job.queue_cap });
+        }
+        let queue: Vec<Waiting<()>> = sqlx::query("SELECT project_id, queue_order FROM jobs WHERE state = 'queued'")
+            .fetch_all(&mut *tx)
+            .await?
+            .into_iter()
+            .map(|row| Waiting { key: (), project: row.get(0), order: row.get(1), shown: None })
+            .collect();
+        let place = place_of_new_job(queue, job.project.as_str(), &last_claims(&mut tx).await?);
+        let change = Change::new(JobStatus::queued(job.job_id, job.project.clone(), place), None, false);
         sqlx::query(
             "INSERT INTO jobs (job_id, project_id, state, seq, status, settings, stems, idempotency_key, webhook, queue_position)
              VALUES ($1, $2, 'queued', $3, $4, $5, $6, $7, $8, $9)",
@@ -100,6 +115,8 @@ impl PgStore {
         .execute(&mut *tx)
         .await?;
         append_event(&mut tx, &change).await?;
+        // The jobs it went ahead of move back.
+        requeue(&mut tx, Vec::new()).await?;
         commit(tx).await?;
         Ok(Submitted::New(change.event.status.clone()))
     }
@@ -114,10 +131,12 @@ impl PgStore {
 
     pub async fn claim(&self, owner: Uuid, lease: Duration) -> Result<Option<Claim>, StoreError> {
         let mut tx = self.begin(true).await?;
-        let row =
-            sqlx::query("SELECT job_id, status, settings, stems, webhook, attempts FROM jobs WHERE state = 'queued' ORDER BY queue_order LIMIT 1 FOR UPDATE SKIP LOCKED")
-                .fetch_optional(&mut *tx)
-                .await?;
+        let row = sqlx::query(
+            "SELECT j.job_id, j.status, j.settings, j.stems, j.webhook, j.attempts, j.project_id FROM jobs j LEFT JOIN project_claims c ON c.project_id = j.project_id
+                 WHERE j.state = 'queued' ORDER BY COALESCE(c.last_claim, 0), j.queue_order LIMIT 1 FOR UPDATE OF j SKIP LOCKED",
+        )
+        .fetch_optional(&mut *tx)
+        .await?;
         let Some(row) = row else { return Ok(None) };
         let job_id: Uuid = row.get(0);
         let status: JobStatus = serde_json::from_str(row.get(1))?;
@@ -133,6 +152,14 @@ impl PgStore {
         let attempt = row.get::<i32, _>(5) as u32 + 1;
         let change = started(&status, webhook.as_ref(), attempt).ok_or_else(|| StoreError::Corrupt(format!("queued job {job_id} cannot start")))?;
         write_status(&mut tx, &change, false).await?;
+        // The project goes to the back of the rotation.
+        sqlx::query(
+            "INSERT INTO project_claims (project_id, last_claim) VALUES ($1, (SELECT COALESCE(MAX(last_claim), 0) + 1 FROM project_claims))
+             ON CONFLICT (project_id) DO UPDATE SET last_claim = excluded.last_claim",
+        )
+        .bind(row.get::<&str, _>(6))
+        .execute(&mut *tx)
+        .await?;
         sqlx::query("UPDATE jobs SET attempts = $2, lease_owner = $3, lease_expires_at = now() + $4 * interval '1 millisecond' WHERE job_id = $1")
             .bind(job_id)
             .bind(attempt as i32)
@@ -479,6 +506,14 @@ async fn insert_delivery(tx: &mut Tx, delivery: &Delivery) -> Result<(), StoreEr
     Ok(())
 }
 
+/// The last claims of the projects with jobs waiting.
+async fn last_claims(tx: &mut Tx) -> Result<LastClaims, StoreError> {
+    let rows = sqlx::query("SELECT project_id, last_claim FROM project_claims WHERE project_id IN (SELECT project_id FROM jobs WHERE state = 'queued')")
+        .fetch_all(&mut **tx)
+        .await?;
+    Ok(rows.into_iter().map(|row| (row.get(0), row.get(1))).collect())
+}
+
 /// Where a job about to move in the queue is: still a row, or rejoining with its status in hand.
 enum Slot {
     Row(Uuid),
@@ -489,11 +524,21 @@ enum Slot {
 /// queue's order and shown positions are read for every waiting job; a status is read and written
 /// only for the jobs whose move is news ([`super::rules::position_is_news`]).
 async fn requeue(tx: &mut Tx, rejoining: Vec<QueueEntry>) -> Result<(), StoreError> {
-    let rows = sqlx::query("SELECT job_id, queue_order, queue_position FROM jobs WHERE state = 'queued' ORDER BY queue_order FOR UPDATE").fetch_all(&mut **tx).await?;
-    let mut queue: Vec<Waiting<Slot>> =
-        rows.into_iter().map(|row| Waiting { key: Slot::Row(row.get(0)), order: row.get(1), shown: Some(row.get::<Option<i32>, _>(2).unwrap_or(0) as u32) }).collect();
-    queue.extend(rejoining.into_iter().map(|entry| Waiting { order: entry.order, shown: None, key: Slot::Rejoining(Box::new(entry)) }));
-    for (slot, position) in reposition(queue) {
+    let rows = sqlx::query("SELECT job_id, queue_order, queue_position, project_id FROM jobs WHERE state = 'queued' ORDER BY queue_order FOR UPDATE")
+        .fetch_all(&mut **tx)
+        .await?;
+    let mut queue: Vec<Waiting<Slot>> = rows
+        .into_iter()
+        .map(|row| Waiting { key: Slot::Row(row.get(0)), order: row.get(1), project: row.get(3), shown: Some(row.get::<Option<i32>, _>(2).unwrap_or(0) as u32) })
+        .collect();
+    queue.extend(rejoining.into_iter().map(|entry| Waiting {
+        order: entry.order,
+        project: entry.status.project_id().as_str().to_string(),
+        shown: None,
+        key: Slot::Rejoining(Box::new(entry)),
+    }));
+    let last_claims = last_claims(tx).await?;
+    for (slot, position) in reposition(queue, &last_claims) {
         let entry = match slot {
             Slot::Rejoining(entry) => *entry,
             Slot::Row(job_id) => {

@@ -69,12 +69,16 @@ pub struct NewJob {
     pub stems: Vec<StemSource>,
     pub idempotency_key: Option<String>,
     pub webhook: Option<WebhookSpec>,
+    /// The most jobs its project may have waiting: past it the job is refused.
+    pub queue_cap: u32,
 }
 
-/// What a submit came to: the job it queued, or the one its Idempotency-Key had made before.
+/// What a submit came to: the job it queued, the one its Idempotency-Key had made before, or
+/// nothing: its project already had `cap` jobs waiting.
 pub enum Submitted {
     New(JobStatus),
     Existing(JobStatus),
+    QueueFull { cap: u32 },
 }
 
 /// A job this node now runs.

@@ -3,6 +3,8 @@
 //! and how a stored row becomes a job to run (or a damaged one that fails instead of blocking the
 //! queue). The backends only read and write rows; every decision about them is made here.
 
+use std::collections::HashMap;
+
 use super::records::StoredSettings;
 use super::records::{Change, JobError, QueueEntry, StoreError};
 use crate::audio::StemSource;
@@ -25,24 +27,62 @@ pub fn position_is_news(shown: u32, actual: u32) -> bool {
     actual != shown && (actual <= EXACT_POSITIONS || actual > shown || actual * 2 <= shown)
 }
 
-/// A job in the queue, as the queue's order and its shown position tell of it.
+/// A job in the queue, as the queue's order, its project and its shown position tell of it.
 pub(super) struct Waiting<K> {
     pub key: K,
+    /// When it joined the queue: the queue's order within its project.
     pub order: i64,
+    pub project: String,
     /// The position its status shows; `None` for a job rejoining the queue (its run ended).
     pub shown: Option<u32>,
 }
 
-/// Which jobs of the queue get a new status, and at which 1-based position: every rejoining one,
-/// and each waiting one whose move is news ([`position_is_news`]).
-pub(super) fn reposition<K>(mut queue: Vec<Waiting<K>>) -> Vec<(K, u32)> {
+/// Each project's last claim, by a number every claim raises; a project not claimed since its
+/// record went (or ever) is absent and counts as 0, the oldest.
+pub(super) type LastClaims = HashMap<String, i64>;
+
+/// The order the queue is claimed in, fair between projects: a free slot takes the oldest waiting
+/// job of the project whose last claim is oldest (ties: the project waiting longest), and the
+/// claim sends that project to the back of the rotation. So the queue runs in rounds, each
+/// project's k-th waiting job in round k, a round's projects in the order of their last claims:
+/// one project queueing many jobs delays another's next job by at most one mix per slot. The
+/// stores' claim queries take the head of this order (`ORDER BY last_claim, queue_order`).
+fn fair_order<K>(mut queue: Vec<Waiting<K>>, last_claims: &LastClaims) -> Vec<Waiting<K>> {
     queue.sort_by_key(|waiting| waiting.order);
-    queue
+    // A job's place: its round, its project's last claim and first waiting job, its own order.
+    type Place = (u32, i64, i64, i64);
+    let mut rounds: HashMap<&str, (u32, i64)> = HashMap::new();
+    let keys: Vec<Place> = queue
+        .iter()
+        .map(|waiting| {
+            let (round, first) = rounds.entry(waiting.project.as_str()).or_insert((0, waiting.order));
+            let key = (*round, last_claims.get(&waiting.project).copied().unwrap_or(0), *first, waiting.order);
+            *round += 1;
+            key
+        })
+        .collect();
+    let mut keyed: Vec<(Place, Waiting<K>)> = keys.into_iter().zip(queue).collect();
+    keyed.sort_by_key(|(key, _)| *key);
+    keyed.into_iter().map(|(_, waiting)| waiting).collect()
+}
+
+/// Which jobs of the queue get a new status, and at which 1-based position in the fair order:
+/// every rejoining one, and each waiting one whose move is news ([`position_is_news`]).
+pub(super) fn reposition<K>(queue: Vec<Waiting<K>>, last_claims: &LastClaims) -> Vec<(K, u32)> {
+    fair_order(queue, last_claims)
         .into_iter()
         .zip(1..)
         .filter(|(waiting, position)| waiting.shown.is_none_or(|shown| position_is_news(shown, *position)))
         .map(|(waiting, position)| (waiting.key, position))
         .collect()
+}
+
+/// The place a job of `project` joining `queue` now takes in the fair order.
+pub(super) fn place_of_new_job(queue: Vec<Waiting<()>>, project: &str, last_claims: &LastClaims) -> u32 {
+    let mut queue: Vec<Waiting<bool>> =
+        queue.into_iter().map(|waiting| Waiting { key: false, order: waiting.order, project: waiting.project, shown: waiting.shown }).collect();
+    queue.push(Waiting { key: true, order: i64::MAX, project: project.to_string(), shown: None });
+    fair_order(queue, last_claims).iter().position(|waiting| waiting.key).map_or(1, |at| at as u32 + 1)
 }
 
 /// The status of a job that has moved to `position`: re-queued if its run ended, else waiting.
@@ -122,8 +162,8 @@ mod tests {
         let mut published = 0;
         while !queue.is_empty() {
             queue.remove(0);
-            let waiting = queue.iter().map(|&(order, shown)| Waiting { key: order, order, shown: Some(shown) }).collect();
-            for (order, position) in reposition(waiting) {
+            let waiting = queue.iter().map(|&(order, shown)| Waiting { key: order, order, project: "p1".into(), shown: Some(shown) }).collect();
+            for (order, position) in reposition(waiting, &LastClaims::new()) {
                 published += 1;
                 queue.iter_mut().find(|(o, _)| *o == order).unwrap().1 = position;
             }
@@ -137,11 +177,46 @@ mod tests {
     fn a_rejoining_job_is_always_repositioned_and_moves_the_queue_behind_it_back() {
         // Far back, "b" is shown ahead of its new place and moves back; "c" was shown well behind
         // its place and still is, which is not news.
-        let mut queue = vec![Waiting { key: "a", order: 1, shown: Some(1) }, Waiting { key: "rejoining", order: 2, shown: None }];
-        queue.extend((3..=30).map(|order| Waiting { key: "", order, shown: Some(order as u32 - 1) }));
-        queue.push(Waiting { key: "b", order: 31, shown: Some(30) });
-        queue.push(Waiting { key: "c", order: 32, shown: Some(60) });
-        let moved: Vec<(&str, u32)> = reposition(queue).into_iter().filter(|(key, position)| !key.is_empty() || *position > 30).collect();
+        let waiting = |key, order, shown| Waiting { key, order, project: "p1".into(), shown };
+        let mut queue = vec![waiting("a", 1, Some(1)), waiting("rejoining", 2, None)];
+        queue.extend((3..=30).map(|order| waiting("", order, Some(order as u32 - 1))));
+        queue.push(waiting("b", 31, Some(30)));
+        queue.push(waiting("c", 32, Some(60)));
+        let moved: Vec<(&str, u32)> = reposition(queue, &LastClaims::new()).into_iter().filter(|(key, position)| !key.is_empty() || *position > 30).collect();
         assert_eq!(moved, [("rejoining", 2), ("b", 31)]);
+    }
+
+    #[test]
+    fn the_queue_runs_in_rounds_of_projects_ordered_by_their_last_claims() {
+        // a (claimed last, at 2) queued 1-4, b (never claimed) 5-6, c (claimed at 1) 7.
+        let projects = [("a", 1), ("a", 2), ("a", 3), ("a", 4), ("b", 5), ("b", 6), ("c", 7)];
+        let queue = projects.iter().map(|&(project, order)| Waiting { key: order, order, project: project.into(), shown: Some(99) }).collect();
+        let last_claims = LastClaims::from([("a".to_string(), 2), ("c".to_string(), 1)]);
+        let order: Vec<i64> = reposition(queue, &last_claims).into_iter().map(|(order, _)| order).collect();
+        assert_eq!(order, [5, 7, 1, 6, 2, 3, 4]);
+        let queue: Vec<Waiting<()>> = projects.iter().map(|&(project, order)| Waiting { key: (), order, project: project.into(), shown: None }).collect();
+        assert_eq!(place_of_new_job(queue, "d", &last_claims), 2, "after b's first, the oldest project never claimed, ahead of c's");
+    }
+
+    /// One slot, project a queues twenty jobs, then b queues one while a's first runs: b's job is
+    /// the next claimed. With a queue of both, claims alternate while both wait.
+    #[test]
+    fn a_project_queueing_many_delays_another_s_next_job_by_at_most_one_mix_per_slot() {
+        let mut queue: Vec<Waiting<(char, i64)>> = (1..=20).map(|order| Waiting { key: ('a', order), order, project: "a".into(), shown: None }).collect();
+        let mut last_claims = LastClaims::new();
+        let mut claims = 0;
+        let mut claim = |queue: &mut Vec<Waiting<(char, i64)>>, last_claims: &mut LastClaims| {
+            let head = fair_order(std::mem::take(queue), last_claims);
+            let mut rest = head.into_iter();
+            let first = rest.next().unwrap();
+            claims += 1;
+            last_claims.insert(first.project.clone(), claims);
+            *queue = rest.collect();
+            first.key
+        };
+        assert_eq!(claim(&mut queue, &mut last_claims), ('a', 1));
+        queue.extend((21..=22).map(|order| Waiting { key: ('b', order), order, project: "b".into(), shown: None }));
+        let next: Vec<(char, i64)> = (0..5).map(|_| claim(&mut queue, &mut last_claims)).collect();
+        assert_eq!(next, [('b', 21), ('a', 2), ('b', 22), ('a', 3), ('a', 4)]);
     }
 }

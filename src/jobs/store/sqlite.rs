@@ -18,7 +18,10 @@ use super::records::{
     new_epoch, rfc3339, sqlite_file, unix_millis, AttemptResult, Change, Claim, JobError, Lease, LoggedEvent, NewJob, PendingDelivery, QueueEntry, Snapshot, StoreError,
     Submitted, DELIVERY_CLAIM, EPOCH_KEY,
 };
-use super::rules::{after_interrupted_run, canceled, damaged, moved, parse_job_inputs, parse_webhook, reposition, run_failed, started, Waiting, TERMINAL_STATES};
+use super::rules::{
+    after_interrupted_run, canceled, damaged, moved, parse_job_inputs, parse_webhook, place_of_new_job, reposition, run_failed, started, LastClaims, Waiting,
+    TERMINAL_STATES,
+};
 use crate::ids::{JobId, ProjectId};
 use crate::jobs::model::{JobState, JobStatus};
 use crate::jobs::webhook::{Attempt, Delivery, WebhookSpec};
@@ -40,7 +43,7 @@ const READERS: usize = 2;
 
 /// Schema versions, applied in order inside one transaction each; `PRAGMA user_version` says how
 /// many have been. Version 1 is the layout of the first release, created if missing.
-const MIGRATIONS: [&str; 3] = [
+const MIGRATIONS: [&str; 4] = [
     "CREATE TABLE IF NOT EXISTS jobs (
         job_id TEXT PRIMARY KEY,
         status TEXT NOT NULL,
@@ -95,6 +98,9 @@ const MIGRATIONS: [&str; 3] = [
     // and positions without parsing every waiting job's status.
     "ALTER TABLE jobs ADD COLUMN queue_position INTEGER;
     UPDATE jobs SET queue_position = json_extract(status, '$.queue_position') WHERE state = 'queued';",
+    // The fair queue: each project's last claim, by a number every claim raises (rules.rs).
+    "CREATE TABLE project_claims (project_id TEXT PRIMARY KEY, last_claim INTEGER NOT NULL);
+    CREATE INDEX jobs_queued_by_project ON jobs (project_id) WHERE state = 'queued';",
 ];
 
 /// Adds the `webhook` column to a first-release database that predates it, before the migrations.
@@ -189,8 +195,17 @@ impl SqliteStore {
                     return Ok(Submitted::Existing(serde_json::from_str(&status)?));
                 }
             }
-            let waiting: u32 = tx.prepare_cached("SELECT COUNT(*) FROM jobs WHERE state = 'queued'")?.query_row([], |row| row.get(0))?;
-            let change = Change::new(JobStatus::queued(job.job_id, job.project.clone(), waiting + 1), None, false);
+            let in_project: u32 =
+                tx.prepare_cached("SELECT COUNT(*) FROM jobs WHERE state = 'queued' AND project_id = ?1")?.query_row(params![job.project.as_str()], |row| row.get(0))?;
+            if in_project >= job.queue_cap {
+                return Ok(Submitted::QueueFull { cap: job.queue_cap });
+            }
+            let queue = tx
+                .prepare_cached("SELECT project_id, queue_order FROM jobs WHERE state = 'queued'")?
+                .query_map([], |row| Ok(Waiting { key: (), project: row.get(0)?, order: row.get(1)?, shown: None }))?
+                .collect::<Result<Vec<_>, _>>()?;
+            let place = place_of_new_job(queue, job.project.as_str(), &last_claims(tx)?);
+            let change = Change::new(JobStatus::queued(job.job_id, job.project.clone(), place), None, false);
             tx.prepare_cached(
                 "INSERT INTO jobs (job_id, project_id, state, seq, status, settings, stems, idempotency_key, webhook, queue_position, queue_order)
                  VALUES (?1, ?2, 'queued', ?3, ?4, ?5, ?6, ?7, ?8, ?9, (SELECT COALESCE(MAX(queue_order), 0) + 1 FROM jobs))",
@@ -207,6 +222,8 @@ impl SqliteStore {
                 change.status().queue_position()
             ])?;
             append_event(tx, &change)?;
+            // The jobs it went ahead of move back.
+            requeue(tx, Vec::new())?;
             Ok(Submitted::New(change.event.status.clone()))
         })
         .await
@@ -225,7 +242,10 @@ impl SqliteStore {
     pub async fn claim(&self, owner: Uuid, lease: Duration) -> Result<Option<Claim>, StoreError> {
         self.write_transaction(move |tx| {
             let row = tx
-                .prepare_cached("SELECT job_id, status, settings, stems, webhook, attempts FROM jobs WHERE state = 'queued' ORDER BY queue_order LIMIT 1")?
+                .prepare_cached(
+                    "SELECT j.job_id, j.status, j.settings, j.stems, j.webhook, j.attempts, j.project_id FROM jobs j LEFT JOIN project_claims c ON c.project_id = j.project_id
+                     WHERE j.state = 'queued' ORDER BY COALESCE(c.last_claim, 0), j.queue_order LIMIT 1",
+                )?
                 .query_row([], |row| {
                     Ok((
                         row.get::<_, String>(0)?,
@@ -234,10 +254,11 @@ impl SqliteStore {
                         row.get::<_, String>(3)?,
                         row.get::<_, Option<String>>(4)?,
                         row.get::<_, u32>(5)?,
+                        row.get::<_, String>(6)?,
                     ))
                 })
                 .optional()?;
-            let Some((job_id, status, settings, stems, webhook, attempts)) = row else { return Ok(None) };
+            let Some((job_id, status, settings, stems, webhook, attempts, project)) = row else { return Ok(None) };
             let status: JobStatus = serde_json::from_str(&status)?;
             let (settings, stems, webhook) = match parse_job_inputs(&settings, &stems, webhook.as_deref()) {
                 Ok(inputs) => inputs,
@@ -250,6 +271,12 @@ impl SqliteStore {
             let attempt = attempts + 1;
             let change = started(&status, webhook.as_ref(), attempt).ok_or_else(|| StoreError::Corrupt(format!("queued job {job_id} cannot start")))?;
             write_status(tx, &change, false)?;
+            // The project goes to the back of the rotation.
+            tx.prepare_cached(
+                "INSERT INTO project_claims (project_id, last_claim) VALUES (?1, (SELECT COALESCE(MAX(last_claim), 0) + 1 FROM project_claims))
+                 ON CONFLICT (project_id) DO UPDATE SET last_claim = excluded.last_claim",
+            )?
+            .execute(params![project])?;
             tx.prepare_cached("UPDATE jobs SET attempts = ?2, lease_owner = ?3, lease_expires_at = ?4 WHERE job_id = ?1")?.execute(params![
                 job_id,
                 attempt,
@@ -588,6 +615,14 @@ fn insert_delivery(tx: &Transaction, delivery: &Delivery) -> Result<(), StoreErr
     Ok(())
 }
 
+/// The last claims of the projects with jobs waiting.
+fn last_claims(tx: &Transaction) -> Result<LastClaims, StoreError> {
+    Ok(tx
+        .prepare_cached("SELECT project_id, last_claim FROM project_claims WHERE project_id IN (SELECT project_id FROM jobs WHERE state = 'queued')")?
+        .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
+        .collect::<Result<_, _>>()?)
+}
+
 /// Where a job about to move in the queue is: still a row, or rejoining with its status in hand.
 enum Slot {
     Row(String),
@@ -601,11 +636,18 @@ fn requeue(tx: &Transaction, rejoining: Vec<QueueEntry>) -> Result<(), StoreErro
     // 'queued' as a literal, as the partial index on the queue has it: a bound state would not
     // let SQLite use the index.
     let mut queue = tx
-        .prepare_cached("SELECT job_id, queue_order, queue_position FROM jobs WHERE state = 'queued' ORDER BY queue_order")?
-        .query_map([], |row| Ok(Waiting { key: Slot::Row(row.get(0)?), order: row.get(1)?, shown: Some(row.get::<_, Option<u32>>(2)?.unwrap_or(0)) }))?
+        .prepare_cached("SELECT job_id, queue_order, queue_position, project_id FROM jobs WHERE state = 'queued' ORDER BY queue_order")?
+        .query_map([], |row| {
+            Ok(Waiting { key: Slot::Row(row.get(0)?), order: row.get(1)?, project: row.get(3)?, shown: Some(row.get::<_, Option<u32>>(2)?.unwrap_or(0)) })
+        })?
         .collect::<Result<Vec<_>, _>>()?;
-    queue.extend(rejoining.into_iter().map(|entry| Waiting { order: entry.order, shown: None, key: Slot::Rejoining(entry) }));
-    for (slot, position) in reposition(queue) {
+    queue.extend(rejoining.into_iter().map(|entry| Waiting {
+        order: entry.order,
+        project: entry.status.project_id().as_str().to_string(),
+        shown: None,
+        key: Slot::Rejoining(entry),
+    }));
+    for (slot, position) in reposition(queue, &last_claims(tx)?) {
         let entry = match slot {
             Slot::Rejoining(entry) => entry,
             Slot::Row(job_id) => {
