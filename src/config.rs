@@ -71,6 +71,10 @@ pub struct Config {
     /// past it gets 429 TOO_MANY_JOBS.
     #[arg(long, env = "MIXD_MAX_QUEUED_PER_PROJECT", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_queued_per_project: u32,
+    /// The most a project's stems may take, in GB (10^9 bytes), across the cluster; an upload that
+    /// would pass it gets 413 QUOTA_EXCEEDED and nothing of it is kept. Default: no quota.
+    #[arg(long, env = "MIXD_PROJECT_QUOTA_GB", value_parser = parse_quota)]
+    pub project_quota_gb: Option<f64>,
     /// The longest mix a start may ask for, in minutes (its latest-ending stem, after offsets);
     /// past it 422 INVALID_SETTINGS.
     #[arg(long, env = "MIXD_MAX_MIX_MINUTES", default_value_t = 180, value_parser = clap::value_parser!(u32).range(1..))]
@@ -195,6 +199,13 @@ fn parse_session_ttl(text: &str) -> Result<Duration, String> {
     Ok(ttl)
 }
 
+fn parse_quota(text: &str) -> Result<f64, String> {
+    match text.trim().parse::<f64>() {
+        Ok(gb) if gb.is_finite() && gb > 0.0 => Ok(gb),
+        _ => Err(format!("{text:?} is not a size in GB above 0 (e.g. 2 or 0.5)")),
+    }
+}
+
 fn parse_lease(text: &str) -> Result<Duration, String> {
     let lease = parse_duration(text)?;
     if lease < Duration::from_secs(1) {
@@ -242,6 +253,11 @@ impl Config {
 
     pub fn mix_slots(&self) -> usize {
         self.mix_slots.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+    }
+
+    /// `--project-quota-gb` in bytes; no quota is the most a count can hold.
+    pub fn project_quota_bytes(&self) -> u64 {
+        self.project_quota_gb.map_or(u64::MAX, |gb| (gb * 1e9) as u64)
     }
 
     pub fn max_upload_bytes(&self) -> u64 {

@@ -110,6 +110,8 @@ pub enum ApiError {
     MediaUnavailable,
     #[error("Too many requests from this client; try again in {} s", .0.retry_after.unwrap_or(1))]
     RateLimited(super::limits::RateHeaders),
+    #[error("This upload would take the project's stems past its quota of {0} GB: delete stems to make room")]
+    QuotaExceeded(f64),
     #[error("This project already has {0} mix jobs waiting, the most one may; start another once one of them has begun")]
     TooManyJobs(u32),
     #[error("This client already holds {0} open event streams, the most one credential (or address, on an open server) may; close one first")]
@@ -174,6 +176,7 @@ impl ApiError {
             ApiError::MediaUnavailable => (StatusCode::SERVICE_UNAVAILABLE, "MEDIA_UNAVAILABLE"),
             ApiError::TooManyStreams(_) => (StatusCode::TOO_MANY_REQUESTS, "TOO_MANY_STREAMS"),
             ApiError::TooManyJobs(_) => (StatusCode::TOO_MANY_REQUESTS, "TOO_MANY_JOBS"),
+            ApiError::QuotaExceeded(_) => (StatusCode::PAYLOAD_TOO_LARGE, "QUOTA_EXCEEDED"),
             ApiError::RateLimited(_) => (StatusCode::TOO_MANY_REQUESTS, "RATE_LIMITED"),
             ApiError::ServerBusy => (StatusCode::SERVICE_UNAVAILABLE, "SERVER_BUSY"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL"),

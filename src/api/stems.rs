@@ -60,7 +60,7 @@ impl ToSchema for StemUpload {}
     responses(
         (status = 201, body = Envelope<StemList>),
         (status = 400, body = ErrorEnvelope, description = "NO_FILES, TOO_MANY_FILES, INVALID_PROJECT_ID, or BAD_REQUEST for a malformed or interrupted form"),
-        (status = 413, body = ErrorEnvelope, description = "PAYLOAD_TOO_LARGE: over --max-upload-mb (default 512 MiB)"),
+        (status = 413, body = ErrorEnvelope, description = "PAYLOAD_TOO_LARGE: over --max-upload-mb (default 512 MiB); or QUOTA_EXCEEDED: the project's stems would pass --project-quota-gb (nothing of the upload is kept)"),
         (status = 415, body = ErrorEnvelope, description = "UNSUPPORTED_AUDIO, naming the file and where it fails"),
         (status = 500, body = ErrorEnvelope, description = "INTERNAL"),
         (status = 507, body = ErrorEnvelope, description = "INSUFFICIENT_STORAGE"),
@@ -95,7 +95,7 @@ pub async fn upload(
     if let Err(err) = received {
         // All or nothing: one refused file refuses the request.
         for stem in &stored {
-            let _ = app.stems.delete(&project_id, stem.stem_id).await;
+            let _ = delete_stem(&app, &project_id, stem.stem_id).await;
         }
         return Err(err);
     }
@@ -154,7 +154,12 @@ async fn store_file(app: &AppState, project: &ProjectId, mut field: Field<'_>, p
         .map_err(|_| ApiError::UnsupportedAudio(format!("Stem \"{name}\" could not be decoded in time; the file looks malformed")))?
         .map_err(|err| ApiError::Internal(format!("probe task: {err}")))?
         .map_err(|err| ApiError::UnsupportedAudio(err.to_string()))?;
-    app.stems.commit(project, path, name, info, size).await.map_err(ApiError::media)
+    reserve(app, project, size).await?;
+    let committed = app.stems.commit(project, path, name, info, size).await.map_err(ApiError::media);
+    if committed.is_err() {
+        app.jobs.store().release_bytes(project, size).await?;
+    }
+    committed
 }
 
 struct PartialFile(Option<PathBuf>);
@@ -208,8 +213,31 @@ pub async fn list(State(app): State<AppState>, ProjectPath { project_id }: Proje
         (status = 500, body = ErrorEnvelope, description = "INTERNAL"),
         (status = 503, body = ErrorEnvelope, description = "MEDIA_UNAVAILABLE: the object storage did not answer (with --storage)", headers(("Retry-After" = u32)))))]
 pub async fn delete(State(app): State<AppState>, StemPath { project_id, stem_id }: StemPath) -> Result<Response, ApiError> {
-    if !app.stems.delete(&project_id, stem_id).await.map_err(ApiError::media)? {
-        return Err(ApiError::StemNotFound);
-    }
+    delete_stem(&app, &project_id, stem_id).await?.ok_or(ApiError::StemNotFound)?;
     Ok(respond(StatusCode::OK, DeletedStem { stem_id }, "Stem deleted"))
+}
+
+/// Removes a stem and gives its bytes back to the project's quota.
+async fn delete_stem(app: &AppState, project: &ProjectId, stem_id: StemId) -> Result<Option<Stem>, ApiError> {
+    let deleted = app.stems.delete(project, stem_id).await.map_err(ApiError::media)?;
+    if let Some(stem) = &deleted {
+        app.jobs.store().release_bytes(project, stem.size_bytes).await?;
+    }
+    Ok(deleted)
+}
+
+/// Takes `bytes` of the project's quota for a file about to be stored, or refuses it. The
+/// project's usage is on record from the first upload that needs it, taken then from its stems
+/// as listed; every upload and delete after moves it in the database, in one statement, so
+/// uploads at once on any node count exactly.
+async fn reserve(app: &AppState, project: &ProjectId, bytes: u64) -> Result<(), ApiError> {
+    let store = app.jobs.store();
+    if !store.usage_known(project).await? {
+        let stems = app.stems.list(project).await.map_err(ApiError::media)?;
+        store.start_usage(project, stems.iter().map(|stem| stem.size_bytes).sum()).await?;
+    }
+    if !store.reserve_bytes(project, bytes, app.config.project_quota_bytes()).await? {
+        return Err(ApiError::QuotaExceeded(app.config.project_quota_gb.unwrap_or(f64::INFINITY)));
+    }
+    Ok(())
 }

@@ -169,24 +169,24 @@ impl StemStore {
         StemSource { id: stem.stem_id.to_string(), path, name: stem.name.clone() }
     }
 
-    /// Removes a stem; false when there was no such stem.
-    pub async fn delete(&self, project: &ProjectId, stem_id: StemId) -> Result<bool, MediaError> {
+    /// Removes a stem; returns it, or `None` when there was no such stem.
+    pub async fn delete(&self, project: &ProjectId, stem_id: StemId) -> Result<Option<Stem>, MediaError> {
         if let Some(objects) = self.media.objects() {
             let record = objects.key(&keys::stem_record(project, stem_id));
             let stem: Stem = match objects.get_bytes(&record).await {
                 Ok(bytes) => serde_json::from_slice(&bytes).map_err(io::Error::other)?,
-                Err(MediaError::NotFound) => return Ok(false),
+                Err(MediaError::NotFound) => return Ok(None),
                 Err(err) => return Err(err),
             };
             objects.delete(&record).await?;
             if let Err(err) = objects.delete_stem_audio(&keys::stem_audio(project, stem_id, &stem.format)).await {
                 tracing::warn!(%err, %stem_id, "could not delete a stem's audio; the storage sweep will");
             }
-            return Ok(true);
+            return Ok(Some(stem));
         }
         let record = match tokio::fs::read(self.record_path(project, stem_id)).await {
             Ok(bytes) => bytes,
-            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(false),
+            Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(err) => return Err(err.into()),
         };
         let stem: Stem = serde_json::from_slice(&record).map_err(io::Error::other)?;
@@ -196,7 +196,7 @@ impl StemStore {
             Err(err) if err.kind() != io::ErrorKind::NotFound => return Err(err.into()),
             _ => {}
         }
-        Ok(true)
+        Ok(Some(stem))
     }
 }
 

@@ -365,6 +365,33 @@ async fn twenty_starts_at_once_on_three_nodes_never_queue_more_than_the_project_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twelve_uploads_at_once_on_three_nodes_keep_exactly_what_the_quota_holds() {
+    let cluster = Cluster::new().await;
+    let stems: Vec<PathBuf> = (0..12).map(|i| make_audio(cluster.fixtures.path(), &format!("s{i}.wav"), "sine=f=440:r=48000:d=1", &["-ac", "2"])).collect();
+    let size = std::fs::metadata(&stems[0]).unwrap().len();
+    // Room for five of them.
+    let quota = format!("{}", 5.5 * size as f64 / 1e9);
+    let mut nodes = Vec::new();
+    for _ in 0..3 {
+        nodes.push(cluster.node_with(0, &["--project-quota-gb", &quota]).await);
+    }
+    let uploads = stems.iter().enumerate().map(|(i, stem)| {
+        let node = &nodes[i % 3];
+        async move { node.app.upload("p1", &[stem.as_path()]).await }
+    });
+    let mut statuses: Vec<u16> = futures_util::future::join_all(uploads).await.into_iter().map(|(status, _)| status).collect();
+    statuses.sort();
+    assert_eq!(statuses, [[201; 5].as_slice(), [413; 7].as_slice()].concat());
+    let (_, listed) = nodes[1].app.get_json("/projects/p1/stems").await;
+    assert_eq!(listed["data"]["stems"].as_array().unwrap().len(), 5);
+    let audio = std::fs::read_dir(cluster.data.path().join("p1/stems")).unwrap().filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "wav")).count();
+    assert_eq!(audio, 5, "no refused upload left a file");
+    let mut db = PgConnection::connect(&cluster.db.url).await.unwrap();
+    let used: i64 = sqlx::query_scalar("SELECT bytes FROM project_usage WHERE project_id = 'p1'").fetch_one(&mut db).await.unwrap();
+    assert_eq!(used as u64, 5 * size);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_two_nodes_a_project_queueing_many_delays_another_by_one_mix_per_slot_at_most() {
     let cluster = Cluster::new().await;
     let watcher = cluster.node(0).await;

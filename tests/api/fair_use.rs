@@ -175,3 +175,36 @@ async fn each_token_has_its_own_rate_and_admin_keys_are_not_limited() {
         assert_eq!(start_with(ADMIN_KEY.to_string()).await, 404);
     }
 }
+
+/// The stem files (audio and records) in a project's directory.
+fn stem_files(app: &TestApp, project: &str) -> usize {
+    std::fs::read_dir(app.data_dir.path().join(project).join("stems")).map_or(0, |entries| entries.count())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_past_the_project_quota_is_refused_413_and_nothing_of_it_is_kept() {
+    let fixtures = tempfile::tempdir().unwrap();
+    let stem = |name: &str| crate::helpers::make_audio(fixtures.path(), name, "sine=f=440:r=48000:d=1", &["-ac", "2"]);
+    let (one, two, three) = (stem("one.wav"), stem("two.wav"), stem("three.wav"));
+    let size = std::fs::metadata(&one).unwrap().len();
+    // Room for two of them, not three.
+    let quota_gb = 2.5 * size as f64 / 1e9;
+    let app = spawn_app_with(|config| config.project_quota_gb = Some(quota_gb)).await;
+    assert_eq!(app.upload("pa", &[&one]).await.0, 201);
+    let before = stem_files(&app, "pa");
+    let (status, refused) = app.upload("pa", &[&two, &three]).await;
+    assert_eq!((status, refused["error"].as_str()), (413, Some("QUOTA_EXCEEDED")), "{refused}");
+    assert_eq!(refused["message"], format!("This upload would take the project's stems past its quota of {quota_gb} GB: delete stems to make room"));
+    // Nothing of the refused request is kept: not the file that fitted, nor the one that did not.
+    let (_, listed) = app.get_json("/projects/pa/stems").await;
+    assert_eq!(listed["data"]["stems"].as_array().unwrap().len(), 1);
+    assert_eq!(stem_files(&app, "pa"), before);
+    // Another project has a quota of its own; a delete makes room again.
+    assert_eq!(app.upload("pb", &[&one, &two, &three]).await.0, 413, "pb is held to a quota of its own");
+    assert_eq!(app.upload("pb", &[&two]).await.0, 201);
+    let stem_id = listed["data"]["stems"][0]["stem_id"].as_str().unwrap().to_string();
+    assert_eq!(app.client.delete(app.url(&format!("/projects/pa/stems/{stem_id}"))).send().await.unwrap().status(), 200);
+    assert_eq!(app.upload("pa", &[&two, &three]).await.0, 201);
+    let metrics = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("mixd_refusals_total{code=\"QUOTA_EXCEEDED\"} 2\n"), "{metrics}");
+}

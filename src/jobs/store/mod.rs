@@ -83,6 +83,29 @@ impl Store {
         each_store!(self, store => store.submit(job).await)
     }
 
+    /// Whether the bytes of `project`'s stems are on record.
+    pub async fn usage_known(&self, project: &ProjectId) -> Result<bool, StoreError> {
+        let project = project.clone();
+        each_store!(self, store => store.usage_known(project).await)
+    }
+
+    /// Records `bytes` as `project`'s usage, unless it is on record already.
+    pub async fn start_usage(&self, project: &ProjectId, bytes: u64) -> Result<(), StoreError> {
+        let project = project.clone();
+        each_store!(self, store => store.start_usage(project, bytes).await)
+    }
+
+    /// Adds `bytes` to `project`'s usage if that keeps it within `quota`; `false`: refused.
+    pub async fn reserve_bytes(&self, project: &ProjectId, bytes: u64, quota: u64) -> Result<bool, StoreError> {
+        let project = project.clone();
+        each_store!(self, store => store.reserve_bytes(project, bytes, quota).await)
+    }
+
+    pub async fn release_bytes(&self, project: &ProjectId, bytes: u64) -> Result<(), StoreError> {
+        let project = project.clone();
+        each_store!(self, store => store.release_bytes(project, bytes).await)
+    }
+
     /// A job's current status straight from the database.
     pub async fn find(&self, job_id: JobId) -> Result<Option<LoggedEvent>, StoreError> {
         each_store!(self, store => store.find(job_id).await)

@@ -121,6 +121,39 @@ impl PgStore {
         Ok(Submitted::New(change.event.status.clone()))
     }
 
+    pub async fn usage_known(&self, project: ProjectId) -> Result<bool, StoreError> {
+        Ok(sqlx::query("SELECT 1 FROM project_usage WHERE project_id = $1").bind(project.as_str()).fetch_optional(&self.pool).await?.is_some())
+    }
+
+    pub async fn start_usage(&self, project: ProjectId, bytes: u64) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO project_usage (project_id, bytes) VALUES ($1, $2) ON CONFLICT (project_id) DO NOTHING")
+            .bind(project.as_str())
+            .bind(bytes as i64)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// One statement, so one row lock: uploads at once on any nodes reserve one after another.
+    pub async fn reserve_bytes(&self, project: ProjectId, bytes: u64, quota: u64) -> Result<bool, StoreError> {
+        let reserved = sqlx::query("UPDATE project_usage SET bytes = bytes + $2 WHERE project_id = $1 AND bytes + $2 <= $3")
+            .bind(project.as_str())
+            .bind(bytes as i64)
+            .bind(quota.min(i64::MAX as u64) as i64)
+            .execute(&self.pool)
+            .await?;
+        Ok(reserved.rows_affected() == 1)
+    }
+
+    pub async fn release_bytes(&self, project: ProjectId, bytes: u64) -> Result<(), StoreError> {
+        sqlx::query("UPDATE project_usage SET bytes = GREATEST(bytes - $2, 0) WHERE project_id = $1")
+            .bind(project.as_str())
+            .bind(bytes as i64)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     pub async fn find(&self, job_id: JobId) -> Result<Option<LoggedEvent>, StoreError> {
         let row = sqlx::query("SELECT status, (SELECT MAX(cursor) FROM job_events e WHERE e.job_id = j.job_id) FROM jobs j WHERE job_id = $1")
             .bind(job_id.as_uuid())

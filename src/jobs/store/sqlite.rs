@@ -98,9 +98,11 @@ const MIGRATIONS: [&str; 4] = [
     // and positions without parsing every waiting job's status.
     "ALTER TABLE jobs ADD COLUMN queue_position INTEGER;
     UPDATE jobs SET queue_position = json_extract(status, '$.queue_position') WHERE state = 'queued';",
-    // The fair queue: each project's last claim, by a number every claim raises (rules.rs).
+    // Fair use: each project's last claim, by a number every claim raises (rules.rs), and the
+    // bytes of its stems, which an upload reserves before its stem is stored (--project-quota-gb).
     "CREATE TABLE project_claims (project_id TEXT PRIMARY KEY, last_claim INTEGER NOT NULL);
-    CREATE INDEX jobs_queued_by_project ON jobs (project_id) WHERE state = 'queued';",
+    CREATE INDEX jobs_queued_by_project ON jobs (project_id) WHERE state = 'queued';
+    CREATE TABLE project_usage (project_id TEXT PRIMARY KEY, bytes INTEGER NOT NULL);",
 ];
 
 /// Adds the `webhook` column to a first-release database that predates it, before the migrations.
@@ -225,6 +227,39 @@ impl SqliteStore {
             // The jobs it went ahead of move back.
             requeue(tx, Vec::new())?;
             Ok(Submitted::New(change.event.status.clone()))
+        })
+        .await
+    }
+
+    pub async fn usage_known(&self, project: ProjectId) -> Result<bool, StoreError> {
+        self.read(move |conn| Ok(conn.prepare_cached("SELECT 1 FROM project_usage WHERE project_id = ?1")?.exists(params![project.as_str()])?)).await
+    }
+
+    pub async fn start_usage(&self, project: ProjectId, bytes: u64) -> Result<(), StoreError> {
+        self.write_transaction(move |tx| {
+            tx.prepare_cached("INSERT INTO project_usage (project_id, bytes) VALUES (?1, ?2) ON CONFLICT (project_id) DO NOTHING")?
+                .execute(params![project.as_str(), bytes as i64])?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn reserve_bytes(&self, project: ProjectId, bytes: u64, quota: u64) -> Result<bool, StoreError> {
+        self.write_transaction(move |tx| {
+            let reserved = tx.prepare_cached("UPDATE project_usage SET bytes = bytes + ?2 WHERE project_id = ?1 AND bytes + ?2 <= ?3")?.execute(params![
+                project.as_str(),
+                bytes as i64,
+                quota.min(i64::MAX as u64) as i64
+            ])?;
+            Ok(reserved == 1)
+        })
+        .await
+    }
+
+    pub async fn release_bytes(&self, project: ProjectId, bytes: u64) -> Result<(), StoreError> {
+        self.write_transaction(move |tx| {
+            tx.prepare_cached("UPDATE project_usage SET bytes = MAX(bytes - ?2, 0) WHERE project_id = ?1")?.execute(params![project.as_str(), bytes as i64])?;
+            Ok(())
         })
         .await
     }

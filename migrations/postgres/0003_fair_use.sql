@@ -5,3 +5,11 @@ CREATE TABLE project_claims (
     last_claim bigint NOT NULL
 );
 CREATE INDEX jobs_queued_by_project ON jobs (project_id) WHERE state = 'queued';
+
+-- The bytes of each project's stems, for --project-quota-gb: an upload reserves its size here
+-- before its stem is stored (refused past the quota), a delete gives it back. A project's row is
+-- made from its stems as listed the first time an upload needs it.
+CREATE TABLE project_usage (
+    project_id text PRIMARY KEY,
+    bytes bigint NOT NULL
+);
