@@ -174,7 +174,7 @@ function uploadFile(file) {
     xhr.addEventListener('load', () => {
       let answer;
       try { answer = JSON.parse(xhr.responseText); } catch { return fail(`unexpected answer (${xhr.status})`); }
-      if (!answer.ok) return fail(explain(answer));
+      if (!answer.ok) return fail(explain({ ...answer, retryAfter: xhr.getResponseHeader('retry-after') }));
       item.className = 'done';
       item.replaceChildren(`${file.name}: added`);
       resolve(true);

@@ -82,7 +82,8 @@ pub struct StatusQuery {
         (status = 404, body = ErrorEnvelope, description = "PROJECT_NOT_FOUND: the project has no stems"),
         (status = 413, body = ErrorEnvelope, description = "PAYLOAD_TOO_LARGE: the body is over 1 MiB"),
         (status = 415, body = ErrorEnvelope, description = "UNSUPPORTED_MEDIA_TYPE: a body not sent as application/json"),
-        (status = 422, body = ErrorEnvelope, description = "INVALID_SETTINGS naming the field, also for a body that is not JSON"),
+        (status = 422, body = ErrorEnvelope, description = "INVALID_SETTINGS naming the field, also for a body that is not JSON, or a mix longer than --max-mix-minutes"),
+        (status = 429, body = ErrorEnvelope, description = "TOO_MANY_JOBS: the project already has --max-queued-per-project jobs waiting", headers(("Retry-After" = u32))),
         (status = 500, body = ErrorEnvelope, description = "INTERNAL"),
         (status = 503, body = ErrorEnvelope, description = "MEDIA_UNAVAILABLE: the object storage did not answer (with --storage)", headers(("Retry-After" = u32)))))]
 pub async fn start(

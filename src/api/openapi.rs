@@ -20,7 +20,9 @@ Every route is also served under the /api prefix. Differences from shared/CONTRA
 extra codes TOO_MANY_FILES, BAD_REQUEST (also a Host that is not a host[:port]), MEDIA_NOT_FOUND, NOT_FOUND, \
 UNSUPPORTED_MEDIA_TYPE (415: a JSON route's body not sent as application/json), \
 TOO_MANY_STREAMS (429 on the stream routes, past --max-streams-per-client for one credential or, on an open server, one address; admin keys are not counted), \
-SERVER_BUSY (503 past --max-connections: a reserve of connections answers only /healthz and admin keys), and job error codes \
+SERVER_BUSY (503 past --max-connections: a reserve of connections answers only /healthz and admin keys), \
+TOO_MANY_JOBS (429, Retry-After: 30), QUOTA_EXCEEDED (413) and RATE_LIMITED (429; with --rate-limit every POST and DELETE answer also carries RateLimit-Policy and RateLimit, and `N/m` is accepted beside `N/s`; admin keys are not limited), \
+the fair queue's positions on every node, /metrics mixd_queued_jobs_by_project (the ten fullest projects) and mixd_refusals_total by code, and job error codes \
 OUTPUT_TOO_LONG, INSUFFICIENT_STORAGE, EXPORT_FAILED and INVALID_SETTINGS (the start route refuses such settings with 422 first); \
 progress within a stage is published at most every 100 ms per job (a new stage at once); \
 queue_position is exact for the first 10 places, and further back is published again when the place has halved since last shown \
@@ -160,7 +162,7 @@ impl Modify for StoreAvailability {
 
 /// The caps of `api::limits` on every route: past the connection cap, 503 `SERVER_BUSY` from the
 /// reserve (all but `/healthz` and admins); past a client's stream cap, 429 `TOO_MANY_STREAMS` on
-/// the stream routes.
+/// the stream routes; past `--rate-limit`, 429 `RATE_LIMITED` on every state change.
 struct ClientLimits;
 
 impl Modify for ClientLimits {
@@ -179,8 +181,23 @@ impl Modify for ClientLimits {
             .content("application/json", envelope())
             .header("Retry-After", retry_after())
             .build();
+        const LIMITED: &str = "RATE_LIMITED: this credential (or address, on an open server) is past --rate-limit; \
+            RateLimit-Policy and RateLimit say the policy and when it is whole again";
+        let rate_limited = ResponseBuilder::new()
+            .description(LIMITED)
+            .content("application/json", envelope())
+            .header("Retry-After", retry_after())
+            .header("RateLimit-Policy", HeaderBuilder::new().schema(utoipa::openapi::schema::ObjectBuilder::new().schema_type(utoipa::openapi::schema::Type::String)).build())
+            .header("RateLimit", HeaderBuilder::new().schema(utoipa::openapi::schema::ObjectBuilder::new().schema_type(utoipa::openapi::schema::Type::String)).build())
+            .build();
         for (path, item) in document.paths.paths.iter_mut() {
             let is_stream = path.ends_with("/events") || path.ends_with("/ws");
+            for operation in [&mut item.post, &mut item.delete].into_iter().flatten() {
+                match operation.responses.responses.entry("429".into()).or_insert_with(|| rate_limited.clone().into()) {
+                    RefOr::T(response) if response.description != LIMITED => response.description = format!("{}; or {LIMITED}", response.description),
+                    _ => {}
+                }
+            }
             for operation in [&mut item.get, &mut item.post, &mut item.delete, &mut item.put, &mut item.patch].into_iter().flatten() {
                 if path != "/healthz" {
                     match operation

@@ -23,14 +23,26 @@ export const FRIENDLY = {
   INTERNAL: 'Something went wrong on our side. Please try again.',
   EXPORT_FAILED: 'The finished mix could not be saved.',
   STORE_UNAVAILABLE: 'The server is busy recovering. Try again in a moment.',
+  TOO_MANY_JOBS: 'Too many mixes are waiting in this project.',
+  RATE_LIMITED: 'Too many changes in a short time: slow down a little.',
+  QUOTA_EXCEEDED: "This project's stems would take more space than the server allows: delete some stems to make room.",
+  TOO_MANY_STREAMS: 'Too many live views are open with this sign-in: close some tabs.',
+  SERVER_BUSY: 'The server is at its limit of connections.',
 };
+
+/** "Try again in ..." from a `Retry-After` of whole seconds, or nothing. */
+function whenToRetry(seconds) {
+  const wait = Number(seconds);
+  if (!Number.isFinite(wait) || wait <= 0) return '';
+  return wait < 90 ? ` Try again in ${wait} second${wait === 1 ? '' : 's'}.` : ` Try again in ${Math.round(wait / 60)} minutes.`;
+}
 
 export const isFinished = (status) => status.state === 'complete' || status.state === 'error';
 
 export function explain(envelope) {
   const friendly = FRIENDLY[envelope.error];
   const detail = envelope.message && envelope.message !== friendly ? ` (${envelope.message})` : '';
-  return friendly ? friendly + detail : envelope.message || 'Something went wrong.';
+  return (friendly ? friendly + detail : envelope.message || 'Something went wrong.') + whenToRetry(envelope.retryAfter);
 }
 
 let onUnauthorized = () => {};
@@ -49,7 +61,7 @@ export async function api(method, path, { body, headers } = {}) {
   }
   if (response.status === 401 && path !== '/session') onUnauthorized('Your session has ended: sign in again.');
   try {
-    return { status: response.status, ...(await response.json()) };
+    return { status: response.status, retryAfter: response.headers.get('retry-after'), ...(await response.json()) };
   } catch {
     return { ok: false, status: response.status, error: 'INTERNAL', message: `Unexpected answer (${response.status}).` };
   }

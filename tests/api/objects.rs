@@ -425,3 +425,25 @@ async fn the_newest_mix_is_the_newest_complete_job_on_object_storage() {
     let node = bucket.node(data.path(), &["--mix-slots", "2"]).await;
     crate::media::the_newest_mix_is_the_newest_complete_job(&node.app).await;
 }
+
+#[tokio::test]
+async fn the_project_quota_counts_the_stems_in_the_bucket() {
+    let bucket = Bucket::new().await;
+    let stems = bucket.stems();
+    let size = std::fs::metadata(&stems[0]).unwrap().len();
+    let quota = format!("{}", 1.5 * size as f64 / 1e9);
+    let data = tempfile::tempdir().unwrap();
+    let node = bucket.node(data.path(), &["--project-quota-gb", &quota]).await;
+    upload(&node, "p1", &stems[..1]).await;
+    let stored = bucket.objects().await;
+    // The same file again, as a second stem: past the quota.
+    let (status, body) = node.app.upload("p1", &[stems[0].as_path()]).await;
+    assert_eq!((status, body["error"].as_str()), (413, Some("QUOTA_EXCEEDED")), "{body}");
+    assert_eq!(bucket.objects().await, stored, "nothing of the refused upload reached the bucket");
+    // A node with a job store of its own takes the project's usage from the bucket's listing.
+    let other_data = tempfile::tempdir().unwrap();
+    let other = bucket.node(other_data.path(), &["--project-quota-gb", &quota]).await;
+    assert_eq!(other.app.upload("p1", &[stems[0].as_path()]).await.0, 413);
+    assert_eq!(other.app.upload("p1", &[stems[1].as_path()]).await.0, 201, "a smaller one still fits");
+    assert_eq!(bucket.objects().await.len(), stored.len() + 2, "its audio and its record");
+}

@@ -4,7 +4,7 @@
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync, spawn } from 'node:child_process';
-import { mkdirSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
+import { mkdirSync, mkdtempSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -176,6 +176,31 @@ test('without EventSource the same job completes live over the WebSocket', async
 test('without EventSource and WebSocket it completes over polling', async () => {
   const page = await mixThroughThePage({ project: 'browser-poll', hide: ['EventSource', 'WebSocket'], transport: /polling/ });
   await page.close();
+});
+
+test('a start past the project\'s queue and an upload past its quota say why and when to try again', async () => {
+  // Room for the three stems and no more; one mix may wait, and none runs.
+  const quotaGb = (stems.reduce((sum, file) => sum + statSync(file).size, 0) * 1.01) / 1e9;
+  const limited = await startServer(['--mix-slots', '0', '--max-queued-per-project', '1', '--project-quota-gb', String(quotaGb)]);
+  try {
+    const page = await context.newPage();
+    await page.goto(`${limited.base}/#browser-limits`);
+    await page.setInputFiles('#file-input', stems);
+    await page.waitForFunction(() => document.querySelectorAll('#stems-table tbody tr').length === 3, null, { timeout: DEADLINE_MS });
+    await page.setInputFiles('#file-input', stems[0]);
+    await page.waitForSelector('#uploads li.failed', { timeout: DEADLINE_MS });
+    assert.match(await page.textContent('#uploads li.failed'), /^drums\.wav: This project's stems would take more space than the server allows: delete some stems to make room\./);
+    await page.click('#start-mix');
+    await page.waitForSelector('.job[data-state=queued]', { timeout: DEADLINE_MS });
+    await page.waitForFunction(() => !document.querySelector('#start-mix').disabled);
+    await page.click('#start-mix');
+    await page.waitForFunction(() => document.querySelector('#mix-error').textContent !== '', null, { timeout: DEADLINE_MS });
+    assert.match(await page.textContent('#mix-error'), /^Too many mixes are waiting in this project\. \(.*\) Try again in 30 seconds\.$/);
+    assert.equal(await page.locator('.job').count(), 1, 'the refused start made no job');
+    await page.close();
+  } finally {
+    limited.child.kill('SIGTERM');
+  }
 });
 
 test('a queued job can be canceled from the page', async () => {
