@@ -14,7 +14,10 @@ fn main() {
     let n: usize = std::env::var("MIXD_DRAIN_N").map_or(1000, |n| n.parse().expect("MIXD_DRAIN_N is a number"));
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let data = tempfile::tempdir().unwrap();
-    let server = common::start_mixd(&common::server_binary(), data.path(), &["--mix-slots", "0"], "warn");
+    // One project queues them all, past the default cap; set in the environment, which a build
+    // from before the cap ignores.
+    let uncapped = [("MIXD_MAX_QUEUED_PER_PROJECT".to_string(), "1000000".to_string())];
+    let server = common::start_mixd_with_env(&common::server_binary(), data.path(), &["--mix-slots", "0"], "warn", &uncapped);
     let base = format!("http://{}", server.address);
     let (rows, frames, seconds) = runtime.block_on(drain(&base, data.path(), n));
     println!("| queued jobs | log rows | per job | statuses sent to a project subscriber | drain wall |");

@@ -132,8 +132,7 @@ async fn check_and_run(app: &AppState, request: Request, next: Next) -> Result<R
         }
         match authenticated {
             Ok((_, Credential::Cookie, _)) if changes_state && !from_own_page(&parts) => return Err(ApiError::Forbidden),
-            Ok((Caller::Admin, _, _)) => (Caller::Admin, None),
-            Ok((caller, _, client)) => (caller, Some(client)),
+            Ok((caller, _, client)) => (caller, client),
             // Signing in or out must work with a stale cookie still in the browser.
             Err(_) if rule.need == Need::Nothing => (Caller::Open, peer.map(ClientKey::Address)),
             Err(refused) => return Err(refused),
@@ -202,11 +201,19 @@ enum Credential {
 
 /// The caller behind the request's credential: the `Authorization` header, else the session
 /// cookie, else (on the routes that allow it) a read token in `?access_token=`.
-fn authenticate(app: &AppState, parts: &axum::http::request::Parts, rule: Rule) -> Result<(Caller, Credential, ClientKey), ApiError> {
+/// The client key is `None` for an admin key, which no limit counts (and so is not hashed).
+fn authenticate(app: &AppState, parts: &axum::http::request::Parts, rule: Rule) -> Result<(Caller, Credential, Option<ClientKey>), ApiError> {
     if let Some(value) = parts.headers.get(header::AUTHORIZATION) {
         // A header that is there but not a bearer credential is refused, not skipped.
         let credential = value.to_str().ok().and_then(bearer).ok_or(ApiError::Unauthorized)?;
-        return app.keys.verify(credential).map(|caller| (caller, Credential::Header, app.streams.credential(credential))).map_err(|_| ApiError::Unauthorized);
+        return app
+            .keys
+            .verify(credential)
+            .map(|caller| {
+                let client = (!matches!(caller, Caller::Admin)).then(|| app.streams.credential(credential));
+                (caller, Credential::Header, client)
+            })
+            .map_err(|_| ApiError::Unauthorized);
     }
     if let Some(credential) = session_cookie(&parts.headers) {
         // The server never puts an admin key in the cookie (`POST /session` signs a session in
@@ -214,7 +221,7 @@ fn authenticate(app: &AppState, parts: &axum::http::request::Parts, rule: Rule) 
         // taken.
         return match app.keys.verify(credential) {
             Ok(Caller::Admin) | Err(_) => Err(ApiError::Unauthorized),
-            Ok(caller) => Ok((caller, Credential::Cookie, app.streams.credential(credential))),
+            Ok(caller) => Ok((caller, Credential::Cookie, Some(app.streams.credential(credential)))),
         };
     }
     let from_query = Query::<AccessTokenQuery>::try_from_uri(&parts.uri).ok().and_then(|Query(q)| q.access_token);
@@ -225,7 +232,7 @@ fn authenticate(app: &AppState, parts: &axum::http::request::Parts, rule: Rule) 
             return Err(ApiError::Unauthorized);
         }
         return match app.keys.verify(&credential) {
-            Ok(Caller::Token(grant)) if grant.scope == Scope::Read => Ok((Caller::Token(grant), Credential::Query, app.streams.credential(&credential))),
+            Ok(Caller::Token(grant)) if grant.scope == Scope::Read => Ok((Caller::Token(grant), Credential::Query, Some(app.streams.credential(&credential)))),
             _ => Err(ApiError::Unauthorized),
         };
     }

@@ -187,7 +187,10 @@ impl Modify for ClientLimits {
             .description(LIMITED)
             .content("application/json", envelope())
             .header("Retry-After", retry_after())
-            .header("RateLimit-Policy", HeaderBuilder::new().schema(utoipa::openapi::schema::ObjectBuilder::new().schema_type(utoipa::openapi::schema::Type::String)).build())
+            .header(
+                "RateLimit-Policy",
+                HeaderBuilder::new().schema(utoipa::openapi::schema::ObjectBuilder::new().schema_type(utoipa::openapi::schema::Type::String)).build(),
+            )
             .header("RateLimit", HeaderBuilder::new().schema(utoipa::openapi::schema::ObjectBuilder::new().schema_type(utoipa::openapi::schema::Type::String)).build())
             .build();
         for (path, item) in document.paths.paths.iter_mut() {
