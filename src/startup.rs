@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::access::Keys;
-use crate::api::{default_max_connections, router, serve_connection, App, AppState, ConnectionConfig, ConnectionLimits, RateLimits, StreamLimits};
+use crate::api::{default_max_connections, router, serve_connection, App, AppState, ConnectionConfig, ConnectionLimits, ConnectionPlace, RateLimits, StreamLimits};
 use crate::config::Config;
 use crate::jobs::{Jobs, JobsConfig, Store, StoreLocation, EVENT_BUFFER};
 use crate::media::{remove_old_outputs, Media, MediaLayout, ObjectMedia, StemCache, StemStore, StorageUrl};
@@ -214,11 +214,8 @@ impl Application {
                 tracing::debug!(%err, "could not disable Nagle's algorithm on a connection");
             }
             let (app, shutdown) = (app.clone(), shutdown.clone());
-            connections.spawn(async move {
-                let reserved = admission.reserved;
-                serve_connection(stream, peer.ip(), reserved, app, connection, shutdown).await;
-                drop(admission);
-            });
+            let place = ConnectionPlace(Arc::new(admission));
+            connections.spawn(async move { serve_connection(stream, peer.ip(), place, app, connection, shutdown).await });
         }
         connections.close();
         let deadline = tokio::time::Instant::now() + grace;

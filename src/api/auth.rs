@@ -134,7 +134,7 @@ async fn check_and_run(app: &AppState, request: Request, next: Next) -> Result<R
             Ok((_, Credential::Cookie, _)) if changes_state && !from_own_page(&parts) => return Err(ApiError::Forbidden),
             Ok((caller, _, client)) => (caller, client),
             // Signing in or out must work with a stale cookie still in the browser.
-            Err(_) if rule.need == Need::Nothing => (Caller::Open, peer.map(ClientKey::Address)),
+            Err(_) if rule.need == Need::Nothing => (Caller::Open, peer.map(ClientKey::address)),
             Err(refused) => return Err(refused),
         }
     } else {
@@ -151,7 +151,7 @@ async fn check_and_run(app: &AppState, request: Request, next: Next) -> Result<R
         if (changes_state || is_upgrade) && !from_own_page(&parts) {
             return Err(ApiError::Forbidden);
         }
-        (Caller::Open, peer.map(ClientKey::Address))
+        (Caller::Open, peer.map(ClientKey::address))
     };
 
     let allowed = match rule.need {

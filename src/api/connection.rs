@@ -32,7 +32,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
-use super::limits::{PeerAddr, Reserved};
+use super::limits::{ConnectionPlace, PeerAddr, Reserved};
 
 /// What the first read takes: a browser's EventSource request, cookies included, fits.
 const FIRST_READ: usize = 4096;
@@ -52,9 +52,9 @@ pub struct ConnectionConfig {
 
 /// Serves `stream`, from `peer`, until the client leaves or the server shuts down. A `reserved`
 /// connection (past the connection cap) serves one request, through hyper, marked [`Reserved`].
-pub async fn serve(mut stream: TcpStream, peer: IpAddr, reserved: bool, app: Router, config: ConnectionConfig, shutdown: CancellationToken) {
-    if reserved {
-        return Box::pin(serve_with_hyper(Prefixed { prefix: Bytes::new(), inner: stream }, peer, true, app, config, shutdown)).await;
+pub async fn serve(mut stream: TcpStream, peer: IpAddr, place: ConnectionPlace, app: Router, config: ConnectionConfig, shutdown: CancellationToken) {
+    if place.0.reserved {
+        return Box::pin(serve_with_hyper(Prefixed { prefix: Bytes::new(), inner: stream }, peer, place, app, config, shutdown)).await;
     }
     let mut first = Vec::with_capacity(FIRST_READ);
     match tokio::time::timeout(config.header_timeout, stream.read_buf(&mut first)).await {
@@ -67,11 +67,12 @@ pub async fn serve(mut stream: TcpStream, peer: IpAddr, reserved: bool, app: Rou
         // Copied to its own size: the read buffer is not kept for the connection's life.
         let prefix = Bytes::copy_from_slice(&first);
         drop(first);
-        return Box::pin(serve_with_hyper(Prefixed { prefix, inner: stream }, peer, false, app, config, shutdown)).await;
+        return Box::pin(serve_with_hyper(Prefixed { prefix, inner: stream }, peer, place, app, config, shutdown)).await;
     };
     drop(first);
     let mut request = request;
     request.extensions_mut().insert(PeerAddr(peer));
+    request.extensions_mut().insert(place.clone());
     // Boxed too: the router's future is large, and only lives until the response is made.
     let response = Box::pin(app.clone().oneshot(request)).await.unwrap_or_else(|never| match never {});
     let answered = if is_event_stream(&response) {
@@ -85,7 +86,7 @@ pub async fn serve(mut stream: TcpStream, peer: IpAddr, reserved: bool, app: Rou
         write_whole(&mut stream, response).await
     };
     if answered && !close && !shutdown.is_cancelled() {
-        Box::pin(serve_with_hyper(Prefixed { prefix: Bytes::new(), inner: stream }, peer, false, app, config, shutdown)).await;
+        Box::pin(serve_with_hyper(Prefixed { prefix: Bytes::new(), inner: stream }, peer, place, app, config, shutdown)).await;
     }
 }
 
@@ -239,9 +240,11 @@ async fn client_gone(stream: &TcpStream) -> bool {
     }
 }
 
-async fn serve_with_hyper(io: Prefixed, peer: IpAddr, reserved: bool, app: Router, config: ConnectionConfig, shutdown: CancellationToken) {
+async fn serve_with_hyper(io: Prefixed, peer: IpAddr, place: ConnectionPlace, app: Router, config: ConnectionConfig, shutdown: CancellationToken) {
+    let reserved = place.0.reserved;
     let service = TowerToHyperService::new(app.map_request(move |mut request: Request<hyper::body::Incoming>| {
         request.extensions_mut().insert(PeerAddr(peer));
+        request.extensions_mut().insert(place.clone());
         if reserved {
             request.extensions_mut().insert(Reserved);
         }
@@ -249,6 +252,10 @@ async fn serve_with_hyper(io: Prefixed, peer: IpAddr, reserved: bool, app: Route
     }));
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().timer(TokioTimer::new()).header_read_timeout(config.header_timeout).keep_alive(!reserved);
+    // A reserved place serves one request: HTTP/2 would serve any number on it.
+    if reserved {
+        builder = builder.http1_only();
+    }
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     let mut connection = std::pin::pin!(connection);
     tokio::select! {

@@ -36,6 +36,21 @@ pub enum ClientKey {
     Address(IpAddr),
 }
 
+impl ClientKey {
+    /// A client by its address: an IPv6 host by its /64, which is one host's to pick addresses
+    /// from (RFC 4291); an IPv4-mapped address as the IPv4 one.
+    pub fn address(ip: IpAddr) -> Self {
+        let ip = match ip {
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+            },
+            v4 => v4,
+        };
+        ClientKey::Address(ip)
+    }
+}
+
 /// The request's client, as `authorize` found it: `None` for an admin, who is not counted.
 #[derive(Debug, Clone, Copy)]
 pub struct Client(pub Option<ClientKey>);
@@ -180,6 +195,11 @@ pub struct ConnectionLimits {
     reserve: Arc<Semaphore>,
 }
 
+/// A connection's place, on each of its requests: the connection's task holds it, and so does a
+/// WebSocket the connection was upgraded to, which outlives the task.
+#[derive(Clone)]
+pub struct ConnectionPlace(pub Arc<Admission>);
+
 /// A connection's place: held for as long as it is open.
 pub struct Admission {
     /// From the reserve: one request, `/healthz` or an admin's.
@@ -243,6 +263,14 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(limits.check(&other).is_ok(), "each client has its own limit");
+    }
+
+    #[test]
+    fn an_ipv6_client_is_its_64_and_a_mapped_address_its_ipv4_one() {
+        let key = |text: &str| ClientKey::address(text.parse().unwrap());
+        assert_eq!(key("2001:db8:1:2:aaaa::1"), key("2001:db8:1:2:ffff:ffff:ffff:ffff"));
+        assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
+        assert_eq!(key("::ffff:10.0.0.1"), key("10.0.0.1"));
     }
 
     #[tokio::test]

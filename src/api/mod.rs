@@ -27,7 +27,7 @@ use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::trace::TraceLayer;
 
 pub use connection::{serve as serve_connection, ConnectionConfig};
-pub use limits::{default_max_connections, ConnectionLimits, RateLimits, StreamLimits};
+pub use limits::{default_max_connections, ConnectionLimits, ConnectionPlace, RateLimits, StreamLimits};
 pub use state::{App, AppState};
 
 /// The dashboard loads only its own scripts, styles and media and talks only to its own server;
@@ -102,7 +102,14 @@ fn cors(origins: &[String]) -> CorsLayer {
         .allow_credentials(true)
         .allow_methods([Method::GET, Method::POST, Method::DELETE])
         .allow_headers([header::AUTHORIZATION, header::CONTENT_TYPE, HeaderName::from_static("idempotency-key"), HeaderName::from_static("last-event-id")])
-        .expose_headers([header::LOCATION, header::RETRY_AFTER, header::ETAG, header::CONTENT_RANGE])
+        .expose_headers([
+            header::LOCATION,
+            header::RETRY_AFTER,
+            header::ETAG,
+            header::CONTENT_RANGE,
+            HeaderName::from_static("ratelimit"),
+            HeaderName::from_static("ratelimit-policy"),
+        ])
         .max_age(std::time::Duration::from_secs(600))
 }
 

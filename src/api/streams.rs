@@ -21,7 +21,7 @@ use super::mix::find_job;
 use super::state::AppState;
 use std::sync::Arc;
 
-use super::limits::Client;
+use super::limits::{Client, ConnectionPlace};
 use crate::access::Caller;
 use crate::ids::ProjectId;
 use crate::jobs::{feed, JobEvent, Jobs, Resume, Scope, Transport, FRAMINGS};
@@ -171,12 +171,13 @@ pub async fn job_ws(
     Extension(client): Extension<Client>,
     JobPath { project_id, job_id }: JobPath,
     headers: HeaderMap,
+    place: Option<Extension<ConnectionPlace>>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     // An unknown job is a 404 whatever the request, a handshake or not.
     find_job(&app, &project_id, job_id).await?;
     let upgrade = accept(upgrade, &headers)?;
-    ws(&app, &caller, client, Scope::Job(project_id, job_id), Resume::Now, upgrade).await
+    ws(&app, &caller, client, place.map(|Extension(place)| place), Scope::Job(project_id, job_id), Resume::Now, upgrade).await
 }
 
 /// WebSocket for every job of a project. Stays open.
@@ -187,6 +188,8 @@ pub async fn job_ws(
         (status = 400, body = ErrorEnvelope, description = "INVALID_PROJECT_ID, or BAD_REQUEST when the request is not a WebSocket handshake"),
         (status = 404, body = ErrorEnvelope, description = "PROJECT_NOT_FOUND"),
         (status = 500, body = ErrorEnvelope, description = "INTERNAL")))]
+// An extractor each: the handler's arguments are its request's parts.
+#[allow(clippy::too_many_arguments)]
 pub async fn project_ws(
     State(app): State<AppState>,
     Extension(caller): Extension<Caller>,
@@ -194,11 +197,12 @@ pub async fn project_ws(
     ProjectPath { project_id }: ProjectPath,
     ApiQuery(query): ApiQuery<CursorQuery>,
     headers: HeaderMap,
+    place: Option<Extension<ConnectionPlace>>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     ensure_project(&app, &project_id).await?;
     let upgrade = accept(upgrade, &headers)?;
-    ws(&app, &caller, client, Scope::Project(project_id), cursor_resume(&app.jobs, &HeaderMap::new(), query), upgrade).await
+    ws(&app, &caller, client, place.map(|Extension(place)| place), Scope::Project(project_id), cursor_resume(&app.jobs, &HeaderMap::new(), query), upgrade).await
 }
 
 /// WebSocket for every job of every project. Stays open.
@@ -213,10 +217,11 @@ pub async fn global_ws(
     Extension(client): Extension<Client>,
     ApiQuery(query): ApiQuery<CursorQuery>,
     headers: HeaderMap,
+    place: Option<Extension<ConnectionPlace>>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     let upgrade = accept(upgrade, &headers)?;
-    ws(&app, &caller, client, Scope::All, cursor_resume(&app.jobs, &HeaderMap::new(), query), upgrade).await
+    ws(&app, &caller, client, place.map(|Extension(place)| place), Scope::All, cursor_resume(&app.jobs, &HeaderMap::new(), query), upgrade).await
 }
 
 /// A handshake checked in full. axum checks the method, `Connection`, `Upgrade` and the version,
@@ -338,12 +343,21 @@ fn with_keep_alive(frames: impl Stream<Item = Bytes> + Send + 'static) -> impl S
     })
 }
 
-async fn ws(app: &AppState, caller: &Caller, client: Client, scope: Scope, resume: Resume, upgrade: WebSocketUpgrade) -> Result<Response, ApiError> {
+/// `place`: the connection's, which the socket keeps once upgraded (the connection's task ends).
+async fn ws(
+    app: &AppState,
+    caller: &Caller,
+    client: Client,
+    place: Option<ConnectionPlace>,
+    scope: Scope,
+    resume: Resume,
+    upgrade: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
     let permit = app.streams.open(client)?;
     let framing = Framing::ws(&scope);
     let statuses = feed(&app.jobs, scope, resume, app.shutdown.clone()).await?;
     let expiry = credential_expiry(caller);
-    let guard = (app.jobs.metrics().subscriber(Transport::WebSocket), permit);
+    let guard = (app.jobs.metrics().subscriber(Transport::WebSocket), permit, place);
     let (shutdown, jobs) = (app.shutdown.clone(), app.jobs.clone());
     Ok(upgrade
         .max_message_size(WS_MAX_MESSAGE)

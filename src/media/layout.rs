@@ -230,7 +230,7 @@ impl MediaLayout {
 
     /// Renames the directories of projects whose ids have capital letters from the plain id an
     /// earlier release used (`pA`) to [`project_dir_name`] (`p+a`); returns how many. Run at start,
-    /// before anything reads the root. A directory under both names is left alone and reported.
+    /// before anything reads the root. A project with a directory under both names stops the start, named.
     pub fn rename_legacy_project_dirs(&self) -> io::Result<usize> {
         let entries = match std::fs::read_dir(&*self.root) {
             Ok(entries) => entries,

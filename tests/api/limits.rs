@@ -123,3 +123,28 @@ async fn at_the_connection_cap_only_the_health_check_and_admins_are_answered_unt
     held.clear();
     eventually_async("a closed connection frees its place", || async { open_stream(&app, "p1", Some(&token)).await.status() == 200 }).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_keeps_its_connection_s_place_after_the_upgrade() {
+    let app = spawn_app_with(|config| config.max_connections = Some(2)).await;
+    project_with_a_stem(&app, "p1").await;
+    let token = read_token(&app, "p1", "listener").await;
+    let mut sockets = Vec::new();
+    let refused = loop {
+        let mut request = app.url("/mix/p1/mix/ws").replace("http://", "ws://").into_client_request().unwrap();
+        request.headers_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+        match tokio_tungstenite::connect_async(request).await {
+            Ok((socket, _)) => sockets.push(socket),
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => break response.status().as_u16(),
+            Err(other) => panic!("{other}"),
+        }
+        assert!(sockets.len() <= 2, "more WebSockets open than the server has places");
+    };
+    assert_eq!(refused, 503);
+    assert_eq!(refused_status(&app, "/projects/p1/stems").await, 503, "the places are still the sockets'");
+    drop(sockets);
+}
+
+async fn refused_status(app: &TestApp, path: &str) -> u16 {
+    fresh_client().get(app.url(path)).send().await.unwrap().status().as_u16()
+}

@@ -97,7 +97,7 @@ impl PgStore {
             .into_iter()
             .map(|row| Waiting { key: (), project: row.get(0), order: row.get(1), shown: None })
             .collect();
-        let place = place_of_new_job(queue, job.project.as_str(), &last_claims(&mut tx).await?);
+        let place = place_of_new_job(queue, job.project.as_str(), &last_claims(&mut tx, Some(job.project.as_str())).await?);
         let change = Change::new(JobStatus::queued(job.job_id, job.project.clone(), place), None, false);
         sqlx::query(
             "INSERT INTO jobs (job_id, project_id, state, seq, status, settings, stems, idempotency_key, webhook, queue_position)
@@ -539,11 +539,13 @@ async fn insert_delivery(tx: &mut Tx, delivery: &Delivery) -> Result<(), StoreEr
     Ok(())
 }
 
-/// The last claims of the projects with jobs waiting.
-async fn last_claims(tx: &mut Tx) -> Result<LastClaims, StoreError> {
-    let rows = sqlx::query("SELECT project_id, last_claim FROM project_claims WHERE project_id IN (SELECT project_id FROM jobs WHERE state = 'queued')")
-        .fetch_all(&mut **tx)
-        .await?;
+/// The last claims of the projects with jobs waiting, and of `joining`'s (a job about to be queued).
+async fn last_claims(tx: &mut Tx, joining: Option<&str>) -> Result<LastClaims, StoreError> {
+    let rows =
+        sqlx::query("SELECT project_id, last_claim FROM project_claims WHERE project_id IN (SELECT project_id FROM jobs WHERE state = 'queued') OR project_id = $1")
+            .bind(joining)
+            .fetch_all(&mut **tx)
+            .await?;
     Ok(rows.into_iter().map(|row| (row.get(0), row.get(1))).collect())
 }
 
@@ -570,7 +572,7 @@ async fn requeue(tx: &mut Tx, rejoining: Vec<QueueEntry>) -> Result<(), StoreErr
         shown: None,
         key: Slot::Rejoining(Box::new(entry)),
     }));
-    let last_claims = last_claims(tx).await?;
+    let last_claims = last_claims(tx, None).await?;
     for (slot, position) in reposition(queue, &last_claims) {
         let entry = match slot {
             Slot::Rejoining(entry) => *entry,

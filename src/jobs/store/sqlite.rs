@@ -206,7 +206,7 @@ impl SqliteStore {
                 .prepare_cached("SELECT project_id, queue_order FROM jobs WHERE state = 'queued'")?
                 .query_map([], |row| Ok(Waiting { key: (), project: row.get(0)?, order: row.get(1)?, shown: None }))?
                 .collect::<Result<Vec<_>, _>>()?;
-            let place = place_of_new_job(queue, job.project.as_str(), &last_claims(tx)?);
+            let place = place_of_new_job(queue, job.project.as_str(), &last_claims(tx, Some(job.project.as_str()))?);
             let change = Change::new(JobStatus::queued(job.job_id, job.project.clone(), place), None, false);
             tx.prepare_cached(
                 "INSERT INTO jobs (job_id, project_id, state, seq, status, settings, stems, idempotency_key, webhook, queue_position, queue_order)
@@ -650,11 +650,11 @@ fn insert_delivery(tx: &Transaction, delivery: &Delivery) -> Result<(), StoreErr
     Ok(())
 }
 
-/// The last claims of the projects with jobs waiting.
-fn last_claims(tx: &Transaction) -> Result<LastClaims, StoreError> {
+/// The last claims of the projects with jobs waiting, and of `joining`'s (a job about to be queued).
+fn last_claims(tx: &Transaction, joining: Option<&str>) -> Result<LastClaims, StoreError> {
     Ok(tx
-        .prepare_cached("SELECT project_id, last_claim FROM project_claims WHERE project_id IN (SELECT project_id FROM jobs WHERE state = 'queued')")?
-        .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
+        .prepare_cached("SELECT project_id, last_claim FROM project_claims WHERE project_id IN (SELECT project_id FROM jobs WHERE state = 'queued') OR project_id = ?1")?
+        .query_map(params![joining], |row| Ok((row.get(0)?, row.get(1)?)))?
         .collect::<Result<_, _>>()?)
 }
 
@@ -682,7 +682,7 @@ fn requeue(tx: &Transaction, rejoining: Vec<QueueEntry>) -> Result<(), StoreErro
         shown: None,
         key: Slot::Rejoining(entry),
     }));
-    for (slot, position) in reposition(queue, &last_claims(tx)?) {
+    for (slot, position) in reposition(queue, &last_claims(tx, None)?) {
         let entry = match slot {
             Slot::Rejoining(entry) => entry,
             Slot::Row(job_id) => {
