@@ -7,9 +7,15 @@ CREATE TABLE project_claims (
 CREATE INDEX jobs_queued_by_project ON jobs (project_id) WHERE state = 'queued';
 
 -- The bytes of each project's stems, for --project-quota-gb: an upload reserves its size here
--- before its stem is stored (refused past the quota), a delete gives it back. A project's row is
--- made from its stems as listed the first time an upload needs it.
+-- before its stem is stored (refused past the quota) and records its stem's bytes once stored;
+-- a delete gives them back, once, whoever deletes. A project's rows are made from its stems as
+-- listed the first time an upload needs them.
 CREATE TABLE project_usage (
     project_id text PRIMARY KEY,
+    bytes bigint NOT NULL
+);
+CREATE TABLE stem_usage (
+    stem_id text PRIMARY KEY,
+    project_id text NOT NULL,
     bytes bigint NOT NULL
 );

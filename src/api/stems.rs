@@ -19,6 +19,7 @@ use super::extract::{ProjectPath, StemPath};
 use super::state::AppState;
 use crate::audio::{probe_stem, MAX_PROBE_TIME};
 use crate::ids::{ProjectId, StemId};
+use crate::jobs::{Store, StoreError};
 use crate::media::{sanitize_file_name, Stem};
 
 #[derive(Serialize, ToSchema)]
@@ -95,7 +96,9 @@ pub async fn upload(
     if let Err(err) = received {
         // All or nothing: one refused file refuses the request.
         for stem in &stored {
-            let _ = delete_stem(&app, &project_id, stem.stem_id).await;
+            if let Err(err) = delete_stem(&app, &project_id, stem.stem_id).await {
+                tracing::warn!(%err, stem_id = %stem.stem_id, "could not remove a stem of a refused upload");
+            }
         }
         return Err(err);
     }
@@ -154,12 +157,14 @@ async fn store_file(app: &AppState, project: &ProjectId, mut field: Field<'_>, p
         .map_err(|_| ApiError::UnsupportedAudio(format!("Stem \"{name}\" could not be decoded in time; the file looks malformed")))?
         .map_err(|err| ApiError::Internal(format!("probe task: {err}")))?
         .map_err(|err| ApiError::UnsupportedAudio(err.to_string()))?;
-    reserve(app, project, size).await?;
-    let committed = app.stems.commit(project, path, name, info, size).await.map_err(ApiError::media);
-    if committed.is_err() {
-        app.jobs.store().release_bytes(project, size).await?;
+    let reservation = reserve(app, project, size).await?;
+    let stem = app.stems.commit(project, path, name, info, size).await.map_err(ApiError::media)?;
+    // The stem is stored: failing the upload now would leave it behind. Its bytes stay counted;
+    // only a later delete of it will not give them back.
+    if let Err(err) = reservation.keep(stem.stem_id).await {
+        tracing::warn!(%err, stem_id = %stem.stem_id, "could not record a stored stem's bytes");
     }
-    committed
+    Ok(stem)
 }
 
 struct PartialFile(Option<PathBuf>);
@@ -217,27 +222,61 @@ pub async fn delete(State(app): State<AppState>, StemPath { project_id, stem_id 
     Ok(respond(StatusCode::OK, DeletedStem { stem_id }, "Stem deleted"))
 }
 
-/// Removes a stem and gives its bytes back to the project's quota.
+/// Removes a stem and gives its bytes back to the project's quota (once, however many requests
+/// delete it at once: object storage answers each of them as if it had).
 async fn delete_stem(app: &AppState, project: &ProjectId, stem_id: StemId) -> Result<Option<Stem>, ApiError> {
     let deleted = app.stems.delete(project, stem_id).await.map_err(ApiError::media)?;
-    if let Some(stem) = &deleted {
-        app.jobs.store().release_bytes(project, stem.size_bytes).await?;
+    if deleted.is_some() {
+        app.jobs.store().forget_stem(stem_id).await?;
     }
     Ok(deleted)
 }
 
 /// Takes `bytes` of the project's quota for a file about to be stored, or refuses it. The
 /// project's usage is on record from the first upload that needs it, taken then from its stems
-/// as listed; every upload and delete after moves it in the database, in one statement, so
-/// uploads at once on any node count exactly.
-async fn reserve(app: &AppState, project: &ProjectId, bytes: u64) -> Result<(), ApiError> {
+/// as listed; every upload and delete after moves it in the database, the reservation in one
+/// conditional statement, so uploads at once on any node count exactly.
+async fn reserve(app: &AppState, project: &ProjectId, bytes: u64) -> Result<Reservation, ApiError> {
     let store = app.jobs.store();
     if !store.usage_known(project).await? {
         let stems = app.stems.list(project).await.map_err(ApiError::media)?;
-        store.start_usage(project, stems.iter().map(|stem| stem.size_bytes).sum()).await?;
+        store.start_usage(project, stems.iter().map(|stem| (stem.stem_id, stem.size_bytes)).collect()).await?;
     }
     if !store.reserve_bytes(project, bytes, app.config.project_quota_bytes()).await? {
         return Err(ApiError::QuotaExceeded(app.config.project_quota_gb.unwrap_or(f64::INFINITY)));
     }
-    Ok(())
+    Ok(Reservation { store: store.clone(), project: project.clone(), bytes, kept: false })
+}
+
+/// Bytes reserved for a file about to be stored: given back unless its stem is counted (an error,
+/// or the request dropped when its client left half-way).
+struct Reservation {
+    store: Store,
+    project: ProjectId,
+    bytes: u64,
+    kept: bool,
+}
+
+impl Reservation {
+    async fn keep(mut self, stem_id: StemId) -> Result<(), StoreError> {
+        self.kept = true;
+        self.store.count_stem(&self.project, stem_id, self.bytes).await
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if self.kept {
+            return;
+        }
+        let (store, project, bytes) = (self.store.clone(), self.project.clone(), self.bytes);
+        // A drop cannot wait: the release runs on its own, and outlives a dropped request.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(err) = store.release_bytes(&project, bytes).await {
+                    tracing::warn!(%err, %project, bytes, "could not give back the bytes of an upload that was not kept");
+                }
+            });
+        }
+    }
 }

@@ -447,3 +447,23 @@ async fn the_project_quota_counts_the_stems_in_the_bucket() {
     assert_eq!(other.app.upload("p1", &[stems[1].as_path()]).await.0, 201, "a smaller one still fits");
     assert_eq!(bucket.objects().await.len(), stored.len() + 2, "its audio and its record");
 }
+
+#[tokio::test]
+async fn a_stem_deleted_twice_at_once_gives_its_bytes_back_once() {
+    let bucket = Bucket::new().await;
+    let stems = bucket.stems();
+    let (big, small) = (std::fs::metadata(&stems[0]).unwrap().len(), std::fs::metadata(&stems[1]).unwrap().len());
+    // Room for both stems and half the small one again.
+    let quota = format!("{}", (big as f64 + 1.5 * small as f64) / 1e9);
+    let data = tempfile::tempdir().unwrap();
+    let node = bucket.node(data.path(), &["--project-quota-gb", &quota]).await;
+    let stored = upload(&node, "p1", &stems).await;
+    let small_id = stored[1]["stem_id"].as_str().unwrap();
+    let delete = || node.app.client.delete(node.app.url(&format!("/projects/p1/stems/{small_id}"))).send();
+    let (first, second) = tokio::join!(delete(), delete());
+    assert!([first.unwrap().status().as_u16(), second.unwrap().status().as_u16()].contains(&200));
+    // Given back once: the small stem fits again, twice it does not.
+    upload(&node, "p1", &stems[1..]).await;
+    let (status, body) = node.app.upload("p1", &[stems[1].as_path()]).await;
+    assert_eq!((status, body["error"].as_str()), (413, Some("QUOTA_EXCEEDED")), "{body}");
+}

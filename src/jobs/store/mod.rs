@@ -30,7 +30,7 @@ use super::model::JobStatus;
 use super::webhook::Attempt;
 #[cfg(test)]
 use super::webhook::Delivery;
-use crate::ids::{JobId, ProjectId};
+use crate::ids::{JobId, ProjectId, StemId};
 
 /// Which job store, and where.
 #[derive(Debug, Clone)]
@@ -89,10 +89,21 @@ impl Store {
         each_store!(self, store => store.usage_known(project).await)
     }
 
-    /// Records `bytes` as `project`'s usage, unless it is on record already.
-    pub async fn start_usage(&self, project: &ProjectId, bytes: u64) -> Result<(), StoreError> {
+    /// Records `stems` (ids and bytes) as `project`'s usage, unless it is on record already.
+    pub async fn start_usage(&self, project: &ProjectId, stems: Vec<(StemId, u64)>) -> Result<(), StoreError> {
         let project = project.clone();
-        each_store!(self, store => store.start_usage(project, bytes).await)
+        each_store!(self, store => store.start_usage(project, stems).await)
+    }
+
+    /// Records a stored stem's bytes, reserved before it was stored, as its own.
+    pub async fn count_stem(&self, project: &ProjectId, stem_id: StemId, bytes: u64) -> Result<(), StoreError> {
+        let project = project.clone();
+        each_store!(self, store => store.count_stem(project, stem_id, bytes).await)
+    }
+
+    /// Gives a deleted stem's bytes back to its project, once however many delete it.
+    pub async fn forget_stem(&self, stem_id: StemId) -> Result<(), StoreError> {
+        each_store!(self, store => store.forget_stem(stem_id).await)
     }
 
     /// Adds `bytes` to `project`'s usage if that keeps it within `quota`; `false`: refused.

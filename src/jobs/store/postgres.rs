@@ -23,7 +23,7 @@ use super::rules::{
     after_interrupted_run, canceled, damaged, moved, parse_job_inputs, parse_webhook, place_of_new_job, reposition, run_failed, started, LastClaims, Waiting,
     TERMINAL_STATES,
 };
-use crate::ids::{JobId, ProjectId};
+use crate::ids::{JobId, ProjectId, StemId};
 use crate::jobs::model::{JobState, JobStatus};
 use crate::jobs::webhook::{Attempt, Delivery, WebhookSpec};
 
@@ -125,13 +125,49 @@ impl PgStore {
         Ok(sqlx::query("SELECT 1 FROM project_usage WHERE project_id = $1").bind(project.as_str()).fetch_optional(&self.pool).await?.is_some())
     }
 
-    pub async fn start_usage(&self, project: ProjectId, bytes: u64) -> Result<(), StoreError> {
-        sqlx::query("INSERT INTO project_usage (project_id, bytes) VALUES ($1, $2) ON CONFLICT (project_id) DO NOTHING")
+    pub async fn start_usage(&self, project: ProjectId, stems: Vec<(StemId, u64)>) -> Result<(), StoreError> {
+        let mut tx = self.begin(false).await?;
+        let total: u64 = stems.iter().map(|(_, bytes)| bytes).sum();
+        let started = sqlx::query("INSERT INTO project_usage (project_id, bytes) VALUES ($1, $2) ON CONFLICT (project_id) DO NOTHING")
+            .bind(project.as_str())
+            .bind(total as i64)
+            .execute(&mut *tx)
+            .await?;
+        if started.rows_affected() == 1 {
+            for (stem_id, bytes) in stems {
+                sqlx::query("INSERT INTO stem_usage (stem_id, project_id, bytes) VALUES ($1, $2, $3) ON CONFLICT (stem_id) DO NOTHING")
+                    .bind(stem_id.to_string())
+                    .bind(project.as_str())
+                    .bind(bytes as i64)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        commit(tx).await
+    }
+
+    pub async fn count_stem(&self, project: ProjectId, stem_id: StemId, bytes: u64) -> Result<(), StoreError> {
+        sqlx::query("INSERT INTO stem_usage (stem_id, project_id, bytes) VALUES ($1, $2, $3) ON CONFLICT (stem_id) DO NOTHING")
+            .bind(stem_id.to_string())
             .bind(project.as_str())
             .bind(bytes as i64)
             .execute(&self.pool)
             .await?;
         Ok(())
+    }
+
+    /// Whoever deletes a stem, its bytes are given back once: the row goes with the first.
+    pub async fn forget_stem(&self, stem_id: StemId) -> Result<(), StoreError> {
+        let mut tx = self.begin(false).await?;
+        let counted = sqlx::query("DELETE FROM stem_usage WHERE stem_id = $1 RETURNING project_id, bytes").bind(stem_id.to_string()).fetch_optional(&mut *tx).await?;
+        if let Some(row) = counted {
+            sqlx::query("UPDATE project_usage SET bytes = GREATEST(bytes - $2, 0) WHERE project_id = $1")
+                .bind(row.get::<&str, _>(0))
+                .bind(row.get::<i64, _>(1))
+                .execute(&mut *tx)
+                .await?;
+        }
+        commit(tx).await
     }
 
     /// One statement, so one row lock: uploads at once on any nodes reserve one after another.

@@ -22,7 +22,7 @@ use super::rules::{
     after_interrupted_run, canceled, damaged, moved, parse_job_inputs, parse_webhook, place_of_new_job, reposition, run_failed, started, LastClaims, Waiting,
     TERMINAL_STATES,
 };
-use crate::ids::{JobId, ProjectId};
+use crate::ids::{JobId, ProjectId, StemId};
 use crate::jobs::model::{JobState, JobStatus};
 use crate::jobs::webhook::{Attempt, Delivery, WebhookSpec};
 
@@ -102,7 +102,8 @@ const MIGRATIONS: [&str; 4] = [
     // bytes of its stems, which an upload reserves before its stem is stored (--project-quota-gb).
     "CREATE TABLE project_claims (project_id TEXT PRIMARY KEY, last_claim INTEGER NOT NULL);
     CREATE INDEX jobs_queued_by_project ON jobs (project_id) WHERE state = 'queued';
-    CREATE TABLE project_usage (project_id TEXT PRIMARY KEY, bytes INTEGER NOT NULL);",
+    CREATE TABLE project_usage (project_id TEXT PRIMARY KEY, bytes INTEGER NOT NULL);
+    CREATE TABLE stem_usage (stem_id TEXT PRIMARY KEY, project_id TEXT NOT NULL, bytes INTEGER NOT NULL);",
 ];
 
 /// Adds the `webhook` column to a first-release database that predates it, before the migrations.
@@ -235,10 +236,47 @@ impl SqliteStore {
         self.read(move |conn| Ok(conn.prepare_cached("SELECT 1 FROM project_usage WHERE project_id = ?1")?.exists(params![project.as_str()])?)).await
     }
 
-    pub async fn start_usage(&self, project: ProjectId, bytes: u64) -> Result<(), StoreError> {
+    pub async fn start_usage(&self, project: ProjectId, stems: Vec<(StemId, u64)>) -> Result<(), StoreError> {
         self.write_transaction(move |tx| {
-            tx.prepare_cached("INSERT INTO project_usage (project_id, bytes) VALUES (?1, ?2) ON CONFLICT (project_id) DO NOTHING")?
-                .execute(params![project.as_str(), bytes as i64])?;
+            let total: u64 = stems.iter().map(|(_, bytes)| bytes).sum();
+            let started = tx
+                .prepare_cached("INSERT INTO project_usage (project_id, bytes) VALUES (?1, ?2) ON CONFLICT (project_id) DO NOTHING")?
+                .execute(params![project.as_str(), total as i64])?;
+            if started == 1 {
+                for (stem_id, bytes) in stems {
+                    tx.prepare_cached("INSERT INTO stem_usage (stem_id, project_id, bytes) VALUES (?1, ?2, ?3) ON CONFLICT (stem_id) DO NOTHING")?.execute(params![
+                        stem_id.to_string(),
+                        project.as_str(),
+                        bytes as i64
+                    ])?;
+                }
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn count_stem(&self, project: ProjectId, stem_id: StemId, bytes: u64) -> Result<(), StoreError> {
+        self.write_transaction(move |tx| {
+            tx.prepare_cached("INSERT INTO stem_usage (stem_id, project_id, bytes) VALUES (?1, ?2, ?3) ON CONFLICT (stem_id) DO NOTHING")?.execute(params![
+                stem_id.to_string(),
+                project.as_str(),
+                bytes as i64
+            ])?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn forget_stem(&self, stem_id: StemId) -> Result<(), StoreError> {
+        self.write_transaction(move |tx| {
+            let counted: Option<(String, i64)> = tx
+                .prepare_cached("DELETE FROM stem_usage WHERE stem_id = ?1 RETURNING project_id, bytes")?
+                .query_row(params![stem_id.to_string()], |row| Ok((row.get(0)?, row.get(1)?)))
+                .optional()?;
+            if let Some((project, bytes)) = counted {
+                tx.prepare_cached("UPDATE project_usage SET bytes = MAX(bytes - ?2, 0) WHERE project_id = ?1")?.execute(params![project, bytes])?;
+            }
             Ok(())
         })
         .await
