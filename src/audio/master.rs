@@ -465,6 +465,7 @@ impl Premastered {
         let mut lossy = Plan { gain: plan.gain, limit: plan.limit * db_to_gain(-lossy_margin_db(format)) as f32 };
         let mut aimed_prediction = self.predict(plan)?;
         let mut trim = 1.0f32;
+        let mut last = None;
         for encode in 0..MAX_ENCODES {
             if let Some(prediction) = aimed_prediction {
                 lossy.gain = db_to_gain(self.solve(lossy, gain_to_db(f64::from(lossy.gain)), max_gain_db, prediction, observer)?) as f32;
@@ -503,19 +504,35 @@ impl Premastered {
             // under it too), but a plain scale exactly: a hair over is scaled off, which costs as
             // much loudness; further over, the limiter is held lower by twice the excess.
             let excess_db = gain_to_db(f64::from(measured.peak / aim));
+            // The same reading as the encode before: what changed made no difference, and another
+            // encode would read the same again.
+            if last == Some((excess_db, loudness_error)) {
+                break;
+            }
+            last = Some((excess_db, loudness_error));
             if excess_db > 0.0 && excess_db <= LOSSY_TRIM_DB && loudness_error - excess_db - LOSSY_STEP_DB >= -LOSSY_LOUDNESS_TOLERANCE_LU {
                 trim *= db_to_gain(-(excess_db + LOSSY_STEP_DB)) as f32;
             } else if excess_db > 0.0 {
                 lossy.limit *= db_to_gain(-(2.0 * excess_db + LOSSY_STEP_DB)) as f32;
+            } else if loudness_error < -LOSSY_LOUDNESS_TOLERANCE_LU {
+                // Quiet with room under the ceiling: where more gain is no louder (a master limited
+                // hard), the limit is what the loudness follows; it rises by most of the room,
+                // never above the master's own.
+                lossy.limit = (lossy.limit * db_to_gain(-excess_db - LOSSY_STEP_DB) as f32).min(plan.limit);
             }
             if loudness_error.abs() > LOSSY_LOUDNESS_TOLERANCE_LU {
                 aimed_prediction = aimed_prediction.map(|prediction| prediction - loudness_error);
             }
         }
         let _ = std::fs::remove_file(&file.temporary);
+        let (excess_db, loudness_error) = last.unwrap_or_default();
         Err(AudioError::Encode {
             format: format.format.extension(),
-            reason: format!("the decoded file stayed over the true-peak ceiling or off the loudness after {MAX_ENCODES} encodes"),
+            reason: format!(
+                "as decoded it read {excess_db:+.2} dB from the true-peak ceiling and {loudness_error:+.2} LU from the master's loudness; \
+                 the master is limited too hard for a {} file to keep both (a lower target loudness leaves it room)",
+                format.format.extension()
+            ),
         })
     }
 
