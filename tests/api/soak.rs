@@ -12,6 +12,7 @@ use crate::common::resident_kib;
 use crate::helpers::{make_audio, start_server, SseStream, DEADLINE};
 
 const JOBS_PER_ROUND: usize = 150;
+const ROUNDS: usize = 3;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hundreds_of_queued_jobs_all_complete_and_each_costs_the_same() {
@@ -26,7 +27,7 @@ async fn hundreds_of_queued_jobs_all_complete_and_each_costs_the_same() {
     let completions = |mut statuses: std::pin::Pin<Box<dyn futures_util::Stream<Item = Value> + Send>>| {
         tokio::spawn(async move {
             let mut complete = HashSet::new();
-            while complete.len() < 2 * JOBS_PER_ROUND {
+            while complete.len() < ROUNDS * JOBS_PER_ROUND {
                 let status = tokio::time::timeout(DEADLINE, statuses.next()).await.expect("a status within the deadline").expect("the stream stays open");
                 if status["state"] == "complete" {
                     complete.insert(status["job_id"].as_str().unwrap().to_string());
@@ -66,7 +67,7 @@ async fn hundreds_of_queued_jobs_all_complete_and_each_costs_the_same() {
 
     let mut started = HashSet::new();
     let mut memory_after_round = Vec::new();
-    for _ in 0..2 {
+    for _ in 0..ROUNDS {
         let mut round = Vec::new();
         for _ in 0..JOBS_PER_ROUND {
             let (status, body) = app.start_mix("soak", None).await;
@@ -97,10 +98,12 @@ async fn hundreds_of_queued_jobs_all_complete_and_each_costs_the_same() {
     }
     // The log line of a job says the same of every job: no job's span is another job's child.
     let finished: Vec<usize> = server.process.log.try_iter().filter(|line| line.contains("\"job finished\"")).map(|line| line.len()).collect();
-    assert_eq!(finished.len(), 2 * JOBS_PER_ROUND);
+    assert_eq!(finished.len(), ROUNDS * JOBS_PER_ROUND);
     let (shortest, longest) = (finished.iter().min().unwrap(), finished.iter().max().unwrap());
     assert!(longest - shortest < 24, "job log lines grew from {shortest} to {longest} characters");
-    // The second round of jobs costs no more memory than the first left in use (allocator slack aside).
-    let [first, second] = memory_after_round[..] else { unreachable!() };
-    assert!(second <= first + first / 10, "resident memory grew from {first} KiB to {second} KiB over {JOBS_PER_ROUND} more jobs");
+    eprintln!("memory after each round: {memory_after_round:?} KiB");
+    // The third round of jobs costs no more memory than the second left in use (allocator slack
+    // aside); the first warms what is kept for reuse (SQLite's page caches, freed thread stacks).
+    let [_, second, third] = memory_after_round[..] else { unreachable!() };
+    assert!(third <= second + second / 10, "resident memory grew from {second} KiB to {third} KiB over {JOBS_PER_ROUND} more jobs");
 }

@@ -169,7 +169,7 @@ async fn an_event_stream_opening_a_connection_is_written_exactly_and_the_connect
             "x-accel-buffering: no",
             "vary: origin, access-control-request-method, access-control-request-headers",
             "access-control-allow-credentials: true",
-            "access-control-expose-headers: location,retry-after,etag,content-range",
+            "access-control-expose-headers: location,retry-after,etag,content-range,ratelimit,ratelimit-policy",
             "transfer-encoding: chunked",
             ""
         ],
