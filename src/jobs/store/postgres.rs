@@ -135,25 +135,14 @@ impl PgStore {
             .await?;
         if started.rows_affected() == 1 {
             for (stem_id, bytes) in stems {
-                sqlx::query("INSERT INTO stem_usage (stem_id, project_id, bytes) VALUES ($1, $2, $3) ON CONFLICT (stem_id) DO NOTHING")
-                    .bind(stem_id.to_string())
-                    .bind(project.as_str())
-                    .bind(bytes as i64)
-                    .execute(&mut *tx)
-                    .await?;
+                count_stem(&mut *tx, &project, stem_id, bytes).await?;
             }
         }
         commit(tx).await
     }
 
     pub async fn count_stem(&self, project: ProjectId, stem_id: StemId, bytes: u64) -> Result<(), StoreError> {
-        sqlx::query("INSERT INTO stem_usage (stem_id, project_id, bytes) VALUES ($1, $2, $3) ON CONFLICT (stem_id) DO NOTHING")
-            .bind(stem_id.to_string())
-            .bind(project.as_str())
-            .bind(bytes as i64)
-            .execute(&self.pool)
-            .await?;
-        Ok(())
+        count_stem(&self.pool, &project, stem_id, bytes).await
     }
 
     /// Whoever deletes a stem, its bytes are given back once: the row goes with the first.
@@ -571,6 +560,17 @@ async fn insert_delivery(tx: &mut Tx, delivery: &Delivery) -> Result<(), StoreEr
         .bind(&delivery.body)
         .bind(unix_millis(SystemTime::now()))
         .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// Records a stem's bytes as its own (once: a second record of it changes nothing).
+async fn count_stem(executor: impl sqlx::PgExecutor<'_>, project: &ProjectId, stem_id: StemId, bytes: u64) -> Result<(), StoreError> {
+    sqlx::query("INSERT INTO stem_usage (stem_id, project_id, bytes) VALUES ($1, $2, $3) ON CONFLICT (stem_id) DO NOTHING")
+        .bind(stem_id.to_string())
+        .bind(project.as_str())
+        .bind(bytes as i64)
+        .execute(executor)
         .await?;
     Ok(())
 }

@@ -244,11 +244,7 @@ impl SqliteStore {
                 .execute(params![project.as_str(), total as i64])?;
             if started == 1 {
                 for (stem_id, bytes) in stems {
-                    tx.prepare_cached("INSERT INTO stem_usage (stem_id, project_id, bytes) VALUES (?1, ?2, ?3) ON CONFLICT (stem_id) DO NOTHING")?.execute(params![
-                        stem_id.to_string(),
-                        project.as_str(),
-                        bytes as i64
-                    ])?;
+                    count_stem(tx, &project, stem_id, bytes)?;
                 }
             }
             Ok(())
@@ -257,15 +253,7 @@ impl SqliteStore {
     }
 
     pub async fn count_stem(&self, project: ProjectId, stem_id: StemId, bytes: u64) -> Result<(), StoreError> {
-        self.write_transaction(move |tx| {
-            tx.prepare_cached("INSERT INTO stem_usage (stem_id, project_id, bytes) VALUES (?1, ?2, ?3) ON CONFLICT (stem_id) DO NOTHING")?.execute(params![
-                stem_id.to_string(),
-                project.as_str(),
-                bytes as i64
-            ])?;
-            Ok(())
-        })
-        .await
+        self.write_transaction(move |tx| count_stem(tx, &project, stem_id, bytes)).await
     }
 
     pub async fn forget_stem(&self, stem_id: StemId) -> Result<(), StoreError> {
@@ -685,6 +673,16 @@ fn append_event(tx: &Transaction, change: &Change) -> Result<(), StoreError> {
 fn insert_delivery(tx: &Transaction, delivery: &Delivery) -> Result<(), StoreError> {
     tx.prepare_cached("INSERT INTO webhook_deliveries (id, job_id, url, message_type, body, next_attempt_at, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)")?
         .execute(params![delivery.id, delivery.job_id.to_string(), delivery.url, delivery.message_type, delivery.body, now_ms()])?;
+    Ok(())
+}
+
+/// Records a stem's bytes as its own (once: a second record of it changes nothing).
+fn count_stem(tx: &Transaction, project: &ProjectId, stem_id: StemId, bytes: u64) -> Result<(), StoreError> {
+    tx.prepare_cached("INSERT INTO stem_usage (stem_id, project_id, bytes) VALUES (?1, ?2, ?3) ON CONFLICT (stem_id) DO NOTHING")?.execute(params![
+        stem_id.to_string(),
+        project.as_str(),
+        bytes as i64
+    ])?;
     Ok(())
 }
 
