@@ -530,7 +530,7 @@ impl Premastered {
             format: format.format.extension(),
             reason: format!(
                 "as decoded it read {excess_db:+.2} dB from the true-peak ceiling and {loudness_error:+.2} LU from the master's loudness; \
-                 the master is limited too hard for a {} file to keep both (a lower target loudness leaves it room)",
+                 the master is limited too hard for its {} file to keep both (a lower target loudness leaves it room)",
                 format.format.extension()
             ),
         })

@@ -213,3 +213,32 @@ async fn a_job_delivers_only_what_it_asked_for_and_the_defaults_are_wav_and_opus
     names.sort();
     assert_eq!(names, ["analysis.json", "final_mix.opus"], "nothing staged is left, and no WAV");
 }
+
+/// Pink noise mastered to -7 LUFS under -1 dBTP is limited so hard that Opus at 64 kbps cannot
+/// be both under the ceiling and at its loudness (it reads over 2 LU short with room to spare):
+/// the encoder's promise fails, and with it the job, naming the format, with nothing published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lossy_file_that_cannot_keep_the_promise_fails_the_job_export_failed_and_publishes_nothing() {
+    let app = spawn_app().await;
+    let noise = make_audio(app.fixtures.path(), "noise.wav", "anoisesrc=c=pink:a=0.5:r=48000:d=10", &["-ac", "2"]);
+    assert_eq!(app.upload("p1", &[&noise]).await.0, 201);
+    let settings = json!({"master": {"target_lufs": -7, "true_peak_dbtp": -1}, "output": {"formats": [{"format": "wav"}, {"format": "opus", "bitrate_kbps": 64}]}});
+    let (status, started) = app.start_mix("p1", Some(settings)).await;
+    assert_eq!(status, 202, "{started}");
+    let job_id = started["data"]["job_id"].as_str().unwrap().to_string();
+    let statuses = app.follow_job("p1", &job_id).await;
+    let last = statuses.last().unwrap();
+    assert_eq!((last["state"].as_str(), last["error_code"].as_str()), (Some("error"), Some("EXPORT_FAILED")), "{last}");
+    let message = last["error"].as_str().unwrap();
+    assert!(message.starts_with("Encoding the opus file failed: as decoded it read "), "{message}");
+    assert!(message.ends_with("the master is limited too hard for its opus file to keep both (a lower target loudness leaves it room)"), "{message}");
+    assert!(statuses.iter().any(|status| status["state"] == "exporting"), "it failed while exporting");
+    assert_eq!(last["results"], Value::Null);
+    // Nothing of the job is published: not even the WAV made before the Opus file failed.
+    let outputs = app.data_dir.path().join(format!("p1/mix_outputs/{job_id}"));
+    let left: Vec<String> =
+        std::fs::read_dir(&outputs).map(|entries| entries.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect()).unwrap_or_default();
+    assert_eq!(left, Vec::<String>::new());
+    let wav = app.client.get(app.url(&format!("/media/p1/mix_outputs/{job_id}/final_mix.wav"))).send().await.unwrap();
+    assert_eq!(wav.status(), 404);
+}
