@@ -15,7 +15,7 @@ use super::error::{body_error, is_json, respond, respond_serialised, ApiError, E
 use super::extract::{ApiQuery, JobPath, ProjectPath};
 use super::state::AppState;
 use crate::access::{Caller, Right};
-use crate::audio::{MixReport, MixSettings, StemSource};
+use crate::audio::{MixReport, MixSettings};
 use crate::ids::{JobId, ProjectId};
 use crate::jobs::{Attempt, JobEvent, JobStatus, Submitted, WebhookSpec};
 use crate::webhooks::{check_url, redacted};
@@ -104,8 +104,7 @@ pub async fn start(
     let (body, webhook) = split_webhook(&body, app.config.webhook_allow_private)?;
     let settings =
         MixSettings::from_json(&body).and_then(|settings| settings.validate(&sources, highest_rate)).map_err(|err| ApiError::InvalidSettings(err.to_string()))?;
-    let lengths: Vec<(StemSource, f64)> = sources.iter().cloned().zip(stems.iter().map(|stem| stem.duration_s)).collect();
-    let minutes = settings.length_s(&lengths) / 60.0;
+    let minutes = settings.length_s(sources.iter().zip(stems.iter().map(|stem| stem.duration_s))) / 60.0;
     if minutes > f64::from(app.config.max_mix_minutes) {
         return Err(ApiError::InvalidSettings(format!(
             "the mix would last {minutes:.1} minutes (its latest-ending stem, after offsets); this server mixes at most {} (--max-mix-minutes)",

@@ -238,11 +238,15 @@ async fn delete_stem(app: &AppState, project: &ProjectId, stem_id: StemId) -> Re
 /// conditional statement, so uploads at once on any node count exactly.
 async fn reserve(app: &AppState, project: &ProjectId, bytes: u64) -> Result<Reservation, ApiError> {
     let store = app.jobs.store();
-    if !store.usage_known(project).await? {
+    let quota = app.config.project_quota_bytes();
+    // One statement when the project's usage is on record; only a refusal asks whether it is.
+    let mut reserved = store.reserve_bytes(project, bytes, quota).await?;
+    if !reserved && !store.usage_known(project).await? {
         let stems = app.stems.list(project).await.map_err(ApiError::media)?;
         store.start_usage(project, stems.iter().map(|stem| (stem.stem_id, stem.size_bytes)).collect()).await?;
+        reserved = store.reserve_bytes(project, bytes, quota).await?;
     }
-    if !store.reserve_bytes(project, bytes, app.config.project_quota_bytes()).await? {
+    if !reserved {
         return Err(ApiError::QuotaExceeded(app.config.project_quota_gb.unwrap_or(f64::INFINITY)));
     }
     Ok(Reservation { store: store.clone(), project: project.clone(), bytes, kept: false })

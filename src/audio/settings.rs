@@ -279,8 +279,8 @@ impl ValidSettings {
     /// How long the mix of `stems` (each with its length in seconds) lasts before alignment:
     /// until the latest-ending stem ends, muted ones too, each moved by its `offset_ms` (a
     /// negative one cuts its start), as the engine lays the tracks out.
-    pub fn length_s(&self, stems: &[(StemSource, f64)]) -> f64 {
-        stems.iter().map(|(stem, seconds)| (seconds + self.settings.track_for(stem).offset_ms / 1000.0).max(0.0)).fold(0.0, f64::max)
+    pub fn length_s<'a>(&self, stems: impl IntoIterator<Item = (&'a StemSource, f64)>) -> f64 {
+        stems.into_iter().map(|(stem, seconds)| (seconds + self.settings.track_for(stem).offset_ms / 1000.0).max(0.0)).fold(0.0, f64::max)
     }
 }
 

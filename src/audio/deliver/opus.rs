@@ -241,7 +241,7 @@ impl PacketDigest {
         let mut hasher = std::hash::DefaultHasher::new();
         hasher.write_u64(self.hash);
         hasher.write(data);
-        hasher.write_u64(end.map_or(u64::MAX, |end| end));
+        hasher.write_u64(end.unwrap_or(u64::MAX));
         self.hash = hasher.finish();
         self.packets += 1;
     }
