@@ -516,9 +516,9 @@ impl Premastered {
                 lossy.limit *= db_to_gain(-(2.0 * excess_db + LOSSY_STEP_DB)) as f32;
             } else if loudness_error < -LOSSY_LOUDNESS_TOLERANCE_LU {
                 // Quiet with room under the ceiling: where more gain is no louder (a master limited
-                // hard), the limit is what the loudness follows; it rises by most of the room,
-                // never above the master's own.
-                lossy.limit = (lossy.limit * db_to_gain(-excess_db - LOSSY_STEP_DB) as f32).min(plan.limit);
+                // hard), the limit is what the loudness follows; it rises by most of the room, even
+                // past the master's own (a codec's low-pass can take peaks off), never past full scale.
+                lossy.limit = (lossy.limit * db_to_gain(-excess_db - LOSSY_STEP_DB) as f32).min(1.0);
             }
             if loudness_error.abs() > LOSSY_LOUDNESS_TOLERANCE_LU {
                 aimed_prediction = aimed_prediction.map(|prediction| prediction - loudness_error);
