@@ -9,7 +9,11 @@
 //!    24-bit WAV) against ffmpeg decoding the same files and nothing else (`ffmpeg -i each -f
 //!    null -`), the floor any mixer stands on; and against ffmpeg's closest full chain (`amix`,
 //!    `loudnorm` to -14 LUFS / -1 dBTP, 24-bit WAV).
-//! 2. Memory against length: the same stems at 5, 30 and 60 minutes, and 16 stems of two hours (one
+//! 2. A typical user's mix: every track with an EQ band and a compressor, a master compressor,
+//!    24-bit WAV at the stems' 44.1 kHz (and then with its Opus file), 8 and 32 stems of 180 s,
+//!    against ffmpeg decoding the same files two at a time (`xargs -P 2`: both cores, as a
+//!    decoder would use them).
+//! 3. Memory against length: the same stems at 5, 30 and 60 minutes, and 16 stems of two hours (one
 //!    file, listed 16 times: every listing is its own decoder and track). Skipped with
 //!    MIXD_BENCH_QUICK=1.
 
@@ -51,6 +55,24 @@ fn main() {
             mixd_rss / 1024.0
         );
     }
+
+    println!();
+    println!("| typical mix | stems | length | formats | mixd wall | ffmpeg decode-only, two at a time | ratio | mixd peak RSS |");
+    println!("|---|---|---|---|---|---|---|---|");
+    let typical: &[(usize, &str)] = if quick { &[(8, "wav")] } else { &[(8, "wav"), (8, "wav,opus"), (32, "wav")] };
+    for &(count, formats) in typical {
+        let seconds = 180;
+        let stems: Vec<PathBuf> = (0..count).map(|i| stem(&dir, i, seconds)).collect();
+        let settings = dir.join(format!("typical-{count}.json"));
+        std::fs::write(&settings, typical_settings(&stems).to_string()).unwrap();
+        let mut mixd = mixd_with(&stems, &out, formats);
+        mixd.arg("--settings").arg(&settings);
+        let (mixd_wall, mixd_rss) = timed(mixd);
+        let mut decode = Command::new("sh");
+        decode.arg("-c").arg("printf '%s\\0' \"$@\" | xargs -0 -P 2 -I{} ffmpeg -nostdin -loglevel error -i {} -f null -").arg("sh").args(&stems);
+        let (decode_wall, _) = timed(decode);
+        println!("| | {count} | {seconds} s | {formats} | {mixd_wall:.2} s | {decode_wall:.2} s | {:.2} | {:.0} MB |", mixd_wall / decode_wall, mixd_rss / 1024.0);
+    }
     if quick {
         return;
     }
@@ -73,6 +95,26 @@ fn mixd(stems: &[PathBuf], out: &Path) -> Command {
     let mut mixd = Command::new(common::server_binary());
     mixd.arg("mix").args(stems).arg("-o").arg(out).args(["--rate", "48000", "--target-lufs", "-14", "--true-peak", "-1"]);
     mixd
+}
+
+/// A typical mix at the stems' own rate, into `formats`.
+fn mixd_with(stems: &[PathBuf], out: &Path, formats: &str) -> Command {
+    let mut mixd = Command::new(common::server_binary());
+    mixd.arg("mix").args(stems).arg("-o").arg(out).args(["--format", formats, "--bit-depth", "24", "--target-lufs", "-14", "--true-peak", "-1"]);
+    mixd
+}
+
+/// Every track with a presence bump and a compressor, and the bus compressed gently.
+fn typical_settings(stems: &[PathBuf]) -> serde_json::Value {
+    let track = serde_json::json!({
+        "eq": [{"type": "peak", "freq_hz": 2500, "q": 1.0, "gain_db": 2.0}],
+        "compressor": {"threshold_db": -20, "ratio": 3, "attack_ms": 10, "release_ms": 120, "makeup_db": 2}
+    });
+    let tracks: serde_json::Map<String, serde_json::Value> = stems.iter().map(|stem| (stem.file_name().unwrap().to_string_lossy().into_owned(), track.clone())).collect();
+    serde_json::json!({
+        "tracks": tracks,
+        "master": {"compressor": {"threshold_db": -12, "ratio": 2, "attack_ms": 30, "release_ms": 250, "makeup_db": 0}}
+    })
 }
 
 /// A stereo 44.1 kHz WAV stem with content across the band, made once.

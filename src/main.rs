@@ -75,6 +75,13 @@ struct MixArgs {
     /// Output sample rate; default: the highest stem rate.
     #[arg(long)]
     rate: Option<u32>,
+    /// A track whose loudness, tonal balance and stereo width the master matches (it is not
+    /// mixed): the contract's master.reference.
+    #[arg(long)]
+    reference: Option<PathBuf>,
+    /// Balances the stems by loudness first: the contract's auto.balance.
+    #[arg(long)]
+    balance: bool,
 }
 
 fn main() -> ExitCode {
@@ -147,7 +154,7 @@ fn run_mix(args: MixArgs) -> Result<(), String> {
         None => MixSettings::default(),
     };
     if let Some(target) = args.target_lufs {
-        settings.master.target_lufs = target;
+        settings.master.target_lufs = Some(target);
     }
     if let Some(ceiling) = args.true_peak {
         settings.master.true_peak_dbtp = ceiling;
@@ -158,14 +165,20 @@ fn run_mix(args: MixArgs) -> Result<(), String> {
     if args.rate.is_some() {
         settings.output.sample_rate = args.rate;
     }
-    let stems: Vec<StemSource> = args
-        .stems
-        .iter()
-        .map(|path| {
-            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            StemSource { id: name.clone(), name, path: path.clone() }
-        })
-        .collect();
+    if args.balance {
+        settings.auto.balance = true;
+    }
+    let source = |path: &PathBuf| {
+        let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        StemSource { id: name.clone(), name, path: path.clone() }
+    };
+    let mut stems: Vec<StemSource> = args.stems.iter().map(source).collect();
+    if let Some(path) = &args.reference {
+        // By its path: a reference may share a stem's file name.
+        let reference = StemSource { id: path.display().to_string(), ..source(path) };
+        settings.master.reference = Some(reference.id.clone());
+        stems.push(reference);
+    }
     settings.output.formats = formats(&args, &settings.output.formats)?;
     let settings = audio::plan(&stems, settings).map_err(|err| err.to_string())?;
     // Each file is written under a hidden sibling name and renamed over its path once whole. The
@@ -212,7 +225,21 @@ fn run_mix(args: MixArgs) -> Result<(), String> {
     println!("  loudness range  {} LU", value(report.loudness.loudness_range_lu));
     for stem in &report.stems {
         let state = if stem.audible { "" } else { " (muted)" };
-        println!("  stem {:24} offset {:+.2} ms{state}", stem.name, stem.offset_ms);
+        let balance = match (stem.auto_gain_db, stem.loudness_lufs) {
+            (Some(gain), loudness) => format!(", {} LUFS, auto gain {gain:+.2} dB", value(loudness)),
+            (None, _) => String::new(),
+        };
+        println!("  stem {:24} offset {:+.2} ms{balance}{state}", stem.name, stem.offset_ms);
+    }
+    if let Some(reference) = &report.reference {
+        println!("reference {} ({:.2} LUFS)", reference.name, reference.integrated_lufs);
+        println!("  spectral error  {} dB before, {} dB after", value(reference.spectral_error_db_before), value(reference.spectral_error_db_after));
+        println!(
+            "  width           {} before, {} after, the reference {}",
+            value(reference.width_ratio_before),
+            value(reference.width_ratio_after),
+            value(reference.width_ratio_reference)
+        );
     }
     Ok(())
 }

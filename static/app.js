@@ -3,7 +3,7 @@
 // state lives in `page`; views render from it.
 
 import { api, explain, FRIENDLY, isFinished, STAGES, STAGE_LABELS, whenUnauthorized } from './js/api.js';
-import { drawLoudness, drawWaveform, loadAnalysis } from './js/analysis.js';
+import { drawLoudness, drawSpectrum, drawWaveform, loadAnalysis } from './js/analysis.js';
 import { LiveFeed } from './js/live.js';
 
 const $ = (selector, root = document) => root.querySelector(selector);
@@ -104,6 +104,7 @@ function formatDuration(seconds) {
 
 function trackOf(stem) {
   page.tracks[stem.stem_id] ??= { gain_db: 0, pan: 0, mute: false, solo: false };
+  page.tracks[stem.stem_id].level_lu ??= 0;
   return page.tracks[stem.stem_id];
 }
 
@@ -121,6 +122,7 @@ function renderStems() {
       <td>${stem.format.toUpperCase()} · ${(stem.sample_rate / 1000).toFixed(1)} kHz · ${channels}</td>
       <td>${formatDuration(stem.duration_s)}</td>
       <td><input type="number" min="-96" max="48" step="0.5" aria-label="Gain"></td>
+      <td><input type="number" min="-40" max="40" step="1" aria-label="Level"></td>
       <td><input type="range" min="-1" max="1" step="0.05" aria-label="Pan"></td>
       <td><input type="checkbox" aria-label="Mute"></td>
       <td><input type="checkbox" aria-label="Solo"></td>
@@ -128,13 +130,15 @@ function renderStems() {
     const name = $('.stem-name', row);
     name.textContent = stem.name;
     name.title = stem.name;
-    const [gain, pan, mute, solo] = row.querySelectorAll('input');
+    const [gain, level, pan, mute, solo] = row.querySelectorAll('input');
     gain.value = track.gain_db;
+    level.value = track.level_lu;
     pan.value = track.pan;
     mute.checked = track.mute;
     solo.checked = track.solo;
-    for (const input of [gain, pan, mute, solo]) input.setAttribute('aria-label', `${input.getAttribute('aria-label')} of ${stem.name}`);
+    for (const input of [gain, level, pan, mute, solo]) input.setAttribute('aria-label', `${input.getAttribute('aria-label')} of ${stem.name}`);
     gain.addEventListener('change', () => { track.gain_db = Number(gain.value); saveTracks(); });
+    level.addEventListener('change', () => { track.level_lu = Number(level.value); saveTracks(); });
     pan.addEventListener('input', () => { track.pan = Number(pan.value); saveTracks(); });
     mute.addEventListener('change', () => { track.mute = mute.checked; saveTracks(); });
     solo.addEventListener('change', () => { track.solo = solo.checked; saveTracks(); });
@@ -146,6 +150,7 @@ function renderStems() {
     return row;
   });
   $('#stems-table tbody').replaceChildren(...rows);
+  renderReferenceChoice();
   $('#stems-table').hidden = rows.length === 0;
   $('#no-stems').hidden = rows.length > 0;
 }
@@ -196,14 +201,36 @@ async function uploadFiles(files) {
 
 // ---- mixing ----
 
+/** The reference picker offers the project's stems, keeping the choice while it still exists. */
+function renderReferenceChoice() {
+  const select = $('#reference');
+  const chosen = select.value;
+  const options = page.stems.map((stem) => Object.assign(document.createElement('option'), { value: stem.stem_id, textContent: stem.name }));
+  select.replaceChildren(Object.assign(document.createElement('option'), { value: '', textContent: 'None' }), ...options);
+  select.value = page.stems.some((stem) => stem.stem_id === chosen) ? chosen : '';
+  referenceChanged();
+}
+
+/** With a reference the master takes its loudness: the target is not sent. */
+function referenceChanged() {
+  const matching = $('#reference').value !== '';
+  $('#target-lufs').disabled = matching;
+  $('#target-lufs').title = matching ? "The reference's loudness" : '';
+}
+
 function mixSettings() {
+  const reference = $('#reference').value;
+  const balance = $('#auto-balance').checked;
   const tracks = {};
-  for (const stem of page.stems) tracks[stem.stem_id] = trackOf(stem);
-  return {
-    tracks,
-    master: { target_lufs: Number($('#target-lufs').value), true_peak_dbtp: Number($('#true-peak').value) },
-    output: { bit_depth: Number($('#bit-depth').value) },
-  };
+  // The reference is played by no track; level_lu means something only with balance.
+  for (const stem of page.stems) {
+    if (stem.stem_id === reference) continue;
+    const { level_lu: level, ...track } = trackOf(stem);
+    tracks[stem.stem_id] = balance ? { ...track, level_lu: level } : track;
+  }
+  const master = { true_peak_dbtp: Number($('#true-peak').value) };
+  if (reference) master.reference = reference; else master.target_lufs = Number($('#target-lufs').value);
+  return { tracks, auto: { balance }, master, output: { bit_depth: Number($('#bit-depth').value) } };
 }
 
 async function startMix(event) {
@@ -303,11 +330,27 @@ function reportRows(report = {}) {
     ['Loudness range', number(report.loudness_range_lu, 'LU')],
     ['Length', report.duration_s !== undefined ? formatDuration(report.duration_s) : '–'],
     ['Format', `${(report.sample_rate / 1000).toFixed(1)} kHz · ${report.bit_depth}-bit`],
+    ...referenceRows(report.reference),
+    ...(report.stems || []).filter((stem) => stem.auto_gain_db !== null && stem.auto_gain_db !== undefined).map((stem) => [
+      `Auto gain · ${stem.name}`,
+      `${stem.auto_gain_db >= 0 ? '+' : ''}${stem.auto_gain_db.toFixed(1)} dB (${number(stem.loudness_lufs, 'LUFS')} as uploaded)`,
+    ]),
   ].map(([term, value]) => {
     const div = document.createElement('div');
     div.append(Object.assign(document.createElement('dt'), { textContent: term }), Object.assign(document.createElement('dd'), { textContent: value }));
     return div;
   });
+}
+
+/** How close the master came to its reference: tonal error and width, before and after. */
+function referenceRows(reference) {
+  if (!reference) return [];
+  const figure = (value, unit = '') => (value === null || value === undefined ? '–' : `${value.toFixed(2)}${unit}`);
+  return [
+    ['Reference', `${reference.name} · ${reference.integrated_lufs.toFixed(1)} LUFS`],
+    ['Tonal match', `${figure(reference.spectral_error_db_before, ' dB')} → ${figure(reference.spectral_error_db_after, ' dB')} off the reference`],
+    ['Width (side/mid)', `${figure(reference.width_ratio_before)} → ${figure(reference.width_ratio_after)}, reference ${figure(reference.width_ratio_reference)}`],
+  ];
 }
 
 /** The file a player should stream: the smallest lossy one, else the first delivered. */
@@ -349,7 +392,8 @@ async function showResult(node, status) {
   try {
     const analysis = await loadAnalysis(status.result_url);
     drawWaveform($('.waveform', node), analysis);
-    drawLoudness($('.loudness', node), analysis, Number($('#target-lufs').value));
+    drawLoudness($('.loudness', node), analysis, status.report?.reference ? status.report.reference.integrated_lufs : Number($('#target-lufs').value));
+    drawSpectrum($('.spectrum', node), analysis);
     $('.limiter-note', node).textContent = analysis.ceiling_hit_count
       ? `The limiter held the ceiling in ${analysis.ceiling_hit_count} places (marked above the waveform).`
       : 'The limiter never had to reach the ceiling.';
@@ -510,6 +554,7 @@ function wire() {
   });
   $('#project-search').addEventListener('input', renderProjects);
   $('#mix-form').addEventListener('submit', startMix);
+  $('#reference').addEventListener('change', referenceChanged);
   // A double click's second click can come after the first one's answer, when the button is
   // enabled again and the key spent: the browser counts it (detail 2), and it starts nothing.
   // Two separate clicks start two mixes.

@@ -22,7 +22,7 @@ UNSUPPORTED_MEDIA_TYPE (415: a JSON route's body not sent as application/json), 
 TOO_MANY_STREAMS (429 on the stream routes, past --max-streams-per-client for one credential or, on an open server, one address; admin keys are not counted), \
 SERVER_BUSY (503 past --max-connections: a reserve of connections answers only /healthz and admin keys), \
 TOO_MANY_JOBS (429, Retry-After: 30), QUOTA_EXCEEDED (413) and RATE_LIMITED (429; with --rate-limit every POST and DELETE answer also carries RateLimit-Policy and RateLimit, and `N/m` is accepted beside `N/s`; admin keys are not limited), \
-the fair queue's positions on every node, /metrics mixd_queued_jobs_by_project (the ten fullest projects) and mixd_refusals_total by code, and job error codes \
+automatic mixing: tracks.<stem>.level_lu is -40..40 and needs auto.balance (422 otherwise), report.stems[] loudness_lufs and auto_gain_db are null without balance, a silent master.reference ends the job INVALID_SETTINGS, report.reference adds width_ratio_reference, and analysis.json's spectrum levels are relative to each file's integrated loudness; the fair queue's positions on every node, /metrics mixd_queued_jobs_by_project (the ten fullest projects) and mixd_refusals_total by code, and job error codes \
 OUTPUT_TOO_LONG, INSUFFICIENT_STORAGE, EXPORT_FAILED and INVALID_SETTINGS (the start route refuses such settings with 422 first); \
 progress within a stage is published at most every 100 ms per job (a new stage at once); \
 queue_position is exact for the first 10 places, and further back is published again when the place has halved since last shown \

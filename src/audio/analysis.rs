@@ -2,13 +2,15 @@
 //! waveform peaks at a few zoom levels, the short-term loudness (3 s window, BS.1770) once a
 //! second, and where the true peak reached the ceiling. Read back from the finished WAV in one
 //! streaming pass, so it describes exactly the bytes a listener gets and its memory does not grow
-//! with the mix's length (only its few thousand output values do).
+//! with the mix's length (only its few thousand output values do). With them, the long-term
+//! 1/3-octave spectrum, beside the reference's when the master matched one.
 
 use std::path::Path;
 
 use ebur128::{EbuR128, Mode};
 use serde::Serialize;
 
+use super::spectrum::{normalised, SpectrumMeter, BANDS, BANDS_HZ};
 use super::AudioError;
 
 /// Waveform columns at the finest zoom; each coarser level has a quarter as many.
@@ -36,6 +38,18 @@ pub struct Analysis {
     pub ceiling_hits_s: Vec<f64>,
     /// How many blocks reached the ceiling in all, listed or not.
     pub ceiling_hit_count: usize,
+    pub spectrum: SpectrumAnalysis,
+}
+
+/// Long-term 1/3-octave band levels in dB relative to each file's integrated loudness (LU), as
+/// the spectral error compares them; null for a band with nothing in it (or past Nyquist).
+#[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
+pub struct SpectrumAnalysis {
+    /// Nominal band centres, 31.5 Hz to 16 kHz.
+    pub bands_hz: Vec<f64>,
+    pub mix_db: Vec<Option<f64>>,
+    /// The reference the master matched; null without one.
+    pub reference_db: Option<Vec<Option<f64>>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, utoipa::ToSchema)]
@@ -45,15 +59,18 @@ pub struct WaveformLevel {
     pub max: Vec<f32>,
 }
 
-/// Reads the WAV at `path` and analyses it against `ceiling_dbtp`.
-pub fn analyse(path: &Path, ceiling_dbtp: f64) -> Result<Analysis, AudioError> {
+/// Reads the WAV at `path` and analyses it against `ceiling_dbtp`, beside `reference_db` (the
+/// reference's normalised band levels) when the master matched one.
+pub fn analyse(path: &Path, ceiling_dbtp: f64, reference_db: Option<&[Option<f64>]>) -> Result<Analysis, AudioError> {
     let internal = |what: &str, err: &dyn std::fmt::Display| AudioError::Internal(format!("analysing the result: {what}: {err}"));
     let mut reader = hound::WavReader::open(path).map_err(|err| internal("open", &err))?;
     let spec = reader.spec();
     let channels = usize::from(spec.channels);
     let frames = reader.duration() as usize;
     let rate = spec.sample_rate;
-    let mut meter = EbuR128::new(spec.channels.into(), rate, Mode::S | Mode::TRUE_PEAK).map_err(|err| internal("meter", &err))?;
+    let mut meter = EbuR128::new(spec.channels.into(), rate, Mode::I | Mode::S | Mode::TRUE_PEAK).map_err(|err| internal("meter", &err))?;
+    let mut spectrum = SpectrumMeter::new(rate);
+    let (mut left, mut right) = (Vec::new(), Vec::new());
 
     let columns = FINEST_COLUMNS.min(frames.max(1));
     let (mut low, mut high) = (vec![0f32; columns], vec![0f32; columns]);
@@ -84,6 +101,14 @@ pub fn analyse(path: &Path, ceiling_dbtp: f64) -> Result<Analysis, AudioError> {
             frame += 1;
         }
         meter.add_frames_f32(&block).map_err(|err| internal("meter", &err))?;
+        // The mix is stereo; any other file is analysed by its first two channels.
+        left.clear();
+        right.clear();
+        for frame in block.chunks_exact(channels) {
+            left.push(frame[0]);
+            right.push(frame[channels.min(2) - 1]);
+        }
+        spectrum.push(&left, &right);
         let block_start = frame - block.len() / channels;
         let peak = (0..channels as u32).filter_map(|channel| meter.prev_true_peak(channel).ok()).fold(0.0f64, f64::max);
         if peak > 0.0 && 20.0 * peak.log10() >= ceiling_dbtp - CEILING_MARGIN_DB {
@@ -109,6 +134,11 @@ pub fn analyse(path: &Path, ceiling_dbtp: f64) -> Result<Analysis, AudioError> {
         let coarser = WaveformLevel { columns: finer.columns.div_ceil(4), min: merge(&finer.min, f32::min), max: merge(&finer.max, f32::max) };
         waveform.push(coarser);
     }
+    let levels = spectrum.finish().levels_db();
+    let mix_db = match meter.loudness_global().ok().filter(|lufs| lufs.is_finite()) {
+        Some(lufs) => normalised(&levels, lufs).iter().map(|level| level.map(|db| round(db, 10.0))).collect(),
+        None => vec![None; BANDS],
+    };
     Ok(Analysis {
         sample_rate: rate,
         duration_s: round(frames as f64 / f64::from(rate), 1000.0),
@@ -117,6 +147,11 @@ pub fn analyse(path: &Path, ceiling_dbtp: f64) -> Result<Analysis, AudioError> {
         true_peak_ceiling_dbtp: ceiling_dbtp,
         ceiling_hits_s: hits,
         ceiling_hit_count: hit_count,
+        spectrum: SpectrumAnalysis {
+            bands_hz: BANDS_HZ.to_vec(),
+            mix_db,
+            reference_db: reference_db.map(|levels| levels.iter().map(|level| level.map(|db| round(db, 10.0))).collect()),
+        },
     })
 }
 
@@ -169,7 +204,7 @@ mod tests {
             let amplitude = if n < rate * 10 { 0.5 } else { 0.891 };
             amplitude * (2.0 * std::f32::consts::PI * 1000.0 * n as f32 / rate as f32).sin()
         });
-        let analysis = analyse(&path, -1.5).unwrap();
+        let analysis = analyse(&path, -1.5, Some(&[Some(-3.0); BANDS])).unwrap();
         assert_eq!((analysis.sample_rate, analysis.duration_s), (48_000, 20.0));
         assert_eq!(analysis.waveform.iter().map(|level| level.columns).collect::<Vec<_>>(), [4096, 1024, 256]);
         let finest = &analysis.waveform[0];
@@ -183,6 +218,15 @@ mod tests {
         assert!((quiet + 6.02).abs() < 0.1 && (loud + 1.0).abs() < 0.1, "{quiet} {loud}");
         assert_eq!(analysis.ceiling_hit_count, 100, "every 100 ms block of the loud half, none of the quiet one");
         assert_eq!(analysis.ceiling_hits_s.first(), Some(&10.0));
+        // All of a 1 kHz sine's energy is in its band, which reads the loudness's offset from the
+        // signal's power (-0.691 dB and the K-weighting's +0.7 at 1 kHz) for every level; the
+        // reference's levels are passed on as given.
+        let at_1k = BANDS_HZ.iter().position(|&hz| hz == 1000.0).unwrap();
+        let band = analysis.spectrum.mix_db[at_1k].unwrap();
+        assert!((band - 0.0).abs() < 0.2, "{band}");
+        assert!(analysis.spectrum.mix_db[at_1k - 3].is_none_or(|db| db < -60.0), "{:?}", analysis.spectrum.mix_db);
+        assert_eq!(analysis.spectrum.reference_db.as_deref(), Some(&[Some(-3.0); BANDS][..]));
+        assert_eq!(analysis.spectrum.bands_hz.len(), 28);
         let json = serde_json::to_string(&analysis).unwrap();
         assert!(json.len() < 120_000, "{} bytes for 20 s", json.len());
     }

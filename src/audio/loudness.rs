@@ -25,6 +25,20 @@ impl KWeighting {
         Self { coefficients: [shelf, highpass], state: [[0.0; 2]; 4] }
     }
 
+    /// The filter's power gain at `freq_hz` (|H|² of both stages at `rate`).
+    pub fn power_at(&self, freq_hz: f64, rate: u32) -> f64 {
+        let w = 2.0 * std::f64::consts::PI * freq_hz / f64::from(rate);
+        let (c1, s1, c2, s2) = (w.cos(), w.sin(), (2.0 * w).cos(), (2.0 * w).sin());
+        self.coefficients
+            .iter()
+            .map(|[b0, b1, b2, a1, a2]| {
+                let numerator = (b0 + b1 * c1 + b2 * c2).powi(2) + (b1 * s1 + b2 * s2).powi(2);
+                let denominator = (1.0 + a1 * c1 + a2 * c2).powi(2) + (a1 * s1 + a2 * s2).powi(2);
+                numerator / denominator
+            })
+            .product()
+    }
+
     /// Adds each frame's K-weighted energy (left² + right², the channel weights of stereo being
     /// 1) to `energy`.
     pub fn add_energy(&mut self, left: &[f32], right: &[f32], energy: &mut [f64]) {

@@ -27,6 +27,7 @@ use super::deliver::{encode_wav, lossy_encoder, Delivered, Measured, OutputFile,
 use super::dsp::{db_to_gain, gain_to_db, ChannelStrip};
 use super::export::{max_quantisation_error, WavSink};
 use super::loudness::{step_frames, Gating, KWeighting};
+use super::matching::{MatchingEq, MatchingFilter};
 use super::settings::{BitDepth, Format, FormatSettings, MasterSettings};
 use super::true_peak::{self, Limiter, PeakDetector, METER_REACH};
 use super::{AudioError, MixObserver, Stage};
@@ -230,6 +231,55 @@ impl Premastered {
         self.frames
     }
 
+    /// The bus's integrated loudness as it stands (no gain, no limiting: exact from the summary).
+    pub fn loudness(&self) -> Result<Option<f64>, AudioError> {
+        self.predict(Plan { gain: 1.0, limit: f32::MAX })
+    }
+
+    /// Pass one again, through `eq`: the spill read back, filtered, and spilled and summarised
+    /// anew in `scratch`, this one's files closing as it is dropped.
+    pub fn rematch(self, eq: &MatchingEq, scratch: &Path, observer: &dyn MixObserver) -> Result<Premastered, AudioError> {
+        let mut premaster = Premaster::new(&MasterSettings::default(), self.rate, scratch)?;
+        let mut filter = MatchingFilter::new(eq);
+        let (mut bytes, mut segment, mut filtered) = (Vec::new(), StereoBuffer::default(), StereoBuffer::default());
+        // The filter hands on what it has; the premaster takes whole blocks until the last.
+        let mut hand_on = |filtered: &mut StereoBuffer, end: bool| -> Result<(), AudioError> {
+            let whole = if end { filtered.len() } else { filtered.len() / BLOCK * BLOCK };
+            for start in (0..whole).step_by(BLOCK) {
+                let stop = (start + BLOCK).min(whole);
+                premaster.push(&mut StereoBuffer { left: filtered.left[start..stop].to_vec(), right: filtered.right[start..stop].to_vec() })?;
+            }
+            filtered.left.drain(..whole);
+            filtered.right.drain(..whole);
+            Ok(())
+        };
+        for start in (0..self.frames).step_by(BLOCK) {
+            if observer.is_cancelled() {
+                return Err(AudioError::Canceled);
+            }
+            let frames = (self.frames - start).min(BLOCK as u64) as usize;
+            self.read_segment(start, frames, &mut bytes, &mut segment)?;
+            filter.push(&segment, &mut filtered);
+            hand_on(&mut filtered, false)?;
+            observer.progress(Stage::Mixing, (start + frames as u64) as f64 / self.frames as f64);
+        }
+        filter.finish(&mut filtered);
+        hand_on(&mut filtered, true)?;
+        premaster.finish()
+    }
+
+    /// Frames `start..start + frames` of the spill, as written.
+    fn read_segment(&self, start: u64, frames: usize, bytes: &mut Vec<u8>, segment: &mut StereoBuffer) -> Result<(), AudioError> {
+        bytes.resize(8 * frames, 0);
+        self.spill.read_exact_at(bytes, 8 * start).map_err(AudioError::Export)?;
+        let sample = |i: usize| f32::from_le_bytes(bytes[4 * i..4 * i + 4].try_into().expect("four bytes"));
+        segment.left.clear();
+        segment.left.extend((0..frames).map(sample));
+        segment.right.clear();
+        segment.right.extend((frames..2 * frames).map(sample));
+        Ok(())
+    }
+
     /// Summary records in order: (energy, peak) per chunk.
     fn records(&self) -> impl Iterator<Item = std::io::Result<(f32, f32)>> + '_ {
         let total = self.chunks as usize;
@@ -371,11 +421,11 @@ impl Premastered {
             // The summary's prediction is close, not exact: the K-weighting filter sees the gain
             // envelope's modulation, which the summary cannot. So the model is solved, the result
             // measured on the audio, and the model solved again for the target less its bias.
-            let unlimited_gain_db = settings.target_lufs - unprocessed;
+            let unlimited_gain_db = settings.target() - unprocessed;
             max_gain_db = unlimited_gain_db + MAX_LIMITING_DB;
             let (mut gain_db, mut bias) = (unlimited_gain_db, 0.0);
             for check in 0..MAX_CHECKS {
-                gain_db = self.solve(plan, gain_db, max_gain_db, settings.target_lufs - bias, observer)?;
+                gain_db = self.solve(plan, gain_db, max_gain_db, settings.target() - bias, observer)?;
                 plan.gain = db_to_gain(gain_db) as f32;
                 let Some(predicted) = self.predict(plan)? else { break };
                 // Where the limiter has nothing to do, the gain is one number, by which every
@@ -383,7 +433,7 @@ impl Premastered {
                 let limited = self.peak * plan.gain > plan.limit;
                 let Some(measured) = (if limited { self.loudness_under(plan, observer)? } else { Some(predicted) }) else { break };
                 progress.report(0.02 + 0.18 * (check + 1) as f64 / MAX_CHECKS as f64);
-                if (settings.target_lufs - measured).abs() < LOUDNESS_TOLERANCE_LU / 2.0 {
+                if (settings.target() - measured).abs() < LOUDNESS_TOLERANCE_LU / 2.0 {
                     break;
                 }
                 bias = measured - predicted;

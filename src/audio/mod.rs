@@ -19,10 +19,12 @@ mod dsp;
 mod export;
 mod loudness;
 mod master;
+mod matching;
 mod pipeline;
 mod render;
 mod resample;
 mod settings;
+pub mod spectrum;
 mod true_peak;
 
 use std::path::PathBuf;
@@ -32,10 +34,11 @@ pub use buffer::StereoBuffer;
 pub use decode::{probe_stem, StemInfo, StemReader, MAX_PROBE_TIME};
 pub use deliver::{Delivered, OutputFile, Outputs};
 pub use master::Loudness;
-pub use pipeline::{mix, plan, MixReport, StemReport};
+pub use matching::{measure, Sound};
+pub use pipeline::{mix, plan, MixReport, ReferenceReport, StemReport};
 pub use settings::{
-    AlignMode, BitDepth, CompressorSettings, EqBand, EqType, Format, FormatSettings, MasterSettings, MixSettings, OutputSettings, SettingsError, TrackSettings,
-    ValidSettings,
+    AlignMode, AutoSettings, BitDepth, CompressorSettings, EqBand, EqType, Format, FormatSettings, MasterSettings, MixSettings, OutputSettings, SettingsError,
+    TrackSettings, ValidSettings,
 };
 
 /// A stem to mix: its identity and where its file is.

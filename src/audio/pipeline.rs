@@ -2,6 +2,7 @@
 
 use std::path::Path;
 
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::align::estimate_lag;
@@ -11,11 +12,15 @@ use super::deliver::{Delivered, Outputs};
 use super::dsp::audible;
 use super::export::max_frames;
 use super::master::{Loudness, Premaster, Premastered};
+use super::matching::{design, measure, Sound};
 use super::render::{render_segment, TrackStream};
 use super::resample::RateConverter;
-use super::settings::{AlignMode, MasterSettings, MixSettings, TrackSettings, ValidSettings};
+use super::settings::{AlignMode, MasterSettings, MixSettings, SettingsError, TrackSettings, ValidSettings};
+use super::spectrum::{normalised, spectral_error_db, Spectrum, SpectrumMeter, BANDS};
 use super::{AudioError, MixObserver, Stage, StemSource};
 
+/// The share of `loading_stems` that probing takes when stems are measured after it.
+const PROBED: f64 = 0.1;
 /// How much of each stem's start `align: auto` compares.
 const ALIGN_EXCERPT_S: f64 = 20.0;
 /// The largest shift `align: auto` will detect.
@@ -31,6 +36,29 @@ pub struct MixReport {
     #[serde(flatten)]
     pub loudness: Loudness,
     pub stems: Vec<StemReport>,
+    /// With `master.reference`: how close the master came to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reference: Option<ReferenceReport>,
+}
+
+/// The reference a master matched, and the match before and after.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct ReferenceReport {
+    pub stem_id: String,
+    pub name: String,
+    /// As a meter reads the reference file (a mono one as one channel).
+    pub integrated_lufs: f64,
+    /// RMS over the 1/3-octave bands (31.5 Hz-16 kHz) of the level differences between mix and
+    /// reference after loudness normalisation, in dB: the bus before matching, the master after.
+    pub spectral_error_db_before: Option<f64>,
+    pub spectral_error_db_after: Option<f64>,
+    /// Side over mid energy: the bus before, the master after, and the reference's own.
+    pub width_ratio_before: Option<f64>,
+    pub width_ratio_after: Option<f64>,
+    pub width_ratio_reference: Option<f64>,
+    /// The reference's normalised band levels, for the mix's analysis; not part of the report.
+    #[serde(skip)]
+    pub levels_db: Vec<Option<f64>>,
 }
 
 /// How one stem went into the mix.
@@ -43,6 +71,12 @@ pub struct StemReport {
     pub audible: bool,
     /// Damaged packets skipped while decoding.
     pub skipped_packets: u64,
+    /// With `auto.balance`: the stem's integrated loudness as uploaded (null for silence), and
+    /// the gain that balance gave it before its `gain_db`. Null without balance.
+    #[serde(default)]
+    pub loudness_lufs: Option<f64>,
+    #[serde(default)]
+    pub auto_gain_db: Option<f64>,
 }
 
 struct Track<'a> {
@@ -52,6 +86,18 @@ struct Track<'a> {
     source_frames: u64,
     offset_frames: i64,
     audible: bool,
+    /// With `auto.balance`, once measured: the stem's loudness as uploaded, and its balancing gain
+    /// (already in `settings.gain_db`).
+    loudness_lufs: Option<f64>,
+    auto_gain_db: Option<f64>,
+}
+
+/// The reference, measured: what the master matches.
+struct Reference<'a> {
+    stem: &'a StemSource,
+    integrated_lufs: f64,
+    levels: [Option<f64>; BANDS],
+    width_ratio: Option<f64>,
 }
 
 /// Validates `settings` for a mix of `stems` whose rates are not at hand: opens each stem's header
@@ -81,8 +127,11 @@ pub fn mix(stems: &[StemSource], settings: &ValidSettings, outputs: &Outputs, ob
     }
     let rate = settings.output_rate();
     let settings = settings.settings();
+    let reference = stems.iter().find(|stem| settings.is_reference(stem));
+    let played: Vec<StemSource> = stems.iter().filter(|stem| !settings.is_reference(stem)).cloned().collect();
 
-    let mut tracks = load_stems(stems, settings, rate, observer)?;
+    let mut tracks = load_stems(&played, settings, rate, observer)?;
+    let reference = measure_stems(&mut tracks, reference, settings, observer)?;
     align_stems(&mut tracks, settings, rate, observer)?;
     // The spill and the result's temporary share the result's directory (and its disk).
     let scratch = match outputs.master_temporary.parent() {
@@ -90,9 +139,41 @@ pub fn mix(stems: &[StemSource], settings: &ValidSettings, outputs: &Outputs, ob
         _ => Path::new("."),
     };
     std::fs::create_dir_all(scratch).map_err(AudioError::Export)?;
-    let (premastered, skipped) = render_bus(&tracks, &settings.master, rate, scratch, observer)?;
+    let mut bus_spectrum = reference.as_ref().map(|_| SpectrumMeter::new(rate));
+    let (mut premastered, skipped) = render_bus(&tracks, &settings.master, rate, scratch, bus_spectrum.as_mut(), observer)?;
     let duration_s = premastered.frames() as f64 / f64::from(rate);
-    let (loudness, delivered) = premastered.master(&settings.master, settings.output.bit_depth, outputs, observer)?;
+    let mut master = settings.master.clone();
+    let mut matched = None;
+    if let (Some(reference), Some(bus)) = (&reference, bus_spectrum.map(SpectrumMeter::finish)) {
+        master.target_lufs = Some(settings.master.target_lufs.unwrap_or(reference.integrated_lufs));
+        // A silent bus has nothing to match; it is mastered as it is.
+        if let Some(bus_lufs) = premastered.loudness()? {
+            let eq = design(&bus, bus_lufs, &reference.levels, reference.width_ratio);
+            tracing::debug!(side_gain = eq.side_gain, predicted_error_db = eq.predicted_error_db, "matching the reference");
+            premastered = premastered.rematch(&eq, scratch, observer)?;
+            matched = Some((spectral_error_db(&normalised(&bus.levels_db(), bus_lufs), &reference.levels), bus.width_ratio()));
+        }
+    }
+    let (loudness, delivered) = premastered.master(&master, settings.output.bit_depth, outputs, observer)?;
+    let reference = match reference {
+        Some(reference) => {
+            let master = StemSource { id: String::new(), name: "the master".into(), path: outputs.master.clone() };
+            let after = measure(&master, true, observer)?;
+            let (error_before, width_before) = matched.unwrap_or((None, None));
+            Some(ReferenceReport {
+                stem_id: reference.stem.id.clone(),
+                name: reference.stem.name.clone(),
+                integrated_lufs: reference.integrated_lufs,
+                spectral_error_db_before: error_before,
+                spectral_error_db_after: after.normalised_levels().and_then(|levels| spectral_error_db(&levels, &reference.levels)),
+                width_ratio_before: width_before,
+                width_ratio_after: after.spectrum.as_ref().and_then(Spectrum::width_ratio),
+                width_ratio_reference: reference.width_ratio,
+                levels_db: reference.levels.to_vec(),
+            })
+        }
+        None => None,
+    };
 
     let report = MixReport {
         duration_s,
@@ -109,8 +190,11 @@ pub fn mix(stems: &[StemSource], settings: &ValidSettings, outputs: &Outputs, ob
                 offset_ms: track.offset_frames as f64 * 1000.0 / f64::from(rate),
                 audible: track.audible,
                 skipped_packets,
+                loudness_lufs: track.loudness_lufs,
+                auto_gain_db: track.auto_gain_db,
             })
             .collect(),
+        reference,
     };
     Ok((report, delivered))
 }
@@ -126,7 +210,8 @@ fn load_stems<'a>(stems: &'a [StemSource], settings: &MixSettings, rate: u32, ob
             return Err(AudioError::Canceled);
         }
         infos.push(StemReader::source(stem)?.info);
-        observer.progress(Stage::LoadingStems, (i + 1) as f64 / stems.len() as f64);
+        let share = if settings.auto.balance || settings.master.reference.is_some() { PROBED } else { 1.0 };
+        observer.progress(Stage::LoadingStems, share * (i + 1) as f64 / stems.len() as f64);
     }
     let tracks: Vec<Track> = stems
         .iter()
@@ -140,6 +225,8 @@ fn load_stems<'a>(stems: &'a [StemSource], settings: &MixSettings, rate: u32, ob
             source_rate: info.sample_rate,
             source_frames: info.frames,
             audible,
+            loudness_lufs: None,
+            auto_gain_db: None,
         })
         .collect();
     let frames = tracks.iter().map(|t| end_frame(t, rate)).max().unwrap_or(0);
@@ -147,6 +234,50 @@ fn load_stems<'a>(stems: &'a [StemSource], settings: &MixSettings, rate: u32, ob
         return Err(AudioError::TooLong { seconds: frames as f64 / f64::from(rate), max_seconds: max_frames(settings.output.bit_depth) as f64 / f64::from(rate) });
     }
     Ok(tracks)
+}
+
+/// The rest of `loading_stems`: with `auto.balance`, each audible stem's loudness and the gain
+/// that brings it to the common level (the mean of theirs, as the mix hears them) less its
+/// `level_lu`; with a reference, its loudness, spectrum and width. Stems are decoded in parallel
+/// on the current rayon pool.
+fn measure_stems<'a>(
+    tracks: &mut [Track],
+    reference: Option<&'a StemSource>,
+    settings: &MixSettings,
+    observer: &dyn MixObserver,
+) -> Result<Option<Reference<'a>>, AudioError> {
+    let balanced: Vec<usize> = if settings.auto.balance { (0..tracks.len()).filter(|&i| tracks[i].audible).collect() } else { Vec::new() };
+    let mut work: Vec<(&StemSource, bool)> = balanced.iter().map(|&i| (tracks[i].stem, false)).collect();
+    work.extend(reference.map(|stem| (stem, true)));
+    let done = std::sync::Mutex::new(0usize);
+    let measured = work
+        .par_iter()
+        .with_max_len(1)
+        .map(|&(stem, with_spectrum)| {
+            let sound = measure(stem, with_spectrum, observer)?;
+            let mut done = done.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            *done += 1;
+            observer.progress(Stage::LoadingStems, PROBED + (1.0 - PROBED) * *done as f64 / work.len() as f64);
+            Ok(sound)
+        })
+        .collect::<Result<Vec<Sound>, AudioError>>()?;
+    let (stems, reference_sound) = measured.split_at(balanced.len());
+
+    let heard: Vec<f64> = stems.iter().filter_map(|sound| sound.stereo_lufs).collect();
+    if !heard.is_empty() {
+        let common = heard.iter().sum::<f64>() / heard.len() as f64;
+        for (&i, sound) in balanced.iter().zip(stems) {
+            let track = &mut tracks[i];
+            let gain = sound.stereo_lufs.map_or(0.0, |lufs| common + track.settings.level_lu - lufs);
+            track.settings.gain_db += gain;
+            (track.loudness_lufs, track.auto_gain_db) = (sound.integrated_lufs(), Some(gain));
+        }
+    }
+    observer.progress(Stage::LoadingStems, 1.0);
+    let (Some(stem), Some(sound)) = (reference, reference_sound.first()) else { return Ok(None) };
+    let silent = || SettingsError { field: "master.reference".into(), reason: format!("stem \"{}\" is silent: it has no loudness or spectrum to match", stem.name) };
+    let (Some(integrated_lufs), Some(levels)) = (sound.integrated_lufs(), sound.normalised_levels()) else { return Err(silent().into()) };
+    Ok(Some(Reference { stem, integrated_lufs, levels, width_ratio: sound.spectrum.as_ref().and_then(Spectrum::width_ratio) }))
 }
 
 fn end_frame(track: &Track, rate: u32) -> u64 {
@@ -193,7 +324,14 @@ fn excerpt(track: &Track, rate: u32, frames: usize, observer: &dyn MixObserver) 
 ///
 /// Tracks are processed and summed together here, so `processing_tracks` covers both and
 /// `mixing` marks the end of the sum.
-fn render_bus(tracks: &[Track], master: &MasterSettings, rate: u32, scratch: &Path, observer: &dyn MixObserver) -> Result<(Premastered, Vec<u64>), AudioError> {
+fn render_bus(
+    tracks: &[Track],
+    master: &MasterSettings,
+    rate: u32,
+    scratch: &Path,
+    mut spectrum: Option<&mut SpectrumMeter>,
+    observer: &dyn MixObserver,
+) -> Result<(Premastered, Vec<u64>), AudioError> {
     observer.progress(Stage::ProcessingTracks, 0.0);
     // A muted track still sets the length of the mix, as it does in a DAW.
     let length = tracks.iter().map(|t| end_frame(t, rate)).max().unwrap_or(0);
@@ -209,6 +347,9 @@ fn render_bus(tracks: &[Track], master: &MasterSettings, rate: u32, scratch: &Pa
         let frames = (length - start).min(BLOCK as u64) as usize;
         render_segment(&mut streams, start, frames, &mut segment)?;
         premaster.push(&mut segment)?;
+        if let Some(spectrum) = spectrum.as_deref_mut() {
+            spectrum.push(&segment.left, &segment.right);
+        }
         let done: u64 = streams.iter().map(|s| s.frames_read).sum();
         observer.progress(Stage::ProcessingTracks, (done as f64 / total_work as f64).min(1.0));
     }

@@ -16,8 +16,18 @@ pub struct MixSettings {
     /// Per-track settings keyed by stem id or by the stem's file name.
     pub tracks: BTreeMap<String, TrackSettings>,
     pub align: AlignMode,
+    pub auto: AutoSettings,
     pub master: MasterSettings,
     pub output: OutputSettings,
+}
+
+/// What mixd decides for the user.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(default, deny_unknown_fields)]
+pub struct AutoSettings {
+    /// Brings every audible stem to a common loudness (BS.1770, gated) before its `gain_db`,
+    /// offset by its `level_lu`.
+    pub balance: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -32,11 +42,15 @@ pub struct TrackSettings {
     pub offset_ms: f64,
     pub eq: Vec<EqBand>,
     pub compressor: Option<CompressorSettings>,
+    /// With `auto.balance`: where this stem sits against the common level, in LU (-6 puts it 6
+    /// LU under the others).
+    #[schema(minimum = -40, maximum = 40)]
+    pub level_lu: f64,
 }
 
 impl Default for TrackSettings {
     fn default() -> Self {
-        Self { gain_db: 0.0, pan: 0.0, mute: false, solo: false, offset_ms: 0.0, eq: Vec::new(), compressor: None }
+        Self { gain_db: 0.0, pan: 0.0, mute: false, solo: false, offset_ms: 0.0, eq: Vec::new(), compressor: None, level_lu: 0.0 }
     }
 }
 
@@ -95,15 +109,33 @@ impl Default for CompressorSettings {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(default, deny_unknown_fields)]
 pub struct MasterSettings {
-    pub target_lufs: f64,
+    /// Default -14, or with a `reference` its loudness; given, it wins over the reference's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false, minimum = -70, maximum = -5)]
+    pub target_lufs: Option<f64>,
     pub true_peak_dbtp: f64,
     pub eq: Vec<EqBand>,
     pub compressor: Option<CompressorSettings>,
+    /// A stem (id or file name) that no track plays, whose loudness, tonal balance and stereo
+    /// width the master matches.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub reference: Option<String>,
 }
+
+/// The loudness a master aims at when neither a target nor a reference says otherwise.
+pub const DEFAULT_TARGET_LUFS: f64 = -14.0;
 
 impl Default for MasterSettings {
     fn default() -> Self {
-        Self { target_lufs: -14.0, true_peak_dbtp: -1.0, eq: Vec::new(), compressor: None }
+        Self { target_lufs: None, true_peak_dbtp: -1.0, eq: Vec::new(), compressor: None, reference: None }
+    }
+}
+
+impl MasterSettings {
+    /// The loudness aimed at without a reference.
+    pub fn target(&self) -> f64 {
+        self.target_lufs.unwrap_or(DEFAULT_TARGET_LUFS)
     }
 }
 
@@ -278,9 +310,14 @@ impl ValidSettings {
 
     /// How long the mix of `stems` (each with its length in seconds) lasts before alignment:
     /// until the latest-ending stem ends, muted ones too, each moved by its `offset_ms` (a
-    /// negative one cuts its start), as the engine lays the tracks out.
+    /// negative one cuts its start), as the engine lays the tracks out. A reference is not played
+    /// and sets no length.
     pub fn length_s<'a>(&self, stems: impl IntoIterator<Item = (&'a StemSource, f64)>) -> f64 {
-        stems.into_iter().map(|(stem, seconds)| (seconds + self.settings.track_for(stem).offset_ms / 1000.0).max(0.0)).fold(0.0, f64::max)
+        stems
+            .into_iter()
+            .filter(|(stem, _)| !self.settings.is_reference(stem))
+            .map(|(stem, seconds)| (seconds + self.settings.track_for(stem).offset_ms / 1000.0).max(0.0))
+            .fold(0.0, f64::max)
     }
 }
 
@@ -303,11 +340,30 @@ impl MixSettings {
     /// stems, and every EQ band against the Nyquist frequency of the output rate, which is decided
     /// here and only here (`output.sample_rate`, or else the highest stem rate).
     pub fn validate(self, stems: &[StemSource], highest_stem_rate: u32) -> Result<ValidSettings, SettingsError> {
+        let reference = match &self.master.reference {
+            Some(key) => {
+                let Some(reference) = stems.iter().find(|s| s.id == *key || s.name == *key) else {
+                    return Err(SettingsError::new("master.reference", "no stem has this id or file name"));
+                };
+                if stems.iter().all(|s| s == reference) {
+                    return Err(SettingsError::new("master.reference", "the project has no other stem to mix"));
+                }
+                Some(reference)
+            }
+            None => None,
+        };
         for (key, track) in &self.tracks {
-            if !stems.iter().any(|s| s.id == *key || s.name == *key) {
+            let Some(stem) = stems.iter().find(|s| s.id == *key || s.name == *key) else {
                 return Err(SettingsError::new(format!("tracks.{key}"), "no stem has this id or file name"));
+            };
+            if Some(stem) == reference {
+                return Err(SettingsError::new(format!("tracks.{key}"), "this stem is master.reference, which no track plays"));
             }
             let at = |field: &str| format!("tracks.{key}.{field}");
+            check_range(track.level_lu, -40.0, 40.0, &at("level_lu"))?;
+            if track.level_lu != 0.0 && !self.auto.balance {
+                return Err(SettingsError::new(at("level_lu"), "applies only with auto.balance"));
+            }
             check_range(track.gain_db, -96.0, 48.0, &at("gain_db"))?;
             check_range(track.pan, -1.0, 1.0, &at("pan"))?;
             check_range(track.offset_ms, -600_000.0, 600_000.0, &at("offset_ms"))?;
@@ -316,7 +372,9 @@ impl MixSettings {
                 validate_compressor(comp, &at("compressor"))?;
             }
         }
-        check_range(self.master.target_lufs, -70.0, -5.0, "master.target_lufs")?;
+        if let Some(target) = self.master.target_lufs {
+            check_range(target, -70.0, -5.0, "master.target_lufs")?;
+        }
         check_range(self.master.true_peak_dbtp, -20.0, 0.0, "master.true_peak_dbtp")?;
         validate_eq(&self.master.eq, "master.eq")?;
         if let Some(comp) = &self.master.compressor {
@@ -346,6 +404,11 @@ impl MixSettings {
     /// The settings of the track for this stem: by id first, then by file name.
     pub fn track_for(&self, stem: &StemSource) -> TrackSettings {
         self.tracks.get(&stem.id).or_else(|| self.tracks.get(&stem.name)).cloned().unwrap_or_default()
+    }
+
+    /// Whether `stem` is `master.reference`, which no track plays.
+    pub fn is_reference(&self, stem: &StemSource) -> bool {
+        self.master.reference.as_ref().is_some_and(|key| *key == stem.id || *key == stem.name)
     }
 }
 
@@ -418,7 +481,8 @@ mod tests {
     fn empty_body_means_defaults() {
         let settings = MixSettings::from_json(b"").unwrap();
         assert_eq!(settings, MixSettings::default());
-        assert_eq!(settings.master.target_lufs, -14.0);
+        assert_eq!((settings.master.target_lufs, settings.master.target()), (None, -14.0));
+        assert_eq!((settings.auto.balance, settings.master.reference), (false, None));
         assert_eq!(settings.output.bit_depth, BitDepth::Int24);
         assert_eq!(settings.output.formats, [FormatSettings { format: Format::Wav, bitrate_kbps: None }, FormatSettings { format: Format::Opus, bitrate_kbps: None }]);
         assert_eq!(settings.output.formats[1].bitrate(), Some(160));
@@ -490,6 +554,27 @@ mod tests {
         assert_eq!(serde_json::from_value::<ValidSettings>(json).unwrap(), valid);
         // Plain settings are not mistaken for validated ones (the job store tells its rows apart so).
         assert!(serde_json::from_value::<ValidSettings>(serde_json::to_value(&settings).unwrap()).is_err());
+    }
+
+    #[test]
+    fn a_reference_is_a_stem_no_track_plays_and_level_lu_needs_balance() {
+        let two = vec![stems().remove(0), StemSource { id: "b2".into(), name: "ref.flac".into(), path: "/nonexistent".into() }];
+        let check = |json: &[u8], on: &[StemSource]| MixSettings::from_json(json).and_then(|s| s.validate(on, 48_000)).map(|_| ()).map_err(|err| (err.field, err.reason));
+        let refused = |field: &str, reason: &str| Err((field.to_string(), reason.to_string()));
+        assert_eq!(check(br#"{"master": {"reference": "ref.flac"}}"#, &two), Ok(()));
+        assert_eq!(check(br#"{"master": {"reference": "b2"}, "tracks": {"drums.wav": {"gain_db": -3}}}"#, &two), Ok(()));
+        assert_eq!(
+            check(br#"{"master": {"reference": "b2"}, "tracks": {"ref.flac": {}}}"#, &two),
+            refused("tracks.ref.flac", "this stem is master.reference, which no track plays")
+        );
+        assert_eq!(check(br#"{"master": {"reference": "missing.wav"}}"#, &two), refused("master.reference", "no stem has this id or file name"));
+        assert_eq!(check(br#"{"master": {"reference": "a1"}}"#, &stems()), refused("master.reference", "the project has no other stem to mix"));
+        assert_eq!(check(br#"{"auto": {"balance": true}, "tracks": {"a1": {"level_lu": -6}}}"#, &two), Ok(()));
+        assert_eq!(check(br#"{"auto": {"balance": true}, "tracks": {"a1": {"level_lu": -41}}}"#, &two), refused("tracks.a1.level_lu", "-41 is outside -40..=40"));
+        assert_eq!(check(br#"{"tracks": {"a1": {"level_lu": -6}}}"#, &two), refused("tracks.a1.level_lu", "applies only with auto.balance"));
+        // The reference sets no length: only the stems played do.
+        let valid = MixSettings::from_json(br#"{"master": {"reference": "ref.flac"}}"#).unwrap().validate(&two, 48_000).unwrap();
+        assert_eq!(valid.length_s([(&two[0], 30.0), (&two[1], 300.0)]), 30.0);
     }
 
     #[test]

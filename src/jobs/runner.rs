@@ -176,7 +176,7 @@ struct JobRun {
 }
 
 enum Ending {
-    Mixed { report: MixReport, delivered: Vec<Delivered>, outputs: Outputs },
+    Mixed { report: Box<MixReport>, delivered: Vec<Delivered>, outputs: Outputs },
     Failed(JobChange),
 }
 
@@ -325,8 +325,9 @@ impl JobRun {
         match outcome {
             Ok(Ok(_)) | Ok(Err(AudioError::Canceled)) if self.stopped() => None,
             Ok(Ok((report, delivered))) => {
-                self.analyse(&outputs.master, staged.analysis(), ceiling).await;
-                Some(Ending::Mixed { report, delivered, outputs })
+                let reference_db = report.reference.as_ref().map(|reference| reference.levels_db.clone());
+                self.analyse(&outputs.master, staged.analysis(), ceiling, reference_db).await;
+                Some(Ending::Mixed { report: Box::new(report), delivered, outputs })
             }
             Ok(Err(AudioError::Canceled)) => None,
             Ok(Err(err)) => {
@@ -359,13 +360,13 @@ impl JobRun {
 
     /// Writes the result's analysis to `target` (on the engine's threads: it reads the whole file).
     /// A failure is logged and the mix still completes: the page then draws no waveform.
-    async fn analyse(&self, result: &Path, target: PathBuf, ceiling: f64) {
+    async fn analyse(&self, result: &Path, target: PathBuf, ceiling: f64, reference_db: Option<Vec<Option<f64>>>) {
         let result = result.to_path_buf();
         let written = self
             .runner
             .engine
             .run(move || -> Result<(), String> {
-                let analysis = audio::analyse(&result, ceiling).map_err(|err| err.to_string())?;
+                let analysis = audio::analyse(&result, ceiling, reference_db.as_deref()).map_err(|err| err.to_string())?;
                 let json = serde_json::to_vec(&analysis).map_err(|err| err.to_string())?;
                 std::fs::write(&target, json).map_err(|err| err.to_string())
             })
@@ -381,7 +382,7 @@ impl JobRun {
     /// written (the lease is gone).
     async fn end(&self, writer: &mut Writer, staged: &Staged, ending: Ending) -> bool {
         match ending {
-            Ending::Mixed { report, delivered, outputs } => self.publish(writer, staged, report, delivered, outputs).await,
+            Ending::Mixed { report, delivered, outputs } => self.publish(writer, staged, *report, delivered, outputs).await,
             Ending::Failed(change) => writer.write(change).await,
         }
     }

@@ -1,4 +1,4 @@
-// Drawing a mix from its analysis.json (peaks, short-term loudness, ceiling hits): the page never
+// Drawing a mix from its analysis.json (peaks, short-term loudness, ceiling hits, spectrum): the page never
 // downloads the WAV for this; only the player streams it.
 
 const accent = () => getComputedStyle(document.documentElement).getPropertyValue('--accent').trim() || '#5fb3ff';
@@ -60,4 +60,35 @@ export function drawLoudness(canvas, analysis, targetLufs) {
   });
   context.stroke();
   canvas.dataset.drawn = 'true';
+}
+
+/**
+ * The mix's 1/3-octave spectrum over the reference's (dashed) when it matched one: levels relative
+ * to each file's loudness, on a log-frequency axis.
+ */
+export function drawSpectrum(canvas, analysis) {
+  const { bands_hz: bands, mix_db: mix, reference_db: reference } = analysis.spectrum;
+  const context = canvas.getContext('2d');
+  const levels = [...mix, ...(reference || [])].filter((db) => db !== null);
+  const top = Math.ceil(Math.max(0, ...levels) / 6) * 6;
+  const bottom = top - 48;
+  const x = (i) => ((Math.log(bands[i]) - Math.log(bands[0])) / (Math.log(bands[bands.length - 1]) - Math.log(bands[0]))) * (canvas.width - 8) + 4;
+  const y = (db) => ((top - Math.max(bottom, Math.min(top, db))) / (top - bottom)) * canvas.height;
+  context.clearRect(0, 0, canvas.width, canvas.height);
+  const line = (values, color, dash) => {
+    context.strokeStyle = color;
+    context.setLineDash(dash);
+    context.beginPath();
+    let drawing = false;
+    values.forEach((db, i) => {
+      if (db === null) { drawing = false; return; }
+      if (drawing) context.lineTo(x(i), y(db)); else context.moveTo(x(i), y(db));
+      drawing = true;
+    });
+    context.stroke();
+  };
+  if (reference) line(reference, warning(), [4, 4]);
+  line(mix, accent(), []);
+  context.setLineDash([]);
+  canvas.dataset.drawn = reference ? 'with-reference' : 'true';
 }

@@ -121,7 +121,7 @@ fn the_master_hits_loudness_targets_under_the_true_peak_ceiling_by_ffmpegs_meter
         stems.iter().map(|(name, source, args)| StemSource { id: name.to_string(), name: name.to_string(), path: make_audio(dir.path(), name, source, args) }).collect();
     for (target, ceiling) in [(-23.0, -1.0), (-16.0, -1.0), (-14.0, -1.0), (-9.0, -1.0), (-14.0, -2.0)] {
         let mut settings = MixSettings::default();
-        settings.master.target_lufs = target;
+        settings.master.target_lufs = Some(target);
         settings.master.true_peak_dbtp = ceiling;
         let output = dir.path().join(format!("mix{target}{ceiling}.wav"));
         let report = mix_wav(&sources, settings, &output);

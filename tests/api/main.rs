@@ -16,6 +16,7 @@ mod helpers;
 mod jobs;
 mod limits;
 mod load;
+mod matching;
 mod media;
 mod objects;
 mod restart;

@@ -487,6 +487,29 @@ test('a finished mix is drawn from its analysis; a fresh load has no errors and 
   await page.close();
 });
 
+test('a reference picked from the stems is matched, not mixed: both spectra are plotted and each stem shows its auto gain', async () => {
+  const page = await context.newPage();
+  await page.goto(`${server.base}/#matched`);
+  await page.setInputFiles('#file-input', stems);
+  await page.waitForFunction((n) => document.querySelectorAll('#reference option').length === n + 1, stems.length, { timeout: DEADLINE_MS });
+  const offered = await page.$$eval('#reference option', (options) => options.map((o) => o.textContent));
+  assert.deepEqual([offered[0], ...offered.slice(1).sort()], ['None', 'bass.flac', 'drums.wav', 'pad.wav']);
+  await page.selectOption('#reference', { label: 'pad.wav' });
+  assert.equal(await page.isDisabled('#target-lufs'), true, "the reference's loudness is the target");
+  await page.check('#auto-balance');
+  await page.click('#start-mix');
+  await page.waitForSelector('.job[data-state=complete]', { timeout: DEADLINE_MS });
+  await page.waitForFunction(() => document.querySelector('.job[data-state=complete] canvas.spectrum')?.dataset.drawn === 'with-reference', null, { timeout: DEADLINE_MS });
+  const rows = await page.$$eval('.job[data-state=complete] .report div', (divs) => divs.map((div) => div.textContent));
+  assert.ok(rows.some((row) => /^Referencepad\.wav · -\d+\.\d LUFS$/.test(row)), `${rows}`);
+  assert.ok(rows.some((row) => /^Tonal match\d+\.\d\d dB → \d+\.\d\d dB off the reference$/.test(row)), `${rows}`);
+  const gains = rows.filter((row) => row.startsWith('Auto gain'));
+  assert.equal(gains.length, 2, `the two stems mixed, not the reference: ${gains}`);
+  const named = gains.map((row) => row.match(/^Auto gain · (drums\.wav|bass\.flac)[+-]\d+\.\d dB \(-\d+\.\d LUFS as uploaded\)$/)?.[1]).sort();
+  assert.deepEqual(named, ['bass.flac', 'drums.wav'], `${gains}`);
+  await page.close();
+});
+
 test('two finished mixes play A/B at the same position with their reports side by side', async () => {
   await mixedProject(server.base, 'compared');
   const page = await context.newPage();
