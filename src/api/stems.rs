@@ -241,9 +241,13 @@ async fn reserve(app: &AppState, project: &ProjectId, bytes: u64) -> Result<Rese
     let quota = app.config.project_quota_bytes();
     // One statement when the project's usage is on record; only a refusal asks whether it is.
     let mut reserved = store.reserve_bytes(project, bytes, quota).await?;
-    if !reserved && !store.usage_known(project).await? {
-        let stems = app.stems.list(project).await.map_err(ApiError::media)?;
-        store.start_usage(project, stems.iter().map(|stem| (stem.stem_id, stem.size_bytes)).collect()).await?;
+    if !reserved {
+        if !store.usage_known(project).await? {
+            let stems = app.stems.list(project).await.map_err(ApiError::media)?;
+            store.start_usage(project, stems.iter().map(|stem| (stem.stem_id, stem.size_bytes)).collect()).await?;
+        }
+        // Asked again even when another upload put the usage on record after the refusal: the
+        // refusal may have found no record, not too little room.
         reserved = store.reserve_bytes(project, bytes, quota).await?;
     }
     if !reserved {

@@ -208,3 +208,23 @@ async fn an_upload_past_the_project_quota_is_refused_413_and_nothing_of_it_is_ke
     let metrics = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
     assert!(metrics.contains("mixd_refusals_total{code=\"QUOTA_EXCEEDED\"} 2\n"), "{metrics}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_at_once_to_a_new_project_are_each_counted_and_none_is_refused_under_the_quota() {
+    let fixtures = tempfile::tempdir().unwrap();
+    let stem = crate::helpers::make_audio(fixtures.path(), "one.wav", "sine=f=440:r=8000:d=0.1", &[]);
+    let size = std::fs::metadata(&stem).unwrap().len();
+    const AT_ONCE: usize = 8;
+    // Room for exactly the uploads at once, and not one more.
+    let quota_gb = (AT_ONCE as f64 + 0.5) * size as f64 / 1e9;
+    let app = spawn_app_with(|config| config.project_quota_gb = Some(quota_gb)).await;
+    // No project has its usage on record yet: the first refusals find no record, and each must ask
+    // again once another upload has started it, not answer QUOTA_EXCEEDED. Many projects, so that
+    // the race is run many times.
+    for project in (0..24).map(|n| format!("fresh-{n}")) {
+        let statuses: Vec<u16> = futures_util::future::join_all((0..AT_ONCE).map(|_| async { app.upload(&project, &[&stem]).await.0 })).await;
+        assert_eq!(statuses, vec![201; AT_ONCE], "{project}");
+        let (status, refused) = app.upload(&project, &[&stem]).await;
+        assert_eq!((status, refused["error"].as_str()), (413, Some("QUOTA_EXCEEDED")), "{refused}");
+    }
+}
