@@ -14,6 +14,10 @@ const page = {
   project: null,
   /** Bumped by every project switch: an answer for an earlier project is dropped. */
   generation: 0,
+  /** Settles when the page knows its project: files picked before that wait for it. */
+  opened: null,
+  /** Bumped by every stems request: an answer overtaken by a later one is dropped. */
+  stemsRequest: 0,
   stems: [],
   tracks: {},
   jobs: new Map(),
@@ -81,8 +85,9 @@ async function openProject(id) {
 }
 
 async function loadStems(generation = page.generation) {
+  const request = ++page.stemsRequest;
   const answer = await api('GET', `/projects/${page.project}/stems`);
-  if (generation !== page.generation) return;
+  if (generation !== page.generation || request !== page.stemsRequest) return;
   page.stems = answer.ok ? answer.data.stems : [];
   renderStems();
 }
@@ -189,9 +194,12 @@ function uploadFile(file) {
   });
 }
 
-async function uploadFiles(files) {
+async function uploadFiles(fileList) {
+  // Copied first: the input is cleared as soon as this returns its promise.
+  const files = [...fileList];
+  await page.opened;
   if (!page.project || files.length === 0) return;
-  const results = await Promise.all([...files].map(uploadFile));
+  const results = await Promise.all(files.map(uploadFile));
   if (results.some(Boolean)) {
     await loadStems();
     connectLive();
@@ -583,8 +591,13 @@ function wire() {
 
 async function start() {
   wire();
+  let known;
+  page.opened = new Promise((resolve) => { known = resolve; });
   const identity = await whoAmI();
-  if (!identity) return showSignIn();
+  if (!identity) {
+    known();
+    return showSignIn();
+  }
   if (identity.kind !== 'open') {
     $('#identity-name').textContent = describe(identity);
     $('#identity').hidden = false;
@@ -599,6 +612,7 @@ async function start() {
   }
   const initial = identity.kind === 'token' ? identity.project_id : decodeURIComponent(location.hash.slice(1));
   if (initial) openProject(initial);
+  known();
   await loadProjects();
 }
 
