@@ -324,8 +324,9 @@ impl JobRun {
         let outcome = self.runner.engine.run(move || span.in_scope(|| audio::mix(&stems, &settings, &engine_outputs, &observer))).await;
         match outcome {
             Ok(Ok(_)) | Ok(Err(AudioError::Canceled)) if self.stopped() => None,
-            Ok(Ok((report, delivered))) => {
-                let reference_db = report.reference.as_ref().map(|reference| reference.levels_db.clone());
+            Ok(Ok((mut report, delivered))) => {
+                // Taken out, so that the report published is the report stored.
+                let reference_db = report.reference.as_mut().map(|reference| std::mem::take(&mut reference.levels_db));
                 self.analyse(&outputs.master, staged.analysis(), ceiling, reference_db).await;
                 Some(Ending::Mixed { report: Box::new(report), delivered, outputs })
             }
