@@ -12,7 +12,7 @@
 //! 2. A typical user's mix: every track with an EQ band and a compressor, a master compressor,
 //!    24-bit WAV at the stems' 44.1 kHz (and then with its Opus file), 8 and 32 stems of 180 s,
 //!    against ffmpeg decoding the same files two at a time (`xargs -P 2`: both cores, as a
-//!    decoder would use them).
+//!    decoder would use them). MIXD_BENCH_TYPICAL=1 runs this part alone.
 //! 3. Memory against length: the same stems at 5, 30 and 60 minutes, and 16 stems of two hours (one
 //!    file, listed 16 times: every listing is its own decoder and track). Skipped with
 //!    MIXD_BENCH_QUICK=1.
@@ -27,6 +27,10 @@ fn main() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-stems");
     std::fs::create_dir_all(&dir).unwrap();
     let out = dir.join("out.wav");
+    if std::env::var("MIXD_BENCH_TYPICAL").is_ok() {
+        typical_mixes(&dir, &out, false);
+        return;
+    }
 
     println!("| stems | length | mixd wall | ffmpeg decode-only wall | ratio | ffmpeg amix+loudnorm wall | ratio | mixd peak RSS |");
     println!("|---|---|---|---|---|---|---|---|");
@@ -56,23 +60,7 @@ fn main() {
         );
     }
 
-    println!();
-    println!("| typical mix | stems | length | formats | mixd wall | ffmpeg decode-only, two at a time | ratio | mixd peak RSS |");
-    println!("|---|---|---|---|---|---|---|---|");
-    let typical: &[(usize, &str)] = if quick { &[(8, "wav")] } else { &[(8, "wav"), (8, "wav,opus"), (32, "wav")] };
-    for &(count, formats) in typical {
-        let seconds = 180;
-        let stems: Vec<PathBuf> = (0..count).map(|i| stem(&dir, i, seconds)).collect();
-        let settings = dir.join(format!("typical-{count}.json"));
-        std::fs::write(&settings, typical_settings(&stems).to_string()).unwrap();
-        let mut mixd = mixd_with(&stems, &out, formats);
-        mixd.arg("--settings").arg(&settings);
-        let (mixd_wall, mixd_rss) = timed(mixd);
-        let mut decode = Command::new("sh");
-        decode.arg("-c").arg("printf '%s\\0' \"$@\" | xargs -0 -P 2 -I{} ffmpeg -nostdin -loglevel error -i {} -f null -").arg("sh").args(&stems);
-        let (decode_wall, _) = timed(decode);
-        println!("| | {count} | {seconds} s | {formats} | {mixd_wall:.2} s | {decode_wall:.2} s | {:.2} | {:.0} MB |", mixd_wall / decode_wall, mixd_rss / 1024.0);
-    }
+    typical_mixes(&dir, &out, quick);
     if quick {
         return;
     }
@@ -89,6 +77,27 @@ fn main() {
         println!("| {count} | {} min | {wall:.1} s | {:.0} MB | {:.2}x |", seconds / 60, rss / 1024.0, rss / base);
     }
     let _ = std::fs::remove_file(&out);
+}
+
+/// The typical user's mix (part 2) against ffmpeg decode-only, two stems at a time.
+fn typical_mixes(dir: &Path, out: &Path, quick: bool) {
+    println!();
+    println!("| typical mix: stems | length | formats | mixd wall | ffmpeg decode-only, two at a time | ratio | mixd peak RSS |");
+    println!("|---|---|---|---|---|---|---|");
+    let typical: &[(usize, &str)] = if quick { &[(8, "wav")] } else { &[(8, "wav"), (8, "wav,opus"), (32, "wav")] };
+    for &(count, formats) in typical {
+        let seconds = 180;
+        let stems: Vec<PathBuf> = (0..count).map(|i| stem(dir, i, seconds)).collect();
+        let settings = dir.join(format!("typical-{count}.json"));
+        std::fs::write(&settings, typical_settings(&stems).to_string()).unwrap();
+        let mut mixd = mixd_with(&stems, out, formats);
+        mixd.arg("--settings").arg(&settings);
+        let (mixd_wall, mixd_rss) = timed(mixd);
+        let mut decode = Command::new("sh");
+        decode.arg("-c").arg("printf '%s\\0' \"$@\" | xargs -0 -P 2 -I{} ffmpeg -nostdin -loglevel error -i {} -f null -").arg("sh").args(&stems);
+        let (decode_wall, _) = timed(decode);
+        println!("| {count} | {seconds} s | {formats} | {mixd_wall:.2} s | {decode_wall:.2} s | {:.2} | {:.0} MB |", mixd_wall / decode_wall, mixd_rss / 1024.0);
+    }
 }
 
 fn mixd(stems: &[PathBuf], out: &Path) -> Command {
