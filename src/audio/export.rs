@@ -59,6 +59,9 @@ pub struct WavSink {
     partial: PartialFile,
     depth: BitDepth,
     dither: Tpdf,
+    /// Samples quantised and not yet written, interleaved: integers, or floats for a float file.
+    integers: Vec<i32>,
+    floats: Vec<f32>,
 }
 
 impl WavSink {
@@ -72,31 +75,43 @@ impl WavSink {
         let partial = PartialFile::create(temporary)?;
         let file = partial.file.try_clone().map_err(AudioError::Export)?;
         let writer = WavWriter::new(BufWriter::with_capacity(1 << 20, file), spec).map_err(hound_error)?;
-        Ok(Self { writer, partial, depth, dither: Tpdf::new(0x6d69_7864) })
+        Ok(Self { writer, partial, depth, dither: Tpdf::new(0x6d69_7864), integers: Vec::new(), floats: Vec::new() })
     }
 
-    /// Writes the frames, and leaves in `segment` exactly what a reader of the file will get
-    /// back: the samples after quantisation and dither.
-    pub fn write(&mut self, segment: &mut StereoBuffer) -> Result<(), AudioError> {
-        let writer = &mut self.writer;
+    /// Quantises (and dithers) the frames for the file, and leaves in `segment` exactly what a
+    /// reader of the file will get back. [`WavSink::write_quantised`] writes them: apart, so
+    /// that a meter can read `segment` while they are written.
+    pub fn quantise(&mut self, segment: &mut StereoBuffer) {
+        self.integers.clear();
+        self.floats.clear();
         for (l, r) in segment.left.iter_mut().zip(segment.right.iter_mut()) {
             for x in [l, r] {
                 match self.depth {
                     BitDepth::Int16 => {
                         let value = quantize(*x, 15, self.dither.next());
-                        writer.write_sample(value as i16).map_err(hound_error)?;
+                        self.integers.push(value);
                         *x = value as f32 / 32_768.0;
                     }
                     BitDepth::Int24 => {
                         let value = quantize(*x, 23, 0.0);
-                        writer.write_sample(value).map_err(hound_error)?;
+                        self.integers.push(value);
                         *x = value as f32 / 8_388_608.0;
                     }
-                    BitDepth::Float32 => writer.write_sample(*x).map_err(hound_error)?,
+                    BitDepth::Float32 => self.floats.push(*x),
                 }
             }
         }
-        Ok(())
+    }
+
+    /// Writes what [`WavSink::quantise`] made.
+    pub fn write_quantised(&mut self) -> Result<(), AudioError> {
+        let writer = &mut self.writer;
+        match self.depth {
+            BitDepth::Int16 => self.integers.iter().try_for_each(|&value| writer.write_sample(value as i16)),
+            BitDepth::Int24 => self.integers.iter().try_for_each(|&value| writer.write_sample(value)),
+            BitDepth::Float32 => self.floats.iter().try_for_each(|&value| writer.write_sample(value)),
+        }
+        .map_err(hound_error)
     }
 
     /// Completes the header and fsyncs the file.
@@ -178,7 +193,8 @@ mod tests {
         let (path, temporary) = (dir.path().join("mix.wav"), dir.path().join(".mix.wav.partial"));
         let mut segment = StereoBuffer { left: vec![0.25; 1000], right: vec![-0.25; 1000] };
         let mut sink = WavSink::create(&temporary, 48_000, BitDepth::Int24).unwrap();
-        sink.write(&mut segment).unwrap();
+        sink.quantise(&mut segment);
+        sink.write_quantised().unwrap();
         sink.finish().unwrap();
         publish(&temporary, &path).unwrap();
         let written = std::fs::read(&path).unwrap();
@@ -189,7 +205,8 @@ mod tests {
         assert!(!temporary.exists());
 
         let mut abandoned = WavSink::create(&temporary, 48_000, BitDepth::Int16).unwrap();
-        abandoned.write(&mut segment).unwrap();
+        abandoned.quantise(&mut segment);
+        abandoned.write_quantised().unwrap();
         assert!(temporary.exists());
         drop(abandoned);
         assert_eq!(std::fs::read(&path).unwrap(), written, "the old file is untouched");

@@ -12,12 +12,12 @@
 //! measurement is the report, and it is checked: were the written true peak over the ceiling,
 //! pass two runs again with the excess taken out.
 
-use std::cell::Cell;
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::Mutex;
 
 use ebur128::{EbuR128, Mode};
 use serde::{Deserialize, Serialize};
@@ -29,6 +29,7 @@ use super::export::{max_quantisation_error, WavSink};
 use super::loudness::{step_frames, Gating, KWeighting};
 use super::matching::{MatchingEq, MatchingFilter};
 use super::settings::{BitDepth, Format, FormatSettings, MasterSettings};
+use super::spectrum::{Spectrum, SpectrumMeter};
 use super::true_peak::{self, Limiter, PeakDetector, METER_REACH};
 use super::{AudioError, MixObserver, Stage};
 
@@ -103,7 +104,10 @@ pub struct Premaster {
     rate: u32,
     strip: ChannelStrip,
     weighting: KWeighting,
-    detector: PeakDetector,
+    /// None before a matching pass, which finds the peaks of what it makes.
+    detector: Option<PeakDetector>,
+    /// The bus's spectrum, metered for a matching pass to follow.
+    spectrum: Option<SpectrumMeter>,
     chunk_frames: usize,
     spill: BufWriter<File>,
     summary: BufWriter<File>,
@@ -126,7 +130,8 @@ impl Premaster {
             rate,
             strip: ChannelStrip::new(&settings.eq, settings.compressor.as_ref(), rate),
             weighting: KWeighting::new(rate),
-            detector: PeakDetector::new(rate),
+            detector: Some(PeakDetector::new(rate)),
+            spectrum: None,
             chunk_frames: chunk_frames(rate),
             spill: BufWriter::with_capacity(1 << 20, unnamed()?),
             summary: BufWriter::with_capacity(1 << 16, unnamed()?),
@@ -137,6 +142,13 @@ impl Premaster {
             chunks: 0,
             peak: 0.0,
         })
+    }
+
+    /// Pass one of a mix to be matched to a reference ([`Premastered::rematch`] must follow): the
+    /// bus's spectrum is metered, and its true peaks are not, since the matching pass reads the
+    /// peaks of what it makes.
+    pub fn before_matching(settings: &MasterSettings, rate: u32, scratch: &Path) -> Result<Self, AudioError> {
+        Ok(Self { detector: None, spectrum: Some(SpectrumMeter::new(rate)), ..Self::new(settings, rate, scratch)? })
     }
 
     /// The next segment of the bus (at most [`BLOCK`] frames; only the last may be shorter).
@@ -155,8 +167,19 @@ impl Premaster {
 
         let from = self.energies.len();
         self.energies.resize(from + segment.len(), 0.0);
-        let (weighting, energies, detector, peaks) = (&mut self.weighting, &mut self.energies[from..], &mut self.detector, &mut self.peaks);
-        rayon::join(|| weighting.add_energy(&segment.left, &segment.right, energies), || detector.push(&segment.left, &segment.right, peaks));
+        let (weighting, energies, detector, peaks, spectrum) = (&mut self.weighting, &mut self.energies[from..], &mut self.detector, &mut self.peaks, &mut self.spectrum);
+        rayon::join(
+            || weighting.add_energy(&segment.left, &segment.right, energies),
+            || {
+                match detector {
+                    Some(detector) => detector.push(&segment.left, &segment.right, peaks),
+                    None => peaks.resize(peaks.len() + segment.len(), 0.0),
+                }
+                if let Some(spectrum) = spectrum {
+                    spectrum.push(&segment.left, &segment.right);
+                }
+            },
+        );
         self.write_chunks(false)
     }
 
@@ -183,7 +206,9 @@ impl Premaster {
 
     /// Ends pass one.
     pub fn finish(mut self) -> Result<Premastered, AudioError> {
-        self.detector.finish(&mut self.peaks);
+        if let Some(detector) = &mut self.detector {
+            detector.finish(&mut self.peaks);
+        }
         self.write_chunks(true)?;
         let into_file = |writer: BufWriter<File>| writer.into_inner().map_err(|err| AudioError::Export(err.into_error()));
         Ok(Premastered {
@@ -192,6 +217,9 @@ impl Premaster {
             frames: self.frames,
             chunks: self.chunks,
             peak: self.peak,
+            peaks_read: self.detector.is_some(),
+            spectrum: self.spectrum.map(SpectrumMeter::finish),
+            matched: false,
             spill: into_file(self.spill)?,
             summary: into_file(self.summary)?,
         })
@@ -206,14 +234,30 @@ pub struct Premastered {
     chunks: u64,
     /// The largest true peak of the bus.
     peak: f32,
+    /// False before a matching pass: the summary's peaks are then zeros, no bound on anything.
+    peaks_read: bool,
+    /// The bus's spectrum, when pass one metered it.
+    spectrum: Option<Spectrum>,
+    /// Made by a matching pass: what is written is metered for its spectrum too.
+    matched: bool,
     spill: File,
     summary: File,
+}
+
+/// What the master made: its loudness, its spectrum as written when it was matched to a
+/// reference, and each file as delivered, in order.
+pub struct Mastered {
+    pub loudness: Loudness,
+    pub spectrum: Option<Spectrum>,
+    pub delivered: Vec<Delivered>,
 }
 
 /// What a render wrote: its loudness, and its true peak (linear) as the detector read it.
 struct Written {
     loudness: Loudness,
     peak: f32,
+    /// The spectrum of what was written, for a matched master.
+    spectrum: Option<Spectrum>,
     /// Frames the detector read: those of the chunks that may hold the peak.
     frames_read: u64,
 }
@@ -236,36 +280,42 @@ impl Premastered {
         self.predict(Plan { gain: 1.0, limit: f32::MAX })
     }
 
+    /// The bus's spectrum, metered by a pass one [`Premaster::before_matching`].
+    pub fn spectrum(&self) -> Option<&Spectrum> {
+        self.spectrum.as_ref()
+    }
+
     /// Pass one again, through `eq`: the spill read back, filtered, and spilled and summarised
     /// anew in `scratch`, this one's files closing as it is dropped.
     pub fn rematch(self, eq: &MatchingEq, scratch: &Path, observer: &dyn MixObserver) -> Result<Premastered, AudioError> {
         let mut premaster = Premaster::new(&MasterSettings::default(), self.rate, scratch)?;
         let mut filter = MatchingFilter::new(eq);
         let (mut bytes, mut segment, mut filtered) = (Vec::new(), StereoBuffer::default(), StereoBuffer::default());
-        // The filter hands on what it has; the premaster takes whole blocks until the last.
-        let mut hand_on = |filtered: &mut StereoBuffer, end: bool| -> Result<(), AudioError> {
-            let whole = if end { filtered.len() } else { filtered.len() / BLOCK * BLOCK };
-            for start in (0..whole).step_by(BLOCK) {
-                let stop = (start + BLOCK).min(whole);
-                premaster.push(&mut StereoBuffer { left: filtered.left[start..stop].to_vec(), right: filtered.right[start..stop].to_vec() })?;
-            }
-            filtered.left.drain(..whole);
-            filtered.right.drain(..whole);
-            Ok(())
-        };
+        // Whole blocks of filtered bus for the premaster, which takes them while the filter makes
+        // the next.
+        let mut ready = Vec::new();
         for start in (0..self.frames).step_by(BLOCK) {
             if observer.is_cancelled() {
                 return Err(AudioError::Canceled);
             }
             let frames = (self.frames - start).min(BLOCK as u64) as usize;
-            self.read_segment(start, frames, &mut bytes, &mut segment)?;
-            filter.push(&segment, &mut filtered);
-            hand_on(&mut filtered, false)?;
+            let (filtering, pushing) = rayon::join(
+                || {
+                    self.read_segment(start, frames, &mut bytes, &mut segment)?;
+                    filter.push(&segment, &mut filtered);
+                    Ok::<_, AudioError>(())
+                },
+                || ready.drain(..).try_for_each(|mut block| premaster.push(&mut block)),
+            );
+            filtering?;
+            pushing?;
+            take_blocks(&mut filtered, &mut ready, false);
             observer.progress(Stage::Mixing, (start + frames as u64) as f64 / self.frames as f64);
         }
         filter.finish(&mut filtered);
-        hand_on(&mut filtered, true)?;
-        premaster.finish()
+        take_blocks(&mut filtered, &mut ready, true);
+        ready.drain(..).try_for_each(|mut block| premaster.push(&mut block))?;
+        Ok(Premastered { matched: true, ..premaster.finish()? })
     }
 
     /// Frames `start..start + frames` of the spill, as written.
@@ -307,12 +357,12 @@ impl Premastered {
 
     /// A limiter fed with the summary's peaks. A summary that cannot be read stops the feed and
     /// leaves the error in `failed`.
-    fn limiter<'a>(&'a self, plan: Plan, failed: &'a Cell<Option<std::io::Error>>) -> Limiter<impl FnMut() -> Option<f32> + 'a> {
+    fn limiter<'a>(&'a self, plan: Plan, failed: &'a ReadError) -> Limiter<impl FnMut() -> Option<f32> + 'a> {
         let mut records = self.records();
         let peaks = move || match records.next()? {
             Ok((_, peak)) => Some(peak),
             Err(err) => {
-                failed.set(Some(err));
+                failed.set(err);
                 None
             }
         };
@@ -332,14 +382,7 @@ impl Premastered {
     /// largest of those samples, which pass one's peaks bound, and `weight_bound` times the
     /// quantisation error of the written samples (the detector reads what the file holds). f32
     /// sums err by parts in 10^6.
-    fn chunk_bounds<'a>(
-        &'a self,
-        plan: Plan,
-        trim: f32,
-        depth: BitDepth,
-        weight_bound: f32,
-        failed: &'a Cell<Option<std::io::Error>>,
-    ) -> impl Iterator<Item = (f32, f32)> + 'a {
+    fn chunk_bounds<'a>(&'a self, plan: Plan, trim: f32, depth: BitDepth, weight_bound: f32, failed: &'a ReadError) -> impl Iterator<Item = (f32, f32)> + 'a {
         const ROUNDING: f32 = 1e-4;
         let reach = (true_peak::REACH + 1).div_ceil(self.chunk_frames) as u64;
         let gain = plan.gain * trim;
@@ -356,7 +399,7 @@ impl Premastered {
                 let peak = match records.next() {
                     Some(Ok((_, peak))) => peak,
                     Some(Err(err)) => {
-                        failed.set(Some(err));
+                        failed.set(err);
                         0.0
                     }
                     None => 0.0,
@@ -379,7 +422,7 @@ impl Premastered {
     /// The integrated loudness the mix would have under `plan`, from the summary: each chunk's
     /// K-weighted energy times the mean square of the gain over it.
     fn predict(&self, plan: Plan) -> Result<Option<f64>, AudioError> {
-        let failed = Cell::new(None);
+        let failed = ReadError::default();
         let mut limiter = self.limiter(plan, &failed);
         let mut gating = Gating::new(self.rate);
         let chunks_per_step = step_frames(self.rate) / self.chunk_frames;
@@ -404,8 +447,11 @@ impl Premastered {
 
     /// Solves gain and limiter, then writes the WAV at `outputs.master` (by way of its temporary)
     /// until what is written measures under the ceiling, and then every other file of `outputs`
-    /// ([`super::deliver`]). Returns the master's loudness and each file as delivered, in order.
-    pub fn master(self, settings: &MasterSettings, depth: BitDepth, outputs: &Outputs, observer: &dyn MixObserver) -> Result<(Loudness, Vec<Delivered>), AudioError> {
+    /// ([`super::deliver`]).
+    pub fn master(self, settings: &MasterSettings, depth: BitDepth, outputs: &Outputs, observer: &dyn MixObserver) -> Result<Mastered, AudioError> {
+        if !self.peaks_read {
+            return Err(AudioError::Internal("a bus metered for matching is mastered only once matched".into()));
+        }
         let progress = Monotonic::new(observer, Stage::Mastering);
         let aim = db_to_gain(settings.true_peak_dbtp - METER_MARGIN_DB) as f32;
         // Rounding and dither move each sample by at most `max_quantisation_error`; a meter's
@@ -447,7 +493,7 @@ impl Premastered {
         // last time only scaled, which true peak follows exactly.
         let mut trim = 1.0f32;
         for render in 0..MAX_RENDERS {
-            let Written { loudness, peak, frames_read } =
+            let Written { loudness, peak, spectrum, frames_read } =
                 self.render(plan, trim, depth, &outputs.master_temporary, &|fraction| progress.report(0.2 + 0.8 * fraction), observer)?;
             tracing::debug!(frames_read, frames = self.frames, "read the written mix's true peak");
             if peak <= aim {
@@ -456,7 +502,7 @@ impl Premastered {
                 // All or nothing: a file that fails (a full disk, a cancel) takes the ones
                 // already in place with it.
                 let delivered = self.deliver(plan, aim, max_gain_db, &master, outputs, observer).inspect_err(|_| outputs.remove_all())?;
-                return Ok((loudness, delivered));
+                return Ok(Mastered { loudness, spectrum, delivered });
             }
             tracing::debug!(render, peak_dbtp = gain_to_db(f64::from(peak)), "the written mix read over the ceiling; writing it again");
             if render + 2 < MAX_RENDERS {
@@ -623,40 +669,59 @@ impl Premastered {
         observer: &dyn MixObserver,
         mut each: impl FnMut(&mut StereoBuffer, u64) -> Result<(), AudioError>,
     ) -> Result<(), AudioError> {
-        let failed = Cell::new(None);
+        let failed = ReadError::default();
         let mut limiter = self.limiter(plan, &failed);
-        let mut bytes = Vec::new();
-        let mut segment = StereoBuffer::default();
+        let (mut bytes, mut gains) = (Vec::new(), Vec::new());
         let (mut gain, mut chunk_end_gain, mut step, mut left_in_chunk) = (0f32, 0f32, 0f32, 0usize);
         let gain_and_trim = plan.gain * trim;
-        for start in (0..self.frames).step_by(BLOCK) {
-            if observer.is_cancelled() {
-                return Err(AudioError::Canceled);
-            }
+        let mut produce = |start: u64, segment: &mut StereoBuffer| -> Result<(), AudioError> {
             let frames = (self.frames - start).min(BLOCK as u64) as usize;
             bytes.resize(8 * frames, 0);
             self.spill.read_exact_at(&mut bytes, 8 * start).map_err(AudioError::Export)?;
-            let sample = |i: usize| f32::from_le_bytes(bytes[4 * i..4 * i + 4].try_into().expect("four bytes"));
-            segment.clear();
-            for i in 0..frames {
+            // The envelope first (each frame's gain follows the one before), then the samples
+            // scaled in plain loops the compiler vectorises.
+            gains.clear();
+            for _ in 0..frames {
                 if left_in_chunk == 0 {
                     let (a, b) = limiter.next_chunk();
                     (gain, chunk_end_gain, left_in_chunk) = (a, b, self.chunk_frames);
                     step = (b - a) / self.chunk_frames as f32;
                 }
-                let g = gain_and_trim * gain;
-                segment.left.push(sample(i) * g);
-                segment.right.push(sample(frames + i) * g);
+                gains.push(gain_and_trim * gain);
                 gain += step;
                 left_in_chunk -= 1;
                 if left_in_chunk == 0 {
                     gain = chunk_end_gain;
                 }
             }
-            if let Some(err) = failed.take() {
-                return Err(AudioError::Export(err));
+            let (left, right) = bytes.split_at(4 * frames);
+            let scaled = |channel: &[u8]| -> Vec<f32> {
+                channel.chunks_exact(4).zip(&gains).map(|(sample, g)| f32::from_le_bytes(sample.try_into().expect("four bytes")) * g).collect()
+            };
+            (segment.left, segment.right) = (scaled(left), scaled(right));
+            failed.take().map_or(Ok(()), |err| Err(AudioError::Export(err)))
+        };
+        // Two stages, overlapped: the next segment is read and limited on a worker while `each`
+        // takes this one here (it need not be sendable: an encoder may not be).
+        let (mut current, mut next) = (StereoBuffer::default(), StereoBuffer::default());
+        if self.frames > 0 {
+            produce(0, &mut current)?;
+        }
+        for start in (0..self.frames).step_by(BLOCK) {
+            if observer.is_cancelled() {
+                return Err(AudioError::Canceled);
             }
-            each(&mut segment, start + frames as u64)?;
+            let (done, following) = ((start + BLOCK as u64).min(self.frames), start + BLOCK as u64);
+            let mut produced = Ok(());
+            let consumed = rayon::in_place_scope(|scope| {
+                if following < self.frames {
+                    scope.spawn(|_| produced = produce(following, &mut next));
+                }
+                each(&mut current, done)
+            });
+            consumed?;
+            produced?;
+            std::mem::swap(&mut current, &mut next);
         }
         Ok(())
     }
@@ -692,14 +757,15 @@ impl Premastered {
     fn render(&self, plan: Plan, trim: f32, depth: BitDepth, temporary: &Path, progress: &dyn Fn(f64), observer: &dyn MixObserver) -> Result<Written, AudioError> {
         let mut meter = EbuR128::new(2, self.rate, Mode::I | Mode::LRA).map_err(|err| AudioError::Internal(format!("loudness meter: {err}")))?;
         let mut detector = PeakDetector::new(self.rate);
-        let failed = Cell::new(None);
+        let mut spectrum = self.matched.then(|| SpectrumMeter::new(self.rate));
+        let failed = ReadError::default();
         let highest_lower_bound = self.chunk_bounds(plan, trim, depth, detector.weight_bound(), &failed).fold(0f32, |highest, (lower, _)| highest.max(lower));
         let mut bounds = self.chunk_bounds(plan, trim, depth, detector.weight_bound(), &failed);
         let (mut wanted, mut chunk_wanted, mut left_in_chunk) = (Vec::new(), false, 0usize);
         let (mut peaks, mut peak) = (Vec::new(), 0f32);
         let mut sink = WavSink::create(temporary, self.rate, depth)?;
         self.limited_segments(plan, trim, observer, |segment, done| {
-            sink.write(segment)?;
+            sink.quantise(segment);
             wanted.clear();
             while wanted.len() < segment.len() {
                 if left_in_chunk == 0 {
@@ -710,10 +776,18 @@ impl Premastered {
                 wanted.extend(std::iter::repeat_n(chunk_wanted, run));
                 left_in_chunk -= run;
             }
-            let (metered, ()) = rayon::join(
+            // The crate's meter is the larger part: the rest runs beside it.
+            let (metered, written) = rayon::join(
                 || meter.add_frames_planar_f32(&[&segment.left, &segment.right]),
-                || detector.push_selected(&segment.left, &segment.right, Some(&wanted), &mut peaks),
+                || {
+                    detector.push_selected(&segment.left, &segment.right, Some(&wanted), &mut peaks);
+                    if let Some(spectrum) = &mut spectrum {
+                        spectrum.push(&segment.left, &segment.right);
+                    }
+                    sink.write_quantised()
+                },
             );
+            written?;
             metered.map_err(|err| AudioError::Internal(format!("loudness meter: {err}")))?;
             peak = peaks.drain(..).fold(peak, f32::max);
             progress(done as f64 / self.frames.max(1) as f64);
@@ -731,7 +805,33 @@ impl Premastered {
             true_peak_dbtp: finite(gain_to_db(f64::from(peak))),
             loudness_range_lu: meter.loudness_range().ok().and_then(finite),
         };
-        Ok(Written { loudness, peak, frames_read: detector.frames_read() })
+        Ok(Written { loudness, peak, spectrum: spectrum.map(SpectrumMeter::finish), frames_read: detector.frames_read() })
+    }
+}
+
+/// Moves the whole blocks at the front of `filtered` (at the `end`, all of it) into `blocks`: a
+/// premaster takes whole blocks until the last.
+fn take_blocks(filtered: &mut StereoBuffer, blocks: &mut Vec<StereoBuffer>, end: bool) {
+    let whole = if end { filtered.len() } else { filtered.len() / BLOCK * BLOCK };
+    for start in (0..whole).step_by(BLOCK) {
+        let stop = (start + BLOCK).min(whole);
+        blocks.push(StereoBuffer { left: filtered.left[start..stop].to_vec(), right: filtered.right[start..stop].to_vec() });
+    }
+    filtered.left.drain(..whole);
+    filtered.right.drain(..whole);
+}
+
+/// The first error reading the summary, left by the iterators over it, which can only stop.
+#[derive(Default)]
+struct ReadError(Mutex<Option<std::io::Error>>);
+
+impl ReadError {
+    fn set(&self, err: std::io::Error) {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get_or_insert(err);
+    }
+
+    fn take(&self) -> Option<std::io::Error> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take()
     }
 }
 

@@ -11,12 +11,12 @@ use super::decode::StemReader;
 use super::deliver::{Delivered, Outputs};
 use super::dsp::audible;
 use super::export::max_frames;
-use super::master::{Loudness, Premaster, Premastered};
-use super::matching::{design, measure, Sound};
+use super::master::{Loudness, Mastered, Premaster, Premastered};
+use super::matching::{design, measure, MatchingEq, Sound};
 use super::render::{render_segment, TrackStream};
 use super::resample::RateConverter;
 use super::settings::{AlignMode, MasterSettings, MixSettings, SettingsError, TrackSettings, ValidSettings};
-use super::spectrum::{normalised, spectral_error_db, Spectrum, SpectrumMeter, BANDS};
+use super::spectrum::{normalised, spectral_error_db, Spectrum, BANDS};
 use super::{AudioError, MixObserver, Stage, StemSource};
 
 /// The share of `loading_stems` that probing takes when stems are measured after it.
@@ -131,7 +131,7 @@ pub fn mix(stems: &[StemSource], settings: &ValidSettings, outputs: &Outputs, ob
     let played: Vec<StemSource> = stems.iter().filter(|stem| !settings.is_reference(stem)).cloned().collect();
 
     let mut tracks = load_stems(&played, settings, rate, observer)?;
-    let reference = measure_stems(&mut tracks, reference, settings, observer)?;
+    balance_stems(&mut tracks, settings, observer)?;
     align_stems(&mut tracks, settings, rate, observer)?;
     // The spill and the result's temporary share the result's directory (and its disk).
     let scratch = match outputs.master_temporary.parent() {
@@ -139,35 +139,41 @@ pub fn mix(stems: &[StemSource], settings: &ValidSettings, outputs: &Outputs, ob
         _ => Path::new("."),
     };
     std::fs::create_dir_all(scratch).map_err(AudioError::Export)?;
-    let mut bus_spectrum = reference.as_ref().map(|_| SpectrumMeter::new(rate));
-    let (mut premastered, skipped) = render_bus(&tracks, &settings.master, rate, scratch, bus_spectrum.as_mut(), observer)?;
+    // The reference is measured beside the bus's render, which needs nothing of it.
+    let (reference, rendered) = rayon::join(
+        || reference.map(|stem| measure_reference(stem, observer)).transpose(),
+        || render_bus(&tracks, &settings.master, rate, scratch, reference.is_some(), observer),
+    );
+    let (reference, (mut premastered, skipped)) = (reference?, rendered?);
     let duration_s = premastered.frames() as f64 / f64::from(rate);
     let mut master = settings.master.clone();
     let mut matched = None;
-    if let (Some(reference), Some(bus)) = (&reference, bus_spectrum.map(SpectrumMeter::finish)) {
+    if let Some(reference) = &reference {
         master.target_lufs = Some(settings.master.target_lufs.unwrap_or(reference.integrated_lufs));
-        // A silent bus has nothing to match; it is mastered as it is.
-        if let Some(bus_lufs) = premastered.loudness()? {
-            let eq = design(&bus, bus_lufs, &reference.levels, reference.width_ratio);
-            tracing::debug!(side_gain = eq.side_gain, predicted_error_db = eq.predicted_error_db, "matching the reference");
-            premastered = premastered.rematch(&eq, scratch, observer)?;
-            matched = Some((spectral_error_db(&normalised(&bus.levels_db(), bus_lufs), &reference.levels), bus.width_ratio()));
-        }
+        // A silent bus has nothing to match: it passes through a flat filter.
+        let eq = match (premastered.loudness()?, premastered.spectrum()) {
+            (Some(bus_lufs), Some(bus)) => {
+                matched = Some((spectral_error_db(&normalised(&bus.levels_db(), bus_lufs), &reference.levels), bus.width_ratio()));
+                design(bus, bus_lufs, &reference.levels, reference.width_ratio)
+            }
+            _ => MatchingEq::flat(rate),
+        };
+        tracing::debug!(side_gain = eq.side_gain, predicted_error_db = eq.predicted_error_db, "matching the reference");
+        premastered = premastered.rematch(&eq, scratch, observer)?;
     }
-    let (loudness, delivered) = premastered.master(&master, settings.output.bit_depth, outputs, observer)?;
+    let Mastered { loudness, spectrum: written, delivered } = premastered.master(&master, settings.output.bit_depth, outputs, observer)?;
     let reference = match reference {
         Some(reference) => {
-            let master = StemSource { id: String::new(), name: "the master".into(), path: outputs.master.clone() };
-            let after = measure(&master, true, observer)?;
+            let after_levels = written.as_ref().zip(loudness.integrated_lufs).map(|(spectrum, lufs)| normalised(&spectrum.levels_db(), lufs));
             let (error_before, width_before) = matched.unwrap_or((None, None));
             Some(ReferenceReport {
                 stem_id: reference.stem.id.clone(),
                 name: reference.stem.name.clone(),
                 integrated_lufs: reference.integrated_lufs,
                 spectral_error_db_before: error_before,
-                spectral_error_db_after: after.normalised_levels().and_then(|levels| spectral_error_db(&levels, &reference.levels)),
+                spectral_error_db_after: after_levels.and_then(|levels| spectral_error_db(&levels, &reference.levels)),
                 width_ratio_before: width_before,
-                width_ratio_after: after.spectrum.as_ref().and_then(Spectrum::width_ratio),
+                width_ratio_after: written.as_ref().and_then(Spectrum::width_ratio),
                 width_ratio_reference: reference.width_ratio,
                 levels_db: reference.levels.to_vec(),
             })
@@ -210,7 +216,7 @@ fn load_stems<'a>(stems: &'a [StemSource], settings: &MixSettings, rate: u32, ob
             return Err(AudioError::Canceled);
         }
         infos.push(StemReader::source(stem)?.info);
-        let share = if settings.auto.balance || settings.master.reference.is_some() { PROBED } else { 1.0 };
+        let share = if settings.auto.balance { PROBED } else { 1.0 };
         observer.progress(Stage::LoadingStems, share * (i + 1) as f64 / stems.len() as f64);
     }
     let tracks: Vec<Track> = stems
@@ -236,37 +242,30 @@ fn load_stems<'a>(stems: &'a [StemSource], settings: &MixSettings, rate: u32, ob
     Ok(tracks)
 }
 
-/// The rest of `loading_stems`: with `auto.balance`, each audible stem's loudness and the gain
+/// The rest of `loading_stems` with `auto.balance`: each audible stem's loudness and the gain
 /// that brings it to the common level (the mean of theirs, as the mix hears them) less its
-/// `level_lu`; with a reference, its loudness, spectrum and width. Stems are decoded in parallel
-/// on the current rayon pool.
-fn measure_stems<'a>(
-    tracks: &mut [Track],
-    reference: Option<&'a StemSource>,
-    settings: &MixSettings,
-    observer: &dyn MixObserver,
-) -> Result<Option<Reference<'a>>, AudioError> {
-    let balanced: Vec<usize> = if settings.auto.balance { (0..tracks.len()).filter(|&i| tracks[i].audible).collect() } else { Vec::new() };
-    let mut work: Vec<(&StemSource, bool)> = balanced.iter().map(|&i| (tracks[i].stem, false)).collect();
-    work.extend(reference.map(|stem| (stem, true)));
+/// `level_lu`. Stems are decoded in parallel on the current rayon pool.
+fn balance_stems(tracks: &mut [Track], settings: &MixSettings, observer: &dyn MixObserver) -> Result<(), AudioError> {
+    if !settings.auto.balance {
+        return Ok(());
+    }
+    let balanced: Vec<usize> = (0..tracks.len()).filter(|&i| tracks[i].audible).collect();
     let done = std::sync::Mutex::new(0usize);
-    let measured = work
+    let measured = balanced
         .par_iter()
         .with_max_len(1)
-        .map(|&(stem, with_spectrum)| {
-            let sound = measure(stem, with_spectrum, observer)?;
+        .map(|&i| {
+            let sound = measure(tracks[i].stem, false, observer)?;
             let mut done = done.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             *done += 1;
-            observer.progress(Stage::LoadingStems, PROBED + (1.0 - PROBED) * *done as f64 / work.len() as f64);
+            observer.progress(Stage::LoadingStems, PROBED + (1.0 - PROBED) * *done as f64 / balanced.len() as f64);
             Ok(sound)
         })
         .collect::<Result<Vec<Sound>, AudioError>>()?;
-    let (stems, reference_sound) = measured.split_at(balanced.len());
-
-    let heard: Vec<f64> = stems.iter().filter_map(|sound| sound.stereo_lufs).collect();
+    let heard: Vec<f64> = measured.iter().filter_map(|sound| sound.stereo_lufs).collect();
     if !heard.is_empty() {
         let common = heard.iter().sum::<f64>() / heard.len() as f64;
-        for (&i, sound) in balanced.iter().zip(stems) {
+        for (&i, sound) in balanced.iter().zip(&measured) {
             let track = &mut tracks[i];
             let gain = sound.stereo_lufs.map_or(0.0, |lufs| common + track.settings.level_lu - lufs);
             track.settings.gain_db += gain;
@@ -274,10 +273,15 @@ fn measure_stems<'a>(
         }
     }
     observer.progress(Stage::LoadingStems, 1.0);
-    let (Some(stem), Some(sound)) = (reference, reference_sound.first()) else { return Ok(None) };
+    Ok(())
+}
+
+/// The reference's loudness, spectrum and width; a silent one is refused.
+fn measure_reference<'a>(stem: &'a StemSource, observer: &dyn MixObserver) -> Result<Reference<'a>, AudioError> {
+    let sound = measure(stem, true, observer)?;
     let silent = || SettingsError { field: "master.reference".into(), reason: format!("stem \"{}\" is silent: it has no loudness or spectrum to match", stem.name) };
     let (Some(integrated_lufs), Some(levels)) = (sound.integrated_lufs(), sound.normalised_levels()) else { return Err(silent().into()) };
-    Ok(Some(Reference { stem, integrated_lufs, levels, width_ratio: sound.spectrum.as_ref().and_then(Spectrum::width_ratio) }))
+    Ok(Reference { stem, integrated_lufs, levels, width_ratio: sound.spectrum.as_ref().and_then(Spectrum::width_ratio) })
 }
 
 fn end_frame(track: &Track, rate: u32) -> u64 {
@@ -329,7 +333,7 @@ fn render_bus(
     master: &MasterSettings,
     rate: u32,
     scratch: &Path,
-    mut spectrum: Option<&mut SpectrumMeter>,
+    matching: bool,
     observer: &dyn MixObserver,
 ) -> Result<(Premastered, Vec<u64>), AudioError> {
     observer.progress(Stage::ProcessingTracks, 0.0);
@@ -338,20 +342,25 @@ fn render_bus(
     let audible: Vec<&Track> = tracks.iter().filter(|t| t.audible).collect();
     let mut streams = audible.iter().map(|t| TrackStream::open(t.stem, &t.settings, t.source_rate, rate, t.offset_frames)).collect::<Result<Vec<_>, _>>()?;
     let total_work = audible.iter().map(|t| t.source_frames).sum::<u64>().max(1);
-    let mut premaster = Premaster::new(master, rate, scratch)?;
-    let mut segment = StereoBuffer::default();
+    let mut premaster = if matching { Premaster::before_matching(master, rate, scratch)? } else { Premaster::new(master, rate, scratch)? };
+    // Two stages, overlapped: while the master strip takes one segment, the tracks render the
+    // next, so that neither core waits on the other's part.
+    let (mut rendered, mut pushing) = (StereoBuffer::default(), None::<StereoBuffer>);
     for start in (0..length).step_by(BLOCK) {
         if observer.is_cancelled() {
             return Err(AudioError::Canceled);
         }
         let frames = (length - start).min(BLOCK as u64) as usize;
-        render_segment(&mut streams, start, frames, &mut segment)?;
-        premaster.push(&mut segment)?;
-        if let Some(spectrum) = spectrum.as_deref_mut() {
-            spectrum.push(&segment.left, &segment.right);
-        }
+        let (render, push) =
+            rayon::join(|| render_segment(&mut streams, start, frames, &mut rendered), || pushing.as_mut().map_or(Ok(()), |segment| premaster.push(segment)));
+        render?;
+        push?;
+        std::mem::swap(&mut rendered, pushing.get_or_insert_with(StereoBuffer::default));
         let done: u64 = streams.iter().map(|s| s.frames_read).sum();
         observer.progress(Stage::ProcessingTracks, (done as f64 / total_work as f64).min(1.0));
+    }
+    if let Some(segment) = pushing.as_mut() {
+        premaster.push(segment)?;
     }
     observer.progress(Stage::ProcessingTracks, 1.0);
     observer.progress(Stage::Mixing, 0.0);
