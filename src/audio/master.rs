@@ -217,9 +217,10 @@ impl Premaster {
             frames: self.frames,
             chunks: self.chunks,
             peak: self.peak,
-            peaks_read: self.detector.is_some(),
-            spectrum: self.spectrum.map(SpectrumMeter::finish),
-            matched: false,
+            pass: match self.spectrum {
+                Some(spectrum) => Pass::BeforeMatching(spectrum.finish()),
+                None => Pass::Plain,
+            },
             spill: into_file(self.spill)?,
             summary: into_file(self.summary)?,
         })
@@ -234,14 +235,19 @@ pub struct Premastered {
     chunks: u64,
     /// The largest true peak of the bus.
     peak: f32,
-    /// False before a matching pass: the summary's peaks are then zeros, no bound on anything.
-    peaks_read: bool,
-    /// The bus's spectrum, when pass one metered it.
-    spectrum: Option<Spectrum>,
-    /// Made by a matching pass: what is written is metered for its spectrum too.
-    matched: bool,
+    pass: Pass,
     spill: File,
     summary: File,
+}
+
+/// What made a [`Premastered`].
+enum Pass {
+    Plain,
+    /// [`Premaster::before_matching`], with the bus's spectrum: its summary's peaks are zeros,
+    /// no bound on anything, so it is mastered only once matched.
+    BeforeMatching(Spectrum),
+    /// [`Premastered::rematch`]: what is written is metered for its spectrum too.
+    Matched,
 }
 
 /// What the master made: its loudness, its spectrum as written when it was matched to a
@@ -282,7 +288,10 @@ impl Premastered {
 
     /// The bus's spectrum, metered by a pass one [`Premaster::before_matching`].
     pub fn spectrum(&self) -> Option<&Spectrum> {
-        self.spectrum.as_ref()
+        match &self.pass {
+            Pass::BeforeMatching(spectrum) => Some(spectrum),
+            Pass::Plain | Pass::Matched => None,
+        }
     }
 
     /// Pass one again, through `eq`: the spill read back, filtered, and spilled and summarised
@@ -315,7 +324,7 @@ impl Premastered {
         filter.finish(&mut filtered);
         take_blocks(&mut filtered, &mut ready, true);
         ready.drain(..).try_for_each(|mut block| premaster.push(&mut block))?;
-        Ok(Premastered { matched: true, ..premaster.finish()? })
+        Ok(Premastered { pass: Pass::Matched, ..premaster.finish()? })
     }
 
     /// Frames `start..start + frames` of the spill, as written.
@@ -449,7 +458,7 @@ impl Premastered {
     /// until what is written measures under the ceiling, and then every other file of `outputs`
     /// ([`super::deliver`]).
     pub fn master(self, settings: &MasterSettings, depth: BitDepth, outputs: &Outputs, observer: &dyn MixObserver) -> Result<Mastered, AudioError> {
-        if !self.peaks_read {
+        if matches!(self.pass, Pass::BeforeMatching(_)) {
             return Err(AudioError::Internal("a bus metered for matching is mastered only once matched".into()));
         }
         let progress = Monotonic::new(observer, Stage::Mastering);
@@ -695,10 +704,10 @@ impl Premastered {
                 }
             }
             let (left, right) = bytes.split_at(4 * frames);
-            let scaled = |channel: &[u8]| -> Vec<f32> {
-                channel.chunks_exact(4).zip(&gains).map(|(sample, g)| f32::from_le_bytes(sample.try_into().expect("four bytes")) * g).collect()
-            };
-            (segment.left, segment.right) = (scaled(left), scaled(right));
+            for (out, channel) in [(&mut segment.left, left), (&mut segment.right, right)] {
+                out.clear();
+                out.extend(channel.chunks_exact(4).zip(&gains).map(|(sample, g)| f32::from_le_bytes(sample.try_into().expect("four bytes")) * g));
+            }
             failed.take().map_or(Ok(()), |err| Err(AudioError::Export(err)))
         };
         // Two stages, overlapped: the next segment is read and limited on a worker while `each`
@@ -757,7 +766,7 @@ impl Premastered {
     fn render(&self, plan: Plan, trim: f32, depth: BitDepth, temporary: &Path, progress: &dyn Fn(f64), observer: &dyn MixObserver) -> Result<Written, AudioError> {
         let mut meter = EbuR128::new(2, self.rate, Mode::I | Mode::LRA).map_err(|err| AudioError::Internal(format!("loudness meter: {err}")))?;
         let mut detector = PeakDetector::new(self.rate);
-        let mut spectrum = self.matched.then(|| SpectrumMeter::new(self.rate));
+        let mut spectrum = matches!(self.pass, Pass::Matched).then(|| SpectrumMeter::new(self.rate));
         let failed = ReadError::default();
         let highest_lower_bound = self.chunk_bounds(plan, trim, depth, detector.weight_bound(), &failed).fold(0f32, |highest, (lower, _)| highest.max(lower));
         let mut bounds = self.chunk_bounds(plan, trim, depth, detector.weight_bound(), &failed);
