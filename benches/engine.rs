@@ -11,8 +11,9 @@
 //!    `loudnorm` to -14 LUFS / -1 dBTP, 24-bit WAV).
 //! 2. A typical user's mix: every track with an EQ band and a compressor, a master compressor,
 //!    24-bit WAV at the stems' 44.1 kHz (and then with its Opus file), 8 and 32 stems of 180 s,
-//!    against ffmpeg decoding the same files two at a time (`xargs -P 2`: both cores, as a
-//!    decoder would use them). MIXD_BENCH_TYPICAL=1 runs this part alone.
+//!    as WAV and as FLAC (where decoding is real work, as with most uploads), against ffmpeg
+//!    decoding the same files two at a time (`xargs -P 2`: both cores, as a decoder would use
+//!    them). MIXD_BENCH_TYPICAL=1 runs this part alone.
 //! 3. Memory against length: the same stems at 5, 30 and 60 minutes, and 16 stems of two hours (one
 //!    file, listed 16 times: every listing is its own decoder and track). Skipped with
 //!    MIXD_BENCH_QUICK=1.
@@ -82,13 +83,19 @@ fn main() {
 /// The typical user's mix (part 2) against ffmpeg decode-only, two stems at a time.
 fn typical_mixes(dir: &Path, out: &Path, quick: bool) {
     println!();
-    println!("| typical mix: stems | length | formats | mixd wall | ffmpeg decode-only, two at a time | ratio | mixd peak RSS |");
-    println!("|---|---|---|---|---|---|---|");
-    let typical: &[(usize, &str)] = if quick { &[(8, "wav")] } else { &[(8, "wav"), (8, "wav,opus"), (32, "wav")] };
-    for &(count, formats) in typical {
+    println!("| typical mix: stems | stem format | length | formats | mixd wall | ffmpeg decode-only, two at a time | ratio | mixd peak RSS |");
+    println!("|---|---|---|---|---|---|---|---|");
+    let typical: &[(usize, &str, &str)] =
+        if quick { &[(8, "wav", "wav")] } else { &[(8, "wav", "wav"), (8, "flac", "wav"), (8, "wav", "wav,opus"), (32, "wav", "wav"), (32, "flac", "wav")] };
+    for &(count, stem_format, formats) in typical {
         let seconds = 180;
-        let stems: Vec<PathBuf> = (0..count).map(|i| stem(dir, i, seconds)).collect();
-        let settings = dir.join(format!("typical-{count}.json"));
+        let stems: Vec<PathBuf> = (0..count)
+            .map(|i| match stem_format {
+                "flac" => flac_stem(dir, i, seconds),
+                _ => stem(dir, i, seconds),
+            })
+            .collect();
+        let settings = dir.join(format!("typical-{count}-{stem_format}.json"));
         std::fs::write(&settings, typical_settings(&stems).to_string()).unwrap();
         let mut mixd = mixd_with(&stems, out, formats);
         mixd.arg("--settings").arg(&settings);
@@ -96,7 +103,11 @@ fn typical_mixes(dir: &Path, out: &Path, quick: bool) {
         let mut decode = Command::new("sh");
         decode.arg("-c").arg("printf '%s\\0' \"$@\" | xargs -0 -P 2 -I{} ffmpeg -nostdin -loglevel error -i {} -f null -").arg("sh").args(&stems);
         let (decode_wall, _) = timed(decode);
-        println!("| {count} | {seconds} s | {formats} | {mixd_wall:.2} s | {decode_wall:.2} s | {:.2} | {:.0} MB |", mixd_wall / decode_wall, mixd_rss / 1024.0);
+        println!(
+            "| {count} | {stem_format} | {seconds} s | {formats} | {mixd_wall:.2} s | {decode_wall:.2} s | {:.2} | {:.0} MB |",
+            mixd_wall / decode_wall,
+            mixd_rss / 1024.0
+        );
     }
 }
 
@@ -139,6 +150,16 @@ fn stem(dir: &Path, index: usize, seconds: u32) -> PathBuf {
             .arg(&path)
             .status()
             .unwrap();
+        assert!(status.success());
+    }
+    path
+}
+
+/// The same stem as 16-bit FLAC (ffmpeg's default level), made once.
+fn flac_stem(dir: &Path, index: usize, seconds: u32) -> PathBuf {
+    let path = dir.join(format!("stem-{index}-{seconds}s.flac"));
+    if !path.exists() {
+        let status = Command::new("ffmpeg").args(["-nostdin", "-loglevel", "error", "-y", "-i"]).arg(stem(dir, index, seconds)).args(["-c:a", "flac"]).arg(&path).status().unwrap();
         assert!(status.success());
     }
     path

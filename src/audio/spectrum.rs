@@ -80,10 +80,11 @@ impl SpectrumMeter {
     }
 
     pub fn push(&mut self, left: &[f32], right: &[f32]) {
-        for (&l, &r) in left.iter().zip(right) {
-            let (mid, side) = (0.5 * (l + r), 0.5 * (l - r));
-            self.pending[0].push(mid);
-            self.pending[1].push(side);
+        let from = self.pending[0].len();
+        // Planes first, in loops the compiler vectorises; then the energies, in order.
+        self.pending[0].extend(left.iter().zip(right).map(|(&l, &r)| 0.5 * (l + r)));
+        self.pending[1].extend(left.iter().zip(right).map(|(&l, &r)| 0.5 * (l - r)));
+        for (&mid, &side) in self.pending[0][from..].iter().zip(&self.pending[1][from..]) {
             self.energy[0] += f64::from(mid) * f64::from(mid);
             self.energy[1] += f64::from(side) * f64::from(side);
         }
@@ -99,9 +100,9 @@ impl SpectrumMeter {
     /// Adds the power spectrum of the first `occupied` pending samples (zero beyond) of each plane.
     fn take_frame(&mut self, occupied: usize) {
         for plane in 0..2 {
-            for (n, (x, w)) in self.input.iter_mut().zip(&self.window).enumerate() {
-                *x = if n < occupied { self.pending[plane][n] * w } else { 0.0 };
-            }
+            let (windowed, padding) = self.input.split_at_mut(occupied);
+            windowed.iter_mut().zip(&self.pending[plane][..occupied]).zip(&self.window).for_each(|((x, sample), w)| *x = sample * w);
+            padding.fill(0.0);
             self.fft.process_with_scratch(&mut self.input, &mut self.output, &mut self.scratch).expect("buffers sized by the plan");
             for (sum, bin) in self.power[plane].iter_mut().zip(&self.output) {
                 *sum += f64::from(bin.norm_sqr());
