@@ -159,7 +159,13 @@ fn stem(dir: &Path, index: usize, seconds: u32) -> PathBuf {
 fn flac_stem(dir: &Path, index: usize, seconds: u32) -> PathBuf {
     let path = dir.join(format!("stem-{index}-{seconds}s.flac"));
     if !path.exists() {
-        let status = Command::new("ffmpeg").args(["-nostdin", "-loglevel", "error", "-y", "-i"]).arg(stem(dir, index, seconds)).args(["-c:a", "flac"]).arg(&path).status().unwrap();
+        let status = Command::new("ffmpeg")
+            .args(["-nostdin", "-loglevel", "error", "-y", "-i"])
+            .arg(stem(dir, index, seconds))
+            .args(["-c:a", "flac"])
+            .arg(&path)
+            .status()
+            .unwrap();
         assert!(status.success());
     }
     path

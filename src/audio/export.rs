@@ -84,22 +84,27 @@ impl WavSink {
     pub fn quantise(&mut self, segment: &mut StereoBuffer) {
         self.integers.clear();
         self.floats.clear();
-        for (l, r) in segment.left.iter_mut().zip(segment.right.iter_mut()) {
-            for x in [l, r] {
-                match self.depth {
-                    BitDepth::Int16 => {
+        let frames = segment.left.iter_mut().zip(segment.right.iter_mut());
+        match self.depth {
+            BitDepth::Int16 => {
+                for (l, r) in frames {
+                    for x in [l, r] {
                         let value = quantize(*x, 15, self.dither.next());
                         self.integers.push(value);
                         *x = value as f32 / 32_768.0;
                     }
-                    BitDepth::Int24 => {
+                }
+            }
+            BitDepth::Int24 => {
+                for (l, r) in frames {
+                    for x in [l, r] {
                         let value = quantize(*x, 23, 0.0);
                         self.integers.push(value);
                         *x = value as f32 / 8_388_608.0;
                     }
-                    BitDepth::Float32 => self.floats.push(*x),
                 }
             }
+            BitDepth::Float32 => self.floats.extend(frames.flat_map(|(l, r)| [*l, *r])),
         }
     }
 
@@ -151,8 +156,14 @@ pub fn max_quantisation_error(depth: BitDepth) -> f32 {
 /// Rounds to a signed integer of `bits + 1` bits after adding `dither` (in LSBs), saturating.
 fn quantize(x: f32, bits: u32, dither: f64) -> i32 {
     let scale = f64::from(1u32 << bits);
-    let value = (f64::from(x) * scale + dither).round();
-    value.clamp(-scale, scale - 1.0) as i32
+    // Within a step of the range, so that the integers below cannot overflow; NaN stays NaN.
+    let value = (f64::from(x) * scale + dither).clamp(-scale - 1.0, scale);
+    // Rounded half away from zero, as `f64::round` rounds, without its library call (a tenth of a
+    // master's writing): truncated, then stepped by the fraction, which is exact.
+    let whole = value as i64;
+    let fraction = value - whole as f64;
+    let rounded = whole + i64::from(fraction >= 0.5) - i64::from(fraction <= -0.5);
+    rounded.clamp(-(1 << bits), (1 << bits) - 1) as i32
 }
 
 /// Triangular-PDF dither of ±1 LSB from a xorshift generator: decorrelates the 16-bit
@@ -186,6 +197,7 @@ fn hound_error(err: hound::Error) -> AudioError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::audio::buffer::test_noise;
 
     #[test]
     fn the_file_lands_whole_and_an_abandoned_one_leaves_the_old_file_and_no_temporary() {
@@ -218,6 +230,25 @@ mod tests {
         assert_eq!(quantize(0.5, 15, 0.0), 16_384);
         assert_eq!(quantize(1.5, 15, 0.0), 32_767);
         assert_eq!(quantize(-1.5, 23, 0.0), -8_388_608);
+        assert_eq!(quantize(f32::NAN, 23, 0.0), 0);
+        assert_eq!(quantize(f32::INFINITY, 15, 0.0), 32_767);
+    }
+
+    #[test]
+    fn quantize_rounds_as_f64_round_does() {
+        let outright = |x: f32, bits: u32, dither: f64| {
+            let scale = f64::from(1u32 << bits);
+            (f64::from(x) * scale + dither).round().clamp(-scale, scale - 1.0) as i32
+        };
+        // Ties either side of zero, both sides of every tie, the ends of the range, and noise.
+        let ties = (-40..40).map(|k| (k as f32 + 0.5) / 32_768.0);
+        let near_ties = ties.clone().flat_map(|x| [x.next_up(), x.next_down()]);
+        let noise = test_noise(100_000, 7).into_iter().map(|x| 1.2 * x);
+        for x in ties.chain(near_ties).chain(noise).chain([1.0, -1.0, 0.999_999_9, -0.999_999_9, 0.0, -0.0]) {
+            for (bits, dither) in [(15, 0.0), (15, 0.5), (15, -0.75), (23, 0.0)] {
+                assert_eq!(quantize(x, bits, dither), outright(x, bits, dither), "{x} at {bits} bits, dither {dither}");
+            }
+        }
     }
 
     #[test]

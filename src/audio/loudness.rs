@@ -42,23 +42,23 @@ impl KWeighting {
     /// Adds each frame's K-weighted energy (left² + right², the channel weights of stereo being
     /// 1) to `energy`.
     pub fn add_energy(&mut self, left: &[f32], right: &[f32], energy: &mut [f64]) {
-        for (channel, samples) in [left, right].into_iter().enumerate() {
-            let [shelf, highpass] = self.coefficients;
-            let [mut s0, mut s1] = self.state[2 * channel];
-            let [mut t0, mut t1] = self.state[2 * channel + 1];
-            for (x, energy) in samples.iter().zip(energy.iter_mut()) {
-                let x = f64::from(*x);
-                let y = shelf[0] * x + s0;
-                s0 = shelf[1] * x - shelf[3] * y + s1;
-                s1 = shelf[2] * x - shelf[4] * y;
-                let z = highpass[0] * y + t0;
-                t0 = highpass[1] * y - highpass[3] * z + t1;
-                t1 = highpass[2] * y - highpass[4] * z;
-                *energy += z * z;
-            }
-            self.state[2 * channel] = [s0, s1];
-            self.state[2 * channel + 1] = [t0, t1];
+        // Both channels in one loop: each filter's samples wait on the one before, so the four
+        // recursions run side by side in the core. Each frame adds left² then right², as before.
+        let [shelf, highpass] = self.coefficients;
+        let stage = |c: &[f64; 5], state: &mut [f64; 2], x: f64| {
+            let y = c[0] * x + state[0];
+            state[0] = c[1] * x - c[3] * y + state[1];
+            state[1] = c[2] * x - c[4] * y;
+            y
+        };
+        let [mut left_shelf, mut left_highpass, mut right_shelf, mut right_highpass] = self.state;
+        for ((l, r), energy) in left.iter().zip(right).zip(energy.iter_mut()) {
+            let l = stage(&highpass, &mut left_highpass, stage(&shelf, &mut left_shelf, f64::from(*l)));
+            let r = stage(&highpass, &mut right_highpass, stage(&shelf, &mut right_shelf, f64::from(*r)));
+            *energy += l * l;
+            *energy += r * r;
         }
+        self.state = [left_shelf, left_highpass, right_shelf, right_highpass];
     }
 }
 

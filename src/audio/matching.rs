@@ -183,27 +183,29 @@ fn shift_and_clamp(wanted: &[f64; BANDS], bands: &[usize]) -> [f64; BANDS] {
     gains
 }
 
-/// The gain curve in dB at `freq_hz`: linear over log frequency between the centres of `bands`,
-/// held flat beyond the first and the last.
-fn curve_db(gains: &[f64; BANDS], bands: &[usize], freq_hz: f64) -> f64 {
+/// The gain curve in dB at `freq_hz`: linear over log frequency between the centres of `bands`
+/// (`centres[b]` is band b's), held flat beyond the first and the last.
+fn curve_db(gains: &[f64; BANDS], bands: &[usize], centres: &[f64; BANDS], freq_hz: f64) -> f64 {
     let (Some(&first), Some(&last)) = (bands.first(), bands.last()) else { return 0.0 };
-    if freq_hz <= band_centre_hz(first) {
+    if freq_hz <= centres[first] {
         return gains[first];
     }
-    if freq_hz >= band_centre_hz(last) {
+    if freq_hz >= centres[last] {
         return gains[last];
     }
-    let upper = bands.iter().position(|&b| band_centre_hz(b) >= freq_hz).expect("inside the range");
+    let upper = bands.iter().position(|&b| centres[b] >= freq_hz).expect("inside the range");
     let (a, b) = (bands[upper - 1], bands[upper]);
-    let t = (freq_hz / band_centre_hz(a)).ln() / (band_centre_hz(b) / band_centre_hz(a)).ln();
+    let t = (freq_hz / centres[a]).ln() / (centres[b] / centres[a]).ln();
     gains[a] + t * (gains[b] - gains[a])
 }
 
 /// A `taps`-long linear-phase FIR (delay `taps / 2`) whose magnitude follows the curve: the curve
 /// sampled on a `taps`-point grid, made zero-phase, centred and Hann-windowed.
 fn linear_phase_fir(gains: &[f64; BANDS], bands: &[usize], rate: u32, taps: usize, inverse: &dyn ComplexToReal<f64>) -> Vec<f64> {
+    // Once, not per bin: a power per band per bin was most of the design's time.
+    let centres: [f64; BANDS] = std::array::from_fn(band_centre_hz);
     let mut spectrum: Vec<Complex<f64>> =
-        (0..=taps / 2).map(|k| Complex::new(10f64.powf(curve_db(gains, bands, k as f64 * f64::from(rate) / taps as f64) / 20.0), 0.0)).collect();
+        (0..=taps / 2).map(|k| Complex::new(10f64.powf(curve_db(gains, bands, &centres, k as f64 * f64::from(rate) / taps as f64) / 20.0), 0.0)).collect();
     let mut zero_phase = vec![0.0; taps];
     inverse.process(&mut spectrum, &mut zero_phase).expect("buffers sized by the plan");
     (0..taps)

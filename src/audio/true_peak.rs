@@ -143,12 +143,8 @@ impl Interpolator {
             // mids[i] is the point halfway between frames i - SIDE and i - SIDE + 1.
             let mids = &mut mids[..frames + 2 * SIDE];
             mids.fill(0.0);
-            for (tap, &coefficient) in self.half_band.iter().enumerate() {
-                let from = REACH - SIDE - (HALF_A - 1) + tap;
-                for (out, sample) in mids.iter_mut().zip(&window[from..from + frames + 2 * SIDE]) {
-                    *out += coefficient * sample;
-                }
-            }
+            let from = REACH - SIDE - (HALF_A - 1);
+            accumulate(mids, &self.half_band, |tap| &window[from + tap..]);
             for (peak, mid) in peaks.iter_mut().zip(&mids[SIDE..]) {
                 *peak = peak.max(mid.abs());
             }
@@ -159,18 +155,15 @@ impl Interpolator {
             for taps in &self.quarters {
                 for odd in [false, true] {
                     points[..frames].fill(0.0);
-                    for (t, &coefficient) in taps.iter().enumerate() {
+                    accumulate(&mut points[..frames], taps, |t| {
                         let t = t as isize;
-                        let source = match (odd, t % 2 == 0) {
+                        match (odd, t % 2 == 0) {
                             (false, true) => mid(t / 2 - 6),
                             (false, false) => x((t - 11) / 2),
                             (true, true) => x(t / 2 - 5),
                             (true, false) => mid((t - 11) / 2),
-                        };
-                        for (out, sample) in points[..frames].iter_mut().zip(source) {
-                            *out += coefficient * sample;
                         }
-                    }
+                    });
                     for (peak, point) in peaks.iter_mut().zip(&points[..frames]) {
                         *peak = peak.max(point.abs());
                     }
@@ -178,15 +171,34 @@ impl Interpolator {
             }
             for (offset, taps) in &self.meter {
                 points[..frames].fill(0.0);
-                for (t, &coefficient) in taps.iter().enumerate() {
-                    for (out, sample) in points[..frames].iter_mut().zip(&window[offset + t..offset + t + frames]) {
-                        *out += coefficient * sample;
-                    }
-                }
+                accumulate(&mut points[..frames], taps, |t| &window[offset + t..]);
                 for (peak, point) in peaks.iter_mut().zip(&points[..frames]) {
                     *peak = peak.max(point.abs());
                 }
             }
+        }
+    }
+}
+
+/// `out[i] += taps[t] * source(t)[i]` for every tap in order, four taps to a pass over `out`: each
+/// output is loaded and stored once per four taps instead of once per tap (the loop was bound by
+/// its stores), and the sums are the same operations in the same order as one tap at a time.
+#[inline(always)]
+fn accumulate<'a>(out: &mut [f32], taps: &[f32], source: impl Fn(usize) -> &'a [f32]) {
+    let n = out.len();
+    let mut groups = taps.chunks_exact(4);
+    for (group, coefficients) in groups.by_ref().enumerate() {
+        let t = 4 * group;
+        let [c0, c1, c2, c3] = [coefficients[0], coefficients[1], coefficients[2], coefficients[3]];
+        let (s0, s1, s2, s3) = (&source(t)[..n], &source(t + 1)[..n], &source(t + 2)[..n], &source(t + 3)[..n]);
+        for ((((out, a), b), c), d) in out.iter_mut().zip(s0).zip(s1).zip(s2).zip(s3) {
+            *out = *out + c0 * a + c1 * b + c2 * c + c3 * d;
+        }
+    }
+    let done = taps.len() - groups.remainder().len();
+    for (t, &coefficient) in groups.remainder().iter().enumerate() {
+        for (out, sample) in out.iter_mut().zip(&source(done + t)[..n]) {
+            *out += coefficient * sample;
         }
     }
 }
