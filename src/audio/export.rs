@@ -58,10 +58,6 @@ pub struct WavSink {
     /// Declared after the writer, so dropped after it: what the writer flushes is removed too.
     partial: PartialFile,
     depth: BitDepth,
-    dither: Tpdf,
-    /// Samples quantised and not yet written, interleaved: integers, or floats for a float file.
-    integers: Vec<i32>,
-    floats: Vec<f32>,
 }
 
 impl WavSink {
@@ -75,46 +71,18 @@ impl WavSink {
         let partial = PartialFile::create(temporary)?;
         let file = partial.file.try_clone().map_err(AudioError::Export)?;
         let writer = WavWriter::new(BufWriter::with_capacity(1 << 20, file), spec).map_err(hound_error)?;
-        Ok(Self { writer, partial, depth, dither: Tpdf::new(0x6d69_7864), integers: Vec::new(), floats: Vec::new() })
+        Ok(Self { writer, partial, depth })
     }
 
-    /// Quantises (and dithers) the frames for the file, and leaves in `segment` exactly what a
-    /// reader of the file will get back. [`WavSink::write_quantised`] writes them: apart, so
-    /// that a meter can read `segment` while they are written.
-    pub fn quantise(&mut self, segment: &mut StereoBuffer) {
-        self.integers.clear();
-        self.floats.clear();
-        let frames = segment.left.iter_mut().zip(segment.right.iter_mut());
-        match self.depth {
-            BitDepth::Int16 => {
-                for (l, r) in frames {
-                    for x in [l, r] {
-                        let value = quantize(*x, 15, self.dither.next());
-                        self.integers.push(value);
-                        *x = value as f32 / 32_768.0;
-                    }
-                }
-            }
-            BitDepth::Int24 => {
-                for (l, r) in frames {
-                    for x in [l, r] {
-                        let value = quantize(*x, 23, 0.0);
-                        self.integers.push(value);
-                        *x = value as f32 / 8_388_608.0;
-                    }
-                }
-            }
-            BitDepth::Float32 => self.floats.extend(frames.flat_map(|(l, r)| [*l, *r])),
-        }
-    }
-
-    /// Writes what [`WavSink::quantise`] made.
-    pub fn write_quantised(&mut self) -> Result<(), AudioError> {
+    /// Writes frames a [`Quantiser`] of the same depth made: each sample is an integer over the
+    /// depth's full scale, which f32 holds exactly, so the integer is read back exactly.
+    pub fn write(&mut self, segment: &StereoBuffer) -> Result<(), AudioError> {
         let writer = &mut self.writer;
+        let mut samples = segment.left.iter().zip(&segment.right).flat_map(|(l, r)| [*l, *r]);
         match self.depth {
-            BitDepth::Int16 => self.integers.iter().try_for_each(|&value| writer.write_sample(value as i16)),
-            BitDepth::Int24 => self.integers.iter().try_for_each(|&value| writer.write_sample(value)),
-            BitDepth::Float32 => self.floats.iter().try_for_each(|&value| writer.write_sample(value)),
+            BitDepth::Int16 => samples.try_for_each(|x| writer.write_sample((x * 32_768.0) as i16)),
+            BitDepth::Int24 => samples.try_for_each(|x| writer.write_sample((x * 8_388_608.0) as i32)),
+            BitDepth::Float32 => samples.try_for_each(|x| writer.write_sample(x)),
         }
         .map_err(hound_error)
     }
@@ -124,6 +92,41 @@ impl WavSink {
         let Self { writer, partial, .. } = self;
         writer.finalize().map_err(hound_error)?;
         partial.keep()
+    }
+}
+
+/// Quantises (and dithers) frames for a file of one depth, leaving in them exactly what a reader
+/// of the file will get back: apart from the writing, so that it can run ahead of it while the
+/// frames before are written and metered.
+pub struct Quantiser {
+    depth: BitDepth,
+    dither: Tpdf,
+}
+
+impl Quantiser {
+    pub fn new(depth: BitDepth) -> Self {
+        Self { depth, dither: Tpdf::new(0x6d69_7864) }
+    }
+
+    pub fn quantise(&mut self, segment: &mut StereoBuffer) {
+        let frames = segment.left.iter_mut().zip(segment.right.iter_mut());
+        match self.depth {
+            BitDepth::Int16 => {
+                for (l, r) in frames {
+                    for x in [l, r] {
+                        *x = quantize(*x, 15, self.dither.next()) as f32 / 32_768.0;
+                    }
+                }
+            }
+            BitDepth::Int24 => {
+                for (l, r) in frames {
+                    for x in [l, r] {
+                        *x = quantize(*x, 23, 0.0) as f32 / 8_388_608.0;
+                    }
+                }
+            }
+            BitDepth::Float32 => {}
+        }
     }
 }
 
@@ -205,8 +208,8 @@ mod tests {
         let (path, temporary) = (dir.path().join("mix.wav"), dir.path().join(".mix.wav.partial"));
         let mut segment = StereoBuffer { left: vec![0.25; 1000], right: vec![-0.25; 1000] };
         let mut sink = WavSink::create(&temporary, 48_000, BitDepth::Int24).unwrap();
-        sink.quantise(&mut segment);
-        sink.write_quantised().unwrap();
+        Quantiser::new(BitDepth::Int24).quantise(&mut segment);
+        sink.write(&segment).unwrap();
         sink.finish().unwrap();
         publish(&temporary, &path).unwrap();
         let written = std::fs::read(&path).unwrap();
@@ -217,8 +220,8 @@ mod tests {
         assert!(!temporary.exists());
 
         let mut abandoned = WavSink::create(&temporary, 48_000, BitDepth::Int16).unwrap();
-        abandoned.quantise(&mut segment);
-        abandoned.write_quantised().unwrap();
+        Quantiser::new(BitDepth::Int16).quantise(&mut segment);
+        abandoned.write(&segment).unwrap();
         assert!(temporary.exists());
         drop(abandoned);
         assert_eq!(std::fs::read(&path).unwrap(), written, "the old file is untouched");
@@ -232,6 +235,28 @@ mod tests {
         assert_eq!(quantize(-1.5, 23, 0.0), -8_388_608);
         assert_eq!(quantize(f32::NAN, 23, 0.0), 0);
         assert_eq!(quantize(f32::INFINITY, 15, 0.0), 32_767);
+    }
+
+    #[test]
+    fn the_file_holds_exactly_the_integers_quantising_made() {
+        let dir = tempfile::tempdir().unwrap();
+        let noise = test_noise(10_000, 3);
+        for (depth, bits) in [(BitDepth::Int16, 15), (BitDepth::Int24, 23)] {
+            let path = dir.path().join(format!("{bits}.wav"));
+            let mut segment = StereoBuffer { left: noise.clone(), right: noise.iter().map(|x| -0.5 * x).collect() };
+            Quantiser::new(depth).quantise(&mut segment);
+            let mut sink = WavSink::create(&path, 48_000, depth).unwrap();
+            sink.write(&segment).unwrap();
+            sink.finish().unwrap();
+            let read: Vec<i32> = hound::WavReader::open(&path).unwrap().samples::<i32>().map(Result::unwrap).collect();
+            let scale = f64::from(1u32 << bits);
+            let expected: Vec<i32> = segment.left.iter().zip(&segment.right).flat_map(|(l, r)| [*l, *r]).map(|x| (f64::from(x) * scale) as i32).collect();
+            assert_eq!(read, expected, "{bits} bits");
+            // Without dither at 24 bits, the integers are the samples rounded.
+            if bits == 23 {
+                assert_eq!(read[0], (f64::from(noise[0]) * scale).round() as i32);
+            }
+        }
     }
 
     #[test]

@@ -25,7 +25,7 @@ use serde::{Deserialize, Serialize};
 use super::buffer::{StereoBuffer, BLOCK};
 use super::deliver::{encode_wav, lossy_encoder, Delivered, Measured, OutputFile, Outputs};
 use super::dsp::{db_to_gain, gain_to_db, ChannelStrip};
-use super::export::{max_quantisation_error, WavSink};
+use super::export::{max_quantisation_error, Quantiser, WavSink};
 use super::loudness::{step_frames, Gating, KWeighting};
 use super::matching::{MatchingEq, MatchingFilter};
 use super::settings::{BitDepth, Format, FormatSettings, MasterSettings};
@@ -589,10 +589,16 @@ impl Premastered {
             let mut encoder = lossy_encoder(format, self.rate, &file.temporary)?;
             let frames = self.frames.max(1) as f64;
             let pass = |fraction: f64| report((encode as f64 + fraction) / MAX_ENCODES as f64);
-            self.limited_segments(lossy, trim, observer, |segment, done| {
-                pass(0.9 * done as f64 / frames);
-                encoder.write(segment)
-            })?;
+            self.limited_segments(
+                lossy,
+                trim,
+                observer,
+                |_| {},
+                |segment, done| {
+                    pass(0.9 * done as f64 / frames);
+                    encoder.write(segment)
+                },
+            )?;
             let measured = encoder.finish()?;
             // Gapless: a player plays exactly the master's length, whatever the codec's frames.
             let (length_s, master_s) = (measured.frames as f64 / f64::from(measured.rate), master.frames as f64 / f64::from(master.rate));
@@ -680,13 +686,15 @@ impl Premastered {
         Ok(gain_db)
     }
 
-    /// Reads the spill back with `plan` (and `trim`) applied, a segment at a time, handing each
-    /// to `each` with the frames done so far.
+    /// Reads the spill back with `plan` (and `trim`) applied, a segment at a time, through
+    /// `prepare` (which runs ahead, on the reading side), handing each to `each` with the frames
+    /// done so far.
     fn limited_segments(
         &self,
         plan: Plan,
         trim: f32,
         observer: &dyn MixObserver,
+        mut prepare: impl FnMut(&mut StereoBuffer) + Send,
         mut each: impl FnMut(&mut StereoBuffer, u64) -> Result<(), AudioError>,
     ) -> Result<(), AudioError> {
         let failed = ReadError::default();
@@ -719,6 +727,7 @@ impl Premastered {
                 out.clear();
                 out.extend(channel.chunks_exact(4).zip(&gains).map(|(sample, g)| f32::from_le_bytes(sample.try_into().expect("four bytes")) * g));
             }
+            prepare(segment);
             failed.take().map_or(Ok(()), |err| Err(AudioError::Export(err)))
         };
         // Two stages, overlapped: the next segment is read and limited on a worker while `each`
@@ -752,20 +761,26 @@ impl Premastered {
         let mut gating = Gating::new(self.rate);
         let step_frames = step_frames(self.rate);
         let (mut energies, mut step, mut in_step) = (Vec::new(), 0f64, 0usize);
-        self.limited_segments(plan, 1.0, observer, |segment, _| {
-            energies.clear();
-            energies.resize(segment.len(), 0.0);
-            weighting.add_energy(&segment.left, &segment.right, &mut energies);
-            for energy in &energies {
-                step += energy;
-                in_step += 1;
-                if in_step == step_frames {
-                    gating.push_step(step);
-                    (step, in_step) = (0.0, 0);
+        self.limited_segments(
+            plan,
+            1.0,
+            observer,
+            |_| {},
+            |segment, _| {
+                energies.clear();
+                energies.resize(segment.len(), 0.0);
+                weighting.add_energy(&segment.left, &segment.right, &mut energies);
+                for energy in &energies {
+                    step += energy;
+                    in_step += 1;
+                    if in_step == step_frames {
+                        gating.push_step(step);
+                        (step, in_step) = (0.0, 0);
+                    }
                 }
-            }
-            Ok(())
-        })?;
+                Ok(())
+            },
+        )?;
         Ok(gating.integrated())
     }
 
@@ -784,35 +799,41 @@ impl Premastered {
         let (mut wanted, mut chunk_wanted, mut left_in_chunk) = (Vec::new(), false, 0usize);
         let (mut peaks, mut peak) = (Vec::new(), 0f32);
         let mut sink = WavSink::create(temporary, self.rate, depth)?;
-        self.limited_segments(plan, trim, observer, |segment, done| {
-            sink.quantise(segment);
-            wanted.clear();
-            while wanted.len() < segment.len() {
-                if left_in_chunk == 0 {
-                    chunk_wanted = bounds.next().is_some_and(|(_, upper)| upper > 0.0 && upper >= highest_lower_bound);
-                    left_in_chunk = self.chunk_frames;
-                }
-                let run = left_in_chunk.min(segment.len() - wanted.len());
-                wanted.extend(std::iter::repeat_n(chunk_wanted, run));
-                left_in_chunk -= run;
-            }
-            // The crate's meter is the larger part: the rest runs beside it.
-            let (metered, written) = rayon::join(
-                || meter.add_frames_planar_f32(&[&segment.left, &segment.right]),
-                || {
-                    detector.push_selected(&segment.left, &segment.right, Some(&wanted), &mut peaks);
-                    if let Some(spectrum) = &mut spectrum {
-                        spectrum.push(&segment.left, &segment.right);
+        let mut quantiser = Quantiser::new(depth);
+        self.limited_segments(
+            plan,
+            trim,
+            observer,
+            |segment| quantiser.quantise(segment),
+            |segment, done| {
+                wanted.clear();
+                while wanted.len() < segment.len() {
+                    if left_in_chunk == 0 {
+                        chunk_wanted = bounds.next().is_some_and(|(_, upper)| upper > 0.0 && upper >= highest_lower_bound);
+                        left_in_chunk = self.chunk_frames;
                     }
-                    sink.write_quantised()
-                },
-            );
-            written?;
-            metered.map_err(|err| AudioError::Internal(format!("loudness meter: {err}")))?;
-            peak = peaks.drain(..).fold(peak, f32::max);
-            progress(done as f64 / self.frames.max(1) as f64);
-            Ok(())
-        })?;
+                    let run = left_in_chunk.min(segment.len() - wanted.len());
+                    wanted.extend(std::iter::repeat_n(chunk_wanted, run));
+                    left_in_chunk -= run;
+                }
+                // The crate's meter is the larger part: the rest runs beside it.
+                let (metered, written) = rayon::join(
+                    || meter.add_frames_planar_f32(&[&segment.left, &segment.right]),
+                    || {
+                        detector.push_selected(&segment.left, &segment.right, Some(&wanted), &mut peaks);
+                        if let Some(spectrum) = &mut spectrum {
+                            spectrum.push(&segment.left, &segment.right);
+                        }
+                        sink.write(segment)
+                    },
+                );
+                written?;
+                metered.map_err(|err| AudioError::Internal(format!("loudness meter: {err}")))?;
+                peak = peaks.drain(..).fold(peak, f32::max);
+                progress(done as f64 / self.frames.max(1) as f64);
+                Ok(())
+            },
+        )?;
         if let Some(err) = failed.take() {
             return Err(AudioError::Export(err));
         }
