@@ -155,6 +155,8 @@ pub struct Compressor {
     gain: f64,
     /// Samples since `gain` was last computed outright.
     carried: u32,
+    /// The static curve's reduction for each frame of the chunk being processed.
+    targets: Vec<f64>,
 }
 
 /// dB to a natural exponent: `10^(db / 20) = e^(db * LN_10 / 20)`.
@@ -178,6 +180,7 @@ impl Compressor {
             reduction_db: 0.0,
             gain: db_to_gain(settings.makeup_db),
             carried: 0,
+            targets: Vec::new(),
         }
     }
 
@@ -192,9 +195,19 @@ impl Compressor {
     /// [`CARRIED_SAMPLES`] samples and on any larger step. An `exp` a sample was half of a
     /// typical mix's time; this matches it to within f64 rounding.
     pub fn process(&mut self, left: &mut [f32], right: &mut [f32]) {
-        for (l, r) in left.iter_mut().zip(right.iter_mut()) {
+        // The static curve first, in a loop of its own: its logarithm is a library call, which
+        // would otherwise spill the recursion's state around it on every sample.
+        let mut targets = std::mem::take(&mut self.targets);
+        targets.clear();
+        targets.extend(left.iter().zip(right.iter()).map(|(l, r)| {
             let peak = f64::from(l.abs().max(r.abs()));
-            let target = if peak > self.threshold_gain { self.static_reduction_db(gain_to_db(peak)) } else { 0.0 };
+            if peak > self.threshold_gain {
+                self.static_reduction_db(gain_to_db(peak))
+            } else {
+                0.0
+            }
+        }));
+        for ((l, r), &target) in left.iter_mut().zip(right.iter_mut()).zip(&targets) {
             let coefficient = if target > self.reduction_db { self.attack } else { self.release };
             let previous = self.reduction_db;
             self.reduction_db = target + coefficient * (previous - target);
@@ -210,6 +223,7 @@ impl Compressor {
             *l *= gain;
             *r *= gain;
         }
+        self.targets = targets;
     }
 }
 
