@@ -161,8 +161,8 @@ fn quantize(x: f32, bits: u32, dither: f64) -> i32 {
     let scale = f64::from(1u32 << bits);
     // Within a step of the range, so that the integers below cannot overflow; NaN stays NaN.
     let value = (f64::from(x) * scale + dither).clamp(-scale - 1.0, scale);
-    // Rounded half away from zero, as `f64::round` rounds, without its library call (a tenth of a
-    // master's writing): truncated, then stepped by the fraction, which is exact.
+    // Rounded half away from zero, as `f64::round` rounds, without its library call on every
+    // sample: truncated, then stepped by the fraction, which is exact.
     let whole = value as i64;
     let fraction = value - whole as f64;
     let rounded = whole + i64::from(fraction >= 0.5) - i64::from(fraction <= -0.5);
