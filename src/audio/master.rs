@@ -309,8 +309,15 @@ impl Premastered {
         let mut filter = MatchingFilter::new(eq);
         let (mut bytes, mut segment, mut filtered) = (Vec::new(), StereoBuffer::default(), StereoBuffer::default());
         // Whole blocks of filtered bus for the premaster, which takes them while the filter makes
-        // the next.
-        let mut ready = Vec::new();
+        // the next; their buffers are filled again once taken.
+        let (mut ready, mut spare) = (Vec::new(), Vec::new());
+        let mut push_ready = |ready: &mut Vec<StereoBuffer>, spare: &mut Vec<StereoBuffer>| {
+            ready.drain(..).try_for_each(|mut block| {
+                premaster.push(&mut block)?;
+                spare.push(block);
+                Ok::<_, AudioError>(())
+            })
+        };
         for start in (0..self.frames).step_by(BLOCK) {
             if observer.is_cancelled() {
                 return Err(AudioError::Canceled);
@@ -322,16 +329,16 @@ impl Premastered {
                     filter.push(&segment, &mut filtered);
                     Ok::<_, AudioError>(())
                 },
-                || ready.drain(..).try_for_each(|mut block| premaster.push(&mut block)),
+                || push_ready(&mut ready, &mut spare),
             );
             filtering?;
             pushing?;
-            take_blocks(&mut filtered, &mut ready, false);
+            take_blocks(&mut filtered, &mut ready, &mut spare, false);
             observer.progress(Stage::Mixing, (start + frames as u64) as f64 / self.frames as f64);
         }
         filter.finish(&mut filtered);
-        take_blocks(&mut filtered, &mut ready, true);
-        ready.drain(..).try_for_each(|mut block| premaster.push(&mut block))?;
+        take_blocks(&mut filtered, &mut ready, &mut spare, true);
+        push_ready(&mut ready, &mut spare)?;
         Ok(Premastered { pass: Pass::Matched, ..premaster.finish()? })
     }
 
@@ -704,8 +711,7 @@ impl Premastered {
         let gain_and_trim = plan.gain * trim;
         let mut produce = |start: u64, segment: &mut StereoBuffer| -> Result<(), AudioError> {
             let frames = (self.frames - start).min(BLOCK as u64) as usize;
-            bytes.resize(8 * frames, 0);
-            self.spill.read_exact_at(&mut bytes, 8 * start).map_err(AudioError::Export)?;
+            self.read_segment(start, frames, &mut bytes, segment)?;
             // The envelope first (each frame's gain follows the one before), then the samples
             // scaled in plain loops the compiler vectorises.
             gains.clear();
@@ -722,10 +728,8 @@ impl Premastered {
                     gain = chunk_end_gain;
                 }
             }
-            let (left, right) = bytes.split_at(4 * frames);
-            for (out, channel) in [(&mut segment.left, left), (&mut segment.right, right)] {
-                out.clear();
-                out.extend(channel.chunks_exact(4).zip(&gains).map(|(sample, g)| f32::from_le_bytes(sample.try_into().expect("four bytes")) * g));
+            for channel in [&mut segment.left, &mut segment.right] {
+                channel.iter_mut().zip(&gains).for_each(|(x, g)| *x *= g);
             }
             prepare(segment);
             failed.take().map_or(Ok(()), |err| Err(AudioError::Export(err)))
@@ -850,13 +854,17 @@ impl Premastered {
     }
 }
 
-/// Moves the whole blocks at the front of `filtered` (at the `end`, all of it) into `blocks`: a
-/// premaster takes whole blocks until the last.
-fn take_blocks(filtered: &mut StereoBuffer, blocks: &mut Vec<StereoBuffer>, end: bool) {
+/// Moves the whole blocks at the front of `filtered` (at the `end`, all of it) into `blocks`, in
+/// buffers from `spare` where it has any: a premaster takes whole blocks until the last.
+fn take_blocks(filtered: &mut StereoBuffer, blocks: &mut Vec<StereoBuffer>, spare: &mut Vec<StereoBuffer>, end: bool) {
     let whole = if end { filtered.len() } else { filtered.len() / BLOCK * BLOCK };
     for start in (0..whole).step_by(BLOCK) {
         let stop = (start + BLOCK).min(whole);
-        blocks.push(StereoBuffer { left: filtered.left[start..stop].to_vec(), right: filtered.right[start..stop].to_vec() });
+        let mut block = spare.pop().unwrap_or_default();
+        block.clear();
+        block.left.extend_from_slice(&filtered.left[start..stop]);
+        block.right.extend_from_slice(&filtered.right[start..stop]);
+        blocks.push(block);
     }
     filtered.left.drain(..whole);
     filtered.right.drain(..whole);
