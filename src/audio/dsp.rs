@@ -5,7 +5,6 @@
 
 use std::f64::consts::PI;
 
-use super::buffer::StereoBuffer;
 use super::settings::{CompressorSettings, EqBand, EqType, TrackSettings};
 
 pub fn db_to_gain(db: f64) -> f64 {
@@ -95,6 +94,17 @@ impl Biquad {
         Self { c, s1: 0.0, s2: 0.0 }
     }
 
+    /// One sample through the filter with coefficients `c` and state `(s1, s2)`, the state kept
+    /// by the caller in locals so that it stays in registers across the caller's loop.
+    #[inline(always)]
+    fn tick(c: &BiquadCoefficients, s1: &mut f64, s2: &mut f64, sample: &mut f32) {
+        let x = f64::from(*sample);
+        let y = c.b0 * x + *s1;
+        *s1 = c.b1 * x - c.a1 * y + *s2;
+        *s2 = c.b2 * x - c.a2 * y;
+        *sample = y as f32;
+    }
+
     /// Two filters over two channels in one loop (transposed direct form II, in f64): each
     /// sample waits on the one before it, so the channels' independent chains run side by side
     /// in the core.
@@ -102,17 +112,32 @@ impl Biquad {
         let (cl, cr) = (left_filter.c, right_filter.c);
         let (mut l1, mut l2, mut r1, mut r2) = (left_filter.s1, left_filter.s2, right_filter.s1, right_filter.s2);
         for (l, r) in left.iter_mut().zip(right.iter_mut()) {
-            let (x, z) = (f64::from(*l), f64::from(*r));
-            let y = cl.b0 * x + l1;
-            l1 = cl.b1 * x - cl.a1 * y + l2;
-            l2 = cl.b2 * x - cl.a2 * y;
-            *l = y as f32;
-            let w = cr.b0 * z + r1;
-            r1 = cr.b1 * z - cr.a1 * w + r2;
-            r2 = cr.b2 * z - cr.a2 * w;
-            *r = w as f32;
+            Self::tick(&cl, &mut l1, &mut l2, l);
+            Self::tick(&cr, &mut r1, &mut r2, r);
         }
         (left_filter.s1, left_filter.s2, right_filter.s1, right_filter.s2) = (l1, l2, r1, r2);
+    }
+
+    /// Two tracks' pairs of filters over the same frames in one loop: four chains side by side,
+    /// since each waits only on its own latency. Every channel's arithmetic is the same as alone.
+    pub fn process_two_pairs(first: [&mut Biquad; 2], second: [&mut Biquad; 2], first_audio: [&mut [f32]; 2], second_audio: [&mut [f32]; 2]) {
+        let [first_left, first_right] = first;
+        let [second_left, second_right] = second;
+        let filters = [first_left, first_right, second_left, second_right];
+        let c = filters.each_ref().map(|filter| filter.c);
+        let (mut s1, mut s2) = (filters.each_ref().map(|filter| filter.s1), filters.each_ref().map(|filter| filter.s2));
+        let [a, b] = first_audio;
+        let [x, y] = second_audio;
+        assert!(a.len() == b.len() && x.len() == a.len() && y.len() == a.len(), "two tracks are processed together over the same frames");
+        for (((a, b), x), y) in a.iter_mut().zip(b.iter_mut()).zip(x.iter_mut()).zip(y.iter_mut()) {
+            Self::tick(&c[0], &mut s1[0], &mut s2[0], a);
+            Self::tick(&c[1], &mut s1[1], &mut s2[1], b);
+            Self::tick(&c[2], &mut s1[2], &mut s2[2], x);
+            Self::tick(&c[3], &mut s1[3], &mut s2[3], y);
+        }
+        for ((filter, s1), s2) in filters.into_iter().zip(s1).zip(s2) {
+            (filter.s1, filter.s2) = (s1, s2);
+        }
     }
 }
 
@@ -134,6 +159,22 @@ impl Equalizer {
     pub fn process(&mut self, left: &mut [f32], right: &mut [f32]) {
         for (left_filter, right_filter) in self.left.iter_mut().zip(&mut self.right) {
             Biquad::process_pair(left_filter, right_filter, left, right);
+        }
+    }
+
+    /// Two tracks' chains over the same frames, band by band side by side while both have one;
+    /// each track's bands still run in its own order.
+    pub fn process_two(first: &mut Equalizer, second: &mut Equalizer, first_audio: [&mut [f32]; 2], second_audio: [&mut [f32]; 2]) {
+        let [a, b] = first_audio;
+        let [x, y] = second_audio;
+        let (mut first_bands, mut second_bands) = (first.left.iter_mut().zip(&mut first.right), second.left.iter_mut().zip(&mut second.right));
+        loop {
+            match (first_bands.next(), second_bands.next()) {
+                (Some((l, r)), Some((m, n))) => Biquad::process_two_pairs([l, r], [m, n], [&mut *a, &mut *b], [&mut *x, &mut *y]),
+                (Some((l, r)), None) => Biquad::process_pair(l, r, a, b),
+                (None, Some((m, n))) => Biquad::process_pair(m, n, x, y),
+                (None, None) => return,
+            }
         }
     }
 }
@@ -195,11 +236,42 @@ impl Compressor {
     /// [`CARRIED_SAMPLES`] samples and on any larger step. An `exp` a sample was half of a
     /// typical mix's time; this matches it to within f64 rounding.
     pub fn process(&mut self, left: &mut [f32], right: &mut [f32]) {
-        // The static curve first, in a loop of its own: its logarithm is a library call, which
-        // would otherwise spill the recursion's state around it on every sample.
+        let targets = self.static_targets(left, right);
+        for ((l, r), &target) in left.iter_mut().zip(right.iter_mut()).zip(&targets) {
+            let gain = self.next_gain(target);
+            *l *= gain;
+            *r *= gain;
+        }
+        self.targets = targets;
+    }
+
+    /// Two compressors over the same frames in one loop: each one's recursion waits on its
+    /// previous sample, so the two run side by side. Each computes exactly what it would alone.
+    pub fn process_two(first: &mut Compressor, second: &mut Compressor, first_audio: [&mut [f32]; 2], second_audio: [&mut [f32]; 2]) {
+        let [a, b] = first_audio;
+        let [x, y] = second_audio;
+        assert!(a.len() == b.len() && x.len() == a.len() && y.len() == a.len(), "two tracks are processed together over the same frames");
+        let (first_targets, second_targets) = (first.static_targets(a, b), second.static_targets(x, y));
+        for ((((a, b), x), y), (&first_target, &second_target)) in
+            a.iter_mut().zip(b.iter_mut()).zip(x.iter_mut()).zip(y.iter_mut()).zip(first_targets.iter().zip(&second_targets))
+        {
+            let gain = first.next_gain(first_target);
+            *a *= gain;
+            *b *= gain;
+            let gain = second.next_gain(second_target);
+            *x *= gain;
+            *y *= gain;
+        }
+        (first.targets, second.targets) = (first_targets, second_targets);
+    }
+
+    /// The static curve's reduction for each frame, in a loop of its own: its logarithm is a
+    /// library call, which would otherwise spill the recursion's state around it on every
+    /// sample. The buffer is the compressor's own, lent out for the chunk.
+    fn static_targets(&mut self, left: &[f32], right: &[f32]) -> Vec<f64> {
         let mut targets = std::mem::take(&mut self.targets);
         targets.clear();
-        targets.extend(left.iter().zip(right.iter()).map(|(l, r)| {
+        targets.extend(left.iter().zip(right).map(|(l, r)| {
             let peak = f64::from(l.abs().max(r.abs()));
             if peak > self.threshold_gain {
                 self.static_reduction_db(gain_to_db(peak))
@@ -207,23 +279,25 @@ impl Compressor {
                 0.0
             }
         }));
-        for ((l, r), &target) in left.iter_mut().zip(right.iter_mut()).zip(&targets) {
-            let coefficient = if target > self.reduction_db { self.attack } else { self.release };
-            let previous = self.reduction_db;
-            self.reduction_db = target + coefficient * (previous - target);
-            let step = (previous - self.reduction_db) * DB_TO_EXPONENT;
-            if self.carried < CARRIED_SAMPLES && step.abs() <= CARRIED_STEP {
-                self.gain *= 1.0 + step * (1.0 + step / 2.0 * (1.0 + step / 3.0 * (1.0 + step / 4.0)));
-                self.carried += 1;
-            } else {
-                self.gain = ((self.makeup_db - self.reduction_db) * DB_TO_EXPONENT).exp();
-                self.carried = 0;
-            }
-            let gain = self.gain as f32;
-            *l *= gain;
-            *r *= gain;
+        targets
+    }
+
+    /// The detector's step towards the static curve's `target` for the next frame, and the
+    /// gain that frame gets.
+    #[inline(always)]
+    fn next_gain(&mut self, target: f64) -> f32 {
+        let coefficient = if target > self.reduction_db { self.attack } else { self.release };
+        let previous = self.reduction_db;
+        self.reduction_db = target + coefficient * (previous - target);
+        let step = (previous - self.reduction_db) * DB_TO_EXPONENT;
+        if self.carried < CARRIED_SAMPLES && step.abs() <= CARRIED_STEP {
+            self.gain *= 1.0 + step * (1.0 + step / 2.0 * (1.0 + step / 3.0 * (1.0 + step / 4.0)));
+            self.carried += 1;
+        } else {
+            self.gain = ((self.makeup_db - self.reduction_db) * DB_TO_EXPONENT).exp();
+            self.carried = 0;
         }
-        self.targets = targets;
+        self.gain as f32
     }
 }
 
@@ -244,6 +318,24 @@ impl ChannelStrip {
             compressor.process(left, right);
         }
     }
+
+    /// Two strips over the same frames, their filters and compressors side by side.
+    pub fn process_two(first: &mut ChannelStrip, second: &mut ChannelStrip, first_audio: [&mut [f32]; 2], second_audio: [&mut [f32]; 2]) {
+        let [a, b] = first_audio;
+        let [x, y] = second_audio;
+        Equalizer::process_two(&mut first.equalizer, &mut second.equalizer, [&mut *a, &mut *b], [&mut *x, &mut *y]);
+        match (first.compressor.as_mut(), second.compressor.as_mut()) {
+            (Some(first), Some(second)) => Compressor::process_two(first, second, [a, b], [x, y]),
+            (first, second) => {
+                if let Some(compressor) = first {
+                    compressor.process(a, b);
+                }
+                if let Some(compressor) = second {
+                    compressor.process(x, y);
+                }
+            }
+        }
+    }
 }
 
 /// Everything one track does to its audio, in order: gain, EQ, compressor, pan.
@@ -259,17 +351,37 @@ impl TrackChain {
         Self { gain: db_to_gain(track.gain_db) as f32, strip: ChannelStrip::new(&track.eq, track.compressor.as_ref(), sample_rate), pan: (left as f32, right as f32) }
     }
 
-    pub fn process(&mut self, chunk: &mut StereoBuffer) {
-        chunk.left.iter_mut().chain(chunk.right.iter_mut()).for_each(|x| *x *= self.gain);
-        self.strip.process(&mut chunk.left, &mut chunk.right);
-        chunk.left.iter_mut().for_each(|x| *x *= self.pan.0);
-        chunk.right.iter_mut().for_each(|x| *x *= self.pan.1);
+    pub fn process(&mut self, left: &mut [f32], right: &mut [f32]) {
+        self.apply_gain(left, right);
+        self.strip.process(left, right);
+        self.apply_pan(left, right);
+    }
+
+    /// Two tracks over the same frames, their strips side by side (see [`ChannelStrip::process_two`]).
+    pub fn process_two(first: &mut TrackChain, second: &mut TrackChain, first_audio: [&mut [f32]; 2], second_audio: [&mut [f32]; 2]) {
+        let [a, b] = first_audio;
+        let [x, y] = second_audio;
+        first.apply_gain(a, b);
+        second.apply_gain(x, y);
+        ChannelStrip::process_two(&mut first.strip, &mut second.strip, [&mut *a, &mut *b], [&mut *x, &mut *y]);
+        first.apply_pan(a, b);
+        second.apply_pan(x, y);
+    }
+
+    fn apply_gain(&self, left: &mut [f32], right: &mut [f32]) {
+        left.iter_mut().chain(right.iter_mut()).for_each(|x| *x *= self.gain);
+    }
+
+    fn apply_pan(&self, left: &mut [f32], right: &mut [f32]) {
+        left.iter_mut().for_each(|x| *x *= self.pan.0);
+        right.iter_mut().for_each(|x| *x *= self.pan.1);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::audio::buffer::StereoBuffer;
 
     const RATE: u32 = 48_000;
 
@@ -346,6 +458,37 @@ mod tests {
                 assert!((f64::from(got) - want).abs() <= 1e-6 * want.abs() + 1e-12, "attack {attack_ms} ms, sample {n}: {got} against {want}");
             }
             assert_eq!(left, right);
+        }
+    }
+
+    #[test]
+    fn two_strips_side_by_side_compute_what_each_computes_alone() {
+        let noise = |seed| crate::audio::buffer::test_noise(10_000, seed);
+        let strip = |bands: Vec<EqBand>, compressor: Option<CompressorSettings>| ChannelStrip::new(&bands, compressor.as_ref(), RATE);
+        let compressor = |threshold_db, attack_ms| Some(CompressorSettings { threshold_db, ratio: 5.0, attack_ms, release_ms: 100.0, makeup_db: 2.0 });
+        // Band counts 2 and 1, a compressor against none, and both with different compressors.
+        let cases = [
+            (
+                (vec![band(EqType::Peak, 1000.0, 1.0, 6.0), band(EqType::Lowshelf, 100.0, 0.7, -4.0)], compressor(-15.0, 3.0)),
+                (vec![band(EqType::Highpass, 200.0, 0.7, 0.0)], None),
+            ),
+            ((vec![], compressor(-30.0, 0.0)), (vec![band(EqType::Highshelf, 5000.0, 0.7, 3.0)], compressor(-10.0, 20.0))),
+        ];
+        for ((first_bands, first_compressor), (second_bands, second_compressor)) in cases {
+            let (mut first, mut second) = (strip(first_bands.clone(), first_compressor), strip(second_bands.clone(), second_compressor));
+            let (mut first_alone, mut second_alone) = (strip(first_bands, first_compressor), strip(second_bands, second_compressor));
+            let [mut a, mut b, mut x, mut y] = [noise(1), noise(2), noise(3), noise(4)];
+            let [mut a_alone, mut b_alone, mut x_alone, mut y_alone] = [a.clone(), b.clone(), x.clone(), y.clone()];
+            // In chunks, so that the state carried between them is checked too.
+            for range in [0..3000, 3000..3001, 3001..10_000] {
+                let r = range.clone();
+                ChannelStrip::process_two(&mut first, &mut second, [&mut a[r.clone()], &mut b[r.clone()]], [&mut x[r.clone()], &mut y[r]]);
+                first_alone.process(&mut a_alone[range.clone()], &mut b_alone[range.clone()]);
+                second_alone.process(&mut x_alone[range.clone()], &mut y_alone[range]);
+            }
+            let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<u32>>();
+            assert_eq!([bits(&a), bits(&b), bits(&x), bits(&y)], [bits(&a_alone), bits(&b_alone), bits(&x_alone), bits(&y_alone)]);
+            assert_ne!(bits(&a), bits(&noise(1)), "the strip changed the audio");
         }
     }
 

@@ -4,8 +4,6 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use rayon::prelude::*;
-
 use super::buffer::StereoBuffer;
 use super::decode::StemReader;
 use super::dsp::TrackChain;
@@ -18,10 +16,12 @@ pub struct TrackStream {
     reader: StemReader,
     converter: RateConverter,
     chain: TrackChain,
-    /// Processed frames not yet added to the bus, from `taken`; `position` is where
-    /// `pending[taken]` sits in the mix (negative while an early stem is still before the start).
+    /// Frames decoded and converted, not yet added to the bus, from `taken`: those before
+    /// `processed` have been through the track's chain. `position` is where `pending[taken]`
+    /// sits in the mix (negative while an early stem is still before the start).
     pending: StereoBuffer,
     taken: usize,
+    processed: usize,
     position: i64,
     decoded: StereoBuffer,
     source_ended: bool,
@@ -38,6 +38,7 @@ impl TrackStream {
             chain: TrackChain::new(settings, rate),
             pending: StereoBuffer::default(),
             taken: 0,
+            processed: 0,
             position: offset_frames,
             decoded: StereoBuffer::default(),
             source_ended: false,
@@ -52,12 +53,37 @@ impl TrackStream {
 
     /// Adds this track's audio for mix frames `start..start + segment.len()` into `segment`.
     fn add_segment(&mut self, start: u64, segment: &mut StereoBuffer) -> Result<(), AudioError> {
-        let end = start as i64 + segment.len() as i64;
-        while self.position < end {
-            if self.taken == self.pending.len() && !self.refill()? {
-                return Ok(());
+        while !self.add_processed(start, segment) && self.has_unprocessed()? {
+            self.process_alone();
+        }
+        Ok(())
+    }
+
+    /// [`Self::add_segment`] for two tracks, their chains run side by side over the frames both
+    /// have waiting. Each track's frames go through its chain in order, as they would alone, and
+    /// each frame of `segment` is the sum of the two tracks' (addition commutes exactly).
+    fn add_segment_together(first: &mut TrackStream, second: &mut TrackStream, start: u64, segment: &mut StereoBuffer) -> Result<(), AudioError> {
+        loop {
+            let first_wants = !first.add_processed(start, segment) && first.has_unprocessed()?;
+            let second_wants = !second.add_processed(start, segment) && second.has_unprocessed()?;
+            // A track that has what it needs for this segment goes along with the frames it
+            // already has, never decoding more for it.
+            match (first_wants || first.unprocessed() > 0, second_wants || second.unprocessed() > 0) {
+                _ if !first_wants && !second_wants => return Ok(()),
+                (true, true) => Self::process_together(first, second),
+                (true, false) => first.process_alone(),
+                (false, _) => second.process_alone(),
             }
-            let available = self.pending.len() - self.taken;
+        }
+    }
+
+    /// Adds the processed frames that fall in mix frames `start..start + segment.len()` into
+    /// `segment`, dropping those before the mix's start. True when the track has reached the
+    /// segment's end.
+    fn add_processed(&mut self, start: u64, segment: &mut StereoBuffer) -> bool {
+        let end = start as i64 + segment.len() as i64;
+        while self.position < end && self.taken < self.processed {
+            let available = self.processed - self.taken;
             // Frames before the mix's start (a negative offset) are dropped.
             let skip = ((start as i64).max(0) - self.position).clamp(0, available as i64) as usize;
             if skip == available {
@@ -74,17 +100,24 @@ impl TrackStream {
             self.taken = from + count;
             self.position += (skip + count) as i64;
         }
-        Ok(())
+        self.position >= end
     }
 
-    /// Decodes, converts and processes the next chunk into `pending`. False when the stem is done.
-    fn refill(&mut self) -> Result<bool, AudioError> {
-        self.pending.clear();
-        self.taken = 0;
-        while self.pending.is_empty() {
+    fn unprocessed(&self) -> usize {
+        self.pending.len() - self.processed
+    }
+
+    /// Decodes and converts the next chunk when no frame is waiting for the chain. False when
+    /// the stem is done.
+    fn has_unprocessed(&mut self) -> Result<bool, AudioError> {
+        while self.unprocessed() == 0 {
             if self.source_ended {
                 return Ok(false);
             }
+            self.pending.left.drain(..self.taken);
+            self.pending.right.drain(..self.taken);
+            self.processed -= self.taken;
+            self.taken = 0;
             if self.reader.next_chunk(&mut self.decoded)? {
                 self.frames_read += self.decoded.len() as u64;
                 self.converter.push(&self.decoded, &mut self.pending)?;
@@ -92,33 +125,63 @@ impl TrackStream {
                 self.source_ended = true;
                 self.converter.finish(&mut self.pending)?;
             }
-            self.chain.process(&mut self.pending);
         }
         Ok(true)
+    }
+
+    fn process_alone(&mut self) {
+        let from = self.processed;
+        self.chain.process(&mut self.pending.left[from..], &mut self.pending.right[from..]);
+        self.processed = self.pending.len();
+    }
+
+    /// Runs both tracks' chains over as many waiting frames as both have.
+    fn process_together(first: &mut TrackStream, second: &mut TrackStream) {
+        let frames = first.unprocessed().min(second.unprocessed());
+        let (from, to) = (first.processed, second.processed);
+        TrackChain::process_two(
+            &mut first.chain,
+            &mut second.chain,
+            [&mut first.pending.left[from..from + frames], &mut first.pending.right[from..from + frames]],
+            [&mut second.pending.left[to..to + frames], &mut second.pending.right[to..to + frames]],
+        );
+        first.processed += frames;
+        second.processed += frames;
     }
 }
 
 /// Renders mix frames `start..start + frames` of `tracks` into `bus`, the tracks shared out over
-/// the current rayon pool (the engine's, for a job): each worker adds its tracks into its own
-/// segment, and the segments are summed.
+/// the current rayon pool (the engine's, for a job) by halving the list: each half renders into
+/// a segment of its own, and the two are summed. When there are tracks enough to keep every
+/// worker busy, the pairs at the bottom of the halving render together (see
+/// [`TrackStream::add_segment_together`]); the sum is the same either way, to the bit.
 pub fn render_segment(tracks: &mut [TrackStream], start: u64, frames: usize, bus: &mut StereoBuffer) -> Result<(), AudioError> {
-    let silent = || StereoBuffer { left: vec![0.0; frames], right: vec![0.0; frames] };
-    let summed = tracks
-        .par_iter_mut()
-        .with_max_len(1)
-        .try_fold(silent, |mut segment, track| {
-            // Caught here, so that a bug in one track fails the mix instead of unwinding through
-            // the pool into the caller.
-            catch_unwind(AssertUnwindSafe(|| track.add_segment(start, &mut segment)))
-                .unwrap_or_else(|panic| Err(AudioError::Internal(format!("track \"{}\" panicked: {}", track.stem_name, panic_message(&*panic)))))?;
-            Ok::<_, AudioError>(segment)
-        })
-        .try_reduce(silent, |mut sum, other| {
-            add_into(&mut sum, &other);
-            Ok(sum)
-        })?;
-    *bus = summed;
+    let together = tracks.len() >= 2 * rayon::current_num_threads();
+    *bus = render_tracks(tracks, start, frames, together)?;
     Ok(())
+}
+
+fn render_tracks(tracks: &mut [TrackStream], start: u64, frames: usize, together: bool) -> Result<StereoBuffer, AudioError> {
+    if tracks.len() > 2 || (tracks.len() == 2 && !together) {
+        let (first, second) = tracks.split_at_mut(tracks.len() / 2);
+        let (first, second) = rayon::join(|| render_tracks(first, start, frames, together), || render_tracks(second, start, frames, together));
+        let mut segment = first?;
+        add_into(&mut segment, &second?);
+        return Ok(segment);
+    }
+    let mut segment = StereoBuffer { left: vec![0.0; frames], right: vec![0.0; frames] };
+    // Caught here, so that a bug in a track fails the mix instead of unwinding through the pool
+    // into the caller.
+    catch_unwind(AssertUnwindSafe(|| match tracks {
+        [track] => track.add_segment(start, &mut segment),
+        [first, second] => TrackStream::add_segment_together(first, second, start, &mut segment),
+        _ => Ok(()),
+    }))
+    .unwrap_or_else(|panic| {
+        let names: Vec<String> = tracks.iter().map(|track| format!("\"{}\"", track.stem_name)).collect();
+        Err(AudioError::Internal(format!("track {} panicked: {}", names.join(" or "), panic_message(&*panic))))
+    })?;
+    Ok(segment)
 }
 
 fn add_into(sum: &mut StereoBuffer, other: &StereoBuffer) {
@@ -131,6 +194,7 @@ mod tests {
     use super::*;
     use crate::audio::buffer::test_noise;
     use crate::audio::dsp::pan_gains;
+    use crate::audio::settings::{CompressorSettings, EqBand, EqType};
     use crate::audio::TrackSettings;
 
     fn stem(dir: &std::path::Path, name: &str, frames: usize, seed: u64) -> (StemSource, Vec<f32>) {
@@ -175,6 +239,52 @@ mod tests {
         let centre = pan_gains(0.0).0 as f32;
         for (n, (&got, &want)) in rendered.iter().zip(&expected).enumerate() {
             assert!((got - want * centre).abs() < 1e-6, "frame {n}: {got} against {}", want * centre);
+        }
+    }
+
+    #[test]
+    fn tracks_rendered_in_pairs_sum_to_the_same_bits_as_tracks_rendered_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let band = |kind, freq_hz, gain_db| EqBand { kind, freq_hz, q: 0.9, gain_db };
+        let compressor = |threshold_db, attack_ms| Some(CompressorSettings { threshold_db, ratio: 4.0, attack_ms, release_ms: 80.0, makeup_db: 1.5 });
+        // Pairs whose strips differ: three bands against one, a compressor against none, and two
+        // different compressors; stems of different lengths and offsets (one starting before the
+        // mix), all resampled from 48 to 44.1 kHz so that chunks differ in length.
+        let tracks = [
+            (
+                TrackSettings {
+                    eq: vec![band(EqType::Lowshelf, 150.0, 4.0), band(EqType::Peak, 2000.0, -3.0), band(EqType::Highpass, 40.0, 0.0)],
+                    compressor: compressor(-20.0, 5.0),
+                    ..Default::default()
+                },
+                60_000,
+                -3_000,
+            ),
+            (TrackSettings { eq: vec![band(EqType::Peak, 800.0, 6.0)], gain_db: -4.0, pan: 0.6, ..Default::default() }, 50_000, 1_234),
+            (TrackSettings { compressor: compressor(-12.0, 0.0), pan: -0.3, ..Default::default() }, 90_000, 0),
+            (
+                TrackSettings {
+                    eq: vec![band(EqType::Lowpass, 5000.0, 0.0), band(EqType::Highshelf, 6000.0, -2.0)],
+                    compressor: compressor(-26.0, 20.0),
+                    ..Default::default()
+                },
+                70_000,
+                17,
+            ),
+        ];
+        let sources: Vec<StemSource> = tracks.iter().enumerate().map(|(i, (_, frames, _))| stem(dir.path(), &format!("{i}.wav"), *frames, i as u64 + 7).0).collect();
+        let open = || -> Vec<TrackStream> {
+            tracks.iter().zip(&sources).map(|((settings, _, offset), source)| TrackStream::open(source, settings, 48_000, 44_100, *offset).unwrap()).collect()
+        };
+        let (mut alone, mut paired) = (open(), open());
+        let mut start = 0u64;
+        for frames in [4096, 1, 65_536, 333, 20_000] {
+            let alone_segment = render_tracks(&mut alone, start, frames, false).unwrap();
+            let paired_segment = render_tracks(&mut paired, start, frames, true).unwrap();
+            let bits = |segment: &StereoBuffer| segment.left.iter().chain(&segment.right).map(|x| x.to_bits()).collect::<Vec<u32>>();
+            assert_eq!(bits(&paired_segment), bits(&alone_segment), "segment at {start}");
+            assert!(alone_segment.left.iter().any(|&x| x.abs() > 0.1), "segment at {start} holds audio");
+            start += frames as u64;
         }
     }
 }
