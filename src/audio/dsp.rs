@@ -128,40 +128,45 @@ impl Biquad {
         *sample = y as f32;
     }
 
-    /// Two filters over two channels in one loop (transposed direct form II, in f64): each
-    /// sample waits on the one before it, so the channels' independent chains run side by side
-    /// in the core.
-    pub fn process_pair(left_filter: &mut Biquad, right_filter: &mut Biquad, left: &mut [f32], right: &mut [f32]) {
-        let (cl, cr) = (left_filter.c, right_filter.c);
-        let (mut l1, mut l2, mut r1, mut r2) = (left_filter.s1, left_filter.s2, right_filter.s1, right_filter.s2);
-        for (l, r) in left.iter_mut().zip(right.iter_mut()) {
-            Self::tick(&cl, &mut l1, &mut l2, l);
-            Self::tick(&cr, &mut r1, &mut r2, r);
+    /// Each track's pair of filters over its two channels, `N` tracks in one loop (transposed
+    /// direct form II, in f64). Each sample waits on the one before it, so the independent
+    /// chains of every track's channels run side by side in the core: several tracks take little
+    /// longer than one. A channel's arithmetic is the same whatever runs beside it.
+    #[expect(clippy::needless_range_loop, reason = "a frame's index runs across every lane's channels, which no one iterator zips")]
+    pub fn process_lanes<const N: usize>(mut filters: [[&mut Biquad; 2]; N], audio: [Channels; N]) {
+        let (frames, audio) = same_frames(audio);
+        let c = filters.each_ref().map(|pair| pair.each_ref().map(|filter| filter.c));
+        let mut s1 = filters.each_ref().map(|pair| pair.each_ref().map(|filter| filter.s1));
+        let mut s2 = filters.each_ref().map(|pair| pair.each_ref().map(|filter| filter.s2));
+        for i in 0..frames {
+            for lane in 0..N {
+                for channel in 0..2 {
+                    Self::tick(&c[lane][channel], &mut s1[lane][channel], &mut s2[lane][channel], &mut audio[lane][channel][i]);
+                }
+            }
         }
-        (left_filter.s1, left_filter.s2, right_filter.s1, right_filter.s2) = (l1, l2, r1, r2);
+        for (lane, pair) in filters.iter_mut().enumerate() {
+            for (channel, filter) in pair.iter_mut().enumerate() {
+                (filter.s1, filter.s2) = (s1[lane][channel], s2[lane][channel]);
+            }
+        }
     }
+}
 
-    /// Two tracks' pairs of filters over the same frames in one loop: four chains side by side,
-    /// since each waits only on its own latency. Every channel's arithmetic is the same as alone.
-    pub fn process_two_pairs(first: [&mut Biquad; 2], second: [&mut Biquad; 2], first_audio: [&mut [f32]; 2], second_audio: [&mut [f32]; 2]) {
-        let [first_left, first_right] = first;
-        let [second_left, second_right] = second;
-        let filters = [first_left, first_right, second_left, second_right];
-        let c = filters.each_ref().map(|filter| filter.c);
-        let (mut s1, mut s2) = (filters.each_ref().map(|filter| filter.s1), filters.each_ref().map(|filter| filter.s2));
-        let [a, b] = first_audio;
-        let [x, y] = second_audio;
-        assert!(a.len() == b.len() && x.len() == a.len() && y.len() == a.len(), "two tracks are processed together over the same frames");
-        for (((a, b), x), y) in a.iter_mut().zip(b.iter_mut()).zip(x.iter_mut()).zip(y.iter_mut()) {
-            Self::tick(&c[0], &mut s1[0], &mut s2[0], a);
-            Self::tick(&c[1], &mut s1[1], &mut s2[1], b);
-            Self::tick(&c[2], &mut s1[2], &mut s2[2], x);
-            Self::tick(&c[3], &mut s1[3], &mut s2[3], y);
-        }
-        for ((filter, s1), s2) in filters.into_iter().zip(s1).zip(s2) {
-            (filter.s1, filter.s2) = (s1, s2);
-        }
-    }
+/// A track's two channels, left and right.
+pub type Channels<'a> = [&'a mut [f32]; 2];
+
+/// The frames every track's channels hold, and the channels cut to exactly that many (which
+/// spares the loops over them their bounds checks): tracks run together over the same frames.
+fn same_frames<const N: usize>(audio: [Channels; N]) -> (usize, [Channels; N]) {
+    let frames = audio.first().map_or(0, |[left, _]| left.len());
+    assert!(audio.iter().flatten().all(|channel| channel.len() == frames), "tracks run together over the same frames");
+    (frames, audio.map(|[left, right]| [&mut left[..frames], &mut right[..frames]]))
+}
+
+/// The channels again, for the next stage over the same frames.
+fn reborrow<'a, const N: usize>(audio: &'a mut [Channels; N]) -> [Channels<'a>; N] {
+    audio.each_mut().map(|[left, right]| [&mut **left, &mut **right])
 }
 
 /// A stereo EQ chain: the same bands on both channels, each channel with its own state.
@@ -179,26 +184,24 @@ impl Equalizer {
         Self { left: filters.clone(), right: filters }
     }
 
-    pub fn process(&mut self, left: &mut [f32], right: &mut [f32]) {
-        for (left_filter, right_filter) in self.left.iter_mut().zip(&mut self.right) {
-            Biquad::process_pair(left_filter, right_filter, left, right);
+    /// `N` tracks' chains over the same frames, each band in lanes side by side while every
+    /// track has one; each track's bands still run in its own order.
+    pub fn process_lanes<const N: usize>(mut equalizers: [&mut Equalizer; N], mut audio: [Channels; N]) {
+        let shared = equalizers.iter().map(|eq| eq.left.len()).min().unwrap_or(0);
+        for band in 0..shared {
+            Biquad::process_lanes(equalizers.each_mut().map(|eq| eq.band(band)), reborrow(&mut audio));
+        }
+        // The bands only some tracks have, each track on its own.
+        for (eq, [left, right]) in equalizers.into_iter().zip(audio) {
+            for band in shared..eq.left.len() {
+                Biquad::process_lanes([eq.band(band)], [[&mut *left, &mut *right]]);
+            }
         }
     }
 
-    /// Two tracks' chains over the same frames, band by band side by side while both have one;
-    /// each track's bands still run in its own order.
-    pub fn process_two(first: &mut Equalizer, second: &mut Equalizer, first_audio: [&mut [f32]; 2], second_audio: [&mut [f32]; 2]) {
-        let [a, b] = first_audio;
-        let [x, y] = second_audio;
-        let (mut first_bands, mut second_bands) = (first.left.iter_mut().zip(&mut first.right), second.left.iter_mut().zip(&mut second.right));
-        loop {
-            match (first_bands.next(), second_bands.next()) {
-                (Some((l, r)), Some((m, n))) => Biquad::process_two_pairs([l, r], [m, n], [&mut *a, &mut *b], [&mut *x, &mut *y]),
-                (Some((l, r)), None) => Biquad::process_pair(l, r, a, b),
-                (None, Some((m, n))) => Biquad::process_pair(m, n, x, y),
-                (None, None) => return,
-            }
-        }
+    /// The left and right filters of a band.
+    fn band(&mut self, band: usize) -> [&mut Biquad; 2] {
+        [&mut self.left[band], &mut self.right[band]]
     }
 }
 
@@ -211,16 +214,24 @@ pub struct Compressor {
     /// and its level in dB is not needed.
     threshold_gain: f64,
     slope: f64,
+    follower: Follower,
+    /// The static curve's reduction for each frame of the chunk being processed.
+    targets: Vec<f64>,
+}
+
+/// The compressor's recursion: the gain reduction following the static curve, and the gain it
+/// gives. Small and `Copy`, so that a chunk's loop holds it in registers.
+#[derive(Debug, Clone, Copy)]
+struct Follower {
     makeup_db: f64,
     attack: f64,
     release: f64,
     reduction_db: f64,
-    /// `10^((makeup_db - reduction_db) / 20)`, carried from sample to sample (see `process`).
+    /// `10^((makeup_db - reduction_db) / 20)`, carried from sample to sample (see
+    /// [`Follower::next_gain`]).
     gain: f64,
     /// Samples since `gain` was last computed outright.
     carried: u32,
-    /// The static curve's reduction for each frame of the chunk being processed.
-    targets: Vec<f64>,
 }
 
 /// dB to a natural exponent: `10^(db / 20) = e^(db * LN_10 / 20)`.
@@ -238,12 +249,14 @@ impl Compressor {
             threshold_db: settings.threshold_db,
             threshold_gain: db_to_gain(settings.threshold_db),
             slope: 1.0 - 1.0 / settings.ratio,
-            makeup_db: settings.makeup_db,
-            attack: coefficient(settings.attack_ms),
-            release: coefficient(settings.release_ms),
-            reduction_db: 0.0,
-            gain: db_to_gain(settings.makeup_db),
-            carried: 0,
+            follower: Follower {
+                makeup_db: settings.makeup_db,
+                attack: coefficient(settings.attack_ms),
+                release: coefficient(settings.release_ms),
+                reduction_db: 0.0,
+                gain: db_to_gain(settings.makeup_db),
+                carried: 0,
+            },
             targets: Vec::new(),
         }
     }
@@ -253,39 +266,29 @@ impl Compressor {
         (level_db - self.threshold_db).max(0.0) * self.slope
     }
 
-    /// The gain follows the reduction sample by sample, which moves it by a small step: so the
-    /// gain is carried, times `e^step` by its series to the fourth power (an error under 1e-12 a
-    /// sample for steps under [`CARRIED_STEP`]), and computed outright every
-    /// [`CARRIED_SAMPLES`] samples and on any larger step. An `exp` a sample was half of a
-    /// typical mix's time; this matches it to within f64 rounding.
     pub fn process(&mut self, left: &mut [f32], right: &mut [f32]) {
-        let targets = self.static_targets(left, right);
-        for ((l, r), &target) in left.iter_mut().zip(right.iter_mut()).zip(&targets) {
-            let gain = self.next_gain(target);
-            *l *= gain;
-            *r *= gain;
-        }
-        self.targets = targets;
+        Self::process_lanes([self], [[left, right]]);
     }
 
-    /// Two compressors over the same frames in one loop: each one's recursion waits on its
-    /// previous sample, so the two run side by side. Each computes exactly what it would alone.
-    pub fn process_two(first: &mut Compressor, second: &mut Compressor, first_audio: [&mut [f32]; 2], second_audio: [&mut [f32]; 2]) {
-        let [a, b] = first_audio;
-        let [x, y] = second_audio;
-        assert!(a.len() == b.len() && x.len() == a.len() && y.len() == a.len(), "two tracks are processed together over the same frames");
-        let (first_targets, second_targets) = (first.static_targets(a, b), second.static_targets(x, y));
-        for ((((a, b), x), y), (&first_target, &second_target)) in
-            a.iter_mut().zip(b.iter_mut()).zip(x.iter_mut()).zip(y.iter_mut()).zip(first_targets.iter().zip(&second_targets))
+    /// `N` compressors over the same frames in one loop: each one's recursion waits on its
+    /// previous sample, so they run side by side. Each computes exactly what it would alone.
+    pub fn process_lanes<const N: usize>(mut compressors: [&mut Compressor; N], audio: [Channels; N]) {
+        let (frames, audio) = same_frames(audio);
+        let targets: [Vec<f64>; N] = std::array::from_fn(|lane| compressors[lane].static_targets(audio[lane][0], audio[lane][1]));
+        let mut followers = compressors.each_ref().map(|compressor| compressor.follower);
         {
-            let gain = first.next_gain(first_target);
-            *a *= gain;
-            *b *= gain;
-            let gain = second.next_gain(second_target);
-            *x *= gain;
-            *y *= gain;
+            let targets = targets.each_ref().map(|targets| &targets[..frames]);
+            for i in 0..frames {
+                for lane in 0..N {
+                    let gain = followers[lane].next_gain(targets[lane][i]);
+                    audio[lane][0][i] *= gain;
+                    audio[lane][1][i] *= gain;
+                }
+            }
         }
-        (first.targets, second.targets) = (first_targets, second_targets);
+        for ((compressor, follower), targets) in compressors.iter_mut().zip(followers).zip(targets) {
+            (compressor.follower, compressor.targets) = (follower, targets);
+        }
     }
 
     /// The static curve's reduction for each frame, in a loop of its own that runs in vector
@@ -322,9 +325,17 @@ impl Compressor {
             *target = if f64::from(peak) > self.threshold_gain { reduction } else { 0.0 };
         }
     }
+}
 
+impl Follower {
     /// The detector's step towards the static curve's `target` for the next frame, and the
     /// gain that frame gets.
+    ///
+    /// The gain follows the reduction sample by sample, which moves it by a small step: so the
+    /// gain is carried, times `e^step` by its series to the fourth power (an error under 1e-12 a
+    /// sample for steps under [`CARRIED_STEP`]), and computed outright every
+    /// [`CARRIED_SAMPLES`] samples and on any larger step. An `exp` a sample was half of a
+    /// typical mix's time; this matches it to within f64 rounding.
     #[inline(always)]
     fn next_gain(&mut self, target: f64) -> f32 {
         let coefficient = if target > self.reduction_db { self.attack } else { self.release };
@@ -354,25 +365,18 @@ impl ChannelStrip {
     }
 
     pub fn process(&mut self, left: &mut [f32], right: &mut [f32]) {
-        self.equalizer.process(left, right);
-        if let Some(compressor) = self.compressor.as_mut() {
-            compressor.process(left, right);
-        }
+        Self::process_lanes([self], [[left, right]]);
     }
 
-    /// Two strips over the same frames, their filters and compressors side by side.
-    pub fn process_two(first: &mut ChannelStrip, second: &mut ChannelStrip, first_audio: [&mut [f32]; 2], second_audio: [&mut [f32]; 2]) {
-        let [a, b] = first_audio;
-        let [x, y] = second_audio;
-        Equalizer::process_two(&mut first.equalizer, &mut second.equalizer, [&mut *a, &mut *b], [&mut *x, &mut *y]);
-        match (first.compressor.as_mut(), second.compressor.as_mut()) {
-            (Some(first), Some(second)) => Compressor::process_two(first, second, [a, b], [x, y]),
-            (first, second) => {
-                if let Some(compressor) = first {
-                    compressor.process(a, b);
-                }
-                if let Some(compressor) = second {
-                    compressor.process(x, y);
+    /// `N` strips over the same frames, their filters and compressors in lanes side by side.
+    pub fn process_lanes<const N: usize>(mut strips: [&mut ChannelStrip; N], mut audio: [Channels; N]) {
+        Equalizer::process_lanes(strips.each_mut().map(|strip| &mut strip.equalizer), reborrow(&mut audio));
+        if strips.iter().all(|strip| strip.compressor.is_some()) {
+            Compressor::process_lanes(strips.map(|strip| strip.compressor.as_mut().expect("every strip has one")), audio);
+        } else {
+            for (strip, [left, right]) in strips.into_iter().zip(audio) {
+                if let Some(compressor) = strip.compressor.as_mut() {
+                    compressor.process(left, right);
                 }
             }
         }
@@ -392,21 +396,16 @@ impl TrackChain {
         Self { gain: db_to_gain(track.gain_db) as f32, strip: ChannelStrip::new(&track.eq, track.compressor.as_ref(), sample_rate), pan: (left as f32, right as f32) }
     }
 
-    pub fn process(&mut self, left: &mut [f32], right: &mut [f32]) {
-        self.apply_gain(left, right);
-        self.strip.process(left, right);
-        self.apply_pan(left, right);
-    }
-
-    /// Two tracks over the same frames, their strips side by side (see [`ChannelStrip::process_two`]).
-    pub fn process_two(first: &mut TrackChain, second: &mut TrackChain, first_audio: [&mut [f32]; 2], second_audio: [&mut [f32]; 2]) {
-        let [a, b] = first_audio;
-        let [x, y] = second_audio;
-        first.apply_gain(a, b);
-        second.apply_gain(x, y);
-        ChannelStrip::process_two(&mut first.strip, &mut second.strip, [&mut *a, &mut *b], [&mut *x, &mut *y]);
-        first.apply_pan(a, b);
-        second.apply_pan(x, y);
+    /// `N` tracks over the same frames, their strips in lanes side by side (see
+    /// [`ChannelStrip::process_lanes`]).
+    pub fn process_lanes<const N: usize>(mut chains: [&mut TrackChain; N], mut audio: [Channels; N]) {
+        for (chain, [left, right]) in chains.iter().zip(audio.iter_mut()) {
+            chain.apply_gain(left, right);
+        }
+        ChannelStrip::process_lanes(chains.each_mut().map(|chain| &mut chain.strip), reborrow(&mut audio));
+        for (chain, [left, right]) in chains.iter().zip(audio.iter_mut()) {
+            chain.apply_pan(left, right);
+        }
     }
 
     fn apply_gain(&self, left: &mut [f32], right: &mut [f32]) {
@@ -471,7 +470,7 @@ mod tests {
             // The running filter agrees with its transfer function on a steady sine.
             let mut signal = sine(freq, RATE as usize);
             let mut other = signal.clone();
-            Biquad::process_pair(&mut Biquad::new(coefficients), &mut Biquad::new(coefficients), &mut signal, &mut other);
+            Biquad::process_lanes([[&mut Biquad::new(coefficients), &mut Biquad::new(coefficients)]], [[&mut signal, &mut other]]);
             assert_eq!(signal, other, "each channel is filtered alike");
             let measured_db = gain_to_db(rms(&signal[RATE as usize / 2..]) / std::f64::consts::FRAC_1_SQRT_2);
             assert!((measured_db - formula_db).abs() < 0.05, "{band:?} at {freq} Hz: measured {measured_db:.3}, formula {formula_db:.3}");
@@ -493,9 +492,10 @@ mod tests {
             for (n, (&x, &got)) in signal.iter().zip(&left).enumerate() {
                 let level = f64::from(x.abs());
                 let target = if level > reference.threshold_gain { reference.static_reduction_db(gain_to_db(level)) } else { 0.0 };
-                let coefficient = if target > reference.reduction_db { reference.attack } else { reference.release };
-                reference.reduction_db = target + coefficient * (reference.reduction_db - target);
-                let want = f64::from(x) * db_to_gain(settings.makeup_db - reference.reduction_db);
+                let follower = &mut reference.follower;
+                let coefficient = if target > follower.reduction_db { follower.attack } else { follower.release };
+                follower.reduction_db = target + coefficient * (follower.reduction_db - target);
+                let want = f64::from(x) * db_to_gain(settings.makeup_db - follower.reduction_db);
                 assert!((f64::from(got) - want).abs() <= 1e-6 * want.abs() + 1e-12, "attack {attack_ms} ms, sample {n}: {got} against {want}");
             }
             assert_eq!(left, right);
@@ -523,7 +523,7 @@ mod tests {
             // In chunks, so that the state carried between them is checked too.
             for range in [0..3000, 3000..3001, 3001..10_000] {
                 let r = range.clone();
-                ChannelStrip::process_two(&mut first, &mut second, [&mut a[r.clone()], &mut b[r.clone()]], [&mut x[r.clone()], &mut y[r]]);
+                ChannelStrip::process_lanes([&mut first, &mut second], [[&mut a[r.clone()], &mut b[r.clone()]], [&mut x[r.clone()], &mut y[r]]]);
                 first_alone.process(&mut a_alone[range.clone()], &mut b_alone[range.clone()]);
                 second_alone.process(&mut x_alone[range.clone()], &mut y_alone[range]);
             }

@@ -51,28 +51,29 @@ impl TrackStream {
         self.reader.info.skipped_packets
     }
 
-    /// Adds this track's audio for mix frames `start..start + segment.len()` into `segment`.
-    fn add_segment(&mut self, start: u64, segment: &mut StereoBuffer) -> Result<(), AudioError> {
-        while !self.add_processed(start, segment) && self.has_unprocessed()? {
-            self.process_alone();
-        }
-        Ok(())
-    }
-
-    /// [`Self::add_segment`] for two tracks, their chains run side by side over the frames both
-    /// have waiting. Each track's frames go through its chain in order, as they would alone, and
-    /// each frame of `segment` is the sum of the two tracks' (addition commutes exactly).
-    fn add_segment_together(first: &mut TrackStream, second: &mut TrackStream, start: u64, segment: &mut StereoBuffer) -> Result<(), AudioError> {
+    /// Adds the audio of `tracks` for mix frames `start..start + segment.len()` into `segment`,
+    /// their chains run in lanes side by side over the frames all have waiting. Each track's
+    /// frames go through its chain in order, as they would alone, and each frame of `segment` is
+    /// the sum of two tracks' in either order (addition commutes exactly).
+    fn add_segment<const N: usize>(mut tracks: [&mut TrackStream; N], start: u64, segment: &mut StereoBuffer) -> Result<(), AudioError> {
         loop {
-            let first_wants = !first.add_processed(start, segment) && first.has_unprocessed()?;
-            let second_wants = !second.add_processed(start, segment) && second.has_unprocessed()?;
+            let mut wants = [false; N];
+            for (lane, track) in tracks.iter_mut().enumerate() {
+                wants[lane] = !track.add_processed(start, segment) && track.has_unprocessed()?;
+            }
+            if !wants.contains(&true) {
+                return Ok(());
+            }
             // A track that has what it needs for this segment goes along with the frames it
-            // already has, never decoding more for it.
-            match (first_wants || first.unprocessed() > 0, second_wants || second.unprocessed() > 0) {
-                _ if !first_wants && !second_wants => return Ok(()),
-                (true, true) => Self::process_together(first, second),
-                (true, false) => first.process_alone(),
-                (false, _) => second.process_alone(),
+            // already has, never decoding more for it; when one has none, the others run alone.
+            if tracks.iter().zip(wants).all(|(track, wants)| wants || track.unprocessed() > 0) {
+                Self::process_lanes(tracks.each_mut().map(|track| &mut **track));
+            } else {
+                for (track, wants) in tracks.iter_mut().zip(wants) {
+                    if wants {
+                        Self::process_lanes([&mut **track]);
+                    }
+                }
             }
         }
     }
@@ -129,42 +130,38 @@ impl TrackStream {
         Ok(true)
     }
 
-    fn process_alone(&mut self) {
-        let from = self.processed;
-        self.chain.process(&mut self.pending.left[from..], &mut self.pending.right[from..]);
-        self.processed = self.pending.len();
-    }
-
-    /// Runs both tracks' chains over as many waiting frames as both have.
-    fn process_together(first: &mut TrackStream, second: &mut TrackStream) {
-        let frames = first.unprocessed().min(second.unprocessed());
-        let (from, to) = (first.processed, second.processed);
-        TrackChain::process_two(
-            &mut first.chain,
-            &mut second.chain,
-            [&mut first.pending.left[from..from + frames], &mut first.pending.right[from..from + frames]],
-            [&mut second.pending.left[to..to + frames], &mut second.pending.right[to..to + frames]],
-        );
-        first.processed += frames;
-        second.processed += frames;
+    /// Runs the tracks' chains over as many waiting frames as all of them have.
+    fn process_lanes<const N: usize>(tracks: [&mut TrackStream; N]) {
+        let frames = tracks.iter().map(|track| track.unprocessed()).min().unwrap_or(0);
+        let (chains, audio) = {
+            let mut parts = tracks.map(|track| {
+                let from = track.processed;
+                track.processed += frames;
+                let TrackStream { chain, pending, .. } = track;
+                (Some(chain), [&mut pending.left[from..from + frames], &mut pending.right[from..from + frames]])
+            });
+            (parts.each_mut().map(|(chain, _)| chain.take().expect("taken once")), parts.map(|(_, audio)| audio))
+        };
+        TrackChain::process_lanes(chains, audio);
     }
 }
 
 /// Renders mix frames `start..start + frames` of `tracks` into `bus`, the tracks shared out over
 /// the current rayon pool (the engine's, for a job) by halving the list: each half renders into
 /// a segment of its own, and the two are summed. When there are tracks enough to keep every
-/// worker busy, the pairs at the bottom of the halving render together (see
-/// [`TrackStream::add_segment_together`]); the sum is the same either way, to the bit.
+/// worker busy, the pairs at the bottom of the halving render together, in lanes (see
+/// [`TrackStream::add_segment`]); the sum is the same either way, to the bit. (Four lanes were
+/// no faster than two: their states no longer fit in registers.)
 pub fn render_segment(tracks: &mut [TrackStream], start: u64, frames: usize, bus: &mut StereoBuffer) -> Result<(), AudioError> {
-    let together = tracks.len() >= 2 * rayon::current_num_threads();
-    *bus = render_tracks(tracks, start, frames, together)?;
+    let lanes = if tracks.len() >= 2 * rayon::current_num_threads() { 2 } else { 1 };
+    *bus = render_tracks(tracks, start, frames, lanes)?;
     Ok(())
 }
 
-fn render_tracks(tracks: &mut [TrackStream], start: u64, frames: usize, together: bool) -> Result<StereoBuffer, AudioError> {
-    if tracks.len() > 2 || (tracks.len() == 2 && !together) {
+fn render_tracks(tracks: &mut [TrackStream], start: u64, frames: usize, lanes: usize) -> Result<StereoBuffer, AudioError> {
+    if tracks.len() > lanes {
         let (first, second) = tracks.split_at_mut(tracks.len() / 2);
-        let (first, second) = rayon::join(|| render_tracks(first, start, frames, together), || render_tracks(second, start, frames, together));
+        let (first, second) = rayon::join(|| render_tracks(first, start, frames, lanes), || render_tracks(second, start, frames, lanes));
         let mut segment = first?;
         add_into(&mut segment, &second?);
         return Ok(segment);
@@ -173,8 +170,8 @@ fn render_tracks(tracks: &mut [TrackStream], start: u64, frames: usize, together
     // Caught here, so that a bug in a track fails the mix instead of unwinding through the pool
     // into the caller.
     catch_unwind(AssertUnwindSafe(|| match tracks {
-        [track] => track.add_segment(start, &mut segment),
-        [first, second] => TrackStream::add_segment_together(first, second, start, &mut segment),
+        [track] => TrackStream::add_segment([track], start, &mut segment),
+        [first, second] => TrackStream::add_segment([first, second], start, &mut segment),
         _ => Ok(()),
     }))
     .unwrap_or_else(|panic| {
@@ -247,9 +244,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let band = |kind, freq_hz, gain_db| EqBand { kind, freq_hz, q: 0.9, gain_db };
         let compressor = |threshold_db, attack_ms| Some(CompressorSettings { threshold_db, ratio: 4.0, attack_ms, release_ms: 80.0, makeup_db: 1.5 });
-        // Pairs whose strips differ: three bands against one, a compressor against none, and two
-        // different compressors; stems of different lengths and offsets (one starting before the
-        // mix), all resampled from 48 to 44.1 kHz so that chunks differ in length.
+        // Five tracks halve into a pair and three, the three into one alone and a pair. The pairs'
+        // strips differ (three bands and a compressor against one band and none; a compressor
+        // alone against two bands and a compressor); stems of different lengths and offsets (one
+        // starting before the mix), all resampled from 48 to 44.1 kHz so that chunks differ.
         let tracks = [
             (
                 TrackSettings {
@@ -261,6 +259,7 @@ mod tests {
                 -3_000,
             ),
             (TrackSettings { eq: vec![band(EqType::Peak, 800.0, 6.0)], gain_db: -4.0, pan: 0.6, ..Default::default() }, 50_000, 1_234),
+            (TrackSettings { gain_db: 3.0, ..Default::default() }, 10_000, 30_000),
             (TrackSettings { compressor: compressor(-12.0, 0.0), pan: -0.3, ..Default::default() }, 90_000, 0),
             (
                 TrackSettings {
@@ -279,8 +278,8 @@ mod tests {
         let (mut alone, mut paired) = (open(), open());
         let mut start = 0u64;
         for frames in [4096, 1, 65_536, 333, 20_000] {
-            let alone_segment = render_tracks(&mut alone, start, frames, false).unwrap();
-            let paired_segment = render_tracks(&mut paired, start, frames, true).unwrap();
+            let alone_segment = render_tracks(&mut alone, start, frames, 1).unwrap();
+            let paired_segment = render_tracks(&mut paired, start, frames, 2).unwrap();
             let bits = |segment: &StereoBuffer| segment.left.iter().chain(&segment.right).map(|x| x.to_bits()).collect::<Vec<u32>>();
             assert_eq!(bits(&paired_segment), bits(&alone_segment), "segment at {start}");
             assert!(alone_segment.left.iter().any(|&x| x.abs() > 0.1), "segment at {start} holds audio");
