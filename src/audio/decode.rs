@@ -11,7 +11,8 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 
 use symphonia::core::audio::{Channels, SampleBuffer, SignalSpec};
-use symphonia::core::codecs::{CodecParameters, Decoder, DecoderOptions, CODEC_TYPE_AAC, CODEC_TYPE_NULL};
+use symphonia::core::codecs::{CodecParameters, Decoder, DecoderOptions, CODEC_TYPE_AAC, CODEC_TYPE_NULL, CODEC_TYPE_PCM_S16LE};
+use symphonia::core::conv::FromSample;
 use symphonia::core::errors::Error as SymphoniaError;
 use symphonia::core::formats::{FormatOptions, FormatReader};
 use symphonia::core::io::{MediaSource, MediaSourceStream};
@@ -113,6 +114,12 @@ pub struct StemReader {
     /// Per source channel, its (left, right) downmix coefficients.
     downmix: Vec<(f32, f32)>,
     samples: Option<SampleBuffer<f32>>,
+    /// 16-bit little-endian PCM, read from the packet's bytes into `planar` here: symphonia's
+    /// decoder reads it a sample at a time through a closure, 13% of a typical 8-stem WAV mix's
+    /// CPU time (`perf record`). The samples go through symphonia's own conversion, so they are
+    /// the same either way.
+    pcm16: bool,
+    planar: Vec<f32>,
     frames_to_skip: u64,
     declared_frames: Option<u64>,
     decoded_frames: u64,
@@ -162,7 +169,24 @@ impl StemReader {
             frames: declared_frames.unwrap_or(0).saturating_sub(frames_to_skip),
             skipped_packets: 0,
         };
-        Ok(Self { name: name.to_string(), format, decoder, track_id, downmix, samples: None, frames_to_skip, declared_frames, decoded_frames: 0, container, info })
+        // As symphonia's PCM decoder takes the coded width: any other would be shifted.
+        let coded_width = params.bits_per_coded_sample.or(params.bits_per_sample);
+        let pcm16 = params.codec == CODEC_TYPE_PCM_S16LE && coded_width == Some(16);
+        Ok(Self {
+            name: name.to_string(),
+            format,
+            decoder,
+            track_id,
+            downmix,
+            samples: None,
+            pcm16,
+            planar: Vec::new(),
+            frames_to_skip,
+            declared_frames,
+            decoded_frames: 0,
+            container,
+            info,
+        })
     }
 
     pub fn source(stem: &StemSource) -> Result<Self, AudioError> {
@@ -188,34 +212,50 @@ impl StemReader {
             if packet.track_id() != self.track_id {
                 continue;
             }
-            let decoded = match self.decoder.decode(&packet) {
-                Ok(decoded) => decoded,
-                Err(SymphoniaError::DecodeError(_)) => {
-                    // An isolated damaged packet in a lossy stream: skip it, and say so in the metadata.
-                    self.info.skipped_packets += 1;
-                    if self.info.skipped_packets > 64 {
-                        return Err(self.decode_error(&SymphoniaError::DecodeError("too many damaged packets")));
-                    }
+            let (frames, planes) = if self.pcm16 {
+                // Whole frames only, as symphonia's decoder reads them.
+                let channels = self.downmix.len();
+                let frames = packet.buf().len() / (2 * channels);
+                if frames == 0 {
                     continue;
                 }
-                Err(err) => return Err(self.decode_error(&err)),
+                self.planar.resize(frames * channels, 0.0);
+                for (channel, plane) in self.planar.chunks_exact_mut(frames).enumerate() {
+                    for (sample, frame) in plane.iter_mut().zip(packet.buf().chunks_exact(2 * channels)) {
+                        *sample = f32::from_sample(i16::from_le_bytes([frame[2 * channel], frame[2 * channel + 1]]));
+                    }
+                }
+                (frames, &self.planar[..frames * channels])
+            } else {
+                let decoded = match self.decoder.decode(&packet) {
+                    Ok(decoded) => decoded,
+                    Err(SymphoniaError::DecodeError(_)) => {
+                        // An isolated damaged packet in a lossy stream: skip it, and say so in the metadata.
+                        self.info.skipped_packets += 1;
+                        if self.info.skipped_packets > 64 {
+                            return Err(self.decode_error(&SymphoniaError::DecodeError("too many damaged packets")));
+                        }
+                        continue;
+                    }
+                    Err(err) => return Err(self.decode_error(&err)),
+                };
+                let frames = decoded.frames();
+                if frames == 0 {
+                    continue;
+                }
+                let spec: SignalSpec = *decoded.spec();
+                if spec.channels.count() != self.downmix.len() {
+                    return Err(AudioError::Decode { stem: self.name.clone(), reason: "the channel count changes inside the stream".to_string() });
+                }
+                let needs_new = self.samples.as_ref().is_none_or(|s| s.capacity() < frames * self.downmix.len());
+                if needs_new {
+                    self.samples = Some(SampleBuffer::new(decoded.capacity() as u64, spec));
+                }
+                let samples = self.samples.as_mut().expect("allocated above");
+                samples.copy_planar_ref(decoded);
+                (frames, samples.samples())
             };
-            let frames = decoded.frames();
-            if frames == 0 {
-                continue;
-            }
             self.decoded_frames += frames as u64;
-            let spec: SignalSpec = *decoded.spec();
-            if spec.channels.count() != self.downmix.len() {
-                return Err(AudioError::Decode { stem: self.name.clone(), reason: "the channel count changes inside the stream".to_string() });
-            }
-            let needs_new = self.samples.as_ref().is_none_or(|s| s.capacity() < frames * self.downmix.len());
-            if needs_new {
-                self.samples = Some(SampleBuffer::new(decoded.capacity() as u64, spec));
-            }
-            let samples = self.samples.as_mut().expect("allocated above");
-            samples.copy_planar_ref(decoded);
-            let planes = samples.samples();
 
             let skip = self.frames_to_skip.min(frames as u64) as usize;
             self.frames_to_skip -= skip as u64;
@@ -322,4 +362,50 @@ fn describe(err: &SymphoniaError) -> String {
 fn contain_panic<T>(stem: &str, f: impl FnOnce() -> Result<T, AudioError>) -> Result<T, AudioError> {
     catch_unwind(AssertUnwindSafe(f))
         .unwrap_or_else(|panic| Err(AudioError::Decode { stem: stem.to_string(), reason: format!("the decoder crashed: {}", panic_message(&*panic)) }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audio::buffer::test_noise;
+
+    /// A 16-bit WAV of noise that starts at both ends of the scale, less its last `cut` bytes.
+    fn wav16(dir: &Path, channels: u16, frames: usize, cut: u64) -> std::path::PathBuf {
+        let path = dir.join(format!("{channels}-{cut}.wav"));
+        let spec = hound::WavSpec { channels, sample_rate: 44_100, bits_per_sample: 16, sample_format: hound::SampleFormat::Int };
+        let mut writer = hound::WavWriter::create(&path, spec).unwrap();
+        let noise = test_noise(frames * usize::from(channels), u64::from(channels) + cut);
+        for sample in [i16::MIN, i16::MAX, -1, 0].into_iter().chain(noise.iter().skip(4).map(|x| (x * 32_767.0) as i16)) {
+            writer.write_sample(sample).unwrap();
+        }
+        writer.finalize().unwrap();
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        file.set_len(file.metadata().unwrap().len() - cut).unwrap();
+        path
+    }
+
+    fn read_all(mut reader: StemReader) -> (Vec<u32>, u64) {
+        let (mut chunk, mut bits) = (StereoBuffer::default(), Vec::new());
+        while reader.next_chunk(&mut chunk).unwrap() {
+            bits.extend(chunk.left.iter().zip(&chunk.right).flat_map(|(l, r)| [l.to_bits(), r.to_bits()]));
+        }
+        (bits, reader.decoded_frames)
+    }
+
+    #[test]
+    fn sixteen_bit_pcm_read_from_its_bytes_is_what_symphonia_s_decoder_gives() {
+        let dir = tempfile::tempdir().unwrap();
+        // Mono, stereo, four channels downmixed, and a file cut inside its last frame.
+        for (channels, cut) in [(1, 0), (2, 0), (4, 0), (2, 3)] {
+            let path = wav16(dir.path(), channels, 10_000, cut);
+            let from_bytes = StemReader::open(&path, "stem").unwrap();
+            assert!(from_bytes.pcm16, "{channels} channels: read from the bytes");
+            let mut decoded = StemReader::open(&path, "stem").unwrap();
+            decoded.pcm16 = false;
+            let ((bits, frames), (expected_bits, expected_frames)) = (read_all(from_bytes), read_all(decoded));
+            assert_eq!(frames, expected_frames, "{channels} channels, cut {cut}");
+            assert_eq!(frames, if cut == 0 { 10_000 } else { 9_999 });
+            assert!(bits == expected_bits, "{channels} channels, cut {cut}: the samples differ");
+        }
+    }
 }
