@@ -1,6 +1,7 @@
-//! A soak: hundreds of short mixes queued at once, twice, while SSE and WebSocket subscribers
-//! watch every project. Every job completes, every subscriber sees every completion, and what a
-//! job costs (its log line, the server's memory) does not grow with the jobs run before it.
+//! A soak: hundreds of short mixes queued at once, round after round, while SSE and WebSocket
+//! subscribers watch every project. Every job completes, every subscriber sees every completion,
+//! and what a job costs (its log line, the server's memory) does not grow with the jobs run
+//! before it.
 
 use std::collections::HashSet;
 use std::time::Duration;
@@ -12,7 +13,7 @@ use crate::common::resident_kib;
 use crate::helpers::{make_audio, start_server, SseStream, DEADLINE};
 
 const JOBS_PER_ROUND: usize = 150;
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 4;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hundreds_of_queued_jobs_all_complete_and_each_costs_the_same() {
@@ -102,8 +103,11 @@ async fn hundreds_of_queued_jobs_all_complete_and_each_costs_the_same() {
     let (shortest, longest) = (finished.iter().min().unwrap(), finished.iter().max().unwrap());
     assert!(longest - shortest < 24, "job log lines grew from {shortest} to {longest} characters");
     eprintln!("memory after each round: {memory_after_round:?} KiB");
-    // The third round of jobs costs no more memory than the second left in use (allocator slack
-    // aside); the first warms what is kept for reuse (SQLite's page caches, freed thread stacks).
-    let [_, second, third] = memory_after_round[..] else { unreachable!() };
-    assert!(third <= second + second / 10, "resident memory grew from {second} KiB to {third} KiB over {JOBS_PER_ROUND} more jobs");
+    // Memory that grows with the jobs run grows every round. Beside it, the allocator and the
+    // page cache take a one-time step (about 5 MB here) in whichever round they happen to: the
+    // first, usually, but it was seen in the third. So growth is two rounds in a row of more than
+    // a tenth, which the step alone never makes.
+    let [.., second, third, fourth] = memory_after_round[..] else { unreachable!() };
+    let grew = |before: u64, after: u64| after > before + before / 10;
+    assert!(!(grew(second, third) && grew(third, fourth)), "resident memory grew in each of the last two rounds of {JOBS_PER_ROUND} jobs: {memory_after_round:?} KiB");
 }
