@@ -11,13 +11,14 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 
 use symphonia::core::audio::{Channels, SampleBuffer, SignalSpec};
-use symphonia::core::codecs::{CodecParameters, Decoder, DecoderOptions, CODEC_TYPE_AAC, CODEC_TYPE_NULL, CODEC_TYPE_PCM_S16LE};
+use symphonia::core::codecs::{CodecParameters, Decoder, DecoderOptions, CODEC_TYPE_AAC, CODEC_TYPE_NULL, CODEC_TYPE_PCM_S16LE, CODEC_TYPE_PCM_S24LE};
 use symphonia::core::conv::FromSample;
 use symphonia::core::errors::Error as SymphoniaError;
 use symphonia::core::formats::{FormatOptions, FormatReader};
 use symphonia::core::io::{MediaSource, MediaSourceStream};
 use symphonia::core::meta::MetadataOptions;
 use symphonia::core::probe::Hint;
+use symphonia::core::sample::i24;
 
 use super::buffer::StereoBuffer;
 use super::container::{ogg_ends_cleanly, read_up_to, sniff_container, Container, Rf64AsRiff};
@@ -114,11 +115,11 @@ pub struct StemReader {
     /// Per source channel, its (left, right) downmix coefficients.
     downmix: Vec<(f32, f32)>,
     samples: Option<SampleBuffer<f32>>,
-    /// 16-bit little-endian PCM, read from the packet's bytes into `planar` here: symphonia's
-    /// decoder reads it a sample at a time through a closure, 13% of a typical 8-stem WAV mix's
-    /// CPU time (`perf record`). The samples go through symphonia's own conversion, so they are
-    /// the same either way.
-    pcm16: bool,
+    /// 16- or 24-bit little-endian PCM, read from the packet's bytes into `planar` here:
+    /// symphonia's decoder reads it a sample at a time through a closure, 13% of a typical
+    /// 8-stem WAV mix's CPU time (`perf record`). The samples go through symphonia's own
+    /// conversion, so they are the same either way.
+    raw_pcm: Option<RawPcm>,
     planar: Vec<f32>,
     frames_to_skip: u64,
     declared_frames: Option<u64>,
@@ -169,9 +170,13 @@ impl StemReader {
             frames: declared_frames.unwrap_or(0).saturating_sub(frames_to_skip),
             skipped_packets: 0,
         };
-        // As symphonia's PCM decoder takes the coded width: any other would be shifted.
+        // The coded width as symphonia's PCM decoder takes it: it shifts any narrower one.
         let coded_width = params.bits_per_coded_sample.or(params.bits_per_sample);
-        let pcm16 = params.codec == CODEC_TYPE_PCM_S16LE && coded_width == Some(16);
+        let raw_pcm = match (params.codec, coded_width) {
+            (CODEC_TYPE_PCM_S16LE, Some(16)) => Some(RawPcm::S16),
+            (CODEC_TYPE_PCM_S24LE, Some(24)) => Some(RawPcm::S24),
+            _ => None,
+        };
         Ok(Self {
             name: name.to_string(),
             format,
@@ -179,7 +184,7 @@ impl StemReader {
             track_id,
             downmix,
             samples: None,
-            pcm16,
+            raw_pcm,
             planar: Vec::new(),
             frames_to_skip,
             declared_frames,
@@ -212,20 +217,12 @@ impl StemReader {
             if packet.track_id() != self.track_id {
                 continue;
             }
-            let (frames, planes) = if self.pcm16 {
-                // Whole frames only, as symphonia's decoder reads them.
-                let channels = self.downmix.len();
-                let frames = packet.buf().len() / (2 * channels);
+            let (frames, planes) = if let Some(pcm) = self.raw_pcm {
+                let frames = pcm.read(packet.buf(), self.downmix.len(), &mut self.planar);
                 if frames == 0 {
                     continue;
                 }
-                self.planar.resize(frames * channels, 0.0);
-                for (channel, plane) in self.planar.chunks_exact_mut(frames).enumerate() {
-                    for (sample, frame) in plane.iter_mut().zip(packet.buf().chunks_exact(2 * channels)) {
-                        *sample = f32::from_sample(i16::from_le_bytes([frame[2 * channel], frame[2 * channel + 1]]));
-                    }
-                }
-                (frames, &self.planar[..frames * channels])
+                (frames, &self.planar[..])
             } else {
                 let decoded = match self.decoder.decode(&packet) {
                     Ok(decoded) => decoded,
@@ -284,6 +281,41 @@ impl StemReader {
     fn decode_error(&self, err: &SymphoniaError) -> AudioError {
         let at = self.decoded_frames as f64 / f64::from(self.info.sample_rate);
         AudioError::Decode { stem: self.name.clone(), reason: format!("{} (at {at:.3} s)", describe(err)) }
+    }
+}
+
+/// Little-endian integer PCM that mixd reads from a packet's bytes itself.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum RawPcm {
+    S16,
+    S24,
+}
+
+impl RawPcm {
+    /// The packet's whole frames (as symphonia's decoder reads them) into `planar`, one channel
+    /// after another; returns how many.
+    fn read(self, data: &[u8], channels: usize, planar: &mut Vec<f32>) -> usize {
+        // Each sample as symphonia's decoder stores it and its conversion to f32 makes it.
+        match self {
+            RawPcm::S16 => Self::deinterleave::<2>(data, channels, planar, |[a, b]| f32::from_sample(i16::from_le_bytes([a, b]))),
+            RawPcm::S24 => Self::deinterleave::<3>(data, channels, planar, |[a, b, c]| f32::from_sample(i24::from(i32::from_le_bytes([0, a, b, c]) >> 8))),
+        }
+    }
+
+    #[inline(always)]
+    fn deinterleave<const BYTES: usize>(data: &[u8], channels: usize, planar: &mut Vec<f32>, sample: impl Fn([u8; BYTES]) -> f32) -> usize {
+        let frames = data.len() / (BYTES * channels);
+        planar.clear();
+        planar.resize(frames * channels, 0.0);
+        if frames > 0 {
+            for (channel, plane) in planar.chunks_exact_mut(frames).enumerate() {
+                let samples = data.chunks_exact(BYTES).skip(channel).step_by(channels);
+                for (out, bytes) in plane.iter_mut().zip(samples) {
+                    *out = sample(bytes.try_into().expect("chunks of a sample's bytes"));
+                }
+            }
+        }
+        frames
     }
 }
 
@@ -369,13 +401,15 @@ mod tests {
     use super::*;
     use crate::audio::buffer::test_noise;
 
-    /// A 16-bit WAV of noise that starts at both ends of the scale, less its last `cut` bytes.
-    fn wav16(dir: &Path, channels: u16, frames: usize, cut: u64) -> std::path::PathBuf {
-        let path = dir.join(format!("{channels}-{cut}.wav"));
-        let spec = hound::WavSpec { channels, sample_rate: 44_100, bits_per_sample: 16, sample_format: hound::SampleFormat::Int };
+    /// A WAV of noise at `bits` that starts at both ends of the scale, less its last `cut` bytes.
+    fn wav(dir: &Path, bits: u16, channels: u16, frames: usize, cut: u64) -> std::path::PathBuf {
+        let path = dir.join(format!("{bits}-{channels}-{cut}.wav"));
+        let spec = hound::WavSpec { channels, sample_rate: 44_100, bits_per_sample: bits, sample_format: hound::SampleFormat::Int };
         let mut writer = hound::WavWriter::create(&path, spec).unwrap();
+        let full_scale = (1i32 << (bits - 1)) as f32;
         let noise = test_noise(frames * usize::from(channels), u64::from(channels) + cut);
-        for sample in [i16::MIN, i16::MAX, -1, 0].into_iter().chain(noise.iter().skip(4).map(|x| (x * 32_767.0) as i16)) {
+        let ends = [-(full_scale as i32), full_scale as i32 - 1, -1, 0];
+        for sample in ends.into_iter().chain(noise.iter().skip(4).map(|x| (x * (full_scale - 1.0)) as i32)) {
             writer.write_sample(sample).unwrap();
         }
         writer.finalize().unwrap();
@@ -393,19 +427,21 @@ mod tests {
     }
 
     #[test]
-    fn sixteen_bit_pcm_read_from_its_bytes_is_what_symphonia_s_decoder_gives() {
+    fn pcm_read_from_its_bytes_is_what_symphonia_s_decoder_gives() {
         let dir = tempfile::tempdir().unwrap();
         // Mono, stereo, four channels downmixed, and a file cut inside its last frame.
-        for (channels, cut) in [(1, 0), (2, 0), (4, 0), (2, 3)] {
-            let path = wav16(dir.path(), channels, 10_000, cut);
-            let from_bytes = StemReader::open(&path, "stem").unwrap();
-            assert!(from_bytes.pcm16, "{channels} channels: read from the bytes");
-            let mut decoded = StemReader::open(&path, "stem").unwrap();
-            decoded.pcm16 = false;
-            let ((bits, frames), (expected_bits, expected_frames)) = (read_all(from_bytes), read_all(decoded));
-            assert_eq!(frames, expected_frames, "{channels} channels, cut {cut}");
-            assert_eq!(frames, if cut == 0 { 10_000 } else { 9_999 });
-            assert!(bits == expected_bits, "{channels} channels, cut {cut}: the samples differ");
+        for (bits, pcm) in [(16, RawPcm::S16), (24, RawPcm::S24)] {
+            for (channels, cut) in [(1, 0), (2, 0), (4, 0), (2, 3)] {
+                let path = wav(dir.path(), bits, channels, 10_000, cut);
+                let from_bytes = StemReader::open(&path, "stem").unwrap();
+                assert_eq!(from_bytes.raw_pcm, Some(pcm), "{bits} bits, {channels} channels: read from the bytes");
+                let mut decoded = StemReader::open(&path, "stem").unwrap();
+                decoded.raw_pcm = None;
+                let ((bits_read, frames), (expected_bits, expected_frames)) = (read_all(from_bytes), read_all(decoded));
+                assert_eq!(frames, expected_frames, "{bits} bits, {channels} channels, cut {cut}");
+                assert_eq!(frames, if cut == 0 { 10_000 } else { 9_999 });
+                assert!(bits_read == expected_bits, "{bits} bits, {channels} channels, cut {cut}: the samples differ");
+            }
         }
     }
 }
