@@ -210,8 +210,8 @@ impl Equalizer {
 #[derive(Debug, Clone)]
 pub struct Compressor {
     threshold_db: f64,
-    /// The threshold as a sample's magnitude: at or under it, a sample asks for no reduction,
-    /// and its level in dB is not needed.
+    /// The threshold as a sample's magnitude: at or under it, a sample asks for no reduction
+    /// (its level in dB is worked out all the same, so that the loop has no branch).
     threshold_gain: f64,
     slope: f64,
     follower: Follower,

@@ -1,6 +1,7 @@
 //! The summed bus, rendered a segment at a time: every track keeps its decoder, resampler and
-//! effects between segments, so memory holds one segment per worker and each track's small
-//! decode state, however long the mix.
+//! effects between segments, so memory holds a segment for each part of the sum (kept by the
+//! track that heads it, so that a segment allocates nothing) and each track's small decode
+//! state, however long the mix.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
@@ -24,6 +25,9 @@ pub struct TrackStream {
     processed: usize,
     position: i64,
     decoded: StereoBuffer,
+    /// The sum of the tracks from this one to the end of its half (see [`render_tracks`]), kept
+    /// for the next segment so that rendering one allocates nothing.
+    sum: StereoBuffer,
     source_ended: bool,
     /// Source frames decoded so far, for progress.
     pub frames_read: u64,
@@ -41,6 +45,7 @@ impl TrackStream {
             processed: 0,
             position: offset_frames,
             decoded: StereoBuffer::default(),
+            sum: StereoBuffer::default(),
             source_ended: false,
             frames_read: 0,
         })
@@ -154,31 +159,47 @@ impl TrackStream {
 /// no faster than two: their states no longer fit in registers.)
 pub fn render_segment(tracks: &mut [TrackStream], start: u64, frames: usize, bus: &mut StereoBuffer) -> Result<(), AudioError> {
     let lanes = if tracks.len() >= 2 * rayon::current_num_threads() { 2 } else { 1 };
-    *bus = render_tracks(tracks, start, frames, lanes)?;
+    if tracks.is_empty() {
+        silence(bus, frames);
+        return Ok(());
+    }
+    render_tracks(tracks, start, frames, lanes)?;
+    // The bus's old buffer becomes the first track's for the next segment.
+    std::mem::swap(bus, &mut tracks[0].sum);
     Ok(())
 }
 
-fn render_tracks(tracks: &mut [TrackStream], start: u64, frames: usize, lanes: usize) -> Result<StereoBuffer, AudioError> {
+/// Renders `tracks` (one or more) into the first one's `sum`.
+fn render_tracks(tracks: &mut [TrackStream], start: u64, frames: usize, lanes: usize) -> Result<(), AudioError> {
     if tracks.len() > lanes {
         let (first, second) = tracks.split_at_mut(tracks.len() / 2);
-        let (first, second) = rayon::join(|| render_tracks(first, start, frames, lanes), || render_tracks(second, start, frames, lanes));
-        let mut segment = first?;
-        add_into(&mut segment, &second?);
-        return Ok(segment);
+        let (rendered, other) = rayon::join(|| render_tracks(first, start, frames, lanes), || render_tracks(second, start, frames, lanes));
+        rendered?;
+        other?;
+        add_into(&mut first[0].sum, &second[0].sum);
+        return Ok(());
     }
-    let mut segment = StereoBuffer { left: vec![0.0; frames], right: vec![0.0; frames] };
+    let mut segment = std::mem::take(&mut tracks[0].sum);
+    silence(&mut segment, frames);
     // Caught here, so that a bug in a track fails the mix instead of unwinding through the pool
     // into the caller.
     catch_unwind(AssertUnwindSafe(|| match tracks {
         [track] => TrackStream::add_segment([track], start, &mut segment),
         [first, second] => TrackStream::add_segment([first, second], start, &mut segment),
-        _ => Ok(()),
+        _ => unreachable!("halving leaves one or two tracks"),
     }))
     .unwrap_or_else(|panic| {
         let names: Vec<String> = tracks.iter().map(|track| format!("\"{}\"", track.stem_name)).collect();
         Err(AudioError::Internal(format!("track {} panicked: {}", names.join(" or "), panic_message(&*panic))))
     })?;
-    Ok(segment)
+    tracks[0].sum = segment;
+    Ok(())
+}
+
+fn silence(segment: &mut StereoBuffer, frames: usize) {
+    segment.clear();
+    segment.left.resize(frames, 0.0);
+    segment.right.resize(frames, 0.0);
 }
 
 fn add_into(sum: &mut StereoBuffer, other: &StereoBuffer) {
@@ -278,10 +299,11 @@ mod tests {
         let (mut alone, mut paired) = (open(), open());
         let mut start = 0u64;
         for frames in [4096, 1, 65_536, 333, 20_000] {
-            let alone_segment = render_tracks(&mut alone, start, frames, 1).unwrap();
-            let paired_segment = render_tracks(&mut paired, start, frames, 2).unwrap();
+            render_tracks(&mut alone, start, frames, 1).unwrap();
+            render_tracks(&mut paired, start, frames, 2).unwrap();
+            let (alone_segment, paired_segment) = (&alone[0].sum, &paired[0].sum);
             let bits = |segment: &StereoBuffer| segment.left.iter().chain(&segment.right).map(|x| x.to_bits()).collect::<Vec<u32>>();
-            assert_eq!(bits(&paired_segment), bits(&alone_segment), "segment at {start}");
+            assert_eq!(bits(paired_segment), bits(alone_segment), "segment at {start}");
             assert!(alone_segment.left.iter().any(|&x| x.abs() > 0.1), "segment at {start} holds audio");
             start += frames as u64;
         }
