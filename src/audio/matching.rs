@@ -19,13 +19,12 @@
 
 use std::sync::Arc;
 
-use ebur128::{EbuR128, Mode};
 use realfft::num_complex::Complex;
 use realfft::{ComplexToReal, RealFftPlanner, RealToComplex};
 
 use super::buffer::StereoBuffer;
 use super::decode::StemReader;
-use super::loudness::KWeighting;
+use super::loudness::{KWeighting, LoudnessMeter};
 use super::spectrum::{band_centre_hz, frame_size, normalised, spectral_error_db, Spectrum, SpectrumMeter, BANDS};
 use super::{AudioError, MixObserver, StemSource};
 
@@ -63,19 +62,19 @@ impl Sound {
 pub fn measure(stem: &StemSource, with_spectrum: bool, observer: &dyn MixObserver) -> Result<Sound, AudioError> {
     let mut reader = StemReader::source(stem)?;
     let (rate, channels) = (reader.info.sample_rate, reader.info.channels);
-    let mut meter = EbuR128::new(2, rate, Mode::I).map_err(|err| AudioError::Internal(format!("loudness meter: {err}")))?;
+    let mut meter = LoudnessMeter::new(rate);
     let mut spectrum = with_spectrum.then(|| SpectrumMeter::new(rate));
     let mut chunk = StereoBuffer::default();
     while reader.next_chunk(&mut chunk)? {
         if observer.is_cancelled() {
             return Err(AudioError::Canceled);
         }
-        meter.add_frames_planar_f32(&[&chunk.left, &chunk.right]).map_err(|err| AudioError::Internal(format!("loudness meter: {err}")))?;
+        meter.push(&chunk.left, &chunk.right);
         if let Some(spectrum) = &mut spectrum {
             spectrum.push(&chunk.left, &chunk.right);
         }
     }
-    let stereo_lufs = meter.loudness_global().ok().filter(|lufs| lufs.is_finite());
+    let stereo_lufs = meter.integrated();
     Ok(Sound { channels, stereo_lufs, spectrum: spectrum.map(SpectrumMeter::finish) })
 }
 

@@ -13,11 +13,10 @@ mod opus;
 
 use std::path::{Path, PathBuf};
 
-use ebur128::{EbuR128, Mode};
-
 use super::buffer::{StereoBuffer, BLOCK};
 use super::decode::StemReader;
 use super::dsp::gain_to_db;
+use super::loudness::LoudnessMeter;
 use super::settings::{Format, FormatSettings};
 use super::true_peak::PeakDetector;
 use super::AudioError;
@@ -133,25 +132,28 @@ pub(super) fn measure(path: &Path, format: Format) -> Result<Measured, AudioErro
 fn read_back(path: &Path, format: Format) -> Result<Measured, AudioError> {
     let mut meter = Meter::default();
     match format {
-        Format::Opus => opus::decode(path, &mut |segment, rate| meter.push(segment, rate))?,
+        Format::Opus => opus::decode(path, &mut |segment, rate| {
+            meter.push(segment, rate);
+            Ok(())
+        })?,
         Format::Wav | Format::Flac | Format::Mp3 => {
             let name = format!("final_mix.{}", format.extension());
             let mut reader = StemReader::open(path, &name)?;
             let rate = reader.info.sample_rate;
             let mut chunk = StereoBuffer::default();
             while reader.next_chunk(&mut chunk)? {
-                meter.push(&chunk, rate)?;
+                meter.push(&chunk, rate);
             }
         }
     }
-    meter.finish().ok_or_else(|| AudioError::Internal(format!("the {} file decodes to nothing", format.extension())))?
+    meter.finish().ok_or_else(|| AudioError::Internal(format!("the {} file decodes to nothing", format.extension())))
 }
 
 /// Loudness and true peak of decoded audio, gathered a block at a time (a decoder's packets are
 /// a few hundred frames, too few to measure in parallel).
 #[derive(Default)]
 struct Meter {
-    state: Option<(EbuR128, PeakDetector, u32)>,
+    state: Option<(LoudnessMeter, PeakDetector, u32)>,
     pending: StereoBuffer,
     peaks: Vec<f32>,
     peak: f32,
@@ -159,43 +161,34 @@ struct Meter {
 }
 
 impl Meter {
-    fn push(&mut self, segment: &StereoBuffer, rate: u32) -> Result<(), AudioError> {
+    fn push(&mut self, segment: &StereoBuffer, rate: u32) {
         if self.state.is_none() {
-            self.state = Some((EbuR128::new(2, rate, Mode::I).map_err(meter_error)?, PeakDetector::new(rate), rate));
+            self.state = Some((LoudnessMeter::new(rate), PeakDetector::new(rate), rate));
         }
         self.pending.left.extend_from_slice(&segment.left);
         self.pending.right.extend_from_slice(&segment.right);
         if self.pending.len() >= BLOCK {
-            self.measure_pending()?;
+            self.measure_pending();
         }
-        Ok(())
     }
 
-    fn measure_pending(&mut self) -> Result<(), AudioError> {
-        let Some((meter, detector, _)) = &mut self.state else { return Ok(()) };
+    fn measure_pending(&mut self) {
+        let Some((meter, detector, _)) = &mut self.state else { return };
         let (pending, peaks) = (&self.pending, &mut self.peaks);
-        let (metered, ()) = rayon::join(|| meter.add_frames_planar_f32(&[&pending.left, &pending.right]), || detector.push(&pending.left, &pending.right, peaks));
-        metered.map_err(meter_error)?;
+        rayon::join(|| meter.push(&pending.left, &pending.right), || detector.push(&pending.left, &pending.right, peaks));
         self.peak = self.peaks.drain(..).fold(self.peak, f32::max);
         self.frames += self.pending.len() as u64;
         self.pending.clear();
-        Ok(())
     }
 
     /// `None` when nothing was decoded.
-    fn finish(mut self) -> Option<Result<Measured, AudioError>> {
-        if let Err(err) = self.measure_pending() {
-            return Some(Err(err));
-        }
+    fn finish(mut self) -> Option<Measured> {
+        self.measure_pending();
         let (meter, mut detector, rate) = self.state?;
         detector.finish(&mut self.peaks);
         let peak = self.peaks.into_iter().fold(self.peak, f32::max);
-        Some(Ok(Measured { frames: self.frames, rate, integrated_lufs: meter.loudness_global().ok().filter(|v| v.is_finite()), peak }))
+        Some(Measured { frames: self.frames, rate, integrated_lufs: meter.integrated(), peak })
     }
-}
-
-fn meter_error(err: ebur128::Error) -> AudioError {
-    AudioError::Internal(format!("loudness meter: {err}"))
 }
 
 /// An encoder's failure, naming the format: the job ends `EXPORT_FAILED` with it.

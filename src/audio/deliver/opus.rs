@@ -98,10 +98,10 @@ impl OpusEncoder {
                 for packet in packets {
                     let segment = decoder.decode(&packet.data, packet.end)?;
                     if !segment.is_empty() {
-                        meter.push(segment, OPUS_RATE)?;
+                        meter.push(segment, OPUS_RATE);
                     }
                 }
-                meter.finish().ok_or_else(|| encoder_error(Format::Opus, "it decodes to nothing"))?
+                meter.finish().ok_or_else(|| encoder_error(Format::Opus, "it decodes to nothing"))
             })
             .map_err(AudioError::Export)?;
         Ok(Self {
