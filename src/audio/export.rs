@@ -1,7 +1,7 @@
 //! Writing the finished mix as WAV, atomically: a reader sees the old file or the whole new one.
 
 use std::fs::File;
-use std::io::BufWriter;
+use std::io::{BufWriter, Cursor, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
 use hound::{SampleFormat, WavSpec, WavWriter};
@@ -53,11 +53,19 @@ impl Drop for PartialFile {
 /// A WAV file being written at `temporary`, a name the caller owns in the same directory as the
 /// final path, so that it knows what a crash can leave behind. Dropped before [`WavSink::finish`]
 /// (an error, a cancel), it removes the file.
+///
+/// The header is hound's, as its writer makes it for no samples; the samples are packed a segment
+/// at a time here, since hound writes them one at a time through its checks and the buffer's
+/// (the larger part of writing a 24-bit master). The finished file is byte for byte what hound's
+/// writer makes (tested).
 pub struct WavSink {
-    writer: WavWriter<BufWriter<File>>,
+    file: BufWriter<File>,
     /// Declared after the writer, so dropped after it: what the writer flushes is removed too.
     partial: PartialFile,
     depth: BitDepth,
+    header_bytes: u64,
+    data_bytes: u64,
+    packed: Vec<u8>,
 }
 
 impl WavSink {
@@ -68,29 +76,50 @@ impl WavSink {
             bits_per_sample: depth.bits(),
             sample_format: if depth == BitDepth::Float32 { SampleFormat::Float } else { SampleFormat::Int },
         };
+        let mut header = Cursor::new(Vec::new());
+        WavWriter::new(&mut header, spec).and_then(WavWriter::finalize).map_err(hound_error)?;
+        let header = header.into_inner();
         let partial = PartialFile::create(temporary)?;
-        let file = partial.file.try_clone().map_err(AudioError::Export)?;
-        let writer = WavWriter::new(BufWriter::with_capacity(1 << 20, file), spec).map_err(hound_error)?;
-        Ok(Self { writer, partial, depth })
+        let mut file = BufWriter::with_capacity(1 << 20, partial.file.try_clone().map_err(AudioError::Export)?);
+        file.write_all(&header).map_err(AudioError::Export)?;
+        Ok(Self { file, partial, depth, header_bytes: header.len() as u64, data_bytes: 0, packed: Vec::new() })
     }
 
     /// Writes frames a [`Quantiser`] of the same depth made: each sample is an integer over the
     /// depth's full scale, which f32 holds exactly, so the integer is read back exactly.
     pub fn write(&mut self, segment: &StereoBuffer) -> Result<(), AudioError> {
-        let writer = &mut self.writer;
-        let mut samples = segment.left.iter().zip(&segment.right).flat_map(|(l, r)| [*l, *r]);
+        let width = usize::from(self.depth.bits() / 8);
+        self.packed.resize(2 * width * segment.len(), 0);
+        let frames = self.packed.chunks_exact_mut(2 * width).zip(segment.left.iter().zip(&segment.right));
         match self.depth {
-            BitDepth::Int16 => samples.try_for_each(|x| writer.write_sample((x * 32_768.0) as i16)),
-            BitDepth::Int24 => samples.try_for_each(|x| writer.write_sample((x * 8_388_608.0) as i32)),
-            BitDepth::Float32 => samples.try_for_each(|x| writer.write_sample(x)),
+            BitDepth::Int16 => frames.for_each(|(out, (l, r))| {
+                out[..2].copy_from_slice(&((l * 32_768.0) as i16).to_le_bytes());
+                out[2..].copy_from_slice(&((r * 32_768.0) as i16).to_le_bytes());
+            }),
+            BitDepth::Int24 => frames.for_each(|(out, (l, r))| {
+                out[..3].copy_from_slice(&((l * 8_388_608.0) as i32).to_le_bytes()[..3]);
+                out[3..].copy_from_slice(&((r * 8_388_608.0) as i32).to_le_bytes()[..3]);
+            }),
+            BitDepth::Float32 => frames.for_each(|(out, (l, r))| {
+                out[..4].copy_from_slice(&l.to_le_bytes());
+                out[4..].copy_from_slice(&r.to_le_bytes());
+            }),
         }
-        .map_err(hound_error)
+        self.file.write_all(&self.packed).map_err(AudioError::Export)?;
+        self.data_bytes += self.packed.len() as u64;
+        Ok(())
     }
 
-    /// Completes the header and fsyncs the file.
+    /// Completes the header (the RIFF and data chunks' sizes, where hound puts them) and fsyncs
+    /// the file.
     pub fn finish(self) -> Result<(), AudioError> {
-        let Self { writer, partial, .. } = self;
-        writer.finalize().map_err(hound_error)?;
+        let Self { mut file, partial, header_bytes, data_bytes, .. } = self;
+        let too_long = || AudioError::Internal(format!("WAV writer: {data_bytes} bytes of samples do not fit in a WAV file"));
+        let riff_bytes = u32::try_from(data_bytes + header_bytes - 8).map_err(|_| too_long())?;
+        let data_bytes = u32::try_from(data_bytes).map_err(|_| too_long())?;
+        let mut patch = |offset: u64, value: u32| file.seek(SeekFrom::Start(offset)).and_then(|_| file.write_all(&value.to_le_bytes()));
+        patch(4, riff_bytes).and_then(|()| patch(header_bytes - 4, data_bytes)).and_then(|()| file.flush()).map_err(AudioError::Export)?;
+        drop(file);
         partial.keep()
     }
 }
@@ -226,6 +255,45 @@ mod tests {
         drop(abandoned);
         assert_eq!(std::fs::read(&path).unwrap(), written, "the old file is untouched");
         assert!(!temporary.exists());
+    }
+
+    #[test]
+    fn the_file_is_byte_for_byte_what_hound_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let noise = test_noise(10_007, 9);
+        for depth in [BitDepth::Int16, BitDepth::Int24, BitDepth::Float32] {
+            for (rate, frames) in [(44_100, 10_007), (96_000, 1), (48_000, 0)] {
+                let mut segment = StereoBuffer { left: noise[..frames].to_vec(), right: noise[..frames].iter().map(|x| -0.7 * x).collect() };
+                Quantiser::new(depth).quantise(&mut segment);
+                let ours = dir.path().join("ours.wav");
+                let mut sink = WavSink::create(&ours, rate, depth).unwrap();
+                // In two pieces, the first odd.
+                let split = frames / 3;
+                for (start, end) in [(0, split), (split, frames)] {
+                    sink.write(&StereoBuffer { left: segment.left[start..end].to_vec(), right: segment.right[start..end].to_vec() }).unwrap();
+                }
+                sink.finish().unwrap();
+
+                let hounds = dir.path().join("hound.wav");
+                let spec = WavSpec {
+                    channels: 2,
+                    sample_rate: rate,
+                    bits_per_sample: depth.bits(),
+                    sample_format: if depth == BitDepth::Float32 { SampleFormat::Float } else { SampleFormat::Int },
+                };
+                let mut writer = WavWriter::create(&hounds, spec).unwrap();
+                for x in segment.left.iter().zip(&segment.right).flat_map(|(l, r)| [*l, *r]) {
+                    match depth {
+                        BitDepth::Int16 => writer.write_sample((x * 32_768.0) as i16),
+                        BitDepth::Int24 => writer.write_sample((x * 8_388_608.0) as i32),
+                        BitDepth::Float32 => writer.write_sample(x),
+                    }
+                    .unwrap();
+                }
+                writer.finalize().unwrap();
+                assert_eq!(std::fs::read(&ours).unwrap(), std::fs::read(&hounds).unwrap(), "{} bits, {rate} Hz, {frames} frames", depth.bits());
+            }
+        }
     }
 
     #[test]

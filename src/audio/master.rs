@@ -829,12 +829,14 @@ impl Premastered {
                     left_in_chunk -= run;
                 }
                 let ((), written) = rayon::join(
-                    || meter.push(&segment.left, &segment.right),
                     || {
-                        detector.push_selected(&segment.left, &segment.right, Some(&wanted), &mut peaks);
+                        meter.push(&segment.left, &segment.right);
                         if let Some(spectrum) = &mut spectrum {
                             spectrum.push(&segment.left, &segment.right);
                         }
+                    },
+                    || {
+                        detector.push_selected(&segment.left, &segment.right, Some(&wanted), &mut peaks);
                         sink.write(segment)
                     },
                 );
