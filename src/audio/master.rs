@@ -554,9 +554,15 @@ impl Premastered {
                 tracing::debug!(check = check.done, predicted, measured = loudness.integrated_lufs, "measured a limited plan's loudness");
                 if let Some(measured) = loudness.integrated_lufs.filter(|measured| (settings.target() - measured).abs() >= LOUDNESS_TOLERANCE_LU / 2.0) {
                     if check.done < MAX_CHECKS {
+                        let written_gain = plan.gain;
                         check.bias = measured - predicted;
                         solve(&mut plan, check)?;
-                        continue;
+                        if plan.gain != written_gain {
+                            continue;
+                        }
+                        // Solved anew to the gain just written (the most it may be, where the
+                        // target is out of reach): writing it again would change nothing.
+                        check.predicted = None;
                     }
                 }
             }
