@@ -265,7 +265,6 @@ pub struct Mastered {
     pub delivered: Vec<Delivered>,
 }
 
-/// What a render wrote: its loudness, and its true peak (linear) as the detector read it.
 /// The levels a master holds its true peaks to under a ceiling, as linear gains.
 struct PeakLevels {
     /// What the written file's detector may read: the ceiling less [`METER_MARGIN_DB`].
@@ -300,6 +299,7 @@ struct Check {
     done: usize,
 }
 
+/// What a render wrote: its loudness, and its true peak (linear) as the detector read it.
 struct Written {
     loudness: Loudness,
     peak: f32,
@@ -805,8 +805,9 @@ impl Premastered {
 
     /// Writes the mix under `plan` to `temporary`, measuring what is written: its loudness and
     /// loudness range, and its true peak read by the detector, which reads at least what the
-    /// `ebur128` crate's meter reads and between its points too. The detector reads only the chunks that [`Self::chunk_bounds`] cannot rule
-    /// out, and so finds the same peak as reading them all.
+    /// `ebur128` crate's meter reads and between its points too. The detector reads only the
+    /// chunks that [`Self::chunk_bounds`] cannot rule out, and so finds the same peak as reading
+    /// them all.
     fn render(&self, plan: Plan, trim: f32, depth: BitDepth, temporary: &Path, progress: &dyn Fn(f64), observer: &dyn MixObserver) -> Result<Written, AudioError> {
         let mut meter = LoudnessMeter::new(self.rate);
         let mut detector = PeakDetector::new(self.rate);
