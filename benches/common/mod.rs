@@ -144,10 +144,29 @@ impl Mixd {
         self.child.id()
     }
 
-    /// Sends `signal` (e.g. "TERM", "KILL", "STOP") to the server.
+    /// Sends `signal` (e.g. "TERM", "KILL", "STOP") to the server. A STOP returns once every
+    /// thread of the server has stopped: the kernel stops each as it next runs, so on a busy
+    /// machine what a test does right after `kill` could still be answered by the server.
     pub fn signal(&self, signal: &str) {
         let status = Command::new("kill").arg(format!("-{signal}")).arg(self.pid().to_string()).status().unwrap();
         assert!(status.success(), "kill -{signal}");
+        if signal == "STOP" {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !self.stopped() {
+                assert!(Instant::now() < deadline, "the server did not stop within 10 s of SIGSTOP");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+
+    /// Whether every thread of the server is stopped (state T in /proc).
+    fn stopped(&self) -> bool {
+        let Ok(threads) = std::fs::read_dir(format!("/proc/{}/task", self.pid())) else { return false };
+        threads.filter_map(Result::ok).all(|thread| {
+            let stat = std::fs::read_to_string(thread.path().join("stat")).unwrap_or_default();
+            // The state follows the command name, which is in parentheses and may hold anything.
+            stat.rsplit_once(')').and_then(|(_, rest)| rest.trim_start().chars().next()) == Some('T')
+        })
     }
 
     /// Waits until the process has exited, or `limit` has passed (None).
