@@ -10,11 +10,29 @@ use super::buffer::StereoBuffer;
 use super::settings::BitDepth;
 use super::AudioError;
 
-const WAV_HEADER_BYTES: u64 = 44;
-
-/// How many stereo frames fit in one WAV file: hound counts the data bytes in a u32.
+/// How many stereo frames fit in one WAV file: the RIFF chunk's size (the header less its first
+/// 8 bytes, and the samples) is a u32, and the header is 68 bytes over 16 bits.
 pub fn max_frames(depth: BitDepth) -> u64 {
-    (u64::from(u32::MAX) - WAV_HEADER_BYTES) / (2 * u64::from(depth.bits() / 8))
+    let header = wav_header(wav_spec(44_100, depth)).len() as u64;
+    (u64::from(u32::MAX) + 8 - header) / (2 * u64::from(depth.bits() / 8))
+}
+
+/// A stereo mix's WAV format at `rate` and `depth`.
+fn wav_spec(rate: u32, depth: BitDepth) -> WavSpec {
+    WavSpec {
+        channels: 2,
+        sample_rate: rate,
+        bits_per_sample: depth.bits(),
+        sample_format: if depth == BitDepth::Float32 { SampleFormat::Float } else { SampleFormat::Int },
+    }
+}
+
+/// The header hound's writer makes for a file of `spec` with no samples: the two sizes in it are
+/// patched once the samples are written.
+fn wav_header(spec: WavSpec) -> Vec<u8> {
+    let mut header = Cursor::new(Vec::new());
+    WavWriter::new(&mut header, spec).and_then(WavWriter::finalize).expect("hound writes 16, 24 and 32-bit headers, and memory takes them");
+    header.into_inner()
 }
 
 /// A file being written under a temporary name, removed if dropped before it was kept: an error
@@ -70,15 +88,7 @@ pub struct WavSink {
 
 impl WavSink {
     pub fn create(temporary: &Path, rate: u32, depth: BitDepth) -> Result<Self, AudioError> {
-        let spec = WavSpec {
-            channels: 2,
-            sample_rate: rate,
-            bits_per_sample: depth.bits(),
-            sample_format: if depth == BitDepth::Float32 { SampleFormat::Float } else { SampleFormat::Int },
-        };
-        let mut header = Cursor::new(Vec::new());
-        WavWriter::new(&mut header, spec).and_then(WavWriter::finalize).map_err(hound_error)?;
-        let header = header.into_inner();
+        let header = wav_header(wav_spec(rate, depth));
         let partial = PartialFile::create(temporary)?;
         let mut file = BufWriter::with_capacity(1 << 20, partial.file.try_clone().map_err(AudioError::Export)?);
         file.write_all(&header).map_err(AudioError::Export)?;
@@ -219,13 +229,6 @@ impl Tpdf {
     }
 }
 
-fn hound_error(err: hound::Error) -> AudioError {
-    match err {
-        hound::Error::IoError(io) => AudioError::Export(io),
-        other => AudioError::Internal(format!("WAV writer: {other}")),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -275,13 +278,7 @@ mod tests {
                 sink.finish().unwrap();
 
                 let hounds = dir.path().join("hound.wav");
-                let spec = WavSpec {
-                    channels: 2,
-                    sample_rate: rate,
-                    bits_per_sample: depth.bits(),
-                    sample_format: if depth == BitDepth::Float32 { SampleFormat::Float } else { SampleFormat::Int },
-                };
-                let mut writer = WavWriter::create(&hounds, spec).unwrap();
+                let mut writer = WavWriter::create(&hounds, wav_spec(rate, depth)).unwrap();
                 for x in segment.left.iter().zip(&segment.right).flat_map(|(l, r)| [*l, *r]) {
                     match depth {
                         BitDepth::Int16 => writer.write_sample((x * 32_768.0) as i16),
@@ -293,6 +290,16 @@ mod tests {
                 writer.finalize().unwrap();
                 assert_eq!(std::fs::read(&ours).unwrap(), std::fs::read(&hounds).unwrap(), "{} bits, {rate} Hz, {frames} frames", depth.bits());
             }
+        }
+    }
+
+    #[test]
+    fn the_longest_file_allowed_has_a_riff_size_its_header_can_hold() {
+        for depth in [BitDepth::Int16, BitDepth::Int24, BitDepth::Float32] {
+            let header = wav_header(wav_spec(48_000, depth)).len() as u64;
+            let riff_bytes = |frames: u64| header - 8 + frames * 2 * u64::from(depth.bits() / 8);
+            assert!(riff_bytes(max_frames(depth)) <= u64::from(u32::MAX), "{} bits: the longest fits", depth.bits());
+            assert!(riff_bytes(max_frames(depth) + 1) > u64::from(u32::MAX), "{} bits: it is the longest that fits", depth.bits());
         }
     }
 

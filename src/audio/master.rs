@@ -299,6 +299,19 @@ struct Check {
     done: usize,
 }
 
+impl Check {
+    /// Takes the loudness `measured` on a file written under the plan last solved: how far it is
+    /// from the summary's prediction, where the plan was limited, missed the `target` and may be
+    /// measured again; otherwise what is written stands.
+    fn missed_by(&mut self, measured: Option<f64>, target: f64) -> Option<f64> {
+        let predicted = self.predicted.take()?;
+        self.done += 1;
+        tracing::debug!(check = self.done, predicted, measured, "measured a limited plan's loudness");
+        let measured = measured.filter(|measured| (target - measured).abs() >= LOUDNESS_TOLERANCE_LU / 2.0)?;
+        (self.done < MAX_CHECKS).then_some(measured - predicted)
+    }
+}
+
 /// What a render wrote: its loudness, and its true peak (linear) as the detector read it.
 struct Written {
     loudness: Loudness,
@@ -548,22 +561,17 @@ impl Premastered {
             let Written { loudness, peak, spectrum, frames_read } =
                 self.render(plan, trim, depth, &outputs.master_temporary, &|fraction| progress.report(0.02 + 0.98 * fraction), observer)?;
             tracing::debug!(frames_read, frames = self.frames, "read the written mix's true peak");
-            if let Some(check) = checking.as_mut().filter(|check| check.predicted.is_some()) {
-                let predicted = check.predicted.take().expect("filtered");
-                check.done += 1;
-                tracing::debug!(check = check.done, predicted, measured = loudness.integrated_lufs, "measured a limited plan's loudness");
-                if let Some(measured) = loudness.integrated_lufs.filter(|measured| (settings.target() - measured).abs() >= LOUDNESS_TOLERANCE_LU / 2.0) {
-                    if check.done < MAX_CHECKS {
-                        let written_gain = plan.gain;
-                        check.bias = measured - predicted;
-                        solve(&mut plan, check)?;
-                        if plan.gain != written_gain {
-                            continue;
-                        }
-                        // Solved anew to the gain just written (the most it may be, where the
-                        // target is out of reach): writing it again would change nothing.
-                        check.predicted = None;
+            if let Some(check) = checking.as_mut() {
+                if let Some(bias) = check.missed_by(loudness.integrated_lufs, settings.target()) {
+                    let written_gain = plan.gain;
+                    check.bias = bias;
+                    solve(&mut plan, check)?;
+                    if plan.gain != written_gain {
+                        continue;
                     }
+                    // Solved anew to the gain just written (the most it may be, where the target
+                    // is out of reach): writing it again would change nothing.
+                    check.predicted = None;
                 }
             }
             if peak <= aim {
