@@ -114,10 +114,21 @@ impl Interpolator {
     /// same order, so the readings are identical either way).
     fn raise_peaks(&self, window: &[f32], peaks: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the processor supports AVX-512F, as just checked.
+            return unsafe { self.raise_peaks_avx512(window, peaks) };
+        }
+        #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") {
             // SAFETY: the processor supports AVX2, as just checked.
             return unsafe { self.raise_peaks_avx2(window, peaks) };
         }
+        self.raise_peaks_portable(window, peaks)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn raise_peaks_avx512(&self, window: &[f32], peaks: &mut [f32]) {
         self.raise_peaks_portable(window, peaks)
     }
 
