@@ -105,51 +105,29 @@ impl BiquadCoefficients {
     }
 }
 
+/// The filter that changes nothing (`y = 1·x + 0`): a strip with fewer bands than those beside it
+/// runs it in their place. It can turn a -0.0 sample into +0.0, which no sum, gain or meter after
+/// it can tell apart.
+const PASS_THROUGH: BiquadCoefficients = BiquadCoefficients { b0: 1.0, b1: 0.0, b2: 0.0, a1: 0.0, a2: 0.0 };
+
+/// One EQ band of a stereo strip: its filter, and each channel's state `[s1, s2]`.
 #[derive(Debug, Clone)]
-pub struct Biquad {
+struct Band {
     c: BiquadCoefficients,
-    s1: f64,
-    s2: f64,
+    state: [[f64; 2]; 2],
 }
 
-impl Biquad {
-    pub fn new(c: BiquadCoefficients) -> Self {
-        Self { c, s1: 0.0, s2: 0.0 }
-    }
+/// A stereo EQ chain: the same bands on both channels, each channel with its own state.
+#[derive(Debug, Clone, Default)]
+pub struct Equalizer {
+    bands: Vec<Band>,
+}
 
-    /// One sample through the filter with coefficients `c` and state `(s1, s2)`, the state kept
-    /// by the caller in locals so that it stays in registers across the caller's loop.
-    #[inline(always)]
-    fn tick(c: &BiquadCoefficients, s1: &mut f64, s2: &mut f64, sample: &mut f32) {
-        let x = f64::from(*sample);
-        let y = c.b0 * x + *s1;
-        *s1 = c.b1 * x - c.a1 * y + *s2;
-        *s2 = c.b2 * x - c.a2 * y;
-        *sample = y as f32;
-    }
-
-    /// Each track's pair of filters over its two channels, `N` tracks in one loop (transposed
-    /// direct form II, in f64). Each sample waits on the one before it, so the independent
-    /// chains of every track's channels run side by side in the core: several tracks take little
-    /// longer than one. A channel's arithmetic is the same whatever runs beside it.
-    #[expect(clippy::needless_range_loop, reason = "a frame's index runs across every lane's channels, which no one iterator zips")]
-    pub fn process_lanes<const N: usize>(mut filters: [[&mut Biquad; 2]; N], audio: [Channels; N]) {
-        let (frames, audio) = same_frames(audio);
-        let c = filters.each_ref().map(|pair| pair.each_ref().map(|filter| filter.c));
-        let mut s1 = filters.each_ref().map(|pair| pair.each_ref().map(|filter| filter.s1));
-        let mut s2 = filters.each_ref().map(|pair| pair.each_ref().map(|filter| filter.s2));
-        for i in 0..frames {
-            for lane in 0..N {
-                for channel in 0..2 {
-                    Self::tick(&c[lane][channel], &mut s1[lane][channel], &mut s2[lane][channel], &mut audio[lane][channel][i]);
-                }
-            }
-        }
-        for (lane, pair) in filters.iter_mut().enumerate() {
-            for (channel, filter) in pair.iter_mut().enumerate() {
-                (filter.s1, filter.s2) = (s1[lane][channel], s2[lane][channel]);
-            }
-        }
+impl Equalizer {
+    /// The chain for this rate. Every band lies below its Nyquist frequency: validating the
+    /// settings checked that for the output rate.
+    pub fn new(bands: &[EqBand], sample_rate: u32) -> Self {
+        Self { bands: bands.iter().map(|band| Band { c: BiquadCoefficients::rbj(band, sample_rate), state: [[0.0; 2]; 2] }).collect() }
     }
 }
 
@@ -164,50 +142,9 @@ fn same_frames<const N: usize>(audio: [Channels; N]) -> (usize, [Channels; N]) {
     (frames, audio.map(|[left, right]| [&mut left[..frames], &mut right[..frames]]))
 }
 
-/// The channels again, for the next stage over the same frames.
-fn reborrow<'a, const N: usize>(audio: &'a mut [Channels; N]) -> [Channels<'a>; N] {
-    audio.each_mut().map(|[left, right]| [&mut **left, &mut **right])
-}
-
-/// A stereo EQ chain: the same bands on both channels, each channel with its own state.
-#[derive(Debug, Clone, Default)]
-pub struct Equalizer {
-    left: Vec<Biquad>,
-    right: Vec<Biquad>,
-}
-
-impl Equalizer {
-    /// The chain for this rate. Every band lies below its Nyquist frequency: validating the
-    /// settings checked that for the output rate.
-    pub fn new(bands: &[EqBand], sample_rate: u32) -> Self {
-        let filters: Vec<Biquad> = bands.iter().map(|band| Biquad::new(BiquadCoefficients::rbj(band, sample_rate))).collect();
-        Self { left: filters.clone(), right: filters }
-    }
-
-    /// `N` tracks' chains over the same frames, each band in lanes side by side while every
-    /// track has one; each track's bands still run in its own order.
-    pub fn process_lanes<const N: usize>(mut equalizers: [&mut Equalizer; N], mut audio: [Channels; N]) {
-        let shared = equalizers.iter().map(|eq| eq.left.len()).min().unwrap_or(0);
-        for band in 0..shared {
-            Biquad::process_lanes(equalizers.each_mut().map(|eq| eq.band(band)), reborrow(&mut audio));
-        }
-        // The bands only some tracks have, each track on its own.
-        for (eq, [left, right]) in equalizers.into_iter().zip(audio) {
-            for band in shared..eq.left.len() {
-                Biquad::process_lanes([eq.band(band)], [[&mut *left, &mut *right]]);
-            }
-        }
-    }
-
-    /// The left and right filters of a band.
-    fn band(&mut self, band: usize) -> [&mut Biquad; 2] {
-        [&mut self.left[band], &mut self.right[band]]
-    }
-}
-
 /// Feed-forward, stereo-linked compressor: peak level in dB, a hard knee, and attack/release
 /// smoothing on the gain reduction.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Copy)]
 pub struct Compressor {
     threshold_db: f64,
     /// The threshold as a sample's magnitude: at or under it, a sample asks for no reduction
@@ -215,12 +152,10 @@ pub struct Compressor {
     threshold_gain: f64,
     slope: f64,
     follower: Follower,
-    /// The static curve's reduction for each frame of the chunk being processed.
-    targets: Vec<f64>,
 }
 
 /// The compressor's recursion: the gain reduction following the static curve, and the gain it
-/// gives. Small and `Copy`, so that a chunk's loop holds it in registers.
+/// gives. Small and `Copy`, so that a block's loop holds it in registers.
 #[derive(Debug, Clone, Copy)]
 struct Follower {
     makeup_db: f64,
@@ -228,7 +163,7 @@ struct Follower {
     release: f64,
     reduction_db: f64,
     /// `10^((makeup_db - reduction_db) / 20)`, carried from sample to sample (see
-    /// [`Follower::next_gain`]).
+    /// [`Follower::advance`]).
     gain: f64,
     /// Samples since `gain` was last computed outright.
     carried: u32,
@@ -243,6 +178,15 @@ const CARRIED_SAMPLES: u32 = 32;
 const CARRIED_STEP: f64 = 0.01;
 
 impl Compressor {
+    /// The compressor that never acts: no frame is over its threshold, and its gain is exactly
+    /// one (`10^0`, carried by `1 + 0`). It stands in a lane whose strip has no compressor.
+    const BYPASS: Compressor = Compressor {
+        threshold_db: 0.0,
+        threshold_gain: f64::INFINITY,
+        slope: 0.0,
+        follower: Follower { makeup_db: 0.0, attack: 0.0, release: 0.0, reduction_db: 0.0, gain: 1.0, carried: 0 },
+    };
+
     pub fn new(settings: &CompressorSettings, sample_rate: u32) -> Self {
         let coefficient = |ms: f64| if ms <= 0.0 { 0.0 } else { (-1.0 / (ms / 1000.0 * f64::from(sample_rate))).exp() };
         Self {
@@ -257,7 +201,6 @@ impl Compressor {
                 gain: db_to_gain(settings.makeup_db),
                 carried: 0,
             },
-            targets: Vec::new(),
         }
     }
 
@@ -266,92 +209,92 @@ impl Compressor {
         (level_db - self.threshold_db).max(0.0) * self.slope
     }
 
-    pub fn process(&mut self, left: &mut [f32], right: &mut [f32]) {
-        Self::process_lanes([self], [[left, right]]);
-    }
-
-    /// `N` compressors over the same frames in one loop: each one's recursion waits on its
-    /// previous sample, so they run side by side. Each computes exactly what it would alone.
-    pub fn process_lanes<const N: usize>(mut compressors: [&mut Compressor; N], audio: [Channels; N]) {
-        let (frames, audio) = same_frames(audio);
-        let targets: [Vec<f64>; N] = std::array::from_fn(|lane| compressors[lane].static_targets(audio[lane][0], audio[lane][1]));
-        let mut followers = compressors.each_ref().map(|compressor| compressor.follower);
-        {
-            let targets = targets.each_ref().map(|targets| &targets[..frames]);
-            for i in 0..frames {
-                for lane in 0..N {
-                    let gain = followers[lane].next_gain(targets[lane][i]);
-                    audio[lane][0][i] *= gain;
-                    audio[lane][1][i] *= gain;
-                }
-            }
-        }
-        for ((compressor, follower), targets) in compressors.iter_mut().zip(followers).zip(targets) {
-            (compressor.follower, compressor.targets) = (follower, targets);
+    /// The reduction the static curve asks for at a frame whose louder channel is `peak`: worked
+    /// out for every frame, so that there is no branch; a frame at or under the threshold
+    /// (silence included, where the level is meaningless) asks for none.
+    #[inline(always)]
+    fn target_db(&self, peak: f32) -> f64 {
+        let reduction = self.static_reduction_db(level_db(peak));
+        if f64::from(peak) > self.threshold_gain {
+            reduction
+        } else {
+            0.0
         }
     }
+}
 
+impl Compressor {
     /// The static curve's reduction for each frame, in a loop of its own that runs in vector
-    /// lanes (see [`level_db`]), apart from the recursion, which cannot: four lanes wide where
-    /// the processor has AVX2, the same operations in the same order either way. The buffer is
-    /// the compressor's own, lent out for the chunk.
-    fn static_targets(&mut self, left: &[f32], right: &[f32]) -> Vec<f64> {
-        let mut targets = std::mem::take(&mut self.targets);
-        targets.clear();
-        targets.resize(left.len(), 0.0);
+    /// lanes (see [`level_db`]), four wide where the processor has AVX2, the same operations in
+    /// the same order either way.
+    fn static_targets(&self, targets: &mut [f64], left: &[f32], right: &[f32]) {
         #[cfg(target_arch = "x86_64")]
         if std::arch::is_x86_feature_detected!("avx2") {
             // SAFETY: the processor supports AVX2, as just checked.
-            unsafe { self.fill_targets_avx2(&mut targets, left, right) };
-            return targets;
+            return unsafe { self.static_targets_avx2(targets, left, right) };
         }
-        self.fill_targets(&mut targets, left, right);
-        targets
+        self.fill_targets(targets, left, right);
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    unsafe fn fill_targets_avx2(&self, targets: &mut [f64], left: &[f32], right: &[f32]) {
+    unsafe fn static_targets_avx2(&self, targets: &mut [f64], left: &[f32], right: &[f32]) {
         self.fill_targets(targets, left, right)
     }
 
     #[inline(always)]
     fn fill_targets(&self, targets: &mut [f64], left: &[f32], right: &[f32]) {
         for ((target, l), r) in targets.iter_mut().zip(left).zip(right) {
-            let peak = l.abs().max(r.abs());
-            // Worked out for every frame, so that there is no branch; a frame at or under the
-            // threshold (silence included, where the level is meaningless) asks for none.
-            let reduction = self.static_reduction_db(level_db(peak));
-            *target = if f64::from(peak) > self.threshold_gain { reduction } else { 0.0 };
+            *target = self.target_db(l.abs().max(r.abs()));
         }
     }
 }
 
 impl Follower {
-    /// The detector's step towards the static curve's `target` for the next frame, and the
-    /// gain that frame gets.
-    ///
-    /// The gain follows the reduction sample by sample, which moves it by a small step: so the
-    /// gain is carried, times `e^step` by its series to the fourth power (an error under 1e-12 a
-    /// sample for steps under [`CARRIED_STEP`]), and computed outright every
-    /// [`CARRIED_SAMPLES`] samples and on any larger step. An `exp` a sample was half of a
-    /// typical mix's time; this matches it to within f64 rounding.
+    /// Moves the reduction one frame towards the static curve's `target`; returns the step of
+    /// the gain's exponent that makes (see [`Self::carry`]).
     #[inline(always)]
-    fn next_gain(&mut self, target: f64) -> f32 {
+    fn advance(&mut self, target: f64) -> f64 {
         let coefficient = if target > self.reduction_db { self.attack } else { self.release };
         let previous = self.reduction_db;
         self.reduction_db = target + coefficient * (previous - target);
-        let step = (previous - self.reduction_db) * DB_TO_EXPONENT;
-        if self.carried < CARRIED_SAMPLES && step.abs() <= CARRIED_STEP {
-            self.gain *= 1.0 + step * (1.0 + step / 2.0 * (1.0 + step / 3.0 * (1.0 + step / 4.0)));
-            self.carried += 1;
-        } else {
-            self.gain = ((self.makeup_db - self.reduction_db) * DB_TO_EXPONENT).exp();
-            self.carried = 0;
-        }
-        self.gain as f32
+        (previous - self.reduction_db) * DB_TO_EXPONENT
+    }
+
+    /// Whether the gain can be carried across `step` (see [`Self::carry`]).
+    #[inline(always)]
+    fn can_carry(&self, step: f64) -> bool {
+        (self.carried < CARRIED_SAMPLES) & (step.abs() <= CARRIED_STEP)
+    }
+
+    /// The gain follows the reduction sample by sample, which moves it by a small step: so the
+    /// gain is carried, times `e^step` by its series to the fourth power (an error under 1e-12 a
+    /// sample for steps under [`CARRIED_STEP`]), and computed outright ([`Self::recompute`])
+    /// every [`CARRIED_SAMPLES`] samples and on any larger step. An `exp` a sample was half of a
+    /// typical mix's time; this matches it to within f64 rounding.
+    #[inline(always)]
+    fn carry(&mut self, step: f64) {
+        self.gain *= 1.0 + step * (1.0 + step / 2.0 * (1.0 + step / 3.0 * (1.0 + step / 4.0)));
+        self.carried += 1;
+    }
+
+    fn recompute(&mut self) {
+        self.gain = ((self.makeup_db - self.reduction_db) * DB_TO_EXPONENT).exp();
+        self.carried = 0;
     }
 }
+
+/// Strips processed side by side, at most: one vector instruction takes a biquad's step for all
+/// their channels (two under AVX2), and the static curve's and the follower's for all of them.
+pub const STRIP_LANES: usize = 4;
+/// Channels of [`STRIP_LANES`] strips.
+const CHANNEL_LANES: usize = 2 * STRIP_LANES;
+/// Frames the strips' stages take at a time: a block on the stack, in the L1 cache.
+const STRIP_BLOCK: usize = 256;
+
+/// One frame of [`STRIP_LANES`] strips' audio, each strip's left and right side by side (silence
+/// in the lanes of strips not there).
+type Frame = [f32; CHANNEL_LANES];
 
 /// EQ, then compression: what a track and the master bus both do to their audio.
 pub struct ChannelStrip {
@@ -365,20 +308,332 @@ impl ChannelStrip {
     }
 
     pub fn process(&mut self, left: &mut [f32], right: &mut [f32]) {
-        Self::process_lanes([self], [[left, right]]);
+        Self::process_lanes([self], [1.0], [[1.0; 2]], [[left, right]]);
     }
 
-    /// `N` strips over the same frames, their filters and compressors in lanes side by side.
-    pub fn process_lanes<const N: usize>(mut strips: [&mut ChannelStrip; N], mut audio: [Channels; N]) {
-        Equalizer::process_lanes(strips.each_mut().map(|strip| &mut strip.equalizer), reborrow(&mut audio));
-        if strips.iter().all(|strip| strip.compressor.is_some()) {
-            Compressor::process_lanes(strips.map(|strip| strip.compressor.as_mut().expect("every strip has one")), audio);
-        } else {
-            for (strip, [left, right]) in strips.into_iter().zip(audio) {
-                if let Some(compressor) = strip.compressor.as_mut() {
-                    compressor.process(left, right);
+    /// `N` strips (at most [`STRIP_LANES`]) over the same frames, each channel times its strip's
+    /// `gains` on the way in and times its `outputs` gain on the way out (a multiplication by
+    /// one changes nothing).
+    ///
+    /// Every filter and the compressor's recursion wait on their previous sample, so the strips
+    /// run side by side: a block of frames is gathered with every strip's channels next to each
+    /// other, and each stage takes the block a frame at a time, with the same operation for
+    /// every lane in one vector instruction. A strip with fewer bands runs [`PASS_THROUGH`] in
+    /// the others' place, one without a compressor [`Compressor::BYPASS`]. Each channel's
+    /// arithmetic is exactly what it is alone, in the order it is alone: the lanes only share
+    /// instructions.
+    pub fn process_lanes<const N: usize>(mut strips: [&mut ChannelStrip; N], gains: [f32; N], outputs: [[f32; 2]; N], audio: [Channels; N]) {
+        const { assert!(N <= STRIP_LANES) };
+        let (frames, mut audio) = same_frames(audio);
+        if let ([strip], [gain], [output], [[left, right]]) = (&mut strips[..], &gains[..], &outputs[..], &mut audio[..]) {
+            return strip.process_alone(*gain, *output, left, right);
+        }
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("avx2") {
+            // SAFETY: the processor supports AVX2, as just checked.
+            return unsafe { Self::run_avx2(&mut strips, &gains, &outputs, &mut audio, frames) };
+        }
+        Self::run::<Portable>(&mut strips, &gains, &outputs, &mut audio, frames)
+    }
+
+    /// A strip alone, channel by channel: its lanes would be a quarter full. Its arithmetic is
+    /// [`Portable`]'s; only the static curve runs differently, over four frames at a time.
+    fn process_alone(&mut self, gain: f32, output: [f32; 2], left: &mut [f32], right: &mut [f32]) {
+        left.iter_mut().chain(right.iter_mut()).for_each(|x| *x *= gain);
+        for band in &mut self.equalizer.bands {
+            let c = band.c;
+            let [[mut left_s1, mut left_s2], [mut right_s1, mut right_s2]] = band.state;
+            let tick = |x: &mut f32, s1: &mut f64, s2: &mut f64| {
+                let input = f64::from(*x);
+                let y = c.b0 * input + *s1;
+                *s1 = c.b1 * input - c.a1 * y + *s2;
+                *s2 = c.b2 * input - c.a2 * y;
+                *x = y as f32;
+            };
+            // Both channels in one loop: each waits on its own previous sample, side by side.
+            for (l, r) in left.iter_mut().zip(right.iter_mut()) {
+                tick(l, &mut left_s1, &mut left_s2);
+                tick(r, &mut right_s1, &mut right_s2);
+            }
+            band.state = [[left_s1, left_s2], [right_s1, right_s2]];
+        }
+        if let Some(compressor) = &mut self.compressor {
+            let mut targets = [0.0; STRIP_BLOCK];
+            for (left, right) in left.chunks_mut(STRIP_BLOCK).zip(right.chunks_mut(STRIP_BLOCK)) {
+                let targets = &mut targets[..left.len()];
+                compressor.static_targets(targets, left, right);
+                for ((l, r), &target) in left.iter_mut().zip(right.iter_mut()).zip(targets.iter()) {
+                    let follower = &mut compressor.follower;
+                    let step = follower.advance(target);
+                    if follower.can_carry(step) {
+                        follower.carry(step);
+                    } else {
+                        follower.recompute();
+                    }
+                    let gain = follower.gain as f32;
+                    *l *= gain;
+                    *r *= gain;
                 }
             }
+        }
+        left.iter_mut().for_each(|x| *x *= output[0]);
+        right.iter_mut().for_each(|x| *x *= output[1]);
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    unsafe fn run_avx2(strips: &mut [&mut ChannelStrip], gains: &[f32], outputs: &[[f32; 2]], audio: &mut [Channels], frames: usize) {
+        Self::run::<avx2::Avx2>(strips, gains, outputs, audio, frames)
+    }
+
+    #[inline(always)]
+    fn run<K: Lanes>(strips: &mut [&mut ChannelStrip], gains: &[f32], outputs: &[[f32; 2]], audio: &mut [Channels], frames: usize) {
+        let bands = strips.iter().map(|strip| strip.equalizer.bands.len()).max().unwrap_or(0);
+        let wide = strips.len() > STRIP_LANES / 2;
+        let mut compressors = [Compressor::BYPASS; STRIP_LANES];
+        for (compressor, strip) in compressors.iter_mut().zip(strips.iter()) {
+            *compressor = strip.compressor.unwrap_or(Compressor::BYPASS);
+        }
+        let compressed = strips.iter().any(|strip| strip.compressor.is_some());
+        let mut block = [[0f32; CHANNEL_LANES]; STRIP_BLOCK];
+        for start in (0..frames).step_by(STRIP_BLOCK) {
+            let block = &mut block[..(frames - start).min(STRIP_BLOCK)];
+            for (lane, (channels, &gain)) in audio.iter().zip(gains).enumerate() {
+                for (channel, samples) in channels.iter().enumerate() {
+                    for (frame, x) in block.iter_mut().zip(&samples[start..]) {
+                        frame[2 * lane + channel] = x * gain;
+                    }
+                }
+            }
+            for band in 0..bands {
+                let mut c = [PASS_THROUGH; STRIP_LANES];
+                let (mut s1, mut s2) = ([0.0; CHANNEL_LANES], [0.0; CHANNEL_LANES]);
+                for (lane, strip) in strips.iter().enumerate() {
+                    if let Some(band) = strip.equalizer.bands.get(band) {
+                        c[lane] = band.c;
+                        [[s1[2 * lane], s2[2 * lane]], [s1[2 * lane + 1], s2[2 * lane + 1]]] = band.state;
+                    }
+                }
+                K::filter(block, &c, &mut s1, &mut s2, wide);
+                for (lane, strip) in strips.iter_mut().enumerate() {
+                    if let Some(band) = strip.equalizer.bands.get_mut(band) {
+                        band.state = [[s1[2 * lane], s2[2 * lane]], [s1[2 * lane + 1], s2[2 * lane + 1]]];
+                    }
+                }
+            }
+            if compressed {
+                let mut followers = compressors.map(|compressor| compressor.follower);
+                K::compress(block, &compressors, &mut followers);
+                for ((compressor, strip), follower) in compressors.iter_mut().zip(strips.iter_mut()).zip(followers) {
+                    compressor.follower = follower;
+                    if let Some(compressor) = &mut strip.compressor {
+                        compressor.follower = follower;
+                    }
+                }
+            }
+            for (lane, (channels, gains)) in audio.iter_mut().zip(outputs).enumerate() {
+                for (channel, samples) in channels.iter_mut().enumerate() {
+                    for (x, frame) in samples[start..].iter_mut().zip(block.iter()) {
+                        *x = frame[2 * lane + channel] * gains[channel];
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The two stages of [`ChannelStrip::process_lanes`] over a block, every lane the arithmetic of
+/// its strip alone.
+trait Lanes {
+    /// One band of each strip (coefficients `c`, state `s1`, `s2` per channel), transposed direct
+    /// form II in f64; only the first half of the lanes where not `wide`.
+    fn filter(block: &mut [Frame], c: &[BiquadCoefficients; STRIP_LANES], s1: &mut [f64; CHANNEL_LANES], s2: &mut [f64; CHANNEL_LANES], wide: bool);
+
+    /// Each strip's compressor: the static curve at the louder channel, the follower's step, and
+    /// the gain on both channels.
+    fn compress(block: &mut [Frame], compressors: &[Compressor; STRIP_LANES], followers: &mut [Follower; STRIP_LANES]);
+}
+
+/// Lane by lane: the definition, and the kernel where there is no vector one.
+struct Portable;
+
+impl Lanes for Portable {
+    fn filter(block: &mut [Frame], c: &[BiquadCoefficients; STRIP_LANES], s1: &mut [f64; CHANNEL_LANES], s2: &mut [f64; CHANNEL_LANES], wide: bool) {
+        let lanes = if wide { CHANNEL_LANES } else { CHANNEL_LANES / 2 };
+        for frame in block.iter_mut() {
+            for lane in 0..lanes {
+                let (c, x) = (&c[lane / 2], f64::from(frame[lane]));
+                let y = c.b0 * x + s1[lane];
+                s1[lane] = c.b1 * x - c.a1 * y + s2[lane];
+                s2[lane] = c.b2 * x - c.a2 * y;
+                frame[lane] = y as f32;
+            }
+        }
+    }
+
+    fn compress(block: &mut [Frame], compressors: &[Compressor; STRIP_LANES], followers: &mut [Follower; STRIP_LANES]) {
+        for frame in block.iter_mut() {
+            for (lane, (compressor, follower)) in compressors.iter().zip(followers.iter_mut()).enumerate() {
+                let step = follower.advance(compressor.target_db(frame[2 * lane].abs().max(frame[2 * lane + 1].abs())));
+                if follower.can_carry(step) {
+                    follower.carry(step);
+                } else {
+                    follower.recompute();
+                }
+                let gain = follower.gain as f32;
+                frame[2 * lane] *= gain;
+                frame[2 * lane + 1] *= gain;
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    //! [`Lanes`] in AVX2: the same operations in the same order as [`super::Portable`], four f64 lanes
+    //! to an instruction (IEEE arithmetic is exact per lane, and nothing is fused).
+
+    use std::arch::x86_64::*;
+
+    use super::{
+        BiquadCoefficients, Compressor, Follower, Frame, Lanes, CARRIED_SAMPLES, CARRIED_STEP, CHANNEL_LANES, DB_PER_NEPER, DB_PER_OCTAVE, DB_TO_EXPONENT, STRIP_BLOCK,
+        STRIP_LANES,
+    };
+
+    pub struct Avx2;
+
+    impl Lanes for Avx2 {
+        #[inline(always)]
+        fn filter(block: &mut [Frame], c: &[BiquadCoefficients; STRIP_LANES], s1: &mut [f64; CHANNEL_LANES], s2: &mut [f64; CHANNEL_LANES], wide: bool) {
+            // SAFETY: `Avx2` is only used from code compiled for AVX2 on a processor that has it.
+            unsafe { filter(block, c, s1, s2, wide) }
+        }
+
+        #[inline(always)]
+        fn compress(block: &mut [Frame], compressors: &[Compressor; STRIP_LANES], followers: &mut [Follower; STRIP_LANES]) {
+            // SAFETY: as above.
+            unsafe { compress(block, compressors, followers) }
+        }
+    }
+
+    /// A coefficient of strips `first` and `first + 1`, once per channel.
+    #[inline(always)]
+    unsafe fn per_channel(c: &[BiquadCoefficients; STRIP_LANES], first: usize, field: fn(&BiquadCoefficients) -> f64) -> __m256d {
+        _mm256_setr_pd(field(&c[first]), field(&c[first]), field(&c[first + 1]), field(&c[first + 1]))
+    }
+
+    #[target_feature(enable = "avx2")]
+    unsafe fn filter(block: &mut [Frame], c: &[BiquadCoefficients; STRIP_LANES], s1: &mut [f64; CHANNEL_LANES], s2: &mut [f64; CHANNEL_LANES], wide: bool) {
+        for half in 0..if wide { 2 } else { 1 } {
+            let first = 2 * half;
+            let (b0, b1, b2) = (per_channel(c, first, |c| c.b0), per_channel(c, first, |c| c.b1), per_channel(c, first, |c| c.b2));
+            let (a1, a2) = (per_channel(c, first, |c| c.a1), per_channel(c, first, |c| c.a2));
+            let (mut z1, mut z2) = (_mm256_loadu_pd(s1[4 * half..].as_ptr()), _mm256_loadu_pd(s2[4 * half..].as_ptr()));
+            for frame in block.iter_mut() {
+                let samples = frame[4 * half..].as_mut_ptr();
+                let x = _mm256_cvtps_pd(_mm_loadu_ps(samples));
+                let y = _mm256_add_pd(_mm256_mul_pd(b0, x), z1);
+                z1 = _mm256_add_pd(_mm256_sub_pd(_mm256_mul_pd(b1, x), _mm256_mul_pd(a1, y)), z2);
+                z2 = _mm256_sub_pd(_mm256_mul_pd(b2, x), _mm256_mul_pd(a2, y));
+                _mm_storeu_ps(samples, _mm256_cvtpd_ps(y));
+            }
+            _mm256_storeu_pd(s1[4 * half..].as_mut_ptr(), z1);
+            _mm256_storeu_pd(s2[4 * half..].as_mut_ptr(), z2);
+        }
+    }
+
+    /// Four lanes of a compressor's field.
+    #[inline(always)]
+    unsafe fn lanes<T>(items: &[T; STRIP_LANES], field: impl Fn(&T) -> f64) -> __m256d {
+        _mm256_setr_pd(field(&items[0]), field(&items[1]), field(&items[2]), field(&items[3]))
+    }
+
+    /// [`super::level_db`] in four lanes.
+    #[inline(always)]
+    unsafe fn level_db(level: __m128) -> __m256d {
+        let bits = _mm_castps_si128(level);
+        let mantissa = _mm256_cvtps_pd(_mm_castsi128_ps(_mm_or_si128(_mm_and_si128(bits, _mm_set1_epi32(0x007f_ffff)), _mm_set1_epi32(0x3f80_0000))));
+        let high = _mm256_cmp_pd::<_CMP_GT_OQ>(mantissa, _mm256_set1_pd(std::f64::consts::SQRT_2));
+        let exponent = _mm_sub_epi32(_mm_and_si128(_mm_srli_epi32::<23>(bits), _mm_set1_epi32(0xff)), _mm_set1_epi32(127));
+        // The integer octave plus one where the mantissa is halved: exact in f64 either way.
+        let octaves = _mm256_add_pd(_mm256_cvtepi32_pd(exponent), _mm256_and_pd(high, _mm256_set1_pd(1.0)));
+        let mantissa = _mm256_blendv_pd(mantissa, _mm256_mul_pd(mantissa, _mm256_set1_pd(0.5)), high);
+        let one = _mm256_set1_pd(1.0);
+        let s = _mm256_div_pd(_mm256_sub_pd(mantissa, one), _mm256_add_pd(mantissa, one));
+        let s2 = _mm256_mul_pd(s, s);
+        let mut series = _mm256_setzero_pd();
+        for term in [1.0 / 15.0, 1.0 / 13.0, 1.0 / 11.0, 1.0 / 9.0, 1.0 / 7.0, 1.0 / 5.0, 1.0 / 3.0, 1.0] {
+            series = _mm256_add_pd(_mm256_mul_pd(series, s2), _mm256_set1_pd(term));
+        }
+        let neper = _mm256_mul_pd(_mm256_mul_pd(_mm256_mul_pd(_mm256_set1_pd(2.0), s), series), _mm256_set1_pd(DB_PER_NEPER));
+        _mm256_add_pd(_mm256_mul_pd(octaves, _mm256_set1_pd(DB_PER_OCTAVE)), neper)
+    }
+
+    #[target_feature(enable = "avx2")]
+    unsafe fn compress(block: &mut [Frame], compressors: &[Compressor; STRIP_LANES], followers: &mut [Follower; STRIP_LANES]) {
+        let threshold_db = lanes(compressors, |c| c.threshold_db);
+        let threshold_gain = lanes(compressors, |c| c.threshold_gain);
+        let slope = lanes(compressors, |c| c.slope);
+        let (attack, release) = (lanes(followers, |f| f.attack), lanes(followers, |f| f.release));
+        let (mut reduction, mut gain) = (lanes(followers, |f| f.reduction_db), lanes(followers, |f| f.gain));
+        let mut carried = lanes(followers, |f| f64::from(f.carried));
+        let magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fff_ffff));
+        // Each strip's left and right apart, and each strip's gain back to both its channels.
+        let (apart, together) = (_mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7), _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3));
+        let (zero, one) = (_mm256_setzero_pd(), _mm256_set1_pd(1.0));
+        // The static curve first, in a loop of its own: no frame's waits on another's, so the
+        // processor overlaps many frames' long chains (a division and a series), which the
+        // follower's recursion would otherwise wait on frame after frame.
+        let mut targets = [zero; STRIP_BLOCK];
+        for (target, frame) in targets.iter_mut().zip(block.iter()) {
+            let sides = _mm256_permutevar8x32_ps(_mm256_and_ps(_mm256_loadu_ps(frame.as_ptr()), magnitude), apart);
+            let peak = _mm_max_ps(_mm256_castps256_ps128(sides), _mm256_extractf128_ps::<1>(sides));
+            let reduction_db = _mm256_mul_pd(_mm256_max_pd(_mm256_sub_pd(level_db(peak), threshold_db), zero), slope);
+            *target = _mm256_and_pd(_mm256_cmp_pd::<_CMP_GT_OQ>(_mm256_cvtps_pd(peak), threshold_gain), reduction_db);
+        }
+        for (frame, &target) in block.iter_mut().zip(&targets) {
+            let samples = _mm256_loadu_ps(frame.as_ptr());
+            let coefficient = _mm256_blendv_pd(release, attack, _mm256_cmp_pd::<_CMP_GT_OQ>(target, reduction));
+            let previous = reduction;
+            reduction = _mm256_add_pd(target, _mm256_mul_pd(coefficient, _mm256_sub_pd(previous, target)));
+            let step = _mm256_mul_pd(_mm256_sub_pd(previous, reduction), _mm256_set1_pd(DB_TO_EXPONENT));
+            let small = _mm256_cmp_pd::<_CMP_LE_OQ>(_mm256_and_pd(step, _mm256_castsi256_pd(_mm256_set1_epi64x(i64::MAX))), _mm256_set1_pd(CARRIED_STEP));
+            let carries = _mm256_and_pd(_mm256_cmp_pd::<_CMP_LT_OQ>(carried, _mm256_set1_pd(f64::from(CARRIED_SAMPLES))), small);
+            if _mm256_movemask_pd(carries) == 0b1111 {
+                let inner = _mm256_add_pd(one, _mm256_mul_pd(step, _mm256_set1_pd(0.25)));
+                let inner = _mm256_add_pd(one, _mm256_mul_pd(_mm256_div_pd(step, _mm256_set1_pd(3.0)), inner));
+                let inner = _mm256_add_pd(one, _mm256_mul_pd(_mm256_mul_pd(step, _mm256_set1_pd(0.5)), inner));
+                gain = _mm256_mul_pd(gain, _mm256_add_pd(one, _mm256_mul_pd(step, inner)));
+                carried = _mm256_add_pd(carried, one);
+            } else {
+                // A lane's gain computed outright (every CARRIED_SAMPLES frames, or a large step):
+                // the followers' own code, lane by lane.
+                let mut lanes = [[0.0; 4]; 4];
+                for (lane, vector) in lanes.iter_mut().zip([reduction, gain, carried, step]) {
+                    _mm256_storeu_pd(lane.as_mut_ptr(), vector);
+                }
+                let [reductions, gains, carrieds, steps] = &mut lanes;
+                for lane in 0..STRIP_LANES {
+                    let mut follower = Follower { reduction_db: reductions[lane], gain: gains[lane], carried: carrieds[lane] as u32, ..followers[lane] };
+                    if follower.can_carry(steps[lane]) {
+                        follower.carry(steps[lane]);
+                    } else {
+                        follower.recompute();
+                    }
+                    (gains[lane], carrieds[lane]) = (follower.gain, f64::from(follower.carried));
+                }
+                gain = _mm256_loadu_pd(gains.as_ptr());
+                carried = _mm256_loadu_pd(carrieds.as_ptr());
+            }
+            let gains = _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm256_cvtpd_ps(gain)), together);
+            _mm256_storeu_ps(frame.as_mut_ptr(), _mm256_mul_ps(samples, gains));
+        }
+        let mut lanes = [[0.0; 4]; 3];
+        for (lane, vector) in lanes.iter_mut().zip([reduction, gain, carried]) {
+            _mm256_storeu_pd(lane.as_mut_ptr(), vector);
+        }
+        for (lane, follower) in followers.iter_mut().enumerate() {
+            (follower.reduction_db, follower.gain, follower.carried) = (lanes[0][lane], lanes[1][lane], lanes[2][lane] as u32);
         }
     }
 }
@@ -387,34 +642,20 @@ impl ChannelStrip {
 pub struct TrackChain {
     gain: f32,
     strip: ChannelStrip,
-    pan: (f32, f32),
+    pan: [f32; 2],
 }
 
 impl TrackChain {
     pub fn new(track: &TrackSettings, sample_rate: u32) -> Self {
         let (left, right) = pan_gains(track.pan);
-        Self { gain: db_to_gain(track.gain_db) as f32, strip: ChannelStrip::new(&track.eq, track.compressor.as_ref(), sample_rate), pan: (left as f32, right as f32) }
+        Self { gain: db_to_gain(track.gain_db) as f32, strip: ChannelStrip::new(&track.eq, track.compressor.as_ref(), sample_rate), pan: [left as f32, right as f32] }
     }
 
     /// `N` tracks over the same frames, their strips in lanes side by side (see
     /// [`ChannelStrip::process_lanes`]).
-    pub fn process_lanes<const N: usize>(mut chains: [&mut TrackChain; N], mut audio: [Channels; N]) {
-        for (chain, [left, right]) in chains.iter().zip(audio.iter_mut()) {
-            chain.apply_gain(left, right);
-        }
-        ChannelStrip::process_lanes(chains.each_mut().map(|chain| &mut chain.strip), reborrow(&mut audio));
-        for (chain, [left, right]) in chains.iter().zip(audio.iter_mut()) {
-            chain.apply_pan(left, right);
-        }
-    }
-
-    fn apply_gain(&self, left: &mut [f32], right: &mut [f32]) {
-        left.iter_mut().chain(right.iter_mut()).for_each(|x| *x *= self.gain);
-    }
-
-    fn apply_pan(&self, left: &mut [f32], right: &mut [f32]) {
-        left.iter_mut().for_each(|x| *x *= self.pan.0);
-        right.iter_mut().for_each(|x| *x *= self.pan.1);
+    pub fn process_lanes<const N: usize>(chains: [&mut TrackChain; N], audio: [Channels; N]) {
+        let (gains, pans) = (chains.each_ref().map(|chain| chain.gain), chains.each_ref().map(|chain| chain.pan));
+        ChannelStrip::process_lanes(chains.map(|chain| &mut chain.strip), gains, pans, audio);
     }
 }
 
@@ -470,7 +711,7 @@ mod tests {
             // The running filter agrees with its transfer function on a steady sine.
             let mut signal = sine(freq, RATE as usize);
             let mut other = signal.clone();
-            Biquad::process_lanes([[&mut Biquad::new(coefficients), &mut Biquad::new(coefficients)]], [[&mut signal, &mut other]]);
+            ChannelStrip::new(&[band], None, RATE).process(&mut signal, &mut other);
             assert_eq!(signal, other, "each channel is filtered alike");
             let measured_db = gain_to_db(rms(&signal[RATE as usize / 2..]) / std::f64::consts::FRAC_1_SQRT_2);
             assert!((measured_db - formula_db).abs() < 0.05, "{band:?} at {freq} Hz: measured {measured_db:.3}, formula {formula_db:.3}");
@@ -484,9 +725,8 @@ mod tests {
         let signal: Vec<f32> = (0..RATE as usize).map(|n| if (n / 2000) % 3 == 0 { 0.9 * (n as f32 * 0.07).sin() } else { 0.001 }).collect();
         for attack_ms in [0.0, 0.5, 10.0] {
             let settings = CompressorSettings { threshold_db: -30.0, ratio: 8.0, attack_ms, release_ms: 200.0, makeup_db: 3.0 };
-            let mut compressor = Compressor::new(&settings, RATE);
             let (mut left, mut right) = (signal.clone(), signal.clone());
-            compressor.process(&mut left, &mut right);
+            ChannelStrip::new(&[], Some(&settings), RATE).process(&mut left, &mut right);
             // The definition: the same detector, and 10^(gain / 20) computed for every sample.
             let mut reference = Compressor::new(&settings, RATE);
             for (n, (&x, &got)) in signal.iter().zip(&left).enumerate() {
@@ -502,34 +742,91 @@ mod tests {
         }
     }
 
-    #[test]
-    fn two_strips_side_by_side_compute_what_each_computes_alone() {
-        let noise = |seed| crate::audio::buffer::test_noise(10_000, seed);
-        let strip = |bands: Vec<EqBand>, compressor: Option<CompressorSettings>| ChannelStrip::new(&bands, compressor.as_ref(), RATE);
+    /// A strip's settings, its gain in and its output gains.
+    type StripSettings = (Vec<EqBand>, Option<CompressorSettings>, f32, [f32; 2]);
+
+    /// Four strips as different as they come: band counts 2, 1, 0 and 3, compressors differing
+    /// and one missing, gains and output gains of every kind.
+    fn four_strips() -> Vec<StripSettings> {
         let compressor = |threshold_db, attack_ms| Some(CompressorSettings { threshold_db, ratio: 5.0, attack_ms, release_ms: 100.0, makeup_db: 2.0 });
-        // Band counts 2 and 1, a compressor against none, and both with different compressors.
-        let cases = [
+        vec![
+            (vec![band(EqType::Peak, 1000.0, 1.0, 6.0), band(EqType::Lowshelf, 100.0, 0.7, -4.0)], compressor(-15.0, 3.0), 1.4, [0.7, 0.7]),
+            (vec![band(EqType::Highpass, 200.0, 0.7, 0.0)], None, 0.5, [1.0, 0.0]),
+            (vec![], compressor(-30.0, 0.0), 1.0, [0.2, 0.97]),
             (
-                (vec![band(EqType::Peak, 1000.0, 1.0, 6.0), band(EqType::Lowshelf, 100.0, 0.7, -4.0)], compressor(-15.0, 3.0)),
-                (vec![band(EqType::Highpass, 200.0, 0.7, 0.0)], None),
+                vec![band(EqType::Highshelf, 5000.0, 0.7, 3.0), band(EqType::Lowpass, 9000.0, 0.7, 0.0), band(EqType::Peak, 300.0, 2.0, -5.0)],
+                compressor(-10.0, 20.0),
+                2.0,
+                [1.0, 1.0],
             ),
-            ((vec![], compressor(-30.0, 0.0)), (vec![band(EqType::Highshelf, 5000.0, 0.7, 3.0)], compressor(-10.0, 20.0))),
-        ];
-        for ((first_bands, first_compressor), (second_bands, second_compressor)) in cases {
-            let (mut first, mut second) = (strip(first_bands.clone(), first_compressor), strip(second_bands.clone(), second_compressor));
-            let (mut first_alone, mut second_alone) = (strip(first_bands, first_compressor), strip(second_bands, second_compressor));
-            let [mut a, mut b, mut x, mut y] = [noise(1), noise(2), noise(3), noise(4)];
-            let [mut a_alone, mut b_alone, mut x_alone, mut y_alone] = [a.clone(), b.clone(), x.clone(), y.clone()];
-            // In chunks, so that the state carried between them is checked too.
-            for range in [0..3000, 3000..3001, 3001..10_000] {
-                let r = range.clone();
-                ChannelStrip::process_lanes([&mut first, &mut second], [[&mut a[r.clone()], &mut b[r.clone()]], [&mut x[r.clone()], &mut y[r]]]);
-                first_alone.process(&mut a_alone[range.clone()], &mut b_alone[range.clone()]);
-                second_alone.process(&mut x_alone[range.clone()], &mut y_alone[range]);
-            }
-            let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<u32>>();
-            assert_eq!([bits(&a), bits(&b), bits(&x), bits(&y)], [bits(&a_alone), bits(&b_alone), bits(&x_alone), bits(&y_alone)]);
-            assert_ne!(bits(&a), bits(&noise(1)), "the strip changed the audio");
+        ]
+    }
+
+    /// Runs the first `N` of [`four_strips`] over noise in lanes with `run`, in chunks (so that the
+    /// state carried between them is checked too); returns each channel's bits.
+    fn in_lanes<const N: usize>(run: impl Fn(&mut [&mut ChannelStrip], &[f32], &[[f32; 2]], &mut [Channels], usize)) -> Vec<Vec<u32>> {
+        let settings = four_strips();
+        let mut strips: Vec<ChannelStrip> = settings[..N].iter().map(|(bands, compressor, _, _)| ChannelStrip::new(bands, compressor.as_ref(), RATE)).collect();
+        let gains: Vec<f32> = settings[..N].iter().map(|s| s.2).collect();
+        let outputs: Vec<[f32; 2]> = settings[..N].iter().map(|s| s.3).collect();
+        let mut audio: Vec<Vec<f32>> = (0..2 * N as u64).map(|seed| crate::audio::buffer::test_noise(10_000, seed + 1)).collect();
+        for range in [0..3000, 3000..3001, 3001..3257, 3257..10_000] {
+            let mut strips: Vec<&mut ChannelStrip> = strips.iter_mut().collect();
+            let mut channels: Vec<Channels> = audio
+                .chunks_mut(2)
+                .map(|pair| {
+                    let [left, right] = pair else { unreachable!("pairs") };
+                    [&mut left[range.clone()], &mut right[range.clone()]]
+                })
+                .collect();
+            run(&mut strips, &gains, &outputs, &mut channels, range.len());
+        }
+        audio.iter().map(|channel| channel.iter().map(|x| x.to_bits()).collect()).collect()
+    }
+
+    /// Where two runs' channels first differ, if they do.
+    fn first_difference(got: &[Vec<u32>], want: &[Vec<u32>]) -> Option<(usize, usize)> {
+        got.iter().zip(want).enumerate().find_map(|(channel, (got, want))| got.iter().zip(want).position(|(a, b)| a != b).map(|frame| (channel, frame)))
+    }
+
+    fn alone(strips: &mut [&mut ChannelStrip], gains: &[f32], outputs: &[[f32; 2]], audio: &mut [Channels], _: usize) {
+        for (((strip, &gain), &output), [left, right]) in strips.iter_mut().zip(gains).zip(outputs).zip(audio.iter_mut()) {
+            ChannelStrip::process_lanes([&mut **strip], [gain], [output], [[&mut **left, &mut **right]]);
+        }
+    }
+
+    #[test]
+    fn strips_in_lanes_compute_what_each_computes_alone() {
+        fn lanes<const N: usize>() -> Vec<Vec<u32>> {
+            in_lanes::<N>(|strips, gains, outputs, audio, _| {
+                let strips: [&mut ChannelStrip; N] =
+                    strips.iter_mut().map(|strip| &mut **strip).collect::<Vec<_>>().try_into().unwrap_or_else(|_| unreachable!("N strips"));
+                let channels: [Channels; N] =
+                    audio.iter_mut().map(|[left, right]| [&mut **left, &mut **right]).collect::<Vec<_>>().try_into().unwrap_or_else(|_| unreachable!("N strips"));
+                ChannelStrip::process_lanes(strips, gains.try_into().expect("N gains"), outputs.try_into().expect("N outputs"), channels);
+            })
+        }
+        assert_eq!(first_difference(&lanes::<2>(), &in_lanes::<2>(alone)), None);
+        assert_eq!(first_difference(&lanes::<3>(), &in_lanes::<3>(alone)), None);
+        let four = lanes::<4>();
+        assert_eq!(first_difference(&four, &in_lanes::<4>(alone)), None);
+        // Alone, a strip runs channel by channel: the lanes are checked against another path.
+        let noise: Vec<u32> = crate::audio::buffer::test_noise(10_000, 1).iter().map(|x| x.to_bits()).collect();
+        assert_ne!(four[0], noise, "the strips changed the audio");
+    }
+
+    #[test]
+    fn the_vector_lanes_compute_what_the_portable_lanes_compute() {
+        #[cfg(target_arch = "x86_64")]
+        {
+            assert!(std::arch::is_x86_feature_detected!("avx2"), "this test runs where the vector lanes do");
+            let portable = in_lanes::<4>(ChannelStrip::run::<Portable>);
+            // SAFETY: the processor supports AVX2, as just asserted.
+            let vector = in_lanes::<4>(|strips, gains, outputs, audio, frames| unsafe { ChannelStrip::run_avx2(strips, gains, outputs, audio, frames) });
+            assert_eq!(first_difference(&vector, &portable), None);
+            let narrow = in_lanes::<2>(|strips, gains, outputs, audio, frames| unsafe { ChannelStrip::run_avx2(strips, gains, outputs, audio, frames) });
+            let portable = in_lanes::<2>(ChannelStrip::run::<Portable>);
+            assert_eq!(first_difference(&narrow, &portable), None);
         }
     }
 
@@ -552,17 +849,19 @@ mod tests {
     #[test]
     fn the_static_curve_reads_the_same_in_lanes_of_any_width() {
         let settings = CompressorSettings { threshold_db: -24.0, ratio: 3.0, attack_ms: 1.0, release_ms: 50.0, makeup_db: 0.0 };
-        let mut compressor = Compressor::new(&settings, RATE);
+        let compressor = Compressor::new(&settings, RATE);
         // Noise from silence to full scale, a few frames at a time and many at once.
         let left: Vec<f32> = crate::audio::buffer::test_noise(4099, 5).iter().enumerate().map(|(n, x)| x * (n as f32 / 4099.0).powi(3)).collect();
         let right = crate::audio::buffer::test_noise(4099, 6);
         for frames in [1, 3, 4099] {
             let mut portable = vec![0.0; frames];
             compressor.fill_targets(&mut portable, &left[..frames], &right[..frames]);
-            let used = compressor.static_targets(&left[..frames], &right[..frames]);
+            let mut used = vec![0.0; frames];
+            compressor.static_targets(&mut used, &left[..frames], &right[..frames]);
             assert_eq!(used.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), portable.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
         }
-        let targets = compressor.static_targets(&left, &right);
+        let mut targets = vec![0.0; left.len()];
+        compressor.static_targets(&mut targets, &left, &right);
         assert!(targets.contains(&0.0) && targets.iter().any(|&t| t > 5.0), "the noise spans the threshold");
     }
 
@@ -573,14 +872,14 @@ mod tests {
         let amplitude = db_to_gain(-6.0) as f32;
         let square: Vec<f32> = (0..RATE as usize).map(|n| if (n / 100) % 2 == 0 { amplitude } else { -amplitude }).collect();
         let mut chunk = StereoBuffer { left: square.clone(), right: square };
-        Compressor::new(&settings, RATE).process(&mut chunk.left, &mut chunk.right);
+        ChannelStrip::new(&[], Some(&settings), RATE).process(&mut chunk.left, &mut chunk.right);
         let out_db = gain_to_db(f64::from(chunk.left.last().unwrap().abs()));
         // 14 dB over threshold at 4:1 leaves 3.5 dB over: -16.5 dBFS, plus 2 dB makeup.
         assert!((out_db - (-14.5)).abs() < 0.01, "settled at {out_db:.3} dBFS");
         // Below threshold it only applies makeup.
         let quiet = db_to_gain(-30.0) as f32;
         let mut chunk = StereoBuffer { left: vec![quiet; 4800], right: vec![quiet; 4800] };
-        Compressor::new(&settings, RATE).process(&mut chunk.left, &mut chunk.right);
+        ChannelStrip::new(&[], Some(&settings), RATE).process(&mut chunk.left, &mut chunk.right);
         assert!((gain_to_db(f64::from(chunk.left[4799])) - (-28.0)).abs() < 0.01);
     }
 

@@ -56,15 +56,16 @@ impl TrackStream {
         self.reader.info.skipped_packets
     }
 
-    /// Adds the audio of `tracks` for mix frames `start..start + segment.len()` into `segment`,
-    /// their chains run in lanes side by side over the frames all have waiting. Each track's
-    /// frames go through its chain in order, as they would alone, and each frame of `segment` is
-    /// the sum of two tracks' in either order (addition commutes exactly).
-    fn add_segment<const N: usize>(mut tracks: [&mut TrackStream; N], start: u64, segment: &mut StereoBuffer) -> Result<(), AudioError> {
+    /// Adds the audio of `tracks` for mix frames `start..start + segments[0].len()` into
+    /// `segments`, each track's into the one its `pair` names, their chains run in lanes side by
+    /// side over the frames all have waiting. Each track's frames go through its chain in order,
+    /// as they would alone, and each frame of a segment is the sum of at most two tracks' in
+    /// either order (addition commutes exactly).
+    fn add_segment<const N: usize>(mut tracks: [&mut TrackStream; N], start: u64, pair: [usize; N], segments: &mut [StereoBuffer]) -> Result<(), AudioError> {
         loop {
             let mut wants = [false; N];
             for (lane, track) in tracks.iter_mut().enumerate() {
-                wants[lane] = !track.add_processed(start, segment) && track.has_unprocessed()?;
+                wants[lane] = !track.add_processed(start, &mut segments[pair[lane]]) && track.has_unprocessed()?;
             }
             if !wants.contains(&true) {
                 return Ok(());
@@ -151,18 +152,23 @@ impl TrackStream {
     }
 }
 
+/// Tracks rendered together in lanes, at most (see [`ChannelStrip::process_lanes`]).
+///
+/// [`ChannelStrip::process_lanes`]: super::dsp::ChannelStrip::process_lanes
+const MAX_LANES: usize = 4;
+
 /// Renders mix frames `start..start + frames` of `tracks` into `bus`, the tracks shared out over
 /// the current rayon pool (the engine's, for a job) by halving the list: each half renders into
-/// a segment of its own, and the two are summed. When there are tracks enough to keep every
-/// worker busy, the pairs at the bottom of the halving render together, in lanes (see
-/// [`TrackStream::add_segment`]); the sum is the same either way, to the bit. (Four lanes were
-/// no faster than two: their states no longer fit in registers.)
+/// a segment of its own, and the two are summed. The halving stops at as many tracks as each
+/// worker needs (at most [`MAX_LANES`]), which render together, in lanes (see
+/// [`TrackStream::add_segment`]), their sum still taken by halving down to pairs: the bus is
+/// the same to the bit however many render together.
 pub fn render_segment(tracks: &mut [TrackStream], start: u64, frames: usize, bus: &mut StereoBuffer) -> Result<(), AudioError> {
-    let lanes = if tracks.len() >= 2 * rayon::current_num_threads() { 2 } else { 1 };
     if tracks.is_empty() {
         silence(bus, frames);
         return Ok(());
     }
+    let lanes = tracks.len().div_ceil(rayon::current_num_threads()).clamp(1, MAX_LANES);
     render_tracks(tracks, start, frames, lanes)?;
     // The bus's old buffer becomes the first track's for the next segment.
     std::mem::swap(bus, &mut tracks[0].sum);
@@ -179,21 +185,59 @@ fn render_tracks(tracks: &mut [TrackStream], start: u64, frames: usize, lanes: u
         add_into(&mut first[0].sum, &second[0].sum);
         return Ok(());
     }
-    let mut segment = std::mem::take(&mut tracks[0].sum);
-    silence(&mut segment, frames);
+    // Each pair of the halving sums into a segment of its own, the buffer its first track keeps.
+    let mut pair = [0; MAX_LANES];
+    pair_up(0, &mut pair[..tracks.len()]);
+    let mut segments: [StereoBuffer; MAX_LANES] = Default::default();
+    let count = tracks.len();
+    let heads = || (0..count).filter(|&track| pair[track] == track);
+    for head in heads() {
+        segments[head] = std::mem::take(&mut tracks[head].sum);
+        silence(&mut segments[head], frames);
+    }
     // Caught here, so that a bug in a track fails the mix instead of unwinding through the pool
     // into the caller.
-    catch_unwind(AssertUnwindSafe(|| match tracks {
-        [track] => TrackStream::add_segment([track], start, &mut segment),
-        [first, second] => TrackStream::add_segment([first, second], start, &mut segment),
-        _ => unreachable!("halving leaves one or two tracks"),
+    catch_unwind(AssertUnwindSafe(|| match &mut *tracks {
+        [a] => TrackStream::add_segment([a], start, [0], &mut segments),
+        [a, b] => TrackStream::add_segment([a, b], start, [pair[0], pair[1]], &mut segments),
+        [a, b, c] => TrackStream::add_segment([a, b, c], start, [pair[0], pair[1], pair[2]], &mut segments),
+        [a, b, c, d] => TrackStream::add_segment([a, b, c, d], start, [pair[0], pair[1], pair[2], pair[3]], &mut segments),
+        _ => unreachable!("halving leaves at most MAX_LANES tracks"),
     }))
     .unwrap_or_else(|panic| {
         let names: Vec<String> = tracks.iter().map(|track| format!("\"{}\"", track.stem_name)).collect();
         Err(AudioError::Internal(format!("track {} panicked: {}", names.join(" or "), panic_message(&*panic))))
     })?;
-    tracks[0].sum = segment;
+    for head in heads() {
+        tracks[head].sum = std::mem::take(&mut segments[head]);
+    }
+    sum_pairs(tracks);
     Ok(())
+}
+
+/// Names, for each of a run of tracks starting at `first`, the first track of its pair (or of
+/// itself, alone) in the halving of [`render_tracks`].
+fn pair_up(first: usize, pair: &mut [usize]) {
+    if pair.len() <= 2 {
+        pair.fill(first);
+        return;
+    }
+    let half = pair.len() / 2;
+    let (head, tail) = pair.split_at_mut(half);
+    pair_up(first, head);
+    pair_up(first + half, tail);
+}
+
+/// Sums the pairs' segments up the halving into the first track's `sum`, as [`render_tracks`]
+/// sums its halves.
+fn sum_pairs(tracks: &mut [TrackStream]) {
+    if tracks.len() <= 2 {
+        return;
+    }
+    let (first, second) = tracks.split_at_mut(tracks.len() / 2);
+    sum_pairs(first);
+    sum_pairs(second);
+    add_into(&mut first[0].sum, &second[0].sum);
 }
 
 fn silence(segment: &mut StereoBuffer, frames: usize) {
@@ -261,7 +305,7 @@ mod tests {
     }
 
     #[test]
-    fn tracks_rendered_in_pairs_sum_to_the_same_bits_as_tracks_rendered_alone() {
+    fn tracks_rendered_in_lanes_sum_to_the_same_bits_as_tracks_rendered_alone() {
         let dir = tempfile::tempdir().unwrap();
         let band = |kind, freq_hz, gain_db| EqBand { kind, freq_hz, q: 0.9, gain_db };
         let compressor = |threshold_db, attack_ms| Some(CompressorSettings { threshold_db, ratio: 4.0, attack_ms, release_ms: 80.0, makeup_db: 1.5 });
@@ -293,19 +337,30 @@ mod tests {
             ),
         ];
         let sources: Vec<StemSource> = tracks.iter().enumerate().map(|(i, (_, frames, _))| stem(dir.path(), &format!("{i}.wav"), *frames, i as u64 + 7).0).collect();
-        let open = || -> Vec<TrackStream> {
-            tracks.iter().zip(&sources).map(|((settings, _, offset), source)| TrackStream::open(source, settings, 48_000, 44_100, *offset).unwrap()).collect()
-        };
-        let (mut alone, mut paired) = (open(), open());
-        let mut start = 0u64;
-        for frames in [4096, 1, 65_536, 333, 20_000] {
-            render_tracks(&mut alone, start, frames, 1).unwrap();
-            render_tracks(&mut paired, start, frames, 2).unwrap();
-            let (alone_segment, paired_segment) = (&alone[0].sum, &paired[0].sum);
-            let bits = |segment: &StereoBuffer| segment.left.iter().chain(&segment.right).map(|x| x.to_bits()).collect::<Vec<u32>>();
-            assert_eq!(bits(paired_segment), bits(alone_segment), "segment at {start}");
-            assert!(alone_segment.left.iter().any(|&x| x.abs() > 0.1), "segment at {start} holds audio");
-            start += frames as u64;
+        // All five (a pair and three, the three in lanes or one alone and a pair), and the first
+        // four (four in lanes, or two pairs).
+        for count in [5, 4] {
+            let open = || -> Vec<TrackStream> {
+                tracks[..count]
+                    .iter()
+                    .zip(&sources)
+                    .map(|((settings, _, offset), source)| TrackStream::open(source, settings, 48_000, 44_100, *offset).unwrap())
+                    .collect()
+            };
+            let mut alone = open();
+            let mut in_lanes: Vec<(usize, Vec<TrackStream>)> = (2..=MAX_LANES).map(|lanes| (lanes, open())).collect();
+            let mut start = 0u64;
+            for frames in [4096, 1, 65_536, 333, 20_000] {
+                render_tracks(&mut alone, start, frames, 1).unwrap();
+                let bits = |segment: &StereoBuffer| segment.left.iter().chain(&segment.right).map(|x| x.to_bits()).collect::<Vec<u32>>();
+                for (lanes, streams) in &mut in_lanes {
+                    render_tracks(streams, start, frames, *lanes).unwrap();
+                    let (got, want) = (bits(&streams[0].sum), bits(&alone[0].sum));
+                    assert!(got == want, "{count} tracks, {lanes} lanes, segment at {start}: sample {:?} differs", got.iter().zip(&want).position(|(a, b)| a != b));
+                }
+                assert!(alone[0].sum.left.iter().any(|&x| x.abs() > 0.1), "segment at {start} holds audio");
+                start += frames as u64;
+            }
         }
     }
 }
