@@ -524,21 +524,39 @@ mod avx2 {
 
     #[target_feature(enable = "avx2")]
     unsafe fn filter(block: &mut [Frame], c: &[BiquadCoefficients; STRIP_LANES], s1: &mut [f64; CHANNEL_LANES], s2: &mut [f64; CHANNEL_LANES], wide: bool) {
-        for half in 0..if wide { 2 } else { 1 } {
-            let first = 2 * half;
-            let (b0, b1, b2) = (per_channel(c, first, |c| c.b0), per_channel(c, first, |c| c.b1), per_channel(c, first, |c| c.b2));
-            let (a1, a2) = (per_channel(c, first, |c| c.a1), per_channel(c, first, |c| c.a2));
-            let (mut z1, mut z2) = (_mm256_loadu_pd(s1[4 * half..].as_ptr()), _mm256_loadu_pd(s2[4 * half..].as_ptr()));
-            for frame in block.iter_mut() {
+        if wide {
+            filter_halves::<2>(block, c, s1, s2)
+        } else {
+            filter_halves::<1>(block, c, s1, s2)
+        }
+    }
+
+    /// The first `HALVES` halves of the lanes (two strips each), in one loop: each half's
+    /// recursion waits on its previous frame, so the two run side by side.
+    #[inline(always)]
+    unsafe fn filter_halves<const HALVES: usize>(
+        block: &mut [Frame],
+        c: &[BiquadCoefficients; STRIP_LANES],
+        s1: &mut [f64; CHANNEL_LANES],
+        s2: &mut [f64; CHANNEL_LANES],
+    ) {
+        let coefficient = |field: fn(&BiquadCoefficients) -> f64| -> [__m256d; HALVES] { std::array::from_fn(|half| per_channel(c, 2 * half, field)) };
+        let (b0, b1, b2, a1, a2) = (coefficient(|c| c.b0), coefficient(|c| c.b1), coefficient(|c| c.b2), coefficient(|c| c.a1), coefficient(|c| c.a2));
+        let mut z1: [__m256d; HALVES] = std::array::from_fn(|half| _mm256_loadu_pd(s1[4 * half..].as_ptr()));
+        let mut z2: [__m256d; HALVES] = std::array::from_fn(|half| _mm256_loadu_pd(s2[4 * half..].as_ptr()));
+        for frame in block.iter_mut() {
+            for half in 0..HALVES {
                 let samples = frame[4 * half..].as_mut_ptr();
                 let x = _mm256_cvtps_pd(_mm_loadu_ps(samples));
-                let y = _mm256_add_pd(_mm256_mul_pd(b0, x), z1);
-                z1 = _mm256_add_pd(_mm256_sub_pd(_mm256_mul_pd(b1, x), _mm256_mul_pd(a1, y)), z2);
-                z2 = _mm256_sub_pd(_mm256_mul_pd(b2, x), _mm256_mul_pd(a2, y));
+                let y = _mm256_add_pd(_mm256_mul_pd(b0[half], x), z1[half]);
+                z1[half] = _mm256_add_pd(_mm256_sub_pd(_mm256_mul_pd(b1[half], x), _mm256_mul_pd(a1[half], y)), z2[half]);
+                z2[half] = _mm256_sub_pd(_mm256_mul_pd(b2[half], x), _mm256_mul_pd(a2[half], y));
                 _mm_storeu_ps(samples, _mm256_cvtpd_ps(y));
             }
-            _mm256_storeu_pd(s1[4 * half..].as_mut_ptr(), z1);
-            _mm256_storeu_pd(s2[4 * half..].as_mut_ptr(), z2);
+        }
+        for half in 0..HALVES {
+            _mm256_storeu_pd(s1[4 * half..].as_mut_ptr(), z1[half]);
+            _mm256_storeu_pd(s2[4 * half..].as_mut_ptr(), z2[half]);
         }
     }
 
