@@ -115,7 +115,8 @@ pub struct StemReader {
     /// Per source channel, its (left, right) downmix coefficients.
     downmix: Vec<(f32, f32)>,
     samples: Option<SampleBuffer<f32>>,
-    /// 16- or 24-bit little-endian PCM, read from the packet's bytes into `planar` here:
+    /// 16- or 24-bit little-endian PCM, read from the packet's bytes here (into `planar`, or
+    /// plain stereo straight into the chunk):
     /// symphonia's decoder reads it a sample at a time through a closure, 13% of a typical
     /// 8-stem WAV mix's CPU time (`perf record`). The samples go through symphonia's own
     /// conversion, so they are the same either way.
@@ -217,6 +218,17 @@ impl StemReader {
             if packet.track_id() != self.track_id {
                 continue;
             }
+            // Plain stereo PCM straight into the chunk, in one pass (the common WAV stem).
+            if let Some(pcm) = self.raw_pcm.filter(|_| self.downmix == PLAIN_STEREO) {
+                let frames = pcm.frames(packet.buf(), 2);
+                self.decoded_frames += frames as u64;
+                let skip = take_priming(&mut self.frames_to_skip, frames);
+                if skip == frames {
+                    continue;
+                }
+                pcm.read_stereo(&packet.buf()[skip * 2 * pcm.bytes()..frames * 2 * pcm.bytes()], chunk);
+                return Ok(true);
+            }
             let (frames, planes) = if let Some(pcm) = self.raw_pcm {
                 let frames = pcm.read(packet.buf(), self.downmix.len(), &mut self.planar);
                 if frames == 0 {
@@ -254,8 +266,7 @@ impl StemReader {
             };
             self.decoded_frames += frames as u64;
 
-            let skip = self.frames_to_skip.min(frames as u64) as usize;
-            self.frames_to_skip -= skip as u64;
+            let skip = take_priming(&mut self.frames_to_skip, frames);
             if skip == frames {
                 continue;
             }
@@ -291,15 +302,68 @@ enum RawPcm {
     S24,
 }
 
+/// How many of the next `frames` decoded are priming to drop, of the `left` to drop.
+fn take_priming(left: &mut u64, frames: usize) -> usize {
+    let skip = (*left).min(frames as u64) as usize;
+    *left -= skip as u64;
+    skip
+}
+
+/// The downmix of a stereo source: each channel to its own side.
+const PLAIN_STEREO: [(f32, f32); 2] = [(1.0, 0.0), (0.0, 1.0)];
+
 impl RawPcm {
+    fn bytes(self) -> usize {
+        match self {
+            RawPcm::S16 => 2,
+            RawPcm::S24 => 3,
+        }
+    }
+
+    /// Whole frames of `channels` in a packet's bytes.
+    fn frames(self, data: &[u8], channels: usize) -> usize {
+        data.len() / (self.bytes() * channels)
+    }
+
+    /// Stereo frames' bytes into `chunk`: what [`Self::read`] and the downmix make of them, a
+    /// channel being `0.0 + 1.0 * sample` there (which only turns a -0.0 into 0.0, and integer
+    /// PCM has none: the sum is kept all the same). Integer samples are always finite.
+    fn read_stereo(self, data: &[u8], chunk: &mut StereoBuffer) {
+        match self {
+            RawPcm::S16 => Self::stereo::<2, 4>(data, chunk, Self::s16),
+            RawPcm::S24 => Self::stereo::<3, 6>(data, chunk, Self::s24),
+        }
+    }
+
+    #[inline(always)]
+    fn stereo<const BYTES: usize, const FRAME: usize>(data: &[u8], chunk: &mut StereoBuffer, sample: impl Fn([u8; BYTES]) -> f32) {
+        let frames = data.len() / FRAME;
+        chunk.left.resize(frames, 0.0);
+        chunk.right.resize(frames, 0.0);
+        for ((frame, left), right) in data.chunks_exact(FRAME).zip(chunk.left.iter_mut()).zip(chunk.right.iter_mut()) {
+            *left = sample(frame[..BYTES].try_into().expect("a sample's bytes")) + 0.0;
+            *right = sample(frame[BYTES..].try_into().expect("a sample's bytes")) + 0.0;
+        }
+    }
+
     /// The packet's whole frames (as symphonia's decoder reads them) into `planar`, one channel
     /// after another; returns how many.
     fn read(self, data: &[u8], channels: usize, planar: &mut Vec<f32>) -> usize {
-        // Each sample as symphonia's decoder stores it and its conversion to f32 makes it.
         match self {
-            RawPcm::S16 => Self::deinterleave::<2>(data, channels, planar, |[a, b]| f32::from_sample(i16::from_le_bytes([a, b]))),
-            RawPcm::S24 => Self::deinterleave::<3>(data, channels, planar, |[a, b, c]| f32::from_sample(i24::from(i32::from_le_bytes([0, a, b, c]) >> 8))),
+            RawPcm::S16 => Self::deinterleave::<2>(data, channels, planar, Self::s16),
+            RawPcm::S24 => Self::deinterleave::<3>(data, channels, planar, Self::s24),
         }
+    }
+
+    /// A sample as symphonia's decoder stores it and its conversion to f32 makes it.
+    #[inline(always)]
+    fn s16([a, b]: [u8; 2]) -> f32 {
+        f32::from_sample(i16::from_le_bytes([a, b]))
+    }
+
+    #[inline(always)]
+    fn s24([a, b, c]: [u8; 3]) -> f32 {
+        f32::from_sample(i24::from(i32::from_le_bytes([0, a, b, c]) >> 8))
     }
 
     #[inline(always)]
