@@ -160,33 +160,50 @@ impl Premaster {
 
     /// The next segment of the bus (at most [`BLOCK`] frames; only the last may be shorter).
     pub fn push(&mut self, segment: &mut StereoBuffer) -> Result<(), AudioError> {
-        debug_assert!(segment.len() <= BLOCK && self.frames.is_multiple_of(BLOCK as u64));
-        self.strip.process(&mut segment.left, &mut segment.right);
-        if segment.left.iter().chain(&segment.right).any(|x| !x.is_finite()) {
-            return Err(AudioError::Internal("the mix bus holds non-finite samples".into()));
-        }
-        self.spill_bytes.clear();
-        for x in segment.left.iter().chain(&segment.right) {
-            self.spill_bytes.extend_from_slice(&x.to_le_bytes());
-        }
-        self.spill.write_all(&self.spill_bytes).map_err(AudioError::Export)?;
-        self.frames += segment.len() as u64;
+        self.push_overlapped(Some(segment), None)?;
+        self.push_overlapped(None, Some(segment))
+    }
 
-        let from = self.energies.len();
-        self.energies.resize(from + segment.len(), 0.0);
-        let (weighting, energies, detector, peaks, spectrum) = (&mut self.weighting, &mut self.energies[from..], &mut self.detector, &mut self.peaks, &mut self.spectrum);
-        rayon::join(
-            || weighting.add_energy(&segment.left, &segment.right, energies),
-            || {
-                match detector {
-                    Some(detector) => detector.push(&segment.left, &segment.right, peaks),
-                    None => peaks.resize(peaks.len() + segment.len(), 0.0),
-                }
-                if let Some(spectrum) = spectrum {
-                    spectrum.push(&segment.left, &segment.right);
-                }
-            },
-        );
+    /// Pass one's two stages at once, on the current rayon pool: `next` (the next segment of the
+    /// bus, as for [`Self::push`]) through the strip into the spill, while `previous`, the
+    /// segment that went there before it, is measured into the summary.
+    pub fn push_overlapped(&mut self, next: Option<&mut StereoBuffer>, previous: Option<&StereoBuffer>) -> Result<(), AudioError> {
+        let Premaster { strip, spill, spill_bytes, frames, weighting, detector, spectrum, energies, peaks, .. } = self;
+        let spilling = || -> Result<(), AudioError> {
+            let Some(segment) = next else { return Ok(()) };
+            debug_assert!(segment.len() <= BLOCK && frames.is_multiple_of(BLOCK as u64));
+            strip.process(&mut segment.left, &mut segment.right);
+            if segment.left.iter().chain(&segment.right).any(|x| !x.is_finite()) {
+                return Err(AudioError::Internal("the mix bus holds non-finite samples".into()));
+            }
+            spill_bytes.clear();
+            for x in segment.left.iter().chain(&segment.right) {
+                spill_bytes.extend_from_slice(&x.to_le_bytes());
+            }
+            spill.write_all(spill_bytes).map_err(AudioError::Export)?;
+            *frames += segment.len() as u64;
+            Ok(())
+        };
+        let measuring = || {
+            let Some(segment) = previous else { return };
+            let from = energies.len();
+            energies.resize(from + segment.len(), 0.0);
+            let energies = &mut energies[from..];
+            rayon::join(
+                || weighting.add_energy(&segment.left, &segment.right, energies),
+                || {
+                    match detector {
+                        Some(detector) => detector.push(&segment.left, &segment.right, peaks),
+                        None => peaks.resize(peaks.len() + segment.len(), 0.0),
+                    }
+                    if let Some(spectrum) = spectrum {
+                        spectrum.push(&segment.left, &segment.right);
+                    }
+                },
+            );
+        };
+        let (spilled, ()) = rayon::join(spilling, measuring);
+        spilled?;
         self.write_chunks(false)
     }
 

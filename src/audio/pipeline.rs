@@ -343,25 +343,23 @@ fn render_bus(
     let mut streams = audible.iter().map(|t| TrackStream::open(t.stem, &t.settings, t.source_rate, rate, t.offset_frames)).collect::<Result<Vec<_>, _>>()?;
     let total_work = audible.iter().map(|t| t.source_frames).sum::<u64>().max(1);
     let mut premaster = if matching { Premaster::before_matching(master, rate, scratch)? } else { Premaster::new(master, rate, scratch)? };
-    // Two stages, overlapped: while the master strip takes one segment, the tracks render the
-    // next, so that neither core waits on the other's part.
-    let (mut rendered, mut pushing) = (StereoBuffer::default(), None::<StereoBuffer>);
+    // Three stages, overlapped: while the tracks render one segment, the master strip takes the
+    // one before and the one before that is measured, so that no core waits on another's part.
+    let (mut rendered, mut to_strip, mut to_measure) = (StereoBuffer::default(), None::<StereoBuffer>, None::<StereoBuffer>);
     for start in (0..length).step_by(BLOCK) {
         if observer.is_cancelled() {
             return Err(AudioError::Canceled);
         }
         let frames = (length - start).min(BLOCK as u64) as usize;
-        let (render, push) =
-            rayon::join(|| render_segment(&mut streams, start, frames, &mut rendered), || pushing.as_mut().map_or(Ok(()), |segment| premaster.push(segment)));
-        render?;
-        push?;
-        std::mem::swap(&mut rendered, pushing.get_or_insert_with(StereoBuffer::default));
+        render_segment(&mut streams, start, frames, &mut rendered, || premaster.push_overlapped(to_strip.as_mut(), to_measure.as_ref()))??;
+        // The measured segment's buffer is the next to render into.
+        let spare = to_measure.take().unwrap_or_default();
+        to_measure = to_strip.replace(std::mem::replace(&mut rendered, spare));
         let done: u64 = streams.iter().map(|s| s.frames_read).sum();
         observer.progress(Stage::ProcessingTracks, (done as f64 / total_work as f64).min(1.0));
     }
-    if let Some(segment) = pushing.as_mut() {
-        premaster.push(segment)?;
-    }
+    premaster.push_overlapped(to_strip.as_mut(), to_measure.as_ref())?;
+    premaster.push_overlapped(None, to_strip.as_ref())?;
     observer.progress(Stage::ProcessingTracks, 1.0);
     observer.progress(Stage::Mixing, 0.0);
     let premastered = premaster.finish()?;

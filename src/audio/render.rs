@@ -163,16 +163,37 @@ const MAX_LANES: usize = 4;
 /// worker needs (at most [`MAX_LANES`]), which render together, in lanes (see
 /// [`TrackStream::add_segment`]), their sum still taken by halving down to pairs: the bus is
 /// the same to the bit however many render together.
-pub fn render_segment(tracks: &mut [TrackStream], start: u64, frames: usize, bus: &mut StereoBuffer) -> Result<(), AudioError> {
+///
+/// `beside` runs on the pool at the same time, after the first half of the tracks on the same
+/// worker: the halves start first, on every worker, and `beside`'s work (divisible or not) fills
+/// in after them, where begun first its indivisible part would hold a half of the tracks back.
+pub fn render_segment<T: Send>(
+    tracks: &mut [TrackStream],
+    start: u64,
+    frames: usize,
+    bus: &mut StereoBuffer,
+    beside: impl FnOnce() -> T + Send,
+) -> Result<T, AudioError> {
     if tracks.is_empty() {
         silence(bus, frames);
-        return Ok(());
+        return Ok(beside());
     }
     let lanes = tracks.len().div_ceil(rayon::current_num_threads()).clamp(1, MAX_LANES);
-    render_tracks(tracks, start, frames, lanes)?;
+    let result = if tracks.len() > lanes {
+        let (first, second) = tracks.split_at_mut(tracks.len() / 2);
+        let ((rendered, result), other) = rayon::join(|| (render_tracks(first, start, frames, lanes), beside()), || render_tracks(second, start, frames, lanes));
+        rendered?;
+        other?;
+        add_into(&mut first[0].sum, &second[0].sum);
+        result
+    } else {
+        let (rendered, result) = rayon::join(|| render_tracks(tracks, start, frames, lanes), beside);
+        rendered?;
+        result
+    };
     // The bus's old buffer becomes the first track's for the next segment.
     std::mem::swap(bus, &mut tracks[0].sum);
-    Ok(())
+    Ok(result)
 }
 
 /// Renders `tracks` (one or more) into the first one's `sum`.
@@ -291,7 +312,7 @@ mod tests {
         let mut streams: Vec<TrackStream> = tracks.iter().map(|((source, _), offset)| TrackStream::open(source, &settings, 48_000, 48_000, *offset).unwrap()).collect();
         let (mut rendered, mut segment, mut start) = (Vec::new(), StereoBuffer::default(), 0usize);
         for frames in [4096, 1, 65_536, 39_000, 1367] {
-            render_segment(&mut streams, start as u64, frames, &mut segment).unwrap();
+            render_segment(&mut streams, start as u64, frames, &mut segment, || ()).unwrap();
             assert_eq!(segment.len(), frames);
             rendered.extend_from_slice(&segment.left);
             start += frames;
