@@ -7,7 +7,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use super::buffer::StereoBuffer;
 use super::decode::StemReader;
-use super::dsp::TrackChain;
+use super::dsp::{TrackChain, STRIP_LANES};
 use super::resample::RateConverter;
 use super::{panic_message, AudioError, StemSource};
 
@@ -152,21 +152,16 @@ impl TrackStream {
     }
 }
 
-/// Tracks rendered together in lanes, at most (see [`ChannelStrip::process_lanes`]).
-///
-/// [`ChannelStrip::process_lanes`]: super::dsp::ChannelStrip::process_lanes
-const MAX_LANES: usize = 4;
-
 /// Renders mix frames `start..start + frames` of `tracks` into `bus`, the tracks shared out over
 /// the current rayon pool (the engine's, for a job) by halving the list: each half renders into
 /// a segment of its own, and the two are summed. The halving stops at as many tracks as each
-/// worker needs (at most [`MAX_LANES`]), which render together, in lanes (see
+/// worker needs (at most [`STRIP_LANES`]), which render together, in lanes (see
 /// [`TrackStream::add_segment`]), their sum still taken by halving down to pairs: the bus is
 /// the same to the bit however many render together.
 ///
-/// `beside` runs on the pool at the same time, after the first half of the tracks on the same
-/// worker: the halves start first, on every worker, and `beside`'s work (divisible or not) fills
-/// in after them, where begun first its indivisible part would hold a half of the tracks back.
+/// `beside` runs on the pool at the same time, beside the first group of tracks: every other
+/// half is there to be taken first, so the tracks start on every worker, and `beside`'s work
+/// fills in after them, where begun first its indivisible part would hold a half back.
 pub fn render_segment<T: Send>(
     tracks: &mut [TrackStream],
     start: u64,
@@ -178,38 +173,39 @@ pub fn render_segment<T: Send>(
         silence(bus, frames);
         return Ok(beside());
     }
-    let lanes = tracks.len().div_ceil(rayon::current_num_threads()).clamp(1, MAX_LANES);
-    let result = if tracks.len() > lanes {
-        let (first, second) = tracks.split_at_mut(tracks.len() / 2);
-        let ((rendered, result), other) = rayon::join(|| (render_tracks(first, start, frames, lanes), beside()), || render_tracks(second, start, frames, lanes));
-        rendered?;
-        other?;
-        add_into(&mut first[0].sum, &second[0].sum);
-        result
-    } else {
-        let (rendered, result) = rayon::join(|| render_tracks(tracks, start, frames, lanes), beside);
-        rendered?;
-        result
-    };
+    let lanes = tracks.len().div_ceil(rayon::current_num_threads()).clamp(1, STRIP_LANES);
+    let result = render_tracks(tracks, start, frames, lanes, beside)?;
     // The bus's old buffer becomes the first track's for the next segment.
     std::mem::swap(bus, &mut tracks[0].sum);
     Ok(result)
 }
 
-/// Renders `tracks` (one or more) into the first one's `sum`.
-fn render_tracks(tracks: &mut [TrackStream], start: u64, frames: usize, lanes: usize) -> Result<(), AudioError> {
+/// Renders `tracks` (one or more) into the first one's `sum`, `beside` them (see
+/// [`render_segment`]).
+fn render_tracks<T: Send>(tracks: &mut [TrackStream], start: u64, frames: usize, lanes: usize, beside: impl FnOnce() -> T + Send) -> Result<T, AudioError> {
     if tracks.len() > lanes {
         let (first, second) = tracks.split_at_mut(tracks.len() / 2);
-        let (rendered, other) = rayon::join(|| render_tracks(first, start, frames, lanes), || render_tracks(second, start, frames, lanes));
-        rendered?;
+        let (rendered, other) = rayon::join(|| render_tracks(first, start, frames, lanes, beside), || render_tracks(second, start, frames, lanes, nothing));
+        let result = rendered?;
         other?;
         add_into(&mut first[0].sum, &second[0].sum);
-        return Ok(());
+        return Ok(result);
     }
+    let (rendered, result) = rayon::join(|| render_group(tracks, start, frames), beside);
+    rendered?;
+    Ok(result)
+}
+
+/// What the halves of the tracks have beside them but the first: a function, not a closure,
+/// whose type does not grow with each level of the halving.
+fn nothing() {}
+
+/// Renders a group of tracks together, in lanes, into the first one's `sum`.
+fn render_group(tracks: &mut [TrackStream], start: u64, frames: usize) -> Result<(), AudioError> {
     // Each pair of the halving sums into a segment of its own, the buffer its first track keeps.
-    let mut pair = [0; MAX_LANES];
+    let mut pair = [0; STRIP_LANES];
     pair_up(0, &mut pair[..tracks.len()]);
-    let mut segments: [StereoBuffer; MAX_LANES] = Default::default();
+    let mut segments: [StereoBuffer; STRIP_LANES] = Default::default();
     let count = tracks.len();
     let heads = || (0..count).filter(|&track| pair[track] == track);
     for head in heads() {
@@ -223,7 +219,7 @@ fn render_tracks(tracks: &mut [TrackStream], start: u64, frames: usize, lanes: u
         [a, b] => TrackStream::add_segment([a, b], start, [pair[0], pair[1]], &mut segments),
         [a, b, c] => TrackStream::add_segment([a, b, c], start, [pair[0], pair[1], pair[2]], &mut segments),
         [a, b, c, d] => TrackStream::add_segment([a, b, c, d], start, [pair[0], pair[1], pair[2], pair[3]], &mut segments),
-        _ => unreachable!("halving leaves at most MAX_LANES tracks"),
+        _ => unreachable!("halving leaves at most STRIP_LANES tracks"),
     }))
     .unwrap_or_else(|panic| {
         let names: Vec<String> = tracks.iter().map(|track| format!("\"{}\"", track.stem_name)).collect();
@@ -369,13 +365,13 @@ mod tests {
                     .collect()
             };
             let mut alone = open();
-            let mut in_lanes: Vec<(usize, Vec<TrackStream>)> = (2..=MAX_LANES).map(|lanes| (lanes, open())).collect();
+            let mut in_lanes: Vec<(usize, Vec<TrackStream>)> = (2..=STRIP_LANES).map(|lanes| (lanes, open())).collect();
             let mut start = 0u64;
             for frames in [4096, 1, 65_536, 333, 20_000] {
-                render_tracks(&mut alone, start, frames, 1).unwrap();
+                render_tracks(&mut alone, start, frames, 1, || ()).unwrap();
                 let bits = |segment: &StereoBuffer| segment.left.iter().chain(&segment.right).map(|x| x.to_bits()).collect::<Vec<u32>>();
                 for (lanes, streams) in &mut in_lanes {
-                    render_tracks(streams, start, frames, *lanes).unwrap();
+                    render_tracks(streams, start, frames, *lanes, || ()).unwrap();
                     let (got, want) = (bits(&streams[0].sum), bits(&alone[0].sum));
                     assert!(got == want, "{count} tracks, {lanes} lanes, segment at {start}: sample {:?} differs", got.iter().zip(&want).position(|(a, b)| a != b));
                 }
