@@ -163,7 +163,7 @@ struct Follower {
     release: f64,
     reduction_db: f64,
     /// `10^((makeup_db - reduction_db) / 20)`, carried from sample to sample (see
-    /// [`Follower::advance`]).
+    /// [`Follower::carry`]).
     gain: f64,
     /// Samples since `gain` was last computed outright.
     carried: u32,
