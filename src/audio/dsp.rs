@@ -93,6 +93,17 @@ impl BiquadCoefficients {
         Self { b0: b0 / a0, b1: b1 / a0, b2: b2 / a0, a1: a1 / a0, a2: a2 / a0 }
     }
 
+    /// One sample through the filter with state `[s1, s2]` (transposed direct form II, in f64):
+    /// the definition every path of the strips computes, in this order.
+    #[inline(always)]
+    fn tick(&self, sample: f32, [s1, s2]: &mut [f64; 2]) -> f32 {
+        let x = f64::from(sample);
+        let y = self.b0 * x + *s1;
+        *s1 = self.b1 * x - self.a1 * y + *s2;
+        *s2 = self.b2 * x - self.a2 * y;
+        y as f32
+    }
+
     /// |H(e^jw)| at `freq_hz`, straight from the transfer function.
     #[cfg(test)]
     pub fn magnitude(&self, freq_hz: f64, sample_rate: u32) -> f64 {
@@ -282,6 +293,24 @@ impl Follower {
         self.gain = ((self.makeup_db - self.reduction_db) * DB_TO_EXPONENT).exp();
         self.carried = 0;
     }
+
+    /// One frame: the reduction's step towards `target`, and the gain it gives.
+    #[inline(always)]
+    fn next_gain(&mut self, target: f64) -> f32 {
+        let step = self.advance(target);
+        self.take(step);
+        self.gain as f32
+    }
+
+    /// The gain after `step`: carried where it can be, computed outright where not.
+    #[inline(always)]
+    fn take(&mut self, step: f64) {
+        if self.can_carry(step) {
+            self.carry(step);
+        } else {
+            self.recompute();
+        }
+    }
 }
 
 /// Strips processed side by side, at most: one vector instruction takes a biquad's step for all
@@ -342,20 +371,13 @@ impl ChannelStrip {
         left.iter_mut().chain(right.iter_mut()).for_each(|x| *x *= gain);
         for band in &mut self.equalizer.bands {
             let c = band.c;
-            let [[mut left_s1, mut left_s2], [mut right_s1, mut right_s2]] = band.state;
-            let tick = |x: &mut f32, s1: &mut f64, s2: &mut f64| {
-                let input = f64::from(*x);
-                let y = c.b0 * input + *s1;
-                *s1 = c.b1 * input - c.a1 * y + *s2;
-                *s2 = c.b2 * input - c.a2 * y;
-                *x = y as f32;
-            };
+            let [mut left_state, mut right_state] = band.state;
             // Both channels in one loop: each waits on its own previous sample, side by side.
             for (l, r) in left.iter_mut().zip(right.iter_mut()) {
-                tick(l, &mut left_s1, &mut left_s2);
-                tick(r, &mut right_s1, &mut right_s2);
+                *l = c.tick(*l, &mut left_state);
+                *r = c.tick(*r, &mut right_state);
             }
-            band.state = [[left_s1, left_s2], [right_s1, right_s2]];
+            band.state = [left_state, right_state];
         }
         if let Some(compressor) = &mut self.compressor {
             let mut targets = [0.0; STRIP_BLOCK];
@@ -364,13 +386,7 @@ impl ChannelStrip {
                 compressor.static_targets(targets, left, right);
                 for ((l, r), &target) in left.iter_mut().zip(right.iter_mut()).zip(targets.iter()) {
                     let follower = &mut compressor.follower;
-                    let step = follower.advance(target);
-                    if follower.can_carry(step) {
-                        follower.carry(step);
-                    } else {
-                        follower.recompute();
-                    }
-                    let gain = follower.gain as f32;
+                    let gain = follower.next_gain(target);
                     *l *= gain;
                     *r *= gain;
                 }
@@ -394,6 +410,7 @@ impl ChannelStrip {
         for (compressor, strip) in compressors.iter_mut().zip(strips.iter()) {
             *compressor = strip.compressor.unwrap_or(Compressor::BYPASS);
         }
+        let mut followers = compressors.map(|compressor| compressor.follower);
         let compressed = strips.iter().any(|strip| strip.compressor.is_some());
         let mut block = [[0f32; CHANNEL_LANES]; STRIP_BLOCK];
         for start in (0..frames).step_by(STRIP_BLOCK) {
@@ -422,14 +439,7 @@ impl ChannelStrip {
                 }
             }
             if compressed {
-                let mut followers = compressors.map(|compressor| compressor.follower);
                 K::compress(block, &compressors, &mut followers);
-                for ((compressor, strip), follower) in compressors.iter_mut().zip(strips.iter_mut()).zip(followers) {
-                    compressor.follower = follower;
-                    if let Some(compressor) = &mut strip.compressor {
-                        compressor.follower = follower;
-                    }
-                }
             }
             for (lane, (channels, gains)) in audio.iter_mut().zip(outputs).enumerate() {
                 for (channel, samples) in channels.iter_mut().enumerate() {
@@ -437,6 +447,11 @@ impl ChannelStrip {
                         *x = frame[2 * lane + channel] * gains[channel];
                     }
                 }
+            }
+        }
+        for (strip, follower) in strips.iter_mut().zip(followers) {
+            if let Some(compressor) = &mut strip.compressor {
+                compressor.follower = follower;
             }
         }
     }
@@ -462,11 +477,9 @@ impl Lanes for Portable {
         let lanes = if wide { CHANNEL_LANES } else { CHANNEL_LANES / 2 };
         for frame in block.iter_mut() {
             for lane in 0..lanes {
-                let (c, x) = (&c[lane / 2], f64::from(frame[lane]));
-                let y = c.b0 * x + s1[lane];
-                s1[lane] = c.b1 * x - c.a1 * y + s2[lane];
-                s2[lane] = c.b2 * x - c.a2 * y;
-                frame[lane] = y as f32;
+                let mut state = [s1[lane], s2[lane]];
+                frame[lane] = c[lane / 2].tick(frame[lane], &mut state);
+                [s1[lane], s2[lane]] = state;
             }
         }
     }
@@ -474,13 +487,7 @@ impl Lanes for Portable {
     fn compress(block: &mut [Frame], compressors: &[Compressor; STRIP_LANES], followers: &mut [Follower; STRIP_LANES]) {
         for frame in block.iter_mut() {
             for (lane, (compressor, follower)) in compressors.iter().zip(followers.iter_mut()).enumerate() {
-                let step = follower.advance(compressor.target_db(frame[2 * lane].abs().max(frame[2 * lane + 1].abs())));
-                if follower.can_carry(step) {
-                    follower.carry(step);
-                } else {
-                    follower.recompute();
-                }
-                let gain = follower.gain as f32;
+                let gain = follower.next_gain(compressor.target_db(frame[2 * lane].abs().max(frame[2 * lane + 1].abs())));
                 frame[2 * lane] *= gain;
                 frame[2 * lane + 1] *= gain;
             }
@@ -633,11 +640,7 @@ mod avx2 {
                 let [reductions, gains, carrieds, steps] = &mut lanes;
                 for lane in 0..STRIP_LANES {
                     let mut follower = Follower { reduction_db: reductions[lane], gain: gains[lane], carried: carrieds[lane] as u32, ..followers[lane] };
-                    if follower.can_carry(steps[lane]) {
-                        follower.carry(steps[lane]);
-                    } else {
-                        follower.recompute();
-                    }
+                    follower.take(steps[lane]);
                     (gains[lane], carrieds[lane]) = (follower.gain, f64::from(follower.carried));
                 }
                 gain = _mm256_loadu_pd(gains.as_ptr());
