@@ -34,8 +34,8 @@ fn level_db(level: f32) -> f64 {
     let mantissa = if high { mantissa * 0.5 } else { mantissa };
     let s = (mantissa - 1.0) / (mantissa + 1.0);
     let s2 = s * s;
-    let series = [1.0 / 15.0, 1.0 / 13.0, 1.0 / 11.0, 1.0 / 9.0, 1.0 / 7.0, 1.0 / 5.0, 1.0 / 3.0, 1.0].into_iter().fold(0.0, |sum, term| sum * s2 + term);
-    octaves * DB_PER_OCTAVE + 2.0 * s * series * DB_PER_NEPER
+    let series = [1.0 / 15.0, 1.0 / 13.0, 1.0 / 11.0, 1.0 / 9.0, 1.0 / 7.0, 1.0 / 5.0, 1.0 / 3.0, 1.0].into_iter().fold(0.0f64, |sum, term| sum.mul_add(s2, term));
+    octaves.mul_add(DB_PER_OCTAVE, 2.0 * s * series * DB_PER_NEPER)
 }
 
 /// Constant-power pan: `(left, right)` gains, each -3 dB at the centre, `cos²+sin² = 1` everywhere.
@@ -98,9 +98,9 @@ impl BiquadCoefficients {
     #[inline(always)]
     fn tick(&self, sample: f32, [s1, s2]: &mut [f64; 2]) -> f32 {
         let x = f64::from(sample);
-        let y = self.b0 * x + *s1;
-        *s1 = self.b1 * x - self.a1 * y + *s2;
-        *s2 = self.b2 * x - self.a2 * y;
+        let y = self.b0.mul_add(x, *s1);
+        *s1 = (-self.a1).mul_add(y, self.b1.mul_add(x, *s2));
+        *s2 = (-self.a2).mul_add(y, self.b2 * x);
         y as f32
     }
 
@@ -188,6 +188,15 @@ const CARRIED_SAMPLES: u32 = 32;
 /// gain is computed outright.
 const CARRIED_STEP: f64 = 0.01;
 
+/// `e^step` by its series to the fourth power, in Horner's order (see [`Follower::carry`]).
+#[inline(always)]
+fn exp_series(step: f64) -> f64 {
+    EXP_SERIES[1..].iter().fold(EXP_SERIES[0], |sum, &term| sum.mul_add(step, term))
+}
+
+/// The coefficients of [`exp_series`], the highest power's first: `1/4!` down to `1/0!`.
+const EXP_SERIES: [f64; 5] = [1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0];
+
 impl Compressor {
     /// The compressor that never acts: no frame is over its threshold, and its gain is exactly
     /// one (`10^0`, carried by `1 + 0`). It stands in a lane whose strip has no compressor.
@@ -236,23 +245,7 @@ impl Compressor {
 
 impl Compressor {
     /// The static curve's reduction for each frame, in a loop of its own that runs in vector
-    /// lanes (see [`level_db`]), four wide where the processor has AVX2, the same operations in
-    /// the same order either way.
-    fn static_targets(&self, targets: &mut [f64], left: &[f32], right: &[f32]) {
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the processor supports AVX2, as just checked.
-            return unsafe { self.static_targets_avx2(targets, left, right) };
-        }
-        self.fill_targets(targets, left, right);
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    unsafe fn static_targets_avx2(&self, targets: &mut [f64], left: &[f32], right: &[f32]) {
-        self.fill_targets(targets, left, right)
-    }
-
+    /// lanes (see [`level_db`]) where the processor has them.
     #[inline(always)]
     fn fill_targets(&self, targets: &mut [f64], left: &[f32], right: &[f32]) {
         for ((target, l), r) in targets.iter_mut().zip(left).zip(right) {
@@ -268,7 +261,7 @@ impl Follower {
     fn advance(&mut self, target: f64) -> f64 {
         let coefficient = if target > self.reduction_db { self.attack } else { self.release };
         let previous = self.reduction_db;
-        self.reduction_db = target + coefficient * (previous - target);
+        self.reduction_db = coefficient.mul_add(previous - target, target);
         (previous - self.reduction_db) * DB_TO_EXPONENT
     }
 
@@ -285,7 +278,7 @@ impl Follower {
     /// typical mix's time; this matches it to within f64 rounding.
     #[inline(always)]
     fn carry(&mut self, step: f64) {
-        self.gain *= 1.0 + step * (1.0 + step / 2.0 * (1.0 + step / 3.0 * (1.0 + step / 4.0)));
+        self.gain *= exp_series(step);
         self.carried += 1;
     }
 
@@ -351,22 +344,34 @@ impl ChannelStrip {
     /// the others' place, one without a compressor [`Compressor::BYPASS`]. Each channel's
     /// arithmetic is exactly what it is alone, in the order it is alone: the lanes only share
     /// instructions.
-    pub fn process_lanes<const N: usize>(mut strips: [&mut ChannelStrip; N], gains: [f32; N], outputs: [[f32; 2]; N], audio: [Channels; N]) {
+    pub fn process_lanes<const N: usize>(strips: [&mut ChannelStrip; N], gains: [f32; N], outputs: [[f32; 2]; N], audio: [Channels; N]) {
         const { assert!(N <= STRIP_LANES) };
+        #[cfg(target_arch = "x86_64")]
+        if super::has_avx2_fma() {
+            // SAFETY: the processor supports AVX2 and FMA, as just checked.
+            return unsafe { Self::process_lanes_avx2(strips, gains, outputs, audio) };
+        }
+        Self::process_lanes_with::<Portable, N>(strips, gains, outputs, audio)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn process_lanes_avx2<const N: usize>(strips: [&mut ChannelStrip; N], gains: [f32; N], outputs: [[f32; 2]; N], audio: [Channels; N]) {
+        Self::process_lanes_with::<avx2::Avx2, N>(strips, gains, outputs, audio)
+    }
+
+    #[inline(always)]
+    fn process_lanes_with<K: Lanes, const N: usize>(mut strips: [&mut ChannelStrip; N], gains: [f32; N], outputs: [[f32; 2]; N], audio: [Channels; N]) {
         let (frames, mut audio) = same_frames(audio);
         if let ([strip], [gain], [output], [[left, right]]) = (&mut strips[..], &gains[..], &outputs[..], &mut audio[..]) {
             return strip.process_alone(*gain, *output, left, right);
         }
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx2") {
-            // SAFETY: the processor supports AVX2, as just checked.
-            return unsafe { Self::run_avx2(&mut strips, &gains, &outputs, &mut audio, frames) };
-        }
-        Self::run::<Portable>(&mut strips, &gains, &outputs, &mut audio, frames)
+        Self::run::<K>(&mut strips, &gains, &outputs, &mut audio, frames)
     }
 
     /// A strip alone, channel by channel: its lanes would be a quarter full. Its arithmetic is
     /// [`Portable`]'s; only the static curve runs differently, over four frames at a time.
+    #[inline(always)]
     fn process_alone(&mut self, gain: f32, output: [f32; 2], left: &mut [f32], right: &mut [f32]) {
         left.iter_mut().chain(right.iter_mut()).for_each(|x| *x *= gain);
         for band in &mut self.equalizer.bands {
@@ -383,7 +388,7 @@ impl ChannelStrip {
             let mut targets = [0.0; STRIP_BLOCK];
             for (left, right) in left.chunks_mut(STRIP_BLOCK).zip(right.chunks_mut(STRIP_BLOCK)) {
                 let targets = &mut targets[..left.len()];
-                compressor.static_targets(targets, left, right);
+                compressor.fill_targets(targets, left, right);
                 for ((l, r), &target) in left.iter_mut().zip(right.iter_mut()).zip(targets.iter()) {
                     let follower = &mut compressor.follower;
                     let gain = follower.next_gain(target);
@@ -394,12 +399,6 @@ impl ChannelStrip {
         }
         left.iter_mut().for_each(|x| *x *= output[0]);
         right.iter_mut().for_each(|x| *x *= output[1]);
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    unsafe fn run_avx2(strips: &mut [&mut ChannelStrip], gains: &[f32], outputs: &[[f32; 2]], audio: &mut [Channels], frames: usize) {
-        Self::run::<avx2::Avx2>(strips, gains, outputs, audio, frames)
     }
 
     #[inline(always)]
@@ -498,13 +497,13 @@ impl Lanes for Portable {
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     //! [`Lanes`] in AVX2: the same operations in the same order as [`super::Portable`], four f64 lanes
-    //! to an instruction (IEEE arithmetic is exact per lane, and nothing is fused).
+    //! to an instruction (IEEE arithmetic is exact per lane, fused where `mul_add` is).
 
     use std::arch::x86_64::*;
 
     use super::{
-        BiquadCoefficients, Compressor, Follower, Frame, Lanes, CARRIED_SAMPLES, CARRIED_STEP, CHANNEL_LANES, DB_PER_NEPER, DB_PER_OCTAVE, DB_TO_EXPONENT, STRIP_BLOCK,
-        STRIP_LANES,
+        BiquadCoefficients, Compressor, Follower, Frame, Lanes, CARRIED_SAMPLES, CARRIED_STEP, CHANNEL_LANES, DB_PER_NEPER, DB_PER_OCTAVE, DB_TO_EXPONENT, EXP_SERIES,
+        STRIP_BLOCK, STRIP_LANES,
     };
 
     pub struct Avx2;
@@ -529,7 +528,7 @@ mod avx2 {
         _mm256_setr_pd(field(&c[first]), field(&c[first]), field(&c[first + 1]), field(&c[first + 1]))
     }
 
-    #[target_feature(enable = "avx2")]
+    #[target_feature(enable = "avx2,fma")]
     unsafe fn filter(block: &mut [Frame], c: &[BiquadCoefficients; STRIP_LANES], s1: &mut [f64; CHANNEL_LANES], s2: &mut [f64; CHANNEL_LANES], wide: bool) {
         if wide {
             filter_halves::<2>(block, c, s1, s2)
@@ -555,9 +554,9 @@ mod avx2 {
             for half in 0..HALVES {
                 let samples = frame[4 * half..].as_mut_ptr();
                 let x = _mm256_cvtps_pd(_mm_loadu_ps(samples));
-                let y = _mm256_add_pd(_mm256_mul_pd(b0[half], x), z1[half]);
-                z1[half] = _mm256_add_pd(_mm256_sub_pd(_mm256_mul_pd(b1[half], x), _mm256_mul_pd(a1[half], y)), z2[half]);
-                z2[half] = _mm256_sub_pd(_mm256_mul_pd(b2[half], x), _mm256_mul_pd(a2[half], y));
+                let y = _mm256_fmadd_pd(b0[half], x, z1[half]);
+                z1[half] = _mm256_fnmadd_pd(a1[half], y, _mm256_fmadd_pd(b1[half], x, z2[half]));
+                z2[half] = _mm256_fnmadd_pd(a2[half], y, _mm256_mul_pd(b2[half], x));
                 _mm_storeu_ps(samples, _mm256_cvtpd_ps(y));
             }
         }
@@ -588,13 +587,13 @@ mod avx2 {
         let s2 = _mm256_mul_pd(s, s);
         let mut series = _mm256_setzero_pd();
         for term in [1.0 / 15.0, 1.0 / 13.0, 1.0 / 11.0, 1.0 / 9.0, 1.0 / 7.0, 1.0 / 5.0, 1.0 / 3.0, 1.0] {
-            series = _mm256_add_pd(_mm256_mul_pd(series, s2), _mm256_set1_pd(term));
+            series = _mm256_fmadd_pd(series, s2, _mm256_set1_pd(term));
         }
         let neper = _mm256_mul_pd(_mm256_mul_pd(_mm256_mul_pd(_mm256_set1_pd(2.0), s), series), _mm256_set1_pd(DB_PER_NEPER));
-        _mm256_add_pd(_mm256_mul_pd(octaves, _mm256_set1_pd(DB_PER_OCTAVE)), neper)
+        _mm256_fmadd_pd(octaves, _mm256_set1_pd(DB_PER_OCTAVE), neper)
     }
 
-    #[target_feature(enable = "avx2")]
+    #[target_feature(enable = "avx2,fma")]
     unsafe fn compress(block: &mut [Frame], compressors: &[Compressor; STRIP_LANES], followers: &mut [Follower; STRIP_LANES]) {
         let threshold_db = lanes(compressors, |c| c.threshold_db);
         let threshold_gain = lanes(compressors, |c| c.threshold_gain);
@@ -620,15 +619,13 @@ mod avx2 {
             let samples = _mm256_loadu_ps(frame.as_ptr());
             let coefficient = _mm256_blendv_pd(release, attack, _mm256_cmp_pd::<_CMP_GT_OQ>(target, reduction));
             let previous = reduction;
-            reduction = _mm256_add_pd(target, _mm256_mul_pd(coefficient, _mm256_sub_pd(previous, target)));
+            reduction = _mm256_fmadd_pd(coefficient, _mm256_sub_pd(previous, target), target);
             let step = _mm256_mul_pd(_mm256_sub_pd(previous, reduction), _mm256_set1_pd(DB_TO_EXPONENT));
             let small = _mm256_cmp_pd::<_CMP_LE_OQ>(_mm256_and_pd(step, _mm256_castsi256_pd(_mm256_set1_epi64x(i64::MAX))), _mm256_set1_pd(CARRIED_STEP));
             let carries = _mm256_and_pd(_mm256_cmp_pd::<_CMP_LT_OQ>(carried, _mm256_set1_pd(f64::from(CARRIED_SAMPLES))), small);
             if _mm256_movemask_pd(carries) == 0b1111 {
-                let inner = _mm256_add_pd(one, _mm256_mul_pd(step, _mm256_set1_pd(0.25)));
-                let inner = _mm256_add_pd(one, _mm256_mul_pd(_mm256_div_pd(step, _mm256_set1_pd(3.0)), inner));
-                let inner = _mm256_add_pd(one, _mm256_mul_pd(_mm256_mul_pd(step, _mm256_set1_pd(0.5)), inner));
-                gain = _mm256_mul_pd(gain, _mm256_add_pd(one, _mm256_mul_pd(step, inner)));
+                let series = EXP_SERIES[1..].iter().fold(_mm256_set1_pd(EXP_SERIES[0]), |sum, &term| _mm256_fmadd_pd(sum, step, _mm256_set1_pd(term)));
+                gain = _mm256_mul_pd(gain, series);
                 carried = _mm256_add_pd(carried, one);
             } else {
                 // A lane's gain computed outright (every CARRIED_SAMPLES frames, or a large step):
@@ -840,12 +837,17 @@ mod tests {
     fn the_vector_lanes_compute_what_the_portable_lanes_compute() {
         #[cfg(target_arch = "x86_64")]
         {
-            assert!(std::arch::is_x86_feature_detected!("avx2"), "this test runs where the vector lanes do");
+            assert!(crate::audio::has_avx2_fma(), "this test runs where the vector lanes do");
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn run_avx2(strips: &mut [&mut ChannelStrip], gains: &[f32], outputs: &[[f32; 2]], audio: &mut [Channels], frames: usize) {
+                ChannelStrip::run::<avx2::Avx2>(strips, gains, outputs, audio, frames)
+            }
+            // Portable's `mul_add`, compiled here without FMA, is the library's: the same bits.
             let portable = in_lanes::<4>(ChannelStrip::run::<Portable>);
-            // SAFETY: the processor supports AVX2, as just asserted.
-            let vector = in_lanes::<4>(|strips, gains, outputs, audio, frames| unsafe { ChannelStrip::run_avx2(strips, gains, outputs, audio, frames) });
+            // SAFETY: the processor supports AVX2 and FMA, as just asserted.
+            let vector = in_lanes::<4>(|strips, gains, outputs, audio, frames| unsafe { run_avx2(strips, gains, outputs, audio, frames) });
             assert_eq!(first_difference(&vector, &portable), None);
-            let narrow = in_lanes::<2>(|strips, gains, outputs, audio, frames| unsafe { ChannelStrip::run_avx2(strips, gains, outputs, audio, frames) });
+            let narrow = in_lanes::<2>(|strips, gains, outputs, audio, frames| unsafe { run_avx2(strips, gains, outputs, audio, frames) });
             let portable = in_lanes::<2>(ChannelStrip::run::<Portable>);
             assert_eq!(first_difference(&narrow, &portable), None);
         }
@@ -867,6 +869,23 @@ mod tests {
         assert_eq!([level_db(1.0), level_db(0.5), level_db(4.0)], [0.0, -DB_PER_OCTAVE, 2.0 * DB_PER_OCTAVE]);
     }
 
+    /// The static curve as a strip alone computes it where the processor has AVX2 and FMA: in
+    /// vector lanes, with fused instructions.
+    fn vector_targets(compressor: &Compressor, targets: &mut [f64], left: &[f32], right: &[f32]) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn fill_targets_avx2(compressor: &Compressor, targets: &mut [f64], left: &[f32], right: &[f32]) {
+                compressor.fill_targets(targets, left, right)
+            }
+            assert!(crate::audio::has_avx2_fma(), "this test runs where the vector lanes do");
+            // SAFETY: the processor supports AVX2 and FMA, as just asserted.
+            unsafe { fill_targets_avx2(compressor, targets, left, right) }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        compressor.fill_targets(targets, left, right)
+    }
+
     #[test]
     fn the_static_curve_reads_the_same_in_lanes_of_any_width() {
         let settings = CompressorSettings { threshold_db: -24.0, ratio: 3.0, attack_ms: 1.0, release_ms: 50.0, makeup_db: 0.0 };
@@ -878,11 +897,11 @@ mod tests {
             let mut portable = vec![0.0; frames];
             compressor.fill_targets(&mut portable, &left[..frames], &right[..frames]);
             let mut used = vec![0.0; frames];
-            compressor.static_targets(&mut used, &left[..frames], &right[..frames]);
+            vector_targets(&compressor, &mut used, &left[..frames], &right[..frames]);
             assert_eq!(used.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), portable.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
         }
         let mut targets = vec![0.0; left.len()];
-        compressor.static_targets(&mut targets, &left, &right);
+        vector_targets(&compressor, &mut targets, &left, &right);
         assert!(targets.contains(&0.0) && targets.iter().any(|&t| t > 5.0), "the noise spans the threshold");
     }
 

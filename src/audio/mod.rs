@@ -29,6 +29,14 @@ mod true_peak;
 
 use std::path::PathBuf;
 
+/// Whether the processor has AVX2 and FMA (every x86-64 since 2013): the instruction set of the
+/// engine's vector paths. Their arithmetic is fused (`mul_add`), which elsewhere is a library
+/// call, exactly rounded as the instruction is, so every machine computes the same bits.
+#[cfg(target_arch = "x86_64")]
+fn has_avx2_fma() -> bool {
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+}
+
 pub use analysis::{analyse, Analysis};
 pub use buffer::StereoBuffer;
 pub use decode::{probe_stem, StemInfo, StemReader, MAX_PROBE_TIME};
