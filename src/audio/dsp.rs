@@ -386,16 +386,19 @@ impl ChannelStrip {
         }
         if let Some(compressor) = &mut self.compressor {
             let mut targets = [0.0; STRIP_BLOCK];
+            // A copy, held in registers: through the strip, each frame's step stored it and the
+            // next loaded it back, in the recursion's path.
+            let mut follower = compressor.follower;
             for (left, right) in left.chunks_mut(STRIP_BLOCK).zip(right.chunks_mut(STRIP_BLOCK)) {
                 let targets = &mut targets[..left.len()];
                 compressor.fill_targets(targets, left, right);
                 for ((l, r), &target) in left.iter_mut().zip(right.iter_mut()).zip(targets.iter()) {
-                    let follower = &mut compressor.follower;
                     let gain = follower.next_gain(target);
                     *l *= gain;
                     *r *= gain;
                 }
             }
+            compressor.follower = follower;
         }
         left.iter_mut().for_each(|x| *x *= output[0]);
         right.iter_mut().for_each(|x| *x *= output[1]);
