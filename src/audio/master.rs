@@ -669,8 +669,8 @@ impl Premastered {
                 lossy,
                 trim,
                 observer,
-                |_| {},
-                |segment, done| {
+                |_, ()| {},
+                |segment, (), done| {
                     pass(0.9 * done as f64 / frames);
                     encoder.write(segment)
                 },
@@ -763,67 +763,88 @@ impl Premastered {
     }
 
     /// Reads the spill back with `plan` (and `trim`) applied, a segment at a time, through
-    /// `prepare` (which runs ahead, on the reading side), handing each to `each` with the frames
-    /// done so far.
-    fn limited_segments(
+    /// `prepare` (which runs ahead, on a worker, and may leave what it works out about the
+    /// segment in its `P`), handing each to `each` with its `P` and the frames done so far.
+    ///
+    /// Three stages, overlapped: while `each` takes segment n here (it need not be sendable: an
+    /// encoder may not be), segment n + 1 is scaled by its gains and prepared, and segment n + 2
+    /// read from the spill beside its gain envelope. Each stage's work follows only its own from
+    /// the segment before (the envelope, the meter, the file), so the three run side by side. In
+    /// two stages (read, scale and prepare against `each`), the typical mix's pass two kept its
+    /// two cores 80% busy for 119 ms; in three, 86% for 112 ms.
+    fn limited_segments<P: Default + Send>(
         &self,
         plan: Plan,
         trim: f32,
         observer: &dyn MixObserver,
-        mut prepare: impl FnMut(&mut StereoBuffer) + Send,
-        mut each: impl FnMut(&mut StereoBuffer, u64) -> Result<(), AudioError>,
+        mut prepare: impl FnMut(&mut StereoBuffer, &mut P) + Send,
+        mut each: impl FnMut(&mut StereoBuffer, &mut P, u64) -> Result<(), AudioError>,
     ) -> Result<(), AudioError> {
         let failed = ReadError::default();
         let mut limiter = self.limiter(plan, &failed);
-        let (mut bytes, mut gains) = (Vec::new(), Vec::new());
+        let mut bytes = Vec::new();
         let (mut gain, mut chunk_end_gain, mut step, mut left_in_chunk) = (0f32, 0f32, 0f32, 0usize);
         let gain_and_trim = plan.gain * trim;
-        let mut produce = |start: u64, segment: &mut StereoBuffer| -> Result<(), AudioError> {
+        let segments = self.frames.div_ceil(BLOCK as u64) as usize;
+        let start_of = |segment: usize| segment as u64 * BLOCK as u64;
+        let mut read = |segment: usize, InFlight { audio, gains, .. }: &mut InFlight<P>| -> Result<(), AudioError> {
+            let start = start_of(segment);
             let frames = (self.frames - start).min(BLOCK as u64) as usize;
-            self.read_segment(start, frames, &mut bytes, segment)?;
-            // The envelope first (each frame's gain follows the one before), then the samples
-            // scaled in plain loops the compiler vectorises.
-            gains.clear();
-            for _ in 0..frames {
-                if left_in_chunk == 0 {
-                    let (a, b) = limiter.next_chunk();
-                    (gain, chunk_end_gain, left_in_chunk) = (a, b, self.chunk_frames);
-                    step = (b - a) / self.chunk_frames as f32;
+            // Each frame's gain follows the one before.
+            let envelope = || {
+                gains.clear();
+                for _ in 0..frames {
+                    if left_in_chunk == 0 {
+                        let (a, b) = limiter.next_chunk();
+                        (gain, chunk_end_gain, left_in_chunk) = (a, b, self.chunk_frames);
+                        step = (b - a) / self.chunk_frames as f32;
+                    }
+                    gains.push(gain_and_trim * gain);
+                    gain += step;
+                    left_in_chunk -= 1;
+                    if left_in_chunk == 0 {
+                        gain = chunk_end_gain;
+                    }
                 }
-                gains.push(gain_and_trim * gain);
-                gain += step;
-                left_in_chunk -= 1;
-                if left_in_chunk == 0 {
-                    gain = chunk_end_gain;
-                }
-            }
-            for channel in [&mut segment.left, &mut segment.right] {
-                channel.iter_mut().zip(&gains).for_each(|(x, g)| *x *= g);
-            }
-            prepare(segment);
+            };
+            let (read, ()) = rayon::join(|| self.read_segment(start, frames, &mut bytes, audio), envelope);
+            read?;
             failed.take().map_or(Ok(()), |err| Err(AudioError::Export(err)))
         };
-        // Two stages, overlapped: the next segment is read and limited on a worker while `each`
-        // takes this one here (it need not be sendable: an encoder may not be).
-        let (mut current, mut next) = (StereoBuffer::default(), StereoBuffer::default());
-        if self.frames > 0 {
-            produce(0, &mut current)?;
+        // The samples scaled in plain loops the compiler vectorises.
+        let mut limit = |InFlight { audio, gains, prepared }: &mut InFlight<P>| {
+            for channel in [&mut audio.left, &mut audio.right] {
+                channel.iter_mut().zip(gains.iter()).for_each(|(x, g)| *x *= g);
+            }
+            prepare(audio, prepared);
+        };
+        let mut in_flight: [InFlight<P>; 3] = Default::default();
+        if segments > 0 {
+            read(0, &mut in_flight[0])?;
+            limit(&mut in_flight[0]);
         }
-        for start in (0..self.frames).step_by(BLOCK) {
+        if segments > 1 {
+            read(1, &mut in_flight[1])?;
+        }
+        // Segment n lives in `in_flight[n % 3]` from its read to its taking.
+        for n in 0..segments {
             if observer.is_cancelled() {
                 return Err(AudioError::Canceled);
             }
-            let (done, following) = ((start + BLOCK as u64).min(self.frames), start + BLOCK as u64);
-            let mut produced = Ok(());
-            let consumed = rayon::in_place_scope(|scope| {
-                if following < self.frames {
-                    scope.spawn(|_| produced = produce(following, &mut next));
+            let [taken, limited, fresh] = in_flight.get_disjoint_mut([n % 3, (n + 1) % 3, (n + 2) % 3]).expect("three distinct segments");
+            let mut was_read = Ok(());
+            let was_taken = rayon::in_place_scope(|scope| {
+                if n + 2 < segments {
+                    scope.spawn(|_| was_read = read(n + 2, fresh));
                 }
-                each(&mut current, done)
+                if n + 1 < segments {
+                    scope.spawn(|_| limit(limited));
+                }
+                let InFlight { audio, prepared, .. } = taken;
+                each(audio, prepared, (start_of(n) + BLOCK as u64).min(self.frames))
             });
-            consumed?;
-            produced?;
-            std::mem::swap(&mut current, &mut next);
+            was_taken?;
+            was_read?;
         }
         Ok(())
     }
@@ -840,7 +861,7 @@ impl Premastered {
         let failed = ReadError::default();
         let highest_lower_bound = self.chunk_bounds(plan, trim, depth, detector.weight_bound(), &failed).fold(0f32, |highest, (lower, _)| highest.max(lower));
         let mut bounds = self.chunk_bounds(plan, trim, depth, detector.weight_bound(), &failed);
-        let (mut wanted, mut chunk_wanted, mut left_in_chunk) = (Vec::new(), false, 0usize);
+        let (mut chunk_wanted, mut left_in_chunk) = (false, 0usize);
         let (mut peaks, mut peak) = (Vec::new(), 0f32);
         let mut sink = WavSink::create(temporary, self.rate, depth)?;
         let mut quantiser = Quantiser::new(depth);
@@ -848,18 +869,24 @@ impl Premastered {
             plan,
             trim,
             observer,
-            |segment| quantiser.quantise(segment),
-            |segment, done| {
-                wanted.clear();
-                while wanted.len() < segment.len() {
-                    if left_in_chunk == 0 {
-                        chunk_wanted = bounds.next().is_some_and(|(_, upper)| upper > 0.0 && upper >= highest_lower_bound);
-                        left_in_chunk = self.chunk_frames;
+            // On the reading side, beside the rounding: which frames the detector reads.
+            |segment, wanted: &mut Vec<bool>| {
+                let frames = segment.len();
+                let wanting = || {
+                    wanted.clear();
+                    while wanted.len() < frames {
+                        if left_in_chunk == 0 {
+                            chunk_wanted = bounds.next().is_some_and(|(_, upper)| upper > 0.0 && upper >= highest_lower_bound);
+                            left_in_chunk = self.chunk_frames;
+                        }
+                        let run = left_in_chunk.min(frames - wanted.len());
+                        wanted.extend(std::iter::repeat_n(chunk_wanted, run));
+                        left_in_chunk -= run;
                     }
-                    let run = left_in_chunk.min(segment.len() - wanted.len());
-                    wanted.extend(std::iter::repeat_n(chunk_wanted, run));
-                    left_in_chunk -= run;
-                }
+                };
+                rayon::join(|| quantiser.quantise(segment), wanting);
+            },
+            |segment, wanted, done| {
                 let ((), written) = rayon::join(
                     || {
                         meter.push(&segment.left, &segment.right);
@@ -868,7 +895,7 @@ impl Premastered {
                         }
                     },
                     || {
-                        detector.push_selected(&segment.left, &segment.right, Some(&wanted), &mut peaks);
+                        detector.push_selected(&segment.left, &segment.right, Some(wanted), &mut peaks);
                         sink.write(segment)
                     },
                 );
@@ -888,6 +915,15 @@ impl Premastered {
         let loudness = Loudness { integrated_lufs: meter.integrated(), true_peak_dbtp: finite(gain_to_db(f64::from(peak))), loudness_range_lu: Some(meter.range()) };
         Ok(Written { loudness, peak, spectrum: spectrum.map(SpectrumMeter::finish), frames_read: detector.frames_read() })
     }
+}
+
+/// A segment of pass two on its way from the spill to the file: its samples, their gains, and
+/// what [`Premastered::limited_segments`]' `prepare` made of it.
+#[derive(Default)]
+struct InFlight<P> {
+    audio: StereoBuffer,
+    gains: Vec<f32>,
+    prepared: P,
 }
 
 /// Moves the whole blocks at the front of `filtered` (at the `end`, all of it) into `blocks`, in
