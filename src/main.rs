@@ -198,7 +198,11 @@ fn run_mix(args: MixArgs) -> Result<(), String> {
     let bar = ProgressBar::new(100);
     bar.set_style(ProgressStyle::with_template("{spinner} {msg:18} [{bar:40}] {pos:>3}% {elapsed}").expect("valid template").progress_chars("=> "));
     let observer = BarObserver { bar, position: Mutex::new(0) };
-    let mixed = audio::mix(&stems, &settings, &outputs, &observer);
+    // On a pool's thread, as the server runs a mix: the stages it runs side by side are then
+    // that pool's own work, where from this thread each step was handed to the pool and waited
+    // for, and a worker that had gone to sleep woken for it.
+    let pool = rayon::ThreadPoolBuilder::new().thread_name(|i| format!("mixd-mix-{i}")).build().map_err(|err| err.to_string())?;
+    let mixed = pool.install(|| audio::mix(&stems, &settings, &outputs, &observer));
     if !wav_asked {
         let _ = std::fs::remove_file(&outputs.master);
     }
