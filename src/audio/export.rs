@@ -117,6 +117,7 @@ impl WavSink {
         }
         self.file.write_all(&self.packed).map_err(AudioError::Export)?;
         self.data_bytes += self.packed.len() as u64;
+        start_writeback(self.file.get_ref());
         Ok(())
     }
 
@@ -211,6 +212,19 @@ pub fn max_quantisation_error(depth: BitDepth) -> f32 {
         BitDepth::Float32 => 0.0,
     }
 }
+
+/// Asks the kernel to start writing to the disk what has reached `file` so far, and returns at
+/// once: the fsync that ends a file then waits for its last part, where it waited for all of it
+/// (a 3-minute 24-bit master's fsync was 5% of its mix). A failure only leaves that to the fsync.
+#[cfg(target_os = "linux")]
+fn start_writeback(file: &File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a plain system call on a descriptor the file owns; it reads and writes no memory.
+    unsafe { libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
+}
+
+#[cfg(not(target_os = "linux"))]
+fn start_writeback(_: &File) {}
 
 /// Rounds to a signed integer of `bits + 1` bits after adding `dither` (in LSBs), saturating.
 fn quantize(x: f32, bits: u32, dither: f64) -> i32 {
