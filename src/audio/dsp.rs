@@ -417,13 +417,7 @@ impl ChannelStrip {
         let mut block = [[0f32; CHANNEL_LANES]; STRIP_BLOCK];
         for start in (0..frames).step_by(STRIP_BLOCK) {
             let block = &mut block[..(frames - start).min(STRIP_BLOCK)];
-            for (lane, (channels, &gain)) in audio.iter().zip(gains).enumerate() {
-                for (channel, samples) in channels.iter().enumerate() {
-                    for (frame, x) in block.iter_mut().zip(&samples[start..]) {
-                        frame[2 * lane + channel] = x * gain;
-                    }
-                }
-            }
+            K::gather(block, audio, gains, start);
             for band in 0..bands {
                 let mut c = [PASS_THROUGH; STRIP_LANES];
                 let (mut s1, mut s2) = ([0.0; CHANNEL_LANES], [0.0; CHANNEL_LANES]);
@@ -443,13 +437,7 @@ impl ChannelStrip {
             if compressed {
                 K::compress(block, &compressors, &mut followers);
             }
-            for (lane, (channels, gains)) in audio.iter_mut().zip(outputs).enumerate() {
-                for (channel, samples) in channels.iter_mut().enumerate() {
-                    for (x, frame) in samples[start..].iter_mut().zip(block.iter()) {
-                        *x = frame[2 * lane + channel] * gains[channel];
-                    }
-                }
-            }
+            K::scatter(block, audio, outputs, start);
         }
         for (strip, follower) in strips.iter_mut().zip(followers) {
             if let Some(compressor) = &mut strip.compressor {
@@ -459,9 +447,45 @@ impl ChannelStrip {
     }
 }
 
-/// The two stages of [`ChannelStrip::process_lanes`] over a block, every lane the arithmetic of
-/// its strip alone.
+/// Frames `start..start + block.len()` of each strip's channels into their lanes of `block`, each
+/// sample times its strip's gain in.
+#[inline(always)]
+fn gather_frames(block: &mut [Frame], audio: &[Channels], gains: &[f32], start: usize) {
+    for (lane, (channels, &gain)) in audio.iter().zip(gains).enumerate() {
+        for (channel, samples) in channels.iter().enumerate() {
+            for (frame, x) in block.iter_mut().zip(&samples[start..]) {
+                frame[2 * lane + channel] = x * gain;
+            }
+        }
+    }
+}
+
+/// [`gather_frames`] the other way: each lane of `block` back into its channel from `start`, times
+/// the channel's output gain.
+#[inline(always)]
+fn scatter_frames(block: &[Frame], audio: &mut [Channels], outputs: &[[f32; 2]], start: usize) {
+    for (lane, (channels, gains)) in audio.iter_mut().zip(outputs).enumerate() {
+        for (channel, samples) in channels.iter_mut().enumerate() {
+            for (x, frame) in samples[start..].iter_mut().zip(block.iter()) {
+                *x = frame[2 * lane + channel] * gains[channel];
+            }
+        }
+    }
+}
+
+/// The stages of [`ChannelStrip::process_lanes`] over a block, every lane the arithmetic of its
+/// strip alone.
 trait Lanes {
+    /// See [`gather_frames`].
+    fn gather(block: &mut [Frame], audio: &[Channels], gains: &[f32], start: usize) {
+        gather_frames(block, audio, gains, start)
+    }
+
+    /// See [`scatter_frames`].
+    fn scatter(block: &[Frame], audio: &mut [Channels], outputs: &[[f32; 2]], start: usize) {
+        scatter_frames(block, audio, outputs, start)
+    }
+
     /// One band of each strip (coefficients `c`, state `s1`, `s2` per channel), transposed direct
     /// form II in f64; only the first half of the lanes where not `wide`.
     fn filter(block: &mut [Frame], c: &[BiquadCoefficients; STRIP_LANES], s1: &mut [f64; CHANNEL_LANES], s2: &mut [f64; CHANNEL_LANES], wide: bool);
@@ -505,13 +529,54 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::{
-        BiquadCoefficients, Compressor, Follower, Frame, Lanes, CARRIED_SAMPLES, CARRIED_STEP, CHANNEL_LANES, DB_PER_NEPER, DB_PER_OCTAVE, DB_TO_EXPONENT, EXP_SERIES,
-        STRIP_BLOCK, STRIP_LANES,
+        gather_frames, scatter_frames, BiquadCoefficients, Channels, Compressor, Follower, Frame, Lanes, CARRIED_SAMPLES, CARRIED_STEP, CHANNEL_LANES, DB_PER_NEPER,
+        DB_PER_OCTAVE, DB_TO_EXPONENT, EXP_SERIES, STRIP_BLOCK, STRIP_LANES,
     };
 
     pub struct Avx2;
 
     impl Lanes for Avx2 {
+        /// Four strips' eight channels are eight frames of eight channels at a time, turned into
+        /// eight frames by a transpose in registers, where lane by lane each sample was a load
+        /// and a store of its own; fewer strips, or the frames left over, go lane by lane.
+        #[inline(always)]
+        fn gather(block: &mut [Frame], audio: &[Channels], gains: &[f32], start: usize) {
+            let Ok(audio) = <&[Channels; STRIP_LANES]>::try_from(audio) else { return gather_frames(block, audio, gains, start) };
+            let whole = block.len() / CHANNEL_LANES * CHANNEL_LANES;
+            let channels: [&[f32]; CHANNEL_LANES] = std::array::from_fn(|c| &audio[c / 2][c % 2][start..start + block.len()]);
+            // SAFETY: as below; every load is of eight samples within `channels`' `whole`.
+            unsafe {
+                let scales: [__m256; CHANNEL_LANES] = std::array::from_fn(|c| _mm256_set1_ps(gains[c / 2]));
+                for (at, frames) in block[..whole].chunks_exact_mut(CHANNEL_LANES).enumerate() {
+                    let rows = std::array::from_fn(|c| _mm256_mul_ps(_mm256_loadu_ps(channels[c][CHANNEL_LANES * at..].as_ptr()), scales[c]));
+                    for (frame, row) in frames.iter_mut().zip(transpose(rows)) {
+                        _mm256_storeu_ps(frame.as_mut_ptr(), row);
+                    }
+                }
+            }
+            gather_frames(&mut block[whole..], audio, gains, start + whole);
+        }
+
+        #[inline(always)]
+        fn scatter(block: &[Frame], audio: &mut [Channels], outputs: &[[f32; 2]], start: usize) {
+            if audio.len() != STRIP_LANES {
+                return scatter_frames(block, audio, outputs, start);
+            }
+            let whole = block.len() / CHANNEL_LANES * CHANNEL_LANES;
+            // SAFETY: as below; every store is of eight samples within the channels' `whole`.
+            unsafe {
+                let scales: [__m256; CHANNEL_LANES] = std::array::from_fn(|c| _mm256_set1_ps(outputs[c / 2][c % 2]));
+                for (at, frames) in block[..whole].chunks_exact(CHANNEL_LANES).enumerate() {
+                    let rows = transpose(std::array::from_fn(|f| _mm256_loadu_ps(frames[f].as_ptr())));
+                    for (c, row) in rows.into_iter().enumerate() {
+                        let samples = &mut audio[c / 2][c % 2][start + CHANNEL_LANES * at..][..CHANNEL_LANES];
+                        _mm256_storeu_ps(samples.as_mut_ptr(), _mm256_mul_ps(row, scales[c]));
+                    }
+                }
+            }
+            scatter_frames(&block[whole..], audio, outputs, start + whole);
+        }
+
         #[inline(always)]
         fn filter(block: &mut [Frame], c: &[BiquadCoefficients; STRIP_LANES], s1: &mut [f64; CHANNEL_LANES], s2: &mut [f64; CHANNEL_LANES], wide: bool) {
             // SAFETY: `Avx2` is only used from code compiled for AVX2 on a processor that has it.
@@ -523,6 +588,28 @@ mod avx2 {
             // SAFETY: as above.
             unsafe { compress(block, compressors, followers) }
         }
+    }
+
+    /// Eight rows of eight into eight columns: `transpose(rows)[i][j] == rows[j][i]`.
+    #[inline(always)]
+    unsafe fn transpose(rows: [__m256; 8]) -> [__m256; 8] {
+        let [r0, r1, r2, r3, r4, r5, r6, r7] = rows;
+        let (t0, t1, t2, t3) = (_mm256_unpacklo_ps(r0, r1), _mm256_unpackhi_ps(r0, r1), _mm256_unpacklo_ps(r2, r3), _mm256_unpackhi_ps(r2, r3));
+        let (t4, t5, t6, t7) = (_mm256_unpacklo_ps(r4, r5), _mm256_unpackhi_ps(r4, r5), _mm256_unpacklo_ps(r6, r7), _mm256_unpackhi_ps(r6, r7));
+        let (u0, u1, u2, u3) =
+            (_mm256_shuffle_ps::<0x44>(t0, t2), _mm256_shuffle_ps::<0xee>(t0, t2), _mm256_shuffle_ps::<0x44>(t1, t3), _mm256_shuffle_ps::<0xee>(t1, t3));
+        let (u4, u5, u6, u7) =
+            (_mm256_shuffle_ps::<0x44>(t4, t6), _mm256_shuffle_ps::<0xee>(t4, t6), _mm256_shuffle_ps::<0x44>(t5, t7), _mm256_shuffle_ps::<0xee>(t5, t7));
+        [
+            _mm256_permute2f128_ps::<0x20>(u0, u4),
+            _mm256_permute2f128_ps::<0x20>(u1, u5),
+            _mm256_permute2f128_ps::<0x20>(u2, u6),
+            _mm256_permute2f128_ps::<0x20>(u3, u7),
+            _mm256_permute2f128_ps::<0x31>(u0, u4),
+            _mm256_permute2f128_ps::<0x31>(u1, u5),
+            _mm256_permute2f128_ps::<0x31>(u2, u6),
+            _mm256_permute2f128_ps::<0x31>(u3, u7),
+        ]
     }
 
     /// A coefficient of strips `first` and `first + 1`, once per channel.
