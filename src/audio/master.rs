@@ -176,9 +176,11 @@ impl Premaster {
             if segment.left.iter().chain(&segment.right).any(|x| !x.is_finite()) {
                 return Err(AudioError::Internal("the mix bus holds non-finite samples".into()));
             }
-            spill_bytes.clear();
-            for x in segment.left.iter().chain(&segment.right) {
-                spill_bytes.extend_from_slice(&x.to_le_bytes());
+            // Sized once, then filled in a loop that vectorises (pushed a sample at a time, each
+            // push checked the capacity).
+            spill_bytes.resize(8 * segment.len(), 0);
+            for (bytes, x) in spill_bytes.chunks_exact_mut(4).zip(segment.left.iter().chain(&segment.right)) {
+                bytes.copy_from_slice(&x.to_le_bytes());
             }
             spill.write_all(spill_bytes).map_err(AudioError::Export)?;
             *frames += segment.len() as u64;
@@ -409,11 +411,13 @@ impl Premastered {
     fn read_segment(&self, start: u64, frames: usize, bytes: &mut Vec<u8>, segment: &mut StereoBuffer) -> Result<(), AudioError> {
         bytes.resize(8 * frames, 0);
         self.spill.read_exact_at(bytes, 8 * start).map_err(AudioError::Export)?;
-        let sample = |i: usize| f32::from_le_bytes(bytes[4 * i..4 * i + 4].try_into().expect("four bytes"));
-        segment.left.clear();
-        segment.left.extend((0..frames).map(sample));
-        segment.right.clear();
-        segment.right.extend((frames..2 * frames).map(sample));
+        let (left, right) = bytes.split_at(4 * frames);
+        for (channel, bytes) in [(&mut segment.left, left), (&mut segment.right, right)] {
+            channel.resize(frames, 0.0);
+            for (x, bytes) in channel.iter_mut().zip(bytes.chunks_exact(4)) {
+                *x = f32::from_le_bytes(bytes.try_into().expect("four bytes"));
+            }
+        }
         Ok(())
     }
 
