@@ -98,19 +98,26 @@ impl WavSink {
     /// Writes frames a [`Quantiser`] of the same depth made: each sample is an integer over the
     /// depth's full scale, which f32 holds exactly, so the integer is read back exactly.
     pub fn write(&mut self, segment: &StereoBuffer) -> Result<(), AudioError> {
+        let (packed, frames) = (&mut self.packed, segment.left.iter().zip(&segment.right));
         let width = usize::from(self.depth.bits() / 8);
-        self.packed.resize(2 * width * segment.len(), 0);
-        let frames = self.packed.chunks_exact_mut(2 * width).zip(segment.left.iter().zip(&segment.right));
+        packed.resize(2 * width * segment.len(), 0);
         match self.depth {
-            BitDepth::Int16 => frames.for_each(|(out, (l, r))| {
+            BitDepth::Int16 => packed.chunks_exact_mut(4).zip(frames).for_each(|(out, (l, r))| {
                 out[..2].copy_from_slice(&((l * 32_768.0) as i16).to_le_bytes());
                 out[2..].copy_from_slice(&((r * 32_768.0) as i16).to_le_bytes());
             }),
-            BitDepth::Int24 => frames.for_each(|(out, (l, r))| {
-                out[..3].copy_from_slice(&((l * 8_388_608.0) as i32).to_le_bytes()[..3]);
-                out[3..].copy_from_slice(&((r * 8_388_608.0) as i32).to_le_bytes()[..3]);
-            }),
-            BitDepth::Float32 => frames.for_each(|(out, (l, r))| {
+            BitDepth::Int24 => {
+                // A frame's six bytes as one eight-byte store whose last two the next frame's
+                // store overwrites (the last frame's go in two bytes of room, then cut): a store
+                // a frame where byte copies took two.
+                packed.resize(6 * segment.len() + 2, 0);
+                let sample = |x: f32| u64::from((x * 8_388_608.0) as i32 as u32 & 0x00ff_ffff);
+                for (at, (l, r)) in frames.enumerate() {
+                    packed[6 * at..6 * at + 8].copy_from_slice(&(sample(*l) | sample(*r) << 24).to_le_bytes());
+                }
+                packed.truncate(6 * segment.len());
+            }
+            BitDepth::Float32 => packed.chunks_exact_mut(8).zip(frames).for_each(|(out, (l, r))| {
                 out[..4].copy_from_slice(&l.to_le_bytes());
                 out[4..].copy_from_slice(&r.to_le_bytes());
             }),
@@ -159,6 +166,11 @@ impl Quantiser {
             }
             BitDepth::Int24 => {
                 #[cfg(target_arch = "x86_64")]
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the processor supports AVX-512F, as just checked.
+                    return unsafe { Self::round_24_avx512(segment) };
+                }
+                #[cfg(target_arch = "x86_64")]
                 if std::arch::is_x86_feature_detected!("avx2") {
                     // SAFETY: the processor supports AVX2, as just checked.
                     return unsafe { Self::round_24_avx2(segment) };
@@ -167,6 +179,12 @@ impl Quantiser {
             }
             BitDepth::Float32 => {}
         }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn round_24_avx512(segment: &mut StereoBuffer) {
+        Self::round_24(segment)
     }
 
     #[cfg(target_arch = "x86_64")]

@@ -795,17 +795,23 @@ impl Premastered {
             let start = start_of(segment);
             let frames = (self.frames - start).min(BLOCK as u64) as usize;
             // Each frame's gain follows the one before.
+            // A chunk's run at a time, into a buffer sized once.
             let envelope = || {
-                gains.clear();
-                for _ in 0..frames {
+                gains.resize(frames, 0.0);
+                let mut filled = 0;
+                while filled < frames {
                     if left_in_chunk == 0 {
                         let (a, b) = limiter.next_chunk();
                         (gain, chunk_end_gain, left_in_chunk) = (a, b, self.chunk_frames);
                         step = (b - a) / self.chunk_frames as f32;
                     }
-                    gains.push(gain_and_trim * gain);
-                    gain += step;
-                    left_in_chunk -= 1;
+                    let run = left_in_chunk.min(frames - filled);
+                    for slot in &mut gains[filled..filled + run] {
+                        *slot = gain_and_trim * gain;
+                        gain += step;
+                    }
+                    filled += run;
+                    left_in_chunk -= run;
                     if left_in_chunk == 0 {
                         gain = chunk_end_gain;
                     }
