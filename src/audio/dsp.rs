@@ -698,14 +698,18 @@ mod avx2 {
         // The static curve first, in a loop of its own: no frame's waits on another's, so the
         // processor overlaps many frames' long chains (a division and a series), which the
         // follower's recursion would otherwise wait on frame after frame.
-        let mut targets = [zero; STRIP_BLOCK];
+        // Not cleared first (8 KB a block, every block): each frame's is written before it is read.
+        let mut targets = [std::mem::MaybeUninit::<__m256d>::uninit(); STRIP_BLOCK];
         for (target, frame) in targets.iter_mut().zip(block.iter()) {
             let sides = _mm256_permutevar8x32_ps(_mm256_and_ps(_mm256_loadu_ps(frame.as_ptr()), magnitude), apart);
             let peak = _mm_max_ps(_mm256_castps256_ps128(sides), _mm256_extractf128_ps::<1>(sides));
             let reduction_db = _mm256_mul_pd(_mm256_max_pd(_mm256_sub_pd(level_db(peak), threshold_db), zero), slope);
-            *target = _mm256_and_pd(_mm256_cmp_pd::<_CMP_GT_OQ>(_mm256_cvtps_pd(peak), threshold_gain), reduction_db);
+            target.write(_mm256_and_pd(_mm256_cmp_pd::<_CMP_GT_OQ>(_mm256_cvtps_pd(peak), threshold_gain), reduction_db));
         }
-        for (frame, &target) in block.iter_mut().zip(&targets) {
+        for (frame, target) in block.iter_mut().zip(&targets) {
+            // SAFETY: the loop above wrote the target of every frame of the block (both zips
+            // stop at its end, and it is at most STRIP_BLOCK frames).
+            let target = target.assume_init();
             let samples = _mm256_loadu_ps(frame.as_ptr());
             let coefficient = _mm256_blendv_pd(release, attack, _mm256_cmp_pd::<_CMP_GT_OQ>(target, reduction));
             let previous = reduction;
