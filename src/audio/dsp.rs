@@ -544,7 +544,8 @@ mod avx2 {
             let Ok(audio) = <&[Channels; STRIP_LANES]>::try_from(audio) else { return gather_frames(block, audio, gains, start) };
             let whole = block.len() / CHANNEL_LANES * CHANNEL_LANES;
             let channels: [&[f32]; CHANNEL_LANES] = std::array::from_fn(|c| &audio[c / 2][c % 2][start..start + block.len()]);
-            // SAFETY: as below; every load is of eight samples within `channels`' `whole`.
+            // SAFETY: `Avx2` is only used from code compiled for AVX2 on a processor that has it,
+            // and every load reads eight samples within the first `whole` of a channel.
             unsafe {
                 let scales: [__m256; CHANNEL_LANES] = std::array::from_fn(|c| _mm256_set1_ps(gains[c / 2]));
                 for (at, frames) in block[..whole].chunks_exact_mut(CHANNEL_LANES).enumerate() {
@@ -563,7 +564,7 @@ mod avx2 {
                 return scatter_frames(block, audio, outputs, start);
             }
             let whole = block.len() / CHANNEL_LANES * CHANNEL_LANES;
-            // SAFETY: as below; every store is of eight samples within the channels' `whole`.
+            // SAFETY: as in `gather`; the stores go through bounds-checked slices of eight.
             unsafe {
                 let scales: [__m256; CHANNEL_LANES] = std::array::from_fn(|c| _mm256_set1_ps(outputs[c / 2][c % 2]));
                 for (at, frames) in block[..whole].chunks_exact(CHANNEL_LANES).enumerate() {
