@@ -541,7 +541,9 @@ mod avx2 {
         /// and a store of its own; fewer strips, or the frames left over, go lane by lane.
         #[inline(always)]
         fn gather(block: &mut [Frame], audio: &[Channels], gains: &[f32], start: usize) {
-            let Ok(audio) = <&[Channels; STRIP_LANES]>::try_from(audio) else { return gather_frames(block, audio, gains, start) };
+            if audio.len() != STRIP_LANES {
+                return gather_frames(block, audio, gains, start);
+            }
             let whole = block.len() / CHANNEL_LANES * CHANNEL_LANES;
             let channels: [&[f32]; CHANNEL_LANES] = std::array::from_fn(|c| &audio[c / 2][c % 2][start..start + block.len()]);
             // SAFETY: `Avx2` is only used from code compiled for AVX2 on a processor that has it,

@@ -166,12 +166,12 @@ impl Quantiser {
             }
             BitDepth::Int24 => {
                 #[cfg(target_arch = "x86_64")]
-                if std::arch::is_x86_feature_detected!("avx512f") {
+                if super::has_avx512_fma() {
                     // SAFETY: the processor supports AVX-512F, as just checked.
                     return unsafe { Self::round_24_avx512(segment) };
                 }
                 #[cfg(target_arch = "x86_64")]
-                if std::arch::is_x86_feature_detected!("avx2") {
+                if super::has_avx2_fma() {
                     // SAFETY: the processor supports AVX2, as just checked.
                     return unsafe { Self::round_24_avx2(segment) };
                 }

@@ -29,14 +29,6 @@ mod true_peak;
 
 use std::path::PathBuf;
 
-/// Whether the processor has AVX2 and FMA (every x86-64 since 2013): the instruction set of the
-/// engine's vector paths. Their arithmetic is fused (`mul_add`), which elsewhere is a library
-/// call, exactly rounded as the instruction is, so every machine computes the same bits.
-#[cfg(target_arch = "x86_64")]
-fn has_avx2_fma() -> bool {
-    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-}
-
 pub use analysis::{analyse, Analysis};
 pub use buffer::StereoBuffer;
 pub use decode::{probe_stem, StemInfo, StemReader, MAX_PROBE_TIME};
@@ -48,6 +40,21 @@ pub use settings::{
     AlignMode, AutoSettings, BitDepth, CompressorSettings, EqBand, EqType, Format, FormatSettings, MasterSettings, MixSettings, OutputSettings, SettingsError,
     TrackSettings, ValidSettings,
 };
+
+/// Whether the processor has AVX2 and FMA (every x86-64 since 2013): the instruction set of the
+/// engine's vector paths. Their arithmetic is fused (`mul_add`), which elsewhere is a library
+/// call, exactly rounded as the instruction is, so every machine computes the same bits.
+#[cfg(target_arch = "x86_64")]
+fn has_avx2_fma() -> bool {
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+}
+
+/// Whether the processor has AVX-512F as well: the loops that are bound by how much they issue
+/// (the true-peak detector's taps, the 24-bit rounding) run sixteen lanes wide there.
+#[cfg(target_arch = "x86_64")]
+fn has_avx512_fma() -> bool {
+    has_avx2_fma() && std::arch::is_x86_feature_detected!("avx512f")
+}
 
 /// A stem to mix: its identity and where its file is.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]

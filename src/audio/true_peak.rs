@@ -114,7 +114,7 @@ impl Interpolator {
     /// operations in the same order, so the readings are identical either way).
     fn raise_peaks(&self, window: &[f32], peaks: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("fma") {
+        if super::has_avx512_fma() {
             // SAFETY: the processor supports AVX-512F and FMA, as just checked.
             return unsafe { self.raise_peaks_avx512(window, peaks) };
         }
